@@ -1,0 +1,421 @@
+"""Adaptive Parallel Decoding: a diffusion drafter, an autoregressive verifier, one compiled loop.
+
+Each pass, for every row independently (paper Algorithm 1, with the published
+code's caching; shared/docs/apd-reference.md):
+  1. the drafter (Dream, bidirectional) runs the window [left, right) on its KV
+     cache, right = min(t + M, L) and left = t_prev - W + 1 (0 on the first pass);
+     nothing past `right` is visible to it;
+  2. it drafts the masked positions t .. right-1 in parallel;
+  3. the verifier (Qwen, causal) scores the draft on its KV cache;
+  4. a prefix of k >= 1 draft tokens is accepted where the draft agrees with a
+     sample of the mixture R * logits_D + (1 - R) * logits_AR;
+  5. t += k; a row stops at its first generated eos or at L = prompt + max_new_tokens.
+
+The whole generation is one `jax.jit` call: fixed-shape padded windows, fixed
+caches, acceptance inside `lax.while_loop`; rows that finish stop changing.
+`apd_generate_eager` is the same algorithm as a plain Python loop over one row
+with exact-size windows, for reading and for tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from apd_jax.cache import KVCache
+from apd_jax.config import ModelConfig
+from apd_jax.model import Qwen2, shift_right
+from apd_jax.sampling import sample
+
+RULES = ("paper", "reference")
+
+
+@dataclasses.dataclass(frozen=True)
+class APDConfig:
+    """The knobs. R, temperature, top_p and top_k are traced (changing them never recompiles);
+    W, M and max_new_tokens set shapes.
+
+    rule: "paper" accepts where the draft equals a sample of the mixture drawn with the
+    draft's own Gumbel noise (Algorithm 1); "reference" compares with the mixture's
+    argmax, as the published code does. They coincide at temperature 0.
+    """
+
+    R: float = 0.7
+    W: int = 16
+    M: int = 100
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    rule: str = "paper"
+    eos_token_ids: tuple[int, ...] | None = None  # None: the drafter config's
+    max_len: int | None = None  # cache capacity; None: the models' max_position_embeddings
+
+    def validate(self) -> None:
+        problems = []
+        if not 0.0 <= self.R <= 1.0:
+            problems.append(f"R={self.R} must lie in [0, 1] (1 accepts every draft token, 0 trusts only the verifier)")
+        if self.W < 1:
+            problems.append(f"W={self.W} must be >= 1 (tokens whose drafter K/V are recomputed each pass)")
+        if self.M < 1:
+            problems.append(f"M={self.M} must be >= 1 (masked positions the drafter sees past t)")
+        if self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        if self.temperature < 0:
+            problems.append(f"temperature={self.temperature} must be >= 0 (0 is greedy)")
+        if not 0.0 < self.top_p <= 1.0:
+            problems.append(f"top_p={self.top_p} must lie in (0, 1] (1 disables it)")
+        if self.top_k < 0:
+            problems.append(f"top_k={self.top_k} must be >= 0 (0 disables it)")
+        if self.rule not in RULES:
+            problems.append(f"rule={self.rule!r} must be one of {RULES}")
+        if problems:
+            raise ValueError("invalid APD settings: " + "; ".join(problems))
+
+
+@dataclasses.dataclass
+class APDResult:
+    """tokens[b, :lengths[b]] is row b's generation (eos included), the rest padding."""
+
+    tokens: np.ndarray  # [B, max_new_tokens]
+    lengths: np.ndarray  # [B]
+    accepted: np.ndarray  # [B, max passes]: tokens accepted per pass, 0 once the row stopped
+    stopped_at_eos: np.ndarray  # [B] bool
+    passes: int  # loop iterations (forward passes of each model)
+
+    def row_passes(self) -> np.ndarray:
+        return (self.accepted > 0).sum(axis=1)
+
+    def accepted_per_pass(self, row: int) -> list[int]:
+        counts = self.accepted[row]
+        return counts[counts > 0].tolist()
+
+    def tokens_per_pass(self) -> float:
+        return float(self.accepted.sum() / max(self.row_passes().sum(), 1))
+
+    def sequences(self) -> list[list[int]]:
+        return [self.tokens[b, : self.lengths[b]].tolist() for b in range(len(self.lengths))]
+
+
+def shared_vocab_size(
+    drafter: ModelConfig,
+    verifier: ModelConfig,
+    drafter_tokenizer: Any = None,
+    verifier_tokenizer: Any = None,
+) -> int:
+    """The ids both models can score, checked once at set-up.
+
+    Dream's head has 152064 logits and Qwen2.5-0.5B's 151936 for one tokenizer:
+    drafts are restricted to the ids both have. Given tokenizers, they must agree
+    and the drafter's tokens must all fit the verifier's vocabulary.
+    """
+    if drafter.causal:
+        raise ValueError("the drafter must be a bidirectional (Dream, model_type 'Dream') model")
+    if not verifier.causal:
+        raise ValueError("the verifier must be a causal (Qwen2, model_type 'qwen2') model")
+    shared = min(drafter.vocab_size, verifier.vocab_size)
+    if drafter_tokenizer is not None and verifier_tokenizer is not None:
+        d_vocab, v_vocab = drafter_tokenizer.get_vocab(), verifier_tokenizer.get_vocab()
+        clash = [t for t, i in v_vocab.items() if t in d_vocab and d_vocab[t] != i]
+        if clash:
+            raise ValueError(
+                f"drafter and verifier tokenizers disagree on {len(clash)} tokens (e.g. {clash[:3]}): "
+                "APD needs one tokenizer for both models"
+            )
+        real = max(d_vocab.values()) + 1
+        if real > verifier.vocab_size:
+            raise ValueError(
+                f"the drafter's tokenizer has ids up to {real - 1}, beyond the verifier's vocabulary of "
+                f"{verifier.vocab_size}: drafts could hold ids the verifier cannot score; use a verifier "
+                "trained on the drafter's tokenizer"
+            )
+    if drafter.mask_token_id is None or not 0 <= drafter.mask_token_id < drafter.vocab_size:
+        raise ValueError(f"drafter mask_token_id {drafter.mask_token_id} is not an id of its vocabulary")
+    return shared
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Everything that fixes the compiled program's shapes."""
+
+    W: int
+    M: int
+    draft: int  # draft width: masked positions scored per pass, min(M, max_new_tokens)
+    window: int  # drafter window of later passes: [left, right) spans at most W - 1 + 2 * draft
+    first_window: int  # first drafter window: prompt + M
+    prompt_len: int  # padded prompt length
+    max_new: int
+    total: int  # sequence buffer and cache length
+    vocab: int  # shared vocabulary
+    mask_id: int
+    eos_ids: tuple[int, ...]
+    rule: str
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _Knobs:
+    R: jax.Array
+    temperature: jax.Array
+    top_p: jax.Array
+    top_k: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _State:
+    tokens: jax.Array  # [B, total]: prompt, accepted tokens, mask tokens
+    limit: jax.Array  # [B]: L = prompt length + max_new_tokens
+    t: jax.Array  # [B]: first masked position
+    t_prev: jax.Array  # [B]: t before the last pass (the window's left edge follows it)
+    done: jax.Array  # [B] bool
+    eos_at: jax.Array  # [B]: position of the first generated eos, or -1
+    accepted: jax.Array  # [B, max_new]
+    passes: jax.Array  # scalar
+    dcache: KVCache
+    vcache: KVCache
+    key: jax.Array
+
+
+def _exclude_undraftable(logits: jax.Array, mask_id: int) -> jax.Array:
+    """The mask token is never a draft: a drafted mask would read as still masked."""
+    if mask_id < logits.shape[-1]:
+        logits = logits.at[..., mask_id].set(-jnp.inf)
+    return logits
+
+
+def _draft_logits(drafter: Qwen2, hidden: jax.Array, start: jax.Array, t: jax.Array, spec: _Static) -> jax.Array:
+    """Drafter logits for positions t .. t + draft - 1, read from a window starting at `start`."""
+    hidden = shift_right(hidden)
+    idx = jnp.clip(t[:, None] - start[:, None] + jnp.arange(spec.draft), 0, hidden.shape[1] - 1)
+    picked = jnp.take_along_axis(hidden, idx[:, :, None], axis=1)
+    return drafter.logits(picked, vocab=spec.vocab)
+
+
+def _accept(verifier: Qwen2, state: _State, logits_d: jax.Array, knobs: _Knobs, spec: _Static) -> _State:
+    """Draft, verify, accept and write one pass for every active row."""
+    b = state.t.shape[0]
+    j = jnp.arange(spec.draft)
+    right = jnp.minimum(state.t + spec.M, state.limit)
+    n = right - state.t  # drafted positions per row
+    active = ~state.done
+    key, noise_key = jax.random.split(state.key)
+
+    draft = sample(_exclude_undraftable(logits_d, spec.mask_id), noise_key, knobs.temperature, knobs.top_p, knobs.top_k)
+    hidden, vcache = verifier(draft, start=state.t, valid=n, cache=state.vcache)
+    # The verifier's prediction for draft position j is its output j - 1; position 0 is
+    # always accepted, so its (carried) verifier logit is never needed: zeros stand in.
+    logits_v = verifier.logits(hidden[:, :-1], vocab=spec.vocab)
+    logits_v = jnp.concatenate([jnp.zeros_like(logits_v[:, :1]), logits_v], axis=1)
+    mixture = _exclude_undraftable(knobs.R * logits_d + (1.0 - knobs.R) * logits_v, spec.mask_id)
+    if spec.rule == "paper":  # same key, so the same Gumbel noise as the draft
+        target = sample(mixture, noise_key, knobs.temperature, knobs.top_p, knobs.top_k)
+    else:
+        target = jnp.argmax(mixture, axis=-1).astype(jnp.int32)
+    match = ((draft == target) | (j == 0)) & (j < n[:, None])
+    k = jnp.where(active, jnp.sum(jnp.cumprod(match, axis=1), axis=1), 0).astype(jnp.int32)
+
+    take = j < k[:, None]
+    pos = jnp.where(take, state.t[:, None] + j, spec.total)  # out of range: dropped
+    tokens = state.tokens.at[jnp.arange(b)[:, None], pos].set(draft, mode="drop")
+    is_eos = jnp.isin(draft, jnp.asarray(spec.eos_ids, jnp.int32)) & take
+    hit = jnp.any(is_eos, axis=1) & (state.eos_at < 0)
+    eos_at = jnp.where(hit, state.t + jnp.argmax(is_eos, axis=1), state.eos_at)
+    t = state.t + k
+    return dataclasses.replace(
+        state,
+        tokens=tokens,
+        t=t,
+        t_prev=jnp.where(active, state.t, state.t_prev),
+        done=state.done | (t >= state.limit) | (eos_at >= 0),
+        eos_at=eos_at,
+        accepted=state.accepted.at[:, state.passes].set(k),
+        passes=state.passes + 1,
+        # A rejected draft's verifier K/V are stale: crop to the accepted prefix.
+        vcache=vcache.crop(t),
+        key=key,
+    )
+
+
+def _window(tokens: jax.Array, left: jax.Array, size: int) -> jax.Array:
+    idx = jnp.clip(left[:, None] + jnp.arange(size), 0, tokens.shape[1] - 1)
+    return jnp.take_along_axis(tokens, idx, axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("graphs", "spec"))
+def _generate(graphs, params, prompts: jax.Array, prompt_lens: jax.Array, knobs: _Knobs, key, spec: _Static):
+    drafter = nnx.merge(graphs[0], params[0])
+    verifier = nnx.merge(graphs[1], params[1])
+    b = prompts.shape[0]
+    tokens = jnp.full((b, spec.total), spec.mask_id, jnp.int32).at[:, : spec.prompt_len].set(prompts)
+    # Padding slots of shorter prompts are masks too, so every position >= t is masked.
+    tokens = jnp.where(jnp.arange(spec.total) < prompt_lens[:, None], tokens, spec.mask_id)
+    limit = prompt_lens + spec.max_new
+
+    _, vcache = verifier(prompts, valid=prompt_lens, cache=KVCache.zeros(verifier.cfg, b, spec.total))
+    zeros = jnp.zeros((b,), jnp.int32)
+    state = _State(
+        tokens=tokens, limit=limit, t=prompt_lens, t_prev=prompt_lens, done=jnp.zeros((b,), bool),
+        eos_at=jnp.full((b,), -1, jnp.int32), accepted=jnp.zeros((b, spec.max_new), jnp.int32),
+        passes=jnp.int32(0), dcache=KVCache.zeros(drafter.cfg, b, spec.total), vcache=vcache, key=key,
+    )
+
+    def drafter_pass(state: _State, left: jax.Array, size: int) -> tuple[_State, jax.Array]:
+        right = jnp.minimum(state.t + spec.M, state.limit)
+        hidden, dcache = drafter(_window(state.tokens, left, size), start=left, valid=right - left, cache=state.dcache)
+        return dataclasses.replace(state, dcache=dcache), _draft_logits(drafter, hidden, left, state.t, spec)
+
+    # First pass: the drafter sees the whole prompt plus M masks, no cache yet.
+    state, logits_d = drafter_pass(state, zeros, spec.first_window)
+    state = _accept(verifier, state, logits_d, knobs, spec)
+
+    def cond(state: _State) -> jax.Array:
+        return jnp.any(~state.done) & (state.passes < spec.max_new)
+
+    def body(state: _State) -> _State:
+        left = jnp.maximum(state.t_prev - spec.W + 1, 0)
+        state, logits_d = drafter_pass(state, left, spec.window)
+        return _accept(verifier, state, logits_d, knobs, spec)
+
+    state = jax.lax.while_loop(cond, body, state)
+    end = jnp.where(state.eos_at >= 0, state.eos_at + 1, jnp.minimum(state.t, limit))
+    gen_pos = prompt_lens[:, None] + jnp.arange(spec.max_new)
+    out = jnp.take_along_axis(state.tokens, jnp.clip(gen_pos, 0, spec.total - 1), axis=1)
+    return out, end - prompt_lens, state.accepted, state.eos_at >= 0, state.passes
+
+
+def _bucket(n: int) -> int:
+    """Pad prompt lengths to powers of two (min 16) so new lengths rarely recompile."""
+    return max(16, 1 << (n - 1).bit_length())
+
+
+def check_prompts(prompts: Sequence[Sequence[int]], vocab: int) -> list[list[int]]:
+    if len(prompts) == 0:
+        raise ValueError("no prompts given")
+    rows = [list(map(int, p)) for p in prompts]
+    for i, p in enumerate(rows):
+        if not p:
+            raise ValueError(f"prompt {i} is empty: APD needs at least one prompt token to condition on")
+        bad = [x for x in p if not 0 <= x < vocab]
+        if bad:
+            raise ValueError(f"prompt {i} holds ids {bad[:5]} outside the shared vocabulary [0, {vocab})")
+    return rows
+
+
+def _capacity(config: APDConfig, drafter: ModelConfig, verifier: ModelConfig) -> int:
+    return config.max_len or min(drafter.max_position_embeddings, verifier.max_position_embeddings)
+
+
+def apd_generate(
+    drafter: Qwen2,
+    verifier: Qwen2,
+    prompts: Sequence[Sequence[int]],
+    config: APDConfig = APDConfig(),
+    key: jax.Array | None = None,
+    *,
+    shared_vocab: int | None = None,
+) -> APDResult:
+    """Generate for a batch of ragged prompts (lists of token ids) in one compiled call."""
+    config.validate()
+    vocab = shared_vocab or shared_vocab_size(drafter.cfg, verifier.cfg)
+    rows = check_prompts(prompts, vocab)
+    longest = max(map(len, rows))
+    capacity = _capacity(config, drafter.cfg, verifier.cfg)
+    if longest + config.max_new_tokens > capacity:
+        raise ValueError(
+            f"prompt of {longest} tokens + max_new_tokens {config.max_new_tokens} exceeds the cache capacity "
+            f"{capacity}; shorten the prompt, lower max_new_tokens or raise max_len"
+        )
+    eos = config.eos_token_ids if config.eos_token_ids is not None else drafter.cfg.eos_token_ids
+    prompt_len = min(_bucket(longest), capacity - config.max_new_tokens)
+    draft = min(config.M, config.max_new_tokens)
+    total = prompt_len + config.max_new_tokens
+    spec = _Static(
+        W=config.W, M=config.M, draft=draft,
+        window=min(config.W - 1 + 2 * draft, total), first_window=min(prompt_len + config.M, total),
+        prompt_len=prompt_len, max_new=config.max_new_tokens, total=total, vocab=vocab,
+        mask_id=drafter.cfg.mask_token_id, eos_ids=tuple(eos), rule=config.rule,
+    )
+    padded = np.zeros((len(rows), prompt_len), np.int32)
+    for i, p in enumerate(rows):
+        padded[i, : len(p)] = p
+    knobs = _Knobs(
+        jnp.float32(config.R), jnp.float32(config.temperature), jnp.float32(config.top_p), jnp.int32(config.top_k)
+    )
+    gd, pd = nnx.split(drafter)
+    gv, pv = nnx.split(verifier)
+    key = jax.random.key(0) if key is None else key
+    out, lengths, accepted, eos_hit, passes = _generate(
+        (gd, gv), (pd, pv), jnp.asarray(padded), jnp.asarray([len(p) for p in rows], jnp.int32), knobs, key, spec
+    )
+    out, lengths = np.asarray(out), np.asarray(lengths)
+    pad = drafter.cfg.pad_token_id if drafter.cfg.pad_token_id is not None else (eos[0] if eos else 0)
+    out = np.where(np.arange(out.shape[1]) < lengths[:, None], out, pad)
+    return APDResult(out, lengths, np.asarray(accepted), np.asarray(eos_hit), int(passes))
+
+
+def apd_generate_eager(
+    drafter: Qwen2,
+    verifier: Qwen2,
+    prompt: Sequence[int],
+    config: APDConfig = APDConfig(),
+    key: jax.Array | None = None,
+) -> tuple[list[int], list[int]]:
+    """The same algorithm as a plain Python loop over one row, with exact-size windows.
+
+    Follows the published loop step by step: the drafter's cache is cropped to
+    `left` and the window [left, right) run on it; the verifier runs prompt + draft
+    on the first pass and only the draft later. Returns (generated ids up to and
+    including the first eos, tokens accepted per pass).
+    """
+    config.validate()
+    vocab = shared_vocab_size(drafter.cfg, verifier.cfg)
+    prompt = check_prompts([prompt], vocab)[0]
+    eos = config.eos_token_ids if config.eos_token_ids is not None else drafter.cfg.eos_token_ids
+    mask_id = drafter.cfg.mask_token_id
+    R, temp = jnp.float32(config.R), jnp.float32(config.temperature)
+    top_p, top_k = jnp.float32(config.top_p), jnp.int32(config.top_k)
+    key = jax.random.key(0) if key is None else key
+    length = len(prompt) + config.max_new_tokens
+    x = prompt + [mask_id] * config.max_new_tokens
+    dcache = KVCache.zeros(drafter.cfg, 1, length)
+    vcache = KVCache.zeros(verifier.cfg, 1, length)
+    t, counts, first = len(prompt), [], True
+    while t < length:
+        right = min(t + config.M, length)
+        left = 0 if first else max(t - config.W - counts[-1] + 1, 0)
+        dcache = dcache.crop(jnp.array([left]))
+        hidden, dcache = drafter(jnp.array([x[left:right]]), start=jnp.array([left]), cache=dcache)
+        logits_d = drafter.logits(shift_right(hidden)[:, t - left :], vocab=vocab)
+        key, noise_key = jax.random.split(key)
+        draft = sample(_exclude_undraftable(logits_d, mask_id), noise_key, temp, top_p, top_k)
+        v_start = 0 if first else t
+        v_in = jnp.array([x[:t]]) if first else jnp.zeros((1, 0), jnp.int32)
+        hidden, vcache = verifier(jnp.concatenate([v_in, draft], 1), start=jnp.array([v_start]), cache=vcache)
+        logits_v = verifier.logits(hidden[:, t - v_start : -1], vocab=vocab)
+        logits_v = jnp.concatenate([jnp.zeros_like(logits_v[:, :1]), logits_v], axis=1)
+        mixture = _exclude_undraftable(R * logits_d + (1 - R) * logits_v, mask_id)
+        if config.rule == "paper":
+            target = sample(mixture, noise_key, temp, top_p, top_k)
+        else:
+            target = jnp.argmax(mixture, axis=-1)
+        draft, target = np.asarray(draft)[0].tolist(), np.asarray(target)[0].tolist()
+        k = 1
+        while k < len(draft) and draft[k] == target[k]:
+            k += 1
+        x[t : t + k] = draft[:k]
+        vcache = vcache.crop(jnp.array([t + k]))
+        counts.append(k)
+        first = False
+        hits = [i for i in range(t, t + k) if x[i] in eos]
+        t += k
+        if hits:
+            return x[len(prompt) : hits[0] + 1], counts
+    return x[len(prompt) :], counts

@@ -1,0 +1,271 @@
+"""Checkpoints: Hugging Face safetensors <-> Flax parameters, and orbax save/restore.
+
+The name mapping is one table (HF name -> Flax path, transposed or not). Import
+streams one tensor at a time from the safetensors files (never a PyTorch model
+in memory) and checks every tensor's name, shape and dtype against the model's
+own abstract shapes. Outputs are written to a temporary directory and renamed
+into place, so a failed conversion leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_dtypes
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from apd_jax.config import ModelConfig
+from apd_jax.model import Qwen2, abstract_model
+
+# Hugging Face name -> (Flax path, transpose?). "{i}" is the layer index.
+# HF Linear weights are [out, in]; Flax kernels are [in, out].
+NAME_TABLE: dict[str, tuple[str, bool]] = {
+    "model.embed_tokens.weight": ("embed_tokens.embedding", False),
+    "model.layers.{i}.input_layernorm.weight": ("layers.{i}.input_layernorm.weight", False),
+    "model.layers.{i}.self_attn.q_proj.weight": ("layers.{i}.self_attn.q_proj.kernel", True),
+    "model.layers.{i}.self_attn.q_proj.bias": ("layers.{i}.self_attn.q_proj.bias", False),
+    "model.layers.{i}.self_attn.k_proj.weight": ("layers.{i}.self_attn.k_proj.kernel", True),
+    "model.layers.{i}.self_attn.k_proj.bias": ("layers.{i}.self_attn.k_proj.bias", False),
+    "model.layers.{i}.self_attn.v_proj.weight": ("layers.{i}.self_attn.v_proj.kernel", True),
+    "model.layers.{i}.self_attn.v_proj.bias": ("layers.{i}.self_attn.v_proj.bias", False),
+    "model.layers.{i}.self_attn.o_proj.weight": ("layers.{i}.self_attn.o_proj.kernel", True),
+    "model.layers.{i}.post_attention_layernorm.weight": ("layers.{i}.post_attention_layernorm.weight", False),
+    "model.layers.{i}.mlp.gate_proj.weight": ("layers.{i}.mlp.gate_proj.kernel", True),
+    "model.layers.{i}.mlp.up_proj.weight": ("layers.{i}.mlp.up_proj.kernel", True),
+    "model.layers.{i}.mlp.down_proj.weight": ("layers.{i}.mlp.down_proj.kernel", True),
+    "model.norm.weight": ("norm.weight", False),
+    "lm_head.weight": ("lm_head", True),
+}
+
+_NP_DTYPES = {"F32": np.float32, "BF16": ml_dtypes.bfloat16, "F16": np.float16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read as the model it claims to be."""
+
+
+def _hf_to_flax_name(name: str) -> tuple[str, bool] | None:
+    parts = name.split(".")
+    if len(parts) > 2 and parts[:2] == ["model", "layers"] and parts[2].isdigit():
+        i = parts[2]
+        template = ".".join(parts[:2] + ["{i}"] + parts[3:])
+        if template in NAME_TABLE:
+            path, transpose = NAME_TABLE[template]
+            return path.replace("{i}", i), transpose
+        return None
+    return NAME_TABLE.get(name)
+
+
+def _flax_to_hf_name(path: str) -> tuple[str, bool]:
+    parts = path.split(".")
+    i = parts[1] if parts[0] == "layers" else None
+    template = ".".join(["layers", "{i}"] + parts[2:]) if i is not None else path
+    for hf, (flax_path, transpose) in NAME_TABLE.items():
+        if flax_path == template:
+            return hf.replace("{i}", i) if i is not None else hf, transpose
+    raise CheckpointError(f"Flax parameter {path!r} has no Hugging Face name in NAME_TABLE")
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, jax.ShapeDtypeStruct]:
+    """Flat 'layers.0.mlp.up_proj.kernel' -> shape/dtype of every parameter, from the model itself."""
+    _, state = nnx.split(abstract_model(cfg))
+    return {".".join(map(str, k)): v.get_value() for k, v in state.flat_state()}
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not weight_map:
+            raise CheckpointError(f"{index} has no weight_map")
+        files = [path / f for f in sorted(set(weight_map.values()))]
+        absent = [str(f) for f in files if not f.is_file()]
+        if absent:
+            raise CheckpointError(f"{index} lists shard files that are missing: {absent}")
+        return files
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    found = sorted(path.glob("*.safetensors"))
+    if found:
+        return found
+    raise CheckpointError(
+        f"no weights in {path}: expected model.safetensors or model.safetensors.index.json with its shards "
+        "(PyTorch .bin checkpoints are not read; re-save them with safe_serialization=True)"
+    )
+
+
+def iter_hf_tensors(path: str | Path) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, array) for every tensor of a HF checkpoint directory, one at a time."""
+    for file in _safetensors_files(Path(path)):
+        with safe_open(file, framework="np") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def load_hf_params(path: str | Path, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """Read a HF checkpoint into flat Flax parameters (numpy), checking every tensor."""
+    expected = expected_shapes(cfg)
+    params: dict[str, np.ndarray] = {}
+    for name, array in iter_hf_tensors(path):
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue  # tied: the head is the embedding; some exports store it anyway
+        target = _hf_to_flax_name(name)
+        if target is None or target[0] not in expected:
+            raise CheckpointError(f"unexpected tensor {name!r} in {path}: not a parameter of this {cfg.model_type} model")
+        flax_path, transpose = target
+        if flax_path in params:
+            raise CheckpointError(f"tensor {name!r} appears twice in {path}")
+        want = expected[flax_path]
+        want_hf = tuple(want.shape[::-1] if transpose else want.shape)
+        if tuple(array.shape) != want_hf:
+            raise CheckpointError(
+                f"tensor {name!r} in {path} has shape {tuple(array.shape)}, but config.json implies {want_hf}"
+            )
+        if array.dtype not in _NP_DTYPES.values():
+            raise CheckpointError(f"tensor {name!r} has unsupported dtype {array.dtype}")
+        params[flax_path] = np.ascontiguousarray(array.T if transpose else array, dtype=want.dtype)
+    missing = sorted(set(expected) - set(params))
+    if missing:
+        names = [_flax_to_hf_name(m)[0] for m in missing]
+        raise CheckpointError(f"checkpoint {path} is missing tensors {names[:8]}{' ...' if len(names) > 8 else ''}")
+    return params
+
+
+def _unflatten(flat: dict[str, Any]) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        keys = [int(k) if k.isdigit() else k for k in path.split(".")]
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    return tree
+
+
+def model_from_params(cfg: ModelConfig, params: dict[str, Any]) -> Qwen2:
+    """Build a model whose parameters are `params` (flat Flax paths), placed on the default device."""
+    graphdef, state = nnx.split(abstract_model(cfg))
+    nnx.replace_by_pure_dict(state, _unflatten({k: jax.numpy.asarray(v) for k, v in params.items()}))
+    return nnx.merge(graphdef, state)
+
+
+def model_params(model: Qwen2) -> dict[str, np.ndarray]:
+    """Flat Flax parameters of a model, as host numpy arrays."""
+    _, state = nnx.split(model)
+    return {".".join(map(str, k)): np.asarray(v.get_value()) for k, v in state.flat_state()}
+
+
+def load_hf(path: str | Path, *, param_dtype: Any = None, dtype: Any = None) -> Qwen2:
+    """A Flax model from a Hugging Face checkpoint directory (config.json + safetensors)."""
+    cfg = ModelConfig.from_dir(path, param_dtype=param_dtype, dtype=dtype)
+    return model_from_params(cfg, load_hf_params(path, cfg))
+
+
+def _atomic_dir(out: Path, overwrite: bool):
+    """A temporary sibling directory that replaces `out` only if the `with` body succeeds."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; choose another output directory or pass overwrite=True")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    class _Ctx:
+        def __enter__(self) -> Path:
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+            return self.tmp
+
+        def __exit__(self, exc_type, exc, tb) -> None:
+            if exc_type is not None:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                return
+            if out.exists():
+                shutil.rmtree(out)
+            self.tmp.rename(out)
+
+    return _Ctx()
+
+
+def _copy_configs(src: Path, dst: Path) -> None:
+    for name in ("config.json", "generation_config.json"):
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+
+
+def convert_hf_to_orbax(hf_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> Path:
+    """HF checkpoint directory -> out_dir/{config.json, params/ (orbax)}; dtypes as stored."""
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    cfg = ModelConfig.from_dir(hf_dir)
+    params = load_hf_params(hf_dir, cfg)
+    with _atomic_dir(out_dir, overwrite) as tmp:
+        _copy_configs(hf_dir, tmp)
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save((tmp / "params").absolute(), _unflatten(params))
+    return out_dir
+
+
+def load_orbax(ckpt_dir: str | Path, *, param_dtype: Any = None, dtype: Any = None) -> Qwen2:
+    """Restore a model saved by convert_hf_to_orbax (or save_orbax)."""
+    ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / "params").is_dir():
+        raise CheckpointError(f"{ckpt_dir} is not an apd_jax checkpoint: {ckpt_dir / 'params'} is missing")
+    stored = ModelConfig.from_dir(ckpt_dir)
+    target = _unflatten(expected_shapes(stored))
+    with ocp.StandardCheckpointer() as ckptr:
+        restored = ckptr.restore((ckpt_dir / "params").absolute(), target)
+    flat = {".".join(map(str, k)): v for k, v in _flatten(restored)}
+    cfg = ModelConfig.from_dir(ckpt_dir, param_dtype=param_dtype, dtype=dtype)
+    return model_from_params(cfg, {k: v.astype(cfg.param_dtype) for k, v in flat.items()})
+
+
+def _flatten(tree: dict, prefix: tuple = ()) -> Iterator[tuple[tuple, Any]]:
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from _flatten(v, prefix + (k,))
+        else:
+            yield prefix + (k,), v
+
+
+def save_orbax(model: Qwen2, out_dir: str | Path, hf_config: dict, *, overwrite: bool = False) -> Path:
+    """Save a model's parameters with orbax beside its HF config.json."""
+    with _atomic_dir(Path(out_dir), overwrite) as tmp:
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save((tmp / "params").absolute(), _unflatten(model_params(model)))
+    return Path(out_dir)
+
+
+def export_hf(
+    params: dict[str, np.ndarray], config_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False
+) -> Path:
+    """Flat Flax parameters -> HF safetensors + config.json (copied from config_dir)."""
+    config_dir = Path(config_dir)
+    cfg = ModelConfig.from_dir(config_dir)
+    expected = expected_shapes(cfg)
+    if set(params) != set(expected):
+        raise CheckpointError(
+            f"parameters do not match {config_dir / 'config.json'}: "
+            f"missing {sorted(set(expected) - set(params))[:8]}, unexpected {sorted(set(params) - set(expected))[:8]}"
+        )
+    tensors = {}
+    for path, array in params.items():
+        name, transpose = _flax_to_hf_name(path)
+        tensors[name] = np.ascontiguousarray(array.T if transpose else array)
+    with _atomic_dir(Path(out_dir), overwrite) as tmp:
+        _copy_configs(config_dir, tmp)
+        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+    return Path(out_dir)
+
+
+def convert_orbax_to_hf(ckpt_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> Path:
+    """apd_jax orbax checkpoint -> HF directory, dtypes as stored."""
+    return export_hf(model_params(load_orbax(ckpt_dir)), ckpt_dir, out_dir, overwrite=overwrite)

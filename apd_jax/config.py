@@ -1,0 +1,170 @@
+"""Model configuration for the Qwen2 family: Qwen2.5 (causal) and Dream (bidirectional).
+
+Read from a Hugging Face `config.json`; Dream uses the same field names with
+model_type "Dream" plus a mask token id (in config.json or generation_config.json).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+
+SUPPORTED_MODEL_TYPES = {"qwen2": True, "dream": False}  # model_type -> causal
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def parse_dtype(name: str | Any) -> Any:
+    """'bfloat16' / 'float32' / a jnp dtype -> a jnp dtype, with a clear error otherwise."""
+    if not isinstance(name, str):
+        return jnp.dtype(name).type
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(_DTYPES)}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shapes and numerics of one Qwen2-family decoder.
+
+    `causal=True` is Qwen2.5 (verifier, AR baseline); `causal=False` is Dream,
+    whose prediction for position i is read at output i - 1 (see model.shift_right).
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    causal: bool = True
+    max_position_embeddings: int = 32768
+    model_type: str = "qwen2"
+    mask_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    param_dtype: Any = jnp.float32
+    dtype: Any = jnp.float32  # compute (activation) dtype
+
+    def __post_init__(self) -> None:
+        if self.hidden_size != self.num_heads * self.head_dim:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} != num_heads {self.num_heads} x head_dim {self.head_dim}"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_attention_heads {self.num_heads} is not a multiple of num_key_value_heads {self.num_kv_heads}"
+            )
+        if not self.causal and self.mask_token_id is None:
+            raise ValueError("a bidirectional (Dream) model needs mask_token_id in its config")
+
+    @property
+    def is_diffusion(self) -> bool:
+        return not self.causal
+
+    def replace(self, **kw: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **kw)
+
+    @classmethod
+    def from_hf_dict(
+        cls,
+        cfg: dict,
+        generation: dict | None = None,
+        *,
+        param_dtype: Any = None,
+        dtype: Any = None,
+    ) -> "ModelConfig":
+        """Build from the dicts of config.json (and generation_config.json, if any)."""
+        generation = generation or {}
+        model_type = str(cfg.get("model_type", "")).lower()
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"unsupported model_type {cfg.get('model_type')!r}: apd_jax reads Qwen2-family checkpoints "
+                f"(model_type one of {sorted(SUPPORTED_MODEL_TYPES)})"
+            )
+        missing = [
+            k
+            for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+            if k not in cfg
+        ]
+        if missing:
+            raise ValueError(f"config.json lacks required fields {missing}")
+        if cfg.get("rope_scaling"):
+            raise ValueError(f"rope_scaling {cfg['rope_scaling']!r} is not supported (only the default RoPE)")
+        if cfg.get("use_sliding_window"):
+            raise ValueError("use_sliding_window=true is not supported")
+        heads = cfg["num_attention_heads"]
+        eos = generation.get("eos_token_id", cfg.get("eos_token_id"))
+        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
+        mask = generation.get("mask_token_id", cfg.get("mask_token_id"))
+        rope = cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+        stored = parse_dtype(cfg.get("torch_dtype", cfg.get("dtype", "float32")) or "float32")
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads", heads),
+            head_dim=cfg.get("head_dim", cfg["hidden_size"] // heads),
+            rope_theta=float(rope),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            causal=SUPPORTED_MODEL_TYPES[model_type],
+            max_position_embeddings=cfg.get("max_position_embeddings", 32768),
+            model_type=model_type,
+            mask_token_id=None if mask is None else int(mask),
+            eos_token_ids=tuple(int(e) for e in eos_ids),
+            pad_token_id=generation.get("pad_token_id", cfg.get("pad_token_id")),
+            param_dtype=parse_dtype(param_dtype) if param_dtype is not None else stored,
+            dtype=parse_dtype(dtype) if dtype is not None else (parse_dtype(param_dtype) if param_dtype else stored),
+        )
+
+    @classmethod
+    def from_dir(cls, path: str | Path, **kw: Any) -> "ModelConfig":
+        """Read config.json (and generation_config.json when present) from a checkpoint directory."""
+        path = Path(path)
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise FileNotFoundError(
+                f"{cfg_file} not found: a checkpoint directory needs the Hugging Face config.json beside its weights"
+            )
+        cfg = json.loads(cfg_file.read_text())
+        gen_file = path / "generation_config.json"
+        gen = json.loads(gen_file.read_text()) if gen_file.is_file() else None
+        return cls.from_hf_dict(cfg, gen, **kw)
+
+
+def dream_7b_config(**kw: Any) -> ModelConfig:
+    """Dream-v0-Instruct-7B shapes (shared/docs/apd-reference.md)."""
+    base = dict(
+        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
+        num_kv_heads=4, head_dim=128, rope_theta=1e6, causal=False, tie_word_embeddings=False,
+        model_type="dream", mask_token_id=151666, eos_token_ids=(151643,), pad_token_id=151643,
+        max_position_embeddings=131072,
+    )
+    return ModelConfig(**(base | kw))
+
+
+def qwen25_7b_config(**kw: Any) -> ModelConfig:
+    """Qwen2.5-7B shapes: Dream's, causal (the paper's AR baseline)."""
+    return dream_7b_config(causal=True, model_type="qwen2", mask_token_id=None, **kw)
+
+
+def qwen25_05b_config(**kw: Any) -> ModelConfig:
+    """Qwen2.5-0.5B shapes (the verifier)."""
+    base = dict(
+        vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
+        num_kv_heads=2, head_dim=64, rope_theta=1e6, causal=True, tie_word_embeddings=True,
+        model_type="qwen2", eos_token_ids=(151643,), pad_token_id=151643, max_position_embeddings=32768,
+    )
+    return ModelConfig(**(base | kw))

@@ -1,0 +1,196 @@
+"""The Qwen2 decoder family in Flax NNX: Qwen2.5 (causal) and Dream (bidirectional).
+
+One implementation serves both: the attention mask is the only difference
+(`ModelConfig.causal`). Module and parameter names follow Hugging Face's so the
+converter's mapping table reads line for line (apd_jax/checkpoint.py).
+
+`Qwen2.__call__` runs a window of S tokens per row at absolute positions
+[start, start + S) and, given a KVCache, attends to the cache plus the window:
+causally for Qwen, fully (up to the window's right edge) for Dream.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from apd_jax.cache import KVCache, attention_mask, write_window
+from apd_jax.config import ModelConfig
+
+_init = nnx.initializers.normal(0.02)  # Hugging Face's initializer_range
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.weight = nnx.Param(jnp.ones((cfg.hidden_size,), cfg.param_dtype))
+        self.eps = cfg.rms_norm_eps
+        self.dtype = cfg.dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # As Hugging Face: normalise in float32, cast back, then scale.
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(self.dtype) * x32.astype(self.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding, Hugging Face layout (rotate_half): x [B, S, H, D], positions [B, S]."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, S, D/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+    return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+def _linear(n_in: int, n_out: int, cfg: ModelConfig, rngs: nnx.Rngs, bias: bool = False) -> nnx.Linear:
+    return nnx.Linear(
+        n_in, n_out, use_bias=bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, kernel_init=_init, rngs=rngs
+    )
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.q_proj = _linear(h, cfg.num_heads * d, cfg, rngs, bias=True)
+        self.k_proj = _linear(h, cfg.num_kv_heads * d, cfg, rngs, bias=True)
+        self.v_proj = _linear(h, cfg.num_kv_heads * d, cfg, rngs, bias=True)
+        self.o_proj = _linear(cfg.num_heads * d, h, cfg, rngs)
+        self.cfg = cfg
+
+    def __call__(self, x, positions, kv_end, cache: KVCache | None, layer: int):
+        cfg = self.cfg
+        b, s, _ = x.shape
+        q = self.q_proj(x).reshape(b, s, cfg.num_heads, cfg.head_dim)
+        k = self.k_proj(x).reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
+        v = self.v_proj(x).reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
+        q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+        if cache is None:
+            keys, values, k_pos = k, v, positions
+        else:
+            cache = KVCache(
+                write_window(cache.k, layer, k, positions), write_window(cache.v, layer, v, positions), cache.lengths
+            )
+            keys, values = cache.k[layer], cache.v[layer]
+            k_pos = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=positions.dtype), (b, cache.max_len))
+        mask = attention_mask(positions, k_pos, kv_end, cfg.causal)
+        out = _gqa_attention(q, keys.astype(q.dtype), values.astype(q.dtype), mask)
+        return self.o_proj(out.reshape(b, s, -1)), cache
+
+
+def _gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query attention: q [B,S,H,D], k/v [B,T,KVH,D], mask [B,S,T]; softmax in float32."""
+    b, s, h, d = q.shape
+    kvh = k.shape[2]
+    q = q.reshape(b, s, kvh, h // kvh, d)
+    scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(
+        jnp.float32(d)
+    )
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgst,btkd->bskgd", probs, v, preferred_element_type=jnp.float32)
+    return out.astype(q.dtype).reshape(b, s, h, d)
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.gate_proj = _linear(cfg.hidden_size, cfg.intermediate_size, cfg, rngs)
+        self.up_proj = _linear(cfg.hidden_size, cfg.intermediate_size, cfg, rngs)
+        self.down_proj = _linear(cfg.intermediate_size, cfg.hidden_size, cfg, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg, rngs=rngs)
+        self.self_attn = Attention(cfg, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg, rngs=rngs)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x, positions, kv_end, cache, layer):
+        attn, cache = self.self_attn(self.input_layernorm(x), positions, kv_end, cache, layer)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
+
+
+class Qwen2(nnx.Module):
+    """Qwen2-family decoder: embeddings, decoder layers, final norm and output head."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed_tokens = nnx.Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+            embedding_init=_init, rngs=rngs,
+        )
+        self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg, rngs=rngs)
+        self.lm_head = None if cfg.tie_word_embeddings else nnx.Param(
+            _init(rngs.params(), (cfg.hidden_size, cfg.vocab_size), cfg.param_dtype)
+        )
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        *,
+        start: jax.Array | None = None,
+        valid: jax.Array | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Final hidden states [B, S, H] of a window, and the updated cache.
+
+        tokens [B, S] sit at positions start[b] + [0, S); only the first valid[b]
+        of them are real, the rest padding. With a cache, the window's K/V are
+        written at those positions and the row's length becomes start + valid.
+        """
+        b, s = tokens.shape
+        start = jnp.zeros((b,), jnp.int32) if start is None else start.astype(jnp.int32)
+        valid = jnp.full((b,), s, jnp.int32) if valid is None else valid.astype(jnp.int32)
+        positions = start[:, None] + jnp.arange(s, dtype=jnp.int32)
+        kv_end = start + valid
+        x = self.embed_tokens(tokens)
+        for i, layer in enumerate(self.layers):
+            x, cache = layer(x, positions, kv_end, cache, i)
+        if cache is not None:
+            cache = KVCache(cache.k, cache.v, kv_end)
+        return self.norm(x), cache
+
+    def logits(self, hidden: jax.Array, vocab: int | None = None) -> jax.Array:
+        """Output head with float32 accumulation: [..., H] -> [..., vocab] float32.
+
+        `vocab` keeps only the first ids; the weight is sliced, so the rest is never computed.
+        """
+        w = self.embed_tokens.embedding[...].T if self.lm_head is None else self.lm_head[...]
+        if vocab is not None:
+            w = w[:, :vocab]
+        return jnp.matmul(hidden, w.astype(hidden.dtype), preferred_element_type=jnp.float32)
+
+
+def shift_right(hidden: jax.Array) -> jax.Array:
+    """Dream's prediction for position i is read at output i - 1 (output 0 stands in for itself).
+
+    The one place apd_jax applies Dream's right shift; applied to hidden states it
+    equals the reference's `cat([logits[:, :1], logits[:, :-1]])` on logits.
+    """
+    return jnp.concatenate([hidden[:, :1], hidden[:, :-1]], axis=1)
+
+
+def forward_logits(model: Qwen2, tokens: jax.Array) -> jax.Array:
+    """Logits of a whole sequence without a cache; Dream's are shifted to predict in place."""
+    hidden, _ = model(tokens)
+    if model.cfg.is_diffusion:
+        hidden = shift_right(hidden)
+    return model.logits(hidden)
+
+
+def init_model(cfg: ModelConfig, seed: int = 0) -> Qwen2:
+    """A randomly initialised model (Hugging Face's normal(0.02) initialiser)."""
+    return Qwen2(cfg, rngs=nnx.Rngs(seed))
+
+
+def abstract_model(cfg: ModelConfig) -> Qwen2:
+    """The model's structure with shapes and dtypes only: nothing allocated."""
+    return nnx.eval_shape(lambda: Qwen2(cfg, rngs=nnx.Rngs(0)))
