@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from apd_jax.cache import KVCache
+from apd_jax.generation import GenerationResult, check_prompts, finish, pad_prompts, prompt_bucket
 from apd_jax.config import ModelConfig
 from apd_jax.model import Qwen2, shift_right
 from apd_jax.sampling import sample
@@ -78,30 +79,6 @@ class APDConfig:
             problems.append(f"rule={self.rule!r} must be one of {RULES}")
         if problems:
             raise ValueError("invalid APD settings: " + "; ".join(problems))
-
-
-@dataclasses.dataclass
-class APDResult:
-    """tokens[b, :lengths[b]] is row b's generation (eos included), the rest padding."""
-
-    tokens: np.ndarray  # [B, max_new_tokens]
-    lengths: np.ndarray  # [B]
-    accepted: np.ndarray  # [B, max passes]: tokens accepted per pass, 0 once the row stopped
-    stopped_at_eos: np.ndarray  # [B] bool
-    passes: int  # loop iterations (forward passes of each model)
-
-    def row_passes(self) -> np.ndarray:
-        return (self.accepted > 0).sum(axis=1)
-
-    def accepted_per_pass(self, row: int) -> list[int]:
-        counts = self.accepted[row]
-        return counts[counts > 0].tolist()
-
-    def tokens_per_pass(self) -> float:
-        return float(self.accepted.sum() / max(self.row_passes().sum(), 1))
-
-    def sequences(self) -> list[list[int]]:
-        return [self.tokens[b, : self.lengths[b]].tolist() for b in range(len(self.lengths))]
 
 
 def shared_vocab_size(
@@ -291,24 +268,6 @@ def _generate(graphs, params, prompts: jax.Array, prompt_lens: jax.Array, knobs:
     return out, end - prompt_lens, state.accepted, state.eos_at >= 0, state.passes
 
 
-def _bucket(n: int) -> int:
-    """Pad prompt lengths to powers of two (min 16) so new lengths rarely recompile."""
-    return max(16, 1 << (n - 1).bit_length())
-
-
-def check_prompts(prompts: Sequence[Sequence[int]], vocab: int) -> list[list[int]]:
-    if len(prompts) == 0:
-        raise ValueError("no prompts given")
-    rows = [list(map(int, p)) for p in prompts]
-    for i, p in enumerate(rows):
-        if not p:
-            raise ValueError(f"prompt {i} is empty: APD needs at least one prompt token to condition on")
-        bad = [x for x in p if not 0 <= x < vocab]
-        if bad:
-            raise ValueError(f"prompt {i} holds ids {bad[:5]} outside the shared vocabulary [0, {vocab})")
-    return rows
-
-
 def _capacity(config: APDConfig, drafter: ModelConfig, verifier: ModelConfig) -> int:
     return config.max_len or min(drafter.max_position_embeddings, verifier.max_position_embeddings)
 
@@ -321,20 +280,14 @@ def apd_generate(
     key: jax.Array | None = None,
     *,
     shared_vocab: int | None = None,
-) -> APDResult:
+) -> GenerationResult:
     """Generate for a batch of ragged prompts (lists of token ids) in one compiled call."""
     config.validate()
     vocab = shared_vocab or shared_vocab_size(drafter.cfg, verifier.cfg)
     rows = check_prompts(prompts, vocab)
-    longest = max(map(len, rows))
     capacity = _capacity(config, drafter.cfg, verifier.cfg)
-    if longest + config.max_new_tokens > capacity:
-        raise ValueError(
-            f"prompt of {longest} tokens + max_new_tokens {config.max_new_tokens} exceeds the cache capacity "
-            f"{capacity}; shorten the prompt, lower max_new_tokens or raise max_len"
-        )
+    prompt_len = prompt_bucket(max(map(len, rows)), config.max_new_tokens, capacity)
     eos = config.eos_token_ids if config.eos_token_ids is not None else drafter.cfg.eos_token_ids
-    prompt_len = min(_bucket(longest), capacity - config.max_new_tokens)
     draft = min(config.M, config.max_new_tokens)
     total = prompt_len + config.max_new_tokens
     spec = _Static(
@@ -343,22 +296,19 @@ def apd_generate(
         prompt_len=prompt_len, max_new=config.max_new_tokens, total=total, vocab=vocab,
         mask_id=drafter.cfg.mask_token_id, eos_ids=tuple(eos), rule=config.rule,
     )
-    padded = np.zeros((len(rows), prompt_len), np.int32)
-    for i, p in enumerate(rows):
-        padded[i, : len(p)] = p
+    padded, lengths = pad_prompts(rows, prompt_len)
     knobs = _Knobs(
         jnp.float32(config.R), jnp.float32(config.temperature), jnp.float32(config.top_p), jnp.int32(config.top_k)
     )
     gd, pd = nnx.split(drafter)
     gv, pv = nnx.split(verifier)
     key = jax.random.key(0) if key is None else key
-    out, lengths, accepted, eos_hit, passes = _generate(
-        (gd, gv), (pd, pv), jnp.asarray(padded), jnp.asarray([len(p) for p in rows], jnp.int32), knobs, key, spec
-    )
-    out, lengths = np.asarray(out), np.asarray(lengths)
-    pad = drafter.cfg.pad_token_id if drafter.cfg.pad_token_id is not None else (eos[0] if eos else 0)
-    out = np.where(np.arange(out.shape[1]) < lengths[:, None], out, pad)
-    return APDResult(out, lengths, np.asarray(accepted), np.asarray(eos_hit), int(passes))
+    outputs = _generate((gd, gv), (pd, pv), jnp.asarray(padded), jnp.asarray(lengths), knobs, key, spec)
+    return finish(*outputs, pad_id=_pad_id(drafter.cfg, eos))
+
+
+def _pad_id(cfg: ModelConfig, eos: Sequence[int]) -> int:
+    return cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0] if eos else 0)
 
 
 def apd_generate_eager(

@@ -98,8 +98,10 @@ class ModelConfig:
         ]
         if missing:
             raise ValueError(f"config.json lacks required fields {missing}")
-        if cfg.get("rope_scaling"):
-            raise ValueError(f"rope_scaling {cfg['rope_scaling']!r} is not supported (only the default RoPE)")
+        for field in ("rope_scaling", "rope_parameters"):
+            rope_type = (cfg.get(field) or {}).get("rope_type", (cfg.get(field) or {}).get("type", "default"))
+            if rope_type != "default":
+                raise ValueError(f"{field} {cfg[field]!r} is not supported (only the default RoPE)")
         if cfg.get("use_sliding_window"):
             raise ValueError("use_sliding_window=true is not supported")
         heads = cfg["num_attention_heads"]
