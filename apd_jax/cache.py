@@ -61,7 +61,8 @@ def attention_mask(q_pos: jax.Array, k_pos: jax.Array, kv_end: jax.Array, causal
     for Dream is the window's right edge, the reference's M limit) and, for causal
     models, at or before the query.
     """
-    visible = k_pos[:, None, :] < kv_end[:, None, None]
+    shape = (q_pos.shape[0], q_pos.shape[1], k_pos.shape[1])
+    visible = jnp.broadcast_to(k_pos[:, None, :] < kv_end[:, None, None], shape)
     if causal:
         visible &= k_pos[:, None, :] <= q_pos[:, :, None]
     return visible

@@ -79,7 +79,7 @@ def _flax_to_hf_name(path: str) -> tuple[str, bool]:
 def expected_shapes(cfg: ModelConfig) -> dict[str, jax.ShapeDtypeStruct]:
     """Flat 'layers.0.mlp.up_proj.kernel' -> shape/dtype of every parameter, from the model itself."""
     _, state = nnx.split(abstract_model(cfg))
-    return {".".join(map(str, k)): v.get_value() for k, v in state.flat_state()}
+    return {".".join(map(str, k)): v.get_value() for k, v in nnx.to_flat_state(state)}
 
 
 def _safetensors_files(path: Path) -> list[Path]:
@@ -163,7 +163,7 @@ def model_from_params(cfg: ModelConfig, params: dict[str, Any]) -> Qwen2:
 def model_params(model: Qwen2) -> dict[str, np.ndarray]:
     """Flat Flax parameters of a model, as host numpy arrays."""
     _, state = nnx.split(model)
-    return {".".join(map(str, k)): np.asarray(v.get_value()) for k, v in state.flat_state()}
+    return {".".join(map(str, k)): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(state)}
 
 
 def load_hf(path: str | Path, *, param_dtype: Any = None, dtype: Any = None) -> Qwen2:

@@ -1,0 +1,45 @@
+"""Tiny random Hugging Face checkpoints (written once per session) and their loaded models."""
+
+from __future__ import annotations
+
+import os
+
+# Tests must not depend on an accelerator nor on its matmul precision defaults.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import Qwen2ForCausalLM  # noqa: E402
+
+from apd_jax.checkpoint import load_hf  # noqa: E402
+from torch_reference import TorchDream, save_tiny_dream, save_tiny_qwen2  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def qwen_dir(tmp_path_factory):
+    return save_tiny_qwen2(tmp_path_factory.mktemp("qwen"), seed=1)
+
+
+@pytest.fixture(scope="session")
+def dream_dir(tmp_path_factory):
+    return save_tiny_dream(tmp_path_factory.mktemp("dream"), seed=2)
+
+
+@pytest.fixture(scope="session")
+def qwen(qwen_dir):
+    return load_hf(qwen_dir)
+
+
+@pytest.fixture(scope="session")
+def dream(dream_dir):
+    return load_hf(dream_dir)
+
+
+@pytest.fixture(scope="session")
+def torch_qwen(qwen_dir):
+    return Qwen2ForCausalLM.from_pretrained(qwen_dir, attn_implementation="eager", dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def torch_dream(dream_dir):
+    return TorchDream.from_pretrained(dream_dir).eval()

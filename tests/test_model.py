@@ -1,0 +1,87 @@
+"""Flax Qwen2 / Dream against PyTorch (transformers' Qwen2, the test's Dream reference) in float32."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from apd_jax.autoregressive import ARConfig, ar_generate
+from apd_jax.cache import KVCache
+from apd_jax.checkpoint import load_hf
+from apd_jax.model import forward_logits, shift_right
+from torch_reference import crop, shift_logits
+
+# A long prompt: RoPE is the identity at position 0, short prompts hide RoPE bugs.
+TOKENS = np.random.default_rng(0).integers(0, 320, size=(2, 200))
+
+
+def test_qwen2_logits_match_transformers(qwen, torch_qwen):
+    ours = np.asarray(forward_logits(qwen, jnp.asarray(TOKENS)))
+    with torch.no_grad():
+        ref = torch_qwen(torch.as_tensor(TOKENS)).logits.numpy()
+    assert np.abs(ours - ref).max() < 1e-4
+
+
+def test_qwen2_cached_decoding_equals_full_forward(qwen):
+    full = np.asarray(forward_logits(qwen, jnp.asarray(TOKENS[:, :40])))
+    cache = KVCache.zeros(qwen.cfg, 2, 64)
+    hidden, cache = qwen(jnp.asarray(TOKENS[:, :30]), cache=cache)
+    steps = [qwen.logits(hidden)]
+    for p in range(30, 40):
+        hidden, cache = qwen(jnp.asarray(TOKENS[:, p : p + 1]), start=jnp.array([p, p]), cache=cache)
+        steps.append(qwen.logits(hidden))
+    assert np.abs(np.concatenate(steps, axis=1) - full).max() < 1e-4
+    np.testing.assert_array_equal(cache.lengths, [40, 40])
+
+
+def test_qwen2_greedy_generation_matches_transformers_generate(qwen, torch_qwen):
+    prompts = [TOKENS[0, :7].tolist(), TOKENS[1, :19].tolist()]
+    ours = ar_generate(qwen, prompts, ARConfig(max_new_tokens=32, eos_token_ids=()))
+    for row, prompt in enumerate(prompts):
+        with torch.no_grad():
+            ref = torch_qwen.generate(
+                torch.tensor([prompt]), max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0
+            )[0, len(prompt) :].tolist()
+        assert ours.sequences()[row] == ref
+    assert ours.passes == 32
+
+
+def test_dream_shifted_logits_match_reference(dream, torch_dream):
+    ours = np.asarray(forward_logits(dream, jnp.asarray(TOKENS)))
+    with torch.no_grad():
+        ref = shift_logits(torch_dream(torch.as_tensor(TOKENS))[0]).numpy()
+    assert np.abs(ours - ref).max() < 1e-4
+
+
+def test_dream_window_on_partly_filled_cache_matches_reference(dream, torch_dream):
+    """Cache built from one pass, cropped to `left`, then a window [left, right) attends fully."""
+    first = TOKENS[:1, :60]
+    window = TOKENS[1:, 25:50]  # different tokens: the cached prefix is older context
+    left, right = 25, 50
+    cache = KVCache.zeros(dream.cfg, 1, 64)
+    _, cache = dream(jnp.asarray(first), cache=cache)
+    hidden, cache = dream(jnp.asarray(window), start=jnp.array([left]), cache=cache.crop(jnp.array([left])))
+    ours = np.asarray(dream.logits(shift_right(hidden)))
+    with torch.no_grad():
+        _, past = torch_dream(torch.as_tensor(first), torch.arange(60)[None])
+        logits, _ = torch_dream(torch.as_tensor(window), torch.arange(left, right)[None], crop(past, left))
+    assert np.abs(ours - shift_logits(logits).numpy()).max() < 1e-4
+    np.testing.assert_array_equal(cache.lengths, [right])
+
+
+@pytest.mark.parametrize("kind", ["qwen", "dream"])
+def test_bf16_differences_are_reported(kind, qwen_dir, dream_dir, torch_qwen, torch_dream, capsys):
+    """bf16 against the float32 PyTorch reference: reported, with a loose sanity bound only."""
+    model = load_hf(qwen_dir if kind == "qwen" else dream_dir, param_dtype="bfloat16")
+    ours = np.asarray(forward_logits(model, jnp.asarray(TOKENS)))
+    with torch.no_grad():
+        if kind == "qwen":
+            ref = torch_qwen(torch.as_tensor(TOKENS)).logits.numpy()
+        else:
+            ref = shift_logits(torch_dream(torch.as_tensor(TOKENS))[0]).numpy()
+    diff = np.abs(ours - ref).max()
+    top1 = (ours.argmax(-1) == ref.argmax(-1)).mean()
+    with capsys.disabled():
+        print(f"\n[bf16 {kind}] max |logit diff| {diff:.3f} (logit scale {np.abs(ref).max():.1f}), "
+              f"top-1 agreement {top1:.3f}")
+    assert top1 > 0.8

@@ -1,0 +1,36 @@
+"""Sampling filters on literal logits; temperature 0 is argmax."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from apd_jax.sampling import filter_logits, sample
+
+LOGITS = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+
+
+def kept(x):
+    return np.isfinite(np.asarray(x))[0].tolist()
+
+
+def test_top_p_keeps_the_prefix_through_the_first_token_past_p():
+    assert kept(filter_logits(LOGITS, jnp.float32(0.7), jnp.int32(0))) == [True, True, False, False]
+    assert kept(filter_logits(LOGITS, jnp.float32(0.79), jnp.int32(0))) == [True, True, False, False]
+    assert kept(filter_logits(LOGITS, jnp.float32(0.81), jnp.int32(0))) == [True, True, True, False]
+    assert kept(filter_logits(LOGITS, jnp.float32(0.1), jnp.int32(0))) == [True, False, False, False]
+
+
+def test_top_k_then_disabled_filters():
+    assert kept(filter_logits(LOGITS, jnp.float32(1.0), jnp.int32(3))) == [True, True, True, False]
+    assert kept(filter_logits(LOGITS, jnp.float32(1.0), jnp.int32(0))) == [True] * 4
+    assert kept(filter_logits(LOGITS, jnp.float32(0.81), jnp.int32(2))) == [True, True, False, False]
+
+
+def test_temperature_zero_is_argmax_and_sampling_follows_the_distribution():
+    key = jax.random.key(0)
+    assert int(sample(LOGITS, key, jnp.float32(0), jnp.float32(0.5), jnp.int32(0))[0]) == 0
+    logits = jnp.broadcast_to(LOGITS, (20000, 4))
+    ids = np.asarray(sample(logits, key, jnp.float32(1.0), jnp.float32(1.0), jnp.int32(0)))
+    np.testing.assert_allclose(np.bincount(ids, minlength=4) / len(ids), [0.5, 0.3, 0.15, 0.05], atol=0.015)
+    ids = np.asarray(sample(logits, key, jnp.float32(1.0), jnp.float32(0.7), jnp.int32(0)))
+    assert set(np.unique(ids)) == {0, 1}
