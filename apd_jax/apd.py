@@ -161,11 +161,51 @@ class _State:
     key: jax.Array
 
 
+def _knobs(config: APDConfig) -> _Knobs:
+    return _Knobs(
+        jnp.float32(config.R), jnp.float32(config.temperature), jnp.float32(config.top_p), jnp.int32(config.top_k)
+    )
+
+
 def _exclude_undraftable(logits: jax.Array, mask_id: int) -> jax.Array:
     """The mask token is never a draft: a drafted mask would read as still masked."""
     if mask_id < logits.shape[-1]:
         logits = logits.at[..., mask_id].set(-jnp.inf)
     return logits
+
+
+@functools.partial(jax.jit, static_argnames=("mask_id",))
+def draft_tokens(logits_d: jax.Array, key: jax.Array, knobs: _Knobs, mask_id: int) -> jax.Array:
+    """Sample the draft [B, n] from the drafter's logits [B, n, V] (Gumbel noise from `key`)."""
+    return sample(_exclude_undraftable(logits_d, mask_id), key, knobs.temperature, knobs.top_p, knobs.top_k)
+
+
+@functools.partial(jax.jit, static_argnames=("rule", "mask_id"))
+def accepted_length(
+    draft: jax.Array,
+    logits_d: jax.Array,
+    logits_v: jax.Array,
+    n: jax.Array,
+    key: jax.Array,
+    knobs: _Knobs,
+    rule: str,
+    mask_id: int,
+) -> jax.Array:
+    """k [B]: the length of the draft prefix that agrees with the mixture, in [1, n].
+
+    logits_v[:, j] is the verifier's prediction for draft position j (given the
+    draft before it). Position 0 is always accepted, so logits_v[:, 0] is unused.
+    The paper rule samples the mixture with the draft's own noise (same `key`);
+    the reference rule takes its argmax.
+    """
+    mixture = _exclude_undraftable(knobs.R * logits_d + (1.0 - knobs.R) * logits_v, mask_id)
+    if rule == "paper":
+        target = sample(mixture, key, knobs.temperature, knobs.top_p, knobs.top_k)
+    else:
+        target = jnp.argmax(mixture, axis=-1).astype(jnp.int32)
+    j = jnp.arange(draft.shape[1])
+    match = ((draft == target) | (j == 0)) & (j < n[:, None])
+    return jnp.sum(jnp.cumprod(match, axis=1), axis=1).astype(jnp.int32)
 
 
 def _draft_logits(drafter: Qwen2, hidden: jax.Array, start: jax.Array, t: jax.Array, spec: _Static) -> jax.Array:
@@ -174,6 +214,18 @@ def _draft_logits(drafter: Qwen2, hidden: jax.Array, start: jax.Array, t: jax.Ar
     idx = jnp.clip(t[:, None] - start[:, None] + jnp.arange(spec.draft), 0, hidden.shape[1] - 1)
     picked = jnp.take_along_axis(hidden, idx[:, :, None], axis=1)
     return drafter.logits(picked, vocab=spec.vocab)
+
+
+def _verifier_predictions(verifier: Qwen2, hidden: jax.Array, vocab: int) -> jax.Array:
+    """[B, n, vocab]: the verifier's prediction for each of the n draft positions it just ran.
+
+    The prediction for draft position j is its output j - 1. Position 0 is always
+    accepted, so the logit the reference carries over from the previous pass is
+    never needed there: zeros stand in.
+    """
+    b, n, _ = hidden.shape
+    placeholder = jnp.zeros((b, 1, vocab), jnp.float32)
+    return jnp.concatenate([placeholder, verifier.logits(hidden[:, : n - 1], vocab=vocab)], axis=1)
 
 
 def _accept(verifier: Qwen2, state: _State, logits_d: jax.Array, knobs: _Knobs, spec: _Static) -> _State:
@@ -185,19 +237,11 @@ def _accept(verifier: Qwen2, state: _State, logits_d: jax.Array, knobs: _Knobs, 
     active = ~state.done
     key, noise_key = jax.random.split(state.key)
 
-    draft = sample(_exclude_undraftable(logits_d, spec.mask_id), noise_key, knobs.temperature, knobs.top_p, knobs.top_k)
+    draft = draft_tokens(logits_d, noise_key, knobs, spec.mask_id)
     hidden, vcache = verifier(draft, start=state.t, valid=n, cache=state.vcache)
-    # The verifier's prediction for draft position j is its output j - 1; position 0 is
-    # always accepted, so its (carried) verifier logit is never needed: zeros stand in.
-    logits_v = verifier.logits(hidden[:, :-1], vocab=spec.vocab)
-    logits_v = jnp.concatenate([jnp.zeros_like(logits_v[:, :1]), logits_v], axis=1)
-    mixture = _exclude_undraftable(knobs.R * logits_d + (1.0 - knobs.R) * logits_v, spec.mask_id)
-    if spec.rule == "paper":  # same key, so the same Gumbel noise as the draft
-        target = sample(mixture, noise_key, knobs.temperature, knobs.top_p, knobs.top_k)
-    else:
-        target = jnp.argmax(mixture, axis=-1).astype(jnp.int32)
-    match = ((draft == target) | (j == 0)) & (j < n[:, None])
-    k = jnp.where(active, jnp.sum(jnp.cumprod(match, axis=1), axis=1), 0).astype(jnp.int32)
+    logits_v = _verifier_predictions(verifier, hidden, spec.vocab)
+    k = accepted_length(draft, logits_d, logits_v, n, noise_key, knobs, spec.rule, spec.mask_id)
+    k = jnp.where(active, k, 0)
 
     take = j < k[:, None]
     pos = jnp.where(take, state.t[:, None] + j, spec.total)  # out of range: dropped
@@ -297,9 +341,7 @@ def apd_generate(
         mask_id=drafter.cfg.mask_token_id, eos_ids=tuple(eos), rule=config.rule,
     )
     padded, lengths = pad_prompts(rows, prompt_len)
-    knobs = _Knobs(
-        jnp.float32(config.R), jnp.float32(config.temperature), jnp.float32(config.top_p), jnp.int32(config.top_k)
-    )
+    knobs = _knobs(config)
     gd, pd = nnx.split(drafter)
     gv, pv = nnx.split(verifier)
     key = jax.random.key(0) if key is None else key
@@ -309,6 +351,11 @@ def apd_generate(
 
 def _pad_id(cfg: ModelConfig, eos: Sequence[int]) -> int:
     return cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0] if eos else 0)
+
+
+@nnx.jit
+def _window_forward(model: Qwen2, tokens: jax.Array, start: jax.Array, cache: KVCache):
+    return model(tokens, start=start, cache=cache)
 
 
 def apd_generate_eager(
@@ -330,8 +377,7 @@ def apd_generate_eager(
     prompt = check_prompts([prompt], vocab)[0]
     eos = config.eos_token_ids if config.eos_token_ids is not None else drafter.cfg.eos_token_ids
     mask_id = drafter.cfg.mask_token_id
-    R, temp = jnp.float32(config.R), jnp.float32(config.temperature)
-    top_p, top_k = jnp.float32(config.top_p), jnp.int32(config.top_k)
+    knobs = _knobs(config)
     key = jax.random.key(0) if key is None else key
     length = len(prompt) + config.max_new_tokens
     x = prompt + [mask_id] * config.max_new_tokens
@@ -342,24 +388,17 @@ def apd_generate_eager(
         right = min(t + config.M, length)
         left = 0 if first else max(t - config.W - counts[-1] + 1, 0)
         dcache = dcache.crop(jnp.array([left]))
-        hidden, dcache = drafter(jnp.array([x[left:right]]), start=jnp.array([left]), cache=dcache)
+        hidden, dcache = _window_forward(drafter, jnp.array([x[left:right]]), jnp.array([left]), dcache)
         logits_d = drafter.logits(shift_right(hidden)[:, t - left :], vocab=vocab)
         key, noise_key = jax.random.split(key)
-        draft = sample(_exclude_undraftable(logits_d, mask_id), noise_key, temp, top_p, top_k)
+        draft = draft_tokens(logits_d, noise_key, knobs, mask_id)
         v_start = 0 if first else t
         v_in = jnp.array([x[:t]]) if first else jnp.zeros((1, 0), jnp.int32)
-        hidden, vcache = verifier(jnp.concatenate([v_in, draft], 1), start=jnp.array([v_start]), cache=vcache)
-        logits_v = verifier.logits(hidden[:, t - v_start : -1], vocab=vocab)
-        logits_v = jnp.concatenate([jnp.zeros_like(logits_v[:, :1]), logits_v], axis=1)
-        mixture = _exclude_undraftable(R * logits_d + (1 - R) * logits_v, mask_id)
-        if config.rule == "paper":
-            target = sample(mixture, noise_key, temp, top_p, top_k)
-        else:
-            target = jnp.argmax(mixture, axis=-1)
-        draft, target = np.asarray(draft)[0].tolist(), np.asarray(target)[0].tolist()
-        k = 1
-        while k < len(draft) and draft[k] == target[k]:
-            k += 1
+        hidden, vcache = _window_forward(verifier, jnp.concatenate([v_in, draft], 1), jnp.array([v_start]), vcache)
+        logits_v = _verifier_predictions(verifier, hidden[:, t - v_start :], vocab)
+        n = jnp.array([right - t])
+        k = int(accepted_length(draft, logits_d, logits_v, n, noise_key, knobs, config.rule, mask_id)[0])
+        draft = np.asarray(draft)[0].tolist()
         x[t : t + k] = draft[:k]
         vcache = vcache.crop(jnp.array([t + k]))
         counts.append(k)

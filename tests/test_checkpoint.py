@@ -1,0 +1,129 @@
+"""HF <-> Flax <-> orbax conversion: exact round trips and loud, clean failures."""
+
+import json
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from apd_jax.checkpoint import (
+    CheckpointError, convert_hf_to_orbax, convert_orbax_to_hf, iter_hf_tensors, load_hf, load_orbax,
+)
+from apd_jax.model import forward_logits
+from torch_reference import save_tiny_dream, save_tiny_qwen2
+
+TOKENS = jnp.asarray(np.random.default_rng(1).integers(0, 320, size=(1, 50)))
+
+
+def tensors(path):
+    return dict(iter_hf_tensors(path))
+
+
+@pytest.mark.parametrize("kind", ["qwen", "dream"])
+@pytest.mark.parametrize("sharded", [False, True])
+def test_hf_orbax_hf_round_trip_is_bit_exact_in_bf16(kind, sharded, tmp_path):
+    import torch
+
+    save = save_tiny_qwen2 if kind == "qwen" else save_tiny_dream
+    src = save(tmp_path / "src", seed=3, dtype=torch.bfloat16, sharded=sharded)
+    convert_hf_to_orbax(src, tmp_path / "flax")
+    restored = load_orbax(tmp_path / "flax")
+    assert restored.embed_tokens.embedding[...].dtype == jnp.bfloat16
+    convert_orbax_to_hf(tmp_path / "flax", tmp_path / "back")
+    a, b = tensors(src), tensors(tmp_path / "back")
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype and np.array_equal(a[name].view(np.uint16), b[name].view(np.uint16)), name
+    # The round-tripped checkpoint computes exactly what the original does.
+    np.testing.assert_array_equal(forward_logits(load_hf(src), TOKENS), forward_logits(load_hf(tmp_path / "back"), TOKENS))
+
+
+def test_orbax_restore_with_other_dtypes(qwen_dir, tmp_path):
+    convert_hf_to_orbax(qwen_dir, tmp_path / "flax")
+    model = load_orbax(tmp_path / "flax", param_dtype="bfloat16")
+    assert model.norm.weight[...].dtype == jnp.bfloat16
+    fp32 = forward_logits(load_orbax(tmp_path / "flax"), TOKENS)
+    assert np.abs(np.asarray(fp32) - np.asarray(forward_logits(load_hf(qwen_dir), TOKENS))).max() == 0
+
+
+def copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def rewrite_tensors(path, edit):
+    from safetensors.numpy import save_file
+
+    t = tensors(path)
+    edit(t)
+    save_file(t, path / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_missing_config_names_the_file(qwen_dir, tmp_path):
+    d = copy(qwen_dir, tmp_path / "c")
+    (d / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_hf(d)
+
+
+def test_wrong_model_type(qwen_dir, tmp_path):
+    d = copy(qwen_dir, tmp_path / "c")
+    cfg = json.loads((d / "config.json").read_text()) | {"model_type": "llama"}
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="unsupported model_type 'llama'"):
+        load_hf(d)
+
+
+def test_missing_weights(qwen_dir, tmp_path):
+    d = copy(qwen_dir, tmp_path / "c")
+    (d / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no weights"):
+        load_hf(d)
+
+
+def test_missing_tensor_is_named(qwen_dir, tmp_path):
+    d = copy(qwen_dir, tmp_path / "c")
+    rewrite_tensors(d, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"missing tensors \['model.layers.1.mlp.up_proj.weight'\]"):
+        load_hf(d)
+
+
+def test_misshaped_tensor_is_named(qwen_dir, tmp_path):
+    d = copy(qwen_dir, tmp_path / "c")
+
+    def edit(t):
+        t["model.layers.0.self_attn.k_proj.weight"] = t["model.layers.0.self_attn.k_proj.weight"][:8]
+
+    rewrite_tensors(d, edit)
+    with pytest.raises(CheckpointError, match=r"'model.layers.0.self_attn.k_proj.weight'.*shape \(8, 64\).*\(32, 64\)"):
+        load_hf(d)
+
+
+def test_unknown_tensor_is_named(qwen_dir, tmp_path):
+    d = copy(qwen_dir, tmp_path / "c")
+    rewrite_tensors(d, lambda t: t.update({"model.layers.0.self_attn.rotary.inv_freq": np.zeros(4, np.float32)}))
+    with pytest.raises(CheckpointError, match="unexpected tensor 'model.layers.0.self_attn.rotary.inv_freq'"):
+        load_hf(d)
+
+
+def test_config_that_does_not_match_the_weights(qwen_dir, tmp_path):
+    d = copy(qwen_dir, tmp_path / "c")
+    cfg = json.loads((d / "config.json").read_text()) | {"num_hidden_layers": 3}
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="missing tensors.*model.layers.2"):
+        load_hf(d)
+
+
+def test_failed_conversion_leaves_no_output(qwen_dir, tmp_path):
+    d = copy(qwen_dir, tmp_path / "c")
+    rewrite_tensors(d, lambda t: t.pop("model.norm.weight"))
+    with pytest.raises(CheckpointError):
+        convert_hf_to_orbax(d, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == [d]
+
+
+def test_existing_output_is_not_overwritten_silently(qwen_dir, tmp_path):
+    (tmp_path / "out").mkdir()
+    with pytest.raises(FileExistsError, match="already exists"):
+        convert_hf_to_orbax(qwen_dir, tmp_path / "out")
