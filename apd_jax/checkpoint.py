@@ -195,8 +195,15 @@ def _atomic_dir(out: Path, overwrite: bool):
     return _Ctx()
 
 
+# Copied alongside the weights so a converted directory is self-contained.
+SIDE_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
+    "merges.txt", "special_tokens_map.json", "added_tokens.json",
+)
+
+
 def _copy_configs(src: Path, dst: Path) -> None:
-    for name in ("config.json", "generation_config.json"):
+    for name in SIDE_FILES:
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)
 
@@ -269,3 +276,26 @@ def export_hf(
 def convert_orbax_to_hf(ckpt_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> Path:
     """apd_jax orbax checkpoint -> HF directory, dtypes as stored."""
     return export_hf(model_params(load_orbax(ckpt_dir)), ckpt_dir, out_dir, overwrite=overwrite)
+
+
+def load_model(path: str | Path, *, param_dtype: Any = None, dtype: Any = None) -> Qwen2:
+    """An apd_jax (orbax) directory or a Hugging Face directory, whichever `path` is."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {path} not found")
+    if (path / "params").is_dir():
+        return load_orbax(path, param_dtype=param_dtype, dtype=dtype)
+    return load_hf(path, param_dtype=param_dtype, dtype=dtype)
+
+
+def load_tokenizer(path: str | Path):
+    """The Hugging Face tokenizer saved beside a checkpoint."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
+        raise FileNotFoundError(
+            f"no tokenizer in {path} (tokenizer.json / tokenizer_config.json); copy the model's tokenizer files "
+            "there, or pass token ids with --ids"
+        )
+    return AutoTokenizer.from_pretrained(path)

@@ -170,3 +170,14 @@ def qwen25_05b_config(**kw: Any) -> ModelConfig:
         model_type="qwen2", eos_token_ids=(151643,), pad_token_id=151643, max_position_embeddings=32768,
     )
     return ModelConfig(**(base | kw))
+
+
+def tiny_config(causal: bool, **kw: Any) -> ModelConfig:
+    """A tiny random-initialisable pair member (smoke runs, CPU benchmarks): Dream-style if not causal."""
+    base = dict(
+        vocab_size=336 if not causal else 320, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+        num_kv_heads=2, head_dim=16, rope_theta=10000.0, causal=causal, tie_word_embeddings=causal,
+        model_type="qwen2" if causal else "dream", mask_token_id=None if causal else 330, eos_token_ids=(2,),
+        pad_token_id=2, max_position_embeddings=4096,
+    )
+    return ModelConfig(**(base | kw))
