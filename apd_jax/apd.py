@@ -125,7 +125,7 @@ class _Static:
     W: int
     M: int
     draft: int  # draft width: masked positions scored per pass, min(M, max_new_tokens)
-    window: int  # drafter window of later passes: [left, right) spans at most W - 1 + 2 * draft
+    windows: tuple[int, ...]  # drafter window sizes of later passes, ascending (see _window_sizes)
     first_window: int  # first drafter window: prompt + M
     prompt_len: int  # padded prompt length
     max_new: int
@@ -134,6 +134,7 @@ class _Static:
     mask_id: int
     eos_ids: tuple[int, ...]
     rule: str
+    fixed_k: int = 0  # > 0: accept exactly min(fixed_k, drafted) per pass, no verifier (left-to-right K)
 
 
 @jax.tree_util.register_dataclass
@@ -238,9 +239,12 @@ def _accept(verifier: Qwen2, state: _State, logits_d: jax.Array, knobs: _Knobs, 
     key, noise_key = jax.random.split(state.key)
 
     draft = draft_tokens(logits_d, noise_key, knobs, spec.mask_id)
-    hidden, vcache = verifier(draft, start=state.t, valid=n, cache=state.vcache)
-    logits_v = _verifier_predictions(verifier, hidden, spec.vocab)
-    k = accepted_length(draft, logits_d, logits_v, n, noise_key, knobs, spec.rule, spec.mask_id)
+    if spec.fixed_k:
+        k, vcache = jnp.minimum(spec.fixed_k, n), None
+    else:
+        hidden, vcache = verifier(draft, start=state.t, valid=n, cache=state.vcache)
+        logits_v = _verifier_predictions(verifier, hidden, spec.vocab)
+        k = accepted_length(draft, logits_d, logits_v, n, noise_key, knobs, spec.rule, spec.mask_id)
     k = jnp.where(active, k, 0)
 
     take = j < k[:, None]
@@ -260,7 +264,7 @@ def _accept(verifier: Qwen2, state: _State, logits_d: jax.Array, knobs: _Knobs, 
         accepted=state.accepted.at[:, state.passes].set(k),
         passes=state.passes + 1,
         # A rejected draft's verifier K/V are stale: crop to the accepted prefix.
-        vcache=vcache.crop(t),
+        vcache=None if vcache is None else vcache.crop(t),
         key=key,
     )
 
@@ -273,14 +277,16 @@ def _window(tokens: jax.Array, left: jax.Array, size: int) -> jax.Array:
 @functools.partial(jax.jit, static_argnames=("graphs", "spec"))
 def _generate(graphs, params, prompts: jax.Array, prompt_lens: jax.Array, knobs: _Knobs, key, spec: _Static):
     drafter = nnx.merge(graphs[0], params[0])
-    verifier = nnx.merge(graphs[1], params[1])
+    verifier = None if spec.fixed_k else nnx.merge(graphs[1], params[1])
     b = prompts.shape[0]
     tokens = jnp.full((b, spec.total), spec.mask_id, jnp.int32).at[:, : spec.prompt_len].set(prompts)
     # Padding slots of shorter prompts are masks too, so every position >= t is masked.
     tokens = jnp.where(jnp.arange(spec.total) < prompt_lens[:, None], tokens, spec.mask_id)
     limit = prompt_lens + spec.max_new
 
-    _, vcache = verifier(prompts, valid=prompt_lens, cache=KVCache.zeros(verifier.cfg, b, spec.total))
+    vcache = None
+    if verifier is not None:
+        _, vcache = verifier(prompts, valid=prompt_lens, cache=KVCache.zeros(verifier.cfg, b, spec.total))
     zeros = jnp.zeros((b,), jnp.int32)
     state = _State(
         tokens=tokens, limit=limit, t=prompt_lens, t_prev=prompt_lens, done=jnp.zeros((b,), bool),
@@ -302,7 +308,12 @@ def _generate(graphs, params, prompts: jax.Array, prompt_lens: jax.Array, knobs:
 
     def body(state: _State) -> _State:
         left = jnp.maximum(state.t_prev - spec.W + 1, 0)
-        state, logits_d = drafter_pass(state, left, spec.window)
+        right = jnp.minimum(state.t + spec.M, state.limit)
+        # The smallest compiled window that holds every active row's [left, right).
+        needed = jnp.max(jnp.where(state.done, 0, right - left))
+        branch = jnp.sum(jnp.asarray(spec.windows) < needed)
+        passes = [functools.partial(drafter_pass, size=size) for size in spec.windows]
+        state, logits_d = jax.lax.switch(branch, passes, state, left)
         return _accept(verifier, state, logits_d, knobs, spec)
 
     state = jax.lax.while_loop(cond, body, state)
@@ -312,8 +323,24 @@ def _generate(graphs, params, prompts: jax.Array, prompt_lens: jax.Array, knobs:
     return out, end - prompt_lens, state.accepted, state.eos_at >= 0, state.passes
 
 
-def _capacity(config: APDConfig, drafter: ModelConfig, verifier: ModelConfig) -> int:
-    return config.max_len or min(drafter.max_position_embeddings, verifier.max_position_embeddings)
+def _run(drafter, verifier, prompts, config: APDConfig, key, vocab: int, capacity: int, fixed_k: int):
+    config.validate()
+    rows = check_prompts(prompts, vocab)
+    prompt_len = prompt_bucket(max(map(len, rows)), config.max_new_tokens, capacity)
+    eos = config.eos_token_ids if config.eos_token_ids is not None else drafter.cfg.eos_token_ids
+    draft = min(config.M, config.max_new_tokens)
+    total = prompt_len + config.max_new_tokens
+    spec = _Static(
+        W=config.W, M=config.M, draft=draft, windows=_window_sizes(config.W, draft, total),
+        first_window=min(prompt_len + config.M, total), prompt_len=prompt_len, max_new=config.max_new_tokens,
+        total=total, vocab=vocab, mask_id=drafter.cfg.mask_token_id, eos_ids=tuple(eos), rule=config.rule,
+        fixed_k=fixed_k,
+    )
+    padded, lengths = pad_prompts(rows, prompt_len)
+    graphs, params = zip(*(nnx.split(m) for m in (drafter, verifier) if m is not None))
+    key = jax.random.key(0) if key is None else key
+    outputs = _generate(graphs, params, jnp.asarray(padded), jnp.asarray(lengths), _knobs(config), key, spec)
+    return finish(*outputs, pad_id=_pad_id(drafter.cfg, eos))
 
 
 def apd_generate(
@@ -326,27 +353,38 @@ def apd_generate(
     shared_vocab: int | None = None,
 ) -> GenerationResult:
     """Generate for a batch of ragged prompts (lists of token ids) in one compiled call."""
-    config.validate()
     vocab = shared_vocab or shared_vocab_size(drafter.cfg, verifier.cfg)
-    rows = check_prompts(prompts, vocab)
-    capacity = _capacity(config, drafter.cfg, verifier.cfg)
-    prompt_len = prompt_bucket(max(map(len, rows)), config.max_new_tokens, capacity)
-    eos = config.eos_token_ids if config.eos_token_ids is not None else drafter.cfg.eos_token_ids
-    draft = min(config.M, config.max_new_tokens)
-    total = prompt_len + config.max_new_tokens
-    spec = _Static(
-        W=config.W, M=config.M, draft=draft,
-        window=min(config.W - 1 + 2 * draft, total), first_window=min(prompt_len + config.M, total),
-        prompt_len=prompt_len, max_new=config.max_new_tokens, total=total, vocab=vocab,
-        mask_id=drafter.cfg.mask_token_id, eos_ids=tuple(eos), rule=config.rule,
-    )
-    padded, lengths = pad_prompts(rows, prompt_len)
-    knobs = _knobs(config)
-    gd, pd = nnx.split(drafter)
-    gv, pv = nnx.split(verifier)
-    key = jax.random.key(0) if key is None else key
-    outputs = _generate((gd, gv), (pd, pv), jnp.asarray(padded), jnp.asarray(lengths), knobs, key, spec)
-    return finish(*outputs, pad_id=_pad_id(drafter.cfg, eos))
+    capacity = config.max_len or min(drafter.cfg.max_position_embeddings, verifier.cfg.max_position_embeddings)
+    return _run(drafter, verifier, prompts, config, key, vocab, capacity, fixed_k=0)
+
+
+def leftright_generate(
+    drafter: Qwen2,
+    prompts: Sequence[Sequence[int]],
+    K: int,
+    config: APDConfig = APDConfig(),
+    key: jax.Array | None = None,
+) -> GenerationResult:
+    """Left-to-right K tokens per pass (the paper's "Dream K=k" baseline): APD's loop and W/M caching
+    with acceptance fixed to K and no verifier. R and the rule are unused."""
+    if K < 1:
+        raise ValueError(f"K={K} must be >= 1 (tokens committed per pass)")
+    if drafter.cfg.causal:
+        raise ValueError("left-to-right K decoding needs a bidirectional (Dream) drafter")
+    capacity = config.max_len or drafter.cfg.max_position_embeddings
+    return _run(drafter, None, prompts, config, key, drafter.cfg.vocab_size, capacity, fixed_k=K)
+
+
+def _window_sizes(W: int, draft: int, total: int) -> tuple[int, ...]:
+    """Compiled sizes of the drafter window [left, right), which spans W - 1 + k_prev + draft.
+
+    Padding every pass to the worst case (k_prev = draft) would nearly double the
+    drafter's work when few tokens are accepted, so a few sizes are compiled and
+    each pass takes the smallest one that fits all its rows.
+    """
+    largest = W - 1 + 2 * draft
+    sizes = {min(W - 1 + draft + slack, largest, total) for slack in (8, 32)} | {min(largest, total)}
+    return tuple(sorted(sizes))
 
 
 def _pad_id(cfg: ModelConfig, eos: Sequence[int]) -> int:

@@ -172,3 +172,23 @@ def test_model_roles_and_vocabularies_are_checked(dream, qwen):
         shared_vocab_size(dream.cfg, qwen.cfg, same, Tok({"t0": 1, "t1": 0}))
     with pytest.raises(ValueError, match="beyond the verifier's vocabulary of 320"):
         shared_vocab_size(dream.cfg, qwen.cfg, Tok({f"t{i}": i for i in range(330)}), same)
+
+
+@pytest.mark.parametrize("K, W, M", [(1, 4, 12), (3, 2, 6), (5, 8, 40)])
+def test_leftright_K_matches_pytorch_loop(K, W, M, dream, torch_dream):
+    from apd_jax.apd import leftright_generate
+    from torch_reference import torch_leftright_generate
+
+    cfg = APDConfig(W=W, M=M, max_new_tokens=30, eos_token_ids=(2,))
+    result = leftright_generate(dream, PROMPTS, K, cfg)
+    for row, prompt in enumerate(PROMPTS):
+        tokens, counts = torch_leftright_generate(
+            torch_dream, prompt, max_new_tokens=30, K=K, W=W, M=M, mask_token_id=330, eos_token_id=2,
+            shared_vocab_size=336,
+        )
+        if 2 in tokens:
+            tokens = tokens[: tokens.index(2) + 1]
+        assert result.sequences()[row] == tokens
+        assert result.accepted_per_pass(row) == counts
+    with pytest.raises(ValueError, match="K=0 must be >= 1"):
+        leftright_generate(dream, PROMPTS, 0, cfg)
