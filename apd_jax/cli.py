@@ -12,7 +12,7 @@ import importlib
 import sys
 
 # Subcommand modules, in the order `apd-jax --help` lists them.
-SUBCOMMANDS = ("apd_jax.commands.generate", "apd_jax.commands.convert")
+SUBCOMMANDS = ("apd_jax.commands.generate", "apd_jax.commands.convert", "apd_jax.commands.bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

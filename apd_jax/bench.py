@@ -1,0 +1,190 @@
+"""Benchmarks: APD and its baselines at the real model shapes, against the hardware's own bounds.
+
+Models of the real shapes get random weights created on the device (no
+checkpoint), or real converted checkpoints when given. Every figure is taken
+after a warm-up call, as the median of timed calls, next to the bound measured in
+the same run: device copy bandwidth (bytes read + written) and a large bf16
+matmul's rate. A pass's bound is max(weight bytes / bandwidth, FLOPs / matmul rate).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from apd_jax.apd import APDConfig, apd_generate, leftright_generate
+from apd_jax.autoregressive import ARConfig, ar_generate
+from apd_jax.config import ModelConfig
+from apd_jax.generation import GenerationResult
+from apd_jax.model import Qwen2
+
+
+def random_model(cfg: ModelConfig, seed: int = 0) -> Qwen2:
+    """A model with random weights created directly on the default device."""
+    return nnx.jit(lambda: Qwen2(cfg, rngs=nnx.Rngs(seed)))()
+
+
+def param_bytes(model: Qwen2) -> int:
+    return sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def matmul_params(cfg: ModelConfig) -> tuple[int, int]:
+    """(parameters in the decoder layers, parameters of the output head): each costs 2 FLOPs per token."""
+    h, d = cfg.hidden_size, cfg.head_dim
+    attn = h * d * (cfg.num_heads * 2 + cfg.num_kv_heads * 2)
+    mlp = 3 * h * cfg.intermediate_size
+    return cfg.num_layers * (attn + mlp), h * cfg.vocab_size
+
+
+def _median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+    times, out = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        jax.block_until_ready(out)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), out
+
+
+def device_ceilings(size_mb: int = 2048) -> dict[str, float]:
+    """Measured copy bandwidth (bytes/s, read + write) and bf16 matmul rate (FLOP/s)."""
+    x = jnp.ones((size_mb * 2**20 // 2,), jnp.bfloat16)
+    copy = jax.jit(lambda a: a * 2)
+    copy(x).block_until_ready()
+    t, _ = _median_time(lambda: copy(x), 10)
+    n = 8192 if jax.default_backend() != "cpu" else 512
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
+    mm = jax.jit(lambda p, q: p @ q)
+    mm(a, a).block_until_ready()
+    tm, _ = _median_time(lambda: mm(a, a), 10)
+    return {"bandwidth": 2 * x.nbytes / t, "matmul_flops": 2 * n**3 / tm}
+
+
+def peak_memory() -> int | None:
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
+@dataclasses.dataclass
+class Row:
+    """One benchmark line."""
+
+    name: str
+    batch: int
+    ms_per_pass: float
+    tokens_per_s: float
+    tokens_per_pass: float
+    passes: int
+    compile_s: float
+    bound_ms: float  # roofline bound of one pass
+    memory_floor_ms: float
+    peak_memory_gb: float | None
+
+    @property
+    def ratio_to_bound(self) -> float:
+        return self.ms_per_pass / self.bound_ms
+
+
+def _measure(name: str, batch: int, run: Callable[[], GenerationResult], bound: Callable[[GenerationResult], tuple[float, float]], repeats: int) -> Row:
+    start = time.perf_counter()
+    jax.block_until_ready(run().tokens)
+    first = time.perf_counter() - start
+    t, result = _median_time(run, repeats)
+    bound_ms, floor_ms = bound(result)
+    peak = peak_memory()
+    return Row(
+        name=name, batch=batch, ms_per_pass=1e3 * t / result.passes,
+        tokens_per_s=float(result.lengths.sum()) / t, tokens_per_pass=result.tokens_per_pass(),
+        passes=result.passes, compile_s=first - t, bound_ms=bound_ms, memory_floor_ms=floor_ms,
+        peak_memory_gb=None if peak is None else peak / 1e9,
+    )
+
+
+def _roofline(flops: float, nbytes: float, ceilings: dict[str, float]) -> tuple[float, float]:
+    floor = 1e3 * nbytes / ceilings["bandwidth"]
+    return max(floor, 1e3 * flops / ceilings["matmul_flops"]), floor
+
+
+def bench_apd(drafter: Qwen2, verifier: Qwen2, cfg: APDConfig, batch: int, prompt_len: int,
+              ceilings: dict[str, float], repeats: int, name: str = "APD") -> Row:
+    rng = np.random.default_rng(0)
+    vocab = min(drafter.cfg.vocab_size, verifier.cfg.vocab_size)
+    prompts = rng.integers(0, min(vocab, 150000), size=(batch, prompt_len)).tolist()
+    nbytes = param_bytes(drafter) + param_bytes(verifier)
+    layers_d, head_d = matmul_params(drafter.cfg)
+    layers_v, head_v = matmul_params(verifier.cfg)
+    draft = min(cfg.M, cfg.max_new_tokens)
+
+    def bound(result: GenerationResult) -> tuple[float, float]:
+        # Drafter: a window of about W - 1 + k + M tokens per row; heads and verifier over the draft.
+        window = cfg.W - 1 + result.tokens_per_pass() + draft
+        flops = 2 * batch * (layers_d * window + (head_d + layers_v + head_v) * draft)
+        return _roofline(flops, nbytes, ceilings)
+
+    run = lambda: apd_generate(drafter, verifier, prompts, cfg)  # noqa: E731
+    return _measure(f"{name} R={cfg.R} W={cfg.W} M={cfg.M}", batch, run, bound, repeats)
+
+
+def bench_leftright(drafter: Qwen2, K: int, cfg: APDConfig, batch: int, prompt_len: int,
+                    ceilings: dict[str, float], repeats: int) -> Row:
+    prompts = np.random.default_rng(0).integers(0, 150000 if drafter.cfg.vocab_size > 150000 else 300,
+                                                size=(batch, prompt_len)).tolist()
+    layers_d, head_d = matmul_params(drafter.cfg)
+    draft = min(cfg.M, cfg.max_new_tokens)
+
+    def bound(result: GenerationResult) -> tuple[float, float]:
+        flops = 2 * batch * (layers_d * (cfg.W - 1 + K + draft) + head_d * draft)
+        return _roofline(flops, param_bytes(drafter), ceilings)
+
+    run = lambda: leftright_generate(drafter, prompts, K, cfg)  # noqa: E731
+    return _measure(f"Dream left-to-right K={K} W={cfg.W} M={cfg.M}", batch, run, bound, repeats)
+
+
+def bench_ar(model: Qwen2, cfg: ARConfig, batch: int, prompt_len: int, ceilings: dict[str, float],
+             repeats: int) -> Row:
+    prompts = np.random.default_rng(0).integers(0, min(model.cfg.vocab_size, 150000), size=(batch, prompt_len)).tolist()
+    layers, head = matmul_params(model.cfg)
+
+    def bound(result: GenerationResult) -> tuple[float, float]:
+        return _roofline(2 * batch * (layers + head), param_bytes(model), ceilings)
+
+    run = lambda: ar_generate(model, prompts, cfg)  # noqa: E731
+    return _measure("AR decode", batch, run, bound, repeats)
+
+
+HEADER = (
+    f"{'benchmark':<34} {'batch':>5} {'ms/pass':>8} {'bound':>7} {'x bound':>7} {'floor':>6} "
+    f"{'tok/s':>8} {'tok/pass':>8} {'passes':>6} {'compile s':>9} {'peak GB':>7}"
+)
+
+
+def format_row(r: Row) -> str:
+    peak = "-" if r.peak_memory_gb is None else f"{r.peak_memory_gb:.1f}"
+    return (
+        f"{r.name:<34} {r.batch:>5} {r.ms_per_pass:>8.2f} {r.bound_ms:>7.2f} {r.ratio_to_bound:>7.2f} "
+        f"{r.memory_floor_ms:>6.2f} {r.tokens_per_s:>8.1f} {r.tokens_per_pass:>8.2f} {r.passes:>6} "
+        f"{r.compile_s:>9.1f} {peak:>7}"
+    )
+
+
+def to_json(rows: list[Row], ceilings: dict[str, float], extra: dict | None = None) -> str:
+    return json.dumps(
+        {
+            "device": str(jax.devices()[0].device_kind),
+            "backend": jax.default_backend(),
+            "jax": jax.__version__,
+            "ceilings": ceilings,
+            "rows": [dataclasses.asdict(r) | {"ratio_to_bound": r.ratio_to_bound} for r in rows],
+            **(extra or {}),
+        },
+        indent=2,
+    )

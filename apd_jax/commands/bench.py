@@ -1,0 +1,124 @@
+"""`apd-jax bench`: APD, left-to-right and autoregressive decoding at real shapes, against hardware bounds.
+
+Default shapes: Dream-v0-Instruct-7B drafter, Qwen2.5-0.5B verifier, Qwen2.5-7B for
+the AR baseline, random bf16 weights made on the device. `--shapes tiny` runs the
+same code path on tiny models (CPU, CI). `--torch` runs Hugging Face `generate` on
+the 7B-shaped Qwen2 in PyTorch instead (a separate process, so the two frameworks
+do not share the GPU's memory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from apd_jax import bench
+from apd_jax.apd import APDConfig
+from apd_jax.autoregressive import ARConfig
+from apd_jax.checkpoint import load_model
+from apd_jax.config import ModelConfig, dream_7b_config, qwen25_05b_config, qwen25_7b_config, tiny_config
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmark decoding speed", description=__doc__)
+    p.add_argument("--shapes", choices=("real", "tiny"), default="real")
+    p.add_argument("--drafter", type=Path, help="real drafter checkpoint instead of random weights")
+    p.add_argument("--verifier", type=Path, help="real verifier checkpoint instead of random weights")
+    p.add_argument("--batch", default="1,4,16,32", help="comma-separated batch sizes")
+    p.add_argument("--settings", default="0.7,16,100;0.6,32,200", help="APD 'R,W,M' settings, ';'-separated")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--baselines", default="ar,leftright", help="comma-separated: ar, leftright (batch 1), or none")
+    p.add_argument("--torch", action="store_true", help="only the PyTorch HF-generate baseline (7B-shaped Qwen2)")
+    p.add_argument("--json", type=Path, help="write the results as JSON here")
+    p.set_defaults(func=run)
+
+
+def _parse_settings(text: str) -> list[tuple[float, int, int]]:
+    try:
+        return [(float(r), int(w), int(m)) for r, w, m in (s.split(",") for s in text.split(";") if s)]
+    except ValueError:
+        raise ValueError(f"--settings {text!r}: expected 'R,W,M;R,W,M'") from None
+
+
+def _configs(shapes: str) -> tuple[ModelConfig, ModelConfig, ModelConfig]:
+    if shapes == "tiny":
+        return tiny_config(causal=False), tiny_config(causal=True), tiny_config(causal=True, num_layers=3)
+    bf16 = dict(param_dtype=bench.jnp.bfloat16, dtype=bench.jnp.bfloat16)
+    return dream_7b_config(**bf16), qwen25_05b_config(**bf16), qwen25_7b_config(**bf16)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.torch:
+        return _torch_baseline(args)
+    settings = _parse_settings(args.settings)
+    batches = [int(b) for b in args.batch.split(",")]
+    d_cfg, v_cfg, ar_cfg = _configs(args.shapes)
+    drafter = load_model(args.drafter) if args.drafter else bench.random_model(d_cfg, 1)
+    verifier = load_model(args.verifier) if args.verifier else bench.random_model(v_cfg, 2)
+    ceilings = bench.device_ceilings(64 if args.shapes == "tiny" else 2048)
+    print(f"device {bench.jax.devices()[0].device_kind}: copy {ceilings['bandwidth'] / 1e9:.0f} GB/s, "
+          f"bf16 matmul {ceilings['matmul_flops'] / 1e12:.0f} TFLOP/s", flush=True)
+    print(bench.HEADER, flush=True)
+    rows = []
+
+    def report(row: bench.Row) -> None:
+        rows.append(row)
+        print(bench.format_row(row), flush=True)
+
+    for r, w, m in settings:
+        cfg = APDConfig(R=r, W=w, M=m, max_new_tokens=args.max_new_tokens, eos_token_ids=())
+        for b in batches:
+            report(bench.bench_apd(drafter, verifier, cfg, b, args.prompt_len, ceilings, args.repeats))
+    baselines = [] if args.baselines == "none" else args.baselines.split(",")
+    if "leftright" in baselines:
+        cfg = APDConfig(W=16, M=100, max_new_tokens=args.max_new_tokens, eos_token_ids=())
+        report(bench.bench_leftright(drafter, 1, cfg, 1, args.prompt_len, ceilings, args.repeats))
+    if "ar" in baselines:
+        del drafter, verifier  # make room for the 7B AR model
+        ar = bench.random_model(ar_cfg, 3)
+        report(bench.bench_ar(ar, ARConfig(max_new_tokens=args.max_new_tokens, eos_token_ids=()), 1,
+                              args.prompt_len, ceilings, args.repeats))
+    if args.json:
+        args.json.write_text(bench.to_json(rows, ceilings))
+    return 0
+
+
+def _torch_baseline(args: argparse.Namespace) -> int:
+    """HF `generate` (greedy, bf16) of a Qwen2 of the AR baseline's shapes with random weights."""
+    import time
+
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    _, _, c = _configs(args.shapes)
+    config = Qwen2Config(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
+        max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=c.tie_word_embeddings,
+    )
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = Qwen2ForCausalLM(config).to(torch.bfloat16).eval()
+    prompt = torch.randint(0, 1000, (1, args.prompt_len), device=device)
+    gen = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens, do_sample=False)
+    with torch.no_grad():
+        model.generate(prompt, **gen)  # warm-up
+        times = []
+        for _ in range(args.repeats):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            model.generate(prompt, **gen)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    t = sorted(times)[len(times) // 2]
+    result = {"name": "PyTorch HF generate (Qwen2.5-7B shapes)", "device": device, "torch": torch.__version__,
+              "ms_per_token": 1e3 * t / args.max_new_tokens, "tokens_per_s": args.max_new_tokens / t}
+    print(json.dumps(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
