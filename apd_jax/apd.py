@@ -125,8 +125,7 @@ class _Static:
     W: int
     M: int
     draft: int  # draft width: masked positions scored per pass, min(M, max_new_tokens)
-    windows: tuple[int, ...]  # drafter window sizes of later passes, ascending (see _window_sizes)
-    first_window: int  # first drafter window: prompt + M
+    windows: tuple[int, ...]  # compiled drafter window sizes, ascending (see _window_sizes)
     prompt_len: int  # padded prompt length
     max_new: int
     total: int  # sequence buffer and cache length
@@ -287,7 +286,6 @@ def _generate(graphs, params, prompts: jax.Array, prompt_lens: jax.Array, knobs:
     vcache = None
     if verifier is not None:
         _, vcache = verifier(prompts, valid=prompt_lens, cache=KVCache.zeros(verifier.cfg, b, spec.total))
-    zeros = jnp.zeros((b,), jnp.int32)
     state = _State(
         tokens=tokens, limit=limit, t=prompt_lens, t_prev=prompt_lens, done=jnp.zeros((b,), bool),
         eos_at=jnp.full((b,), -1, jnp.int32), accepted=jnp.zeros((b, spec.max_new), jnp.int32),
@@ -299,15 +297,12 @@ def _generate(graphs, params, prompts: jax.Array, prompt_lens: jax.Array, knobs:
         hidden, dcache = drafter(_window(state.tokens, left, size), start=left, valid=right - left, cache=state.dcache)
         return dataclasses.replace(state, dcache=dcache), _draft_logits(drafter, hidden, left, state.t, spec)
 
-    # First pass: the drafter sees the whole prompt plus M masks, no cache yet.
-    state, logits_d = drafter_pass(state, zeros, spec.first_window)
-    state = _accept(verifier, state, logits_d, knobs, spec)
-
     def cond(state: _State) -> jax.Array:
         return jnp.any(~state.done) & (state.passes < spec.max_new)
 
     def body(state: _State) -> _State:
-        left = jnp.maximum(state.t_prev - spec.W + 1, 0)
+        # The first pass sees the whole prompt plus M masks (left = 0, nothing cached yet).
+        left = jnp.where(state.passes == 0, 0, jnp.maximum(state.t_prev - spec.W + 1, 0))
         right = jnp.minimum(state.t + spec.M, state.limit)
         # The smallest compiled window that holds every active row's [left, right).
         needed = jnp.max(jnp.where(state.done, 0, right - left))
@@ -331,8 +326,8 @@ def _run(drafter, verifier, prompts, config: APDConfig, key, vocab: int, capacit
     draft = min(config.M, config.max_new_tokens)
     total = prompt_len + config.max_new_tokens
     spec = _Static(
-        W=config.W, M=config.M, draft=draft, windows=_window_sizes(config.W, draft, total),
-        first_window=min(prompt_len + config.M, total), prompt_len=prompt_len, max_new=config.max_new_tokens,
+        W=config.W, M=config.M, draft=draft, windows=_window_sizes(config.W, draft, prompt_len + config.M, total),
+        prompt_len=prompt_len, max_new=config.max_new_tokens,
         total=total, vocab=vocab, mask_id=drafter.cfg.mask_token_id, eos_ids=tuple(eos), rule=config.rule,
         fixed_k=fixed_k,
     )
@@ -375,16 +370,16 @@ def leftright_generate(
     return _run(drafter, None, prompts, config, key, drafter.cfg.vocab_size, capacity, fixed_k=K)
 
 
-def _window_sizes(W: int, draft: int, total: int) -> tuple[int, ...]:
-    """Compiled sizes of the drafter window [left, right), which spans W - 1 + k_prev + draft.
+def _window_sizes(W: int, draft: int, first: int, total: int) -> tuple[int, ...]:
+    """Compiled sizes of the drafter window [left, right).
 
-    Padding every pass to the worst case (k_prev = draft) would nearly double the
+    Later passes span W - 1 + k_prev + draft positions; the first spans the padded
+    prompt plus M. Padding every pass to the worst case would nearly double the
     drafter's work when few tokens are accepted, so a few sizes are compiled and
     each pass takes the smallest one that fits all its rows.
     """
-    largest = W - 1 + 2 * draft
-    sizes = {min(W - 1 + draft + slack, largest, total) for slack in (8, 32)} | {min(largest, total)}
-    return tuple(sorted(sizes))
+    largest = min(max(W - 1 + 2 * draft, first), total)
+    return tuple(sorted({min(W - 1 + draft + slack, largest) for slack in (8, 32)} | {largest}))
 
 
 def _pad_id(cfg: ModelConfig, eos: Sequence[int]) -> int:

@@ -9,11 +9,14 @@ matmul's rate. A pass's bound is max(weight bytes / bandwidth, FLOPs / matmul ra
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -57,8 +60,8 @@ def _median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
 
 def device_ceilings(size_mb: int = 2048) -> dict[str, float]:
     """Measured copy bandwidth (bytes/s, read + write) and bf16 matmul rate (FLOP/s)."""
-    x = jnp.ones((size_mb * 2**20 // 2,), jnp.bfloat16)
-    copy = jax.jit(lambda a: a * 2)
+    x = jnp.ones((size_mb * 2**20 // 4,), jnp.float32)
+    copy = jax.jit(lambda a: a + 1)
     copy(x).block_until_ready()
     t, _ = _median_time(lambda: copy(x), 10)
     n = 8192 if jax.default_backend() != "cpu" else 512
@@ -229,3 +232,34 @@ def pass_components(drafter: Qwen2, verifier: Qwen2, batch: int, window: int, dr
         t, _ = _median_time(fn, repeats)
         out.append((name, 1e3 * t, 1e3 * nbytes / ceilings["bandwidth"]))
     return out
+
+
+def device_profile(fn: Callable[[], Any], top: int = 25) -> tuple[list[tuple[str, float, int]], list[str]]:
+    """Device time per op name over one call of `fn`, from a jax.profiler trace.
+
+    Returns ([(op name, total ms, count)] sorted by time, the device lines seen). Device
+    ops are read from each device plane's "XLA Ops" line when there is one, else
+    from its stream lines.
+    """
+    from jax.profiler import ProfileData
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp):
+            jax.block_until_ready(fn())
+        data = ProfileData.from_file(str(next(Path(tmp).rglob("*.xplane.pb"))))
+    totals: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
+    seen = []
+    for plane in data.planes:
+        if not plane.name.startswith("/device:"):
+            continue
+        lines = list(plane.lines)
+        seen += [f"{plane.name}/{line.name}" for line in lines]
+        chosen = [line for line in lines if line.name == "XLA Ops"] or [
+            line for line in lines if line.name.startswith("Stream")
+        ]
+        for line in chosen:
+            for event in line.events:
+                totals[event.name][0] += event.duration_ns / 1e6
+                totals[event.name][1] += 1
+    ranked = sorted(((name, ms, n) for name, (ms, n) in totals.items()), key=lambda r: -r[1])
+    return ranked[:top], seen

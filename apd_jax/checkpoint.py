@@ -172,7 +172,7 @@ def load_hf(path: str | Path, *, param_dtype: Any = None, dtype: Any = None) -> 
     return model_from_params(cfg, load_hf_params(path, cfg))
 
 
-def _atomic_dir(out: Path, overwrite: bool):
+def atomic_dir(out: Path, overwrite: bool):
     """A temporary sibling directory that replaces `out` only if the `with` body succeeds."""
     out = Path(out)
     if out.exists() and not overwrite:
@@ -213,7 +213,7 @@ def convert_hf_to_orbax(hf_dir: str | Path, out_dir: str | Path, *, overwrite: b
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     cfg = ModelConfig.from_dir(hf_dir)
     params = load_hf_params(hf_dir, cfg)
-    with _atomic_dir(out_dir, overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite) as tmp:
         _copy_configs(hf_dir, tmp)
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save((tmp / "params").absolute(), _unflatten(params))
@@ -244,7 +244,7 @@ def _flatten(tree: dict, prefix: tuple = ()) -> Iterator[tuple[tuple, Any]]:
 
 def save_orbax(model: Qwen2, out_dir: str | Path, hf_config: dict, *, overwrite: bool = False) -> Path:
     """Save a model's parameters with orbax beside its HF config.json."""
-    with _atomic_dir(Path(out_dir), overwrite) as tmp:
+    with atomic_dir(Path(out_dir), overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save((tmp / "params").absolute(), _unflatten(model_params(model)))
@@ -267,7 +267,7 @@ def export_hf(
     for path, array in params.items():
         name, transpose = _flax_to_hf_name(path)
         tensors[name] = np.ascontiguousarray(array.T if transpose else array)
-    with _atomic_dir(Path(out_dir), overwrite) as tmp:
+    with atomic_dir(Path(out_dir), overwrite) as tmp:
         _copy_configs(config_dir, tmp)
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
     return Path(out_dir)

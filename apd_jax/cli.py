@@ -12,7 +12,12 @@ import importlib
 import sys
 
 # Subcommand modules, in the order `apd-jax --help` lists them.
-SUBCOMMANDS = ("apd_jax.commands.generate", "apd_jax.commands.convert", "apd_jax.commands.bench")
+SUBCOMMANDS = (
+    "apd_jax.commands.generate",
+    "apd_jax.commands.convert",
+    "apd_jax.commands.bench",
+    "apd_jax.commands.train_filter",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,6 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--baselines", default="ar,leftright", help="comma-separated: ar, leftright (batch 1), or none")
+    p.add_argument("--profile", action="store_true", help="print the device ops of one APD call at the first batch")
     p.add_argument("--components", action="store_true", help="also time the pieces of one pass at each batch")
     p.add_argument("--torch", action="store_true", help="only the PyTorch HF-generate baseline (7B-shaped Qwen2)")
     p.add_argument("--json", type=Path, help="write the results as JSON here")
@@ -73,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
         cfg = APDConfig(R=r, W=w, M=m, max_new_tokens=args.max_new_tokens, eos_token_ids=())
         for b in batches:
             report(bench.bench_apd(drafter, verifier, cfg, b, args.prompt_len, ceilings, args.repeats))
+            if args.profile and b == batches[0]:
+                _print_profile(drafter, verifier, cfg, b, args.prompt_len, rows[-1].passes)
             if args.components:
                 draft = min(m, args.max_new_tokens)
                 for name, ms, floor in bench.pass_components(
@@ -91,6 +94,16 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         args.json.write_text(bench.to_json(rows, ceilings))
     return 0
+
+
+def _print_profile(drafter, verifier, cfg: APDConfig, batch: int, prompt_len: int, passes: int) -> None:
+    prompts = [[1 + i] * prompt_len for i in range(batch)]
+    ops, lines = bench.device_profile(lambda: bench.apd_generate(drafter, verifier, prompts, cfg).tokens)
+    total = sum(ms for _, ms, _ in ops)
+    print(f"    device profile (top ops, ms per pass over {passes} passes; device lines: {sorted(set(lines))[:6]})")
+    for name, ms, count in ops:
+        print(f"    {ms / passes:8.3f} ms/pass  x{count // max(passes, 1):<4} {name[:90]}", flush=True)
+    print(f"    {total / passes:8.3f} ms/pass in the top ops", flush=True)
 
 
 def _torch_baseline(args: argparse.Namespace) -> int:

@@ -1,0 +1,101 @@
+"""`apd-jax train-filter`: train a Learn2PD filter on oracle traces of a Dream drafter.
+
+For each prompt: the drafter's own greedy answer (one token per pass), then the
+Extremely Greedy Parallel oracle towards it, recording per-position features and
+keep labels; a 2-layer MLP is fitted to them and saved with orbax. A held-out
+share of the prompts reports the filter against a fixed confidence threshold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+from apd_jax.checkpoint import load_model, load_tokenizer
+from apd_jax.learn2pd import (
+    FilterTrainConfig,
+    collect_traces,
+    compare_with_confidence_rule,
+    filter_loss,
+    save_filter,
+    train_filter,
+)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train-filter", help="train a Learn2PD filter for a Dream drafter", description=__doc__)
+    p.add_argument("--drafter", type=Path, required=True, help="Dream checkpoint: HF or apd_jax (orbax) directory")
+    p.add_argument("--prompts-file", type=Path, required=True, help="one prompt per line")
+    p.add_argument("--ids", action="store_true", help="prompts are space-separated token ids, not text")
+    p.add_argument("--out", type=Path, required=True, help="output directory for the filter")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--dtype", default=None, help="bfloat16 or float32 (default: as stored)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default 8)")
+    p.add_argument("--holdout", type=float, default=0.2, help="share of prompts held out for the report (default 0.2)")
+    p.add_argument("--width", type=int, default=256, help="hidden width of the MLP (default 256: 2049 parameters)")
+    p.add_argument("--steps", type=int, default=1000, help="optimiser steps (default 1000)")
+    p.add_argument("--learning-rate", type=float, default=3e-3)
+    p.add_argument("--train-batch", type=int, default=2048, help="trace samples per optimiser step")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run)
+
+
+def _read_prompts(args: argparse.Namespace) -> list[list[int]]:
+    if not args.prompts_file.is_file():
+        raise FileNotFoundError(f"prompts file {args.prompts_file} not found")
+    lines = [line for line in args.prompts_file.read_text().splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"prompts file {args.prompts_file} holds no prompts")
+    if args.ids:
+        try:
+            return [list(map(int, line.split())) for line in lines]
+        except ValueError:
+            raise ValueError(f"--ids: {args.prompts_file} must hold space-separated integer token ids") from None
+    tokenizer = load_tokenizer(args.drafter)
+    return [tokenizer.encode(line) for line in lines]
+
+
+def run(args: argparse.Namespace) -> int:
+    config = FilterTrainConfig(
+        width=args.width, steps=args.steps, learning_rate=args.learning_rate, batch_size=args.train_batch,
+        seed=args.seed,
+    )
+    config.validate()
+    if not 0.0 <= args.holdout < 1.0:
+        raise ValueError(f"--holdout {args.holdout} must lie in [0, 1)")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
+    if args.out.exists() and not args.overwrite:
+        raise FileExistsError(f"{args.out} already exists; choose another --out or pass --overwrite")
+    model = load_model(args.drafter, param_dtype=args.dtype)
+    if model.cfg.causal:
+        raise ValueError(f"{args.drafter} is a causal model: the filter is trained for a Dream (diffusion) drafter")
+    prompts = _read_prompts(args)
+
+    start = time.perf_counter()
+    traces = collect_traces(model, prompts, args.max_new_tokens, args.batch_size)
+    n_held = min(int(round(args.holdout * len(prompts))), len(prompts) - 1)  # keep one prompt to train on
+    held = np.random.default_rng(args.seed).permutation(len(prompts))[:n_held]
+    train_rows = np.setdiff1d(np.arange(len(prompts)), held)
+    train = traces.select(train_rows)
+    print(
+        f"oracle traces: {len(traces)} samples from {len(prompts)} prompts, "
+        f"{traces.labels.mean():.1%} kept, {time.perf_counter() - start:.1f} s"
+    )
+    filt, losses = train_filter(train, config)
+    print(f"trained on {len(train)} samples: balanced BCE {filter_loss(filt, train):.4f} "
+          f"(last minibatch {losses[-1]:.4f})")
+    if len(held):
+        report = compare_with_confidence_rule(filt, traces.select(held))
+        for name, stats in report.items():
+            text = "none reaches the filter's precision" if stats is None else ", ".join(
+                f"{k} {v:.3f}" for k, v in stats.items()
+            )
+            print(f"held out ({len(held)} prompts) {name}: {text}")
+    save_filter(filt, args.out, overwrite=args.overwrite)
+    print(f"filter saved to {args.out}")
+    return 0
