@@ -193,47 +193,6 @@ def to_json(rows: list[Row], ceilings: dict[str, float], extra: dict | None = No
     )
 
 
-def pass_components(drafter: Qwen2, verifier: Qwen2, batch: int, window: int, draft: int, cache_len: int,
-                    ceilings: dict[str, float], repeats: int = 20) -> list[tuple[str, float, float]]:
-    """Time the pieces of one APD pass on their own: (name, ms, memory-floor ms) each."""
-    from apd_jax.cache import KVCache
-
-    tokens = jnp.ones((batch, window), jnp.int32)
-    start = jnp.full((batch,), cache_len - window - draft, jnp.int32)
-
-    @nnx.jit
-    def drafter_window(model, tokens, start, cache):
-        hidden, cache = model(tokens, start=start, cache=cache)
-        return hidden, cache
-
-    @nnx.jit
-    def head(model, hidden):
-        return model.logits(hidden)
-
-    @nnx.jit
-    def verifier_draft(model, tokens, start, cache):
-        hidden, cache = model(tokens, start=start, cache=cache)
-        return model.logits(hidden)
-
-    dcache = KVCache.zeros(drafter.cfg, batch, cache_len)
-    vcache = KVCache.zeros(verifier.cfg, batch, cache_len)
-    hidden = jnp.ones((batch, draft, drafter.cfg.hidden_size), drafter.cfg.dtype)
-    layers_d, head_d = matmul_params(drafter.cfg)
-    parts = [
-        (f"drafter layers, window {window}", lambda: drafter_window(drafter, tokens, start, dcache),
-         param_bytes(drafter) - head_d * 2),
-        (f"drafter head, {draft} positions", lambda: head(drafter, hidden), head_d * 2),
-        (f"verifier, {draft} draft tokens", lambda: verifier_draft(verifier, tokens[:, :draft], start, vcache),
-         param_bytes(verifier)),
-    ]
-    out = []
-    for name, fn, nbytes in parts:
-        jax.block_until_ready(fn())
-        t, _ = _median_time(fn, repeats)
-        out.append((name, 1e3 * t, 1e3 * nbytes / ceilings["bandwidth"]))
-    return out
-
-
 def device_profile(fn: Callable[[], Any], top: int = 25) -> tuple[list[tuple[str, float, int]], list[str]]:
     """Device time per op name over one call of `fn`, from a jax.profiler trace.
 

@@ -20,19 +20,19 @@ from apd_jax.config import ModelConfig
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    k: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
+    k: jax.Array  # [layers, batch, kv_heads, max_len, head_dim]: attention reads it without a transpose
     v: jax.Array
     lengths: jax.Array  # [batch] int32: positions [0, length) hold valid K/V
 
     @classmethod
     def zeros(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
-        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
         dtype = dtype or cfg.dtype
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
     @property
     def batch(self) -> int:
@@ -44,13 +44,14 @@ class KVCache:
 
 
 def write_window(buf: jax.Array, layer: int, new: jax.Array, positions: jax.Array) -> jax.Array:
-    """Scatter `new` [B, S, H, D] into `buf[layer]` at per-row absolute `positions` [B, S].
+    """Scatter `new` [B, S, H, D] into `buf[layer]` [B, H, T, D] at per-row absolute `positions` [B, S].
 
     Positions past the buffer are dropped, not clamped (a clamped write would land
     on the wrong position); they only ever hold padding.
     """
     rows = jnp.arange(new.shape[0])[:, None]
-    return buf.at[layer, rows, positions].set(new.astype(buf.dtype), mode="drop")
+    # Advanced indices around a slice: the indexed view is [B, S, H, D], like `new`.
+    return buf.at[layer, rows, :, positions].set(new.astype(buf.dtype), mode="drop")
 
 
 def attention_mask(q_pos: jax.Array, k_pos: jax.Array, kv_end: jax.Array, causal: bool) -> jax.Array:

@@ -32,7 +32,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--baselines", default="ar,leftright", help="comma-separated: ar, leftright (batch 1), or none")
     p.add_argument("--profile", action="store_true", help="print the device ops of one APD call at the first batch")
-    p.add_argument("--components", action="store_true", help="also time the pieces of one pass at each batch")
     p.add_argument("--torch", action="store_true", help="only the PyTorch HF-generate baseline (7B-shaped Qwen2)")
     p.add_argument("--json", type=Path, help="write the results as JSON here")
     p.set_defaults(func=run)
@@ -76,12 +75,6 @@ def run(args: argparse.Namespace) -> int:
             report(bench.bench_apd(drafter, verifier, cfg, b, args.prompt_len, ceilings, args.repeats))
             if args.profile and b == batches[0]:
                 _print_profile(drafter, verifier, cfg, b, args.prompt_len, rows[-1].passes)
-            if args.components:
-                draft = min(m, args.max_new_tokens)
-                for name, ms, floor in bench.pass_components(
-                    drafter, verifier, b, w + 7 + draft, draft, args.prompt_len + args.max_new_tokens, ceilings
-                ):
-                    print(f"    {name:<40} {ms:8.2f} ms  (memory floor {floor:.2f} ms)", flush=True)
     baselines = [] if args.baselines == "none" else args.baselines.split(",")
     if "leftright" in baselines:
         cfg = APDConfig(W=16, M=100, max_new_tokens=args.max_new_tokens, eos_token_ids=())
