@@ -28,12 +28,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from apd_jax.cache import KVCache
 from apd_jax.generation import GenerationResult, check_prompts, finish, pad_prompts, prompt_bucket
 from apd_jax.config import ModelConfig
 from apd_jax.model import Qwen2, shift_right
 from apd_jax.sampling import sample
+from apd_jax.sharding import constrain_cache, replicate, shard_rows
 
 RULES = ("paper", "reference")
 
@@ -273,8 +275,10 @@ def _window(tokens: jax.Array, left: jax.Array, size: int) -> jax.Array:
     return jnp.take_along_axis(tokens, idx, axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("graphs", "spec"))
-def _generate(graphs, params, prompts: jax.Array, prompt_lens: jax.Array, knobs: _Knobs, key, spec: _Static):
+@functools.partial(jax.jit, static_argnames=("graphs", "spec", "mesh"))
+def _generate(
+    graphs, params, prompts: jax.Array, prompt_lens: jax.Array, knobs: _Knobs, key, spec: _Static, mesh: Mesh | None
+):
     drafter = nnx.merge(graphs[0], params[0])
     verifier = None if spec.fixed_k else nnx.merge(graphs[1], params[1])
     b = prompts.shape[0]
@@ -285,11 +289,13 @@ def _generate(graphs, params, prompts: jax.Array, prompt_lens: jax.Array, knobs:
 
     vcache = None
     if verifier is not None:
-        _, vcache = verifier(prompts, valid=prompt_lens, cache=KVCache.zeros(verifier.cfg, b, spec.total))
+        vcache = constrain_cache(KVCache.zeros(verifier.cfg, b, spec.total), mesh)
+        _, vcache = verifier(prompts, valid=prompt_lens, cache=vcache)
     state = _State(
         tokens=tokens, limit=limit, t=prompt_lens, t_prev=prompt_lens, done=jnp.zeros((b,), bool),
         eos_at=jnp.full((b,), -1, jnp.int32), accepted=jnp.zeros((b, spec.max_new), jnp.int32),
-        passes=jnp.int32(0), dcache=KVCache.zeros(drafter.cfg, b, spec.total), vcache=vcache, key=key,
+        passes=jnp.int32(0), dcache=constrain_cache(KVCache.zeros(drafter.cfg, b, spec.total), mesh),
+        vcache=vcache, key=key,
     )
 
     def drafter_pass(state: _State, left: jax.Array, size: int) -> tuple[_State, jax.Array]:
@@ -315,10 +321,13 @@ def _generate(graphs, params, prompts: jax.Array, prompt_lens: jax.Array, knobs:
     end = jnp.where(state.eos_at >= 0, state.eos_at + 1, jnp.minimum(state.t, limit))
     gen_pos = prompt_lens[:, None] + jnp.arange(spec.max_new)
     out = jnp.take_along_axis(state.tokens, jnp.clip(gen_pos, 0, spec.total - 1), axis=1)
-    return out, end - prompt_lens, state.accepted, state.eos_at >= 0, state.passes
+    return replicate((out, end - prompt_lens, state.accepted, state.eos_at >= 0, state.passes), mesh)
 
 
-def _run(drafter, verifier, prompts, config: APDConfig, key, vocab: int, capacity: int, fixed_k: int):
+def _run(
+    drafter, verifier, prompts, config: APDConfig, key, vocab: int, capacity: int, fixed_k: int,
+    mesh: Mesh | None = None,
+):
     config.validate()
     rows = check_prompts(prompts, vocab)
     prompt_len = prompt_bucket(max(map(len, rows)), config.max_new_tokens, capacity)
@@ -332,9 +341,11 @@ def _run(drafter, verifier, prompts, config: APDConfig, key, vocab: int, capacit
         fixed_k=fixed_k,
     )
     padded, lengths = pad_prompts(rows, prompt_len)
+    # On a mesh the rows go over `data`; params carry their own shardings (sharding.shard_model).
+    inputs = (jnp.asarray(padded), jnp.asarray(lengths)) if mesh is None else shard_rows(mesh, padded, lengths)
     graphs, params = zip(*(nnx.split(m) for m in (drafter, verifier) if m is not None))
     key = jax.random.key(0) if key is None else key
-    outputs = _generate(graphs, params, jnp.asarray(padded), jnp.asarray(lengths), _knobs(config), key, spec)
+    outputs = _generate(graphs, params, *inputs, _knobs(config), key, spec, mesh)
     return finish(*outputs, pad_id=_pad_id(drafter.cfg, eos))
 
 
@@ -346,11 +357,16 @@ def apd_generate(
     key: jax.Array | None = None,
     *,
     shared_vocab: int | None = None,
+    mesh: Mesh | None = None,
 ) -> GenerationResult:
-    """Generate for a batch of ragged prompts (lists of token ids) in one compiled call."""
+    """Generate for a batch of ragged prompts (lists of token ids) in one compiled call.
+
+    With a mesh, the models should be placed on it by sharding.shard_model (or load_orbax(mesh=));
+    rows are split over its `data` axis, so the batch must be a multiple of that axis's size.
+    """
     vocab = shared_vocab or shared_vocab_size(drafter.cfg, verifier.cfg)
     capacity = config.max_len or min(drafter.cfg.max_position_embeddings, verifier.cfg.max_position_embeddings)
-    return _run(drafter, verifier, prompts, config, key, vocab, capacity, fixed_k=0)
+    return _run(drafter, verifier, prompts, config, key, vocab, capacity, fixed_k=0, mesh=mesh)
 
 
 def leftright_generate(

@@ -21,11 +21,13 @@ import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.sharding import Mesh
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from apd_jax.config import ModelConfig
 from apd_jax.model import Qwen2, abstract_model
+from apd_jax.sharding import sharded_shapes
 
 # Hugging Face name -> (Flax path, transpose?). "{i}" is the layer index.
 # HF Linear weights are [out, in]; Flax kernels are [in, out].
@@ -220,13 +222,20 @@ def convert_hf_to_orbax(hf_dir: str | Path, out_dir: str | Path, *, overwrite: b
     return out_dir
 
 
-def load_orbax(ckpt_dir: str | Path, *, param_dtype: Any = None, dtype: Any = None) -> Qwen2:
-    """Restore a model saved by convert_hf_to_orbax (or save_orbax)."""
+def load_orbax(
+    ckpt_dir: str | Path, *, param_dtype: Any = None, dtype: Any = None, mesh: Mesh | None = None
+) -> Qwen2:
+    """Restore a model saved by convert_hf_to_orbax (or save_orbax).
+
+    Given a mesh, every device reads only its own shard of each parameter (apd_jax.sharding's
+    rules): no full copy of the model lands on one device.
+    """
     ckpt_dir = Path(ckpt_dir)
     if not (ckpt_dir / "params").is_dir():
         raise CheckpointError(f"{ckpt_dir} is not an apd_jax checkpoint: {ckpt_dir / 'params'} is missing")
     stored = ModelConfig.from_dir(ckpt_dir)
-    target = _unflatten(expected_shapes(stored))
+    shapes = expected_shapes(stored)
+    target = _unflatten(shapes if mesh is None else sharded_shapes(shapes, stored, mesh))
     with ocp.StandardCheckpointer() as ckptr:
         restored = ckptr.restore((ckpt_dir / "params").absolute(), target)
     flat = {".".join(map(str, k)): v for k, v in _flatten(restored)}

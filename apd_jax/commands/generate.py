@@ -10,9 +10,10 @@ from pathlib import Path
 import jax
 
 from apd_jax.apd import APDConfig, apd_generate, shared_vocab_size
-from apd_jax.checkpoint import load_model, load_tokenizer
+from apd_jax.checkpoint import load_model, load_orbax, load_tokenizer
 from apd_jax.config import tiny_config
-from apd_jax.model import init_model
+from apd_jax.model import Qwen2, init_model
+from apd_jax.sharding import make_mesh, parse_mesh, shard_model
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -34,6 +35,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--rule", choices=("paper", "reference"), default="paper")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mesh", default=None,
+                   help="shard over devices, e.g. 'data=2,model=4' (rows over data, tensor parallel over model)")
     p.set_defaults(func=run)
 
 
@@ -48,6 +51,13 @@ def _prompts(args: argparse.Namespace) -> list[str]:
     return [args.prompt if args.prompt is not None else sys.stdin.read()]
 
 
+def _load(path: Path, dtype: str | None, mesh: jax.sharding.Mesh | None) -> Qwen2:
+    if mesh is not None and (path / "params").is_dir():
+        return load_orbax(path, param_dtype=dtype, mesh=mesh)  # each device reads only its shards
+    model = load_model(path, param_dtype=dtype)
+    return model if mesh is None else shard_model(model, mesh)
+
+
 def run(args: argparse.Namespace) -> int:
     config = APDConfig(
         R=args.R, W=args.W, M=args.M, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -55,22 +65,25 @@ def run(args: argparse.Namespace) -> int:
     )
     config.validate()
     tok_d = tok_v = None
+    mesh = None if args.mesh is None else make_mesh(**parse_mesh(args.mesh))
     if args.random_tiny:
         if not args.ids:
             raise ValueError("--random-tiny has no tokenizer: give the prompt as token ids with --ids")
         drafter, verifier = init_model(tiny_config(causal=False), 1), init_model(tiny_config(causal=True), 2)
+        if mesh is not None:
+            drafter, verifier = shard_model(drafter, mesh), shard_model(verifier, mesh)
     else:
         if args.drafter is None or args.verifier is None:
             raise ValueError("give --drafter DIR and --verifier DIR (or --random-tiny)")
-        drafter = load_model(args.drafter, param_dtype=args.dtype)
-        verifier = load_model(args.verifier, param_dtype=args.dtype)
+        drafter = _load(args.drafter, args.dtype, mesh)
+        verifier = _load(args.verifier, args.dtype, mesh)
         if not args.ids:
             tok_d, tok_v = load_tokenizer(args.drafter), load_tokenizer(args.verifier)
     vocab = shared_vocab_size(drafter.cfg, verifier.cfg, tok_d, tok_v)
     texts = _prompts(args)
     prompts = [list(map(int, t.split())) if args.ids else tok_d.encode(t) for t in texts]
     start = time.perf_counter()
-    result = apd_generate(drafter, verifier, prompts, config, jax.random.key(args.seed), shared_vocab=vocab)
+    result = apd_generate(drafter, verifier, prompts, config, jax.random.key(args.seed), shared_vocab=vocab, mesh=mesh)
     elapsed = time.perf_counter() - start
     for row, text in enumerate(texts):
         ids = result.sequences()[row]

@@ -1,0 +1,51 @@
+"""The `apd-jax` command line: real runs on tiny models, and errors as messages."""
+
+import pytest
+
+from apd_jax.cli import main
+
+
+def test_generate_random_tiny_prints_tokens_and_stats(capsys):
+    assert main(["generate", "--random-tiny", "--ids", "5 6 7 8", "--max-new-tokens", "12", "--W", "4", "--M", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "tokens/pass" in out and "passes" in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "--random-tiny", "--ids", "1 2", "--R", "2"], "R=2.0 must lie in [0, 1]"),
+        (["generate", "--random-tiny", "--ids", "1 2", "--top-p", "0"], "top_p=0.0 must lie in (0, 1]"),
+        (["generate", "--drafter", "/no/such/dir", "--verifier", "/no/such/dir", "hi"], "/no/such/dir not found"),
+        (["generate", "--random-tiny", "--prompts-file", "/no/prompts.txt", "--ids"], "prompts file /no/prompts.txt not found"),
+        (["convert", "hf-to-flax", "/no/src", "/tmp/x"], "/no/src not found"),
+        (["compare", "--random-tiny", "--prompts-file", "/no/p.txt"], "/no/p.txt not found"),
+    ],
+)
+def test_errors_are_messages_not_tracebacks(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_convert_round_trip_through_the_cli(qwen_dir, tmp_path, capsys):
+    assert main(["convert", "hf-to-flax", str(qwen_dir), str(tmp_path / "flax")]) == 0
+    assert main(["convert", "flax-to-hf", str(tmp_path / "flax"), str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+
+
+def test_compare_prints_a_row_per_decoder(tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("5 6 7 8\n10 11 12\n")
+    assert main(["compare", "--random-tiny", "--prompts-file", str(prompts), "--max-new-tokens", "8", "--W", "2",
+                 "--M", "4"]) == 0
+    out = capsys.readouterr().out
+    for name in ("left-to-right K=1", "entropy", "threshold", "APD", "AR (verifier alone)"):
+        assert name in out
+
+
+def test_bench_runs_on_tiny_shapes(tmp_path, capsys):
+    assert main(["bench", "--shapes", "tiny", "--batch", "1", "--settings", "0.7,4,8", "--prompt-len", "8",
+                 "--max-new-tokens", "16", "--repeats", "1", "--json", str(tmp_path / "b.json")]) == 0
+    out = capsys.readouterr().out
+    assert "APD R=0.7 W=4 M=8" in out and "AR decode" in out and "left-to-right" in out
+    assert (tmp_path / "b.json").is_file()
