@@ -49,3 +49,17 @@ def test_bench_runs_on_tiny_shapes(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "APD R=0.7 W=4 M=8" in out and "AR decode" in out and "left-to-right" in out
     assert (tmp_path / "b.json").is_file()
+
+
+@pytest.mark.parametrize("decoder", ["apd", "leftright", "ar", "dream", "threshold"])
+def test_every_decoder_runs_from_generate(decoder, capsys):
+    argv = ["generate", "--random-tiny", "--ids", "5 6 7 8", "--max-new-tokens", "8", "--W", "2", "--M", "4",
+            "--decoder", decoder, "--steps", "4", "--K", "2"]
+    assert main(argv) == 0
+    assert "tokens/pass" in capsys.readouterr().out
+
+
+def test_learn2pd_without_a_filter_is_a_clear_error(capsys):
+    argv = ["generate", "--random-tiny", "--ids", "5 6", "--decoder", "learn2pd", "--max-new-tokens", "4"]
+    assert main(argv) == 2
+    assert "needs --filter" in capsys.readouterr().err

@@ -1,4 +1,9 @@
-"""`apd-jax generate`: APD on a drafter/verifier pair, from a prompt, stdin or a file of prompts."""
+"""`apd-jax generate`: APD (or another decoder) on a drafter/verifier pair, from a prompt, stdin or a file.
+
+--decoder picks the decoding strategy: apd (default), leftright (Dream K tokens per
+pass), ar (the verifier alone), dream (Dream's own sampler over --steps), threshold
+(confidence-threshold parallel decoding), learn2pd (a filter from `apd-jax train-filter`).
+"""
 
 from __future__ import annotations
 
@@ -9,9 +14,13 @@ from pathlib import Path
 
 import jax
 
-from apd_jax.apd import APDConfig, apd_generate, shared_vocab_size
+from apd_jax.apd import APDConfig, apd_generate, leftright_generate, shared_vocab_size
+from apd_jax.autoregressive import ARConfig, ar_generate
 from apd_jax.checkpoint import load_model, load_orbax, load_tokenizer
 from apd_jax.config import tiny_config
+from apd_jax.diffusion import ALGORITHMS, DiffusionConfig, ThresholdConfig, diffusion_generate, threshold_generate
+from apd_jax.generation import GenerationResult
+from apd_jax.learn2pd import Learn2PDConfig, learn2pd_generate, load_filter
 from apd_jax.model import Qwen2, init_model
 from apd_jax.sharding import make_mesh, parse_mesh, shard_model
 
@@ -35,6 +44,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--rule", choices=("paper", "reference"), default="paper")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--decoder", choices=DECODERS, default="apd", help="decoding strategy (default apd)")
+    p.add_argument("--K", type=int, default=1, help="leftright: tokens committed per pass")
+    p.add_argument("--alg", choices=ALGORITHMS, default="entropy", help="dream: unmasking order")
+    p.add_argument("--steps", type=int, default=None, help="dream: diffusion steps (default max-new-tokens)")
+    p.add_argument("--threshold", type=float, default=0.9, help="threshold: confidence to commit a token")
+    p.add_argument("--filter", type=Path, help="learn2pd: the trained filter directory")
+    p.add_argument("--eot-threshold", type=float, default=None,
+                   help="threshold/learn2pd: drop positions after an eos predicted with this confidence")
     p.add_argument("--mesh", default=None,
                    help="shard over devices, e.g. 'data=2,model=4' (rows over data, tensor parallel over model)")
     p.set_defaults(func=run)
@@ -82,8 +99,10 @@ def run(args: argparse.Namespace) -> int:
     vocab = shared_vocab_size(drafter.cfg, verifier.cfg, tok_d, tok_v)
     texts = _prompts(args)
     prompts = [list(map(int, t.split())) if args.ids else tok_d.encode(t) for t in texts]
+    if mesh is not None and args.decoder != "apd":
+        raise ValueError("--mesh is supported with --decoder apd only")
     start = time.perf_counter()
-    result = apd_generate(drafter, verifier, prompts, config, jax.random.key(args.seed), shared_vocab=vocab, mesh=mesh)
+    result = _decode(args, drafter, verifier, prompts, config, vocab, mesh)
     elapsed = time.perf_counter() - start
     for row, text in enumerate(texts):
         ids = result.sequences()[row]
@@ -95,3 +114,31 @@ def run(args: argparse.Namespace) -> int:
         f"{generated / elapsed:.1f} tokens/s ({elapsed:.2f} s including compilation)"
     )
     return 0
+
+
+DECODERS = ("apd", "leftright", "ar", "dream", "threshold", "learn2pd")
+
+
+def _decode(args, drafter, verifier, prompts, config: APDConfig, vocab: int, mesh) -> GenerationResult:
+    key = jax.random.key(args.seed)
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                    top_k=args.top_k)
+    match args.decoder:
+        case "apd":
+            return apd_generate(drafter, verifier, prompts, config, key, shared_vocab=vocab, mesh=mesh)
+        case "leftright":
+            return leftright_generate(drafter, prompts, args.K, config, key)
+        case "ar":
+            return ar_generate(verifier, prompts, ARConfig(**sampling), key)
+        case "dream":
+            steps = args.steps or args.max_new_tokens
+            return diffusion_generate(drafter, prompts, DiffusionConfig(steps=steps, alg=args.alg, **sampling), key)
+        case "threshold":
+            cfg = ThresholdConfig(threshold=args.threshold, eot_threshold=args.eot_threshold, **sampling)
+            return threshold_generate(drafter, prompts, cfg, key)
+        case "learn2pd":
+            if args.filter is None:
+                raise ValueError("--decoder learn2pd needs --filter DIR (train one with `apd-jax train-filter`)")
+            cfg = Learn2PDConfig(eot_threshold=args.eot_threshold, **sampling)
+            return learn2pd_generate(drafter, load_filter(args.filter), prompts, cfg, key)
+    raise ValueError(f"unknown decoder {args.decoder!r}")
