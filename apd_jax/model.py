@@ -80,6 +80,13 @@ class Attention(nnx.Module):
         return self.o_proj(out.reshape(b, s, -1)), cache
 
 
+def _dot_operands(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """XLA:CPU has no bf16 x bf16 -> f32 dot (it fails at run time): give it float32 operands there."""
+    if jax.default_backend() == "cpu" and a.dtype != jnp.float32:
+        return a.astype(jnp.float32), b.astype(jnp.float32)
+    return a, b
+
+
 def _gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """Grouped-query attention: q [B,S,H,D], k/v [B,KVH,T,D] (the cache's layout), mask [B,S,T].
 
@@ -88,12 +95,12 @@ def _gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) ->
     b, s, h, d = q.shape
     kvh = k.shape[1]
     q = q.reshape(b, s, kvh, h // kvh, d)
-    scores = jnp.einsum("bskgd,bktd->bkgst", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(
+    scores = jnp.einsum("bskgd,bktd->bkgst", *_dot_operands(q, k), preferred_element_type=jnp.float32) / jnp.sqrt(
         jnp.float32(d)
     )
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgst,bktd->bskgd", probs, v, preferred_element_type=jnp.float32)
+    out = jnp.einsum("bkgst,bktd->bskgd", *_dot_operands(probs, v), preferred_element_type=jnp.float32)
     return out.astype(q.dtype).reshape(b, s, h, d)
 
 
@@ -167,7 +174,7 @@ class Qwen2(nnx.Module):
         `vocab` keeps only the first ids.
         """
         w = self.embed_tokens.embedding[...].T if self.lm_head is None else self.lm_head[...]
-        logits = jnp.matmul(hidden, w.astype(hidden.dtype), preferred_element_type=jnp.float32)
+        logits = jnp.matmul(*_dot_operands(hidden, w.astype(hidden.dtype)), preferred_element_type=jnp.float32)
         # Slicing the output, not the [hidden, vocab] weight: a column slice of the weight
         # is a strided copy of the whole head every call (measured 0.6 ms per APD pass).
         return logits if vocab is None else logits[..., :vocab]

@@ -23,6 +23,7 @@ from apd_jax.generation import GenerationResult
 from apd_jax.learn2pd import Learn2PDConfig, learn2pd_generate, load_filter
 from apd_jax.model import Qwen2, init_model
 from apd_jax.sharding import make_mesh, parse_mesh, shard_model
+from apd_jax import ASSETS_DIR
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -30,7 +31,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("prompt", nargs="?", help="prompt text (default: read stdin); with --ids, space-separated ids")
     p.add_argument("--prompts-file", type=Path, help="one prompt per line; generated as one batch")
     p.add_argument("--ids", action="store_true", help="prompts are token ids, not text")
-    p.add_argument("--drafter", type=Path, help="Dream checkpoint: HF directory or apd_jax (orbax) directory")
+    p.add_argument("--drafter", type=Path,
+                   help="Dream checkpoint: HF or apd_jax (orbax) directory (default: the embedded trained pair)")
     p.add_argument("--verifier", type=Path, help="Qwen2 checkpoint: HF directory or apd_jax (orbax) directory")
     p.add_argument("--random-tiny", action="store_true",
                    help="use a tiny randomly initialised pair (no checkpoint; output is noise)")
@@ -90,8 +92,10 @@ def run(args: argparse.Namespace) -> int:
         if mesh is not None:
             drafter, verifier = shard_model(drafter, mesh), shard_model(verifier, mesh)
     else:
-        if args.drafter is None or args.verifier is None:
-            raise ValueError("give --drafter DIR and --verifier DIR (or --random-tiny)")
+        if (args.drafter is None) != (args.verifier is None):
+            raise ValueError("give both --drafter DIR and --verifier DIR (or neither, for the embedded pair)")
+        if args.drafter is None:  # the small trained pair shipped with apd_jax
+            args.drafter, args.verifier = ASSETS_DIR / "drafter", ASSETS_DIR / "verifier"
         drafter = _load(args.drafter, args.dtype, mesh)
         verifier = _load(args.verifier, args.dtype, mesh)
         if not args.ids:

@@ -1,0 +1,117 @@
+"""`apd-jax train`: train a small APD pair (tokenizer, Dream-style drafter, Qwen2 verifier) from scratch.
+
+The corpus is this Python's standard library source (apd_jax/corpus.py), so it runs
+offline anywhere; the same command runs on CPU (slowly) and on a GPU. Writes
+OUT/tokenizer, OUT/drafter and OUT/verifier (Hugging Face layout, loadable with
+`apd-jax generate --drafter OUT/drafter --verifier OUT/verifier`) and, when both
+models exist, OUT/apd_eval.json with APD tokens per pass on held-out prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from apd_jax import train as T
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a small drafter/verifier pair on the Python stdlib",
+                       description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="output directory (tokenizer/, drafter/, verifier/)")
+    p.add_argument("--which", choices=("both", "tokenizer", "drafter", "verifier"), default="both",
+                   help="what to train; the tokenizer is trained first whenever OUT/tokenizer is missing")
+    p.add_argument("--retrain-tokenizer", action="store_true", help="retrain OUT/tokenizer even if present")
+    p.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("optimisation (drafter and verifier alike, unless --verifier-* says otherwise)")
+    g.add_argument("--steps", type=int, default=7000, help="drafter optimiser steps")
+    g.add_argument("--verifier-steps", type=int, default=2000)
+    g.add_argument("--batch-size", type=int, default=128, help="sequences per step")
+    g.add_argument("--seq-len", type=int, default=512, help="training window; also max_position_embeddings")
+    g.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW)")
+    g.add_argument("--verifier-lr", type=float, default=None, help="default: --lr")
+    g.add_argument("--warmup", type=int, default=300, help="linear warmup steps, then cosine decay to 10%%")
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--suffix-prob", type=float, default=0.5,
+                   help="drafter: share of rows noised only after a clean prefix")
+    g.add_argument("--log-every", type=int, default=100, help="steps per compiled chunk and per log line")
+    g.add_argument("--eval-every", type=int, default=500, help="held-out evaluation period (steps)")
+    g.add_argument("--eval-windows", type=int, default=128, help="held-out windows per evaluation")
+    s = p.add_argument_group("model sizes")
+    s.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary, special tokens included")
+    for name, size in (("drafter", T.DRAFTER_SIZE), ("verifier", T.VERIFIER_SIZE)):
+        s.add_argument(f"--{name}-hidden", type=int, default=size.hidden)
+        s.add_argument(f"--{name}-layers", type=int, default=size.layers)
+        s.add_argument(f"--{name}-heads", type=int, default=size.heads, help="head dim = hidden / heads")
+        s.add_argument(f"--{name}-kv-heads", type=int, default=size.kv_heads)
+        s.add_argument(f"--{name}-intermediate", type=int, default=size.intermediate)
+    d = p.add_argument_group("numerics and data")
+    d.add_argument("--param-dtype", choices=("float32", "bfloat16"), default="float32", help="master weights")
+    d.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="compute dtype; auto is bfloat16 on a GPU/TPU, float32 on CPU")
+    d.add_argument("--storage-dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                   help="dtype of the saved safetensors")
+    d.add_argument("--stdlib", type=Path, default=None, help="corpus root (default: this Python's stdlib)")
+    d.add_argument("--max-files", type=int, default=None, help="use only about this many files (quick runs)")
+    d.add_argument("--eval-prompts", type=int, default=32, help="held-out prompts for the APD check (0: skip)")
+    d.add_argument("--eval-max-new-tokens", type=int, default=128)
+    p.set_defaults(func=run)
+
+
+def settings_from_args(args: argparse.Namespace) -> T.PipelineSettings:
+    if args.stdlib is not None and not args.stdlib.is_dir():
+        raise FileNotFoundError(f"--stdlib {args.stdlib} is not a directory")
+    if args.max_files is not None and args.max_files < 2:
+        raise ValueError(f"--max-files {args.max_files} must be >= 2 (some files are held out)")
+    common = dict(batch_size=args.batch_size, seq_len=args.seq_len, warmup=args.warmup,
+                  weight_decay=args.weight_decay, seed=args.seed, log_every=args.log_every,
+                  eval_every=args.eval_every, eval_windows=args.eval_windows, suffix_prob=args.suffix_prob)
+    drafter_train = T.TrainSettings(steps=args.steps, lr=args.lr, **common)
+    verifier_train = T.TrainSettings(steps=args.verifier_steps, lr=args.verifier_lr or args.lr,
+                                     **(common | {"seed": args.seed + 1}))
+    for t in (drafter_train, verifier_train):
+        t.validate()
+
+    def size(name: str) -> T.ModelSize:
+        get = lambda f: getattr(args, f"{name}_{f}")  # noqa: E731
+        hidden, heads, kv = get("hidden"), get("heads"), get("kv_heads")
+        if min(hidden, heads, kv, get("layers"), get("intermediate")) < 1:
+            raise ValueError(f"--{name}-* sizes must all be >= 1")
+        if hidden % heads or heads % kv:
+            raise ValueError(f"--{name}-hidden {hidden} must be a multiple of --{name}-heads {heads}, "
+                             f"and the heads a multiple of --{name}-kv-heads {kv}")
+        return T.ModelSize(hidden, get("layers"), heads, kv, get("intermediate"))
+
+    return T.PipelineSettings(
+        out=args.out, which=args.which, vocab_size=args.vocab_size, drafter=size("drafter"),
+        verifier=size("verifier"), drafter_train=drafter_train, verifier_train=verifier_train,
+        param_dtype=args.param_dtype, dtype=args.dtype, storage_dtype=args.storage_dtype, stdlib=args.stdlib,
+        max_files=args.max_files, retrain_tokenizer=args.retrain_tokenizer, eval_prompts=args.eval_prompts,
+        eval_max_new_tokens=args.eval_max_new_tokens,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    print("settings:", json.dumps(dataclasses.asdict(settings), default=str), flush=True)
+    T.run_pipeline(settings)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m apd_jax.commands.train ...` (the same as `apd-jax train ...`)."""
+    parser = argparse.ArgumentParser(prog="apd-jax")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return args.func(args) or 0
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"apd-jax train: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""The training corpus every machine has offline: the Python standard library's own source.
+
+Files are the `.py` files under `sysconfig.get_paths()["stdlib"]` (installed
+third-party packages under site-packages/dist-packages are excluded), read in
+sorted order of their POSIX path relative to that root, so the corpus is the same
+on every run of one Python installation. A file is held out when the hash of its
+relative path falls below `heldout_fraction`: the split depends on the path alone,
+so a held-out path stays held out on other Python versions too.
+
+Cleaning is light: files that are not UTF-8, generated data tables (the charmap
+codecs, stringprep), the 750 KB pydoc topic dump and mostly non-ASCII files are
+dropped; line endings become "\n", trailing whitespace and form feeds go, runs of
+blank lines shrink to two. Documents are tokenized, each followed by the eos
+token, concatenated into one stream, and cut into fixed-length windows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+import sysconfig
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+EXCLUDED_DIRS = {"site-packages", "dist-packages", "__pycache__"}
+MAX_FILE_BYTES = 400_000  # drops pydoc_data/topics.py (a 750 KB string literal)
+MAX_NON_ASCII = 0.05  # share of non-ASCII characters
+MAX_TABLE_SHARE = 0.30  # share of characters on literal-table lines ('\x00', 0x.., 12:)
+DEFAULT_HELDOUT_FRACTION = 0.03
+# The tokenizer's special tokens: a file spelling one out would smuggle it into the stream.
+RESERVED_STRINGS = ("<|endoftext|>", "<|mask|>")
+
+_TABLE_LINE = re.compile(r"""^\s*(u?['"]\\[xuU][0-9a-fA-F]|0x[0-9a-fA-F]+\s*[:,]|\d+\s*[:,])""")
+
+
+@dataclasses.dataclass(frozen=True)
+class Document:
+    path: str  # POSIX path relative to the corpus root
+    text: str
+
+
+def stdlib_root() -> Path:
+    """This interpreter's standard library directory."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def list_files(root: str | Path) -> list[Path]:
+    """Every .py file under `root` outside site-packages, sorted by relative POSIX path."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"corpus root {root} is not a directory")
+    files = [f for f in root.rglob("*.py") if f.is_file() and not EXCLUDED_DIRS & set(f.relative_to(root).parts)]
+    return sorted(files, key=lambda f: f.relative_to(root).as_posix())
+
+
+def is_heldout(relpath: str, fraction: float = DEFAULT_HELDOUT_FRACTION) -> bool:
+    """Held-out split by file: the first 8 bytes of sha256(relative path) below `fraction` of 2**64."""
+    h = int.from_bytes(hashlib.sha256(relpath.encode("utf-8")).digest()[:8], "big")
+    return h < fraction * 2**64
+
+
+def clean(text: str) -> str | None:
+    """Lightly cleaned source, or None for a file that is data rather than code."""
+    if len(text) > MAX_FILE_BYTES or any(t in text for t in RESERVED_STRINGS):
+        return None
+    if sum(ord(c) > 127 for c in text) > MAX_NON_ASCII * max(len(text), 1):
+        return None
+    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\x0c", "")
+    lines = [line.rstrip() for line in text.split("\n")]
+    table = sum(len(line) for line in lines if _TABLE_LINE.match(line))
+    if table > MAX_TABLE_SHARE * max(len(text), 1):
+        return None
+    text = re.sub(r"\n{4,}", "\n\n\n", "\n".join(lines)).strip("\n")
+    return text + "\n" if text else None
+
+
+def load_corpus(
+    root: str | Path | None = None,
+    *,
+    heldout_fraction: float = DEFAULT_HELDOUT_FRACTION,
+    max_files: int | None = None,
+) -> tuple[list[Document], list[Document]]:
+    """(train, held-out) documents of the corpus under `root` (default: this Python's stdlib).
+
+    `max_files` keeps every n-th file so that about that many remain (quick runs, tests).
+    """
+    root = stdlib_root() if root is None else Path(root)
+    files = list_files(root)
+    if max_files is not None and 0 < max_files < len(files):
+        stride = len(files) / max_files
+        files = [files[int(i * stride)] for i in range(max_files)]
+    train, heldout = [], []
+    for f in files:
+        rel = f.relative_to(root).as_posix()
+        try:
+            text = clean(f.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError:
+            continue
+        if text is None:
+            continue
+        (heldout if is_heldout(rel, heldout_fraction) else train).append(Document(rel, text))
+    if not train:
+        raise ValueError(f"no usable .py files under {root}")
+    return train, heldout
+
+
+def fingerprint(docs: Sequence[Document]) -> str:
+    """sha256 over the documents' paths and texts: which corpus a model was trained on."""
+    h = hashlib.sha256()
+    for d in docs:
+        h.update(d.path.encode() + b"\0" + d.text.encode() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def token_stream(docs: Sequence[Document], tokenizer, eos_id: int) -> np.ndarray:
+    """All documents tokenized, each followed by `eos_id`, as one int32 stream."""
+    if not docs:
+        return np.zeros((0,), np.int32)
+    if hasattr(tokenizer, "encode_batch"):  # a `tokenizers.Tokenizer`: parallel, fast
+        encoded = [e.ids for e in tokenizer.encode_batch([d.text for d in docs])]
+    else:  # a transformers tokenizer
+        encoded = tokenizer([d.text for d in docs], add_special_tokens=False)["input_ids"]
+    parts = []
+    for ids in encoded:
+        parts.append(np.asarray(ids, np.int32))
+        parts.append(np.asarray([eos_id], np.int32))
+    return np.concatenate(parts)
+
+
+def chunk(stream: np.ndarray, seq_len: int) -> np.ndarray:
+    """Non-overlapping windows [N, seq_len] of the stream; the remainder is dropped."""
+    if seq_len < 2:
+        raise ValueError(f"seq_len={seq_len} must be >= 2")
+    n = len(stream) // seq_len
+    return np.asarray(stream[: n * seq_len], np.int32).reshape(n, seq_len)

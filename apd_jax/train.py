@@ -1,0 +1,649 @@
+"""Training a small APD pair from scratch on the Python standard library (apd_jax.corpus).
+
+Three products, each a directory:
+  tokenizer/  byte-level BPE (`tokenizers`), `<|endoftext|>` (eos and pad, id 0) and
+              `<|mask|>` (id 1) included; loads with AutoTokenizer.from_pretrained.
+  drafter/    a Dream-style bidirectional `Qwen2` (causal=False, model_type "Dream",
+              untied head) trained as a masked diffusion LM, as Dream is.
+  verifier/   a causal `Qwen2` (model_type "qwen2", tied embeddings) trained on next-token
+              prediction.
+Both models are saved in the Hugging Face layout (config.json, generation_config.json,
+model.safetensors, tokenizer files) through `apd_jax.checkpoint.export_hf`, so they
+load by the same path as real checkpoints (`apd_jax.checkpoint.load_model`).
+
+The drafter objective (Dream / LLaDA / MDLM): per sequence t ~ U(eps, 1); every
+position but the first is replaced by the mask token with probability t; the loss is
+the cross-entropy of the masked positions weighted by 1/t, summed and divided by the
+number of tokens. Dream predicts position i at output i - 1, so predictions are read
+through `apd_jax.model.shift_right`. With probability `suffix_prob` only a suffix is
+noised (a clean prefix of random length, then each position masked with probability
+t): prompt-conditioned completion, the way APD uses the drafter.
+
+Everything runs in one jitted program per chunk of steps (`lax.scan`); the token
+stream lives on the device and windows are sampled there, so the same command is
+fast on a GPU and merely slow on a CPU. All randomness derives from `seed`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import optax
+from flax import nnx
+
+from apd_jax import ASSETS_DIR, corpus
+from apd_jax.checkpoint import export_hf, model_params
+from apd_jax.config import ModelConfig, parse_dtype
+from apd_jax.model import Qwen2, init_model, shift_right
+
+EOS_TOKEN = "<|endoftext|>"
+MASK_TOKEN = "<|mask|>"
+SPECIAL_TOKENS = (EOS_TOKEN, MASK_TOKEN)  # ids 0 and 1
+EOS_ID, MASK_ID = 0, 1
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def train_tokenizer(texts: Sequence[str], vocab_size: int = 4096):
+    """A byte-level BPE `tokenizers.Tokenizer` with the special tokens at ids 0 (eos) and 1 (mask)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise ValueError(f"vocab_size={vocab_size} must be >= {256 + len(SPECIAL_TOKENS)} (256 bytes + special tokens)")
+    tok = Tokenizer(models.BPE())
+    # Newline runs are pre-tokens of their own, then GPT-2's byte-level split: a token never
+    # spans a line break, so a prompt ending in ":" or in ":\n" ends where training text can.
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"\n+"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), min_frequency=2, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(list(texts), trainer)
+    assert tok.token_to_id(EOS_TOKEN) == EOS_ID and tok.token_to_id(MASK_TOKEN) == MASK_ID
+    return tok
+
+
+def save_tokenizer(tok, out_dir: str | Path, model_max_length: int) -> Path:
+    """tokenizer.json, tokenizer_config.json and special_tokens_map.json in `out_dir`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    specials = {"eos_token": EOS_TOKEN, "pad_token": EOS_TOKEN, "mask_token": MASK_TOKEN}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **specials,
+        "bos_token": None,
+        "unk_token": None,
+        "model_max_length": model_max_length,
+        "clean_up_tokenization_spaces": False,
+        "added_tokens_decoder": {
+            str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+                     "special": True}
+            for i, t in enumerate(SPECIAL_TOKENS)
+        },
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2))
+    return out
+
+
+def load_tokenizer_file(path: str | Path):
+    """The raw `tokenizers.Tokenizer` of a directory (or tokenizer.json) written by save_tokenizer."""
+    from tokenizers import Tokenizer
+
+    path = Path(path)
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found: train the tokenizer first (apd-jax train --which tokenizer)")
+    tok = Tokenizer.from_file(str(file))
+    if tok.token_to_id(EOS_TOKEN) != EOS_ID or tok.token_to_id(MASK_TOKEN) != MASK_ID:
+        raise ValueError(f"{file} is not an apd_jax tokenizer: {EOS_TOKEN} must be id 0 and {MASK_TOKEN} id 1")
+    return tok
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+# ----------------------------------------------------------------------------- model shapes
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSize:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+
+    def config(self, *, causal: bool, vocab_size: int, max_len: int, param_dtype: Any, dtype: Any) -> ModelConfig:
+        if self.heads < 1 or self.hidden % self.heads:
+            raise ValueError(f"hidden size {self.hidden} is not a multiple of the head count {self.heads}")
+        return ModelConfig(
+            vocab_size=vocab_size, hidden_size=self.hidden, intermediate_size=self.intermediate,
+            num_layers=self.layers, num_heads=self.heads, num_kv_heads=self.kv_heads,
+            head_dim=self.hidden // self.heads, rope_theta=10000.0, rms_norm_eps=1e-6,
+            tie_word_embeddings=causal, causal=causal, max_position_embeddings=max_len,
+            model_type="qwen2" if causal else "dream", mask_token_id=None if causal else MASK_ID,
+            eos_token_ids=(EOS_ID,), pad_token_id=EOS_ID, param_dtype=param_dtype, dtype=dtype,
+        )
+
+
+DRAFTER_SIZE = ModelSize(hidden=256, layers=6, heads=4, kv_heads=4, intermediate=768)
+VERIFIER_SIZE = ModelSize(hidden=192, layers=4, heads=3, kv_heads=3, intermediate=512)
+
+
+def param_count(cfg: ModelConfig) -> int:
+    h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    attn = h * cfg.num_heads * d * 2 + 2 * h * cfg.num_kv_heads * d + cfg.num_heads * d + 2 * cfg.num_kv_heads * d
+    layer = attn + 3 * h * i + 2 * h
+    head = 0 if cfg.tie_word_embeddings else h * cfg.vocab_size
+    return cfg.vocab_size * h + cfg.num_layers * layer + h + head
+
+
+def hf_config(cfg: ModelConfig, storage_dtype: str) -> tuple[dict, dict]:
+    """(config.json, generation_config.json) of a model: Qwen2's fields, or Dream's for a drafter."""
+    common = {
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,  # legacy field (Qwen2.5 / Dream checkpoints), and transformers 5's:
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "attention_dropout": 0.0,
+        "use_cache": True,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "bos_token_id": EOS_ID,
+        "eos_token_id": EOS_ID,
+        "pad_token_id": EOS_ID,
+        "torch_dtype": storage_dtype,
+    }
+    if cfg.causal:
+        config = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], **common,
+                  "max_window_layers": cfg.num_layers, "initializer_range": 0.02}
+        generation = {"bos_token_id": EOS_ID, "eos_token_id": EOS_ID, "pad_token_id": EOS_ID}
+    else:
+        config = {"model_type": "Dream", "architectures": ["DreamModel"], **common, "mask_token_id": MASK_ID}
+        generation = {"mask_token_id": MASK_ID, "eos_token_id": EOS_ID, "pad_token_id": EOS_ID, "bos_token_id": EOS_ID}
+    return config, generation
+
+
+# ----------------------------------------------------------------------------- objectives
+
+
+def diffusion_mask(
+    key: jax.Array, tokens: jax.Array, mask_id: int, *, eps: float = 1e-3, suffix_prob: float = 0.5
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Dream's forward process: (noisy tokens, masked [B, L] bool, t [B]).
+
+    t = eps + (1 - eps) * u, u ~ U(0, 1) per row; position 0 is never masked (it is
+    the first prompt token at inference, and Dream's shifted output 0 predicts it from
+    itself). With probability `suffix_prob` a row keeps a clean prefix [0, cut), cut
+    uniform in [1, L - 1], and only positions >= cut may be masked. Each candidate
+    position is then masked independently with probability t.
+    """
+    b, n = tokens.shape
+    k_t, k_mask, k_mode, k_cut = jax.random.split(key, 4)
+    t = eps + (1.0 - eps) * jax.random.uniform(k_t, (b,))
+    suffix = jax.random.uniform(k_mode, (b,)) < suffix_prob
+    cut = jax.random.randint(k_cut, (b,), 1, max(n, 2))
+    first = jnp.where(suffix, cut, 1)
+    masked = (jax.random.uniform(k_mask, (b, n)) < t[:, None]) & (jnp.arange(n)[None, :] >= first[:, None])
+    return jnp.where(masked, mask_id, tokens), masked, t
+
+
+def diffusion_loss(
+    model: Qwen2, tokens: jax.Array, key: jax.Array, *, eps: float = 1e-3, suffix_prob: float = 0.5
+) -> tuple[jax.Array, dict]:
+    """Masked-diffusion loss: sum over masked positions of CE / t, divided by B * L."""
+    noisy, masked, t = diffusion_mask(key, tokens, model.cfg.mask_token_id, eps=eps, suffix_prob=suffix_prob)
+    hidden, _ = model(noisy)
+    logits = model.logits(shift_right(hidden))  # [B, L, V]: position i's prediction at i
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)
+    loss = jnp.sum(ce * masked / t[:, None]) / tokens.size
+    n_masked = jnp.maximum(jnp.sum(masked), 1)
+    hit = (jnp.argmax(logits, -1) == tokens) & masked
+    return loss, {"masked_ce": jnp.sum(ce * masked) / n_masked, "masked_acc": jnp.sum(hit) / n_masked}
+
+
+def ar_loss(model: Qwen2, tokens: jax.Array, key: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    """Next-token cross-entropy (nats per token)."""
+    del key
+    hidden, _ = model(tokens)
+    logits = model.logits(hidden[:, :-1])
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+    acc = jnp.mean(jnp.argmax(logits, -1) == tokens[:, 1:])
+    return jnp.mean(ce), {"acc": acc}
+
+
+def completion_metrics(model: Qwen2, tokens: jax.Array, cut: int, span: int = 8) -> dict:
+    """The drafter as APD uses it: prefix [0, cut) clean, everything after masked.
+
+    ce@1 is the cross-entropy of the first masked position (comparable to the
+    verifier's next-token loss); ce@1-{span} averages the first `span` positions.
+    """
+    n = tokens.shape[1]
+    noisy = jnp.where(jnp.arange(n)[None, :] >= cut, model.cfg.mask_token_id, tokens)
+    hidden, _ = model(noisy)
+    logits = model.logits(shift_right(hidden)[:, cut : cut + span])
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, cut : cut + span])
+    return {"ce@1": jnp.mean(ce[:, 0]), f"ce@1-{span}": jnp.mean(ce)}
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    steps: int = 7000
+    batch_size: int = 128
+    seq_len: int = 512
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 300
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    clip: float = 1.0
+    seed: int = 0
+    log_every: int = 100
+    eval_every: int = 500
+    eval_windows: int = 128
+    eval_batch: int = 32
+    eps: float = 1e-3
+    suffix_prob: float = 0.5
+
+    def validate(self) -> None:
+        problems = []
+        for name in ("steps", "batch_size", "log_every", "eval_every", "eval_windows", "eval_batch"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}={getattr(self, name)} must be >= 1")
+        if self.seq_len < 16:
+            problems.append(f"seq_len={self.seq_len} must be >= 16")
+        if not self.lr > 0:
+            problems.append(f"lr={self.lr} must be > 0")
+        if self.warmup < 0:
+            problems.append(f"warmup={self.warmup} must be >= 0")
+        if not 0 <= self.suffix_prob <= 1 or not 0 < self.eps < 1:
+            problems.append("suffix_prob must lie in [0, 1] and eps in (0, 1)")
+        if problems:
+            raise ValueError("invalid training settings: " + "; ".join(problems))
+
+
+def make_optimizer(s: TrainSettings) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW, linear warmup then cosine decay to min_lr_ratio * lr; decay on matrices only; clipping."""
+    warmup = min(s.warmup, max(s.steps - 1, 0))
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, s.lr, warmup_steps=max(warmup, 1), decay_steps=max(s.steps, warmup + 1), end_value=s.lr * s.min_lr_ratio
+    )
+    return optax.chain(
+        optax.clip_by_global_norm(s.clip),
+        optax.adamw(schedule, b1=s.b1, b2=s.b2, weight_decay=s.weight_decay,
+                    mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)),
+    ), schedule
+
+
+_tree_norm = getattr(optax.tree_utils, "tree_norm", None) or optax.tree_utils.tree_l2_norm
+
+
+def sample_windows(stream: jax.Array, key: jax.Array, batch: int, seq_len: int) -> jax.Array:
+    """[batch, seq_len] windows of the token stream at uniformly random offsets."""
+    starts = jax.random.randint(key, (batch,), 0, stream.shape[0] - seq_len + 1)
+    return jax.vmap(lambda s: jax.lax.dynamic_slice(stream, (s,), (seq_len,)))(starts)
+
+
+Objective = Callable[[Qwen2, jax.Array, jax.Array], tuple[jax.Array, dict]]
+
+
+class MatmulEmbed(nnx.Module):
+    """nnx.Embed's lookup as a one-hot matmul over the same parameter: identical values.
+
+    The gradient of a gathered embedding is a scatter-add, which on a GPU runs as
+    atomics on the hot rows (spaces, newlines): measured on an H100 it took 140 of
+    the 168 ms of a drafter step (batch 128 x 512), and atomics make it
+    nondeterministic. The one-hot product's gradient is a plain, deterministic matmul.
+    """
+
+    def __init__(self, embed: nnx.Embed):
+        self.embedding = embed.embedding  # the same Param: tied heads still read it
+        self.dtype = embed.dtype
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        table = self.embedding[...].astype(self.dtype)
+        return jnp.matmul(jax.nn.one_hot(ids, table.shape[0], dtype=table.dtype), table)
+
+
+def for_training(model: Qwen2) -> Qwen2:
+    """The model with its embedding lookup done as a matmul (see MatmulEmbed); same parameters."""
+    if not isinstance(model.embed_tokens, MatmulEmbed):
+        model.embed_tokens = MatmulEmbed(model.embed_tokens)
+    return model
+
+
+def objective_for(cfg: ModelConfig, s: TrainSettings) -> Objective:
+    if cfg.causal:
+        return ar_loss
+    return functools.partial(diffusion_loss, eps=s.eps, suffix_prob=s.suffix_prob)
+
+
+def _print(*a: Any) -> None:
+    print(*a, flush=True)
+
+
+def train_model(
+    cfg: ModelConfig,
+    train_stream: np.ndarray,
+    heldout: np.ndarray,
+    s: TrainSettings,
+    *,
+    log: Callable[..., None] = _print,
+    name: str = "model",
+) -> tuple[Qwen2, dict]:
+    """Train one model from scratch; returns it and a history of train/held-out metrics.
+
+    heldout: [N, seq_len] windows, evaluated every eval_every steps (at most eval_windows
+    of them, noise from a fixed key so that successive evaluations are comparable).
+    """
+    s.validate()
+    if len(train_stream) < s.seq_len + 1:
+        raise ValueError(f"the training stream has {len(train_stream)} tokens, fewer than seq_len {s.seq_len} + 1")
+    objective = objective_for(cfg, s)
+    tx, schedule = make_optimizer(s)
+    base = jax.random.key(s.seed)
+    init_seed, data_key, eval_key = jax.random.randint(jax.random.fold_in(base, 1), (3,), 0, 2**31 - 1).tolist()
+    graphdef, params = nnx.split(init_model(cfg, seed=init_seed))
+    opt_state = tx.init(params)
+    stream = jnp.asarray(train_stream, jnp.int32)
+    data_key, eval_key = jax.random.key(data_key), jax.random.key(eval_key)
+
+    def step(stream, carry, i):
+        params, opt_state = carry
+        k_data, k_noise = jax.random.split(jax.random.fold_in(data_key, i))
+        batch = sample_windows(stream, k_data, s.batch_size, s.seq_len)
+
+        def loss_fn(p):
+            return objective(for_training(nnx.merge(graphdef, p)), batch, k_noise)
+
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return (params, opt_state), {"loss": loss, "grad_norm": _tree_norm(grads), **aux}
+
+    @functools.partial(jax.jit, static_argnames=("n",), donate_argnums=(0, 1))
+    def run_steps(params, opt_state, first, stream, n):
+        # The stream is an argument, not a closure constant baked into the program.
+        (params, opt_state), metrics = jax.lax.scan(
+            functools.partial(step, stream), (params, opt_state), first + jnp.arange(n)
+        )
+        return params, opt_state, jax.tree.map(jnp.mean, metrics)
+
+    windows = np.asarray(heldout[: s.eval_windows], np.int32)
+    cut = s.seq_len // 2
+
+    @jax.jit
+    def evaluate_batch(params, batch, key):
+        model = for_training(nnx.merge(graphdef, params))
+        loss, aux = objective(model, batch, key)
+        out = {"loss": loss, **aux}
+        if not cfg.causal:
+            out |= completion_metrics(model, batch, cut)
+        return out
+
+    def evaluate(params) -> dict:
+        if len(windows) == 0:
+            return {}
+        sums: dict[str, float] = {}
+        for j in range(0, len(windows), s.eval_batch):
+            part = windows[j : j + s.eval_batch]
+            out = evaluate_batch(params, jnp.asarray(part), jax.random.fold_in(eval_key, j))
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * len(part)
+        return {k: v / len(windows) for k, v in sums.items()}
+
+    n_params = param_count(cfg)
+    log(f"[{name}] {n_params / 1e6:.2f}M parameters, {len(train_stream) / 1e6:.2f}M training tokens, "
+        f"{len(windows)} held-out windows of {s.seq_len}; {s.steps} steps of {s.batch_size} x {s.seq_len} "
+        f"(~{s.steps * s.batch_size * s.seq_len / len(train_stream):.1f} epochs) on {jax.devices()[0].platform}")
+    history: dict[str, list] = {"train": [], "heldout": []}
+    start = time.perf_counter()
+    done = 0
+    while done < s.steps:
+        n = min(s.log_every, s.steps - done)
+        params, opt_state, metrics = run_steps(params, opt_state, jnp.int32(done), stream, n=n)
+        done += n
+        metrics = {k: float(v) for k, v in metrics.items()}
+        elapsed = time.perf_counter() - start
+        history["train"].append({"step": done, "time_s": round(elapsed, 1), **metrics})
+        line = (f"[{name}] step {done:6d}  loss {metrics['loss']:.4f}  lr {float(schedule(done)):.2e}  "
+                f"gnorm {metrics['grad_norm']:.2f}  {done * s.batch_size * s.seq_len / elapsed / 1e3:.0f}k tok/s  "
+                f"{elapsed:.0f}s")
+        if done % s.eval_every == 0 or done == s.steps:
+            ev = evaluate(params)
+            history["heldout"].append({"step": done, **ev})
+            line += "  | held-out " + "  ".join(f"{k} {v:.4f}" for k, v in ev.items())
+        log(line)
+    model = nnx.merge(graphdef, params)
+    return model, history
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+_STORAGE = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
+
+
+def save_model(
+    model: Qwen2, out_dir: str | Path, tokenizer_dir: str | Path, *, storage_dtype: str = "bfloat16",
+    extra: dict | None = None, overwrite: bool = True,
+) -> Path:
+    """The model as a Hugging Face directory (config.json, generation_config.json,
+    model.safetensors, tokenizer files), written through checkpoint.export_hf; `extra`
+    goes to training.json beside it."""
+    if storage_dtype not in _STORAGE:
+        raise ValueError(f"storage dtype {storage_dtype!r} must be one of {sorted(_STORAGE)}")
+    config, generation = hf_config(model.cfg, storage_dtype)
+    params = {k: np.asarray(v, np.float32).astype(_STORAGE[storage_dtype]) for k, v in model_params(model).items()}
+    with tempfile.TemporaryDirectory(prefix="apd_jax_stage_") as stage:
+        stage = Path(stage)
+        (stage / "config.json").write_text(json.dumps(config, indent=2))
+        (stage / "generation_config.json").write_text(json.dumps(generation, indent=2))
+        for name in TOKENIZER_FILES:
+            src = Path(tokenizer_dir) / name
+            if not src.is_file():
+                raise FileNotFoundError(f"{src} not found: the tokenizer must be saved before the model")
+            shutil.copy2(src, stage / name)
+        out = export_hf(params, stage, out_dir, overwrite=overwrite)
+    if extra is not None:
+        (out / "training.json").write_text(json.dumps(extra, indent=2))
+    return out
+
+
+# ----------------------------------------------------------------------------- APD evaluation
+
+
+def heldout_prompts(docs: Sequence[corpus.Document], n: int, context_lines: int = 4) -> list[str]:
+    """Up to n prompts from held-out files: a `def` line and the few lines before it, ending in a newline.
+
+    One prompt per file in turn (deterministic), so many files are represented.
+    """
+    per_doc = []
+    for d in docs:
+        lines = d.text.split("\n")
+        found = [i for i, line in enumerate(lines) if line.lstrip().startswith("def ") and line.rstrip().endswith(":")]
+        per_doc.append([("\n".join(lines[max(0, i - context_lines) : i + 1]) + "\n").lstrip("\n") for i in found])
+    prompts: list[str] = []
+    depth = 0
+    while len(prompts) < n and any(depth < len(p) for p in per_doc):
+        prompts += [p[depth] for p in per_doc if depth < len(p)][: n - len(prompts)]
+        depth += 1
+    return prompts
+
+
+def apd_eval_prompts(
+    heldout_docs: Sequence[corpus.Document], tok, n: int, seq_len: int, max_new_tokens: int
+) -> tuple[list[str], int]:
+    """The held-out prompts of the APD check, and the generation length that fits the context.
+
+    Prompts hold at most seq_len / 4 tokens (a def line with the lines before it, or the
+    bare def line where that is too long), so prompt + generation fit the trained positions.
+    """
+    longest = seq_len // 4
+    candidates = heldout_prompts(heldout_docs, 4 * n) + heldout_prompts(heldout_docs, 4 * n, context_lines=0)
+    prompts = [q for q in candidates if len(tok.encode(q).ids) <= longest][:n]
+    return prompts, min(max_new_tokens, seq_len - max(16, 1 << (longest - 1).bit_length()))
+
+
+def evaluate_apd(
+    drafter_dir: str | Path,
+    verifier_dir: str | Path,
+    prompts: Sequence[str],
+    *,
+    R: float = 0.7,
+    W: int = 16,
+    M: int = 100,
+    max_new_tokens: int = 128,
+    batch_size: int = 16,
+    dtype: str | None = None,
+) -> dict:
+    """Greedy APD over text prompts with a saved pair: tokens per pass and samples."""
+    from apd_jax.apd import APDConfig, apd_generate, shared_vocab_size
+    from apd_jax.checkpoint import load_model, load_tokenizer
+
+    if dtype is None and jax.default_backend() == "cpu":
+        dtype = "float32"  # XLA:CPU has no bf16 x bf16 -> f32 dot (the output head)
+    drafter = load_model(drafter_dir, param_dtype=dtype)
+    verifier = load_model(verifier_dir, param_dtype=dtype)
+    tok = load_tokenizer(drafter_dir)
+    vocab = shared_vocab_size(drafter.cfg, verifier.cfg, tok, load_tokenizer(verifier_dir))
+    config = APDConfig(R=R, W=W, M=M, max_new_tokens=max_new_tokens, temperature=0.0)
+    accepted, passes, samples = 0, 0, []
+    for j in range(0, len(prompts), batch_size):
+        part = list(prompts[j : j + batch_size])
+        result = apd_generate(drafter, verifier, [tok.encode(p) for p in part], config, jax.random.key(0),
+                              shared_vocab=vocab)
+        accepted += int(result.accepted.sum())
+        passes += int(result.row_passes().sum())
+        samples += [{"prompt": p, "completion": tok.decode(ids), "accepted": result.accepted_per_pass(r)}
+                    for r, (p, ids) in enumerate(zip(part, result.sequences()))]
+    return {"R": R, "W": W, "M": M, "max_new_tokens": max_new_tokens, "prompts": len(prompts),
+            "tokens": accepted, "passes": passes, "tokens_per_pass": accepted / max(passes, 1), "samples": samples}
+
+
+# ----------------------------------------------------------------------------- the whole pipeline
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineSettings:
+    out: Path
+    which: str = "both"  # tokenizer | drafter | verifier | both
+    vocab_size: int = 4096
+    drafter: ModelSize = DRAFTER_SIZE
+    verifier: ModelSize = VERIFIER_SIZE
+    drafter_train: TrainSettings = TrainSettings()
+    verifier_train: TrainSettings = TrainSettings(steps=2000, seed=1)
+    param_dtype: str = "float32"
+    dtype: str = "auto"  # compute dtype; auto: bfloat16 on accelerators, float32 on CPU
+    storage_dtype: str = "bfloat16"
+    stdlib: Path | None = None
+    max_files: int | None = None
+    heldout_fraction: float = corpus.DEFAULT_HELDOUT_FRACTION
+    retrain_tokenizer: bool = False
+    eval_prompts: int = 32
+    eval_max_new_tokens: int = 128
+
+
+def compute_dtype(name: str) -> Any:
+    if name == "auto":
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    return parse_dtype(name)
+
+
+def run_pipeline(p: PipelineSettings, log: Callable[..., None] = _print) -> dict:
+    """Tokenizer (if absent or asked for), then the drafter and/or the verifier, then APD acceptance."""
+    if p.which not in ("tokenizer", "drafter", "verifier", "both"):
+        raise ValueError(f"--which {p.which!r} must be one of tokenizer, drafter, verifier, both")
+    out = Path(p.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    train_docs, heldout_docs = corpus.load_corpus(p.stdlib, heldout_fraction=p.heldout_fraction,
+                                                  max_files=p.max_files)
+    root = p.stdlib or corpus.stdlib_root()
+    info = {
+        "corpus_root": str(root), "python": __import__("platform").python_version(),
+        "train_files": len(train_docs), "heldout_files": len(heldout_docs),
+        "train_chars": sum(len(d.text) for d in train_docs), "fingerprint": corpus.fingerprint(train_docs),
+    }
+    log(f"corpus {root} (Python {info['python']}): {len(train_docs)} train / {len(heldout_docs)} held-out files, "
+        f"{info['train_chars'] / 1e6:.1f}M characters, fingerprint {info['fingerprint']} "
+        f"({time.perf_counter() - t0:.1f}s)")
+    seq_len = max(p.drafter_train.seq_len, p.verifier_train.seq_len)
+    tok_dir = out / "tokenizer"
+    if p.retrain_tokenizer or p.which == "tokenizer" or not (tok_dir / "tokenizer.json").is_file():
+        tok = train_tokenizer([d.text for d in train_docs], p.vocab_size)
+        save_tokenizer(tok, tok_dir, model_max_length=seq_len)
+        log(f"tokenizer: {tok.get_vocab_size()} tokens -> {tok_dir} ({time.perf_counter() - t0:.1f}s)")
+    tok = load_tokenizer_file(tok_dir)
+    report: dict = {"corpus": info, "tokenizer": str(tok_dir)}
+    if p.which == "tokenizer":
+        return report
+    vocab = tok.get_vocab_size()
+    train_stream = corpus.token_stream(train_docs, tok, EOS_ID)
+    heldout_stream = corpus.token_stream(heldout_docs, tok, EOS_ID)
+    info |= {"train_tokens": int(len(train_stream)), "heldout_tokens": int(len(heldout_stream)),
+             "chars_per_token": round(info["train_chars"] / max(len(train_stream), 1), 2)}
+    log(f"tokens: {len(train_stream) / 1e6:.2f}M train, {len(heldout_stream) / 1e3:.0f}k held-out "
+        f"({info['chars_per_token']} characters per token; {time.perf_counter() - t0:.1f}s)")
+    param_dtype, dtype = parse_dtype(p.param_dtype), compute_dtype(p.dtype)
+    jobs = [("drafter", False, p.drafter, p.drafter_train), ("verifier", True, p.verifier, p.verifier_train)]
+    for name, causal, size, settings in jobs:
+        if p.which not in (name, "both"):
+            continue
+        cfg = size.config(causal=causal, vocab_size=vocab, max_len=seq_len, param_dtype=param_dtype, dtype=dtype)
+        model, history = train_model(cfg, train_stream, corpus.chunk(heldout_stream, settings.seq_len), settings,
+                                     log=log, name=name)
+        extra = {"settings": dataclasses.asdict(settings), "size": dataclasses.asdict(size),
+                 "parameters": param_count(cfg), "param_dtype": p.param_dtype, "compute_dtype": jnp.dtype(dtype).name,
+                 "device": jax.devices()[0].device_kind, "corpus": info, "history": history}
+        path = save_model(model, out / name, tok_dir, storage_dtype=p.storage_dtype, extra=extra)
+        size_mb = (path / "model.safetensors").stat().st_size / 1e6
+        log(f"[{name}] saved {path} ({size_mb:.1f} MB; {time.perf_counter() - t0:.0f}s since start)")
+        report[name] = {"path": str(path), "mb": round(size_mb, 2), "heldout": history["heldout"][-1:]}
+    if p.eval_prompts > 0 and (out / "drafter").is_dir() and (out / "verifier").is_dir():
+        prompts, max_new = apd_eval_prompts(heldout_docs, tok, p.eval_prompts, seq_len, p.eval_max_new_tokens)
+        if not prompts:
+            log("APD check skipped: no held-out prompt fits")
+            log(f"done in {time.perf_counter() - t0:.0f}s")
+            return report
+        apd = evaluate_apd(out / "drafter", out / "verifier", prompts, max_new_tokens=max_new,
+                           M=min(100, max_new))
+        (out / "apd_eval.json").write_text(json.dumps(apd, indent=2))
+        log(f"APD R=0.7 W=16 M={apd['M']} greedy on {apd['prompts']} held-out prompts: "
+            f"{apd['tokens_per_pass']:.2f} tokens/pass ({apd['tokens']} tokens, {apd['passes']} passes)")
+        for sample in apd["samples"][:2]:
+            log("---\n" + sample["prompt"] + sample["completion"][:400])
+        report["apd"] = {k: v for k, v in apd.items() if k != "samples"}
+    log(f"done in {time.perf_counter() - t0:.0f}s")
+    return report
