@@ -43,7 +43,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from apd_jax import ASSETS_DIR, corpus
+from apd_jax import corpus
 from apd_jax.checkpoint import export_hf, model_params
 from apd_jax.config import ModelConfig, parse_dtype
 from apd_jax.model import Qwen2, init_model, shift_right

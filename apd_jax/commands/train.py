@@ -103,14 +103,9 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m apd_jax.commands.train ...` (the same as `apd-jax train ...`)."""
-    parser = argparse.ArgumentParser(prog="apd-jax")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.func(args) or 0
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"apd-jax train: error: {err}", file=sys.stderr)
-        return 2
+    from apd_jax.cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
