@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -413,8 +413,12 @@ def apd_generate_eager(
     prompt: Sequence[int],
     config: APDConfig = APDConfig(),
     key: jax.Array | None = None,
+    on_pass: Callable[[list[int]], None] | None = None,
 ) -> tuple[list[int], list[int]]:
     """The same algorithm as a plain Python loop over one row, with exact-size windows.
+
+    `on_pass`, if given, receives each pass's accepted tokens as they are decided
+    (the live view of `apd-jax generate --live`).
 
     Follows the published loop step by step: the drafter's cache is cropped to
     `left` and the window [left, right) run on it; the verifier runs prompt + draft
@@ -453,6 +457,8 @@ def apd_generate_eager(
         counts.append(k)
         first = False
         hits = [i for i in range(t, t + k) if x[i] in eos]
+        if on_pass is not None:
+            on_pass(x[t : hits[0] + 1] if hits else x[t : t + k])
         t += k
         if hits:
             return x[len(prompt) : hits[0] + 1], counts

@@ -63,3 +63,9 @@ def test_learn2pd_without_a_filter_is_a_clear_error(capsys):
     argv = ["generate", "--random-tiny", "--ids", "5 6", "--decoder", "learn2pd", "--max-new-tokens", "4"]
     assert main(argv) == 2
     assert "needs --filter" in capsys.readouterr().err
+
+
+def test_live_view_shows_every_pass(capsys):
+    argv = ["generate", "--random-tiny", "--ids", "5 6 7 8", "--max-new-tokens", "10", "--W", "2", "--M", "4", "--live"]
+    assert main(argv) == 0
+    assert "one colour per pass" in capsys.readouterr().out

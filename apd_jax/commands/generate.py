@@ -14,7 +14,7 @@ from pathlib import Path
 
 import jax
 
-from apd_jax.apd import APDConfig, apd_generate, leftright_generate, shared_vocab_size
+from apd_jax.apd import APDConfig, apd_generate, apd_generate_eager, leftright_generate, shared_vocab_size
 from apd_jax.autoregressive import ARConfig, ar_generate
 from apd_jax.checkpoint import load_model, load_orbax, load_tokenizer
 from apd_jax.config import tiny_config
@@ -46,6 +46,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--rule", choices=("paper", "reference"), default="paper")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--live", action="store_true",
+                   help="show APD's passes as they happen, each pass's accepted tokens in their own colour")
     p.add_argument("--decoder", choices=DECODERS, default="apd", help="decoding strategy (default apd)")
     p.add_argument("--K", type=int, default=1, help="leftright: tokens committed per pass")
     p.add_argument("--alg", choices=ALGORITHMS, default="entropy", help="dream: unmasking order")
@@ -103,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
     vocab = shared_vocab_size(drafter.cfg, verifier.cfg, tok_d, tok_v)
     texts = _prompts(args)
     prompts = [list(map(int, t.split())) if args.ids else tok_d.encode(t) for t in texts]
+    if args.live:
+        return _live(args, drafter, verifier, prompts, texts, config, tok_d)
     if mesh is not None and args.decoder != "apd":
         raise ValueError("--mesh is supported with --decoder apd only")
     start = time.perf_counter()
@@ -146,3 +150,30 @@ def _decode(args, drafter, verifier, prompts, config: APDConfig, vocab: int, mes
             cfg = Learn2PDConfig(eot_threshold=args.eot_threshold, **sampling)
             return learn2pd_generate(drafter, load_filter(args.filter), prompts, cfg, key)
     raise ValueError(f"unknown decoder {args.decoder!r}")
+
+
+PASS_COLOURS = ("bold cyan", "bold magenta", "bold green", "bold yellow", "bold blue", "bold red")
+
+
+def _live(args, drafter, verifier, prompts, texts, config: APDConfig, tokenizer) -> int:
+    """APD pass by pass (the readable Python loop), printing each pass's tokens in turn."""
+    from rich.console import Console
+
+    if args.decoder != "apd" or len(prompts) != 1:
+        raise ValueError("--live shows one prompt decoded with APD (--decoder apd)")
+    console = Console(highlight=False)
+    console.print(texts[0], end="", style="dim")
+    passes = []
+
+    def show(tokens: list[int]) -> None:
+        text = tokenizer.decode(tokens) if tokenizer else " " + " ".join(map(str, tokens))
+        console.print(text, end="", style=PASS_COLOURS[len(passes) % len(PASS_COLOURS)])
+        passes.append(len(tokens))
+
+    start = time.perf_counter()
+    tokens, counts = apd_generate_eager(drafter, verifier, prompts[0], config, jax.random.key(args.seed), show)
+    elapsed = time.perf_counter() - start
+    console.print()
+    console.print(f"[{len(tokens)} tokens in {len(counts)} passes, {len(tokens) / len(counts):.2f} tokens/pass, "
+                  f"{elapsed:.1f} s with per-window compilation; one colour per pass]")
+    return 0
