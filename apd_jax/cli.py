@@ -17,6 +17,7 @@ SUBCOMMANDS = (
     "apd_jax.commands.convert",
     "apd_jax.commands.bench",
     "apd_jax.commands.compare",
+    "apd_jax.commands.eval",
     "apd_jax.commands.train",
     "apd_jax.commands.train_filter",
 )

@@ -1,0 +1,85 @@
+"""GSM8K-style evaluation from a local JSONL file: generate, extract the final answer, exact match.
+
+Each line is {"question": ..., "answer": ...}; a GSM8K answer ends in "#### <number>",
+otherwise the whole answer is the reference. Predictions are the number after "####"
+when the model writes one, else the last number in the generation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import time
+from pathlib import Path
+
+import jax
+from rich.progress import track
+
+from apd_jax.apd import APDConfig, apd_generate
+from apd_jax.model import Qwen2
+
+PROMPT = "Question: {question}\nAnswer:"
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def load_jsonl(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"evaluation file {path} not found")
+    items = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{n} is not JSON: {err.msg}") from None
+        if not isinstance(item, dict) or not {"question", "answer"} <= item.keys():
+            raise ValueError(f"{path}:{n} needs the keys 'question' and 'answer'")
+        items.append(item)
+    if not items:
+        raise ValueError(f"{path} holds no items")
+    return items
+
+
+def _normalise(number: str) -> str:
+    return number.replace(",", "").rstrip(".").removesuffix(".0")
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer of a generation or a GSM8K reference: after '####', else the last number."""
+    if "####" in text:
+        found = _NUMBER.findall(text.split("####", 1)[1])
+        return _normalise(found[0]) if found else None
+    found = _NUMBER.findall(text)
+    return _normalise(found[-1]) if found else None
+
+
+@dataclasses.dataclass
+class EvalReport:
+    accuracy: float
+    correct: int
+    total: int
+    tokens_per_s: float
+    tokens_per_pass: float
+
+
+def evaluate(
+    drafter: Qwen2, verifier: Qwen2, tokenizer, items: list[dict], config: APDConfig, batch_size: int = 8,
+    prompt: str = PROMPT,
+) -> EvalReport:
+    correct = tokens = passes = 0
+    seconds = 0.0
+    batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+    for batch in track(batches, description="evaluating"):
+        ids = [tokenizer.encode(prompt.format(question=item["question"])) for item in batch]
+        start = time.perf_counter()
+        result = apd_generate(drafter, verifier, ids, config, jax.random.key(0))
+        seconds += time.perf_counter() - start
+        for item, seq in zip(batch, result.sequences()):
+            predicted = extract_answer(tokenizer.decode(seq))
+            correct += predicted is not None and predicted == extract_answer(str(item["answer"]))
+        tokens += int(result.lengths.sum())
+        passes += int(result.row_passes().sum())
+    return EvalReport(correct / len(items), correct, len(items), tokens / max(seconds, 1e-9), tokens / max(passes, 1))
