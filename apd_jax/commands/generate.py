@@ -161,7 +161,7 @@ def _live(args, drafter, verifier, prompts, texts, config: APDConfig, tokenizer)
 
     if args.decoder != "apd" or len(prompts) != 1:
         raise ValueError("--live shows one prompt decoded with APD (--decoder apd)")
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)  # generated text keeps its own line breaks
     console.print(texts[0], end="", style="dim")
     passes = []
 
