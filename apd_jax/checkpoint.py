@@ -49,7 +49,7 @@ NAME_TABLE: dict[str, tuple[str, bool]] = {
     "lm_head.weight": ("lm_head", True),
 }
 
-_NP_DTYPES = {"F32": np.float32, "BF16": ml_dtypes.bfloat16, "F16": np.float16}
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16))
 
 
 class CheckpointError(ValueError):
@@ -134,7 +134,7 @@ def load_hf_params(path: str | Path, cfg: ModelConfig) -> dict[str, np.ndarray]:
             raise CheckpointError(
                 f"tensor {name!r} in {path} has shape {tuple(array.shape)}, but config.json implies {want_hf}"
             )
-        if array.dtype not in _NP_DTYPES.values():
+        if array.dtype not in _FLOAT_DTYPES:
             raise CheckpointError(f"tensor {name!r} has unsupported dtype {array.dtype}")
         params[flax_path] = np.ascontiguousarray(array.T if transpose else array, dtype=want.dtype)
     missing = sorted(set(expected) - set(params))
