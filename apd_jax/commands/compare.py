@@ -12,6 +12,7 @@ import argparse
 from pathlib import Path
 
 from apd_jax.apd import APDConfig
+from apd_jax.commands import read_prompts_file
 from apd_jax.checkpoint import load_model, load_tokenizer
 from apd_jax.compare import compare_decoders, format_table
 from apd_jax.config import tiny_config
@@ -34,11 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.prompts_file.is_file():
-        raise FileNotFoundError(f"prompts file {args.prompts_file} not found")
-    lines = [line for line in args.prompts_file.read_text().splitlines() if line.strip()]
-    if not lines:
-        raise ValueError(f"prompts file {args.prompts_file} holds no prompts")
+    lines = read_prompts_file(args.prompts_file)
     if args.random_tiny:
         drafter, verifier = init_model(tiny_config(causal=False), 1), init_model(tiny_config(causal=True), 2)
         prompts = [list(map(int, line.split())) for line in lines]

@@ -16,6 +16,7 @@ import jax
 
 from apd_jax.apd import APDConfig, apd_generate, apd_generate_eager, leftright_generate, shared_vocab_size
 from apd_jax.autoregressive import ARConfig, ar_generate
+from apd_jax.commands import read_prompts_file
 from apd_jax.checkpoint import load_model, load_orbax, load_tokenizer
 from apd_jax.config import tiny_config
 from apd_jax.diffusion import ALGORITHMS, DiffusionConfig, ThresholdConfig, diffusion_generate, threshold_generate
@@ -63,12 +64,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _prompts(args: argparse.Namespace) -> list[str]:
     if args.prompts_file is not None:
-        if not args.prompts_file.is_file():
-            raise FileNotFoundError(f"prompts file {args.prompts_file} not found")
-        lines = [line for line in args.prompts_file.read_text().splitlines() if line.strip()]
-        if not lines:
-            raise ValueError(f"prompts file {args.prompts_file} holds no prompts")
-        return lines
+        return read_prompts_file(args.prompts_file)
     return [args.prompt if args.prompt is not None else sys.stdin.read()]
 
 

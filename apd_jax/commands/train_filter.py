@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from apd_jax.commands import read_prompts_file
 from apd_jax.checkpoint import load_model, load_tokenizer
 from apd_jax.learn2pd import (
     FilterTrainConfig,
@@ -45,11 +46,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _read_prompts(args: argparse.Namespace) -> list[list[int]]:
-    if not args.prompts_file.is_file():
-        raise FileNotFoundError(f"prompts file {args.prompts_file} not found")
-    lines = [line for line in args.prompts_file.read_text().splitlines() if line.strip()]
-    if not lines:
-        raise ValueError(f"prompts file {args.prompts_file} holds no prompts")
+    lines = read_prompts_file(args.prompts_file)
     if args.ids:
         try:
             return [list(map(int, line.split())) for line in lines]
