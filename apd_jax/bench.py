@@ -48,6 +48,13 @@ def matmul_params(cfg: ModelConfig) -> tuple[int, int]:
     return cfg.num_layers * (attn + mlp), h * cfg.vocab_size
 
 
+def random_prompts(configs: list[ModelConfig], batch: int, prompt_len: int) -> list[list[int]]:
+    """Random prompt ids every model can read: below each vocabulary, the mask token and
+    Qwen's special-token range (ids from 151643 up)."""
+    limit = min([150000] + [c.vocab_size for c in configs] + [c.mask_token_id for c in configs if c.mask_token_id])
+    return np.random.default_rng(0).integers(0, limit, size=(batch, prompt_len)).tolist()
+
+
 def _median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
     times, out = [], None
     for _ in range(repeats):
@@ -119,9 +126,7 @@ def _roofline(flops: float, nbytes: float, ceilings: dict[str, float]) -> tuple[
 
 def bench_apd(drafter: Qwen2, verifier: Qwen2, cfg: APDConfig, batch: int, prompt_len: int,
               ceilings: dict[str, float], repeats: int, name: str = "APD") -> Row:
-    rng = np.random.default_rng(0)
-    vocab = min(drafter.cfg.vocab_size, verifier.cfg.vocab_size)
-    prompts = rng.integers(0, min(vocab, 150000), size=(batch, prompt_len)).tolist()
+    prompts = random_prompts([drafter.cfg, verifier.cfg], batch, prompt_len)
     nbytes = param_bytes(drafter) + param_bytes(verifier)
     layers_d, head_d = matmul_params(drafter.cfg)
     layers_v, head_v = matmul_params(verifier.cfg)
@@ -139,8 +144,7 @@ def bench_apd(drafter: Qwen2, verifier: Qwen2, cfg: APDConfig, batch: int, promp
 
 def bench_leftright(drafter: Qwen2, K: int, cfg: APDConfig, batch: int, prompt_len: int,
                     ceilings: dict[str, float], repeats: int) -> Row:
-    prompts = np.random.default_rng(0).integers(0, 150000 if drafter.cfg.vocab_size > 150000 else 300,
-                                                size=(batch, prompt_len)).tolist()
+    prompts = random_prompts([drafter.cfg], batch, prompt_len)
     layers_d, head_d = matmul_params(drafter.cfg)
     draft = min(cfg.M, cfg.max_new_tokens)
 
@@ -154,7 +158,7 @@ def bench_leftright(drafter: Qwen2, K: int, cfg: APDConfig, batch: int, prompt_l
 
 def bench_ar(model: Qwen2, cfg: ARConfig, batch: int, prompt_len: int, ceilings: dict[str, float],
              repeats: int) -> Row:
-    prompts = np.random.default_rng(0).integers(0, min(model.cfg.vocab_size, 150000), size=(batch, prompt_len)).tolist()
+    prompts = random_prompts([model.cfg], batch, prompt_len)
     layers, head = matmul_params(model.cfg)
 
     def bound(result: GenerationResult) -> tuple[float, float]:

@@ -38,8 +38,7 @@ def main(batches: list[int], tiny: bool) -> None:
               for k, m in layouts.items()}
     print(f"{jax.devices()}: drafter {d_cfg.model_type} {d_cfg.num_layers} layers, verifier {v_cfg.num_layers}")
     for batch in batches:
-        vocab = min(d_cfg.vocab_size, v_cfg.vocab_size, 150000)
-        prompts = np.random.default_rng(0).integers(0, vocab, size=(batch, prompt_len)).tolist()
+        prompts = bench.random_prompts([d_cfg, v_cfg], batch, prompt_len)
         reference = None
         for name, mesh in layouts.items():
             if mesh is not None and batch % mesh.shape["data"]:

@@ -1,5 +1,6 @@
 """The `apd-jax` command line: real runs on tiny models, and errors as messages."""
 
+import numpy as np
 import pytest
 
 from apd_jax.cli import main
@@ -49,6 +50,16 @@ def test_bench_runs_on_tiny_shapes(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "APD R=0.7 W=4 M=8" in out and "AR decode" in out and "left-to-right" in out
     assert (tmp_path / "b.json").is_file()
+
+
+def test_bench_prompts_avoid_the_mask_and_special_tokens():
+    from apd_jax.bench import random_prompts
+    from apd_jax.config import dream_7b_config, qwen25_05b_config, tiny_config
+
+    for configs in ([tiny_config(False), tiny_config(True)], [dream_7b_config(), qwen25_05b_config()]):
+        ids = np.array(random_prompts(configs, 4, 512))
+        assert ids.shape == (4, 512) and ids.min() >= 0
+        assert ids.max() < min([150000] + [c.mask_token_id for c in configs if c.mask_token_id])
 
 
 @pytest.mark.parametrize("decoder", ["apd", "leftright", "ar", "dream", "threshold"])
