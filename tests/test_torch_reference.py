@@ -8,30 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 
-try:  # works whether or not tests/ becomes a package
-    from .torch_reference import (
-        TorchDream,
-        crop,
-        load_safetensors_dir,
-        save_tiny_dream,
-        save_tiny_qwen2,
-        shift_logits,
-        torch_apd_generate,
-        torch_dream_diffusion_generate,
-        torch_leftright_generate,
-    )
-except ImportError:
-    from torch_reference import (  # type: ignore[no-redef]
-        TorchDream,
-        crop,
-        load_safetensors_dir,
-        save_tiny_dream,
-        save_tiny_qwen2,
-        shift_logits,
-        torch_apd_generate,
-        torch_dream_diffusion_generate,
-        torch_leftright_generate,
-    )
+from torch_reference import (
+    TorchDream,
+    crop,
+    load_safetensors_dir,
+    save_tiny_dream,
+    save_tiny_qwen2,
+    shift_logits,
+    torch_apd_generate,
+    torch_dream_diffusion_generate,
+    torch_leftright_generate,
+)
 
 transformers = pytest.importorskip("transformers")
 
