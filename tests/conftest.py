@@ -14,6 +14,11 @@ from transformers import Qwen2ForCausalLM  # noqa: E402
 from apd_jax.checkpoint import load_hf  # noqa: E402
 from torch_reference import TorchDream, save_tiny_dream, save_tiny_qwen2  # noqa: E402
 
+# Shared by the decoder tests (imported with `from conftest import ...`): three prompts of
+# different lengths, so batches need padding, and the tiny Dream checkpoint's mask id.
+PROMPTS = [[5, 17, 33, 101, 7, 250, 64, 12, 99], [44, 3], [200, 11, 19, 300, 87, 66, 1, 150, 40, 41, 42, 43, 44, 9]]
+MASK = 330  # save_tiny_dream's mask_token_id
+
 
 @pytest.fixture(scope="session")
 def qwen_dir(tmp_path_factory):

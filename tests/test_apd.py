@@ -8,15 +8,14 @@ import numpy as np
 import pytest
 
 from apd_jax.apd import APDConfig, _Knobs, accepted_length, apd_generate, apd_generate_eager, shared_vocab_size
+from conftest import MASK, PROMPTS
 from torch_reference import torch_apd_generate
-
-PROMPTS = [[5, 17, 33, 101, 7, 250, 64, 12, 99], [44, 3], [200, 11, 19, 300, 87, 66, 1, 150, 40, 41, 42, 43, 44, 9]]
 
 
 def reference(torch_dream, torch_qwen, prompt, cfg, eos):
     tokens, counts = torch_apd_generate(
         torch_dream, torch_qwen, prompt, max_new_tokens=cfg.max_new_tokens, R=cfg.R, W=cfg.W, M=cfg.M,
-        mask_token_id=330, eos_token_id=eos, shared_vocab_size=320,
+        mask_token_id=MASK, eos_token_id=eos, shared_vocab_size=320,
     )
     if eos in tokens:  # ours pads what the final pass accepted after the eos
         tokens = tokens[: tokens.index(eos) + 1]
@@ -183,7 +182,7 @@ def test_leftright_K_matches_pytorch_loop(K, W, M, dream, torch_dream):
     result = leftright_generate(dream, PROMPTS, K, cfg)
     for row, prompt in enumerate(PROMPTS):
         tokens, counts = torch_leftright_generate(
-            torch_dream, prompt, max_new_tokens=30, K=K, W=W, M=M, mask_token_id=330, eos_token_id=2,
+            torch_dream, prompt, max_new_tokens=30, K=K, W=W, M=M, mask_token_id=MASK, eos_token_id=2,
             shared_vocab_size=336,
         )
         if 2 in tokens:

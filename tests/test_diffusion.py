@@ -15,10 +15,9 @@ from apd_jax.diffusion import (
     dream_transfer_ratios,
     threshold_generate,
 )
+from conftest import MASK, PROMPTS
 from torch_reference import shift_logits, torch_dream_diffusion_generate
 
-MASK = 330
-PROMPTS = [[5, 17, 33, 101, 7, 250, 64, 12, 99], [44, 3], [200, 11, 19, 300, 87, 66, 1, 150, 40, 41, 42, 43, 44, 9]]
 N = 16
 WHOLE = dict(max_new_tokens=N, eos_token_ids=())  # no eos: the whole canvas, as the reference returns it
 

@@ -30,9 +30,8 @@ from apd_jax.learn2pd import (
     save_filter,
     train_filter,
 )
+from conftest import MASK, PROMPTS
 
-MASK = 330
-PROMPTS = [[5, 17, 33, 101, 7, 250, 64, 12, 99], [44, 3], [200, 11, 19, 300, 87, 66, 1, 150, 40, 41, 42, 43, 44, 9]]
 N = 16
 TRAIN_ROWS, HELD_ROWS = np.arange(12), np.arange(12, 16)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import MASK
 from torch_reference import (
     TorchDream,
     crop,
@@ -22,7 +23,7 @@ from torch_reference import (
 
 transformers = pytest.importorskip("transformers")
 
-MASK, SHARED = 330, 320
+SHARED = 320
 NO_EOS = 335  # drafter-only id: never drafted (drafts are restricted to the shared vocab)
 PROMPT = [5, 17, 42, 7, 99, 3]
 
