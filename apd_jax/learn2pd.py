@@ -6,9 +6,12 @@
    confident position, set to the answer, when none does). Every masked
    position of every pass is recorded: its features and the oracle's keep label.
 2. A small filter f_theta (a 2-layer MLP of about 2k parameters) trained on
-   those traces with class-balanced binary cross-entropy; saved with orbax.
-3. A decoder that commits, each pass, the predictions the filter keeps (at
-   least the most confident one), in diffusion.parallel_decode's compiled loop,
+   those traces with plain binary cross-entropy, as the paper's own training
+   notebook does, so that its keep probability estimates the chance that a
+   prediction is already the final answer; saved with orbax.
+3. A decoder that commits, each pass, the predictions whose keep probability
+   exceeds a threshold (0.9, the paper's; at least the most confident one), in
+   diffusion.parallel_decode's compiled loop,
 4. with End-of-Text prediction: once a masked position predicts an eos with
    probability above `eot_threshold`, every later position is dropped (padding,
    hidden from attention by the row's valid length; shapes never change).
@@ -49,15 +52,17 @@ from apd_jax.diffusion import (
 from apd_jax.generation import GenerationResult
 from apd_jax.model import Qwen2
 
-# Per masked position and pass, each in about [0, 1].
-FEATURES = ("confidence", "margin", "entropy", "front_distance", "position", "progress")
+# Per masked position and pass, each in about [0, 1]. No pass index: the oracle finishes in a
+# few passes, a decoder takes many, so a pass-index feature only encodes the oracle's schedule
+# (on the embedded pair it gave the filter all its edge on oracle traces, and broke decoding).
+FEATURES = ("confidence", "margin", "entropy", "front_distance", "position")
 FILTER_FILE = "filter.json"
 
 
-def pass_features(pred: Prediction, masked: jax.Array, pass_index: jax.Array, vocab: int) -> jax.Array:
+def pass_features(pred: Prediction, masked: jax.Array, vocab: int) -> jax.Array:
     """[B, N, len(FEATURES)]: probability of the prediction, top-1 minus top-2 margin,
     entropy / log(vocab), distance past the leftmost masked position (the decoding
-    front) / N, position / N, pass index / N."""
+    front) / N, position / N."""
     n = masked.shape[1]
     j = jnp.arange(n, dtype=jnp.float32)
     front = first_index(masked).astype(jnp.float32)
@@ -68,7 +73,6 @@ def pass_features(pred: Prediction, masked: jax.Array, pass_index: jax.Array, vo
             -pred.neg_entropy / jnp.log(jnp.float32(vocab)),
             (j - front[:, None]) / n,
             jnp.broadcast_to(j / n, masked.shape),
-            jnp.broadcast_to(jnp.asarray(pass_index, jnp.float32) / n, masked.shape),
         ],
         axis=-1,
     )
@@ -135,7 +139,7 @@ def _oracle(graph, params, prompts, prompt_lens, answers, max_new: int, mask_id:
         return (
             i + 1,
             new,
-            features.at[i].set(pass_features(pred, masked, i, model.cfg.vocab_size)),
+            features.at[i].set(pass_features(pred, masked, model.cfg.vocab_size)),
             labels.at[i].set(match),
             recorded.at[i].set(masked),
         )
@@ -208,7 +212,7 @@ def collect_traces(
 
 
 class Filter(nnx.Module):
-    """f_theta: features [..., len(FEATURES)] -> keep logit [...]; 2049 parameters at width 256."""
+    """f_theta: features [..., len(FEATURES)] -> keep logit [...]; 1793 parameters at width 256."""
 
     def __init__(self, width: int = 256, *, rngs: nnx.Rngs):
         self.width = width
@@ -240,8 +244,7 @@ class FilterTrainConfig:
         raise_problems("filter training", problems)
 
 
-def _class_weights(labels: np.ndarray) -> np.ndarray:
-    """Weights making keep and remask count equally (the oracle's labels are unbalanced)."""
+def _check_labels(labels: np.ndarray) -> None:
     if len(labels) == 0:
         raise ValueError("no traces to train on")
     p = float(np.mean(labels))
@@ -250,19 +253,19 @@ def _class_weights(labels: np.ndarray) -> np.ndarray:
             f"the traces hold only {'keep' if p else 'remask'} labels ({len(labels)} samples): "
             "a filter needs both; use more or longer prompts"
         )
-    return np.where(labels, 0.5 / p, 0.5 / (1.0 - p)).astype(np.float32)
 
 
-def _balanced_bce(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> jax.Array:
-    return jnp.mean(weights * optax.sigmoid_binary_cross_entropy(logits, labels))
+def _bce(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    # Unweighted, so that the keep probability stays calibrated (class-balanced weights inflate it).
+    return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, labels))
 
 
 @functools.partial(jax.jit, static_argnames=("graph", "steps", "batch"))
-def _fit(graph, params, x, y, w, key, learning_rate, steps: int, batch: int):
+def _fit(graph, params, x, y, key, learning_rate, steps: int, batch: int):
     tx = optax.adam(learning_rate)
 
     def loss_fn(params, idx):
-        return _balanced_bce(nnx.merge(graph, params)(x[idx]), y[idx], w[idx])
+        return _bce(nnx.merge(graph, params)(x[idx]), y[idx])
 
     def step(i, carry):
         params, opt_state, losses, key = carry
@@ -277,12 +280,12 @@ def _fit(graph, params, x, y, w, key, learning_rate, steps: int, batch: int):
 
 
 def train_filter(traces: Traces, config: FilterTrainConfig = FilterTrainConfig()) -> tuple[Filter, np.ndarray]:
-    """Fit a filter to oracle traces with Adam on class-balanced BCE; returns it and the minibatch losses."""
+    """Fit a filter to oracle traces with Adam on binary cross-entropy; returns it and the minibatch losses."""
     config.validate()
-    weights = _class_weights(traces.labels)
+    _check_labels(traces.labels)
     graph, params = nnx.split(Filter(config.width, rngs=nnx.Rngs(config.seed)))
     params, losses = _fit(
-        graph, params, jnp.asarray(traces.features), jnp.asarray(traces.labels, jnp.float32), jnp.asarray(weights),
+        graph, params, jnp.asarray(traces.features), jnp.asarray(traces.labels, jnp.float32),
         jax.random.key(config.seed), jnp.float32(config.learning_rate), config.steps, config.batch_size,
     )
     return nnx.merge(graph, params), np.asarray(losses)
@@ -294,10 +297,8 @@ def _scores(filter: Filter, features: jax.Array) -> jax.Array:
 
 
 def filter_loss(filter: Filter, traces: Traces) -> float:
-    """Class-balanced BCE of the filter over all of `traces`."""
-    logits = filter(jnp.asarray(traces.features))
-    labels = jnp.asarray(traces.labels, jnp.float32)
-    return float(_balanced_bce(logits, labels, jnp.asarray(_class_weights(traces.labels))))
+    """Binary cross-entropy of the filter over all of `traces`."""
+    return float(_bce(filter(jnp.asarray(traces.features)), jnp.asarray(traces.labels, jnp.float32)))
 
 
 def keep_probabilities(filter: Filter, traces: Traces) -> np.ndarray:
@@ -316,13 +317,14 @@ def keep_stats(keep: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     }
 
 
-def compare_with_confidence_rule(filter: Filter, traces: Traces, keep_threshold: float = 0.5) -> dict[str, dict]:
-    """The filter against the fixed rule `confidence > tau` on the same traces.
+def compare_with_confidence_rule(
+    filter: Filter, traces: Traces, keep_threshold: float = 0.9
+) -> dict[str, dict | None]:
+    """The filter (keep probability > keep_threshold) against the fixed rule `confidence > tau`.
 
     'confidence_equal_precision': the tau with the highest recall whose precision
-    still reaches the filter's. At equal agreement on committed tokens, the rule
-    with the higher recall commits more tokens per pass. 'confidence_best_accuracy':
-    the rule's best accuracy over tau, chosen with the labels in hand.
+    still reaches the filter's (None when none does). At equal agreement on committed
+    tokens, the rule with the higher recall commits more tokens per pass.
     """
     labels = traces.labels
     ours = keep_stats(keep_probabilities(filter, traces) > keep_threshold, labels)
@@ -333,7 +335,6 @@ def compare_with_confidence_rule(filter: Filter, traces: Traces, keep_threshold:
     return {
         "filter": {"keep_threshold": keep_threshold, **ours},
         "confidence_equal_precision": max(reach, key=lambda r: r["recall"]) if reach else None,
-        "confidence_best_accuracy": max(rules, key=lambda r: r["accuracy"]),
     }
 
 
@@ -375,7 +376,7 @@ def load_filter(path: str | Path) -> Filter:
 class Learn2PDConfig(ParallelConfig):
     """keep_threshold: commit a prediction when the filter's keep probability exceeds it."""
 
-    keep_threshold: float = 0.5
+    keep_threshold: float = 0.9
     eot_threshold: float | None = 0.9
 
     def validate(self) -> None:
@@ -394,7 +395,7 @@ class FilterRule(nnx.Module):
         self.vocab = vocab
 
     def __call__(self, pred: Prediction, masked: jax.Array, pass_index: jax.Array) -> jax.Array:
-        logits = self.filter(pass_features(pred, masked, pass_index, self.vocab))
+        logits = self.filter(pass_features(pred, masked, self.vocab))
         return jax.nn.sigmoid(logits) > self.keep_threshold[...]
 
 

@@ -516,6 +516,26 @@ def apd_eval_prompts(
     return prompts, min(max_new_tokens, seq_len - max(16, 1 << (longest - 1).bit_length()))
 
 
+def stdlib_prompts(
+    tok, n: int, *, heldout: bool, seq_len: int, root: str | Path | None = None, seed: int = 0
+) -> list[str]:
+    """n prompts of the stdlib corpus under `root`, built as `apd_eval_prompts` builds them.
+
+    heldout=True: the first n of the APD check's own held-out prompts (what `apd-jax compare
+    --heldout-prompts` decodes). heldout=False: prompts from the training files only, visited
+    in a seeded random order so they span the library rather than its alphabetical start
+    (what `apd-jax train-filter --train-prompts` learns from); other files, so never the same.
+    """
+    train_docs, heldout_docs = corpus.load_corpus(root)
+    order = np.random.default_rng(seed).permutation(len(train_docs))
+    docs = heldout_docs if heldout else [train_docs[i] for i in order]
+    prompts, _ = apd_eval_prompts(docs, tok, n, seq_len, 0)
+    if len(prompts) < n:
+        side = "held-out" if heldout else "training"
+        raise ValueError(f"the corpus's {side} files give only {len(prompts)} prompts of at most {seq_len // 4} tokens")
+    return prompts
+
+
 def evaluate_apd(
     drafter_dir: str | Path,
     verifier_dir: str | Path,

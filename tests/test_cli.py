@@ -1,5 +1,7 @@
 """The `apd-jax` command line: real runs on tiny models, and errors as messages."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -40,7 +42,7 @@ def test_compare_prints_a_row_per_decoder(tmp_path, capsys):
     assert main(["compare", "--random-tiny", "--prompts-file", str(prompts), "--max-new-tokens", "8", "--W", "2",
                  "--M", "4"]) == 0
     out = capsys.readouterr().out
-    for name in ("left-to-right K=1", "entropy", "threshold", "APD", "AR (verifier alone)"):
+    for name in ("left-to-right K=1", "most confident first", "entropy", "threshold", "APD", "AR (verifier alone)"):
         assert name in out
 
 
@@ -74,6 +76,20 @@ def test_learn2pd_without_a_filter_is_a_clear_error(capsys):
     argv = ["generate", "--random-tiny", "--ids", "5 6", "--decoder", "learn2pd", "--max-new-tokens", "4"]
     assert main(argv) == 2
     assert "needs --filter" in capsys.readouterr().err
+
+
+def test_learn2pd_defaults_to_the_embedded_filter_with_the_embedded_drafter(tmp_path, monkeypatch, capsys):
+    from apd_jax import ASSETS_DIR
+    from apd_jax.commands import embedded_filter
+    from apd_jax.learn2pd import FEATURES, load_filter
+
+    assert load_filter(ASSETS_DIR / "filter").fc1.in_features == len(FEATURES)
+    monkeypatch.chdir(ASSETS_DIR)  # a relative path to the embedded drafter counts too
+    assert embedded_filter(ASSETS_DIR / "drafter") == embedded_filter(Path("drafter")) == ASSETS_DIR / "filter"
+    assert embedded_filter(tmp_path) is None and embedded_filter(None) is None
+    argv = ["generate", "def add(a, b):\n", "--decoder", "learn2pd", "--max-new-tokens", "8", "--threshold", "0.5"]
+    assert main(argv) == 0
+    assert "tokens/pass" in capsys.readouterr().out
 
 
 def test_live_view_shows_every_pass(capsys):

@@ -247,3 +247,25 @@ def test_train_command_end_to_end(tmp_path):
     report = json.loads((out / "apd_eval.json").read_text())
     assert report["tokens_per_pass"] >= 1.0 and report["prompts"] >= 1
     assert main(argv[:2] + ["--drafter-hidden", "30", "--drafter-heads", "4"]) == 2  # a clear error, no traceback
+
+
+def test_stdlib_prompts_come_from_one_side_of_the_split(tmp_path):
+    from apd_jax import ASSETS_DIR
+
+    for i in range(80):  # each file's prompt names its file
+        (tmp_path / f"m{i}.py").write_text(f"name = 'm{i}.py'\n\n\ndef f(a):\n    return a\n")
+    held = {f"m{i}.py" for i in range(80) if corpus.is_heldout(f"m{i}.py")}
+    assert 0 < len(held) < 8  # about 3 % of the files
+    tok = T.load_tokenizer_file(ASSETS_DIR / "drafter")
+
+    def files(prompts: list[str]) -> set[str]:
+        return {p.split("'")[1] for p in prompts}
+
+    heldout = T.stdlib_prompts(tok, len(held), heldout=True, seq_len=512, root=tmp_path)
+    train = T.stdlib_prompts(tok, 40, heldout=False, seq_len=512, root=tmp_path)
+    assert files(heldout) == held and len(files(train)) == 40 and not files(train) & held
+    assert train == T.stdlib_prompts(tok, 40, heldout=False, seq_len=512, root=tmp_path)  # seeded order
+    # Training files in a seeded shuffle, not the alphabetical start of the library.
+    assert files(train) != set(sorted(f"m{i}.py" for i in range(80) if f"m{i}.py" not in held)[:40])
+    with pytest.raises(ValueError, match="held-out files give only"):  # each file: with and without context
+        T.stdlib_prompts(tok, 2 * len(held) + 1, heldout=True, seq_len=512, root=tmp_path)

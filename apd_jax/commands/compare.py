@@ -1,23 +1,27 @@
 """`apd-jax compare`: every decoder on one model pair and one set of prompts, as a markdown table.
 
-Passes per generated token, agreement with the drafter's full-step (one token per
-pass) greedy output, and tokens/s after compilation, for: Dream left-to-right K=1/2/4,
+Passes per generated token, agreement with the drafter's two full-step (one token per
+pass) greedy outputs, left to right and most confident first, and tokens/s after
+compilation, for: Dream left-to-right K=1/2/4, the most-confident-first decoder,
 Dream's entropy sampler at half the steps, confidence-threshold decoding, APD, the
-verifier alone, and Learn2PD with and without End-of-Text when a filter is given.
+verifier alone, and Learn2PD with and without End-of-Text when a filter is given (or the
+drafter is the embedded one, which ships with its filter).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from apd_jax.apd import APDConfig
-from apd_jax.commands import read_prompts_file
+from apd_jax.commands import embedded_filter, read_prompts_file
 from apd_jax.checkpoint import load_model, load_tokenizer
 from apd_jax.compare import compare_decoders, format_table
 from apd_jax.config import tiny_config
 from apd_jax.learn2pd import load_filter
 from apd_jax.model import init_model
+from apd_jax.train import load_tokenizer_file, stdlib_prompts
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -25,9 +29,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--drafter", type=Path)
     p.add_argument("--verifier", type=Path)
     p.add_argument("--random-tiny", action="store_true", help="tiny random pair; prompts are token ids")
-    p.add_argument("--prompts-file", type=Path, required=True, help="one prompt per line (ids with --random-tiny)")
-    p.add_argument("--filter", type=Path, help="a Learn2PD filter saved by `apd-jax train-filter`")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompts-file", type=Path,
+                        help="one prompt per line, `\\n` for a newline (ids with --random-tiny)")
+    source.add_argument("--heldout-prompts", type=int, metavar="N",
+                        help="the first N held-out prompts of the stdlib corpus (apd_jax.train.stdlib_prompts: "
+                             "the embedded pair's APD check; files it was not trained on)")
+    p.add_argument("--stdlib", type=Path, default=None,
+                   help="--heldout-prompts: corpus root (default: this Python's stdlib, as `apd-jax train`)")
+    p.add_argument("--filter", type=Path,
+                   help="a Learn2PD filter from `apd-jax train-filter` (default with the embedded drafter: its own)")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--threshold", type=float, default=0.9,
+                   help="the threshold row's confidence and the Learn2PD rows' keep threshold (default 0.9)")
     p.add_argument("--R", type=float, default=0.7)
     p.add_argument("--W", type=int, default=16)
     p.add_argument("--M", type=int, default=100)
@@ -35,17 +49,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    lines = read_prompts_file(args.prompts_file)
     if args.random_tiny:
+        if args.prompts_file is None:
+            raise ValueError("--random-tiny has no tokenizer: give token ids with --prompts-file")
         drafter, verifier = init_model(tiny_config(causal=False), 1), init_model(tiny_config(causal=True), 2)
-        prompts = [list(map(int, line.split())) for line in lines]
+        prompts = [list(map(int, line.split())) for line in read_prompts_file(args.prompts_file)]
     else:
         if args.drafter is None or args.verifier is None:
             raise ValueError("give --drafter DIR and --verifier DIR (or --random-tiny)")
         drafter, verifier = load_model(args.drafter), load_model(args.verifier)
+        if args.heldout_prompts is not None:
+            if args.heldout_prompts < 1:
+                raise ValueError(f"--heldout-prompts {args.heldout_prompts} must be >= 1")
+            # apd_eval_prompts measures prompts with the raw `tokenizers` tokenizer of an apd-jax trained pair.
+            texts = stdlib_prompts(load_tokenizer_file(args.drafter), args.heldout_prompts, heldout=True,
+                                   seq_len=drafter.cfg.max_position_embeddings, root=args.stdlib)
+        else:
+            texts = [line.replace("\\n", "\n") for line in read_prompts_file(args.prompts_file)]
         tokenizer = load_tokenizer(args.drafter)
-        prompts = [tokenizer.encode(line.replace("\\n", "\n")) for line in lines]
-    filt = load_filter(args.filter) if args.filter else None
+        prompts = [tokenizer.encode(text) for text in texts]
+    path = args.filter or (None if args.random_tiny else embedded_filter(args.drafter))
+    if path is None:
+        print("(no Learn2PD rows: give --filter DIR for this drafter)", file=sys.stderr)
+    filt = None if path is None else load_filter(path)
     apd = APDConfig(R=args.R, W=args.W, M=args.M, max_new_tokens=args.max_new_tokens)
-    print(format_table(compare_decoders(drafter, verifier, prompts, args.max_new_tokens, apd, filt)))
+    print(format_table(compare_decoders(drafter, verifier, prompts, args.max_new_tokens, apd, filt, args.threshold)))
     return 0

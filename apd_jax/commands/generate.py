@@ -2,7 +2,8 @@
 
 --decoder picks the decoding strategy: apd (default), leftright (Dream K tokens per
 pass), ar (the verifier alone), dream (Dream's own sampler over --steps), threshold
-(confidence-threshold parallel decoding), learn2pd (a filter from `apd-jax train-filter`).
+(confidence-threshold parallel decoding), learn2pd (a filter from `apd-jax train-filter`;
+the embedded drafter ships with one).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import jax
 
 from apd_jax.apd import APDConfig, apd_generate, apd_generate_eager, leftright_generate, shared_vocab_size
 from apd_jax.autoregressive import ARConfig, ar_generate
-from apd_jax.commands import read_prompts_file
+from apd_jax.commands import embedded_filter, read_prompts_file
 from apd_jax.checkpoint import load_model, load_orbax, load_tokenizer
 from apd_jax.config import tiny_config
 from apd_jax.diffusion import ALGORITHMS, DiffusionConfig, ThresholdConfig, diffusion_generate, threshold_generate
@@ -53,8 +54,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--K", type=int, default=1, help="leftright: tokens committed per pass")
     p.add_argument("--alg", choices=ALGORITHMS, default="entropy", help="dream: unmasking order")
     p.add_argument("--steps", type=int, default=None, help="dream: diffusion steps (default max-new-tokens)")
-    p.add_argument("--threshold", type=float, default=0.9, help="threshold: confidence to commit a token")
-    p.add_argument("--filter", type=Path, help="learn2pd: the trained filter directory")
+    p.add_argument("--threshold", type=float, default=0.9,
+                   help="threshold: confidence to commit a token; learn2pd: the filter's keep probability")
+    p.add_argument("--filter", type=Path,
+                   help="learn2pd: the trained filter directory (default with the embedded drafter: its own filter)")
     p.add_argument("--eot-threshold", type=float, default=None,
                    help="threshold/learn2pd: drop positions after an eos predicted with this confidence")
     p.add_argument("--mesh", default=None,
@@ -141,10 +144,12 @@ def _decode(args, drafter, verifier, prompts, config: APDConfig, vocab: int, mes
             cfg = ThresholdConfig(threshold=args.threshold, eot_threshold=args.eot_threshold, **sampling)
             return threshold_generate(drafter, prompts, cfg, key)
         case "learn2pd":
-            if args.filter is None:
-                raise ValueError("--decoder learn2pd needs --filter DIR (train one with `apd-jax train-filter`)")
-            cfg = Learn2PDConfig(eot_threshold=args.eot_threshold, **sampling)
-            return learn2pd_generate(drafter, load_filter(args.filter), prompts, cfg, key)
+            path = args.filter or embedded_filter(args.drafter)
+            if path is None:
+                raise ValueError("--decoder learn2pd needs --filter DIR for this drafter (only the embedded drafter "
+                                 "has one built in; train one with `apd-jax train-filter`)")
+            cfg = Learn2PDConfig(keep_threshold=args.threshold, eot_threshold=args.eot_threshold, **sampling)
+            return learn2pd_generate(drafter, load_filter(path), prompts, cfg, key)
     raise ValueError(f"unknown decoder {args.decoder!r}")
 
 

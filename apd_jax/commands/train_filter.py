@@ -3,7 +3,9 @@
 For each prompt: the drafter's own greedy answer (one token per pass), then the
 Extremely Greedy Parallel oracle towards it, recording per-position features and
 keep labels; a 2-layer MLP is fitted to them and saved with orbax. A held-out
-share of the prompts reports the filter against a fixed confidence threshold.
+share of the prompts reports the filter against a fixed confidence threshold:
+at each keep threshold, the filter's precision (kept predictions that are the final
+answer) and recall, and the recall of the confidence threshold of equal precision.
 """
 
 from __future__ import annotations
@@ -24,20 +26,27 @@ from apd_jax.learn2pd import (
     save_filter,
     train_filter,
 )
+from apd_jax.train import load_tokenizer_file, stdlib_prompts
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train-filter", help="train a Learn2PD filter for a Dream drafter", description=__doc__)
     p.add_argument("--drafter", type=Path, required=True, help="Dream checkpoint: HF or apd_jax (orbax) directory")
-    p.add_argument("--prompts-file", type=Path, required=True, help="one prompt per line")
-    p.add_argument("--ids", action="store_true", help="prompts are space-separated token ids, not text")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompts-file", type=Path, help="one prompt per line")
+    source.add_argument("--train-prompts", type=int, metavar="N",
+                        help="N prompts from the training files of the stdlib corpus (apd_jax.train.stdlib_prompts; "
+                             "never the held-out files that `apd-jax compare --heldout-prompts` decodes)")
+    p.add_argument("--stdlib", type=Path, default=None,
+                   help="--train-prompts: corpus root (default: this Python's stdlib, as `apd-jax train`)")
+    p.add_argument("--ids", action="store_true", help="--prompts-file holds space-separated token ids, not text")
     p.add_argument("--out", type=Path, required=True, help="output directory for the filter")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--dtype", default=None, help="bfloat16 or float32 (default: as stored)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default 8)")
     p.add_argument("--holdout", type=float, default=0.2, help="share of prompts held out for the report (default 0.2)")
-    p.add_argument("--width", type=int, default=256, help="hidden width of the MLP (default 256: 2049 parameters)")
+    p.add_argument("--width", type=int, default=256, help="hidden width of the MLP (default 256: 1793 parameters)")
     p.add_argument("--steps", type=int, default=1000, help="optimiser steps (default 1000)")
     p.add_argument("--learning-rate", type=float, default=3e-3)
     p.add_argument("--train-batch", type=int, default=2048, help="trace samples per optimiser step")
@@ -45,8 +54,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _read_prompts(args: argparse.Namespace) -> list[list[int]]:
-    lines = read_prompts_file(args.prompts_file)
+def _read_prompts(args: argparse.Namespace, seq_len: int) -> list[list[int]]:
+    if args.train_prompts is not None:
+        if args.train_prompts < 1 or args.ids:
+            raise ValueError(f"--train-prompts {args.train_prompts} must be >= 1 (and text: no --ids)")
+        # apd_eval_prompts measures prompts with the raw `tokenizers` tokenizer of an apd-jax trained pair.
+        lines = stdlib_prompts(load_tokenizer_file(args.drafter), args.train_prompts, heldout=False, seq_len=seq_len,
+                               root=args.stdlib)
+    else:
+        lines = read_prompts_file(args.prompts_file)
     if args.ids:
         try:
             return [list(map(int, line.split())) for line in lines]
@@ -54,6 +70,16 @@ def _read_prompts(args: argparse.Namespace) -> list[list[int]]:
             raise ValueError(f"--ids: {args.prompts_file} must hold space-separated integer token ids") from None
     tokenizer = load_tokenizer(args.drafter)
     return [tokenizer.encode(line) for line in lines]
+
+
+# Keep thresholds of the held-out report (the decoder's default is 0.9).
+REPORT_THRESHOLDS = (0.5, 0.7, 0.9)
+
+
+def _entropy(labels: np.ndarray) -> float:
+    """The BCE of the best constant guess: the keep rate's binary entropy."""
+    p = float(np.mean(labels))
+    return float(-(p * np.log(p) + (1 - p) * np.log1p(-p))) if 0 < p < 1 else 0.0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.drafter, param_dtype=args.dtype)
     if model.cfg.causal:
         raise ValueError(f"{args.drafter} is a causal model: the filter is trained for a Dream (diffusion) drafter")
-    prompts = _read_prompts(args)
+    prompts = _read_prompts(args, model.cfg.max_position_embeddings)
 
     start = time.perf_counter()
     traces = collect_traces(model, prompts, args.max_new_tokens, args.batch_size)
@@ -84,15 +110,19 @@ def run(args: argparse.Namespace) -> int:
         f"{traces.labels.mean():.1%} kept, {time.perf_counter() - start:.1f} s"
     )
     filt, losses = train_filter(train, config)
-    print(f"trained on {len(train)} samples: balanced BCE {filter_loss(filt, train):.4f} "
-          f"(last minibatch {losses[-1]:.4f})")
+    print(f"trained on {len(train)} samples: BCE {filter_loss(filt, train):.4f} (last minibatch {losses[-1]:.4f}, "
+          f"a constant guess {_entropy(train.labels):.4f})")
     if len(held):
-        report = compare_with_confidence_rule(filt, traces.select(held))
-        for name, stats in report.items():
-            text = "none reaches the filter's precision" if stats is None else ", ".join(
-                f"{k} {v:.3f}" for k, v in stats.items()
-            )
-            print(f"held out ({len(held)} prompts) {name}: {text}")
+        test = traces.select(held)
+        print(f"held out ({len(held)} prompts, {len(test)} samples): BCE {filter_loss(filt, test):.4f} "
+              f"(a constant guess {_entropy(test.labels):.4f})")
+        for keep_threshold in REPORT_THRESHOLDS:
+            report = compare_with_confidence_rule(filt, test, keep_threshold)
+            ours, rule = report["filter"], report["confidence_equal_precision"]
+            line = f"  filter > {keep_threshold}: precision {ours['precision']:.3f}, recall {ours['recall']:.3f}; "
+            print(line + ("no confidence threshold is as precise" if rule is None else
+                          f"confidence > {rule['tau']:.3f}: precision {rule['precision']:.3f}, "
+                          f"recall {rule['recall']:.3f}"))
     save_filter(filt, args.out, overwrite=args.overwrite)
     print(f"filter saved to {args.out}")
     return 0
