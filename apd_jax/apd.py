@@ -31,8 +31,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from apd_jax.cache import KVCache
-from apd_jax.generation import GenerationResult, check_prompts, finish, pad_prompts, prompt_bucket
-from apd_jax.config import ModelConfig
+from apd_jax.config import ModelConfig, raise_problems
+from apd_jax.generation import GenerationResult, check_prompts, finish, knob_problems, pad_prompts, prompt_bucket
 from apd_jax.model import Qwen2, shift_right
 from apd_jax.sampling import sample
 from apd_jax.sharding import constrain_cache, replicate, shard_rows
@@ -62,25 +62,16 @@ class APDConfig:
     max_len: int | None = None  # cache capacity; None: the models' max_position_embeddings
 
     def validate(self) -> None:
-        problems = []
+        problems = knob_problems(self.max_new_tokens, self.temperature, self.top_p, self.top_k)
         if not 0.0 <= self.R <= 1.0:
             problems.append(f"R={self.R} must lie in [0, 1] (1 accepts every draft token, 0 trusts only the verifier)")
         if self.W < 1:
             problems.append(f"W={self.W} must be >= 1 (tokens whose drafter K/V are recomputed each pass)")
         if self.M < 1:
             problems.append(f"M={self.M} must be >= 1 (masked positions the drafter sees past t)")
-        if self.max_new_tokens < 1:
-            problems.append(f"max_new_tokens={self.max_new_tokens} must be >= 1")
-        if self.temperature < 0:
-            problems.append(f"temperature={self.temperature} must be >= 0 (0 is greedy)")
-        if not 0.0 < self.top_p <= 1.0:
-            problems.append(f"top_p={self.top_p} must lie in (0, 1] (1 disables it)")
-        if self.top_k < 0:
-            problems.append(f"top_k={self.top_k} must be >= 0 (0 disables it)")
         if self.rule not in RULES:
             problems.append(f"rule={self.rule!r} must be one of {RULES}")
-        if problems:
-            raise ValueError("invalid APD settings: " + "; ".join(problems))
+        raise_problems("APD", problems)
 
 
 def shared_vocab_size(

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from apd_jax.cache import KVCache
-from apd_jax.generation import GenerationResult, check_prompts, finish, pad_prompts, prompt_bucket
+from apd_jax.config import raise_problems
+from apd_jax.generation import GenerationResult, check_prompts, finish, knob_problems, pad_prompts, prompt_bucket
 from apd_jax.model import Qwen2
 from apd_jax.sampling import sample
 
@@ -31,14 +32,7 @@ class ARConfig:
     max_len: int | None = None  # cache capacity; None: max_position_embeddings
 
     def validate(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 is greedy)")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p={self.top_p} must lie in (0, 1] (1 disables it)")
-        if self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k} must be >= 0 (0 disables it)")
+        raise_problems("AR", knob_problems(self.max_new_tokens, self.temperature, self.top_p, self.top_k))
 
 
 @functools.partial(jax.jit, static_argnames=("graph", "max_new", "eos_ids"))

@@ -28,6 +28,12 @@ def parse_dtype(name: str | Any) -> Any:
         raise ValueError(f"unknown dtype {name!r}; use one of {sorted(_DTYPES)}") from None
 
 
+def raise_problems(what: str, problems: list[str]) -> None:
+    """One ValueError naming every problem of a settings object, or nothing when there are none."""
+    if problems:
+        raise ValueError(f"invalid {what} settings: " + "; ".join(problems))
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Shapes and numerics of one Qwen2-family decoder.

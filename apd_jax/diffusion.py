@@ -32,31 +32,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from apd_jax.generation import GenerationResult, check_prompts, finish, pad_prompts, prompt_bucket
+from apd_jax.config import raise_problems
+from apd_jax.generation import GenerationResult, check_prompts, finish, knob_problems, pad_prompts, prompt_bucket
 from apd_jax.model import Qwen2, shift_right
 from apd_jax.sampling import filter_logits, gumbel_noise
 
 # Index order is the traced `alg` switch; the first three select a confidence.
 ALGORITHMS = ("maskgit_plus", "topk_margin", "entropy", "origin")
 _ORIGIN = ALGORITHMS.index("origin")
-
-
-def _sampling_problems(max_new_tokens: int, temperature: float, top_p: float, top_k: int) -> list[str]:
-    problems = []
-    if max_new_tokens < 1:
-        problems.append(f"max_new_tokens={max_new_tokens} must be >= 1")
-    if temperature < 0:
-        problems.append(f"temperature={temperature} must be >= 0 (0 is greedy)")
-    if not 0.0 < top_p <= 1.0:
-        problems.append(f"top_p={top_p} must lie in (0, 1] (1 disables it)")
-    if top_k < 0:
-        problems.append(f"top_k={top_k} must be >= 0 (0 disables it)")
-    return problems
-
-
-def raise_problems(what: str, problems: list[str]) -> None:
-    if problems:
-        raise ValueError(f"invalid {what} settings: " + "; ".join(problems))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +63,7 @@ class DiffusionConfig:
     max_len: int | None = None  # sequence capacity; None: max_position_embeddings
 
     def validate(self) -> None:
-        problems = _sampling_problems(self.max_new_tokens, self.temperature, self.top_p, self.top_k)
+        problems = knob_problems(self.max_new_tokens, self.temperature, self.top_p, self.top_k)
         if self.steps < 1:
             problems.append(f"steps={self.steps} must be >= 1")
         if self.alg not in ALGORITHMS:
@@ -110,7 +93,7 @@ class ParallelConfig:
     max_len: int | None = None
 
     def _problems(self) -> list[str]:
-        problems = _sampling_problems(self.max_new_tokens, self.temperature, self.top_p, self.top_k)
+        problems = knob_problems(self.max_new_tokens, self.temperature, self.top_p, self.top_k)
         if self.eot_threshold is not None and not 0.0 <= self.eot_threshold < 1.0:
             problems.append(f"eot_threshold={self.eot_threshold} must lie in [0, 1) (None disables it)")
         return problems

@@ -1,4 +1,4 @@
-"""What every decoder shares: prompt checks and padding, and the result object."""
+"""What every decoder shares: knob and prompt checks, padding, and the result object."""
 
 from __future__ import annotations
 
@@ -6,6 +6,20 @@ import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
+
+
+def knob_problems(max_new_tokens: int, temperature: float, top_p: float, top_k: int) -> list[str]:
+    """What is wrong with the knobs every decoder has (none: an empty list)."""
+    problems = []
+    if max_new_tokens < 1:
+        problems.append(f"max_new_tokens={max_new_tokens} must be >= 1")
+    if temperature < 0:
+        problems.append(f"temperature={temperature} must be >= 0 (0 is greedy)")
+    if not 0.0 < top_p <= 1.0:
+        problems.append(f"top_p={top_p} must lie in (0, 1] (1 disables it)")
+    if top_k < 0:
+        problems.append(f"top_k={top_k} must be >= 0 (0 disables it)")
+    return problems
 
 
 @dataclasses.dataclass

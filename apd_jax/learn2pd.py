@@ -33,6 +33,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from apd_jax.checkpoint import atomic_dir
+from apd_jax.config import raise_problems
 from apd_jax.diffusion import (
     ParallelConfig,
     Prediction,
@@ -46,7 +47,6 @@ from apd_jax.diffusion import (
     parallel_decode,
     predict,
     prepare_prompts,
-    raise_problems,
     threshold_generate,
 )
 from apd_jax.generation import GenerationResult

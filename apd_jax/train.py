@@ -45,7 +45,7 @@ from flax import nnx
 
 from apd_jax import corpus
 from apd_jax.checkpoint import export_hf, model_params
-from apd_jax.config import ModelConfig, parse_dtype
+from apd_jax.config import ModelConfig, parse_dtype, raise_problems
 from apd_jax.model import Qwen2, init_model, shift_right
 
 EOS_TOKEN = "<|endoftext|>"
@@ -289,8 +289,7 @@ class TrainSettings:
             problems.append(f"warmup={self.warmup} must be >= 0")
         if not 0 <= self.suffix_prob <= 1 or not 0 < self.eps < 1:
             problems.append("suffix_prob must lie in [0, 1] and eps in (0, 1)")
-        if problems:
-            raise ValueError("invalid training settings: " + "; ".join(problems))
+        raise_problems("training", problems)
 
 
 def make_optimizer(s: TrainSettings) -> tuple[optax.GradientTransformation, optax.Schedule]:
