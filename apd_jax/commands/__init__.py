@@ -3,6 +3,7 @@
 from pathlib import Path
 
 from apd_jax import ASSETS_DIR
+from apd_jax.train import load_tokenizer_file, stdlib_prompts
 
 
 def read_prompts_file(path: Path) -> list[str]:
@@ -20,3 +21,11 @@ def embedded_filter(drafter: Path | None) -> Path | None:
     if drafter is not None and drafter.resolve() == (ASSETS_DIR / "drafter").resolve():
         return ASSETS_DIR / "filter"
     return None
+
+
+def corpus_prompts(option: str, n: int, drafter: Path, *, heldout: bool, seq_len: int, root: Path | None) -> list[str]:
+    """`option` N: n prompt texts of the stdlib corpus, held-out or training files (train.stdlib_prompts)."""
+    if n < 1:
+        raise ValueError(f"{option} {n} must be >= 1")
+    # stdlib_prompts measures prompts with the raw `tokenizers` tokenizer of an apd-jax trained pair.
+    return stdlib_prompts(load_tokenizer_file(drafter), n, heldout=heldout, seq_len=seq_len, root=root)

@@ -15,13 +15,12 @@ import sys
 from pathlib import Path
 
 from apd_jax.apd import APDConfig
-from apd_jax.commands import embedded_filter, read_prompts_file
+from apd_jax.commands import corpus_prompts, embedded_filter, read_prompts_file
 from apd_jax.checkpoint import load_model, load_tokenizer
 from apd_jax.compare import compare_decoders, format_table
 from apd_jax.config import tiny_config
 from apd_jax.learn2pd import load_filter
 from apd_jax.model import init_model
-from apd_jax.train import load_tokenizer_file, stdlib_prompts
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -59,10 +58,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("give --drafter DIR and --verifier DIR (or --random-tiny)")
         drafter, verifier = load_model(args.drafter), load_model(args.verifier)
         if args.heldout_prompts is not None:
-            if args.heldout_prompts < 1:
-                raise ValueError(f"--heldout-prompts {args.heldout_prompts} must be >= 1")
-            # apd_eval_prompts measures prompts with the raw `tokenizers` tokenizer of an apd-jax trained pair.
-            texts = stdlib_prompts(load_tokenizer_file(args.drafter), args.heldout_prompts, heldout=True,
+            texts = corpus_prompts("--heldout-prompts", args.heldout_prompts, args.drafter, heldout=True,
                                    seq_len=drafter.cfg.max_position_embeddings, root=args.stdlib)
         else:
             texts = [line.replace("\\n", "\n") for line in read_prompts_file(args.prompts_file)]

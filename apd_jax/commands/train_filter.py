@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from apd_jax.commands import read_prompts_file
+from apd_jax.commands import corpus_prompts, read_prompts_file
 from apd_jax.checkpoint import load_model, load_tokenizer
 from apd_jax.learn2pd import (
     FilterTrainConfig,
@@ -26,7 +26,6 @@ from apd_jax.learn2pd import (
     save_filter,
     train_filter,
 )
-from apd_jax.train import load_tokenizer_file, stdlib_prompts
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -56,10 +55,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _read_prompts(args: argparse.Namespace, seq_len: int) -> list[list[int]]:
     if args.train_prompts is not None:
-        if args.train_prompts < 1 or args.ids:
-            raise ValueError(f"--train-prompts {args.train_prompts} must be >= 1 (and text: no --ids)")
-        # apd_eval_prompts measures prompts with the raw `tokenizers` tokenizer of an apd-jax trained pair.
-        lines = stdlib_prompts(load_tokenizer_file(args.drafter), args.train_prompts, heldout=False, seq_len=seq_len,
+        if args.ids:
+            raise ValueError("--train-prompts makes text prompts: no --ids")
+        lines = corpus_prompts("--train-prompts", args.train_prompts, args.drafter, heldout=False, seq_len=seq_len,
                                root=args.stdlib)
     else:
         lines = read_prompts_file(args.prompts_file)
