@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import json
 import statistics
 import tempfile
@@ -28,12 +29,28 @@ from apd_jax.apd import APDConfig, apd_generate, leftright_generate
 from apd_jax.autoregressive import ARConfig, ar_generate
 from apd_jax.config import ModelConfig
 from apd_jax.generation import GenerationResult
-from apd_jax.model import Qwen2
+from apd_jax.model import Qwen2, abstract_model, forward_logits, with_config
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _normal(key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+    return 0.02 * jax.random.normal(key, shape, dtype)
 
 
 def random_model(cfg: ModelConfig, seed: int = 0) -> Qwen2:
-    """A model with random weights created directly on the default device."""
-    return nnx.jit(lambda: Qwen2(cfg, rngs=nnx.Rngs(seed)))()
+    """A model with random weights made on the default device: normal(0.02), norm scales 1.
+
+    Leaf by leaf, so that XLA compiles one small generator per distinct weight shape
+    rather than the whole initialiser (which takes tens of seconds at 7B).
+    """
+    graph, state = nnx.split(abstract_model(cfg))
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    values = [
+        jnp.ones(x.shape, x.dtype) if "norm" in jax.tree_util.keystr(path) else _normal(key, x.shape, x.dtype)
+        for (path, x), key in zip(leaves, keys)
+    ]
+    return nnx.merge(graph, jax.tree.unflatten(treedef, values))
 
 
 def param_bytes(model: Qwen2) -> int:
@@ -55,6 +72,14 @@ def random_prompts(configs: list[ModelConfig], batch: int, prompt_len: int) -> l
     return np.random.default_rng(0).integers(0, limit, size=(batch, prompt_len)).tolist()
 
 
+def attention_difference(model: Qwen2, attention: str, length: int) -> float:
+    """||logits(attention) - logits(model's own)|| / ||logits(model's own)|| on one random sequence."""
+    tokens = jnp.asarray(random_prompts([model.cfg], 1, length))
+    ref = forward_logits(model, tokens)
+    out = forward_logits(with_config(model, model.cfg.replace(attention=attention)), tokens)
+    return float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+
+
 def _median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
     times, out = [], None
     for _ in range(repeats):
@@ -65,17 +90,28 @@ def _median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
     return statistics.median(times), out
 
 
+def _best_time(fn: Callable[[], Any], repeats: int) -> float:
+    """Fastest of `repeats` calls after as many warm-up calls: a ceiling is the best the device
+    does once its clocks are up (an idle GPU starts at a fraction of its clock)."""
+    for _ in range(repeats):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
 def device_ceilings(size_mb: int = 2048) -> dict[str, float]:
     """Measured copy bandwidth (bytes/s, read + write) and bf16 matmul rate (FLOP/s)."""
-    x = jnp.ones((size_mb * 2**20 // 4,), jnp.float32)
+    x = jax.random.normal(jax.random.key(1), (size_mb * 2**20 // 4,), jnp.float32)
     copy = jax.jit(lambda a: a + 1)
-    copy(x).block_until_ready()
-    t, _ = _median_time(lambda: copy(x), 10)
+    t = _best_time(lambda: copy(x), 20)
     n = 8192 if jax.default_backend() != "cpu" else 512
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
     mm = jax.jit(lambda p, q: p @ q)
-    mm(a, a).block_until_ready()
-    tm, _ = _median_time(lambda: mm(a, a), 10)
+    tm = _best_time(lambda: mm(a, a), 20)
     return {"bandwidth": 2 * x.nbytes / t, "matmul_flops": 2 * n**3 / tm}
 
 
@@ -197,18 +233,18 @@ def to_json(rows: list[Row], ceilings: dict[str, float], extra: dict | None = No
     )
 
 
-def device_profile(fn: Callable[[], Any], top: int = 25) -> tuple[list[tuple[str, float, int]], list[str]]:
+def device_profile(fn: Callable[[], Any], top: int = 25) -> tuple[list[tuple[str, float, int]], list[str], Any]:
     """Device time per op name over one call of `fn`, from a jax.profiler trace.
 
-    Returns ([(op name, total ms, count)] sorted by time, the device lines seen). Device
-    ops are read from each device plane's "XLA Ops" line when there is one, else
-    from its stream lines.
+    Returns ([(op name, total ms, count)] sorted by time, the device lines seen, fn's
+    result). Device ops are read from each device plane's "XLA Ops" line when there is
+    one, else from its stream lines.
     """
     from jax.profiler import ProfileData
 
     with tempfile.TemporaryDirectory() as tmp:
         with jax.profiler.trace(tmp):
-            jax.block_until_ready(fn())
+            result = jax.block_until_ready(fn())
         data = ProfileData.from_file(str(next(Path(tmp).rglob("*.xplane.pb"))))
     totals: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
     seen = []
@@ -225,4 +261,4 @@ def device_profile(fn: Callable[[], Any], top: int = 25) -> tuple[list[tuple[str
                 totals[event.name][0] += event.duration_ns / 1e6
                 totals[event.name][1] += 1
     ranked = sorted(((name, ms, n) for name, (ms, n) in totals.items()), key=lambda r: -r[1])
-    return ranked[:top], seen
+    return ranked[:top], seen, result

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 
 SUPPORTED_MODEL_TYPES = {"qwen2": True, "dream": False}  # model_type -> causal
 
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -60,6 +62,9 @@ class ModelConfig:
     pad_token_id: int | None = None
     param_dtype: Any = jnp.float32
     dtype: Any = jnp.float32  # compute (activation) dtype
+    # "xla": apd_jax's einsum attention (every backend); "cudnn": cuDNN's fused flash
+    # attention through jax.nn.dot_product_attention (CUDA GPUs, bf16/fp16 only).
+    attention: str = "xla"
 
     def __post_init__(self) -> None:
         if self.hidden_size != self.num_heads * self.head_dim:
@@ -70,6 +75,8 @@ class ModelConfig:
             raise ValueError(
                 f"num_attention_heads {self.num_heads} is not a multiple of num_key_value_heads {self.num_kv_heads}"
             )
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"attention={self.attention!r}: use one of {ATTENTION_IMPLEMENTATIONS}")
         if not self.causal and self.mask_token_id is None:
             raise ValueError("a bidirectional (Dream) model needs mask_token_id in its config")
 

@@ -76,7 +76,11 @@ class Attention(nnx.Module):
             keys, values = cache.k[layer], cache.v[layer]  # [B, KVH, T, D]
             k_pos = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=positions.dtype), (b, cache.max_len))
         mask = attention_mask(positions, k_pos, kv_end, cfg.causal)
-        out = _gqa_attention(q, keys.astype(q.dtype), values.astype(q.dtype), mask)
+        keys, values = keys.astype(q.dtype), values.astype(q.dtype)
+        if cfg.attention == "cudnn":
+            out = _cudnn_attention(q, keys, values, mask)
+        else:
+            out = _gqa_attention(q, keys, values, mask)
         return self.o_proj(out.reshape(b, s, -1)), cache
 
 
@@ -102,6 +106,22 @@ def _gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) ->
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgst,bktd->bskgd", *_dot_operands(probs, v), preferred_element_type=jnp.float32)
     return out.astype(q.dtype).reshape(b, s, h, d)
+
+
+def _cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """cuDNN's fused flash attention: the same inputs and result as `_gqa_attention`.
+
+    jax.nn.dot_product_attention reads K/V as [B, T, KVH, D], hence the swap from the
+    cache's [B, KVH, T, D]; the mask becomes an additive bias inside it.
+    """
+    if jax.default_backend() != "gpu" or q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(
+            f"attention='cudnn' needs a CUDA GPU and bf16/fp16 compute (backend {jax.default_backend()}, "
+            f"dtype {q.dtype.name}); use attention='xla'"
+        )
+    return jax.nn.dot_product_attention(
+        q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask=mask[:, None], implementation="cudnn"
+    )
 
 
 class MLP(nnx.Module):
@@ -201,6 +221,16 @@ def forward_logits(model: Qwen2, tokens: jax.Array) -> jax.Array:
 def init_model(cfg: ModelConfig, seed: int = 0) -> Qwen2:
     """A randomly initialised model (Hugging Face's normal(0.02) initialiser)."""
     return Qwen2(cfg, rngs=nnx.Rngs(seed))
+
+
+def with_config(model: Qwen2, cfg: ModelConfig) -> Qwen2:
+    """The same weights under another config of identical parameter shapes and dtypes,
+    e.g. `model.cfg.replace(attention="cudnn")`; nothing is copied."""
+    target = abstract_model(cfg)
+    shapes = lambda m: jax.tree.map(lambda x: (x.shape, x.dtype), nnx.state(m, nnx.Param))  # noqa: E731
+    if shapes(target) != shapes(model):
+        raise ValueError("with_config: the new config changes parameter shapes or dtypes; load the model again instead")
+    return nnx.merge(nnx.graphdef(target), nnx.state(model))
 
 
 def abstract_model(cfg: ModelConfig) -> Qwen2:

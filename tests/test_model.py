@@ -8,7 +8,7 @@ import torch
 from apd_jax.autoregressive import ARConfig, ar_generate
 from apd_jax.cache import KVCache
 from apd_jax.checkpoint import load_hf
-from apd_jax.model import forward_logits, shift_right
+from apd_jax.model import forward_logits, shift_right, with_config
 from torch_reference import TorchDream, crop, shift_logits
 
 # A long prompt: RoPE is the identity at position 0, short prompts hide RoPE bugs.
@@ -94,3 +94,21 @@ def test_bf16_differences_are_reported(kind, qwen_dir, dream_dir, torch_qwen, to
         print(f"\n[bf16 {kind}] max |logit diff| {diff:.3f} (logit scale {np.abs(ref).max():.1f}), "
               f"top-1 agreement {top1:.3f}")
     assert top1 > 0.8
+
+
+def test_with_config_shares_weights_and_refuses_new_shapes(qwen):
+    same = with_config(qwen, qwen.cfg.replace(eos_token_ids=(7,)))
+    assert same.cfg.eos_token_ids == (7,)
+    np.testing.assert_array_equal(forward_logits(same, jnp.asarray(TOKENS[:, :20])),
+                                  forward_logits(qwen, jnp.asarray(TOKENS[:, :20])))
+    with pytest.raises(ValueError, match="changes parameter shapes"):
+        with_config(qwen, qwen.cfg.replace(num_layers=qwen.cfg.num_layers + 1))
+
+
+def test_attention_implementation_is_checked(qwen):
+    with pytest.raises(ValueError, match="attention='flash'"):
+        qwen.cfg.replace(attention="flash")
+    # cuDNN attention is measured on GPUs (BENCHMARKS.md); elsewhere it is a clear error, not an XLA crash.
+    cudnn = with_config(qwen, qwen.cfg.replace(attention="cudnn"))
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        forward_logits(cudnn, jnp.asarray(TOKENS[:, :20]))

@@ -17,7 +17,8 @@ from apd_jax import bench
 from apd_jax.apd import APDConfig
 from apd_jax.autoregressive import ARConfig
 from apd_jax.checkpoint import load_model
-from apd_jax.config import ModelConfig, dream_7b_config, qwen25_05b_config, qwen25_7b_config, tiny_config
+from apd_jax.model import with_config
+from apd_jax.config import ATTENTION_IMPLEMENTATIONS, ModelConfig, dream_7b_config, qwen25_05b_config, qwen25_7b_config, tiny_config
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -33,6 +34,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--baselines", default="ar,leftright", help="comma-separated: ar, leftright (batch 1), or none")
     p.add_argument("--profile", action="store_true", help="print the device ops of one APD call at the first batch")
     p.add_argument("--torch", action="store_true", help="only the PyTorch HF-generate baseline (7B-shaped Qwen2)")
+    p.add_argument("--attention", choices=ATTENTION_IMPLEMENTATIONS, default="xla",
+                   help="attention implementation of every model (cudnn: CUDA GPUs; its logits are "
+                        "compared with xla's first)")
     p.add_argument("--json", type=Path, help="write the results as JSON here")
     p.set_defaults(func=run)
 
@@ -59,6 +63,11 @@ def run(args: argparse.Namespace) -> int:
     d_cfg, v_cfg, ar_cfg = _configs(args.shapes)
     drafter = load_model(args.drafter) if args.drafter else bench.random_model(d_cfg, 1)
     verifier = load_model(args.verifier) if args.verifier else bench.random_model(v_cfg, 2)
+    if args.attention != "xla":
+        for model in (drafter, verifier):
+            print(f"{model.cfg.model_type} logits, {args.attention} vs xla attention: relative difference "
+                  f"{bench.attention_difference(model, args.attention, args.prompt_len):.2e}", flush=True)
+        drafter, verifier = (with_config(m, m.cfg.replace(attention=args.attention)) for m in (drafter, verifier))
     ceilings = bench.device_ceilings(64 if args.shapes == "tiny" else 2048)
     print(f"device {bench.jax.devices()[0].device_kind}: copy {ceilings['bandwidth'] / 1e9:.0f} GB/s, "
           f"bf16 matmul {ceilings['matmul_flops'] / 1e12:.0f} TFLOP/s", flush=True)
@@ -74,14 +83,14 @@ def run(args: argparse.Namespace) -> int:
         for b in batches:
             report(bench.bench_apd(drafter, verifier, cfg, b, args.prompt_len, ceilings, args.repeats))
             if args.profile and b == batches[0]:
-                _print_profile(drafter, verifier, cfg, b, args.prompt_len, rows[-1].passes)
+                _print_profile(drafter, verifier, cfg, b, args.prompt_len)
     baselines = [] if args.baselines == "none" else args.baselines.split(",")
     if "leftright" in baselines:
         cfg = APDConfig(W=16, M=100, max_new_tokens=args.max_new_tokens, eos_token_ids=())
         report(bench.bench_leftright(drafter, 1, cfg, 1, args.prompt_len, ceilings, args.repeats))
     if "ar" in baselines:
         del drafter, verifier  # make room for the 7B AR model
-        ar = bench.random_model(ar_cfg, 3)
+        ar = bench.random_model(ar_cfg.replace(attention=args.attention), 3)
         report(bench.bench_ar(ar, ARConfig(max_new_tokens=args.max_new_tokens, eos_token_ids=()), 1,
                               args.prompt_len, ceilings, args.repeats))
     if args.json:
@@ -89,9 +98,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_profile(drafter, verifier, cfg: APDConfig, batch: int, prompt_len: int, passes: int) -> None:
-    prompts = [[1 + i] * prompt_len for i in range(batch)]
-    ops, lines = bench.device_profile(lambda: bench.apd_generate(drafter, verifier, prompts, cfg).tokens)
+def _print_profile(drafter, verifier, cfg: APDConfig, batch: int, prompt_len: int) -> None:
+    # The benchmark's own prompts, and the pass count of the profiled call itself.
+    prompts = bench.random_prompts([drafter.cfg, verifier.cfg], batch, prompt_len)
+    ops, lines, result = bench.device_profile(lambda: bench.apd_generate(drafter, verifier, prompts, cfg))
+    passes = result.passes
     total = sum(ms for _, ms, _ in ops)
     print(f"    device profile (top ops, ms per pass over {passes} passes; device lines: {sorted(set(lines))[:6]})")
     for name, ms, count in ops:
