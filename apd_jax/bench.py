@@ -134,13 +134,16 @@ class Row:
     bound_ms: float  # roofline bound of one pass
     memory_floor_ms: float
     peak_memory_gb: float | None
+    # with profile=True: the top device ops of one more call, as (name, ms per pass, calls per pass)
+    profile: list[tuple[str, float, float]] | None = None
 
     @property
     def ratio_to_bound(self) -> float:
         return self.ms_per_pass / self.bound_ms
 
 
-def _measure(name: str, batch: int, run: Callable[[], GenerationResult], bound: Callable[[GenerationResult], tuple[float, float]], repeats: int) -> Row:
+def _measure(name: str, batch: int, run: Callable[[], GenerationResult],
+             bound: Callable[[GenerationResult], tuple[float, float]], repeats: int, profile: bool) -> Row:
     start = time.perf_counter()
     jax.block_until_ready(run().tokens)
     first = time.perf_counter() - start
@@ -152,6 +155,7 @@ def _measure(name: str, batch: int, run: Callable[[], GenerationResult], bound: 
         tokens_per_s=float(result.lengths.sum()) / t, tokens_per_pass=result.tokens_per_pass(),
         passes=result.passes, compile_s=first - t, bound_ms=bound_ms, memory_floor_ms=floor_ms,
         peak_memory_gb=None if peak is None else peak / 1e9,
+        profile=per_pass_profile(run) if profile else None,
     )
 
 
@@ -161,7 +165,7 @@ def _roofline(flops: float, nbytes: float, ceilings: dict[str, float]) -> tuple[
 
 
 def bench_apd(drafter: Qwen2, verifier: Qwen2, cfg: APDConfig, batch: int, prompt_len: int,
-              ceilings: dict[str, float], repeats: int, name: str = "APD") -> Row:
+              ceilings: dict[str, float], repeats: int, name: str = "APD", profile: bool = False) -> Row:
     prompts = random_prompts([drafter.cfg, verifier.cfg], batch, prompt_len)
     nbytes = param_bytes(drafter) + param_bytes(verifier)
     layers_d, head_d = matmul_params(drafter.cfg)
@@ -175,11 +179,11 @@ def bench_apd(drafter: Qwen2, verifier: Qwen2, cfg: APDConfig, batch: int, promp
         return _roofline(flops, nbytes, ceilings)
 
     run = lambda: apd_generate(drafter, verifier, prompts, cfg)  # noqa: E731
-    return _measure(f"{name} R={cfg.R} W={cfg.W} M={cfg.M}", batch, run, bound, repeats)
+    return _measure(f"{name} R={cfg.R} W={cfg.W} M={cfg.M}", batch, run, bound, repeats, profile)
 
 
 def bench_leftright(drafter: Qwen2, K: int, cfg: APDConfig, batch: int, prompt_len: int,
-                    ceilings: dict[str, float], repeats: int) -> Row:
+                    ceilings: dict[str, float], repeats: int, profile: bool = False) -> Row:
     prompts = random_prompts([drafter.cfg], batch, prompt_len)
     layers_d, head_d = matmul_params(drafter.cfg)
     draft = min(cfg.M, cfg.max_new_tokens)
@@ -189,11 +193,11 @@ def bench_leftright(drafter: Qwen2, K: int, cfg: APDConfig, batch: int, prompt_l
         return _roofline(flops, param_bytes(drafter), ceilings)
 
     run = lambda: leftright_generate(drafter, prompts, K, cfg)  # noqa: E731
-    return _measure(f"Dream left-to-right K={K} W={cfg.W} M={cfg.M}", batch, run, bound, repeats)
+    return _measure(f"Dream left-to-right K={K} W={cfg.W} M={cfg.M}", batch, run, bound, repeats, profile)
 
 
 def bench_ar(model: Qwen2, cfg: ARConfig, batch: int, prompt_len: int, ceilings: dict[str, float],
-             repeats: int) -> Row:
+             repeats: int, profile: bool = False) -> Row:
     prompts = random_prompts([model.cfg], batch, prompt_len)
     layers, head = matmul_params(model.cfg)
 
@@ -201,7 +205,7 @@ def bench_ar(model: Qwen2, cfg: ARConfig, batch: int, prompt_len: int, ceilings:
         return _roofline(2 * batch * (layers + head), param_bytes(model), ceilings)
 
     run = lambda: ar_generate(model, prompts, cfg)  # noqa: E731
-    return _measure("AR decode", batch, run, bound, repeats)
+    return _measure("AR decode", batch, run, bound, repeats, profile)
 
 
 HEADER = (
@@ -212,11 +216,18 @@ HEADER = (
 
 def format_row(r: Row) -> str:
     peak = "-" if r.peak_memory_gb is None else f"{r.peak_memory_gb:.1f}"
-    return (
+    line = (
         f"{r.name:<34} {r.batch:>5} {r.ms_per_pass:>8.2f} {r.bound_ms:>7.2f} {r.ratio_to_bound:>7.2f} "
         f"{r.memory_floor_ms:>6.2f} {r.tokens_per_s:>8.1f} {r.tokens_per_pass:>8.2f} {r.passes:>6} "
         f"{r.compile_s:>9.1f} {peak:>7}"
     )
+    if r.profile is None:
+        return line
+    if not r.profile:
+        return line + "\n    device profile: the trace holds no device ops (the CPU backend records none)"
+    ops = [f"    {ms:8.3f} ms/pass  x{calls:<6.1f} {name[:90]}" for name, ms, calls in r.profile]
+    total = sum(ms for _, ms, _ in r.profile)
+    return "\n".join([line, "    device profile, top ops:", *ops, f"    {total:8.3f} ms/pass in these ops"])
 
 
 def to_json(rows: list[Row], ceilings: dict[str, float], extra: dict | None = None) -> str:
@@ -233,12 +244,12 @@ def to_json(rows: list[Row], ceilings: dict[str, float], extra: dict | None = No
     )
 
 
-def device_profile(fn: Callable[[], Any], top: int = 25) -> tuple[list[tuple[str, float, int]], list[str], Any]:
+def device_profile(fn: Callable[[], Any], top: int = 25) -> tuple[list[tuple[str, float, int]], Any]:
     """Device time per op name over one call of `fn`, from a jax.profiler trace.
 
-    Returns ([(op name, total ms, count)] sorted by time, the device lines seen, fn's
-    result). Device ops are read from each device plane's "XLA Ops" line when there is
-    one, else from its stream lines.
+    Returns ([(op name, total ms, count)] sorted by time, fn's result). Device ops are
+    read from each device plane's "XLA Ops" line when there is one, else from its
+    stream lines.
     """
     from jax.profiler import ProfileData
 
@@ -247,12 +258,10 @@ def device_profile(fn: Callable[[], Any], top: int = 25) -> tuple[list[tuple[str
             result = jax.block_until_ready(fn())
         data = ProfileData.from_file(str(next(Path(tmp).rglob("*.xplane.pb"))))
     totals: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
-    seen = []
     for plane in data.planes:
         if not plane.name.startswith("/device:"):
             continue
         lines = list(plane.lines)
-        seen += [f"{plane.name}/{line.name}" for line in lines]
         chosen = [line for line in lines if line.name == "XLA Ops"] or [
             line for line in lines if line.name.startswith("Stream")
         ]
@@ -261,4 +270,11 @@ def device_profile(fn: Callable[[], Any], top: int = 25) -> tuple[list[tuple[str
                 totals[event.name][0] += event.duration_ns / 1e6
                 totals[event.name][1] += 1
     ranked = sorted(((name, ms, n) for name, (ms, n) in totals.items()), key=lambda r: -r[1])
-    return ranked[:top], seen, result
+    return ranked[:top], result
+
+
+def per_pass_profile(run: Callable[[], GenerationResult]) -> list[tuple[str, float, float]]:
+    """The top device ops of one call of `run`, as (name, ms per pass, calls per pass),
+    divided by that call's own pass count."""
+    ops, result = device_profile(run)
+    return [(name, ms / result.passes, n / result.passes) for name, ms, n in ops]

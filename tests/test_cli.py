@@ -1,5 +1,6 @@
 """The `apd-jax` command line: real runs on tiny models, and errors as messages."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -48,10 +49,12 @@ def test_compare_prints_a_row_per_decoder(tmp_path, capsys):
 
 def test_bench_runs_on_tiny_shapes(tmp_path, capsys):
     assert main(["bench", "--shapes", "tiny", "--batch", "1", "--settings", "0.7,4,8", "--prompt-len", "8",
-                 "--max-new-tokens", "16", "--repeats", "1", "--json", str(tmp_path / "b.json")]) == 0
+                 "--max-new-tokens", "16", "--repeats", "1", "--profile", "--json", str(tmp_path / "b.json")]) == 0
     out = capsys.readouterr().out
     assert "APD R=0.7 W=4 M=8" in out and "AR decode" in out and "left-to-right" in out
-    assert (tmp_path / "b.json").is_file()
+    assert out.count("device profile") == 3  # every row profiled (XLA:CPU records no device ops)
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert [r["batch"] for r in rows] == [1, 1, 1] and all(r["profile"] is not None for r in rows)
 
 
 def test_bench_prompts_avoid_the_mask_and_special_tokens():

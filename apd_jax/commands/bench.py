@@ -32,7 +32,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--baselines", default="ar,leftright", help="comma-separated: ar, leftright (batch 1), or none")
-    p.add_argument("--profile", action="store_true", help="print the device ops of one APD call at the first batch")
+    p.add_argument("--profile", action="store_true",
+                   help="profile one more call of every benchmark and print its top device ops per pass")
     p.add_argument("--torch", action="store_true", help="only the PyTorch HF-generate baseline (7B-shaped Qwen2)")
     p.add_argument("--attention", choices=ATTENTION_IMPLEMENTATIONS, default="xla",
                    help="attention implementation of every model (cudnn: CUDA GPUs; its logits are "
@@ -81,33 +82,21 @@ def run(args: argparse.Namespace) -> int:
     for r, w, m in settings:
         cfg = APDConfig(R=r, W=w, M=m, max_new_tokens=args.max_new_tokens, eos_token_ids=())
         for b in batches:
-            report(bench.bench_apd(drafter, verifier, cfg, b, args.prompt_len, ceilings, args.repeats))
-            if args.profile and b == batches[0]:
-                _print_profile(drafter, verifier, cfg, b, args.prompt_len)
+            report(bench.bench_apd(drafter, verifier, cfg, b, args.prompt_len, ceilings, args.repeats,
+                                   profile=args.profile))
     baselines = [] if args.baselines == "none" else args.baselines.split(",")
     if "leftright" in baselines:
         cfg = APDConfig(W=16, M=100, max_new_tokens=args.max_new_tokens, eos_token_ids=())
-        report(bench.bench_leftright(drafter, 1, cfg, 1, args.prompt_len, ceilings, args.repeats))
+        report(bench.bench_leftright(drafter, 1, cfg, 1, args.prompt_len, ceilings, args.repeats,
+                                     profile=args.profile))
     if "ar" in baselines:
         del drafter, verifier  # make room for the 7B AR model
         ar = bench.random_model(ar_cfg.replace(attention=args.attention), 3)
         report(bench.bench_ar(ar, ARConfig(max_new_tokens=args.max_new_tokens, eos_token_ids=()), 1,
-                              args.prompt_len, ceilings, args.repeats))
+                              args.prompt_len, ceilings, args.repeats, profile=args.profile))
     if args.json:
         args.json.write_text(bench.to_json(rows, ceilings))
     return 0
-
-
-def _print_profile(drafter, verifier, cfg: APDConfig, batch: int, prompt_len: int) -> None:
-    # The benchmark's own prompts, and the pass count of the profiled call itself.
-    prompts = bench.random_prompts([drafter.cfg, verifier.cfg], batch, prompt_len)
-    ops, lines, result = bench.device_profile(lambda: bench.apd_generate(drafter, verifier, prompts, cfg))
-    passes = result.passes
-    total = sum(ms for _, ms, _ in ops)
-    print(f"    device profile (top ops, ms per pass over {passes} passes; device lines: {sorted(set(lines))[:6]})")
-    for name, ms, count in ops:
-        print(f"    {ms / passes:8.3f} ms/pass  x{count // max(passes, 1):<4} {name[:90]}", flush=True)
-    print(f"    {total / passes:8.3f} ms/pass in the top ops", flush=True)
 
 
 def _torch_baseline(args: argparse.Namespace) -> int:
