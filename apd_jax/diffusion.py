@@ -394,7 +394,7 @@ class ConfidenceRule(nnx.Module):
     def __init__(self, threshold: float):
         self.threshold = nnx.Variable(jnp.float32(threshold))
 
-    def __call__(self, pred: Prediction, masked: jax.Array, pass_index: jax.Array) -> jax.Array:
+    def __call__(self, pred: Prediction, masked: jax.Array) -> jax.Array:
         return pred.confidence > self.threshold[...]
 
 
@@ -424,7 +424,7 @@ def _parallel(graphs, params, prompts, prompt_lens, eos, knobs: _ParallelKnobs, 
         pred = predict(exclude_token(logits, mask_id), token_key, knobs.sampling)
         # Positions past a row's limit hold padding, never the mask.
         masked = (gen == mask_id) & ~decoded(gen, mask_id, eos)[:, None]
-        keep = masked & (rule(pred, masked, i) | most_confident(pred.confidence, masked))
+        keep = masked & (rule(pred, masked) | most_confident(pred.confidence, masked))
         new = jnp.where(keep, pred.tokens, gen)
         # End-of-Text: commit the first confident eos and drop everything after it.
         eot = masked & jnp.isin(pred.tokens, eos) & (pred.confidence > knobs.eot_threshold)
@@ -453,7 +453,7 @@ def parallel_decode(
 ) -> GenerationResult:
     """Decode the whole canvas in passes; each pass commits the masked positions `rule` keeps.
 
-    `rule(prediction, masked, pass_index) -> bool [B, N]`; the most confident
+    `rule(prediction, masked) -> bool [B, N]`; the most confident
     masked position is committed whatever it says, so each pass commits at least
     one token and a row needs at most max_new_tokens passes. The mask token is
     never predicted. A rule's variables are traced: changing them never recompiles.

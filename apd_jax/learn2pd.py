@@ -394,7 +394,7 @@ class FilterRule(nnx.Module):
         self.keep_threshold = nnx.Variable(jnp.float32(keep_threshold))
         self.vocab = vocab
 
-    def __call__(self, pred: Prediction, masked: jax.Array, pass_index: jax.Array) -> jax.Array:
+    def __call__(self, pred: Prediction, masked: jax.Array) -> jax.Array:
         logits = self.filter(pass_features(pred, masked, self.vocab))
         return jax.nn.sigmoid(logits) > self.keep_threshold[...]
 
