@@ -29,7 +29,7 @@ from apd_jax.apd import APDConfig, apd_generate, leftright_generate
 from apd_jax.autoregressive import ARConfig, ar_generate
 from apd_jax.config import ModelConfig
 from apd_jax.generation import GenerationResult
-from apd_jax.model import Qwen2, abstract_model, forward_logits, with_config
+from apd_jax.model import Qwen2, abstract_model, forward_logits
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
@@ -72,35 +72,33 @@ def random_prompts(configs: list[ModelConfig], batch: int, prompt_len: int) -> l
     return np.random.default_rng(0).integers(0, limit, size=(batch, prompt_len)).tolist()
 
 
-def attention_difference(model: Qwen2, attention: str, length: int) -> float:
-    """||logits(attention) - logits(model's own)|| / ||logits(model's own)|| on one random sequence."""
+def logits_difference(model: Qwen2, other: Qwen2, length: int) -> float:
+    """||logits(other) - logits(model)|| / ||logits(model)|| on one random sequence."""
     tokens = jnp.asarray(random_prompts([model.cfg], 1, length))
     ref = forward_logits(model, tokens)
-    out = forward_logits(with_config(model, model.cfg.replace(attention=attention)), tokens)
-    return float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+    return float(jnp.linalg.norm(forward_logits(other, tokens) - ref) / jnp.linalg.norm(ref))
 
 
-def _median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+def _call_times(fn: Callable[[], Any], repeats: int) -> tuple[list[float], Any]:
+    """Seconds of each of `repeats` calls of fn, waited for, and the last call's output."""
     times, out = [], None
     for _ in range(repeats):
         start = time.perf_counter()
-        out = fn()
-        jax.block_until_ready(out)
+        out = jax.block_until_ready(fn())
         times.append(time.perf_counter() - start)
+    return times, out
+
+
+def _median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+    times, out = _call_times(fn, repeats)
     return statistics.median(times), out
 
 
 def _best_time(fn: Callable[[], Any], repeats: int) -> float:
     """Fastest of `repeats` calls after as many warm-up calls: a ceiling is the best the device
     does once its clocks are up (an idle GPU starts at a fraction of its clock)."""
-    for _ in range(repeats):
-        jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return min(times)
+    _call_times(fn, repeats)
+    return min(_call_times(fn, repeats)[0])
 
 
 def device_ceilings(size_mb: int = 2048) -> dict[str, float]:

@@ -17,8 +17,10 @@ from apd_jax import bench
 from apd_jax.apd import APDConfig
 from apd_jax.autoregressive import ARConfig
 from apd_jax.checkpoint import load_model
+from apd_jax.config import (
+    ATTENTION_IMPLEMENTATIONS, ModelConfig, dream_7b_config, qwen25_05b_config, qwen25_7b_config, tiny_config,
+)
 from apd_jax.model import with_config
-from apd_jax.config import ATTENTION_IMPLEMENTATIONS, ModelConfig, dream_7b_config, qwen25_05b_config, qwen25_7b_config, tiny_config
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -65,10 +67,11 @@ def run(args: argparse.Namespace) -> int:
     drafter = load_model(args.drafter) if args.drafter else bench.random_model(d_cfg, 1)
     verifier = load_model(args.verifier) if args.verifier else bench.random_model(v_cfg, 2)
     if args.attention != "xla":
-        for model in (drafter, verifier):
+        switched = [with_config(m, m.cfg.replace(attention=args.attention)) for m in (drafter, verifier)]
+        for model, other in zip((drafter, verifier), switched):
             print(f"{model.cfg.model_type} logits, {args.attention} vs xla attention: relative difference "
-                  f"{bench.attention_difference(model, args.attention, args.prompt_len):.2e}", flush=True)
-        drafter, verifier = (with_config(m, m.cfg.replace(attention=args.attention)) for m in (drafter, verifier))
+                  f"{bench.logits_difference(model, other, args.prompt_len):.2e}", flush=True)
+        drafter, verifier = switched
     ceilings = bench.device_ceilings(64 if args.shapes == "tiny" else 2048)
     print(f"device {bench.jax.devices()[0].device_kind}: copy {ceilings['bandwidth'] / 1e9:.0f} GB/s, "
           f"bf16 matmul {ceilings['matmul_flops'] / 1e12:.0f} TFLOP/s", flush=True)
