@@ -34,7 +34,7 @@ from apd_jax.cache import KVCache
 from apd_jax.config import ModelConfig, raise_problems
 from apd_jax.generation import GenerationResult, check_prompts, finish, knob_problems, pad_prompts, prompt_bucket
 from apd_jax.model import Qwen2, shift_right
-from apd_jax.sampling import sample
+from apd_jax.sampling import exclude_token, sample
 from apd_jax.sharding import constrain_cache, replicate, shard_rows
 
 RULES = ("paper", "reference")
@@ -160,17 +160,13 @@ def _knobs(config: APDConfig) -> _Knobs:
     )
 
 
-def _exclude_undraftable(logits: jax.Array, mask_id: int) -> jax.Array:
-    """The mask token is never a draft: a drafted mask would read as still masked."""
-    if mask_id < logits.shape[-1]:
-        logits = logits.at[..., mask_id].set(-jnp.inf)
-    return logits
-
-
 @functools.partial(jax.jit, static_argnames=("mask_id",))
 def draft_tokens(logits_d: jax.Array, key: jax.Array, knobs: _Knobs, mask_id: int) -> jax.Array:
-    """Sample the draft [B, n] from the drafter's logits [B, n, V] (Gumbel noise from `key`)."""
-    return sample(_exclude_undraftable(logits_d, mask_id), key, knobs.temperature, knobs.top_p, knobs.top_k)
+    """Sample the draft [B, n] from the drafter's logits [B, n, V] (Gumbel noise from `key`).
+
+    The mask token is never a draft: a drafted mask would read as still masked.
+    """
+    return sample(logits_d, key, knobs.temperature, knobs.top_p, knobs.top_k, exclude=mask_id)
 
 
 @functools.partial(jax.jit, static_argnames=("rule", "mask_id"))
@@ -191,11 +187,11 @@ def accepted_length(
     The paper rule samples the mixture with the draft's own noise (same `key`);
     the reference rule takes its argmax.
     """
-    mixture = _exclude_undraftable(knobs.R * logits_d + (1.0 - knobs.R) * logits_v, mask_id)
+    mixture = knobs.R * logits_d + (1.0 - knobs.R) * logits_v
     if rule == "paper":
-        target = sample(mixture, key, knobs.temperature, knobs.top_p, knobs.top_k)
+        target = sample(mixture, key, knobs.temperature, knobs.top_p, knobs.top_k, exclude=mask_id)
     else:
-        target = jnp.argmax(mixture, axis=-1).astype(jnp.int32)
+        target = jnp.argmax(exclude_token(mixture, mask_id), axis=-1).astype(jnp.int32)
     j = jnp.arange(draft.shape[1])
     match = ((draft == target) | (j == 0)) & (j < n[:, None])
     return jnp.sum(jnp.cumprod(match, axis=1), axis=1).astype(jnp.int32)

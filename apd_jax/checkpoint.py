@@ -1,6 +1,7 @@
 """Checkpoints: Hugging Face safetensors <-> Flax parameters, and orbax save/restore.
 
-The name mapping is one table (HF name -> Flax path, transposed or not). Import
+The name mapping is one table (Flax path -> its HF tensors and their layout: fused
+q/k/v and gate/up projections hold several HF tensors each). Import
 streams one tensor at a time from the safetensors files (never a PyTorch model
 in memory) and checks every tensor's name, shape and dtype against the model's
 own abstract shapes. Outputs are written to a temporary directory and renamed
@@ -29,24 +30,27 @@ from apd_jax.config import ModelConfig
 from apd_jax.model import Qwen2, abstract_model
 from apd_jax.sharding import sharded_shapes
 
-# Hugging Face name -> (Flax path, transpose?). "{i}" is the layer index.
-# HF Linear weights are [out, in]; Flax kernels are [in, out].
-NAME_TABLE: dict[str, tuple[str, bool]] = {
-    "model.embed_tokens.weight": ("embed_tokens.embedding", False),
-    "model.layers.{i}.input_layernorm.weight": ("layers.{i}.input_layernorm.weight", False),
-    "model.layers.{i}.self_attn.q_proj.weight": ("layers.{i}.self_attn.q_proj.kernel", True),
-    "model.layers.{i}.self_attn.q_proj.bias": ("layers.{i}.self_attn.q_proj.bias", False),
-    "model.layers.{i}.self_attn.k_proj.weight": ("layers.{i}.self_attn.k_proj.kernel", True),
-    "model.layers.{i}.self_attn.k_proj.bias": ("layers.{i}.self_attn.k_proj.bias", False),
-    "model.layers.{i}.self_attn.v_proj.weight": ("layers.{i}.self_attn.v_proj.kernel", True),
-    "model.layers.{i}.self_attn.v_proj.bias": ("layers.{i}.self_attn.v_proj.bias", False),
-    "model.layers.{i}.self_attn.o_proj.weight": ("layers.{i}.self_attn.o_proj.kernel", True),
-    "model.layers.{i}.post_attention_layernorm.weight": ("layers.{i}.post_attention_layernorm.weight", False),
-    "model.layers.{i}.mlp.gate_proj.weight": ("layers.{i}.mlp.gate_proj.kernel", True),
-    "model.layers.{i}.mlp.up_proj.weight": ("layers.{i}.mlp.up_proj.kernel", True),
-    "model.layers.{i}.mlp.down_proj.weight": ("layers.{i}.mlp.down_proj.kernel", True),
-    "model.norm.weight": ("norm.weight", False),
-    "lm_head.weight": ("lm_head", True),
+# Flax path -> (Hugging Face names, layout). "{i}" is the layer index. Layouts:
+#   "same":  one tensor, stored as is;
+#   "T":     one Linear weight, HF [out, in] -> Flax [in, out];
+#   "qkv":   the q, k, v Linear weights (or, 1-D, their biases) -> [in, kv_heads, g + 2, head_dim]
+#            (model.Attention: per KV head its g query heads, its key, its value);
+#   "stack": the gate and up Linear weights -> [in, 2, intermediate] (model.MLP).
+PARAM_TABLE: dict[str, tuple[tuple[str, ...], str]] = {
+    "embed_tokens.embedding": (("model.embed_tokens.weight",), "same"),
+    "layers.{i}.input_layernorm.weight": (("model.layers.{i}.input_layernorm.weight",), "same"),
+    "layers.{i}.self_attn.qkv_proj.kernel": (
+        tuple(f"model.layers.{{i}}.self_attn.{n}_proj.weight" for n in "qkv"), "qkv"
+    ),
+    "layers.{i}.self_attn.qkv_proj.bias": (tuple(f"model.layers.{{i}}.self_attn.{n}_proj.bias" for n in "qkv"), "qkv"),
+    "layers.{i}.self_attn.o_proj.kernel": (("model.layers.{i}.self_attn.o_proj.weight",), "T"),
+    "layers.{i}.post_attention_layernorm.weight": (("model.layers.{i}.post_attention_layernorm.weight",), "same"),
+    "layers.{i}.mlp.gate_up_proj.kernel": (
+        ("model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.up_proj.weight"), "stack"
+    ),
+    "layers.{i}.mlp.down_proj.kernel": (("model.layers.{i}.mlp.down_proj.weight",), "T"),
+    "norm.weight": (("model.norm.weight",), "same"),
+    "lm_head": (("lm_head.weight",), "T"),
 }
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16))
@@ -56,32 +60,57 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read as the model it claims to be."""
 
 
-def _hf_to_flax_name(name: str) -> tuple[str, bool] | None:
-    parts = name.split(".")
-    if len(parts) > 2 and parts[:2] == ["model", "layers"] and parts[2].isdigit():
-        i = parts[2]
-        template = ".".join(parts[:2] + ["{i}"] + parts[3:])
-        if template in NAME_TABLE:
-            path, transpose = NAME_TABLE[template]
-            return path.replace("{i}", i), transpose
-        return None
-    return NAME_TABLE.get(name)
-
-
-def _flax_to_hf_name(path: str) -> tuple[str, bool]:
+def _entry(path: str) -> tuple[tuple[str, ...], str]:
+    """The Hugging Face names and layout of one Flax parameter (PARAM_TABLE, layer index filled in)."""
     parts = path.split(".")
-    i = parts[1] if parts[0] == "layers" else None
-    template = ".".join(["layers", "{i}"] + parts[2:]) if i is not None else path
-    for hf, (flax_path, transpose) in NAME_TABLE.items():
-        if flax_path == template:
-            return hf.replace("{i}", i) if i is not None else hf, transpose
-    raise CheckpointError(f"Flax parameter {path!r} has no Hugging Face name in NAME_TABLE")
+    layer = parts[1] if parts[0] == "layers" else None
+    template = ".".join(["layers", "{i}", *parts[2:]]) if layer is not None else path
+    if template not in PARAM_TABLE:
+        raise CheckpointError(f"Flax parameter {path!r} has no Hugging Face name in PARAM_TABLE")
+    names, layout = PARAM_TABLE[template]
+    return tuple(n.replace("{i}", layer or "") for n in names), layout
+
+
+def _to_hf(layout: str, x: Any) -> list[Any]:
+    """One Flax parameter as its Hugging Face tensors. Only slicing, reshapes and .T, so it
+    serves numpy arrays and, under jax.eval_shape, abstract shapes alike."""
+    if layout == "same":
+        return [x]
+    if layout == "T":
+        return [x.T]
+    if layout == "stack":
+        return [x[:, j].T for j in range(x.shape[1])]
+    g, lead = x.shape[-2] - 2, x.shape[:-3]  # "qkv": [..., kv_heads, g + 2, head_dim]
+    return [part.reshape(*lead, -1).T for part in (x[..., :g, :], x[..., g, :], x[..., g + 1, :])]
+
+
+def _to_flax(layout: str, tensors: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+    """The inverse of _to_hf: Hugging Face tensors -> one Flax parameter of `shape`."""
+    if layout == "same":
+        return tensors[0]
+    if layout == "T":
+        return tensors[0].T
+    if layout == "stack":
+        return np.stack([t.T for t in tensors], axis=1)
+    *lead, kvh, _, d = shape
+    q, k, v = (t.T.reshape(*lead, kvh, -1, d) for t in tensors)
+    return np.concatenate([q, k, v], axis=-2)
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, jax.ShapeDtypeStruct]:
-    """Flat 'layers.0.mlp.up_proj.kernel' -> shape/dtype of every parameter, from the model itself."""
+    """Flat 'layers.0.mlp.down_proj.kernel' -> shape/dtype of every parameter, from the model itself."""
     _, state = nnx.split(abstract_model(cfg))
     return {".".join(map(str, k)): v.get_value() for k, v in nnx.to_flat_state(state)}
+
+
+def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every Hugging Face tensor name of the model -> the shape config.json implies for it."""
+    shapes = {}
+    for path, want in expected_shapes(cfg).items():
+        names, layout = _entry(path)
+        parts = jax.eval_shape(lambda x, layout=layout: _to_hf(layout, x), want)
+        shapes.update({name: tuple(part.shape) for name, part in zip(names, parts)})
+    return shapes
 
 
 def _safetensors_files(path: Path) -> list[Path]:
@@ -117,30 +146,30 @@ def iter_hf_tensors(path: str | Path) -> Iterator[tuple[str, np.ndarray]]:
 
 def load_hf_params(path: str | Path, cfg: ModelConfig) -> dict[str, np.ndarray]:
     """Read a HF checkpoint into flat Flax parameters (numpy), checking every tensor."""
-    expected = expected_shapes(cfg)
-    params: dict[str, np.ndarray] = {}
+    wanted = hf_shapes(cfg)
+    tensors: dict[str, np.ndarray] = {}
     for name, array in iter_hf_tensors(path):
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue  # tied: the head is the embedding; some exports store it anyway
-        target = _hf_to_flax_name(name)
-        if target is None or target[0] not in expected:
+        if name not in wanted:
             raise CheckpointError(f"unexpected tensor {name!r} in {path}: not a parameter of this {cfg.model_type} model")
-        flax_path, transpose = target
-        if flax_path in params:
+        if name in tensors:
             raise CheckpointError(f"tensor {name!r} appears twice in {path}")
-        want = expected[flax_path]
-        want_hf = tuple(want.shape[::-1] if transpose else want.shape)
-        if tuple(array.shape) != want_hf:
+        if tuple(array.shape) != wanted[name]:
             raise CheckpointError(
-                f"tensor {name!r} in {path} has shape {tuple(array.shape)}, but config.json implies {want_hf}"
+                f"tensor {name!r} in {path} has shape {tuple(array.shape)}, but config.json implies {wanted[name]}"
             )
         if array.dtype not in _FLOAT_DTYPES:
             raise CheckpointError(f"tensor {name!r} has unsupported dtype {array.dtype}")
-        params[flax_path] = np.ascontiguousarray(array.T if transpose else array, dtype=want.dtype)
-    missing = sorted(set(expected) - set(params))
+        tensors[name] = array
+    missing = sorted(set(wanted) - set(tensors))
     if missing:
-        names = [_flax_to_hf_name(m)[0] for m in missing]
-        raise CheckpointError(f"checkpoint {path} is missing tensors {names[:8]}{' ...' if len(names) > 8 else ''}")
+        raise CheckpointError(f"checkpoint {path} is missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    params = {}
+    for flax_path, want in expected_shapes(cfg).items():
+        names, layout = _entry(flax_path)
+        parts = [tensors.pop(name) for name in names]  # popped: each HF tensor is held only until used
+        params[flax_path] = np.ascontiguousarray(_to_flax(layout, parts, want.shape), dtype=want.dtype)
     return params
 
 
@@ -274,8 +303,8 @@ def export_hf(
         )
     tensors = {}
     for path, array in params.items():
-        name, transpose = _flax_to_hf_name(path)
-        tensors[name] = np.ascontiguousarray(array.T if transpose else array)
+        names, layout = _entry(path)
+        tensors.update({name: np.ascontiguousarray(t) for name, t in zip(names, _to_hf(layout, array))})
     with atomic_dir(Path(out_dir), overwrite) as tmp:
         _copy_configs(config_dir, tmp)
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})

@@ -35,7 +35,7 @@ from flax import nnx
 from apd_jax.config import raise_problems
 from apd_jax.generation import GenerationResult, check_prompts, finish, knob_problems, pad_prompts, prompt_bucket
 from apd_jax.model import Qwen2, shift_right
-from apd_jax.sampling import filter_logits, gumbel_noise
+from apd_jax.sampling import exclude_token, filter_logits, gumbel_noise
 
 # Index order is the traced `alg` switch; the first three select a confidence.
 ALGORITHMS = ("maskgit_plus", "topk_margin", "entropy", "origin")
@@ -216,11 +216,11 @@ def predict(logits: jax.Array, key: jax.Array, knobs: Knobs) -> Prediction:
     scaled = jnp.where(t > 0, logits / jnp.where(t > 0, t, 1.0), logits)
     filtered = filter_logits(scaled, knobs.top_p, knobs.top_k)
     probs = jax.nn.softmax(filtered, axis=-1)
-    noise = jax.lax.cond(
-        t > 0, lambda: gumbel_noise(key, logits.shape), lambda: jnp.zeros(logits.shape, jnp.float32)
-    )
     best = jnp.argmax(probs, axis=-1)
-    tokens = jnp.where(t > 0, jnp.argmax(filtered + noise, axis=-1), best).astype(jnp.int32)
+    # The noise only when sampling: at t = 0 a [..., V] buffer of zeros would be written and read.
+    tokens = jax.lax.cond(
+        t > 0, lambda: jnp.argmax(filtered + gumbel_noise(key, logits.shape), axis=-1), lambda: best
+    ).astype(jnp.int32)
     # The top two probabilities by two max reductions (a tie gives margin 0, as top_k would):
     # lax.top_k made each pass of the decoding loop about 2x slower on XLA:CPU.
     second = jnp.max(jnp.where(jnp.arange(probs.shape[-1]) == best[..., None], -jnp.inf, probs), axis=-1)
@@ -230,11 +230,6 @@ def predict(logits: jax.Array, key: jax.Array, knobs: Knobs) -> Prediction:
         margin=jnp.max(probs, axis=-1) - second,
         neg_entropy=jnp.sum(probs * jnp.log(probs + 1e-10), axis=-1),
     )
-
-
-def exclude_token(logits: jax.Array, token: int) -> jax.Array:
-    """Never predict `token` (the mask: a committed mask would still read as masked)."""
-    return logits.at[..., token].set(-jnp.inf)
 
 
 def descending_rank(score: jax.Array) -> jax.Array:

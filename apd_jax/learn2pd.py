@@ -39,7 +39,6 @@ from apd_jax.diffusion import (
     Prediction,
     ThresholdConfig,
     build_canvas,
-    exclude_token,
     first_index,
     generation_logits,
     make_knobs,
@@ -51,6 +50,7 @@ from apd_jax.diffusion import (
 )
 from apd_jax.generation import GenerationResult
 from apd_jax.model import Qwen2
+from apd_jax.sampling import exclude_token
 
 # Per masked position and pass, each in about [0, 1]. No pass index: the oracle finishes in a
 # few passes, a decoder takes many, so a pass-index feature only encodes the oracle's schedule

@@ -45,27 +45,45 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
 
 
-def _linear(n_in: int, n_out: int, cfg: ModelConfig, rngs: nnx.Rngs, bias: bool = False) -> nnx.Linear:
+def _linear(n_in: int, n_out: int, cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Linear:
     return nnx.Linear(
-        n_in, n_out, use_bias=bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, kernel_init=_init, rngs=rngs
+        n_in, n_out, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, kernel_init=_init, rngs=rngs
+    )
+
+
+def _einsum(
+    spec: str, kernel_shape: tuple[int, ...], cfg: ModelConfig, rngs: nnx.Rngs, bias: bool = False
+) -> nnx.Einsum:
+    """A fused projection: one kernel holding several Hugging Face Linear weights (checkpoint.py splits them)."""
+    return nnx.Einsum(
+        spec, kernel_shape, kernel_shape[1:] if bias else None, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+        kernel_init=_init, rngs=rngs,
     )
 
 
 class Attention(nnx.Module):
+    """Grouped-query attention with q, k and v in one projection.
+
+    `qkv_proj.kernel` is [hidden, kv_heads, g + 2, head_dim], g = heads / kv_heads: per KV head
+    its g query heads (Hugging Face's query head j belongs to KV head j // g), then its key,
+    then its value. One matmul reads all three (at batch 1, 0.3 ms less per Dream-7B window
+    than three, measured on an H100), and splitting kv_heads over a mesh keeps each group,
+    and the cache heads it reads, on one device.
+    """
+
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        h, d = cfg.hidden_size, cfg.head_dim
-        self.q_proj = _linear(h, cfg.num_heads * d, cfg, rngs, bias=True)
-        self.k_proj = _linear(h, cfg.num_kv_heads * d, cfg, rngs, bias=True)
-        self.v_proj = _linear(h, cfg.num_kv_heads * d, cfg, rngs, bias=True)
+        h, d, kvh = cfg.hidden_size, cfg.head_dim, cfg.num_kv_heads
+        self.qkv_proj = _einsum("bsh,hkcd->bskcd", (h, kvh, cfg.num_heads // kvh + 2, d), cfg, rngs, bias=True)
         self.o_proj = _linear(cfg.num_heads * d, h, cfg, rngs)
         self.cfg = cfg
 
     def __call__(self, x, positions, kv_end, cache: KVCache | None, layer: int):
         cfg = self.cfg
         b, s, _ = x.shape
-        q = self.q_proj(x).reshape(b, s, cfg.num_heads, cfg.head_dim)
-        k = self.k_proj(x).reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
-        v = self.v_proj(x).reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
+        qkv = self.qkv_proj(x)  # [B, S, KVH, g + 2, D]
+        g = qkv.shape[3] - 2
+        q = qkv[:, :, :, :g].reshape(b, s, cfg.num_heads, cfg.head_dim)
+        k, v = qkv[:, :, :, g], qkv[:, :, :, g + 1]
         q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
         if cache is None:
             keys, values, k_pos = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions
@@ -94,18 +112,23 @@ def _dot_operands(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
 def _gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """Grouped-query attention: q [B,S,H,D], k/v [B,KVH,T,D] (the cache's layout), mask [B,S,T].
 
-    Softmax in float32.
+    Softmax in float32. The queries are moved head-major ([B, KVH, g*S, D]) before the
+    scores, so both matmuls take their operands and give their results in the layout
+    the next op reads; left to XLA, it transposes the float32 scores and the
+    probabilities instead (0.6 ms per Dream-7B window at batch 1, measured on an H100).
     """
     b, s, h, d = q.shape
-    kvh = k.shape[1]
-    q = q.reshape(b, s, kvh, h // kvh, d)
-    scores = jnp.einsum("bskgd,bktd->bkgst", *_dot_operands(q, k), preferred_element_type=jnp.float32) / jnp.sqrt(
+    kvh, t = k.shape[1], k.shape[2]
+    g = h // kvh
+    q = q.reshape(b, s, kvh, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * s, d)
+    scores = jnp.einsum("bkqd,bktd->bkqt", *_dot_operands(q, k), preferred_element_type=jnp.float32) / jnp.sqrt(
         jnp.float32(d)
     )
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    mask = jnp.broadcast_to(mask[:, None, None], (b, 1, g, s, t)).reshape(b, 1, g * s, t)
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgst,bktd->bskgd", *_dot_operands(probs, v), preferred_element_type=jnp.float32)
-    return out.astype(q.dtype).reshape(b, s, h, d)
+    out = jnp.einsum("bkqt,bktd->bkqd", *_dot_operands(probs, v), preferred_element_type=jnp.float32)
+    return out.astype(q.dtype).reshape(b, kvh, g, s, d).transpose(0, 3, 1, 2, 4).reshape(b, s, h, d)
 
 
 def _cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
@@ -125,13 +148,15 @@ def _cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) 
 
 
 class MLP(nnx.Module):
+    """SwiGLU with gate and up in one projection: `gate_up_proj.kernel` is [hidden, 2, intermediate]."""
+
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        self.gate_proj = _linear(cfg.hidden_size, cfg.intermediate_size, cfg, rngs)
-        self.up_proj = _linear(cfg.hidden_size, cfg.intermediate_size, cfg, rngs)
+        self.gate_up_proj = _einsum("bsh,hci->bsci", (cfg.hidden_size, 2, cfg.intermediate_size), cfg, rngs)
         self.down_proj = _linear(cfg.intermediate_size, cfg.hidden_size, cfg, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate_up = self.gate_up_proj(x)
+        return self.down_proj(jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1])
 
 
 class DecoderLayer(nnx.Module):

@@ -2,8 +2,8 @@
 
 `data` splits the batch rows (each device group runs its own rows: no traffic but
 the final gather); `model` is Megatron-style tensor parallelism inside each layer:
-q/k/v and gate/up are split on their output (heads, intermediate) dim, o_proj and
-down_proj on their input dim, so each layer costs one all-reduce after attention
+the fused q/k/v projection is split by KV-head group and gate/up on the intermediate
+dim, o_proj and down_proj on their input dim, so each layer costs one all-reduce after attention
 and one after the MLP, and attention itself is local (a device holds whole heads
 and the KV heads they read). The embedding and the output head are split on the
 vocabulary: the head is the largest matmul per drafted token and the largest
@@ -41,12 +41,11 @@ DATA, MODEL = "data", "model"
 # Parameter path (regex, full match on the dotted Flax path) -> PartitionSpec of its dims,
 # and the ModelConfig field whose size `model` must divide. Flax kernels are [in, out].
 PARAM_RULES: tuple[tuple[str, P, str | None], ...] = (
-    (r"layers\.\d+\.self_attn\.q_proj\.kernel", P(None, MODEL), "num_heads"),  # [hidden, heads*d]
-    (r"layers\.\d+\.self_attn\.q_proj\.bias", P(MODEL), "num_heads"),
-    (r"layers\.\d+\.self_attn\.[kv]_proj\.kernel", P(None, MODEL), "num_kv_heads"),  # [hidden, kv_heads*d]
-    (r"layers\.\d+\.self_attn\.[kv]_proj\.bias", P(MODEL), "num_kv_heads"),
+    # [hidden, kv_heads, g + 2, head_dim]: whole KV-head groups (their query heads, key and value) per device
+    (r"layers\.\d+\.self_attn\.qkv_proj\.kernel", P(None, MODEL, None, None), "num_kv_heads"),
+    (r"layers\.\d+\.self_attn\.qkv_proj\.bias", P(MODEL, None, None), "num_kv_heads"),
     (r"layers\.\d+\.self_attn\.o_proj\.kernel", P(MODEL, None), "num_heads"),  # [heads*d, hidden]
-    (r"layers\.\d+\.mlp\.(gate|up)_proj\.kernel", P(None, MODEL), "intermediate_size"),  # [hidden, inter]
+    (r"layers\.\d+\.mlp\.gate_up_proj\.kernel", P(None, None, MODEL), "intermediate_size"),  # [hidden, 2, inter]
     (r"layers\.\d+\.mlp\.down_proj\.kernel", P(MODEL, None), "intermediate_size"),  # [inter, hidden]
     (r"embed_tokens\.embedding", P(MODEL, None), "vocab_size"),  # [vocab, hidden]
     (r"lm_head", P(None, MODEL), "vocab_size"),  # [hidden, vocab]
@@ -104,7 +103,7 @@ def check_batch(batch: int, mesh: Mesh) -> None:
 
 
 def param_spec(path: str) -> P:
-    """The PartitionSpec of a parameter from its dotted path (e.g. 'layers.0.mlp.up_proj.kernel')."""
+    """The PartitionSpec of a parameter from its dotted path (e.g. 'layers.0.mlp.gate_up_proj.kernel')."""
     for pattern, spec, _ in PARAM_RULES:
         if re.fullmatch(pattern, path):
             return spec

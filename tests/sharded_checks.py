@@ -109,10 +109,10 @@ def params_sharded_as_declared():
     # Spot checks on (data=2, model=4), written out: heads, intermediate and vocab split 4 ways.
     d = shard_model(models()[0], make_mesh(2, 4))
     local = {p: a.addressable_shards[0].data.shape for p, a in _flat_params(d).items()}
-    assert local["layers.0.self_attn.q_proj.kernel"] == (64, 16)
-    assert local["layers.0.self_attn.k_proj.bias"] == (16,)
+    assert local["layers.0.self_attn.qkv_proj.kernel"] == (64, 2, 3, 8)  # 2 of 8 KV-head groups
+    assert local["layers.0.self_attn.qkv_proj.bias"] == (2, 3, 8)
     assert local["layers.0.self_attn.o_proj.kernel"] == (16, 64)
-    assert local["layers.1.mlp.up_proj.kernel"] == (64, 32)
+    assert local["layers.1.mlp.gate_up_proj.kernel"] == (64, 2, 32)
     assert local["layers.1.mlp.down_proj.kernel"] == (32, 64)
     assert local["embed_tokens.embedding"] == (84, 64) and local["lm_head"] == (64, 84)
     assert local["norm.weight"] == (64,)

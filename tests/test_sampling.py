@@ -34,3 +34,15 @@ def test_temperature_zero_is_argmax_and_sampling_follows_the_distribution():
     np.testing.assert_allclose(np.bincount(ids, minlength=4) / len(ids), [0.5, 0.3, 0.15, 0.05], atol=0.015)
     ids = np.asarray(sample(logits, key, jnp.float32(1.0), jnp.float32(0.7), jnp.int32(0)))
     assert set(np.unique(ids)) == {0, 1}
+
+
+def test_an_excluded_id_is_never_sampled():
+    key = jax.random.key(1)
+    assert int(sample(LOGITS, key, jnp.float32(0), jnp.float32(1.0), jnp.int32(0), exclude=0)[0]) == 1
+    logits = jnp.broadcast_to(LOGITS, (20000, 4))
+    ids = np.asarray(sample(logits, key, jnp.float32(1.0), jnp.float32(1.0), jnp.int32(0), exclude=1))
+    # The rest renormalised: 0.5, 0.15, 0.05 of 0.7.
+    expected = [0.5 / 0.7, 0, 0.15 / 0.7, 0.05 / 0.7]
+    np.testing.assert_allclose(np.bincount(ids, minlength=4) / len(ids), expected, atol=0.015)
+    # An id past the vocabulary excludes nothing.
+    assert int(sample(LOGITS, key, jnp.float32(0), jnp.float32(1.0), jnp.int32(0), exclude=9)[0]) == 0

@@ -49,7 +49,8 @@ def mesh(data: int, model: int) -> AbstractMesh:
 @pytest.mark.parametrize(
     "overrides, model_axis, dimension",
     [
-        (dict(num_heads=6, num_kv_heads=6, head_dim=8, hidden_size=48), 4, "num_heads=6"),
+        # The fused q/k/v projection splits by KV-head group, so the KV heads are what must divide.
+        (dict(num_heads=6, num_kv_heads=6, head_dim=8, hidden_size=48), 4, "num_kv_heads=6"),
         (dict(num_heads=8, num_kv_heads=2, head_dim=8), 4, "num_kv_heads=2"),
         (dict(num_heads=8, num_kv_heads=8, head_dim=8, intermediate_size=132), 8, "intermediate_size=132"),
         (dict(num_heads=8, num_kv_heads=8, head_dim=8, vocab_size=324), 8, "vocab_size=324"),
