@@ -266,6 +266,14 @@ def load_orbax(
     shapes = expected_shapes(stored)
     target = _unflatten(shapes if mesh is None else sharded_shapes(shapes, stored, mesh))
     with ocp.StandardCheckpointer() as ckptr:
+        metadata = ckptr.metadata((ckpt_dir / "params").absolute()).item_metadata
+        saved = {".".join(str(k.key) for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(metadata)[0]}
+        if saved != set(shapes):
+            raise CheckpointError(
+                f"{ckpt_dir} does not hold this apd_jax's parameters: unexpected {sorted(saved - set(shapes))[:4]}, "
+                f"missing {sorted(set(shapes) - saved)[:4]}. A checkpoint saved before the fused q/k/v and gate/up "
+                "projections must be converted again from its Hugging Face directory (apd-jax convert hf-to-flax)"
+            )
         restored = ckptr.restore((ckpt_dir / "params").absolute(), target)
     flat = {".".join(map(str, k)): v for k, v in _flatten(restored)}
     cfg = ModelConfig.from_dir(ckpt_dir, param_dtype=param_dtype, dtype=dtype)

@@ -127,3 +127,21 @@ def test_existing_output_is_not_overwritten_silently(qwen_dir, tmp_path):
     (tmp_path / "out").mkdir()
     with pytest.raises(FileExistsError, match="already exists"):
         convert_hf_to_orbax(qwen_dir, tmp_path / "out")
+
+
+def test_orbax_checkpoint_of_another_layout_is_named(qwen_dir, tmp_path):
+    # An orbax checkpoint from before the fused projections: separate gate and up kernels.
+    import orbax.checkpoint as ocp
+
+    convert_hf_to_orbax(qwen_dir, tmp_path / "flax")
+    with ocp.StandardCheckpointer() as ckptr:
+        params = ckptr.restore((tmp_path / "flax" / "params").absolute())
+        mlp = params["layers"]["0"]["mlp"]
+        gate_up = np.asarray(mlp.pop("gate_up_proj")["kernel"])
+        mlp["gate_proj"], mlp["up_proj"] = {"kernel": gate_up[:, 0]}, {"kernel": gate_up[:, 1]}
+        (tmp_path / "old").mkdir()
+        shutil.copy(tmp_path / "flax" / "config.json", tmp_path / "old" / "config.json")
+        ckptr.save((tmp_path / "old" / "params").absolute(), params)
+    message = r"unexpected \['layers.0.mlp.gate_proj.kernel'.*missing \['layers.0.mlp.gate_up_proj.kernel'\].*converted again"
+    with pytest.raises(CheckpointError, match=message):
+        load_orbax(tmp_path / "old")
