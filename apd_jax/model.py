@@ -1,8 +1,10 @@
 """The Qwen2 decoder family in Flax NNX: Qwen2.5 (causal) and Dream (bidirectional).
 
 One implementation serves both: the attention mask is the only difference
-(`ModelConfig.causal`). Module and parameter names follow Hugging Face's so the
-converter's mapping table reads line for line (apd_jax/checkpoint.py).
+(`ModelConfig.causal`). Module and parameter names follow Hugging Face's, except
+that q/k/v and gate/up are each one fused projection (`qkv_proj`, `gate_up_proj`:
+fewer, larger matmuls); the converter's table (apd_jax/checkpoint.py) says which
+Hugging Face tensors each parameter holds.
 
 `Qwen2.__call__` runs a window of S tokens per row at absolute positions
 [start, start + S) and, given a KVCache, attends to the cache plus the window:
