@@ -24,10 +24,10 @@ import time
 import jax
 import jax.numpy as jnp
 
-from apd_jax.bench import device_profile, random_model
+from apd_jax.bench import _call_times, device_profile, random_model
 from apd_jax.cache import attention_mask, write_window
 from apd_jax.config import dream_7b_config, qwen25_05b_config, tiny_config
-from apd_jax.model import _cudnn_attention, _dot_operands, _gqa_attention, rope
+from apd_jax.model import _cudnn_attention, _dot_operands, _gqa_attention, rms_norm, rope
 
 OUT = sys.argv[1] if len(sys.argv) > 1 else "/tmp"
 f32, bf16 = jnp.float32, jnp.bfloat16
@@ -38,12 +38,6 @@ class V:
     fuse: bool = False
     attn: str = "einsum"  # einsum | heads_first | cudnn
     kv_one: bool = False  # k and v in one cache array (one scatter per layer)
-
-
-def norm(x, w, eps):
-    x32 = x.astype(f32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + eps)
-    return w * x32.astype(x.dtype)
 
 
 def einsum_attention(q, k, v, mask):
@@ -94,7 +88,7 @@ def make_forward(cfg, v: V):
         kpos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (b, T))
         mask = attention_mask(pos, kpos, kv_end, cfg.causal)
         for i, p in enumerate(params):
-            h = norm(x, p["ln1"], cfg.rms_norm_eps)
+            h = rms_norm(x, p["ln1"], cfg.rms_norm_eps, x.dtype)
             if v.fuse:
                 qkv = (h @ p["qkv"] + p["qkv_b"]).reshape(b, s, kvh, g + 2, d)
                 q = qkv[:, :, :, :g].reshape(b, s, nh, d)
@@ -112,7 +106,7 @@ def make_forward(cfg, v: V):
                 keys, vals = ck[i], cv[i]
             o = ATTENTION[v.attn](q, keys, vals, mask)
             x = x + o.reshape(b, s, -1) @ p["o"]
-            h = norm(x, p["ln2"], cfg.rms_norm_eps)
+            h = rms_norm(x, p["ln2"], cfg.rms_norm_eps, x.dtype)
             if v.fuse:
                 gu = jnp.einsum("bsh,hci->bsci", h, p["gate_up"])
                 act = jax.nn.silu(gu[:, :, 0]) * gu[:, :, 1]
@@ -125,14 +119,9 @@ def make_forward(cfg, v: V):
 
 
 def timed(fn, n=30):
-    for _ in range(5):
-        jax.block_until_ready(fn())
-    ts = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts), min(ts)
+    _call_times(fn, 5)  # warm-up
+    times, _ = _call_times(fn, n)
+    return statistics.median(times), min(times)
 
 
 results = []
