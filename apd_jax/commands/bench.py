@@ -2,15 +2,15 @@
 
 Default shapes: Dream-v0-Instruct-7B drafter, Qwen2.5-0.5B verifier, Qwen2.5-7B for
 the AR baseline, random bf16 weights made on the device. `--shapes tiny` runs the
-same code path on tiny models (CPU, CI). `--torch` runs Hugging Face `generate` on
-the 7B-shaped Qwen2 in PyTorch instead (a separate process, so the two frameworks
-do not share the GPU's memory).
+same code path on tiny models (CPU, CI). `--torch` runs the PyTorch side instead
+(apd_jax/bench_torch.py: the published APD loop, Dream left-to-right and HF `generate`
+at the same shapes), in its own process so the two frameworks never share the GPU's
+memory; run it after `apd-jax bench --json J.json` with `--against J.json` for the ratios.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from apd_jax import bench
@@ -36,7 +36,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--baselines", default="ar,leftright", help="comma-separated: ar, leftright (batch 1), or none")
     p.add_argument("--profile", action="store_true",
                    help="profile one more call of every benchmark and print its top device ops per pass")
-    p.add_argument("--torch", action="store_true", help="only the PyTorch HF-generate baseline (7B-shaped Qwen2)")
+    p.add_argument("--torch", action="store_true",
+                   help="the PyTorch side instead: the published APD loop (drafter cache on and off), Dream "
+                        "left-to-right and HF generate, same shapes and settings (CUDA GPU)")
+    p.add_argument("--against", type=Path,
+                   help="with --torch: the JSON of an `apd-jax bench` run, to print apd_jax/PyTorch ratios")
     p.add_argument("--attention", choices=ATTENTION_IMPLEMENTATIONS, default="xla",
                    help="attention implementation of every model (cudnn: CUDA GPUs; its logits are "
                         "compared with xla's first)")
@@ -58,10 +62,23 @@ def _configs(shapes: str) -> tuple[ModelConfig, ModelConfig, ModelConfig]:
     return dream_7b_config(**bf16), qwen25_05b_config(**bf16), qwen25_7b_config(**bf16)
 
 
+def _check_json_path(path: Path | None) -> None:
+    """Fail before a long run, not after it, when its JSON cannot be written."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise ValueError(f"--json {path} is a directory: give a file name, e.g. {path / 'bench.json'}")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"--json {path}: directory {path.parent} does not exist; create it first")
+
+
 def run(args: argparse.Namespace) -> int:
-    if args.torch:
-        return _torch_baseline(args)
+    _check_json_path(args.json)
+    if args.against is not None and not args.against.is_file():
+        raise FileNotFoundError(f"--against {args.against} not found: the JSON of an `apd-jax bench --json` run")
     settings = _parse_settings(args.settings)
+    if args.torch:
+        return _torch(args, settings)
     batches = [int(b) for b in args.batch.split(",")]
     d_cfg, v_cfg, ar_cfg = _configs(args.shapes)
     drafter = load_model(args.drafter) if args.drafter else bench.random_model(d_cfg, 1)
@@ -102,39 +119,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _torch_baseline(args: argparse.Namespace) -> int:
-    """HF `generate` (greedy, bf16) of a Qwen2 of the AR baseline's shapes with random weights."""
-    import time
+def _torch(args: argparse.Namespace, settings: list[tuple[float, int, int]]) -> int:
+    from apd_jax import bench_torch
 
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    _, _, c = _configs(args.shapes)
-    config = Qwen2Config(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
-        max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=c.tie_word_embeddings,
-    )
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device(device):
-        model = Qwen2ForCausalLM(config).to(torch.bfloat16).eval()
-    prompt = torch.randint(0, 1000, (1, args.prompt_len), device=device)
-    gen = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens, do_sample=False)
-    with torch.no_grad():
-        model.generate(prompt, **gen)  # warm-up
-        times = []
-        for _ in range(args.repeats):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            model.generate(prompt, **gen)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-    t = sorted(times)[len(times) // 2]
-    result = {"name": "PyTorch HF generate (Qwen2.5-7B shapes)", "device": device, "torch": torch.__version__,
-              "ms_per_token": 1e3 * t / args.max_new_tokens, "tokens_per_s": args.max_new_tokens / t}
-    print(json.dumps(result))
+    baselines = [] if args.baselines == "none" else args.baselines.split(",")
+    rows = bench_torch.run(_configs(args.shapes), settings, args.prompt_len, args.max_new_tokens, args.repeats,
+                           baselines, log=lambda line: print(line, flush=True))
+    if args.against is not None:
+        for line in bench_torch.ratios(rows, args.against):
+            print(line, flush=True)
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+        args.json.write_text(bench_torch.to_json(rows))
     return 0
