@@ -44,8 +44,8 @@ PARITY = [
     ("md", "# Parity study: JAX against PyTorch, layer by layer\n\nA tiny random Qwen2 checkpoint in Hugging Face "
            "layout, run by transformers (PyTorch, float32) and by apd_jax in float32 and bfloat16; the largest "
            "difference of each layer's output."),
-    ("code", "import sys, tempfile\nsys.path.insert(0, '../tests')\nimport numpy as np, torch, jax.numpy as jnp\n"
-             "from transformers import Qwen2ForCausalLM\nfrom torch_reference import save_tiny_qwen2\n"
+    ("code", "import tempfile\nimport numpy as np, torch, jax.numpy as jnp\n"
+             "from transformers import Qwen2ForCausalLM\nfrom apd_jax.torch_reference import save_tiny_qwen2\n"
              "from apd_jax.checkpoint import load_hf\n\n"
              "path = save_tiny_qwen2(tempfile.mkdtemp(), seed=1)\n"
              "ref = Qwen2ForCausalLM.from_pretrained(path, attn_implementation='eager', dtype=torch.float32).eval()\n"

@@ -11,7 +11,7 @@ from apd_jax.checkpoint import (
     CheckpointError, convert_hf_to_orbax, convert_orbax_to_hf, iter_hf_tensors, load_hf, load_orbax,
 )
 from apd_jax.model import forward_logits
-from torch_reference import save_tiny_dream, save_tiny_qwen2
+from apd_jax.torch_reference import save_tiny_dream, save_tiny_qwen2
 
 TOKENS = jnp.asarray(np.random.default_rng(1).integers(0, 320, size=(1, 50)))
 

@@ -16,7 +16,7 @@ from apd_jax.diffusion import (
     threshold_generate,
 )
 from conftest import MASK, PROMPTS
-from torch_reference import shift_logits, torch_dream_diffusion_generate
+from apd_jax.torch_reference import shift_logits, torch_dream_diffusion_generate
 
 N = 16
 WHOLE = dict(max_new_tokens=N, eos_token_ids=())  # no eos: the whole canvas, as the reference returns it

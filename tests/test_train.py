@@ -215,7 +215,7 @@ def test_saved_models_match_the_pytorch_implementations(pair):
     import torch
     from transformers import Qwen2ForCausalLM
 
-    from torch_reference import TorchDream
+    from apd_jax.torch_reference import TorchDream
 
     tokens = np.random.default_rng(2).integers(2, 300, size=(2, 20))
     ours = forward_logits(load_model(pair / "verifier"), jnp.asarray(tokens))
