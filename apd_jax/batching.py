@@ -1,0 +1,137 @@
+"""Prompts of any number, decoded in fixed-size batches and written as they finish.
+
+A prompts file of 10,000 lines is not one batch (its caches and logits would not fit
+a device), but `batch_size` rows at a time. Every batch has the same shape, the last
+one filled up with copies of its first prompt whose results are dropped, so a run
+compiles once per prompt-length bucket. With an output file, each prompt's record
+is appended, in input order, as soon as its batch finishes: an interrupted run keeps
+what it finished, and `resume=True` continues after the last complete record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from apd_jax.generation import GenerationResult
+
+DEFAULT_BATCH_SIZE = 32  # past batch 16-32 a 7B drafter's pass is compute-bound: larger batches gain nothing
+
+
+def record(index: int, prompt: str, result: GenerationResult, row: int, decode: Callable[[list[int]], str]) -> dict:
+    """One output line: the prompt, its text and ids, and what the decoder did for it."""
+    ids = result.sequences()[row]
+    counts = result.accepted_per_pass(row)
+    return {"index": index, "prompt": prompt, "text": decode(ids), "ids": ids, "passes": len(counts),
+            "accepted_per_pass": counts, "stopped_at_eos": bool(result.stopped_at_eos[row])}
+
+
+def completed_records(output: Path, prompts: Sequence[str]) -> int:
+    """How many leading prompts `output` (a file this function's caller wrote) already holds.
+
+    A last line cut short by an interruption is removed from the file; a record that does
+    not belong to these prompts is an error, so a resumed run never mixes two inputs.
+    """
+    done, keep = 0, 0
+    with output.open("rb") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                if line.endswith(b"\n"):
+                    raise ValueError(f"{output}: line {done + 1} is not JSON; it is not an apd-jax output file, "
+                                     "or was edited: pass another --output") from None
+                break  # the half-written last line of an interrupted run
+            if done >= len(prompts) or rec.get("index") != done or rec.get("prompt") != prompts[done]:
+                raise ValueError(f"{output}: record {done} does not match prompt {done} of this input; it was "
+                                 "written for other prompts: pass another --output, or drop --resume")
+            done, keep = done + 1, keep + len(line)
+    if keep < output.stat().st_size:
+        with output.open("r+b") as f:
+            f.truncate(keep)
+    return done
+
+
+def batches(n: int, batch_size: int, start: int = 0) -> Iterator[range]:
+    """Consecutive index ranges of at most batch_size, from `start` to n."""
+    for first in range(start, n, batch_size):
+        yield range(first, min(first + batch_size, n))
+
+
+def generate_in_batches(
+    prompts: Sequence[str],
+    prompt_ids: Sequence[Sequence[int]],
+    generate: Callable[[list[list[int]]], GenerationResult],
+    decode: Callable[[list[int]], str],
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    output: Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    on_batch: Callable[[list[dict], GenerationResult], Any] | None = None,
+) -> list[dict]:
+    """Decode every prompt, batch_size at a time; the records of the prompts decoded in this call.
+
+    `generate` maps a list of batch_size id lists to a GenerationResult. With `output`, records
+    are appended to it as JSON lines; the file must not exist unless `resume` is set.
+    """
+    if batch_size < 1:
+        raise ValueError(f"--batch-size {batch_size} must be >= 1")
+    if len(prompts) != len(prompt_ids):
+        raise ValueError(f"{len(prompts)} prompts but {len(prompt_ids)} id lists")
+    start = 0
+    if output is not None:
+        output = Path(output).expanduser()
+        if output.is_dir():
+            raise ValueError(f"--output {output} is a directory: give a .jsonl file name")
+        if output.exists() and not resume:
+            raise FileExistsError(f"--output {output} exists: pass --resume to continue it, or choose another file")
+        if not output.parent.is_dir():
+            raise FileNotFoundError(f"--output {output}: directory {output.parent} does not exist")
+        if output.exists():
+            start = completed_records(output, prompts)
+    size = min(batch_size, len(prompts) - start) if len(prompts) > start else batch_size
+    records: list[dict] = []
+    with _progress(len(prompts), start, enabled=progress) as advance:
+        for idx in batches(len(prompts), size, start):
+            rows = [list(prompt_ids[i]) for i in idx]
+            result = generate(rows + [rows[0]] * (size - len(rows)))  # one shape for every batch
+            new = [record(i, prompts[i], result, r, decode) for r, i in enumerate(idx)]
+            if output is not None:
+                with output.open("a", encoding="utf-8") as f:
+                    f.writelines(json.dumps(rec) + "\n" for rec in new)
+                    f.flush()
+                    os.fsync(f.fileno())
+            records.extend(new)
+            if on_batch is not None:
+                on_batch(new, result)
+            advance(len(new))
+    return records
+
+
+class _progress:
+    """A rich progress bar over prompts on a terminal (stderr), nothing otherwise."""
+
+    def __init__(self, total: int, done: int, enabled: bool) -> None:
+        self.total, self.done, self.enabled = total, done, enabled
+        self.bar: Any = None
+
+    def __enter__(self) -> Callable[[int], None]:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+        console = Console(stderr=True)
+        if self.enabled and console.is_terminal and self.total > 1:
+            self.bar = Progress("prompts", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                console=console, transient=True)
+            task = self.bar.add_task("decode", total=self.total, completed=self.done)
+            self.bar.start()
+            return lambda n: self.bar.advance(task, n)
+        return lambda n: None
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.stop()

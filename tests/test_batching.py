@@ -1,0 +1,89 @@
+"""Prompts decoded in fixed-size batches: the same rows as one batch, streamed output, resume."""
+
+import json
+
+import pytest
+
+from apd_jax.apd import APDConfig, apd_generate
+from apd_jax.batching import generate_in_batches
+
+CFG = APDConfig(R=0.7, W=4, M=8, max_new_tokens=12, eos_token_ids=(2,))
+IDS = [[5, 17, 33], [44, 3], [200, 11, 19, 300], [7, 7], [150, 40, 41], [9], [60, 61, 62, 63, 64]]
+TEXTS = [" ".join(map(str, p)) for p in IDS]
+
+
+def decode(ids):
+    return " ".join(map(str, ids))
+
+
+@pytest.fixture(scope="module")
+def one_batch(dream, qwen):
+    """The reference: every prompt in one batch."""
+    return apd_generate(dream, qwen, IDS, CFG)
+
+
+def test_batches_equal_one_batch_in_input_order(dream, qwen, one_batch, tmp_path):
+    out = tmp_path / "out.jsonl"
+    shapes = []
+
+    def generate(rows):
+        shapes.append(len(rows))
+        return apd_generate(dream, qwen, rows, CFG)
+
+    records = generate_in_batches(TEXTS, IDS, generate, decode, batch_size=3, output=out, progress=False)
+    assert shapes == [3, 3, 3]  # the last batch (1 prompt) is filled up to the same shape
+    assert [r["index"] for r in records] == list(range(len(IDS)))
+    assert [r["ids"] for r in records] == one_batch.sequences()
+    assert [r["accepted_per_pass"] for r in records] == [one_batch.accepted_per_pass(i) for i in range(len(IDS))]
+    assert [json.loads(line) for line in out.read_text().splitlines()] == records
+
+
+def test_interrupted_run_resumes_where_it_stopped(dream, qwen, one_batch, tmp_path):
+    out = tmp_path / "out.jsonl"
+    calls = []
+
+    def failing(rows):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(rows)
+        return apd_generate(dream, qwen, rows, CFG)
+
+    with pytest.raises(KeyboardInterrupt):
+        generate_in_batches(TEXTS, IDS, failing, decode, batch_size=2, output=out, progress=False)
+    assert len(out.read_text().splitlines()) == 4  # two finished batches were kept
+    with out.open("a") as f:
+        f.write('{"index": 4, "prompt": "15')  # a record cut short by kill -9
+    with pytest.raises(FileExistsError, match="--resume"):
+        generate_in_batches(TEXTS, IDS, failing, decode, batch_size=2, output=out, progress=False)
+    seen = []
+
+    def generate(rows):
+        seen.append(rows)
+        return apd_generate(dream, qwen, rows, CFG)
+
+    rest = generate_in_batches(TEXTS, IDS, generate, decode, batch_size=2, output=out, resume=True, progress=False)
+    assert [r["index"] for r in rest] == [4, 5, 6]
+    assert seen[0][:2] == IDS[4:6]  # nothing before prompt 4 was decoded again
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["ids"] for r in lines] == one_batch.sequences()
+
+
+def test_resume_refuses_an_output_of_other_prompts(dream, qwen, tmp_path):
+    out = tmp_path / "out.jsonl"
+    out.write_text(json.dumps({"index": 0, "prompt": "something else"}) + "\n")
+    before = out.read_text()
+    with pytest.raises(ValueError, match="does not match prompt 0"):
+        generate_in_batches(TEXTS, IDS, lambda rows: apd_generate(dream, qwen, rows, CFG), decode,
+                            output=out, resume=True, progress=False)
+    assert out.read_text() == before
+    (tmp_path / "notes.jsonl").write_text("my notes\nmore\n")
+    with pytest.raises(ValueError, match="not JSON"):
+        generate_in_batches(TEXTS, IDS, lambda rows: apd_generate(dream, qwen, rows, CFG), decode,
+                            output=tmp_path / "notes.jsonl", resume=True, progress=False)
+    assert (tmp_path / "notes.jsonl").read_text() == "my notes\nmore\n"
+
+
+@pytest.mark.parametrize("size", [0, -1])
+def test_batch_size_must_be_positive(size):
+    with pytest.raises(ValueError, match="--batch-size"):
+        generate_in_batches(TEXTS, IDS, lambda rows: None, decode, batch_size=size, progress=False)
