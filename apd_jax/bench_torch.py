@@ -213,8 +213,11 @@ def ratios(rows: list[TorchRow], jax_json: Path) -> list[str]:
 
 def run(shapes: tuple[ModelConfig, ModelConfig, ModelConfig], settings: list[tuple[float, int, int]],
         prompt_len: int, max_new_tokens: int, repeats: int, baselines: list[str],
-        log: Callable[[str], None] = print) -> list[TorchRow]:
-    """Every PyTorch row: APD per setting (drafter cache on and off), then the baselines asked for."""
+        log: Callable[[str], None] = print,
+        on_row: Callable[[list[TorchRow]], None] = lambda rows: None) -> list[TorchRow]:
+    """Every PyTorch row: HF generate (if asked for), APD per setting (drafter cache on and off), left-to-right.
+
+    `on_row` receives the rows so far after each one (bench writes its JSON there)."""
     import torch
     import transformers
 
@@ -225,24 +228,24 @@ def run(shapes: tuple[ModelConfig, ModelConfig, ModelConfig], settings: list[tup
         raise ValueError("apd-jax bench --torch at the real shapes needs a CUDA GPU (--shapes tiny runs on CPU)")
     log(f"PyTorch {torch.__version__}, transformers {transformers.__version__}, {_device_name()}")
     prompt = random_prompts([d_cfg, v_cfg], 1, prompt_len)[0]
-    drafter, verifier = torch_dream(d_cfg), torch_qwen2(v_cfg)
     rows: list[TorchRow] = []
 
     def report(row: TorchRow) -> None:
         rows.append(row)
         log(format_row(row))
+        on_row(rows)
 
     log(HEADER)
+    if "ar" in baselines:  # first: the fastest row, and the only one that needs its own 7B model
+        ar = torch_qwen2(ar_cfg)
+        report(bench_hf_generate(ar, prompt, max_new_tokens, repeats))
+        del ar
+    drafter, verifier = torch_dream(d_cfg), torch_qwen2(v_cfg)
     for R, W, M in settings:
         for cache in (True, False):
             report(bench_apd(drafter, verifier, d_cfg, v_cfg, prompt, R, W, M, max_new_tokens, repeats, cache))
     if "leftright" in baselines:
         report(bench_leftright(drafter, d_cfg, prompt, 1, 16, 100, max_new_tokens, repeats))
-    del drafter, verifier
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    if "ar" in baselines:
-        report(bench_hf_generate(torch_qwen2(ar_cfg), prompt, max_new_tokens, repeats))
     return rows
 
 

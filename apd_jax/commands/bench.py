@@ -98,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
     def report(row: bench.Row) -> None:
         rows.append(row)
         print(bench.format_row(row), flush=True)
+        if args.json:  # after every row, so a run cut short keeps what it measured
+            args.json.write_text(bench.to_json(rows, ceilings))
 
     for r, w, m in settings:
         cfg = APDConfig(R=r, W=w, M=m, max_new_tokens=args.max_new_tokens, eos_token_ids=())
@@ -114,8 +116,6 @@ def run(args: argparse.Namespace) -> int:
         ar = bench.random_model(ar_cfg.replace(attention=args.attention), 3)
         report(bench.bench_ar(ar, ARConfig(max_new_tokens=args.max_new_tokens, eos_token_ids=()), 1,
                               args.prompt_len, ceilings, args.repeats, profile=args.profile))
-    if args.json:
-        args.json.write_text(bench.to_json(rows, ceilings))
     return 0
 
 
@@ -123,11 +123,13 @@ def _torch(args: argparse.Namespace, settings: list[tuple[float, int, int]]) -> 
     from apd_jax import bench_torch
 
     baselines = [] if args.baselines == "none" else args.baselines.split(",")
+    def report(rows: list[bench_torch.TorchRow]) -> None:
+        if args.json:  # after every row, so a run cut short keeps what it measured
+            args.json.write_text(bench_torch.to_json(rows))
+
     rows = bench_torch.run(_configs(args.shapes), settings, args.prompt_len, args.max_new_tokens, args.repeats,
-                           baselines, log=lambda line: print(line, flush=True))
+                           baselines, log=lambda line: print(line, flush=True), on_row=report)
     if args.against is not None:
         for line in bench_torch.ratios(rows, args.against):
             print(line, flush=True)
-    if args.json:
-        args.json.write_text(bench_torch.to_json(rows))
     return 0
