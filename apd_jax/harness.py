@@ -6,7 +6,7 @@ distribution APD samples at R = 0. lm_eval finds models only in its own registry
 reads no plugin entry points, so `lm_eval --model apd_jax` cannot find this one; running this
 module is lm_eval's command line with the model registered, taking exactly lm_eval's arguments:
 
-    python -m apd_jax.harness --model apd_jax --model_args R=0.7,W=16 --tasks TASK ...
+    python -m apd_jax.harness --model apd_jax --model_args R=0.5,W=8 --tasks TASK ...
 
 From Python, `import apd_jax.harness` registers it for `lm_eval.simple_evaluate(model="apd_jax", ...)`.
 """
