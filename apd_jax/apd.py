@@ -1,7 +1,9 @@
 """Adaptive Parallel Decoding: a diffusion drafter, an autoregressive verifier, one compiled loop.
 
-Each pass, for every row independently (paper Algorithm 1, with the published
-code's caching; shared/docs/apd-reference.md):
+Israel, Van den Broeck & Grover, "Accelerating Diffusion LLMs via Adaptive Parallel
+Decoding" (NeurIPS 2025). Each pass, for every row independently (the paper's
+Algorithm 1, with the KV caching of the published code, github.com/danielmisrael/apd,
+`dream/generation_utils.py`):
   1. the drafter (Dream, bidirectional) runs the window [left, right) on its KV
      cache, right = min(t + M, L) and left = t_prev - W + 1 (0 on the first pass);
      nothing past `right` is visible to it;
@@ -31,20 +33,25 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from apd_jax.cache import KVCache
-from apd_jax.config import ModelConfig, raise_problems
-from apd_jax.generation import GenerationResult, check_prompts, finish, knob_problems, pad_prompts, prompt_bucket
+from apd_jax.config import ModelConfig
+from apd_jax.generation import DecoderConfig, GenerationResult, check_prompts, default_key, finish, pad_id
+from apd_jax.generation import pad_prompts, prompt_bucket, resolve_eos
 from apd_jax.model import Qwen2, shift_right
-from apd_jax.sampling import exclude_token, sample
+from apd_jax.sampling import Knobs, exclude_token
 from apd_jax.sharding import constrain_cache, replicate, shard_rows
 
 RULES = ("paper", "reference")
 
 
 @dataclasses.dataclass(frozen=True)
-class APDConfig:
-    """The knobs. R, temperature, top_p and top_k are traced (changing them never recompiles);
-    W, M and max_new_tokens set shapes.
+class APDConfig(DecoderConfig):
+    """The knobs (and DecoderConfig's). R, temperature, top_p and top_k are traced (changing
+    them never recompiles); W, M and max_new_tokens set shapes. eos_token_ids None: the
+    drafter config's.
 
+    R: the mixture's weight on the drafter, R * logits_D + (1 - R) * logits_AR.
+    W: the drafter recomputes K/V for the last W - 1 + k accepted tokens each pass.
+    M: masked positions past t the drafter sees (and drafts) each pass.
     rule: "paper" accepts where the draft equals a sample of the mixture drawn with the
     draft's own Gumbel noise (Algorithm 1); "reference" compares with the mixture's
     argmax, as the published code does. They coincide at temperature 0.
@@ -53,16 +60,12 @@ class APDConfig:
     R: float = 0.7
     W: int = 16
     M: int = 100
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
     rule: str = "paper"
-    eos_token_ids: tuple[int, ...] | None = None  # None: the drafter config's
-    max_len: int | None = None  # cache capacity; None: the models' max_position_embeddings
 
-    def validate(self) -> None:
-        problems = knob_problems(self.max_new_tokens, self.temperature, self.top_p, self.top_k)
+    what = "APD"
+
+    def problems(self) -> list[str]:
+        problems = super().problems()
         if not 0.0 <= self.R <= 1.0:
             problems.append(f"R={self.R} must lie in [0, 1] (1 accepts every draft token, 0 trusts only the verifier)")
         if self.W < 1:
@@ -71,7 +74,7 @@ class APDConfig:
             problems.append(f"M={self.M} must be >= 1 (masked positions the drafter sees past t)")
         if self.rule not in RULES:
             problems.append(f"rule={self.rule!r} must be one of {RULES}")
-        raise_problems("APD", problems)
+        return problems
 
 
 def shared_vocab_size(
@@ -131,11 +134,10 @@ class _Static:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class _Knobs:
+class APDKnobs(Knobs):
+    """The sampling knobs and the mixture weight R, traced."""
+
     R: jax.Array
-    temperature: jax.Array
-    top_p: jax.Array
-    top_k: jax.Array
 
 
 @jax.tree_util.register_dataclass
@@ -154,19 +156,13 @@ class _State:
     key: jax.Array
 
 
-def _knobs(config: APDConfig) -> _Knobs:
-    return _Knobs(
-        jnp.float32(config.R), jnp.float32(config.temperature), jnp.float32(config.top_p), jnp.int32(config.top_k)
-    )
-
-
 @functools.partial(jax.jit, static_argnames=("mask_id",))
-def draft_tokens(logits_d: jax.Array, key: jax.Array, knobs: _Knobs, mask_id: int) -> jax.Array:
+def draft_tokens(logits_d: jax.Array, key: jax.Array, knobs: Knobs, mask_id: int) -> jax.Array:
     """Sample the draft [B, n] from the drafter's logits [B, n, V] (Gumbel noise from `key`).
 
     The mask token is never a draft: a drafted mask would read as still masked.
     """
-    return sample(logits_d, key, knobs.temperature, knobs.top_p, knobs.top_k, exclude=mask_id)
+    return knobs.sample(logits_d, key, exclude=mask_id)
 
 
 @functools.partial(jax.jit, static_argnames=("rule", "mask_id"))
@@ -176,7 +172,7 @@ def accepted_length(
     logits_v: jax.Array,
     n: jax.Array,
     key: jax.Array,
-    knobs: _Knobs,
+    knobs: APDKnobs,
     rule: str,
     mask_id: int,
 ) -> jax.Array:
@@ -189,7 +185,7 @@ def accepted_length(
     """
     mixture = knobs.R * logits_d + (1.0 - knobs.R) * logits_v
     if rule == "paper":
-        target = sample(mixture, key, knobs.temperature, knobs.top_p, knobs.top_k, exclude=mask_id)
+        target = knobs.sample(mixture, key, exclude=mask_id)
     else:
         target = jnp.argmax(exclude_token(mixture, mask_id), axis=-1).astype(jnp.int32)
     j = jnp.arange(draft.shape[1])
@@ -217,11 +213,17 @@ def _verifier_predictions(verifier: Qwen2, hidden: jax.Array, vocab: int) -> jax
     return jnp.concatenate([placeholder, verifier.logits(hidden[:, : n - 1], vocab=vocab)], axis=1)
 
 
-def _accept(verifier: Qwen2, state: _State, logits_d: jax.Array, knobs: _Knobs, spec: _Static) -> _State:
-    """Draft, verify, accept and write one pass for every active row."""
+def right_edge(t, M: int, limit):
+    """The drafter window's end, right = min(t + M, L): M masked positions past t, never past L."""
+    return jnp.minimum(t + M, limit)
+
+
+def _accept(
+    verifier: Qwen2, state: _State, logits_d: jax.Array, right: jax.Array, knobs: APDKnobs, spec: _Static
+) -> _State:
+    """Draft, verify, accept and write one pass for every active row (the window ends at `right`)."""
     b = state.t.shape[0]
     j = jnp.arange(spec.draft)
-    right = jnp.minimum(state.t + spec.M, state.limit)
     n = right - state.t  # drafted positions per row
     active = ~state.done
     key, noise_key = jax.random.split(state.key)
@@ -264,7 +266,7 @@ def _window(tokens: jax.Array, left: jax.Array, size: int) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("graphs", "spec", "mesh"))
 def _generate(
-    graphs, params, prompts: jax.Array, prompt_lens: jax.Array, knobs: _Knobs, key, spec: _Static, mesh: Mesh | None
+    graphs, params, prompts: jax.Array, prompt_lens: jax.Array, knobs: APDKnobs, key, spec: _Static, mesh: Mesh | None
 ):
     drafter = nnx.merge(graphs[0], params[0])
     verifier = None if spec.fixed_k else nnx.merge(graphs[1], params[1])
@@ -285,8 +287,7 @@ def _generate(
         vcache=vcache, key=key,
     )
 
-    def drafter_pass(state: _State, left: jax.Array, size: int) -> tuple[_State, jax.Array]:
-        right = jnp.minimum(state.t + spec.M, state.limit)
+    def drafter_pass(state: _State, left: jax.Array, right: jax.Array, size: int) -> tuple[_State, jax.Array]:
         hidden, dcache = drafter(_window(state.tokens, left, size), start=left, valid=right - left, cache=state.dcache)
         return dataclasses.replace(state, dcache=dcache), _draft_logits(drafter, hidden, left, state.t, spec)
 
@@ -296,13 +297,13 @@ def _generate(
     def body(state: _State) -> _State:
         # The first pass sees the whole prompt plus M masks (left = 0, nothing cached yet).
         left = jnp.where(state.passes == 0, 0, jnp.maximum(state.t_prev - spec.W + 1, 0))
-        right = jnp.minimum(state.t + spec.M, state.limit)
+        right = right_edge(state.t, spec.M, state.limit)
         # The smallest compiled window that holds every active row's [left, right).
         needed = jnp.max(jnp.where(state.done, 0, right - left))
         branch = jnp.sum(jnp.asarray(spec.windows) < needed)
         passes = [functools.partial(drafter_pass, size=size) for size in spec.windows]
-        state, logits_d = jax.lax.switch(branch, passes, state, left)
-        return _accept(verifier, state, logits_d, knobs, spec)
+        state, logits_d = jax.lax.switch(branch, passes, state, left, right)
+        return _accept(verifier, state, logits_d, right, knobs, spec)
 
     state = jax.lax.while_loop(cond, body, state)
     end = jnp.where(state.eos_at >= 0, state.eos_at + 1, jnp.minimum(state.t, limit))
@@ -318,22 +319,21 @@ def _run(
     config.validate()
     rows = check_prompts(prompts, vocab)
     prompt_len = prompt_bucket(max(map(len, rows)), config.max_new_tokens, capacity)
-    eos = config.eos_token_ids if config.eos_token_ids is not None else drafter.cfg.eos_token_ids
+    eos = resolve_eos(config.eos_token_ids, drafter.cfg)
     draft = min(config.M, config.max_new_tokens)
     total = prompt_len + config.max_new_tokens
     spec = _Static(
         W=config.W, M=config.M, draft=draft, windows=_window_sizes(config.W, draft, prompt_len + config.M, total),
         prompt_len=prompt_len, max_new=config.max_new_tokens,
-        total=total, vocab=vocab, mask_id=drafter.cfg.mask_token_id, eos_ids=tuple(eos), rule=config.rule,
+        total=total, vocab=vocab, mask_id=drafter.cfg.mask_token_id, eos_ids=eos, rule=config.rule,
         fixed_k=fixed_k,
     )
     padded, lengths = pad_prompts(rows, prompt_len)
     # On a mesh the rows go over `data`; params carry their own shardings (sharding.shard_model).
     inputs = (jnp.asarray(padded), jnp.asarray(lengths)) if mesh is None else shard_rows(mesh, padded, lengths)
     graphs, params = zip(*(nnx.split(m) for m in (drafter, verifier) if m is not None))
-    key = jax.random.key(0) if key is None else key
-    outputs = _generate(graphs, params, *inputs, _knobs(config), key, spec, mesh)
-    return finish(*outputs, pad_id=_pad_id(drafter.cfg, eos))
+    outputs = _generate(graphs, params, *inputs, APDKnobs.of(config), default_key(key), spec, mesh)
+    return finish(*outputs, pad_id=pad_id(drafter.cfg, eos))
 
 
 def apd_generate(
@@ -356,6 +356,17 @@ def apd_generate(
     return _run(drafter, verifier, prompts, config, key, vocab, capacity, fixed_k=0, mesh=mesh)
 
 
+@dataclasses.dataclass(frozen=True)
+class LeftRightConfig(APDConfig):
+    """K: tokens committed per pass, left to right, with APD's W/M caching and no verifier (R and rule unused)."""
+
+    K: int = 1
+    what = "left-to-right"
+
+    def problems(self) -> list[str]:
+        return super().problems() + ([f"K={self.K} must be >= 1 (tokens committed per pass)"] if self.K < 1 else [])
+
+
 def leftright_generate(
     drafter: Qwen2,
     prompts: Sequence[Sequence[int]],
@@ -365,8 +376,7 @@ def leftright_generate(
 ) -> GenerationResult:
     """Left-to-right K tokens per pass (the paper's "Dream K=k" baseline): APD's loop and W/M caching
     with acceptance fixed to K and no verifier. R and the rule are unused."""
-    if K < 1:
-        raise ValueError(f"K={K} must be >= 1 (tokens committed per pass)")
+    config = LeftRightConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(APDConfig)}, K=K)
     if drafter.cfg.causal:
         raise ValueError("left-to-right K decoding needs a bidirectional (Dream) drafter")
     capacity = config.max_len or drafter.cfg.max_position_embeddings
@@ -383,10 +393,6 @@ def _window_sizes(W: int, draft: int, first: int, total: int) -> tuple[int, ...]
     """
     largest = min(max(W - 1 + 2 * draft, first), total)
     return tuple(sorted({min(W - 1 + draft + slack, largest) for slack in (8, 32)} | {largest}))
-
-
-def _pad_id(cfg: ModelConfig, eos: Sequence[int]) -> int:
-    return cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0] if eos else 0)
 
 
 @nnx.jit
@@ -415,17 +421,17 @@ def apd_generate_eager(
     config.validate()
     vocab = shared_vocab_size(drafter.cfg, verifier.cfg)
     prompt = check_prompts([prompt], vocab)[0]
-    eos = config.eos_token_ids if config.eos_token_ids is not None else drafter.cfg.eos_token_ids
+    eos = resolve_eos(config.eos_token_ids, drafter.cfg)
     mask_id = drafter.cfg.mask_token_id
-    knobs = _knobs(config)
-    key = jax.random.key(0) if key is None else key
+    knobs = APDKnobs.of(config)
+    key = default_key(key)
     length = len(prompt) + config.max_new_tokens
     x = prompt + [mask_id] * config.max_new_tokens
     dcache = KVCache.zeros(drafter.cfg, 1, length)
     vcache = KVCache.zeros(verifier.cfg, 1, length)
     t, counts, first = len(prompt), [], True
     while t < length:
-        right = min(t + config.M, length)
+        right = int(right_edge(t, config.M, length))
         left = 0 if first else max(t - config.W - counts[-1] + 1, 0)
         dcache = dcache.crop(jnp.array([left]))
         hidden, dcache = _window_forward(drafter, jnp.array([x[left:right]]), jnp.array([left]), dcache)

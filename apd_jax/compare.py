@@ -10,17 +10,17 @@ compilation.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from collections.abc import Callable
+from typing import Any
 
 import jax
 
-from apd_jax.apd import APDConfig, apd_generate, leftright_generate
-from apd_jax.autoregressive import ARConfig, ar_generate
-from apd_jax.diffusion import DiffusionConfig, ThresholdConfig, diffusion_generate, threshold_generate
+from apd_jax.apd import APDConfig
+from apd_jax.decoders import Models, decoder
+from apd_jax.diffusion import ThresholdConfig
 from apd_jax.generation import GenerationResult
-from apd_jax.learn2pd import Filter, Learn2PDConfig, learn2pd_generate
+from apd_jax.learn2pd import Filter, Learn2PDConfig
 from apd_jax.model import Qwen2
 
 
@@ -55,41 +55,48 @@ LEFT_TO_RIGHT = "Dream left-to-right K=1 (reference)"
 CONFIDENT_FIRST = "most confident first, one per pass (reference)"
 
 
+def compared_runs(n: int, apd: APDConfig, threshold: float, learn2pd: bool) -> list[tuple[str, str, dict[str, Any]]]:
+    """(row label, decoder name, its settings) of each row; APD and Dream K take `apd`'s settings."""
+    same_as_apd = {f.name: getattr(apd, f.name) for f in dataclasses.fields(apd)} | {"max_new_tokens": n}
+    whole = {"max_new_tokens": n}
+    runs = [
+        (LEFT_TO_RIGHT, "leftright", same_as_apd | {"K": 1}),
+        ("Dream left-to-right K=2", "leftright", same_as_apd | {"K": 2}),
+        ("Dream left-to-right K=4", "leftright", same_as_apd | {"K": 4}),
+        (CONFIDENT_FIRST, "threshold", whole | {"threshold": 1.0}),
+        (f"Dream steps={n // 2} entropy", "dream", whole | {"steps": n // 2, "alg": "entropy"}),
+        (f"confidence threshold {threshold}", "threshold", whole | {"threshold": threshold}),
+        (f"APD R={apd.R} W={apd.W} M={apd.M}", "apd", same_as_apd),
+        ("AR (verifier alone)", "ar", whole),
+    ]
+    if learn2pd:
+        eot = Learn2PDConfig.eot_threshold  # the paper's
+        runs += [
+            (f"Learn2PD keep > {threshold}", "learn2pd", whole | {"keep_threshold": threshold, "eot_threshold": None}),
+            (f"Learn2PD keep > {threshold} + EoT {eot}", "learn2pd",
+             whole | {"keep_threshold": threshold, "eot_threshold": eot}),
+        ]
+    return runs
+
+
 def compare_decoders(
     drafter: Qwen2,
     verifier: Qwen2,
     prompts: list[list[int]],
     max_new_tokens: int,
     apd: APDConfig,
-    filter: Filter | None = None,
-    threshold: float = 0.9,
+    learned: Filter | None = None,
+    threshold: float = ThresholdConfig.threshold,
 ) -> list[Comparison]:
     """threshold: the confidence threshold decoder's and Learn2PD's keep threshold alike
-    (both commit a prediction judged right with probability above it)."""
-    n = max_new_tokens
-    lr = dataclasses.replace(apd, max_new_tokens=n)
-    runs: list[tuple[str, Callable[[], GenerationResult]]] = [
-        (LEFT_TO_RIGHT, lambda: leftright_generate(drafter, prompts, 1, lr)),
-        ("Dream left-to-right K=2", lambda: leftright_generate(drafter, prompts, 2, lr)),
-        ("Dream left-to-right K=4", lambda: leftright_generate(drafter, prompts, 4, lr)),
-        (CONFIDENT_FIRST, lambda: threshold_generate(
-            drafter, prompts, ThresholdConfig(max_new_tokens=n, threshold=1.0))),
-        (f"Dream steps={n // 2} entropy", lambda: diffusion_generate(
-            drafter, prompts, DiffusionConfig(max_new_tokens=n, steps=n // 2, alg="entropy"))),
-        (f"confidence threshold {threshold}", lambda: threshold_generate(
-            drafter, prompts, ThresholdConfig(max_new_tokens=n, threshold=threshold))),
-        (f"APD R={apd.R} W={apd.W} M={apd.M}", lambda: apd_generate(drafter, verifier, prompts, lr)),
-        ("AR (verifier alone)", lambda: ar_generate(verifier, prompts, ARConfig(max_new_tokens=n))),
-    ]
-    if filter is not None:
-        learn2pd = functools.partial(learn2pd_generate, drafter, filter, prompts)
-        runs += [
-            (f"Learn2PD keep > {threshold}", lambda: learn2pd(
-                Learn2PDConfig(max_new_tokens=n, keep_threshold=threshold, eot_threshold=None))),
-            (f"Learn2PD keep > {threshold} + EoT 0.9", lambda: learn2pd(
-                Learn2PDConfig(max_new_tokens=n, keep_threshold=threshold, eot_threshold=0.9))),
-        ]
-    results = {name: _timed(run) for name, run in runs}
+    (both commit a prediction judged right with probability above it). Learn2PD's rows
+    need its filter, `learned`."""
+    models = Models(drafter, verifier, learned)
+    results = {}
+    for name, decoder_name, values in compared_runs(max_new_tokens, apd, threshold, learned is not None):
+        chosen = decoder(decoder_name)
+        config = chosen.settings_from({k: v for k, v in values.items() if k in chosen.fields()})
+        results[name] = _timed(lambda: chosen.generate(models, prompts, config))
     leftright, confident = results[LEFT_TO_RIGHT][0], results[CONFIDENT_FIRST][0]
     rows = []
     for name, (result, seconds) in results.items():

@@ -32,10 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from apd_jax.config import raise_problems
-from apd_jax.generation import GenerationResult, check_prompts, finish, knob_problems, pad_prompts, prompt_bucket
+from apd_jax.generation import DecoderConfig, GenerationResult, check_prompts, default_key, finish
+from apd_jax.generation import pad_id, pad_prompts, prompt_bucket, resolve_eos
 from apd_jax.model import Qwen2, shift_right
-from apd_jax.sampling import exclude_token, filter_logits, gumbel_noise
+from apd_jax.sampling import Knobs, exclude_token, filter_logits, gumbel_noise
 
 # Index order is the traced `alg` switch; the first three select a confidence.
 ALGORITHMS = ("maskgit_plus", "topk_margin", "entropy", "origin")
@@ -43,27 +43,33 @@ _ORIGIN = ALGORITHMS.index("origin")
 
 
 @dataclasses.dataclass(frozen=True)
-class DiffusionConfig:
-    """Dream's `diffusion_generate` knobs. All are traced (no recompilation) except
-    max_new_tokens; `steps` only sets a power-of-two bucket of the schedule table.
+class DiffusionConfig(DecoderConfig):
+    """Dream's `diffusion_generate` knobs (and DecoderConfig's). All are traced (no
+    recompilation) except max_new_tokens; `steps` only sets a power-of-two bucket of the
+    schedule table. eos_token_ids (): decode the whole canvas.
 
     alg_temp > 0 picks the positions to unmask by sampling from
     softmax(confidence / alg_temp) without replacement instead of the top-k.
+
+    top_k defaults to 50 and top_p to 1.0, the published code's defaults: Dream's
+    `diffusion_generate` builds its settings with `DreamGenerationConfig.from_model_config`,
+    which under transformers 4.x copies the legacy generation defaults top_k=50, top_p=1.0
+    whenever the caller passes none. The filter applies at temperature 0 too: the
+    maskgit_plus, topk_margin and entropy orders read their confidences from probabilities
+    renormalised over the top 50 tokens, which changes which positions unmask first.
+    top_k=0 reads them from the whole vocabulary.
     """
 
-    max_new_tokens: int = 256
     steps: int = 256
     alg: str = "entropy"
     alg_temp: float = 0.0
     eps: float = 1e-3
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    eos_token_ids: tuple[int, ...] | None = None  # None: the model config's; (): decode the whole canvas
-    max_len: int | None = None  # sequence capacity; None: max_position_embeddings
+    top_k: int = dataclasses.field(default=50, kw_only=True)  # Dream's published default (see above)
 
-    def validate(self) -> None:
-        problems = knob_problems(self.max_new_tokens, self.temperature, self.top_p, self.top_k)
+    what = "diffusion"
+
+    def problems(self) -> list[str]:
+        problems = super().problems()
         if self.steps < 1:
             problems.append(f"steps={self.steps} must be >= 1")
         if self.alg not in ALGORITHMS:
@@ -72,34 +78,28 @@ class DiffusionConfig:
             problems.append(f"eps={self.eps} must lie in (0, 1) (the last timestep of linspace(1, eps))")
         if self.alg_temp < 0:
             problems.append(f"alg_temp={self.alg_temp} must be >= 0 (0 takes the top-k positions)")
-        raise_problems("diffusion", problems)
+        return problems
 
 
 @dataclasses.dataclass(frozen=True)
-class ParallelConfig:
-    """Knobs shared by the parallel decoders (threshold, Learn2PD); all traced but max_new_tokens.
+class ParallelConfig(DecoderConfig):
+    """Knobs shared by the parallel decoders (threshold, Learn2PD), and DecoderConfig's; all
+    traced but max_new_tokens. eos_token_ids (): decode the whole canvas.
 
     eot_threshold: End-of-Text prediction. Once a masked position predicts an eos
     with probability above it, that eos is committed and every later position is
     dropped: filled with padding and hidden from attention. None disables it.
     """
 
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
     eot_threshold: float | None = None
-    eos_token_ids: tuple[int, ...] | None = None  # None: the model config's; (): decode the whole canvas
-    max_len: int | None = None
 
-    def _problems(self) -> list[str]:
-        problems = knob_problems(self.max_new_tokens, self.temperature, self.top_p, self.top_k)
+    what = "parallel decoding"
+
+    def problems(self) -> list[str]:
+        problems = super().problems()
         if self.eot_threshold is not None and not 0.0 <= self.eot_threshold < 1.0:
             problems.append(f"eot_threshold={self.eot_threshold} must lie in [0, 1) (None disables it)")
         return problems
-
-    def validate(self) -> None:
-        raise_problems("parallel decoding", self._problems())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,11 +108,13 @@ class ThresholdConfig(ParallelConfig):
 
     threshold: float = 0.9
 
-    def validate(self) -> None:
-        problems = self._problems()
+    what = "threshold decoding"
+
+    def problems(self) -> list[str]:
+        problems = super().problems()
         if not 0.0 < self.threshold <= 1.0:
             problems.append(f"threshold={self.threshold} must lie in (0, 1] (1 commits one token per pass)")
-        raise_problems("threshold decoding", problems)
+        return problems
 
 
 # ---------------------------------------------------------------------------
@@ -169,20 +171,6 @@ class Prediction:
     confidence: jax.Array  # its probability
     margin: jax.Array  # top-1 minus top-2 probability
     neg_entropy: jax.Array  # sum p log(p + 1e-10), <= 0
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class Knobs:
-    """Sampling knobs, traced: temperature (0 is greedy), top_p (1 disables), top_k (0 disables)."""
-
-    temperature: jax.Array
-    top_p: jax.Array
-    top_k: jax.Array
-
-
-def make_knobs(temperature: float, top_p: float, top_k: int) -> Knobs:
-    return Knobs(jnp.float32(temperature), jnp.float32(top_p), jnp.int32(top_k))
 
 
 def build_canvas(prompts: jax.Array, prompt_lens: jax.Array, gen: jax.Array) -> jax.Array:
@@ -275,13 +263,6 @@ def dream_transfer(
     return jnp.where(alg == _ORIGIN, by_chance, by_rank)
 
 
-def _result_outputs(gen: jax.Array, eos: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
-    """Lengths (through the first eos, else n) and whether each row ended at an eos."""
-    first_eos = first_index(jnp.isin(gen, eos))
-    hit = first_eos < n
-    return jnp.where(hit, first_eos + 1, n), hit
-
-
 # ---------------------------------------------------------------------------
 # Dream's fixed-step sampler
 # ---------------------------------------------------------------------------
@@ -297,32 +278,53 @@ class _DreamKnobs:
     alg_temp: jax.Array
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class CanvasState:
+    """The loop state of the whole-canvas decoders."""
+
+    passes: jax.Array  # scalar: passes run
+    gen: jax.Array  # [B, N]: the generated positions, masks where not decoded yet
+    accepted: jax.Array  # [B, passes bound]: tokens committed per row and pass
+    key: jax.Array
+
+    @classmethod
+    def start(cls, b: int, n: int, bound: int, mask_id: int, key: jax.Array) -> CanvasState:
+        """Every position masked, nothing committed yet."""
+        return cls(jnp.int32(0), jnp.full((b, n), mask_id, jnp.int32), jnp.zeros((b, bound), jnp.int32), key)
+
+
+def _canvas_outputs(state: CanvasState, eos: jax.Array):
+    """(tokens, lengths, accepted, stopped at eos, passes): what `finish` takes. A row's
+    length runs through its first eos, else over the whole canvas."""
+    n = state.gen.shape[1]
+    first_eos = first_index(jnp.isin(state.gen, eos))
+    hit = first_eos < n
+    return state.gen, jnp.where(hit, first_eos + 1, n), state.accepted, hit, state.passes
+
+
 @functools.partial(jax.jit, static_argnames=("graph", "max_new", "mask_id"))
 def _dream_sample(graph, params, prompts, prompt_lens, eos, knobs: _DreamKnobs, key, max_new: int, mask_id: int):
     model = nnx.merge(graph, params)
     b = prompts.shape[0]
     end = prompt_lens + max_new
 
-    def cond(carry):
-        i, gen, _, _ = carry
-        return (i < knobs.steps) & jnp.any(~decoded(gen, mask_id, eos))
+    def cond(state: CanvasState) -> jax.Array:
+        return (state.passes < knobs.steps) & jnp.any(~decoded(state.gen, mask_id, eos))
 
-    def body(carry):
-        i, gen, accepted, key = carry
-        key, token_key, transfer_key = jax.random.split(key, 3)
+    def body(state: CanvasState) -> CanvasState:
+        i, gen = state.passes, state.gen
+        key, token_key, transfer_key = jax.random.split(state.key, 3)
         logits = generation_logits(model, build_canvas(prompts, prompt_lens, gen), prompt_lens, end, max_new)
         pred = predict(logits, token_key, knobs.sampling)
         masked = (gen == mask_id) & ~decoded(gen, mask_id, eos)[:, None]
         transfer = dream_transfer(pred, masked, knobs.ratios[i], knobs.alg, knobs.alg_temp, transfer_key)
         # As Dream, the mask token is not excluded: a position that predicts it stays masked.
-        accepted = accepted.at[:, i].set(jnp.sum(transfer & (pred.tokens != mask_id), axis=1))
-        return i + 1, jnp.where(transfer, pred.tokens, gen), accepted, key
+        accepted = state.accepted.at[:, i].set(jnp.sum(transfer & (pred.tokens != mask_id), axis=1))
+        return CanvasState(i + 1, jnp.where(transfer, pred.tokens, gen), accepted, key)
 
-    gen = jnp.full((b, max_new), mask_id, jnp.int32)
-    accepted = jnp.zeros((b, knobs.ratios.shape[0]), jnp.int32)
-    passes, gen, accepted, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), gen, accepted, key))
-    lengths, hit = _result_outputs(gen, eos, max_new)
-    return gen, lengths, accepted, hit, passes
+    state = CanvasState.start(b, max_new, knobs.ratios.shape[0], mask_id, key)
+    return _canvas_outputs(jax.lax.while_loop(cond, body, state), eos)
 
 
 def prepare_prompts(
@@ -344,9 +346,8 @@ def prepare_prompts(
             )
     capacity = max_len or cfg.max_position_embeddings
     padded, lengths = pad_prompts(rows, prompt_bucket(max(map(len, rows)), max_new_tokens, capacity))
-    eos = tuple(cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
-    pad = cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0] if eos else 0)
-    return jnp.asarray(padded), jnp.asarray(lengths), jnp.asarray(eos, jnp.int32), pad
+    eos = resolve_eos(eos_token_ids, cfg)
+    return jnp.asarray(padded), jnp.asarray(lengths), jnp.asarray(eos, jnp.int32), pad_id(cfg, eos)
 
 
 def diffusion_generate(
@@ -367,13 +368,12 @@ def diffusion_generate(
     ratios = np.zeros(_steps_bucket(config.steps), np.float32)
     ratios[: config.steps] = dream_transfer_ratios(config.steps, config.eps)
     knobs = _DreamKnobs(
-        make_knobs(config.temperature, config.top_p, config.top_k), jnp.int32(config.steps), jnp.asarray(ratios),
+        Knobs.of(config), jnp.int32(config.steps), jnp.asarray(ratios),
         jnp.int32(ALGORITHMS.index(config.alg)), jnp.float32(config.alg_temp),
     )
     graph, params = nnx.split(model)
     gen, lens, accepted, hit, passes = _dream_sample(
-        graph, params, padded, lengths, eos, knobs, jax.random.key(0) if key is None else key,
-        config.max_new_tokens, model.cfg.mask_token_id,
+        graph, params, padded, lengths, eos, knobs, default_key(key), config.max_new_tokens, model.cfg.mask_token_id,
     )
     return finish(gen, lens, np.asarray(accepted)[:, : config.steps], hit, passes, pad_id=pad)
 
@@ -400,6 +400,12 @@ class _ParallelKnobs:
     eot_threshold: jax.Array  # > 1 disables End-of-Text prediction
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _ParallelState(CanvasState):
+    limit: jax.Array  # [B]: positions a row still decodes (End-of-Text lowers it)
+
+
 @functools.partial(jax.jit, static_argnames=("graphs", "max_new", "mask_id", "pad_id"))
 def _parallel(graphs, params, prompts, prompt_lens, eos, knobs: _ParallelKnobs, key, max_new: int, mask_id: int,
               pad_id: int):
@@ -407,13 +413,12 @@ def _parallel(graphs, params, prompts, prompt_lens, eos, knobs: _ParallelKnobs, 
     b = prompts.shape[0]
     j = jnp.arange(max_new)
 
-    def cond(carry):
-        i, gen, _, _, _ = carry
-        return (i < max_new) & jnp.any(~decoded(gen, mask_id, eos))
+    def cond(state: _ParallelState) -> jax.Array:
+        return (state.passes < max_new) & jnp.any(~decoded(state.gen, mask_id, eos))
 
-    def body(carry):
-        i, gen, limit, accepted, key = carry
-        key, token_key = jax.random.split(key)
+    def body(state: _ParallelState) -> _ParallelState:
+        i, gen, limit = state.passes, state.gen, state.limit
+        key, token_key = jax.random.split(state.key)
         canvas = build_canvas(prompts, prompt_lens, gen)
         logits = generation_logits(model, canvas, prompt_lens, prompt_lens + limit, max_new)
         pred = predict(exclude_token(logits, mask_id), token_key, knobs.sampling)
@@ -428,15 +433,12 @@ def _parallel(graphs, params, prompts, prompt_lens, eos, knobs: _ParallelKnobs, 
         limit = jnp.minimum(limit, at + 1)
         new = jnp.where(j < limit[:, None], new, pad_id)
         committed = (gen == mask_id) & (new != mask_id) & (j < limit[:, None])
-        accepted = accepted.at[:, i].set(jnp.sum(committed, axis=1))
-        return i + 1, new, limit, accepted, key
+        accepted = state.accepted.at[:, i].set(jnp.sum(committed, axis=1))
+        return _ParallelState(i + 1, new, accepted, key, limit)
 
-    gen = jnp.full((b, max_new), mask_id, jnp.int32)
-    limit = jnp.full((b,), max_new, jnp.int32)
-    accepted = jnp.zeros((b, max_new), jnp.int32)
-    passes, gen, _, accepted, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), gen, limit, accepted, key))
-    lengths, hit = _result_outputs(gen, eos, max_new)
-    return gen, lengths, accepted, hit, passes
+    start = CanvasState.start(b, max_new, max_new, mask_id, key)
+    state = _ParallelState(**vars(start), limit=jnp.full((b,), max_new, jnp.int32))
+    return _canvas_outputs(jax.lax.while_loop(cond, body, state), eos)
 
 
 def parallel_decode(
@@ -456,14 +458,11 @@ def parallel_decode(
     config.validate()
     padded, lengths, eos, pad = prepare_prompts(model, prompts, config.max_new_tokens, config.max_len,
                                                 config.eos_token_ids)
-    knobs = _ParallelKnobs(
-        make_knobs(config.temperature, config.top_p, config.top_k),
-        jnp.float32(2.0 if config.eot_threshold is None else config.eot_threshold),
-    )
+    knobs = _ParallelKnobs(Knobs.of(config), jnp.float32(2.0 if config.eot_threshold is None else config.eot_threshold))
     graphs, params = zip(nnx.split(model), nnx.split(rule))
     outputs = _parallel(
-        graphs, params, padded, lengths, eos, knobs, jax.random.key(0) if key is None else key,
-        config.max_new_tokens, model.cfg.mask_token_id, pad,
+        graphs, params, padded, lengths, eos, knobs, default_key(key), config.max_new_tokens, model.cfg.mask_token_id,
+        pad,
     )
     return finish(*outputs, pad_id=pad)
 

@@ -1,11 +1,15 @@
-"""What every decoder shares: knob and prompt checks, padding, and the result object."""
+"""What every decoder shares: its settings, knob and prompt checks, eos and padding ids, the result object."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import ClassVar
 
+import jax
 import numpy as np
+
+from apd_jax.config import ModelConfig, raise_problems
 
 
 def knob_problems(max_new_tokens: int, temperature: float, top_p: float, top_k: int) -> list[str]:
@@ -20,6 +24,47 @@ def knob_problems(max_new_tokens: int, temperature: float, top_p: float, top_k: 
     if top_k < 0:
         problems.append(f"top_k={top_k} must be >= 0 (0 disables it)")
     return problems
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DecoderConfig:
+    """The settings every decoder takes; each decoder's config extends it.
+
+    temperature 0 is greedy; top_p 1 and top_k 0 disable their filter (applied after the
+    temperature, in that order). Keyword-only, so a subclass's own fields keep the
+    leading positions.
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    eos_token_ids: tuple[int, ...] | None = None  # None: the model config's; (): never stop at an eos
+    max_len: int | None = None  # cache / sequence capacity; None: the models' max_position_embeddings
+
+    what: ClassVar[str] = "generation"  # names the settings in error messages
+
+    def problems(self) -> list[str]:
+        """What is wrong with these settings (none: an empty list); subclasses add their own."""
+        return knob_problems(self.max_new_tokens, self.temperature, self.top_p, self.top_k)
+
+    def validate(self) -> None:
+        raise_problems(self.what, self.problems())
+
+
+def resolve_eos(eos_token_ids: Sequence[int] | None, cfg: ModelConfig) -> tuple[int, ...]:
+    """The eos ids a decoder stops at: the given ones, or the model config's when None."""
+    return tuple(cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
+
+
+def pad_id(cfg: ModelConfig, eos: Sequence[int]) -> int:
+    """What fills a result after each row's end: the config's pad token, else the first eos, else 0."""
+    return cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0] if eos else 0)
+
+
+def default_key(key: jax.Array | None) -> jax.Array:
+    """The PRNG key of a decoding call: key(0) when none is given (greedy decoding never reads it)."""
+    return jax.random.key(0) if key is None else key
 
 
 @dataclasses.dataclass
@@ -44,8 +89,12 @@ class GenerationResult:
         return counts[counts > 0].tolist()
 
     def tokens_per_pass(self) -> float:
-        """Mean tokens committed per pass over all rows (each row's passes counted)."""
-        return float(self.accepted.sum() / max(self.row_passes().sum(), 1))
+        """Mean generated tokens per pass over all rows (each row's passes counted).
+
+        Counted from `lengths`: tokens a row's final pass accepted after its eos are
+        not generated (they are padding in `tokens`), though `accepted` counts them.
+        """
+        return float(self.lengths.sum() / max(self.row_passes().sum(), 1))
 
     def sequences(self) -> list[list[int]]:
         return [self.tokens[b, : self.lengths[b]].tolist() for b in range(len(self.lengths))]

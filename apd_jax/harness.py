@@ -6,7 +6,7 @@ distribution APD samples at R = 0. lm_eval finds models only in its own registry
 reads no plugin entry points, so `lm_eval --model apd_jax` cannot find this one; running this
 module is lm_eval's command line with the model registered, taking exactly lm_eval's arguments:
 
-    python -m apd_jax.harness --model apd_jax --model_args R=0.7,W=16 --tasks TASK ...
+    python -m apd_jax.harness --model apd_jax --model_args R=0.5,W=8 --tasks TASK ...
 
 From Python, `import apd_jax.harness` registers it for `lm_eval.simple_evaluate(model="apd_jax", ...)`.
 """
@@ -32,9 +32,10 @@ from lm_eval.models.utils import normalize_gen_kwargs, postprocess_generated_tex
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from apd_jax import ASSETS_DIR
-from apd_jax.apd import APDConfig, apd_generate, shared_vocab_size
-from apd_jax.autoregressive import ARConfig, ar_generate
+from apd_jax.apd import APDConfig, shared_vocab_size
 from apd_jax.checkpoint import load_model, load_tokenizer
+from apd_jax.decoders import DECODERS as REGISTRY
+from apd_jax.decoders import Models
 from apd_jax.generation import GenerationResult, pad_prompts, prompt_bucket
 from apd_jax.model import Qwen2
 
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 # or `--model hf` would stop resolving in a process that imported this module.
 importlib.import_module("lm_eval.models")
 
-DECODERS = ("apd", "ar")
+DECODERS = ("apd", "ar")  # of apd_jax.decoders: those that run on the pair (the verifier scores loglikelihood)
 # gen_kwargs keys generate_until understands (after lm_eval's normalize_gen_kwargs).
 GEN_KWARGS = frozenset({"until", "max_gen_toks", "do_sample", "temperature", "top_p", "top_k"})
 
@@ -120,10 +121,10 @@ class APDLM(TemplateLM):
         drafter: str | Path = ASSETS_DIR / "drafter",
         verifier: str | Path = ASSETS_DIR / "verifier",
         decoder: str = "apd",
-        R: float = 0.7,
-        W: int = 16,
-        M: int = 100,
-        rule: str = "paper",
+        R: float = APDConfig.R,
+        W: int = APDConfig.W,
+        M: int = APDConfig.M,
+        rule: str = APDConfig.rule,
         dtype: str | None = None,
         max_length: int | None = None,
         seed: int = 0,
@@ -142,15 +143,18 @@ class APDLM(TemplateLM):
             raise ValueError(f"decoder={decoder!r} must be one of {DECODERS}")
         if not str(batch_size).isdigit() or int(batch_size) < 1:
             raise ValueError(f"batch_size={batch_size!r} must be a positive integer (apd_jax has no 'auto')")
-        self.apd = APDConfig(R=float(R), W=int(W), M=int(M), rule=rule)
-        self.apd.validate()
+        knobs = {"R": float(R), "W": int(W), "M": int(M), "rule": rule}
+        APDConfig(**knobs).validate()  # whichever decoder generates
         self.decoder = decoder
+        self.chosen = REGISTRY[decoder]
+        self.settings = self.chosen.settings_from(knobs)
         self.batch_size = int(batch_size)
         self.verifier = load_model(verifier, param_dtype=dtype)
         if not self.verifier.cfg.causal:
             raise ValueError(f"verifier {verifier} is not a causal (Qwen2) model")
-        self.drafter = load_model(drafter, param_dtype=dtype) if decoder == "apd" else None
-        self.vocab = None if self.drafter is None else shared_vocab_size(self.drafter.cfg, self.verifier.cfg)
+        self.drafter = load_model(drafter, param_dtype=dtype) if "drafter" in self.chosen.uses else None
+        vocab = None if self.drafter is None else shared_vocab_size(self.drafter.cfg, self.verifier.cfg)
+        self.models = Models(self.drafter, self.verifier, shared_vocab=vocab)
         self.tokenizer = load_tokenizer(verifier)
         capacity = min(m.cfg.max_position_embeddings for m in (self.drafter, self.verifier) if m is not None)
         self.max_length = capacity if max_length is None else int(max_length)
@@ -159,7 +163,7 @@ class APDLM(TemplateLM):
         self.key = jax.random.key(int(seed))
         self.throughput = Throughput()
         self.info = {"drafter": str(drafter), "verifier": str(verifier), "decoder": decoder, "dtype": dtype,
-                     "R": self.apd.R, "W": self.apd.W, "M": self.apd.M, "rule": rule, "max_length": self.max_length}
+                     **knobs, "max_length": self.max_length}
 
     @property
     def eot_token_id(self) -> int:
@@ -237,10 +241,11 @@ class APDLM(TemplateLM):
         room = self.max_length - max_new
         if room < 1:
             raise ValueError(f"max_gen_toks={max_new} leaves no room for a prompt in max_length {self.max_length}")
-        sampling = {
-            "max_new_tokens": max_new, "temperature": float(kwargs.get("temperature", 0.0)),
-            "top_p": float(kwargs.get("top_p", 1.0)), "top_k": int(kwargs.get("top_k", 0)),
-        }
+        # Knobs the task leaves out keep the decoder's defaults.
+        knobs = {"temperature": float, "top_p": float, "top_k": int}
+        config = dataclasses.replace(
+            self.settings, max_new_tokens=max_new, **{k: cast(kwargs[k]) for k, cast in knobs.items() if k in kwargs}
+        )
         # An empty context conditions on the prefix token, as loglikelihood's does; long ones keep their end.
         encoded = [self.tok_encode(c) or [self.prefix_token_id] for c in contexts]
         if max(map(len, encoded)) > room:
@@ -254,11 +259,7 @@ class APDLM(TemplateLM):
             rows += [rows[-1]] * (len(groups[0]) - len(rows))
             self.key, key = jax.random.split(self.key)
             start = time.perf_counter()
-            if self.drafter is None:
-                result = ar_generate(self.verifier, rows, ARConfig(**sampling), key)
-            else:
-                config = dataclasses.replace(self.apd, **sampling)
-                result = apd_generate(self.drafter, self.verifier, rows, config, key, shared_vocab=self.vocab)
+            result = self.chosen.generate(self.models, rows, config, key)
             self.throughput.add(result, len(batch), time.perf_counter() - start)
             for i, seq in zip(batch, result.sequences()):
                 texts[i] = truncate_at_stop(self.tokenizer.decode(seq, skip_special_tokens=True), until)

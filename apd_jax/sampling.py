@@ -8,10 +8,43 @@ greedy (argmax of the raw logits), as in the reference.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
 NEG_INF = -jnp.inf
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Knobs:
+    """The traced sampling knobs every decoder passes into its compiled loop (a pytree of scalars).
+
+    temperature (0 is greedy), top_p (1 disables), top_k (0 disables). Decoders with more
+    traced knobs subclass it (APD adds R); `of` fills any subclass from a settings object.
+    """
+
+    temperature: jax.Array
+    top_p: jax.Array
+    top_k: jax.Array
+
+    @classmethod
+    def of(cls, settings: Any) -> Knobs:
+        """Each field read from the same-named attribute of `settings`: top_k as int32, the rest float32."""
+        return cls(**{
+            f.name: jnp.asarray(getattr(settings, f.name), jnp.int32 if f.name == "top_k" else jnp.float32)
+            for f in dataclasses.fields(cls)
+        })
+
+    @classmethod
+    def greedy(cls) -> Knobs:
+        return cls(jnp.float32(0.0), jnp.float32(1.0), jnp.int32(0))
+
+    def sample(self, logits: jax.Array, key: jax.Array, exclude: int | None = None) -> jax.Array:
+        """`sample` with these knobs."""
+        return sample(logits, key, self.temperature, self.top_p, self.top_k, exclude)
 
 
 def filter_logits(logits: jax.Array, top_p: jax.Array, top_k: jax.Array) -> jax.Array:

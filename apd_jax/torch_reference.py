@@ -544,16 +544,25 @@ def torch_leftright_generate(
 # --------------------------------------------------------------------------
 
 
+def top_k_logits(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Dream's `top_k_logits`: every logit below the k-th largest set to the dtype's minimum (ties kept)."""
+    top_k = min(top_k, logits.size(-1))
+    indices_to_remove = logits < torch.topk(logits, top_k)[0][..., -1, None]
+    return logits.masked_fill(indices_to_remove, torch.finfo(logits.dtype).min)
+
+
 @torch.no_grad()
 def torch_dream_diffusion_generate(
     model: TorchDream, prompt: list[int], *, max_new_tokens: int, steps: int, alg: str,
-    eps: float = 1e-3, mask_token_id: int,
+    eps: float = 1e-3, mask_token_id: int, top_k: int | None = None,
 ) -> list[int]:
     """Dream `_sample` for alg in {maskgit_plus, topk_margin, entropy}, temperature 0, alg_temp None.
 
     Follows Dream exactly, including that the mask token is NOT excluded from the argmax, and that
     the transfer count is computed in float32 from torch.linspace (int(n * (1 - s / t)) truncates,
-    so the float32 values matter at integer boundaries).
+    so the float32 values matter at integer boundaries). top_k (None: off, as Dream's `if top_k is
+    not None`) filters the logits before the softmax, so every confidence is read from
+    probabilities renormalised over the top k tokens, as Dream's `sample_tokens` does.
     """
     if alg not in ("maskgit_plus", "topk_margin", "entropy"):
         raise ValueError(f"unsupported alg {alg!r}")
@@ -564,6 +573,8 @@ def torch_dream_diffusion_generate(
         mask_index = x == mask_token_id
         logits, _ = model(x)  # full sequence, positions 0..L-1, no cache, no mask
         mask_logits = shift_logits(logits)[mask_index]
+        if top_k is not None:
+            mask_logits = top_k_logits(mask_logits, top_k)
         probs = torch.softmax(mask_logits, dim=-1)
         confidence, x0 = probs.max(dim=-1)
         if alg == "topk_margin":

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from apd_jax.apd import APDConfig, _Knobs, accepted_length, apd_generate, apd_generate_eager, shared_vocab_size
+from apd_jax.apd import APDConfig, APDKnobs, accepted_length, apd_generate, apd_generate_eager, shared_vocab_size
 from conftest import MASK, PROMPTS
 from apd_jax.torch_reference import torch_apd_generate
 
@@ -58,6 +58,19 @@ def test_eos_stops_a_row_and_pads_the_rest(dream, qwen, torch_dream, torch_qwen)
     assert result.lengths[1] > 1  # an eos inside the prompt does not stop a row
 
 
+def test_tokens_per_pass_counts_generated_tokens_only(dream, qwen):
+    """A row whose eos comes mid-pass: the tokens that pass accepted after the eos are not generated."""
+    cfg = APDConfig(R=1.0, W=4, M=12, max_new_tokens=40, eos_token_ids=())
+    free = apd_generate(dream, qwen, PROMPTS[:1], cfg)
+    tokens, first_pass = free.sequences()[0], free.accepted_per_pass(0)[0]
+    # A token first generated inside the first pass, not at its end.
+    at = next(j for j in range(3, first_pass - 1) if tokens[j] not in tokens[:j])
+    result = apd_generate(dream, qwen, PROMPTS, dataclasses.replace(cfg, eos_token_ids=(tokens[at],)))
+    assert result.lengths[0] == at + 1 and result.accepted[0].sum() > result.lengths[0]
+    assert result.tokens_per_pass() == result.lengths.sum() / result.row_passes().sum()
+    assert result.tokens_per_pass() < result.accepted.sum() / result.row_passes().sum()
+
+
 def test_batched_run_equals_per_row_runs_and_the_eager_loop(dream, qwen):
     cfg = APDConfig(R=0.7, W=3, M=7, max_new_tokens=30, eos_token_ids=())
     batched = apd_generate(dream, qwen, PROMPTS, cfg)
@@ -96,7 +109,7 @@ def test_paper_rule_with_R_one_accepts_every_drafted_token(dream, qwen):
         assert result.accepted_per_pass(row) == [10, 10, 10, 5]
 
 
-KNOBS = _Knobs(jnp.float32(0.5), jnp.float32(1.0), jnp.float32(1.0), jnp.int32(0))
+KNOBS = APDKnobs(R=jnp.float32(0.5), temperature=jnp.float32(1.0), top_p=jnp.float32(1.0), top_k=jnp.int32(0))
 
 
 def test_paper_rule_accepts_everything_when_both_models_agree():
@@ -116,7 +129,7 @@ def test_acceptance_is_the_matching_prefix_on_literal_logits():
     draft = jnp.array([[0, 1, 2, 0]])
     logits_d = eye[draft]
     logits_v = eye[jnp.array([[1, 1, 0, 0]])]  # position 0 unused; disagrees at 2
-    greedy = _Knobs(jnp.float32(0.3), jnp.float32(0.0), jnp.float32(1.0), jnp.int32(0))
+    greedy = APDKnobs(R=jnp.float32(0.3), temperature=jnp.float32(0.0), top_p=jnp.float32(1.0), top_k=jnp.int32(0))
     n = jnp.array([4])
     for rule in ("paper", "reference"):
         assert int(accepted_length(draft, logits_d, logits_v, n, jax.random.key(0), greedy, rule, 99)[0]) == 2

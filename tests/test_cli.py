@@ -99,3 +99,90 @@ def test_live_view_shows_every_pass(capsys):
     argv = ["generate", "--random-tiny", "--ids", "5 6 7 8", "--max-new-tokens", "10", "--W", "2", "--M", "4", "--live"]
     assert main(argv) == 0
     assert "one colour per pass" in capsys.readouterr().out
+
+
+def test_dream_steps_zero_is_an_error_not_a_default(capsys):
+    argv = ["generate", "--random-tiny", "--ids", "5 6", "--decoder", "dream", "--max-new-tokens", "4", "--steps", "0"]
+    assert main(argv) == 2
+    assert "steps=0 must be >= 1" in capsys.readouterr().err
+
+
+def test_decoder_defaults_come_from_their_settings_classes():
+    from apd_jax.apd import APDConfig
+    from apd_jax.cli import build_parser
+    from apd_jax.commands.generate import settings
+    from apd_jax.diffusion import DiffusionConfig
+
+    parse = build_parser().parse_args
+    assert settings(parse(["generate", "x"])) == APDConfig()
+    assert settings(parse(["generate", "x", "--decoder", "dream"])) == DiffusionConfig(steps=256)
+    assert settings(parse(["generate", "x", "--decoder", "dream"])).top_k == 50  # Dream's published default
+    assert settings(parse(["generate", "x", "--decoder", "dream", "--top-k", "0", "--steps", "8"])) == DiffusionConfig(
+        top_k=0, steps=8)
+    assert settings(parse(["generate", "x", "--decoder", "learn2pd", "--threshold", "0.5", "--eot-threshold",
+                           "none"])).keep_threshold == 0.5
+    assert settings(parse(["generate", "x", "--decoder", "leftright", "--K", "3"])).K == 3
+
+
+@pytest.mark.parametrize("command", ["generate", "compare", "eval", "train-filter"])
+def test_every_option_help_shows_its_default(command):
+    from apd_jax.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
+    # An option of a required either-or group has no default: one of the group must be given.
+    chosen = {a for g in sub._mutually_exclusive_groups if g.required for a in g._group_actions}
+    for action in sub._actions:
+        if action.option_strings and action.nargs != 0 and not action.required and action not in chosen:
+            assert "default" in sub._get_formatter()._get_help_string(action), action.option_strings
+
+
+def test_generate_at_a_terminal_says_it_reads_stdin(monkeypatch, capsys):
+    class Terminal:
+        def isatty(self):
+            return True
+
+        def read(self):
+            return "5 6 7"
+
+    monkeypatch.setattr("sys.stdin", Terminal())
+    assert main(["generate", "--random-tiny", "--ids", "--max-new-tokens", "4", "--W", "2", "--M", "4"]) == 0
+    assert "reading the prompt from stdin" in capsys.readouterr().err
+
+
+def test_bad_prompts_files_name_the_file_and_the_problem(tmp_path, capsys):
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("caf\xe9\n".encode("latin-1"))
+    for command in (["generate", "--random-tiny", "--ids"], ["compare", "--random-tiny"]):
+        assert main([*command, "--prompts-file", str(tmp_path)]) == 2
+        assert f"prompts file {tmp_path} is a directory" in capsys.readouterr().err
+        assert main([*command, "--prompts-file", str(latin)]) == 2
+        assert f"prompts file {latin} is not UTF-8" in capsys.readouterr().err
+
+
+def test_prompt_files_unescape_newlines_the_same_way_everywhere(tmp_path, capsys):
+    from apd_jax.prompts import read_prompts_file
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("def f():\\n    return 1\n\na \\\\n b\n")
+    assert read_prompts_file(prompts) == ["def f():\n    return 1", "a \\n b"]
+    assert main(["generate", "--prompts-file", str(prompts), "--max-new-tokens", "4"]) == 0
+    assert "def f():\n    return 1" in capsys.readouterr().out
+
+
+def test_compare_defaults_to_the_embedded_pair(tmp_path, monkeypatch, capsys):
+    from apd_jax import ASSETS_DIR
+    from apd_jax.checkpoint import load_model
+
+    seen = {}
+
+    def record(drafter, verifier, prompts, max_new_tokens, apd, learned, threshold):
+        seen.update(drafter=drafter, verifier=verifier, learned=learned)
+        return []
+
+    monkeypatch.setattr("apd_jax.commands.compare.compare_decoders", record)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("def add(a, b):\n")
+    assert main(["compare", "--prompts-file", str(prompts)]) == 0
+    for role in ("drafter", "verifier"):
+        assert seen[role].cfg == load_model(ASSETS_DIR / role).cfg
+    assert seen["learned"] is not None  # the embedded drafter's own filter

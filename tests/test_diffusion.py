@@ -74,21 +74,41 @@ def test_timesteps_and_counts_match_torch_bit_for_bit(eps):
 
 @pytest.mark.parametrize("alg", ["maskgit_plus", "topk_margin", "entropy"])
 @pytest.mark.parametrize("steps", [1, 3, 7, N])
-def test_greedy_matches_dream_sample(dream, torch_dream, alg, steps):
+def test_greedy_matches_dream_sample_at_its_published_defaults(dream, torch_dream, alg, steps):
+    """DiffusionConfig's defaults are the published code's: top_k 50 (Dream's `top_k_logits`) even at temperature 0."""
     result = diffusion_generate(dream, PROMPTS, DiffusionConfig(steps=steps, alg=alg, **WHOLE))
     for row, prompt in enumerate(PROMPTS):
         ref = torch_dream_diffusion_generate(
-            torch_dream, prompt, max_new_tokens=N, steps=steps, alg=alg, mask_token_id=MASK
+            torch_dream, prompt, max_new_tokens=N, steps=steps, alg=alg, mask_token_id=MASK, top_k=50
         )
         assert result.tokens[row].tolist() == ref
     assert result.passes == steps and result.accepted.shape == (3, steps)
+
+
+@pytest.mark.parametrize("alg", ["maskgit_plus", "topk_margin", "entropy"])
+@pytest.mark.parametrize("steps", [3, N])
+def test_greedy_without_top_k_matches_dream_sample(dream, torch_dream, alg, steps):
+    result = diffusion_generate(dream, PROMPTS, DiffusionConfig(steps=steps, alg=alg, top_k=0, **WHOLE))
+    for row, prompt in enumerate(PROMPTS):
+        ref = torch_dream_diffusion_generate(
+            torch_dream, prompt, max_new_tokens=N, steps=steps, alg=alg, mask_token_id=MASK, top_k=None
+        )
+        assert result.tokens[row].tolist() == ref
+
+
+def test_top_k_changes_the_unmasking_order_at_temperature_zero(dream):
+    """The top-50 renormalisation matters on the tiny model too, so the two parity tests above differ."""
+    for alg in ("maskgit_plus", "topk_margin", "entropy"):
+        config = DiffusionConfig(steps=N, alg=alg, **WHOLE)
+        with_top_k = diffusion_generate(dream, PROMPTS, config).tokens.tolist()
+        assert with_top_k != diffusion_generate(dream, PROMPTS, dataclasses.replace(config, top_k=0)).tokens.tolist()
 
 
 def test_more_steps_than_tokens_matches(dream, torch_dream):
     result = diffusion_generate(dream, PROMPTS[:2], DiffusionConfig(steps=N + 5, alg="entropy", **WHOLE))
     for row, prompt in enumerate(PROMPTS[:2]):
         ref = torch_dream_diffusion_generate(
-            torch_dream, prompt, max_new_tokens=N, steps=N + 5, alg="entropy", mask_token_id=MASK
+            torch_dream, prompt, max_new_tokens=N, steps=N + 5, alg="entropy", mask_token_id=MASK, top_k=50
         )
         assert result.tokens[row].tolist() == ref
 

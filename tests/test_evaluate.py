@@ -42,3 +42,11 @@ def test_bad_evaluation_files(tmp_path):
     bad.write_text("not json\n")
     with pytest.raises(ValueError, match="bad.jsonl:1 is not JSON"):
         load_jsonl(bad)
+
+
+@pytest.mark.parametrize("limit", ["0", "-1"])
+def test_eval_limit_below_one_is_a_clear_error(tmp_path, limit, capsys):
+    data = tmp_path / "gsm.jsonl"
+    data.write_text(json.dumps({"question": "What is 1 + 1?", "answer": "#### 2"}) + "\n")
+    assert main(["eval", str(data), "--limit", limit]) == 2
+    assert f"--limit {limit} must be >= 1" in capsys.readouterr().err

@@ -14,19 +14,27 @@ import argparse
 import sys
 from pathlib import Path
 
-from apd_jax.apd import APDConfig
-from apd_jax.commands import corpus_prompts, embedded_filter, read_prompts_file
 from apd_jax.checkpoint import load_model, load_tokenizer
+from apd_jax.commands import corpus_prompts, embedded_filter
+from apd_jax.commands.options import (
+    DefaultsHelpFormatter,
+    add_pair_options,
+    pair_paths,
+    settings_option,
+    settings_values,
+)
 from apd_jax.compare import compare_decoders, format_table
 from apd_jax.config import tiny_config
+from apd_jax.decoders import decoder
 from apd_jax.learn2pd import load_filter
 from apd_jax.model import init_model
+from apd_jax.prompts import parse_ids, read_prompts_file
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("compare", help="compare all decoders on one pair", description=__doc__)
-    p.add_argument("--drafter", type=Path)
-    p.add_argument("--verifier", type=Path)
+    p = sub.add_parser("compare", help="compare all decoders on one pair", description=__doc__,
+                       formatter_class=DefaultsHelpFormatter)
+    add_pair_options(p)
     p.add_argument("--random-tiny", action="store_true", help="tiny random pair; prompts are token ids")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompts-file", type=Path,
@@ -38,12 +46,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="--heldout-prompts: corpus root (default: this Python's stdlib, as `apd-jax train`)")
     p.add_argument("--filter", type=Path,
                    help="a Learn2PD filter from `apd-jax train-filter` (default with the embedded drafter: its own)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--threshold", type=float, default=0.9,
-                   help="the threshold row's confidence and the Learn2PD rows' keep threshold (default 0.9)")
-    p.add_argument("--R", type=float, default=0.7)
-    p.add_argument("--W", type=int, default=16)
-    p.add_argument("--M", type=int, default=100)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens every decoder generates per prompt")
+    settings_option(p, "--threshold", "the threshold row's confidence and the Learn2PD rows' keep threshold",
+                    ["threshold"], type=float)
+    settings_option(p, "--R", "APD's mixture weight", ["apd"], type=float)
+    settings_option(p, "--W", "APD's and Dream K's drafter KV window", ["apd"], type=int)
+    settings_option(p, "--M", "APD's and Dream K's max lookahead", ["apd"], type=int)
     p.set_defaults(func=run)
 
 
@@ -52,22 +60,25 @@ def run(args: argparse.Namespace) -> int:
         if args.prompts_file is None:
             raise ValueError("--random-tiny has no tokenizer: give token ids with --prompts-file")
         drafter, verifier = init_model(tiny_config(causal=False), 1), init_model(tiny_config(causal=True), 2)
-        prompts = [list(map(int, line.split())) for line in read_prompts_file(args.prompts_file)]
+        prompts = [parse_ids(line, f"prompts file {args.prompts_file}") for line in read_prompts_file(args.prompts_file)]
     else:
-        if args.drafter is None or args.verifier is None:
-            raise ValueError("give --drafter DIR and --verifier DIR (or --random-tiny)")
+        args.drafter, args.verifier = pair_paths(args.drafter, args.verifier)
         drafter, verifier = load_model(args.drafter), load_model(args.verifier)
         if args.heldout_prompts is not None:
             texts = corpus_prompts("--heldout-prompts", args.heldout_prompts, args.drafter, heldout=True,
                                    seq_len=drafter.cfg.max_position_embeddings, root=args.stdlib)
         else:
-            texts = [line.replace("\\n", "\n") for line in read_prompts_file(args.prompts_file)]
+            texts = read_prompts_file(args.prompts_file)
         tokenizer = load_tokenizer(args.drafter)
         prompts = [tokenizer.encode(text) for text in texts]
     path = args.filter or (None if args.random_tiny else embedded_filter(args.drafter))
     if path is None:
         print("(no Learn2PD rows: give --filter DIR for this drafter)", file=sys.stderr)
-    filt = None if path is None else load_filter(path)
-    apd = APDConfig(R=args.R, W=args.W, M=args.M, max_new_tokens=args.max_new_tokens)
-    print(format_table(compare_decoders(drafter, verifier, prompts, args.max_new_tokens, apd, filt, args.threshold)))
+    learned = None if path is None else load_filter(path)
+    values = settings_values(args)
+    apd = decoder("apd").settings_from({k: v for k, v in values.items() if k in ("R", "W", "M")}
+                                       | {"max_new_tokens": args.max_new_tokens})
+    apd.validate()
+    threshold = values.get("threshold", decoder("threshold").settings.threshold)
+    print(format_table(compare_decoders(drafter, verifier, prompts, args.max_new_tokens, apd, learned, threshold)))
     return 0

@@ -5,34 +5,45 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from apd_jax import ASSETS_DIR
-from apd_jax.apd import APDConfig
 from apd_jax.checkpoint import load_model, load_tokenizer
+from apd_jax.commands.options import (
+    DefaultsHelpFormatter,
+    add_pair_options,
+    pair_paths,
+    settings_option,
+    settings_values,
+)
+from apd_jax.decoders import decoder
 from apd_jax.evaluate import evaluate, load_jsonl
+
+APD = ["apd"]  # eval decodes with APD
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="exact-match evaluation on a local JSONL file", description=__doc__)
+    p = sub.add_parser("eval", help="exact-match evaluation on a local JSONL file", description=__doc__,
+                       formatter_class=DefaultsHelpFormatter)
     p.add_argument("data", type=Path, help="JSONL with 'question' and 'answer' per line")
-    p.add_argument("--drafter", type=Path, default=ASSETS_DIR / "drafter")
-    p.add_argument("--verifier", type=Path, default=ASSETS_DIR / "verifier")
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first N items")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--R", type=float, default=0.7)
-    p.add_argument("--W", type=int, default=16)
-    p.add_argument("--M", type=int, default=100)
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    add_pair_options(p)
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N items (default: all)")
+    p.add_argument("--batch-size", type=int, default=8, help="items decoded together")
+    settings_option(p, "--R", "mixture weight in [0, 1]", APD, type=float)
+    settings_option(p, "--W", "drafter KV window", APD, type=int)
+    settings_option(p, "--M", "max lookahead", APD, type=int)
+    settings_option(p, "--max-new-tokens", "tokens to generate per item", APD, type=int)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    items = load_jsonl(args.data)[: args.limit]
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit {args.limit} must be >= 1 (leave it out to evaluate every item)")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size {args.batch_size} must be >= 1")
-    config = APDConfig(R=args.R, W=args.W, M=args.M, max_new_tokens=args.max_new_tokens)
+    items = load_jsonl(args.data)[: args.limit]
+    config = decoder("apd").settings_from(settings_values(args))
     config.validate()
-    drafter, verifier = load_model(args.drafter), load_model(args.verifier)
-    report = evaluate(drafter, verifier, load_tokenizer(args.drafter), items, config, args.batch_size)
+    drafter_dir, verifier_dir = pair_paths(args.drafter, args.verifier)
+    drafter, verifier = load_model(drafter_dir), load_model(verifier_dir)
+    report = evaluate(drafter, verifier, load_tokenizer(drafter_dir), items, config, args.batch_size)
     print(f"accuracy {report.accuracy:.3f} ({report.correct}/{report.total}), "
           f"{report.tokens_per_s:.1f} tokens/s, {report.tokens_per_pass:.2f} tokens/pass")
     return 0

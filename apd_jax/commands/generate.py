@@ -9,66 +9,93 @@ the embedded drafter ships with one).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
 
 import jax
 
-from apd_jax.apd import APDConfig, apd_generate, apd_generate_eager, leftright_generate, shared_vocab_size
-from apd_jax.autoregressive import ARConfig, ar_generate
-from apd_jax.commands import embedded_filter, read_prompts_file
+from apd_jax.apd import APDConfig, apd_generate_eager, shared_vocab_size
 from apd_jax.checkpoint import load_model, load_orbax, load_tokenizer
+from apd_jax.commands import embedded_filter
+from apd_jax.commands.options import (
+    DefaultsHelpFormatter,
+    add_pair_options,
+    optional_float,
+    pair_paths,
+    settings_option,
+    settings_values,
+)
 from apd_jax.config import tiny_config
-from apd_jax.diffusion import ALGORITHMS, DiffusionConfig, ThresholdConfig, diffusion_generate, threshold_generate
-from apd_jax.generation import GenerationResult
-from apd_jax.learn2pd import Learn2PDConfig, learn2pd_generate, load_filter
+from apd_jax.decoders import DECODERS, Models, decoder
+from apd_jax.diffusion import ALGORITHMS
+from apd_jax.generation import DecoderConfig
+from apd_jax.learn2pd import load_filter
 from apd_jax.model import Qwen2, init_model
+from apd_jax.prompts import parse_ids, read_prompts_file
 from apd_jax.sharding import make_mesh, parse_mesh, shard_model
-from apd_jax import ASSETS_DIR
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="generate with APD", description=__doc__)
-    p.add_argument("prompt", nargs="?", help="prompt text (default: read stdin); with --ids, space-separated ids")
-    p.add_argument("--prompts-file", type=Path, help="one prompt per line; generated as one batch")
+    p = sub.add_parser("generate", help="generate with APD", description=__doc__,
+                       formatter_class=DefaultsHelpFormatter)
+    p.add_argument("prompt", nargs="?",
+                   help="prompt text; with --ids, space-separated ids (default: read stdin)")
+    p.add_argument("--prompts-file", type=Path,
+                   help="one prompt per line, `\\n` for a newline; generated as one batch (default: none)")
     p.add_argument("--ids", action="store_true", help="prompts are token ids, not text")
-    p.add_argument("--drafter", type=Path,
-                   help="Dream checkpoint: HF or apd_jax (orbax) directory (default: the embedded trained pair)")
-    p.add_argument("--verifier", type=Path, help="Qwen2 checkpoint: HF directory or apd_jax (orbax) directory")
+    add_pair_options(p)
     p.add_argument("--random-tiny", action="store_true",
                    help="use a tiny randomly initialised pair (no checkpoint; output is noise)")
     p.add_argument("--dtype", default=None, help="bfloat16 or float32 (default: as stored)")
-    p.add_argument("--R", type=float, default=0.7, help="mixture weight in [0, 1] (default 0.7)")
-    p.add_argument("--W", type=int, default=16, help="drafter KV window (default 16)")
-    p.add_argument("--M", type=int, default=100, help="max lookahead (default 100)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--rule", choices=("paper", "reference"), default="paper")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--live", action="store_true",
-                   help="show APD's passes as they happen, each pass's accepted tokens in their own colour")
-    p.add_argument("--decoder", choices=DECODERS, default="apd", help="decoding strategy (default apd)")
-    p.add_argument("--K", type=int, default=1, help="leftright: tokens committed per pass")
-    p.add_argument("--alg", choices=ALGORITHMS, default="entropy", help="dream: unmasking order")
-    p.add_argument("--steps", type=int, default=None, help="dream: diffusion steps (default max-new-tokens)")
-    p.add_argument("--threshold", type=float, default=0.9,
-                   help="threshold: confidence to commit a token; learn2pd: the filter's keep probability")
+    p.add_argument("--decoder", choices=tuple(DECODERS), default="apd", help="decoding strategy")
+    settings_option(p, "--max-new-tokens", "tokens to generate per prompt", type=int)
+    settings_option(p, "--temperature", "sampling temperature, 0 is greedy", type=float)
+    settings_option(p, "--top-p", "nucleus filter, 1 disables it", type=float)
+    settings_option(p, "--top-k", "top-k filter, 0 disables it", type=int)
+    settings_option(p, "--R", "apd: mixture weight in [0, 1]", ["apd"], type=float)
+    settings_option(p, "--W", "apd/leftright: drafter KV window", type=int)
+    settings_option(p, "--M", "apd/leftright: max lookahead", type=int)
+    settings_option(p, "--rule", "apd: acceptance rule", ["apd"], choices=("paper", "reference"))
+    settings_option(p, "--K", "leftright: tokens committed per pass", type=int)
+    settings_option(p, "--alg", "dream: unmasking order", choices=ALGORITHMS)
+    p.add_argument("--steps", type=int, default=argparse.SUPPRESS,
+                   help="dream: diffusion steps, >= 1 (default: --max-new-tokens, one token per step)")
+    settings_option(p, "--threshold", "threshold: confidence to commit a token; learn2pd: the filter's keep "
+                    "probability", type=float)
+    settings_option(p, "--eot-threshold", "threshold/learn2pd: drop positions after an eos predicted with this "
+                    "confidence, 'none' disables it", type=optional_float)
     p.add_argument("--filter", type=Path,
                    help="learn2pd: the trained filter directory (default with the embedded drafter: its own filter)")
-    p.add_argument("--eot-threshold", type=float, default=None,
-                   help="threshold/learn2pd: drop positions after an eos predicted with this confidence")
+    p.add_argument("--seed", type=int, default=0, help="PRNG seed of sampling")
+    p.add_argument("--live", action="store_true",
+                   help="show APD's passes as they happen, each pass's accepted tokens in their own colour")
     p.add_argument("--mesh", default=None,
-                   help="shard over devices, e.g. 'data=2,model=4' (rows over data, tensor parallel over model)")
+                   help="shard over devices, e.g. 'data=2,model=4' (rows over data, tensor parallel over model; "
+                        "default: one device)")
     p.set_defaults(func=run)
+
+
+def settings(args: argparse.Namespace) -> DecoderConfig:
+    """The chosen decoder's settings: the options given, the settings class's defaults for the rest."""
+    values = settings_values(args)
+    config = decoder(args.decoder).settings_from(values)
+    if args.decoder == "dream" and "steps" not in values:
+        config = dataclasses.replace(config, steps=config.max_new_tokens)  # one token per step
+    config.validate()
+    return config
 
 
 def _prompts(args: argparse.Namespace) -> list[str]:
     if args.prompts_file is not None:
         return read_prompts_file(args.prompts_file)
-    return [args.prompt if args.prompt is not None else sys.stdin.read()]
+    if args.prompt is not None:
+        return [args.prompt]
+    if sys.stdin.isatty():
+        print("apd-jax generate: reading the prompt from stdin (end it with Ctrl-D; or give it as an argument)",
+              file=sys.stderr)
+    return [sys.stdin.read()]
 
 
 def _load(path: Path, dtype: str | None, mesh: jax.sharding.Mesh | None) -> Qwen2:
@@ -78,14 +105,21 @@ def _load(path: Path, dtype: str | None, mesh: jax.sharding.Mesh | None) -> Qwen
     return model if mesh is None else shard_model(model, mesh)
 
 
+def _filter(args: argparse.Namespace):
+    path = args.filter or (None if args.random_tiny else embedded_filter(args.drafter))
+    if path is None:
+        raise ValueError("--decoder learn2pd needs --filter DIR for this drafter (only the embedded drafter "
+                         "has one built in; train one with `apd-jax train-filter`)")
+    return load_filter(path)
+
+
 def run(args: argparse.Namespace) -> int:
-    config = APDConfig(
-        R=args.R, W=args.W, M=args.M, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-        top_p=args.top_p, top_k=args.top_k, rule=args.rule,
-    )
-    config.validate()
+    chosen = decoder(args.decoder)
+    config = settings(args)
     tok_d = tok_v = None
     mesh = None if args.mesh is None else make_mesh(**parse_mesh(args.mesh))
+    if mesh is not None and not chosen.sharded:
+        raise ValueError(f"--mesh is supported with --decoder apd only, not {args.decoder}")
     if args.random_tiny:
         if not args.ids:
             raise ValueError("--random-tiny has no tokenizer: give the prompt as token ids with --ids")
@@ -93,23 +127,19 @@ def run(args: argparse.Namespace) -> int:
         if mesh is not None:
             drafter, verifier = shard_model(drafter, mesh), shard_model(verifier, mesh)
     else:
-        if (args.drafter is None) != (args.verifier is None):
-            raise ValueError("give both --drafter DIR and --verifier DIR (or neither, for the embedded pair)")
-        if args.drafter is None:  # the small trained pair shipped with apd_jax
-            args.drafter, args.verifier = ASSETS_DIR / "drafter", ASSETS_DIR / "verifier"
+        args.drafter, args.verifier = pair_paths(args.drafter, args.verifier)
         drafter = _load(args.drafter, args.dtype, mesh)
         verifier = _load(args.verifier, args.dtype, mesh)
         if not args.ids:
             tok_d, tok_v = load_tokenizer(args.drafter), load_tokenizer(args.verifier)
     vocab = shared_vocab_size(drafter.cfg, verifier.cfg, tok_d, tok_v)
     texts = _prompts(args)
-    prompts = [list(map(int, t.split())) if args.ids else tok_d.encode(t) for t in texts]
+    prompts = [parse_ids(t, "the prompt") if args.ids else tok_d.encode(t) for t in texts]
     if args.live:
         return _live(args, drafter, verifier, prompts, texts, config, tok_d)
-    if mesh is not None and args.decoder != "apd":
-        raise ValueError("--mesh is supported with --decoder apd only")
+    models = Models(drafter, verifier, _filter(args) if "filter" in chosen.uses else None, vocab, mesh)
     start = time.perf_counter()
-    result = _decode(args, drafter, verifier, prompts, config, vocab, mesh)
+    result = chosen.generate(models, prompts, config, jax.random.key(args.seed))
     elapsed = time.perf_counter() - start
     for row, text in enumerate(texts):
         ids = result.sequences()[row]
@@ -121,36 +151,6 @@ def run(args: argparse.Namespace) -> int:
         f"{generated / elapsed:.1f} tokens/s ({elapsed:.2f} s including compilation)"
     )
     return 0
-
-
-DECODERS = ("apd", "leftright", "ar", "dream", "threshold", "learn2pd")
-
-
-def _decode(args, drafter, verifier, prompts, config: APDConfig, vocab: int, mesh) -> GenerationResult:
-    key = jax.random.key(args.seed)
-    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                    top_k=args.top_k)
-    match args.decoder:
-        case "apd":
-            return apd_generate(drafter, verifier, prompts, config, key, shared_vocab=vocab, mesh=mesh)
-        case "leftright":
-            return leftright_generate(drafter, prompts, args.K, config, key)
-        case "ar":
-            return ar_generate(verifier, prompts, ARConfig(**sampling), key)
-        case "dream":
-            steps = args.steps or args.max_new_tokens
-            return diffusion_generate(drafter, prompts, DiffusionConfig(steps=steps, alg=args.alg, **sampling), key)
-        case "threshold":
-            cfg = ThresholdConfig(threshold=args.threshold, eot_threshold=args.eot_threshold, **sampling)
-            return threshold_generate(drafter, prompts, cfg, key)
-        case "learn2pd":
-            path = args.filter or embedded_filter(args.drafter)
-            if path is None:
-                raise ValueError("--decoder learn2pd needs --filter DIR for this drafter (only the embedded drafter "
-                                 "has one built in; train one with `apd-jax train-filter`)")
-            cfg = Learn2PDConfig(keep_threshold=args.threshold, eot_threshold=args.eot_threshold, **sampling)
-            return learn2pd_generate(drafter, load_filter(path), prompts, cfg, key)
-    raise ValueError(f"unknown decoder {args.decoder!r}")
 
 
 PASS_COLOURS = ("bold cyan", "bold magenta", "bold green", "bold yellow", "bold blue", "bold red")

@@ -16,23 +16,21 @@ from pathlib import Path
 
 import numpy as np
 
-from apd_jax.commands import corpus_prompts, read_prompts_file
 from apd_jax.checkpoint import load_model, load_tokenizer
-from apd_jax.learn2pd import (
-    FilterTrainConfig,
-    collect_traces,
-    compare_with_confidence_rule,
-    filter_loss,
-    save_filter,
-    train_filter,
-)
+from apd_jax.commands import corpus_prompts
+from apd_jax.commands.options import DefaultsHelpFormatter
+from apd_jax.learn2pd import save_filter
+from apd_jax.learn2pd_oracle import collect_traces
+from apd_jax.learn2pd_train import FilterTrainConfig, compare_with_confidence_rule, filter_loss, train_filter
+from apd_jax.prompts import parse_ids, read_prompts_file
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train-filter", help="train a Learn2PD filter for a Dream drafter", description=__doc__)
+    p = sub.add_parser("train-filter", help="train a Learn2PD filter for a Dream drafter", description=__doc__,
+                       formatter_class=DefaultsHelpFormatter)
     p.add_argument("--drafter", type=Path, required=True, help="Dream checkpoint: HF or apd_jax (orbax) directory")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompts-file", type=Path, help="one prompt per line")
+    source.add_argument("--prompts-file", type=Path, help="one prompt per line, `\\n` for a newline")
     source.add_argument("--train-prompts", type=int, metavar="N",
                         help="N prompts from the training files of the stdlib corpus (apd_jax.train.stdlib_prompts; "
                              "never the held-out files that `apd-jax compare --heldout-prompts` decodes)")
@@ -42,14 +40,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="output directory for the filter")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--dtype", default=None, help="bfloat16 or float32 (default: as stored)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default 8)")
-    p.add_argument("--holdout", type=float, default=0.2, help="share of prompts held out for the report (default 0.2)")
-    p.add_argument("--width", type=int, default=256, help="hidden width of the MLP (default 256: 1793 parameters)")
-    p.add_argument("--steps", type=int, default=1000, help="optimiser steps (default 1000)")
-    p.add_argument("--learning-rate", type=float, default=3e-3)
-    p.add_argument("--train-batch", type=int, default=2048, help="trace samples per optimiser step")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="canvas length: tokens decoded per prompt")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
+    p.add_argument("--holdout", type=float, default=0.2, help="share of prompts held out for the report")
+    p.add_argument("--width", type=int, default=FilterTrainConfig.width,
+                   help="hidden width of the MLP (256: 1793 parameters)")
+    p.add_argument("--steps", type=int, default=FilterTrainConfig.steps, help="optimiser steps")
+    p.add_argument("--learning-rate", type=float, default=FilterTrainConfig.learning_rate, help="Adam's learning rate")
+    p.add_argument("--train-batch", type=int, default=FilterTrainConfig.batch_size,
+                   help="trace samples per optimiser step")
+    p.add_argument("--seed", type=int, default=FilterTrainConfig.seed,
+                   help="seed of the initialisation, minibatches and held-out split")
     p.set_defaults(func=run)
 
 
@@ -62,10 +63,7 @@ def _read_prompts(args: argparse.Namespace, seq_len: int) -> list[list[int]]:
     else:
         lines = read_prompts_file(args.prompts_file)
     if args.ids:
-        try:
-            return [list(map(int, line.split())) for line in lines]
-        except ValueError:
-            raise ValueError(f"--ids: {args.prompts_file} must hold space-separated integer token ids") from None
+        return [parse_ids(line, f"prompts file {args.prompts_file}") for line in lines]
     tokenizer = load_tokenizer(args.drafter)
     return [tokenizer.encode(line) for line in lines]
 

@@ -1,0 +1,44 @@
+"""Prompts files for the command line: one prompt a line, read with errors that name the file.
+
+A line may hold `\\n` for a newline inside its prompt (and `\\\\` for a backslash), so a
+multi-line code prompt fits on one line; with --ids a line is space-separated token ids.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+_ESCAPE = re.compile(r"\\([\\n])")
+
+
+def unescape(line: str) -> str:
+    """`\\n` -> newline and `\\\\` -> backslash; any other backslash stays as it is."""
+    return _ESCAPE.sub(lambda m: "\n" if m.group(1) == "n" else "\\", line)
+
+
+def read_prompts_file(path: Path) -> list[str]:
+    """The prompts of a file: its non-empty lines, unescaped."""
+    if path.is_dir():
+        raise ValueError(f"prompts file {path} is a directory; give a text file with one prompt per line")
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file {path} not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"prompts file {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
+            "save it as UTF-8"
+        ) from None
+    prompts = [unescape(line) for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompts file {path} holds no prompts")
+    return prompts
+
+
+def parse_ids(text: str, source: str) -> list[int]:
+    """A prompt given as space-separated token ids; `source` names where it came from in the error."""
+    try:
+        return [int(x) for x in text.split()]
+    except ValueError:
+        raise ValueError(f"{source} must hold space-separated integer token ids (with --ids), got {text[:40]!r}") from None
