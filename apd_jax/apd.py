@@ -21,6 +21,7 @@ with exact-size windows, for reading and for tests.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
@@ -30,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import io_callback
 from jax.sharding import Mesh
 
 from apd_jax.cache import KVCache
@@ -55,12 +57,22 @@ class APDConfig(DecoderConfig):
     rule: "paper" accepts where the draft equals a sample of the mixture drawn with the
     draft's own Gumbel noise (Algorithm 1); "reference" compares with the mixture's
     argmax, as the published code does. They coincide at temperature 0.
+
+    Adaptive lookahead (opt-in, beyond the paper; off while M_min is None): a row that
+    accepted k tokens in a pass looks ahead clip(ceil(M_scale * k) + M_margin, M_min, M)
+    positions in its next pass (M in its first), and each pass's drafter window and draft
+    are sized to the largest lookahead among the active rows (rounded up to one of a few
+    compiled widths, M_min doubling up to M), so the drafter's compute follows acceptance.
+    The fixed-M loop is the paper's and the published code's.
     """
 
     R: float = 0.7
     W: int = 16
     M: int = 100
     rule: str = "paper"
+    M_min: int | None = None
+    M_scale: float = 2.0
+    M_margin: int = 4
 
     what = "APD"
 
@@ -74,7 +86,29 @@ class APDConfig(DecoderConfig):
             problems.append(f"M={self.M} must be >= 1 (masked positions the drafter sees past t)")
         if self.rule not in RULES:
             problems.append(f"rule={self.rule!r} must be one of {RULES}")
+        if self.M_min is not None and not 1 <= self.M_min <= self.M:
+            problems.append(f"M_min={self.M_min} must lie in [1, M={self.M}] (the smallest adaptive lookahead)")
+        if self.M_scale <= 0 or self.M_margin < 0:
+            problems.append(f"M_scale={self.M_scale} must be > 0 and M_margin={self.M_margin} >= 0 (adaptive "
+                            "lookahead: clip(ceil(M_scale * k) + M_margin, M_min, M))")
         return problems
+
+    def lookahead_levels(self) -> tuple[int, ...]:
+        """The compiled draft widths: M alone for the paper's fixed M, else M_min doubling up to M."""
+        top = min(self.M, self.max_new_tokens)
+        if self.M_min is None:
+            return (top,)
+        levels, width = {top}, self.M_min
+        while width < top:
+            levels.add(width)
+            width *= 2
+        return tuple(sorted(levels))
+
+    def next_lookahead(self, k):
+        """A row's lookahead after a pass that accepted k tokens (M when the lookahead is fixed)."""
+        if self.M_min is None:
+            return jnp.full_like(k, self.M)
+        return jnp.clip(jnp.ceil(self.M_scale * k).astype(k.dtype) + self.M_margin, self.M_min, self.M)
 
 
 def shared_vocab_size(
@@ -115,13 +149,20 @@ def shared_vocab_size(
 
 
 @dataclasses.dataclass(frozen=True)
+class _Level:
+    """One compiled draft width and the drafter window sizes that serve it."""
+
+    draft: int  # masked positions drafted and scored per pass
+    windows: tuple[int, ...]  # compiled drafter window sizes, ascending (see _window_sizes)
+
+
+@dataclasses.dataclass(frozen=True)
 class _Static:
     """Everything that fixes the compiled program's shapes."""
 
     W: int
-    M: int
-    draft: int  # draft width: masked positions scored per pass, min(M, max_new_tokens)
-    windows: tuple[int, ...]  # compiled drafter window sizes, ascending (see _window_sizes)
+    lookahead: APDConfig  # the lookahead settings (M, and M_min / M_scale / M_margin when adaptive)
+    levels: tuple[_Level, ...]  # ascending draft widths; one, min(M, max_new_tokens), for the fixed M
     prompt_len: int  # padded prompt length
     max_new: int
     total: int  # sequence buffer and cache length
@@ -130,6 +171,7 @@ class _Static:
     eos_ids: tuple[int, ...]
     rule: str
     fixed_k: int = 0  # > 0: accept exactly min(fixed_k, drafted) per pass, no verifier (left-to-right K)
+    live: bool = False  # report each pass's accepted tokens to the host as it happens (see `live_view`)
 
 
 @jax.tree_util.register_dataclass
@@ -147,6 +189,7 @@ class _State:
     limit: jax.Array  # [B]: L = prompt length + max_new_tokens
     t: jax.Array  # [B]: first masked position
     t_prev: jax.Array  # [B]: t before the last pass (the window's left edge follows it)
+    lookahead: jax.Array  # [B]: masked positions past t the next pass drafts (M unless adaptive)
     done: jax.Array  # [B] bool
     eos_at: jax.Array  # [B]: position of the first generated eos, or -1
     accepted: jax.Array  # [B, max_new]
@@ -193,10 +236,11 @@ def accepted_length(
     return jnp.sum(jnp.cumprod(match, axis=1), axis=1).astype(jnp.int32)
 
 
-def _draft_logits(drafter: Qwen2, hidden: jax.Array, start: jax.Array, t: jax.Array, spec: _Static) -> jax.Array:
+def _draft_logits(drafter: Qwen2, hidden: jax.Array, start: jax.Array, t: jax.Array, draft: int,
+                  spec: _Static) -> jax.Array:
     """Drafter logits for positions t .. t + draft - 1, read from a window starting at `start`."""
     hidden = shift_right(hidden)
-    idx = jnp.clip(t[:, None] - start[:, None] + jnp.arange(spec.draft), 0, hidden.shape[1] - 1)
+    idx = jnp.clip(t[:, None] - start[:, None] + jnp.arange(draft), 0, hidden.shape[1] - 1)
     picked = jnp.take_along_axis(hidden, idx[:, :, None], axis=1)
     return drafter.logits(picked, vocab=spec.vocab)
 
@@ -213,9 +257,32 @@ def _verifier_predictions(verifier: Qwen2, hidden: jax.Array, vocab: int) -> jax
     return jnp.concatenate([placeholder, verifier.logits(hidden[:, : n - 1], vocab=vocab)], axis=1)
 
 
-def right_edge(t, M: int, limit):
+def right_edge(t, M, limit):
     """The drafter window's end, right = min(t + M, L): M masked positions past t, never past L."""
     return jnp.minimum(t + M, limit)
+
+
+# The host function that receives each pass's accepted tokens in a `live=True` generation; set by
+# `live_view`. Module level, so the compiled loop is the same program for every listener.
+_listener: Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None = None
+
+
+def _emit(draft: np.ndarray, k: np.ndarray, eos_at: np.ndarray) -> None:
+    if _listener is not None:
+        _listener(np.asarray(draft), np.asarray(k), np.asarray(eos_at))
+
+
+@contextlib.contextmanager
+def live_view(listener: Callable[[np.ndarray, np.ndarray, np.ndarray], None]):
+    """Within the block, `apd_generate(..., live=True)` calls listener(draft [B, n], k [B], eos_at [B])
+    from inside the compiled loop after every pass, in order: row b accepted draft[b, :k[b]]
+    (0 once it has stopped; eos_at[b] >= 0 is the position of its first generated eos)."""
+    global _listener
+    previous, _listener = _listener, listener
+    try:
+        yield
+    finally:
+        _listener = previous
 
 
 def _accept(
@@ -223,7 +290,7 @@ def _accept(
 ) -> _State:
     """Draft, verify, accept and write one pass for every active row (the window ends at `right`)."""
     b = state.t.shape[0]
-    j = jnp.arange(spec.draft)
+    j = jnp.arange(logits_d.shape[1])
     n = right - state.t  # drafted positions per row
     active = ~state.done
     key, noise_key = jax.random.split(state.key)
@@ -244,11 +311,14 @@ def _accept(
     hit = jnp.any(is_eos, axis=1) & (state.eos_at < 0)
     eos_at = jnp.where(hit, state.t + jnp.argmax(is_eos, axis=1), state.eos_at)
     t = state.t + k
+    if spec.live:  # ordered: the host sees the passes in the loop's order
+        io_callback(_emit, None, draft, k, eos_at, ordered=True)
     return dataclasses.replace(
         state,
         tokens=tokens,
         t=t,
         t_prev=jnp.where(active, state.t, state.t_prev),
+        lookahead=jnp.where(active, spec.lookahead.next_lookahead(k), state.lookahead),
         done=state.done | (t >= state.limit) | (eos_at >= 0),
         eos_at=eos_at,
         accepted=state.accepted.at[:, state.passes].set(k),
@@ -281,15 +351,24 @@ def _generate(
         vcache = constrain_cache(KVCache.zeros(verifier.cfg, b, spec.total), mesh)
         _, vcache = verifier(prompts, valid=prompt_lens, cache=vcache)
     state = _State(
-        tokens=tokens, limit=limit, t=prompt_lens, t_prev=prompt_lens, done=jnp.zeros((b,), bool),
+        tokens=tokens, limit=limit, t=prompt_lens, t_prev=prompt_lens,
+        lookahead=jnp.full((b,), spec.lookahead.M, jnp.int32), done=jnp.zeros((b,), bool),
         eos_at=jnp.full((b,), -1, jnp.int32), accepted=jnp.zeros((b, spec.max_new), jnp.int32),
         passes=jnp.int32(0), dcache=constrain_cache(KVCache.zeros(drafter.cfg, b, spec.total), mesh),
         vcache=vcache, key=key,
     )
 
-    def drafter_pass(state: _State, left: jax.Array, right: jax.Array, size: int) -> tuple[_State, jax.Array]:
+    def drafter_pass(state: _State, left: jax.Array, right: jax.Array, size: int,
+                     draft: int) -> tuple[_State, jax.Array]:
         hidden, dcache = drafter(_window(state.tokens, left, size), start=left, valid=right - left, cache=state.dcache)
-        return dataclasses.replace(state, dcache=dcache), _draft_logits(drafter, hidden, left, state.t, spec)
+        return dataclasses.replace(state, dcache=dcache), _draft_logits(drafter, hidden, left, state.t, draft, spec)
+
+    def level_pass(state: _State, left: jax.Array, right: jax.Array, window: jax.Array, level: _Level) -> _State:
+        # The smallest compiled window of this draft width that holds every active row's [left, right).
+        branch = jnp.sum(jnp.asarray(level.windows) < window)
+        passes = [functools.partial(drafter_pass, size=size, draft=level.draft) for size in level.windows]
+        state, logits_d = jax.lax.switch(branch, passes, state, left, right)
+        return _accept(verifier, state, logits_d, right, knobs, spec)
 
     def cond(state: _State) -> jax.Array:
         return jnp.any(~state.done) & (state.passes < spec.max_new)
@@ -297,13 +376,14 @@ def _generate(
     def body(state: _State) -> _State:
         # The first pass sees the whole prompt plus M masks (left = 0, nothing cached yet).
         left = jnp.where(state.passes == 0, 0, jnp.maximum(state.t_prev - spec.W + 1, 0))
-        right = right_edge(state.t, spec.M, state.limit)
-        # The smallest compiled window that holds every active row's [left, right).
-        needed = jnp.max(jnp.where(state.done, 0, right - left))
-        branch = jnp.sum(jnp.asarray(spec.windows) < needed)
-        passes = [functools.partial(drafter_pass, size=size) for size in spec.windows]
-        state, logits_d = jax.lax.switch(branch, passes, state, left, right)
-        return _accept(verifier, state, logits_d, right, knobs, spec)
+        right = right_edge(state.t, state.lookahead, state.limit)
+        # The smallest compiled draft width (and, within it, window) that every active row fits.
+        width = jnp.max(jnp.where(state.done, 0, right - state.t))
+        window = jnp.max(jnp.where(state.done, 0, right - left))
+        level = jnp.maximum(jnp.sum(jnp.asarray([lv.draft for lv in spec.levels]) < width),
+                            jnp.sum(jnp.asarray([lv.windows[-1] for lv in spec.levels]) < window))
+        passes = [functools.partial(level_pass, level=lv) for lv in spec.levels]
+        return jax.lax.switch(level, passes, state, left, right, window)
 
     state = jax.lax.while_loop(cond, body, state)
     end = jnp.where(state.eos_at >= 0, state.eos_at + 1, jnp.minimum(state.t, limit))
@@ -314,19 +394,23 @@ def _generate(
 
 def _run(
     drafter, verifier, prompts, config: APDConfig, key, vocab: int, capacity: int, fixed_k: int,
-    mesh: Mesh | None = None,
+    mesh: Mesh | None = None, live: bool = False,
 ):
     config.validate()
     rows = check_prompts(prompts, vocab)
     prompt_len = prompt_bucket(max(map(len, rows)), config.max_new_tokens, capacity)
     eos = resolve_eos(config.eos_token_ids, drafter.cfg)
-    draft = min(config.M, config.max_new_tokens)
     total = prompt_len + config.max_new_tokens
+    widths = config.lookahead_levels()
+    # Only the widest level serves the first pass (prompt + M); below it, a pass after one that accepted
+    # k_prev <= its width spans at most W - 1 + 2 * width (a wider need takes a wider level).
+    levels = tuple(_Level(d, _window_sizes(config.W, d, prompt_len + config.M if d == widths[-1] else 0, total))
+                   for d in widths)
+    lookahead = APDConfig(M=config.M, M_min=config.M_min, M_scale=config.M_scale, M_margin=config.M_margin)
     spec = _Static(
-        W=config.W, M=config.M, draft=draft, windows=_window_sizes(config.W, draft, prompt_len + config.M, total),
-        prompt_len=prompt_len, max_new=config.max_new_tokens,
+        W=config.W, lookahead=lookahead, levels=levels, prompt_len=prompt_len, max_new=config.max_new_tokens,
         total=total, vocab=vocab, mask_id=drafter.cfg.mask_token_id, eos_ids=eos, rule=config.rule,
-        fixed_k=fixed_k,
+        fixed_k=fixed_k, live=live,
     )
     padded, lengths = pad_prompts(rows, prompt_len)
     # On a mesh the rows go over `data`; params carry their own shardings (sharding.shard_model).
@@ -345,15 +429,18 @@ def apd_generate(
     *,
     shared_vocab: int | None = None,
     mesh: Mesh | None = None,
+    live: bool = False,
 ) -> GenerationResult:
     """Generate for a batch of ragged prompts (lists of token ids) in one compiled call.
 
     With a mesh, the models should be placed on it by sharding.shard_model (or load_orbax(mesh=));
     rows are split over its `data` axis, so the batch must be a multiple of that axis's size.
+    live=True reports every pass to the listener of `live_view` from inside the compiled loop
+    (a host callback per pass; a separate compiled program from live=False).
     """
     vocab = shared_vocab or shared_vocab_size(drafter.cfg, verifier.cfg)
     capacity = config.max_len or min(drafter.cfg.max_position_embeddings, verifier.cfg.max_position_embeddings)
-    return _run(drafter, verifier, prompts, config, key, vocab, capacity, fixed_k=0, mesh=mesh)
+    return _run(drafter, verifier, prompts, config, key, vocab, capacity, fixed_k=0, mesh=mesh, live=live)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -429,9 +516,9 @@ def apd_generate_eager(
     x = prompt + [mask_id] * config.max_new_tokens
     dcache = KVCache.zeros(drafter.cfg, 1, length)
     vcache = KVCache.zeros(verifier.cfg, 1, length)
-    t, counts, first = len(prompt), [], True
+    t, counts, first, lookahead = len(prompt), [], True, config.M
     while t < length:
-        right = int(right_edge(t, config.M, length))
+        right = int(right_edge(t, lookahead, length))
         left = 0 if first else max(t - config.W - counts[-1] + 1, 0)
         dcache = dcache.crop(jnp.array([left]))
         hidden, dcache = _window_forward(drafter, jnp.array([x[left:right]]), jnp.array([left]), dcache)
@@ -448,7 +535,7 @@ def apd_generate_eager(
         x[t : t + k] = draft[:k]
         vcache = vcache.crop(jnp.array([t + k]))
         counts.append(k)
-        first = False
+        first, lookahead = False, int(config.next_lookahead(jnp.int32(k)))
         hits = [i for i in range(t, t + k) if x[i] in eos]
         if on_pass is not None:
             on_pass(x[t : hits[0] + 1] if hits else x[t : t + k])

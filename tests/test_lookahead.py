@@ -1,0 +1,67 @@
+"""Adaptive lookahead (opt-in) and the live view from inside the compiled loop."""
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from apd_jax.apd import APDConfig, apd_generate, apd_generate_eager, live_view
+from conftest import PROMPTS
+
+ADAPTIVE = [
+    APDConfig(R=0.7, W=4, M=24, max_new_tokens=40, M_min=2, M_scale=1.0, M_margin=1, eos_token_ids=()),
+    APDConfig(R=1.0, W=4, M=24, max_new_tokens=40, M_min=4, M_scale=2.0, M_margin=2, eos_token_ids=()),
+    APDConfig(R=0.5, W=2, M=12, max_new_tokens=30, M_min=3, M_scale=0.5, M_margin=0, eos_token_ids=(2,)),
+]
+
+
+def test_levels_and_rule_on_literals():
+    cfg = APDConfig(M=100, M_min=8, M_scale=2.0, M_margin=4)
+    assert cfg.lookahead_levels() == (8, 16, 32, 64, 100)
+    assert dataclasses.replace(cfg, max_new_tokens=40).lookahead_levels() == (8, 16, 32, 40)
+    assert APDConfig(M=100).lookahead_levels() == (100,)  # the paper's fixed M: one width
+    k = jnp.array([0, 1, 2, 10, 60], jnp.int32)
+    assert cfg.next_lookahead(k).tolist() == [8, 8, 8, 24, 100]  # clip(ceil(2k) + 4, 8, 100)
+    assert APDConfig(M=100).next_lookahead(k).tolist() == [100] * 5
+
+
+@pytest.mark.parametrize("cfg", ADAPTIVE, ids=lambda c: f"R{c.R}-M{c.M}-min{c.M_min}-x{c.M_scale}+{c.M_margin}")
+def test_compiled_adaptive_loop_equals_the_eager_loop(cfg, dream, qwen):
+    """Padded draft widths and windows shared by the batch give each row exactly its own lookahead."""
+    batched = apd_generate(dream, qwen, PROMPTS, cfg)
+    for row, prompt in enumerate(PROMPTS):
+        assert apd_generate_eager(dream, qwen, prompt, cfg) == (batched.sequences()[row], batched.accepted_per_pass(row))
+
+
+def test_adaptive_lookahead_changes_what_the_drafter_sees(dream, qwen):
+    fixed = APDConfig(R=0.7, W=4, M=24, max_new_tokens=40, eos_token_ids=())
+    adaptive = dataclasses.replace(fixed, M_min=2, M_scale=1.0, M_margin=1)
+    a, f = apd_generate(dream, qwen, PROMPTS, adaptive), apd_generate(dream, qwen, PROMPTS, fixed)
+    assert (a.lengths == f.lengths).all()
+    assert a.sequences() != f.sequences()  # a smaller window is a different drafter input
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(M=10, M_min=11), "M_min=11"), (dict(M_min=0), "M_min=0"), (dict(M_min=4, M_scale=0.0), "M_scale"),
+    (dict(M_min=4, M_margin=-1), "M_margin"),
+])
+def test_bad_lookahead_settings_are_clear_errors(kw, message, dream, qwen):
+    with pytest.raises(ValueError, match=message):
+        apd_generate(dream, qwen, PROMPTS, APDConfig(**kw))
+
+
+@pytest.mark.parametrize("cfg", [APDConfig(R=0.7, W=4, M=12, max_new_tokens=30, eos_token_ids=(2,)), ADAPTIVE[0]],
+                         ids=["fixed", "adaptive"])
+def test_live_view_reports_every_pass_of_the_compiled_loop(cfg, dream, qwen):
+    passes = []
+    with live_view(lambda draft, k, eos_at: passes.append((draft.copy(), k.copy(), eos_at.copy()))):
+        result = apd_generate(dream, qwen, PROMPTS, cfg, live=True)
+    assert len(passes) == result.passes
+    for row in range(len(PROMPTS)):
+        streamed = [tok for draft, k, _ in passes for tok in draft[row, : k[row]].tolist()]
+        n = int(result.lengths[row])
+        assert streamed[:n] == result.sequences()[row]
+        assert [int(k[row]) for _, k, _ in passes if k[row]] == result.accepted_per_pass(row)
+    assert np.array_equal(passes[-1][2] >= 0, result.stopped_at_eos)
+    assert apd_generate(dream, qwen, PROMPTS, cfg).sequences() == result.sequences()  # live or not, the same
