@@ -140,3 +140,32 @@ def finish(out, lengths, accepted, eos_hit, passes, pad_id: int) -> GenerationRe
     out, lengths = np.asarray(out), np.asarray(lengths)
     out = np.where(np.arange(out.shape[1]) < lengths[:, None], out, pad_id)
     return GenerationResult(out, lengths, np.asarray(accepted), np.asarray(eos_hit), int(passes))
+
+
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_to_mlir_module_duration", "/jax/core/compile/backend_compile_duration")
+_compiled = {"seconds": 0.0, "listening": False}
+
+
+def _record(event: str, duration: float, **_: object) -> None:
+    if event in _COMPILE_EVENTS:
+        _compiled["seconds"] += duration
+
+
+class CompileTimer:
+    """Seconds JAX spends lowering and compiling (XLA) inside the `with` block, from jax.monitoring.
+
+    Generation is one jitted call, so its wall time less this is the time spent decoding.
+    A program found in the persistent compilation cache costs (almost) nothing here.
+    """
+
+    seconds: float = 0.0
+
+    def __enter__(self) -> CompileTimer:
+        if not _compiled["listening"]:  # one process-wide listener (jax.monitoring cannot remove one)
+            jax.monitoring.register_event_duration_secs_listener(_record)
+            _compiled["listening"] = True
+        self._start = _compiled["seconds"]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = _compiled["seconds"] - self._start

@@ -10,19 +10,24 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import sys
 import time
 from pathlib import Path
 
 import jax
 
-from apd_jax.apd import APDConfig, apd_generate_eager, shared_vocab_size
+from apd_jax.apd import APDConfig, apd_generate, live_view, shared_vocab_size
+from apd_jax.batching import DEFAULT_BATCH_SIZE, generate_in_batches
+from apd_jax.chat import chat_prompt_ids, has_chat_template, stop_token_ids
+from apd_jax.chat import messages as chat_messages
 from apd_jax.checkpoint import load_model, load_orbax, load_tokenizer
 from apd_jax.commands import embedded_filter
 from apd_jax.commands.options import (
     DefaultsHelpFormatter,
     add_pair_options,
     optional_float,
+    optional_int,
     pair_paths,
     settings_option,
     settings_values,
@@ -30,7 +35,7 @@ from apd_jax.commands.options import (
 from apd_jax.config import tiny_config
 from apd_jax.decoders import DECODERS, Models, decoder
 from apd_jax.diffusion import ALGORITHMS
-from apd_jax.generation import DecoderConfig
+from apd_jax.generation import CompileTimer, DecoderConfig
 from apd_jax.learn2pd import load_filter
 from apd_jax.model import Qwen2, init_model
 from apd_jax.prompts import parse_ids, read_prompts_file
@@ -43,7 +48,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("prompt", nargs="?",
                    help="prompt text; with --ids, space-separated ids (default: read stdin)")
     p.add_argument("--prompts-file", type=Path,
-                   help="one prompt per line, `\\n` for a newline; generated as one batch (default: none)")
+                   help="one prompt per line, `\\n` for a newline; decoded --batch-size at a time (default: none)")
     p.add_argument("--ids", action="store_true", help="prompts are token ids, not text")
     add_pair_options(p)
     p.add_argument("--random-tiny", action="store_true",
@@ -69,8 +74,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--filter", type=Path,
                    help="learn2pd: the trained filter directory (default with the embedded drafter: its own filter)")
     p.add_argument("--seed", type=int, default=0, help="PRNG seed of sampling")
+    settings_option(p, "--M-min", "apd: adaptive lookahead (beyond the paper): the smallest lookahead; "
+                    "'none' keeps the paper's fixed M", ["apd"], type=optional_int)
+    settings_option(p, "--M-scale", "apd: adaptive lookahead's next M per accepted token", ["apd"], type=float)
+    settings_option(p, "--M-margin", "apd: adaptive lookahead's next M beyond M-scale x accepted", ["apd"], type=int)
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="wrap each prompt in the drafter tokenizer's chat template, as instruct checkpoints "
+                        "expect (default: when the tokenizer has one and the prompt is text)")
+    p.add_argument("--system", default=None, help="a system message before the prompt (with --chat; default: none)")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                   help="prompts decoded at once; a longer prompts file runs in batches of this size")
+    p.add_argument("--output", type=Path,
+                   help="write one JSON object per prompt (text, ids, passes, accepted per pass) to this JSONL "
+                        "file as each batch finishes, in input order (default: print the text)")
+    p.add_argument("--resume", action="store_true",
+                   help="with --output: continue an interrupted run after the last prompt it finished")
+    p.add_argument("--verbose", action="store_true", help="print each prompt's tokens accepted per pass")
     p.add_argument("--live", action="store_true",
-                   help="show APD's passes as they happen, each pass's accepted tokens in their own colour")
+                   help="show APD's passes as the compiled loop makes them, each pass's tokens in their own colour")
     p.add_argument("--mesh", default=None,
                    help="shard over devices, e.g. 'data=2,model=4' (rows over data, tensor parallel over model; "
                         "default: one device)")
@@ -113,13 +134,38 @@ def _filter(args: argparse.Namespace):
     return load_filter(path)
 
 
+def _encode(args: argparse.Namespace, texts: list[str], tokenizer) -> list[list[int]]:
+    """Prompt ids: parsed with --ids; else in the tokenizer's chat template (--chat, the default when it has
+    one), or plain text (--no-chat)."""
+    if args.ids:
+        return [parse_ids(t, "the prompt") for t in texts]
+    use_chat = has_chat_template(tokenizer) if args.chat is None else args.chat
+    if args.system is not None and not use_chat:
+        raise ValueError("--system needs a chat template (--chat); this prompt is plain text (--no-chat, or the "
+                         "tokenizer has no chat template)")
+    if use_chat:
+        return [chat_prompt_ids(tokenizer, chat_messages(t, args.system)) for t in texts]
+    return [tokenizer.encode(t) for t in texts]
+
+
+def _with_stop_ids(config: DecoderConfig, drafter: Qwen2, tokenizer) -> DecoderConfig:
+    """Stop at every eos the checkpoint declares and at the tokenizer's (an instruct model's <|im_end|>)."""
+    if config.eos_token_ids is not None or tokenizer is None:
+        return config
+    return dataclasses.replace(config, eos_token_ids=stop_token_ids(drafter.cfg.eos_token_ids, tokenizer))
+
+
 def run(args: argparse.Namespace) -> int:
     chosen = decoder(args.decoder)
     config = settings(args)
+    if args.live and (args.decoder != "apd" or args.mesh is not None):
+        raise ValueError("--live shows APD's passes (--decoder apd, one device)")
     tok_d = tok_v = None
     mesh = None if args.mesh is None else make_mesh(**parse_mesh(args.mesh))
     if mesh is not None and not chosen.sharded:
         raise ValueError(f"--mesh is supported with --decoder apd only, not {args.decoder}")
+    texts = _prompts(args)  # before loading: a bad prompts file fails at once
+    start = time.perf_counter()
     if args.random_tiny:
         if not args.ids:
             raise ValueError("--random-tiny has no tokenizer: give the prompt as token ids with --ids")
@@ -130,51 +176,71 @@ def run(args: argparse.Namespace) -> int:
         args.drafter, args.verifier = pair_paths(args.drafter, args.verifier)
         drafter = _load(args.drafter, args.dtype, mesh)
         verifier = _load(args.verifier, args.dtype, mesh)
-        if not args.ids:
-            tok_d, tok_v = load_tokenizer(args.drafter), load_tokenizer(args.verifier)
+        tok_d, tok_v = load_tokenizer(args.drafter), load_tokenizer(args.verifier)
     vocab = shared_vocab_size(drafter.cfg, verifier.cfg, tok_d, tok_v)
-    texts = _prompts(args)
-    prompts = [parse_ids(t, "the prompt") if args.ids else tok_d.encode(t) for t in texts]
-    if args.live:
-        return _live(args, drafter, verifier, prompts, texts, config, tok_d)
+    prompts = _encode(args, texts, tok_d)
+    config = _with_stop_ids(config, drafter, None if args.ids else tok_d)
     models = Models(drafter, verifier, _filter(args) if "filter" in chosen.uses else None, vocab, mesh)
-    start = time.perf_counter()
-    result = chosen.generate(models, prompts, config, jax.random.key(args.seed))
-    elapsed = time.perf_counter() - start
-    for row, text in enumerate(texts):
-        ids = result.sequences()[row]
-        print(text + (" " + " ".join(map(str, ids)) if tok_d is None else tok_d.decode(ids)))
-        print(f"  [{len(ids)} tokens in {result.row_passes()[row]} passes: accepted {result.accepted_per_pass(row)}]")
-    generated = int(result.lengths.sum())
-    print(
-        f"{generated} tokens, {result.passes} passes, {result.tokens_per_pass():.2f} tokens/pass, "
-        f"{generated / elapsed:.1f} tokens/s ({elapsed:.2f} s including compilation)"
-    )
+    load_s = time.perf_counter() - start
+
+    def decode(ids: list[int]) -> str:  # a continuation of the prompt's text
+        return "".join(f" {i}" for i in ids) if args.ids or tok_d is None else tok_d.decode(ids)
+
+    key = jax.random.key(args.seed)
+    if args.live:
+        if len(prompts) != 1:
+            raise ValueError("--live shows one prompt (give one prompt, not a file of several)")
+        generate, on_batch = _live_generate(models, config, key, texts[0], decode), None
+    else:
+        generate = lambda rows: chosen.generate(models, rows, config, key)  # noqa: E731
+        on_batch = None if args.output is not None else functools.partial(_print_batch, verbose=args.verbose)
+    with CompileTimer() as compiled:
+        start = time.perf_counter()
+        records = generate_in_batches(texts, prompts, generate, decode, batch_size=args.batch_size,
+                                      output=args.output, resume=args.resume, on_batch=on_batch)
+        elapsed = time.perf_counter() - start
+    tokens = sum(len(r["ids"]) for r in records)
+    passes = sum(r["passes"] for r in records)
+    decoding = max(elapsed - compiled.seconds, 1e-9)
+    where = f" -> {args.output}" if args.output is not None else ""
+    print(f"{tokens} tokens, {passes} passes, {tokens / max(passes, 1):.2f} tokens/pass, {tokens / decoding:.1f} "
+          f"tokens/s; load {load_s:.1f} s, compile {compiled.seconds:.1f} s, generate {decoding:.1f} s{where}")
     return 0
+
+
+def _print_batch(records: list[dict], result, *, verbose: bool) -> None:
+    for r in records:
+        print(r["prompt"] + r["text"], flush=True)
+        if verbose:
+            print(f"  [{len(r['ids'])} tokens in {r['passes']} passes: accepted {r['accepted_per_pass']}]", flush=True)
 
 
 PASS_COLOURS = ("bold cyan", "bold magenta", "bold green", "bold yellow", "bold blue", "bold red")
 
 
-def _live(args, drafter, verifier, prompts, texts, config: APDConfig, tokenizer) -> int:
-    """APD pass by pass (the readable Python loop), printing each pass's tokens in turn."""
+def _live_generate(models: Models, config: APDConfig, key, prompt_text: str, decode):
+    """APD on one prompt with each pass's accepted tokens printed, in turn, from inside the compiled loop."""
     from rich.console import Console
 
-    if args.decoder != "apd" or len(prompts) != 1:
-        raise ValueError("--live shows one prompt decoded with APD (--decoder apd)")
     console = Console(highlight=False, soft_wrap=True)  # generated text keeps its own line breaks
-    console.print(texts[0], end="", style="dim")
     passes = []
 
-    def show(tokens: list[int]) -> None:
-        text = tokenizer.decode(tokens) if tokenizer else " " + " ".join(map(str, tokens))
-        console.print(text, end="", style=PASS_COLOURS[len(passes) % len(PASS_COLOURS)])
-        passes.append(len(tokens))
+    def show(draft, k, eos_at) -> None:
+        n = int(k[0])
+        if n == 0:
+            return
+        tokens = draft[0, :n].tolist()
+        if eos_at[0] >= 0 and eos_at[0] < sum(passes) + n:  # print up to the first eos only
+            tokens = tokens[: max(int(eos_at[0]) - sum(passes) + 1, 0)]
+        console.print(decode(tokens), end="", style=PASS_COLOURS[len(passes) % len(PASS_COLOURS)])
+        passes.append(n)
 
-    start = time.perf_counter()
-    tokens, counts = apd_generate_eager(drafter, verifier, prompts[0], config, jax.random.key(args.seed), show)
-    elapsed = time.perf_counter() - start
-    console.print()
-    console.print(f"[{len(tokens)} tokens in {len(counts)} passes, {len(tokens) / len(counts):.2f} tokens/pass, "
-                  f"{elapsed:.1f} s with per-window compilation; one colour per pass]")
-    return 0
+    def generate(rows):
+        console.print(prompt_text, end="", style="dim")
+        with live_view(show):
+            result = apd_generate(models.drafter, models.verifier, rows, config, key, shared_vocab=models.shared_vocab,
+                                  live=True)
+        console.print()
+        return result
+
+    return generate

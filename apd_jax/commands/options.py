@@ -39,6 +39,11 @@ def optional_float(text: str) -> float | None:
     return None if text.lower() == "none" else float(text)
 
 
+def optional_int(text: str) -> int | None:
+    """An integer, or None for 'none' (a setting switched off)."""
+    return None if text.lower() == "none" else int(text)
+
+
 def settings_option(parser: argparse.ArgumentParser, flag: str, text: str, decoders: Sequence[str] | None = None,
                     **kw: Any) -> None:
     """An option that sets the decoder settings field of its name; left out, the decoder's own default holds.

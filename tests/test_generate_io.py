@@ -1,0 +1,54 @@
+"""`apd-jax generate` with instruct prompts (chat templates) and big inputs (batches, JSONL output, resume)."""
+
+import json
+
+from apd_jax import ASSETS_DIR
+from apd_jax.checkpoint import load_tokenizer
+from apd_jax.cli import main
+from test_chat import with_chat_template
+
+
+def test_chat_template_is_applied_by_default_when_the_tokenizer_has_one(tmp_path, capsys):
+    drafter = with_chat_template(ASSETS_DIR / "drafter", tmp_path / "drafter")
+    verifier = with_chat_template(ASSETS_DIR / "verifier", tmp_path / "verifier")
+    pair = ["--drafter", str(drafter), "--verifier", str(verifier), "--max-new-tokens", "6"]
+    out = tmp_path / "chat.jsonl"
+    assert main(["generate", "Write fib.", *pair, "--system", "Be brief.", "--output", str(out)]) == 0
+    plain = tmp_path / "plain.jsonl"
+    assert main(["generate", "Write fib.", *pair, "--no-chat", "--output", str(plain)]) == 0
+    capsys.readouterr()
+    tok = load_tokenizer(drafter)
+    chat, text = json.loads(out.read_text()), json.loads(plain.read_text())
+    # the chat prompt was the template's rendering: decoding it again gives the same continuation
+    rendered = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWrite fib.<|im_end|>\n<|im_start|>assistant\n"
+    again = tmp_path / "again.jsonl"
+    assert main(["generate", rendered, *pair, "--no-chat", "--output", str(again)]) == 0
+    assert json.loads(again.read_text())["ids"] == chat["ids"]
+    assert tok.decode(chat["ids"]) == chat["text"]
+
+
+def test_system_without_a_chat_template_is_an_error(capsys):
+    assert main(["generate", "hi", "--system", "Be brief.", "--max-new-tokens", "4"]) == 2
+    assert "--system needs a chat template" in capsys.readouterr().err
+
+
+def test_ten_thousand_prompts_complete_in_batches_and_resume(tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    lines = [f"def f{i}(x):" for i in range(10_000)]
+    prompts.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out.jsonl"
+    argv = ["generate", "--prompts-file", str(prompts), "--max-new-tokens", "2", "--batch-size", "256",
+            "--output", str(out)]
+    assert main(argv) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["index"] for r in records] == list(range(10_000))
+    assert [r["prompt"] for r in records] == lines
+    assert all(len(r["ids"]) == 2 and r["passes"] >= 1 for r in records)
+    assert "20000 tokens" in capsys.readouterr().out
+    # an existing output is never overwritten; --resume continues it (here: nothing left to do)
+    assert main(argv) == 2
+    assert "pass --resume" in capsys.readouterr().err
+    with out.open("a") as f:
+        f.write('{"index": 10000')  # a broken tail is dropped on resume
+    assert main([*argv, "--resume"]) == 0
+    assert out.read_text().splitlines() == [json.dumps(r) for r in records]
