@@ -15,13 +15,15 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from apd_jax.apd import APDConfig
 from apd_jax.decoders import Models, decoder
 from apd_jax.diffusion import ThresholdConfig
 from apd_jax.generation import GenerationResult
 from apd_jax.learn2pd import Filter, Learn2PDConfig
-from apd_jax.model import Qwen2
+from apd_jax.model import Qwen2, token_logprobs
 
 
 @dataclasses.dataclass
@@ -121,3 +123,78 @@ def format_table(rows: list[Comparison]) -> str:
     ]
     return "\n".join(lines)
 
+
+
+@dataclasses.dataclass
+class LookaheadRow:
+    setting: str
+    tokens_per_pass: float
+    passes_per_token: float
+    agreement: float  # position-wise, with the first setting's output (the paper's fixed M)
+    verifier_logprob: float  # the verifier's mean log-probability per generated token (nats)
+    exact_match: float | None  # completions: the generation starts with the expected completion
+    tokens: int
+
+
+def verifier_logprob(verifier: Qwen2, prompts: list[list[int]], result: GenerationResult) -> float:
+    """Mean log p_verifier(token | prompt, tokens before it) over every generated token.
+
+    A quality measure that, unlike position-wise agreement, does not punish a shifted but
+    equally likely text.
+    """
+    rows = [p + g for p, g in zip(prompts, result.sequences())]
+    width = max(map(len, rows))
+    inputs = np.zeros((len(rows), width - 1), np.int32)
+    targets = np.zeros_like(inputs)
+    scored = np.zeros(inputs.shape, bool)
+    for i, (p, row) in enumerate(zip(prompts, rows)):
+        inputs[i, : len(row) - 1], targets[i, : len(row) - 1] = row[:-1], row[1:]
+        scored[i, len(p) - 1 : len(row) - 1] = True
+    logp, _ = token_logprobs(verifier, jnp.asarray(inputs), jnp.asarray(targets))
+    return float(np.asarray(logp)[scored].mean()) if scored.any() else float("nan")
+
+
+def lookahead_study(
+    drafter: Qwen2,
+    verifier: Qwen2,
+    prompts: list[list[int]],
+    settings: list[APDConfig],
+    completions: tuple[list[list[int]], list[str], Callable[[list[int]], str]] | None = None,
+) -> list[LookaheadRow]:
+    """APD at each of `settings` (the first is the reference, normally the fixed M) on the same prompts.
+
+    completions: (prompt ids, expected completion texts, decode): the share of those prompts whose
+    generation starts with its completion, at the same settings.
+    """
+    models = Models(drafter, verifier)
+    results = [decoder("apd").generate(models, prompts, s) for s in settings]
+    rows = []
+    for s, result in zip(settings, results):
+        tokens = int(result.lengths.sum())
+        exact = None
+        if completions is not None:
+            ids, expected, decode = completions
+            done = decoder("apd").generate(models, ids, s)
+            exact = float(np.mean([decode(g).startswith(e) for g, e in zip(done.sequences(), expected)]))
+        adaptive = "" if s.M_min is None else f" adaptive M_min={s.M_min} x{s.M_scale} +{s.M_margin}"
+        rows.append(LookaheadRow(
+            setting=f"R={s.R} W={s.W} M={s.M}{adaptive}", tokens_per_pass=result.tokens_per_pass(),
+            passes_per_token=float(result.row_passes().sum()) / max(tokens, 1),
+            agreement=agreement(result, results[0]), verifier_logprob=verifier_logprob(verifier, prompts, result),
+            exact_match=exact, tokens=tokens,
+        ))
+    return rows
+
+
+def format_lookahead_table(rows: list[LookaheadRow]) -> str:
+    lines = [
+        "| APD setting | tokens per pass | passes per token | agreement with the first row | verifier log p per "
+        "token | completion exact match | tokens |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {r.setting} | {r.tokens_per_pass:.2f} | {r.passes_per_token:.3f} | {r.agreement:.3f} "
+        f"| {r.verifier_logprob:.3f} | {'-' if r.exact_match is None else f'{r.exact_match:.3f}'} | {r.tokens} |"
+        for r in rows
+    ]
+    return "\n".join(lines)

@@ -25,7 +25,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import normalize_gen_kwargs, postprocess_generated_text
@@ -37,7 +36,7 @@ from apd_jax.checkpoint import load_model, load_tokenizer
 from apd_jax.decoders import DECODERS as REGISTRY
 from apd_jax.decoders import Models
 from apd_jax.generation import GenerationResult, pad_prompts, prompt_bucket
-from apd_jax.model import Qwen2
+from apd_jax.model import token_logprobs
 
 log = logging.getLogger(__name__)
 # lm_eval's registry imports its own models only while it is empty: fill it before adding ours,
@@ -68,18 +67,6 @@ class Throughput:
             "tokens_per_s": self.tokens / max(self.seconds, 1e-9),
             "tokens_per_pass": self.tokens / max(self.passes, 1),
         }
-
-
-@nnx.jit
-def token_logprobs(model: Qwen2, inputs: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """log p(targets[b, s] | inputs[b, :s + 1]) [B, S] and whether each target is the argmax.
-
-    Gathered on the device: the [B, S, vocab] log-probabilities never leave it.
-    """
-    hidden, _ = model(inputs)
-    logits = model.logits(hidden)
-    picked = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), targets[..., None], axis=-1)[..., 0]
-    return picked, jnp.argmax(logits, axis=-1) == targets
 
 
 def scoring_window(context: list[int], continuation: list[int], max_length: int) -> tuple[list[int], list[int]]:

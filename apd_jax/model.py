@@ -267,3 +267,15 @@ def with_config(model: Qwen2, cfg: ModelConfig) -> Qwen2:
 def abstract_model(cfg: ModelConfig) -> Qwen2:
     """The model's structure with shapes and dtypes only: nothing allocated."""
     return nnx.eval_shape(lambda: Qwen2(cfg, rngs=nnx.Rngs(0)))
+
+
+@nnx.jit
+def token_logprobs(model: Qwen2, inputs: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """log p(targets[b, s] | inputs[b, :s + 1]) [B, S] and whether each target is the argmax.
+
+    Gathered on the device: the [B, S, vocab] log-probabilities never leave it.
+    """
+    hidden, _ = model(inputs)
+    logits = model.logits(hidden)
+    picked = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), targets[..., None], axis=-1)[..., 0]
+    return picked, jnp.argmax(logits, axis=-1) == targets

@@ -11,6 +11,8 @@ drafter is the embedded one, which ships with its filter).
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -23,7 +25,8 @@ from apd_jax.commands.options import (
     settings_option,
     settings_values,
 )
-from apd_jax.compare import compare_decoders, format_table
+from apd_jax.apd import APDConfig
+from apd_jax.compare import compare_decoders, format_lookahead_table, format_table, lookahead_study
 from apd_jax.config import tiny_config
 from apd_jax.decoders import decoder
 from apd_jax.learn2pd import load_filter
@@ -52,7 +55,49 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     settings_option(p, "--R", "APD's mixture weight", ["apd"], type=float)
     settings_option(p, "--W", "APD's and Dream K's drafter KV window", ["apd"], type=int)
     settings_option(p, "--M", "APD's and Dream K's max lookahead", ["apd"], type=int)
+    p.add_argument("--lookahead", default=None, metavar="SPEC",
+                   help="instead of the decoders: APD at each ';'-separated lookahead, 'M' (the paper's fixed M) "
+                        "or 'M,M_min,M_scale,M_margin' (adaptive), e.g. '100;24;100,8,2,4'; the first is the "
+                        "reference for agreement (default: none)")
+    p.add_argument("--completions", type=Path, default=None,
+                   help="with --lookahead: a JSONL of {prompt, completion} for an exact-match column (default: none)")
     p.set_defaults(func=run)
+
+
+def lookahead_settings(spec: str, base: APDConfig) -> list[APDConfig]:
+    """--lookahead SPEC -> one APD setting per entry, the rest of `base` kept."""
+    settings = []
+    for entry in filter(None, spec.split(";")):
+        try:
+            parts = entry.split(",")
+            if len(parts) == 1:
+                settings.append(dataclasses.replace(base, M=int(parts[0])))
+            elif len(parts) == 4:
+                M, m_min, scale, margin = parts
+                settings.append(dataclasses.replace(base, M=int(M), M_min=int(m_min), M_scale=float(scale),
+                                                    M_margin=int(margin)))
+            else:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"--lookahead entry {entry!r}: expected 'M' or 'M,M_min,M_scale,M_margin'") from None
+    if not settings:
+        raise ValueError(f"--lookahead {spec!r} names no setting")
+    for s in settings:
+        s.validate()
+    return settings
+
+
+def _completions(path: Path, tokenizer) -> tuple[list[list[int]], list[str], object]:
+    if not path.is_file():
+        raise FileNotFoundError(f"--completions {path} not found")
+    try:
+        items = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"--completions {path} is not UTF-8 JSON lines: {err}") from None
+    bad = [i for i, item in enumerate(items) if not {"prompt", "completion"} <= set(item)]
+    if bad:
+        raise ValueError(f"--completions {path}: item {bad[0]} lacks 'prompt' or 'completion'")
+    return [tokenizer.encode(i["prompt"]) for i in items], [i["completion"] for i in items], tokenizer.decode
 
 
 def run(args: argparse.Namespace) -> int:
@@ -79,6 +124,15 @@ def run(args: argparse.Namespace) -> int:
     apd = decoder("apd").settings_from({k: v for k, v in values.items() if k in ("R", "W", "M")}
                                        | {"max_new_tokens": args.max_new_tokens})
     apd.validate()
+    if args.lookahead is not None:
+        settings = lookahead_settings(args.lookahead, apd)
+        completions = None
+        if args.completions is not None:
+            if args.random_tiny:
+                raise ValueError("--completions needs a tokenizer (not --random-tiny)")
+            completions = _completions(args.completions, tokenizer)
+        print(format_lookahead_table(lookahead_study(drafter, verifier, prompts, settings, completions)))
+        return 0
     threshold = values.get("threshold", decoder("threshold").settings.threshold)
     print(format_table(compare_decoders(drafter, verifier, prompts, args.max_new_tokens, apd, learned, threshold)))
     return 0
