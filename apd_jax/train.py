@@ -1,15 +1,17 @@
 """Training a small APD pair from scratch on the Python standard library (apd_jax.corpus).
 
 Three products, each a directory:
-  tokenizer/  byte-level BPE (`tokenizers`), `<|endoftext|>` (eos and pad, id 0) and
-              `<|mask|>` (id 1) included; loads with AutoTokenizer.from_pretrained.
+  tokenizer/  byte-level BPE with `<|endoftext|>` (eos and pad, id 0) and `<|mask|>`
+              (id 1), apd_jax.tokenizer; loads with AutoTokenizer.from_pretrained.
   drafter/    a Dream-style bidirectional `Qwen2` (causal=False, model_type "Dream",
               untied head) trained as a masked diffusion LM, as Dream is.
   verifier/   a causal `Qwen2` (model_type "qwen2", tied embeddings) trained on next-token
               prediction.
-Both models are saved in the Hugging Face layout (config.json, generation_config.json,
+Their sizes are apd_jax.config.DRAFTER_SIZE / VERIFIER_SIZE. Both models are saved in the
+Hugging Face layout (config.json and generation_config.json from ModelConfig.to_hf_dict,
 model.safetensors, tokenizer files) through `apd_jax.checkpoint.export_hf`, so they
-load by the same path as real checkpoints (`apd_jax.checkpoint.load_model`).
+load by the same path as real checkpoints (`apd_jax.checkpoint.load_model`). With both
+saved, the pipeline runs APD on held-out prompts (apd_jax.evaluate.evaluate_apd).
 
 The drafter objective (Dream / LLaDA / MDLM): per sequence t ~ U(eps, 1); every
 position but the first is replaced by the mask token with probability t; the loss is
@@ -32,7 +34,7 @@ import json
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,151 +47,10 @@ from flax import nnx
 
 from apd_jax import corpus
 from apd_jax.checkpoint import export_hf, model_params
-from apd_jax.config import ModelConfig, parse_dtype, raise_problems
+from apd_jax.config import DRAFTER_SIZE, VERIFIER_SIZE, ModelConfig, ModelSize, parse_dtype, raise_problems
+from apd_jax.evaluate import evaluate_apd
 from apd_jax.model import Qwen2, init_model, shift_right
-
-EOS_TOKEN = "<|endoftext|>"
-MASK_TOKEN = "<|mask|>"
-SPECIAL_TOKENS = (EOS_TOKEN, MASK_TOKEN)  # ids 0 and 1
-EOS_ID, MASK_ID = 0, 1
-
-
-# ----------------------------------------------------------------------------- tokenizer
-
-
-def train_tokenizer(texts: Sequence[str], vocab_size: int = 4096):
-    """A byte-level BPE `tokenizers.Tokenizer` with the special tokens at ids 0 (eos) and 1 (mask)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    if vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise ValueError(f"vocab_size={vocab_size} must be >= {256 + len(SPECIAL_TOKENS)} (256 bytes + special tokens)")
-    tok = Tokenizer(models.BPE())
-    # Newline runs are pre-tokens of their own, then GPT-2's byte-level split: a token never
-    # spans a line break, so a prompt ending in ":" or in ":\n" ends where training text can.
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"\n+"), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), min_frequency=2, show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(list(texts), trainer)
-    assert tok.token_to_id(EOS_TOKEN) == EOS_ID and tok.token_to_id(MASK_TOKEN) == MASK_ID
-    return tok
-
-
-def save_tokenizer(tok, out_dir: str | Path, model_max_length: int) -> Path:
-    """tokenizer.json, tokenizer_config.json and special_tokens_map.json in `out_dir`."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tok.save(str(out / "tokenizer.json"))
-    specials = {"eos_token": EOS_TOKEN, "pad_token": EOS_TOKEN, "mask_token": MASK_TOKEN}
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        **specials,
-        "bos_token": None,
-        "unk_token": None,
-        "model_max_length": model_max_length,
-        "clean_up_tokenization_spaces": False,
-        "added_tokens_decoder": {
-            str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
-                     "special": True}
-            for i, t in enumerate(SPECIAL_TOKENS)
-        },
-    }
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2))
-    return out
-
-
-def load_tokenizer_file(path: str | Path):
-    """The raw `tokenizers.Tokenizer` of a directory (or tokenizer.json) written by save_tokenizer."""
-    from tokenizers import Tokenizer
-
-    path = Path(path)
-    file = path / "tokenizer.json" if path.is_dir() else path
-    if not file.is_file():
-        raise FileNotFoundError(f"{file} not found: train the tokenizer first (apd-jax train --which tokenizer)")
-    tok = Tokenizer.from_file(str(file))
-    if tok.token_to_id(EOS_TOKEN) != EOS_ID or tok.token_to_id(MASK_TOKEN) != MASK_ID:
-        raise ValueError(f"{file} is not an apd_jax tokenizer: {EOS_TOKEN} must be id 0 and {MASK_TOKEN} id 1")
-    return tok
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
-
-# ----------------------------------------------------------------------------- model shapes
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSize:
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    intermediate: int
-
-    def config(self, *, causal: bool, vocab_size: int, max_len: int, param_dtype: Any, dtype: Any) -> ModelConfig:
-        if self.heads < 1 or self.hidden % self.heads:
-            raise ValueError(f"hidden size {self.hidden} is not a multiple of the head count {self.heads}")
-        return ModelConfig(
-            vocab_size=vocab_size, hidden_size=self.hidden, intermediate_size=self.intermediate,
-            num_layers=self.layers, num_heads=self.heads, num_kv_heads=self.kv_heads,
-            head_dim=self.hidden // self.heads, rope_theta=10000.0, rms_norm_eps=1e-6,
-            tie_word_embeddings=causal, causal=causal, max_position_embeddings=max_len,
-            model_type="qwen2" if causal else "dream", mask_token_id=None if causal else MASK_ID,
-            eos_token_ids=(EOS_ID,), pad_token_id=EOS_ID, param_dtype=param_dtype, dtype=dtype,
-        )
-
-
-DRAFTER_SIZE = ModelSize(hidden=256, layers=6, heads=4, kv_heads=4, intermediate=768)
-VERIFIER_SIZE = ModelSize(hidden=192, layers=4, heads=3, kv_heads=3, intermediate=512)
-
-
-def param_count(cfg: ModelConfig) -> int:
-    h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    attn = h * cfg.num_heads * d * 2 + 2 * h * cfg.num_kv_heads * d + cfg.num_heads * d + 2 * cfg.num_kv_heads * d
-    layer = attn + 3 * h * i + 2 * h
-    head = 0 if cfg.tie_word_embeddings else h * cfg.vocab_size
-    return cfg.vocab_size * h + cfg.num_layers * layer + h + head
-
-
-def hf_config(cfg: ModelConfig, storage_dtype: str) -> tuple[dict, dict]:
-    """(config.json, generation_config.json) of a model: Qwen2's fields, or Dream's for a drafter."""
-    common = {
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads,
-        "hidden_act": "silu",
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_theta": cfg.rope_theta,  # legacy field (Qwen2.5 / Dream checkpoints), and transformers 5's:
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-        "tie_word_embeddings": cfg.tie_word_embeddings,
-        "attention_dropout": 0.0,
-        "use_cache": True,
-        "use_sliding_window": False,
-        "sliding_window": None,
-        "bos_token_id": EOS_ID,
-        "eos_token_id": EOS_ID,
-        "pad_token_id": EOS_ID,
-        "torch_dtype": storage_dtype,
-    }
-    if cfg.causal:
-        config = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], **common,
-                  "max_window_layers": cfg.num_layers, "initializer_range": 0.02}
-        generation = {"bos_token_id": EOS_ID, "eos_token_id": EOS_ID, "pad_token_id": EOS_ID}
-    else:
-        config = {"model_type": "Dream", "architectures": ["DreamModel"], **common, "mask_token_id": MASK_ID}
-        generation = {"mask_token_id": MASK_ID, "eos_token_id": EOS_ID, "pad_token_id": EOS_ID, "bos_token_id": EOS_ID}
-    return config, generation
-
+from apd_jax.tokenizer import EOS_ID, TOKENIZER_FILES, load_tokenizer_file, save_tokenizer, train_tokenizer
 
 # ----------------------------------------------------------------------------- objectives
 
@@ -422,7 +283,7 @@ def train_model(
                 sums[k] = sums.get(k, 0.0) + float(v) * len(part)
         return {k: v / len(windows) for k, v in sums.items()}
 
-    n_params = param_count(cfg)
+    n_params = cfg.param_count()
     log(f"[{name}] {n_params / 1e6:.2f}M parameters, {len(train_stream) / 1e6:.2f}M training tokens, "
         f"{len(windows)} held-out windows of {s.seq_len}; {s.steps} steps of {s.batch_size} x {s.seq_len} "
         f"(~{s.steps * s.batch_size * s.seq_len / len(train_stream):.1f} epochs) on {jax.devices()[0].platform}")
@@ -463,7 +324,7 @@ def save_model(
     goes to training.json beside it."""
     if storage_dtype not in _STORAGE:
         raise ValueError(f"storage dtype {storage_dtype!r} must be one of {sorted(_STORAGE)}")
-    config, generation = hf_config(model.cfg, storage_dtype)
+    config, generation = model.cfg.to_hf_dict(storage_dtype)
     params = {k: np.asarray(v, np.float32).astype(_STORAGE[storage_dtype]) for k, v in model_params(model).items()}
     with tempfile.TemporaryDirectory(prefix="apd_jax_stage_") as stage:
         stage = Path(stage)
@@ -478,97 +339,6 @@ def save_model(
     if extra is not None:
         (out / "training.json").write_text(json.dumps(extra, indent=2))
     return out
-
-
-# ----------------------------------------------------------------------------- APD evaluation
-
-
-def heldout_prompts(docs: Sequence[corpus.Document], n: int, context_lines: int = 4) -> list[str]:
-    """Up to n prompts from held-out files: a `def` line and the few lines before it, ending in a newline.
-
-    One prompt per file in turn (deterministic), so many files are represented.
-    """
-    per_doc = []
-    for d in docs:
-        lines = d.text.split("\n")
-        found = [i for i, line in enumerate(lines) if line.lstrip().startswith("def ") and line.rstrip().endswith(":")]
-        per_doc.append([("\n".join(lines[max(0, i - context_lines) : i + 1]) + "\n").lstrip("\n") for i in found])
-    prompts: list[str] = []
-    depth = 0
-    while len(prompts) < n and any(depth < len(p) for p in per_doc):
-        prompts += [p[depth] for p in per_doc if depth < len(p)][: n - len(prompts)]
-        depth += 1
-    return prompts
-
-
-def apd_eval_prompts(
-    heldout_docs: Sequence[corpus.Document], tok, n: int, seq_len: int, max_new_tokens: int
-) -> tuple[list[str], int]:
-    """The held-out prompts of the APD check, and the generation length that fits the context.
-
-    Prompts hold at most seq_len / 4 tokens (a def line with the lines before it, or the
-    bare def line where that is too long), so prompt + generation fit the trained positions.
-    """
-    longest = seq_len // 4
-    candidates = heldout_prompts(heldout_docs, 4 * n) + heldout_prompts(heldout_docs, 4 * n, context_lines=0)
-    prompts = [q for q in candidates if len(tok.encode(q).ids) <= longest][:n]
-    return prompts, min(max_new_tokens, seq_len - max(16, 1 << (longest - 1).bit_length()))
-
-
-def stdlib_prompts(
-    tok, n: int, *, heldout: bool, seq_len: int, root: str | Path | None = None, seed: int = 0
-) -> list[str]:
-    """n prompts of the stdlib corpus under `root`, built as `apd_eval_prompts` builds them.
-
-    heldout=True: the first n of the APD check's own held-out prompts (what `apd-jax compare
-    --heldout-prompts` decodes). heldout=False: prompts from the training files only, visited
-    in a seeded random order so they span the library rather than its alphabetical start
-    (what `apd-jax train-filter --train-prompts` learns from); other files, so never the same.
-    """
-    train_docs, heldout_docs = corpus.load_corpus(root)
-    order = np.random.default_rng(seed).permutation(len(train_docs))
-    docs = heldout_docs if heldout else [train_docs[i] for i in order]
-    prompts, _ = apd_eval_prompts(docs, tok, n, seq_len, 0)
-    if len(prompts) < n:
-        side = "held-out" if heldout else "training"
-        raise ValueError(f"the corpus's {side} files give only {len(prompts)} prompts of at most {seq_len // 4} tokens")
-    return prompts
-
-
-def evaluate_apd(
-    drafter_dir: str | Path,
-    verifier_dir: str | Path,
-    prompts: Sequence[str],
-    *,
-    R: float = 0.7,
-    W: int = 16,
-    M: int = 100,
-    max_new_tokens: int = 128,
-    batch_size: int = 16,
-    dtype: str | None = None,
-) -> dict:
-    """Greedy APD over text prompts with a saved pair: tokens per pass and samples."""
-    from apd_jax.apd import APDConfig, apd_generate, shared_vocab_size
-    from apd_jax.checkpoint import load_model, load_tokenizer
-
-    if dtype is None and jax.default_backend() == "cpu":
-        dtype = "float32"  # XLA:CPU has no bf16 x bf16 -> f32 dot (the output head)
-    drafter = load_model(drafter_dir, param_dtype=dtype)
-    verifier = load_model(verifier_dir, param_dtype=dtype)
-    tok = load_tokenizer(drafter_dir)
-    vocab = shared_vocab_size(drafter.cfg, verifier.cfg, tok, load_tokenizer(verifier_dir))
-    config = APDConfig(R=R, W=W, M=M, max_new_tokens=max_new_tokens, temperature=0.0)
-    accepted, passes, samples = 0, 0, []
-    for j in range(0, len(prompts), batch_size):
-        part = list(prompts[j : j + batch_size])
-        result = apd_generate(drafter, verifier, [tok.encode(p) for p in part], config, jax.random.key(0),
-                              shared_vocab=vocab)
-        accepted += int(result.accepted.sum())
-        passes += int(result.row_passes().sum())
-        samples += [{"prompt": p, "completion": tok.decode(ids), "accepted": result.accepted_per_pass(r)}
-                    for r, (p, ids) in enumerate(zip(part, result.sequences()))]
-    return {"R": R, "W": W, "M": M, "max_new_tokens": max_new_tokens, "prompts": len(prompts),
-            "tokens": accepted, "passes": passes, "tokens_per_pass": accepted / max(passes, 1), "samples": samples}
 
 
 # ----------------------------------------------------------------------------- the whole pipeline
@@ -644,14 +414,14 @@ def run_pipeline(p: PipelineSettings, log: Callable[..., None] = _print) -> dict
         model, history = train_model(cfg, train_stream, corpus.chunk(heldout_stream, settings.seq_len), settings,
                                      log=log, name=name)
         extra = {"settings": dataclasses.asdict(settings), "size": dataclasses.asdict(size),
-                 "parameters": param_count(cfg), "param_dtype": p.param_dtype, "compute_dtype": jnp.dtype(dtype).name,
+                 "parameters": cfg.param_count(), "param_dtype": p.param_dtype, "compute_dtype": jnp.dtype(dtype).name,
                  "device": jax.devices()[0].device_kind, "corpus": info, "history": history}
         path = save_model(model, out / name, tok_dir, storage_dtype=p.storage_dtype, extra=extra)
         size_mb = (path / "model.safetensors").stat().st_size / 1e6
         log(f"[{name}] saved {path} ({size_mb:.1f} MB; {time.perf_counter() - t0:.0f}s since start)")
         report[name] = {"path": str(path), "mb": round(size_mb, 2), "heldout": history["heldout"][-1:]}
     if p.eval_prompts > 0 and (out / "drafter").is_dir() and (out / "verifier").is_dir():
-        prompts, max_new = apd_eval_prompts(heldout_docs, tok, p.eval_prompts, seq_len, p.eval_max_new_tokens)
+        prompts, max_new = corpus.apd_eval_prompts(heldout_docs, tok, p.eval_prompts, seq_len, p.eval_max_new_tokens)
         if not prompts:
             log("APD check skipped: no held-out prompt fits")
             log(f"done in {time.perf_counter() - t0:.0f}s")
