@@ -1,7 +1,9 @@
 """Model configuration for the Qwen2 family: Qwen2.5 (causal) and Dream (bidirectional).
 
-Read from a Hugging Face `config.json`; Dream uses the same field names with
-model_type "Dream" plus a mask token id (in config.json or generation_config.json).
+Read from a Hugging Face `config.json` (from_hf_dict) and written back (to_hf_dict);
+Dream uses the same field names with model_type "Dream" plus a mask token id (in
+config.json or generation_config.json). Presets: the real checkpoints' shapes, a tiny
+pair for smoke runs, and the embedded pair's sizes (ModelSize, `apd-jax train`).
 """
 
 from __future__ import annotations
