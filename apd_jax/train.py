@@ -21,9 +21,12 @@ through `apd_jax.model.shift_right`. With probability `suffix_prob` only a suffi
 noised (a clean prefix of random length, then each position masked with probability
 t): prompt-conditioned completion, the way APD uses the drafter.
 
-Everything runs in one jitted program per chunk of steps (`lax.scan`); the token
+Everything runs in one jitted program for any chunk of steps (a `fori_loop`); the token
 stream lives on the device and windows are sampled there, so the same command is
-fast on a GPU and merely slow on a CPU. All randomness derives from `seed`.
+fast on a GPU and merely slow on a CPU. A step whose batch does not fit the device's
+free memory (XLA's estimate of the compiled program) is computed in micro-batches
+whose gradients add up to the batch's (`micro_batches`): the same loss and update, in
+less memory, at the price of more, smaller kernels. All randomness derives from `seed`.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
+import re
 import shutil
 import tempfile
 import time
@@ -76,28 +81,82 @@ def diffusion_mask(
     return jnp.where(masked, mask_id, tokens), masked, t
 
 
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """A training loss in parts, so that a batch split into micro-batches computes the same loss.
+
+    `noise` draws the randomness of the whole batch at once ({name: [B, ...]} per-row
+    inputs); `sums` adds up per-row terms over any subset of rows, "loss" among them;
+    the loss is the batch's summed "loss" divided by `denominator` of its [B, L] shape,
+    and `metrics` makes the other sums into averages. Calling it is the whole loss.
+    """
+
+    noise: Callable[[jax.Array, jax.Array], dict]  # (key, tokens [B, L]) -> per-row inputs
+    sums: Callable[[Qwen2, dict], dict]  # (model, some rows' inputs) -> {name: summed term}
+    denominator: Callable[[tuple[int, ...]], int]
+    metrics: Callable[[dict, tuple[int, ...]], dict]  # (the batch's sums, [B, L]) -> metrics
+
+    def finish(self, sums: dict, shape: tuple[int, ...]) -> tuple[jax.Array, dict]:
+        return sums["loss"] / self.denominator(shape), self.metrics(sums, shape)
+
+    def __call__(self, model: Qwen2, tokens: jax.Array, key: jax.Array) -> tuple[jax.Array, dict]:
+        return self.finish(self.sums(model, self.noise(key, tokens)), tokens.shape)
+
+
+def _diffusion_sums(model: Qwen2, x: dict) -> dict:
+    hidden, _ = model(x["noisy"])
+    logits = model.logits(shift_right(hidden))  # [B, L, V]: position i's prediction at i
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, x["tokens"])
+    masked = x["masked"]
+    hit = (jnp.argmax(logits, -1) == x["tokens"]) & masked
+    return {"loss": jnp.sum(ce * masked / x["t"][:, None]), "masked_ce": jnp.sum(ce * masked),
+            "hit": jnp.sum(hit), "masked": jnp.sum(masked)}
+
+
+def _diffusion_metrics(sums: dict, shape: tuple[int, ...]) -> dict:
+    n_masked = jnp.maximum(sums["masked"], 1)
+    return {"masked_ce": sums["masked_ce"] / n_masked, "masked_acc": sums["hit"] / n_masked}
+
+
+def diffusion_objective(mask_id: int, *, eps: float = 1e-3, suffix_prob: float = 0.5) -> Objective:
+    """Masked-diffusion loss: sum over masked positions of CE / t, divided by B * L."""
+
+    def noise(key: jax.Array, tokens: jax.Array) -> dict:
+        noisy, masked, t = diffusion_mask(key, tokens, mask_id, eps=eps, suffix_prob=suffix_prob)
+        return {"tokens": tokens, "noisy": noisy, "masked": masked, "t": t}
+
+    return Objective(noise, _diffusion_sums, math.prod, _diffusion_metrics)
+
+
 def diffusion_loss(
     model: Qwen2, tokens: jax.Array, key: jax.Array, *, eps: float = 1e-3, suffix_prob: float = 0.5
 ) -> tuple[jax.Array, dict]:
-    """Masked-diffusion loss: sum over masked positions of CE / t, divided by B * L."""
-    noisy, masked, t = diffusion_mask(key, tokens, model.cfg.mask_token_id, eps=eps, suffix_prob=suffix_prob)
-    hidden, _ = model(noisy)
-    logits = model.logits(shift_right(hidden))  # [B, L, V]: position i's prediction at i
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)
-    loss = jnp.sum(ce * masked / t[:, None]) / tokens.size
-    n_masked = jnp.maximum(jnp.sum(masked), 1)
-    hit = (jnp.argmax(logits, -1) == tokens) & masked
-    return loss, {"masked_ce": jnp.sum(ce * masked) / n_masked, "masked_acc": jnp.sum(hit) / n_masked}
+    """`diffusion_objective` of the model's mask token on one batch: (loss, metrics)."""
+    return diffusion_objective(model.cfg.mask_token_id, eps=eps, suffix_prob=suffix_prob)(model, tokens, key)
 
 
-def ar_loss(model: Qwen2, tokens: jax.Array, key: jax.Array | None = None) -> tuple[jax.Array, dict]:
-    """Next-token cross-entropy (nats per token)."""
-    del key
+def _ar_sums(model: Qwen2, x: dict) -> dict:
+    tokens = x["tokens"]
     hidden, _ = model(tokens)
     logits = model.logits(hidden[:, :-1])
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
-    acc = jnp.mean(jnp.argmax(logits, -1) == tokens[:, 1:])
-    return jnp.mean(ce), {"acc": acc}
+    return {"loss": jnp.sum(ce), "correct": jnp.sum(jnp.argmax(logits, -1) == tokens[:, 1:])}
+
+
+def _predicted_positions(shape: tuple[int, ...]) -> int:
+    return shape[0] * (shape[1] - 1)
+
+
+# Next-token cross-entropy (nats per token); no randomness.
+AR_OBJECTIVE = Objective(
+    noise=lambda key, tokens: {"tokens": tokens}, sums=_ar_sums, denominator=_predicted_positions,
+    metrics=lambda sums, shape: {"acc": sums["correct"] / _predicted_positions(shape)},
+)
+
+
+def ar_loss(model: Qwen2, tokens: jax.Array, key: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    """Next-token cross-entropy (nats per token): AR_OBJECTIVE on one batch."""
+    return AR_OBJECTIVE(model, tokens, key)
 
 
 def completion_metrics(model: Qwen2, tokens: jax.Array, cut: int, span: int = 8) -> dict:
@@ -136,6 +195,9 @@ class TrainSettings:
     eval_batch: int = 32
     eps: float = 1e-3
     suffix_prob: float = 0.5
+    # Gradient accumulation: each step's batch in this many equal slices, summed (the same
+    # loss and gradient, less memory). 0: the fewest that fit the device's free memory.
+    micro_batches: int = 0
 
     def validate(self) -> None:
         problems = []
@@ -148,6 +210,8 @@ class TrainSettings:
             problems.append(f"lr={self.lr} must be > 0")
         if self.warmup < 0:
             problems.append(f"warmup={self.warmup} must be >= 0")
+        if self.micro_batches < 0 or (self.micro_batches and self.batch_size % self.micro_batches):
+            problems.append(f"micro_batches={self.micro_batches} must be 0 (auto) or divide batch_size={self.batch_size}")
         if not 0 <= self.suffix_prob <= 1 or not 0 < self.eps < 1:
             problems.append("suffix_prob must lie in [0, 1] and eps in (0, 1)")
         raise_problems("training", problems)
@@ -173,9 +237,6 @@ def sample_windows(stream: jax.Array, key: jax.Array, batch: int, seq_len: int) 
     """[batch, seq_len] windows of the token stream at uniformly random offsets."""
     starts = jax.random.randint(key, (batch,), 0, stream.shape[0] - seq_len + 1)
     return jax.vmap(lambda s: jax.lax.dynamic_slice(stream, (s,), (seq_len,)))(starts)
-
-
-Objective = Callable[[Qwen2, jax.Array, jax.Array], tuple[jax.Array, dict]]
 
 
 class MatmulEmbed(nnx.Module):
@@ -205,12 +266,59 @@ def for_training(model: Qwen2) -> Qwen2:
 
 def objective_for(cfg: ModelConfig, s: TrainSettings) -> Objective:
     if cfg.causal:
-        return ar_loss
-    return functools.partial(diffusion_loss, eps=s.eps, suffix_prob=s.suffix_prob)
+        return AR_OBJECTIVE
+    return diffusion_objective(cfg.mask_token_id, eps=s.eps, suffix_prob=s.suffix_prob)
 
 
 def _print(*a: Any) -> None:
     print(*a, flush=True)
+
+
+def free_memory() -> int | None:
+    """Bytes a new program may use: an accelerator's free allocator memory, or the host's MemAvailable."""
+    stats = jax.devices()[0].memory_stats()
+    if stats and "bytes_limit" in stats:
+        return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    try:
+        found = re.search(r"^MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.M)
+    except OSError:
+        return None
+    return int(found.group(1)) * 1024 if found else None
+
+
+def memory_needed(compiled: Any) -> int | None:
+    """Bytes one call of a compiled program holds at its peak (XLA's buffer assignment), if it says."""
+    m = compiled.memory_analysis()
+    if m is None:
+        return None
+    return m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+
+
+# Share of the free memory a training step may plan to use: measured on CPU, the process grew
+# by 0.5-1.1 GiB more than XLA's buffer assignment said (allocator, the held-out evaluation).
+MEMORY_HEADROOM = 0.8
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def fit_micro_batches(compile_for: Callable[[int], Any], s: TrainSettings, free: int | None) -> tuple[int, Any, str]:
+    """(micro-batches, compiled step program, what it needs): s.micro_batches, or else the
+    fewest (a divisor of the batch) whose program fits MEMORY_HEADROOM of `free` bytes."""
+    candidates = [s.micro_batches] if s.micro_batches else [d for d in range(1, s.batch_size + 1)
+                                                            if s.batch_size % d == 0]
+    for micro in candidates:
+        compiled = compile_for(micro)
+        need = memory_needed(compiled)
+        if free is None or need is None or need <= MEMORY_HEADROOM * free:
+            return micro, compiled, "memory unknown" if need is None else f"needs {_gib(need)}"
+    rows = s.batch_size // micro
+    fix = ("use --micro-batches 0 (the fewest that fit)" if s.micro_batches
+           else "lower --seq-len or the model size, or use a machine with more memory")
+    raise ValueError(f"a training step of {s.batch_size} x {s.seq_len} needs {_gib(need)} in micro-batches of "
+                     f"{rows} row(s), more than {MEMORY_HEADROOM:.0%} of the {_gib(free)} free on "
+                     f"{jax.devices()[0].platform}: {fix}")
 
 
 def train_model(
@@ -226,6 +334,7 @@ def train_model(
 
     heldout: [N, seq_len] windows, evaluated every eval_every steps (at most eval_windows
     of them, noise from a fixed key so that successive evaluations are comparable).
+    A log line follows the first step, then every log_every steps.
     """
     s.validate()
     if len(train_stream) < s.seq_len + 1:
@@ -238,27 +347,53 @@ def train_model(
     opt_state = tx.init(params)
     stream = jnp.asarray(train_stream, jnp.int32)
     data_key, eval_key = jax.random.key(data_key), jax.random.key(eval_key)
+    shape = (s.batch_size, s.seq_len)
 
-    def step(stream, carry, i):
+    def part_loss(p, rows):
+        # The loss of some rows scaled as in the whole batch's, so that the parts' gradients add up to its.
+        sums = objective.sums(for_training(nnx.merge(graphdef, p)), rows)
+        return sums["loss"] / objective.denominator(shape), sums
+
+    def loss_and_grads(params, inputs, micro):
+        grad_fn = jax.value_and_grad(part_loss, has_aux=True)
+        if micro == 1:
+            (_, sums), grads = grad_fn(params, inputs)
+        else:
+            parts = jax.tree.map(lambda a: a.reshape(micro, -1, *a.shape[1:]), inputs)
+
+            def add_part(total, rows):
+                (_, sums), grads = grad_fn(params, rows)
+                return jax.tree.map(jnp.add, total, (sums, grads)), None
+
+            first = jax.tree.map(lambda a: a[0], parts)
+            zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(grad_fn, params, first))
+            (sums, grads), _ = jax.lax.scan(add_part, (zeros[0][1], zeros[1]), parts)
+        return objective.finish(sums, shape), grads
+
+    def step(stream, micro, carry, i):
         params, opt_state = carry
         k_data, k_noise = jax.random.split(jax.random.fold_in(data_key, i))
-        batch = sample_windows(stream, k_data, s.batch_size, s.seq_len)
-
-        def loss_fn(p):
-            return objective(for_training(nnx.merge(graphdef, p)), batch, k_noise)
-
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        inputs = objective.noise(k_noise, sample_windows(stream, k_data, s.batch_size, s.seq_len))
+        (loss, aux), grads = loss_and_grads(params, inputs, micro)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         return (params, opt_state), {"loss": loss, "grad_norm": _tree_norm(grads), **aux}
 
-    @functools.partial(jax.jit, static_argnames=("n",), donate_argnums=(0, 1))
-    def run_steps(params, opt_state, first, stream, n):
-        # The stream is an argument, not a closure constant baked into the program.
-        (params, opt_state), metrics = jax.lax.scan(
-            functools.partial(step, stream), (params, opt_state), first + jnp.arange(n)
-        )
-        return params, opt_state, jax.tree.map(jnp.mean, metrics)
+    @functools.partial(jax.jit, static_argnames=("micro",), donate_argnums=(0, 1))
+    def run_steps(params, opt_state, first, n, stream, micro):
+        # Steps first .. first + n - 1, n traced: one program for every chunk length. The
+        # stream is an argument, not a closure constant baked into the program.
+        one = functools.partial(step, stream, micro)
+
+        def body(j, carry):
+            state, total = carry
+            state, metrics = one(state, first + j)
+            return state, jax.tree.map(jnp.add, total, metrics)
+
+        shapes = jax.eval_shape(one, (params, opt_state), first)[1]
+        zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+        (params, opt_state), total = jax.lax.fori_loop(0, n, body, ((params, opt_state), zeros))
+        return params, opt_state, jax.tree.map(lambda x: x / n, total)
 
     windows = np.asarray(heldout[: s.eval_windows], np.int32)
     cut = s.seq_len // 2
@@ -283,22 +418,29 @@ def train_model(
                 sums[k] = sums.get(k, 0.0) + float(v) * len(part)
         return {k: v / len(windows) for k, v in sums.items()}
 
-    n_params = cfg.param_count()
-    log(f"[{name}] {n_params / 1e6:.2f}M parameters, {len(train_stream) / 1e6:.2f}M training tokens, "
+    platform = jax.devices()[0].platform
+    log(f"[{name}] {cfg.param_count() / 1e6:.2f}M parameters, {len(train_stream) / 1e6:.2f}M training tokens, "
         f"{len(windows)} held-out windows of {s.seq_len}; {s.steps} steps of {s.batch_size} x {s.seq_len} "
-        f"(~{s.steps * s.batch_size * s.seq_len / len(train_stream):.1f} epochs) on {jax.devices()[0].platform}")
-    history: dict[str, list] = {"train": [], "heldout": []}
+        f"(~{s.steps * s.batch_size * s.seq_len / len(train_stream):.1f} epochs) on {platform}; compiling the step")
+    t0 = time.perf_counter()
+    free = free_memory()
+    micro, run, need = fit_micro_batches(
+        lambda m: run_steps.lower(params, opt_state, jnp.int32(0), jnp.int32(1), stream, micro=m).compile(), s, free)
+    log(f"[{name}] step compiled in {time.perf_counter() - t0:.0f}s: batch {s.batch_size} in {micro} micro-batch(es) "
+        f"of {s.batch_size // micro} rows, {need} of {'unknown' if free is None else _gib(free)} free on {platform}")
+    history: dict[str, list] = {"micro_batches": micro, "train": [], "heldout": []}
     start = time.perf_counter()
     done = 0
     while done < s.steps:
-        n = min(s.log_every, s.steps - done)
-        params, opt_state, metrics = run_steps(params, opt_state, jnp.int32(done), stream, n=n)
+        # Step 1 alone, so progress shows at once; then up to each multiple of log_every.
+        n = 1 if done == 0 else min(s.log_every - done % s.log_every, s.steps - done)
+        params, opt_state, metrics = run(params, opt_state, jnp.int32(done), jnp.int32(n), stream)
         done += n
         metrics = {k: float(v) for k, v in metrics.items()}
         elapsed = time.perf_counter() - start
         history["train"].append({"step": done, "time_s": round(elapsed, 1), **metrics})
         line = (f"[{name}] step {done:6d}  loss {metrics['loss']:.4f}  lr {float(schedule(done)):.2e}  "
-                f"gnorm {metrics['grad_norm']:.2f}  {done * s.batch_size * s.seq_len / elapsed / 1e3:.0f}k tok/s  "
+                f"gnorm {metrics['grad_norm']:.2f}  {done * s.batch_size * s.seq_len / elapsed / 1e3:.1f}k tok/s  "
                 f"{elapsed:.0f}s")
         if done % s.eval_every == 0 or done == s.steps:
             ev = evaluate(params)

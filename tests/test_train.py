@@ -1,12 +1,14 @@
 """Training a pair from scratch: corpus, tokenizer, the two objectives, saving, and APD on the result."""
 
 import json
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 from apd_jax import corpus
 from apd_jax import train as T
@@ -132,8 +134,6 @@ def test_diffusion_loss_reads_predictions_through_the_right_shift():
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_training_embedding_is_the_same_lookup(causal):
-    from flax import nnx
-
     model = init_model(tiny_config(causal=causal), 0)
     tokens = jnp.asarray(np.random.default_rng(3).integers(0, 320, size=(2, 12)), jnp.int32)
     graphdef, state = nnx.split(model)
@@ -270,3 +270,68 @@ def test_stdlib_prompts_come_from_one_side_of_the_split(tmp_path):
     assert files(train) != set(sorted(f"m{i}.py" for i in range(80) if f"m{i}.py" not in held)[:40])
     with pytest.raises(ValueError, match="held-out files give only"):  # each file: with and without context
         corpus.stdlib_prompts(tok, 2 * len(held) + 1, heldout=True, seq_len=512, root=tmp_path)
+
+
+# ----------------------------------------------------------------------------- memory and progress
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_micro_batches_train_the_same_model(causal):
+    size = TINY_VERIFIER if causal else TINY_DRAFTER
+    cfg = size.config(causal=causal, vocab_size=32, max_len=32, param_dtype=jnp.float32, dtype=jnp.float32)
+    stream = _repeating_stream()
+    runs = []
+    for micro in (1, 4):
+        settings = T.TrainSettings(steps=6, batch_size=8, seq_len=32, lr=1e-2, warmup=2, log_every=3, eval_every=6,
+                                   eval_windows=8, micro_batches=micro)
+        runs.append(T.train_model(cfg, stream, stream[:256].reshape(8, 32), settings, log=lambda *a: None))
+    (whole, h1), (parts, h4) = runs
+    assert (h1["micro_batches"], h4["micro_batches"]) == (1, 4)
+    # The same loss, metrics and update, up to the order of float32 sums.
+    for a, b in zip(h1["train"], h4["train"]):
+        for k in a.keys() - {"time_s"}:
+            np.testing.assert_allclose(b[k], a[k], rtol=1e-4, err_msg=k)
+    for a, b in zip(jax.tree.leaves(nnx.state(whole, nnx.Param)), jax.tree.leaves(nnx.state(parts, nnx.Param))):
+        np.testing.assert_allclose(b, a, atol=2e-5)
+
+
+class _Program:
+    """A compiled program's memory report, without compiling: `gib` GiB of temporaries."""
+
+    def __init__(self, gib: float):
+        self.gib = gib
+
+    def memory_analysis(self):
+        return SimpleNamespace(temp_size_in_bytes=int(self.gib * 2**30), argument_size_in_bytes=0,
+                               output_size_in_bytes=0, alias_size_in_bytes=0)
+
+
+def test_micro_batches_are_the_fewest_that_fit_or_a_clear_refusal():
+    tried = []
+
+    def compile_for(micro):
+        tried.append(micro)
+        return _Program(24 / micro)
+
+    settings = T.TrainSettings(batch_size=8)
+    micro, program, need = T.fit_micro_batches(compile_for, settings, free=10 * 2**30)
+    assert (micro, tried, program.gib, need) == (4, [1, 2, 4], 6.0, "needs 6.0 GiB")
+    assert T.fit_micro_batches(compile_for, settings, free=None)[0] == 1  # free memory unknown: no split
+    with pytest.raises(ValueError, match=r"needs 3.0 GiB in micro-batches of 1 row.*of the 1.0 GiB free.*--seq-len"):
+        T.fit_micro_batches(compile_for, settings, free=2**30)
+    with pytest.raises(ValueError, match=r"needs 12.0 GiB .* --micro-batches 0"):
+        T.fit_micro_batches(compile_for, T.TrainSettings(batch_size=8, micro_batches=2), free=10 * 2**30)
+    with pytest.raises(ValueError, match="micro_batches=3 must be 0"):
+        T.TrainSettings(batch_size=8, micro_batches=3).validate()
+
+
+def test_progress_shows_after_the_first_step():
+    cfg = TINY_VERIFIER.config(causal=True, vocab_size=32, max_len=32, param_dtype=jnp.float32, dtype=jnp.float32)
+    settings = T.TrainSettings(steps=5, batch_size=4, seq_len=32, warmup=1, log_every=100, eval_every=100,
+                               eval_windows=4)
+    lines = []
+    stream = _repeating_stream()
+    _, history = T.train_model(cfg, stream, stream[:128].reshape(4, 32), settings, log=lines.append)
+    assert [h["step"] for h in history["train"]] == [1, 5]
+    assert [line.split("loss")[0].split() for line in lines[-2:]] == [["[model]", "step", "1"], ["[model]", "step", "5"]]
+    assert "step compiled" in lines[1] and "micro-batch" in lines[1]
