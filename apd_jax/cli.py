@@ -3,6 +3,9 @@
 Each subcommand module exposes `add_parser(subparsers)`, which registers its
 parser with `func=run`. Errors a user can fix (missing directories, bad knobs)
 are printed as one message, not a traceback.
+
+`apd-jax NAME ...` imports only NAME's module (so `apd-jax convert` imports no
+decoder or training code); `apd-jax --help` and an unknown name import them all.
 """
 
 from __future__ import annotations
@@ -10,8 +13,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Sequence
 
-# Subcommand modules, in the order `apd-jax --help` lists them.
+# Subcommand modules, in the order `apd-jax --help` lists them; each registers the
+# command named like its module, with "-" for "_" (train_filter: train-filter).
 SUBCOMMANDS = (
     "apd_jax.commands.generate",
     "apd_jax.commands.convert",
@@ -23,18 +28,25 @@ SUBCOMMANDS = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def subcommand_modules(argv: Sequence[str]) -> tuple[str, ...]:
+    """The one module whose command argv names first, else every module (for --help and errors)."""
+    named = [m for m in SUBCOMMANDS if argv and argv[0] == m.rsplit(".", 1)[1].replace("_", "-")]
+    return tuple(named) or SUBCOMMANDS
+
+
+def build_parser(modules: Sequence[str] = SUBCOMMANDS) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="apd-jax", description="Adaptive Parallel Decoding in JAX: a diffusion drafter and an autoregressive verifier."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in SUBCOMMANDS:
+    for name in modules:
         importlib.import_module(name).add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(subcommand_modules(argv)).parse_args(argv)
     try:
         return args.func(args) or 0
     except (ValueError, FileNotFoundError, FileExistsError) as err:

@@ -1,7 +1,9 @@
 """Model configuration for the Qwen2 family: Qwen2.5 (causal) and Dream (bidirectional).
 
-Read from a Hugging Face `config.json`; Dream uses the same field names with
-model_type "Dream" plus a mask token id (in config.json or generation_config.json).
+Read from a Hugging Face `config.json` (from_hf_dict) and written back (to_hf_dict);
+Dream uses the same field names with model_type "Dream" plus a mask token id (in
+config.json or generation_config.json). Presets: the real checkpoints' shapes, a tiny
+pair for smoke runs, and the embedded pair's sizes (ModelSize, `apd-jax train`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
+
+from apd_jax.tokenizer import EOS_ID, MASK_ID
 
 SUPPORTED_MODEL_TYPES = {"qwen2": True, "dream": False}  # model_type -> causal
 
@@ -144,6 +148,56 @@ class ModelConfig:
             dtype=parse_dtype(dtype) if dtype is not None else (parse_dtype(param_dtype) if param_dtype else stored),
         )
 
+    def to_hf_dict(self, storage_dtype: str | None = None) -> tuple[dict, dict]:
+        """(config.json, generation_config.json) dicts: Qwen2's fields, or Dream's for a drafter.
+
+        The inverse of `from_hf_dict`; `storage_dtype` is the dtype the weights are saved in
+        (default: param_dtype's), which from_hf_dict reads back as the parameter dtype.
+        """
+        storage_dtype = storage_dtype or jnp.dtype(self.param_dtype).name
+        eos = self.eos_token_ids[0] if len(self.eos_token_ids) == 1 else (list(self.eos_token_ids) or None)
+        first_eos = self.eos_token_ids[0] if self.eos_token_ids else None  # Qwen2 checkpoints' bos is their eos
+        common = {
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,  # legacy field (Qwen2.5 / Dream checkpoints), and transformers 5's:
+            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_dropout": 0.0,
+            "use_cache": True,
+            "use_sliding_window": False,
+            "sliding_window": None,
+            "bos_token_id": first_eos,
+            "eos_token_id": eos,
+            "pad_token_id": self.pad_token_id,
+            "torch_dtype": storage_dtype,
+        }
+        if self.causal:
+            config = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], **common,
+                      "max_window_layers": self.num_layers, "initializer_range": 0.02}
+            generation = {"bos_token_id": first_eos, "eos_token_id": eos, "pad_token_id": self.pad_token_id}
+        else:
+            config = {"model_type": "Dream", "architectures": ["DreamModel"], **common,
+                      "mask_token_id": self.mask_token_id}
+            generation = {"mask_token_id": self.mask_token_id, "eos_token_id": eos, "pad_token_id": self.pad_token_id,
+                          "bos_token_id": first_eos}
+        return config, generation
+
+    def param_count(self) -> int:
+        """Parameters of the model these shapes describe (q/k/v biases included; the head if untied)."""
+        h, i, d, q, kv = self.hidden_size, self.intermediate_size, self.head_dim, self.num_heads, self.num_kv_heads
+        attn = h * q * d * 2 + 2 * h * kv * d + q * d + 2 * kv * d
+        layer = attn + 3 * h * i + 2 * h
+        head = 0 if self.tie_word_embeddings else h * self.vocab_size
+        return self.vocab_size * h + self.num_layers * layer + h + head
+
     @classmethod
     def from_dir(cls, path: str | Path, **kw: Any) -> "ModelConfig":
         """Read config.json (and generation_config.json when present) from a checkpoint directory."""
@@ -160,7 +214,11 @@ class ModelConfig:
 
 
 def dream_7b_config(**kw: Any) -> ModelConfig:
-    """Dream-v0-Instruct-7B shapes (shared/docs/apd-reference.md)."""
+    """Dream-v0-Instruct-7B shapes, as its Hugging Face config.json gives them (Dream-org/Dream-v0-Instruct-7B).
+
+    Qwen2.5-7B's architecture (Dream is initialised from it) with bidirectional attention
+    and the mask token `<|mask|>` = 151666 added to Qwen2.5's vocabulary.
+    """
     base = dict(
         vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
         num_kv_heads=4, head_dim=128, rope_theta=1e6, causal=False, tie_word_embeddings=False,
@@ -194,3 +252,32 @@ def tiny_config(causal: bool, **kw: Any) -> ModelConfig:
         pad_token_id=2, max_position_embeddings=4096,
     )
     return ModelConfig(**(base | kw))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSize:
+    """The shapes of one member of the embedded pair (`apd-jax train`); `config` adds the rest."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+
+    def config(self, *, causal: bool, vocab_size: int, max_len: int, param_dtype: Any, dtype: Any) -> ModelConfig:
+        """A verifier (causal, tied embeddings) or a Dream-style drafter with apd_jax.tokenizer's special ids."""
+        if self.heads < 1 or self.hidden % self.heads:
+            raise ValueError(f"hidden size {self.hidden} is not a multiple of the head count {self.heads}")
+        return ModelConfig(
+            vocab_size=vocab_size, hidden_size=self.hidden, intermediate_size=self.intermediate,
+            num_layers=self.layers, num_heads=self.heads, num_kv_heads=self.kv_heads,
+            head_dim=self.hidden // self.heads, rope_theta=10000.0, rms_norm_eps=1e-6,
+            tie_word_embeddings=causal, causal=causal, max_position_embeddings=max_len,
+            model_type="qwen2" if causal else "dream", mask_token_id=None if causal else MASK_ID,
+            eos_token_ids=(EOS_ID,), pad_token_id=EOS_ID, param_dtype=param_dtype, dtype=dtype,
+        )
+
+
+# The embedded pair's sizes (apd_jax/assets): `apd-jax train`'s defaults.
+DRAFTER_SIZE = ModelSize(hidden=256, layers=6, heads=4, kv_heads=4, intermediate=768)
+VERIFIER_SIZE = ModelSize(hidden=192, layers=4, heads=3, kv_heads=3, intermediate=512)

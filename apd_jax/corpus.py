@@ -12,6 +12,10 @@ codecs, stringprep), the 750 KB pydoc topic dump and mostly non-ASCII files are
 dropped; line endings become "\n", trailing whitespace and form feeds go, runs of
 blank lines shrink to two. Documents are tokenized, each followed by the eos
 token, concatenated into one stream, and cut into fixed-length windows.
+
+Prompts for the APD check and for `apd-jax compare` / `train-filter` come from the
+same files: a `def` line and the few lines before it (heldout_prompts, apd_eval_prompts,
+stdlib_prompts).
 """
 
 from __future__ import annotations
@@ -25,13 +29,13 @@ from pathlib import Path
 
 import numpy as np
 
+from apd_jax.tokenizer import SPECIAL_TOKENS
+
 EXCLUDED_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 MAX_FILE_BYTES = 400_000  # drops pydoc_data/topics.py (a 750 KB string literal)
 MAX_NON_ASCII = 0.05  # share of non-ASCII characters
 MAX_TABLE_SHARE = 0.30  # share of characters on literal-table lines ('\x00', 0x.., 12:)
 DEFAULT_HELDOUT_FRACTION = 0.03
-# The tokenizer's special tokens: a file spelling one out would smuggle it into the stream.
-RESERVED_STRINGS = ("<|endoftext|>", "<|mask|>")
 
 _TABLE_LINE = re.compile(r"""^\s*(u?['"]\\[xuU][0-9a-fA-F]|0x[0-9a-fA-F]+\s*[:,]|\d+\s*[:,])""")
 
@@ -64,7 +68,8 @@ def is_heldout(relpath: str, fraction: float = DEFAULT_HELDOUT_FRACTION) -> bool
 
 def clean(text: str) -> str | None:
     """Lightly cleaned source, or None for a file that is data rather than code."""
-    if len(text) > MAX_FILE_BYTES or any(t in text for t in RESERVED_STRINGS):
+    # A file spelling out a special token would smuggle it into the stream.
+    if len(text) > MAX_FILE_BYTES or any(t in text for t in SPECIAL_TOKENS):
         return None
     if sum(ord(c) > 127 for c in text) > MAX_NON_ASCII * max(len(text), 1):
         return None
@@ -136,3 +141,58 @@ def chunk(stream: np.ndarray, seq_len: int) -> np.ndarray:
         raise ValueError(f"seq_len={seq_len} must be >= 2")
     n = len(stream) // seq_len
     return np.asarray(stream[: n * seq_len], np.int32).reshape(n, seq_len)
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+def heldout_prompts(docs: Sequence[Document], n: int, context_lines: int = 4) -> list[str]:
+    """Up to n prompts from held-out files: a `def` line and the few lines before it, ending in a newline.
+
+    One prompt per file in turn (deterministic), so many files are represented.
+    """
+    per_doc = []
+    for d in docs:
+        lines = d.text.split("\n")
+        found = [i for i, line in enumerate(lines) if line.lstrip().startswith("def ") and line.rstrip().endswith(":")]
+        per_doc.append([("\n".join(lines[max(0, i - context_lines) : i + 1]) + "\n").lstrip("\n") for i in found])
+    prompts: list[str] = []
+    depth = 0
+    while len(prompts) < n and any(depth < len(p) for p in per_doc):
+        prompts += [p[depth] for p in per_doc if depth < len(p)][: n - len(prompts)]
+        depth += 1
+    return prompts
+
+
+def apd_eval_prompts(
+    heldout_docs: Sequence[Document], tok, n: int, seq_len: int, max_new_tokens: int
+) -> tuple[list[str], int]:
+    """The held-out prompts of the APD check, and the generation length that fits the context.
+
+    Prompts hold at most seq_len / 4 tokens (a def line with the lines before it, or the
+    bare def line where that is too long), so prompt + generation fit the trained positions.
+    """
+    longest = seq_len // 4
+    candidates = heldout_prompts(heldout_docs, 4 * n) + heldout_prompts(heldout_docs, 4 * n, context_lines=0)
+    prompts = [q for q in candidates if len(tok.encode(q).ids) <= longest][:n]
+    return prompts, min(max_new_tokens, seq_len - max(16, 1 << (longest - 1).bit_length()))
+
+
+def stdlib_prompts(
+    tok, n: int, *, heldout: bool, seq_len: int, root: str | Path | None = None, seed: int = 0
+) -> list[str]:
+    """n prompts of the stdlib corpus under `root`, built as `apd_eval_prompts` builds them.
+
+    heldout=True: the first n of the APD check's own held-out prompts (what `apd-jax compare
+    --heldout-prompts` decodes). heldout=False: prompts from the training files only, visited
+    in a seeded random order so they span the library rather than its alphabetical start
+    (what `apd-jax train-filter --train-prompts` learns from); other files, so never the same.
+    """
+    train_docs, heldout_docs = load_corpus(root)
+    order = np.random.default_rng(seed).permutation(len(train_docs))
+    docs = heldout_docs if heldout else [train_docs[i] for i in order]
+    prompts, _ = apd_eval_prompts(docs, tok, n, seq_len, 0)
+    if len(prompts) < n:
+        side = "held-out" if heldout else "training"
+        raise ValueError(f"the corpus's {side} files give only {len(prompts)} prompts of at most {seq_len // 4} tokens")
+    return prompts

@@ -1,8 +1,12 @@
-"""GSM8K-style evaluation from a local JSONL file: generate, extract the final answer, exact match.
+"""Evaluating an APD pair: GSM8K-style exact match (`apd-jax eval`), and tokens per pass on text prompts.
 
+`evaluate`: from a local JSONL file, generate, extract the final answer, exact match.
 Each line is {"question": ..., "answer": ...}; a GSM8K answer ends in "#### <number>",
 otherwise the whole answer is the reference. Predictions are the number after "####"
 when the model writes one, else the last number in the generation.
+
+`evaluate_apd`: greedy APD with a saved pair over text prompts (the APD check that
+`apd-jax train` runs on held-out prompts of the corpus, apd_jax.corpus.apd_eval_prompts).
 """
 
 from __future__ import annotations
@@ -11,12 +15,14 @@ import dataclasses
 import json
 import re
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
 from rich.progress import track
 
-from apd_jax.apd import APDConfig, apd_generate
+from apd_jax.apd import APDConfig, apd_generate, shared_vocab_size
+from apd_jax.checkpoint import load_model, load_tokenizer
 from apd_jax.model import Qwen2
 
 PROMPT = "Question: {question}\nAnswer:"
@@ -83,3 +89,36 @@ def evaluate(
         tokens += int(result.lengths.sum())
         passes += int(result.row_passes().sum())
     return EvalReport(correct / len(items), correct, len(items), tokens / max(seconds, 1e-9), tokens / max(passes, 1))
+
+
+def evaluate_apd(
+    drafter_dir: str | Path,
+    verifier_dir: str | Path,
+    prompts: Sequence[str],
+    *,
+    R: float = 0.7,
+    W: int = 16,
+    M: int = 100,
+    max_new_tokens: int = 128,
+    batch_size: int = 16,
+    dtype: str | None = None,
+) -> dict:
+    """Greedy APD over text prompts with a saved pair: tokens per pass and samples."""
+    if dtype is None and jax.default_backend() == "cpu":
+        dtype = "float32"  # XLA:CPU has no bf16 x bf16 -> f32 dot (the output head)
+    drafter = load_model(drafter_dir, param_dtype=dtype)
+    verifier = load_model(verifier_dir, param_dtype=dtype)
+    tok = load_tokenizer(drafter_dir)
+    vocab = shared_vocab_size(drafter.cfg, verifier.cfg, tok, load_tokenizer(verifier_dir))
+    config = APDConfig(R=R, W=W, M=M, max_new_tokens=max_new_tokens, temperature=0.0)
+    accepted, passes, samples = 0, 0, []
+    for j in range(0, len(prompts), batch_size):
+        part = list(prompts[j : j + batch_size])
+        result = apd_generate(drafter, verifier, [tok.encode(p) for p in part], config, jax.random.key(0),
+                              shared_vocab=vocab)
+        accepted += int(result.accepted.sum())
+        passes += int(result.row_passes().sum())
+        samples += [{"prompt": p, "completion": tok.decode(ids), "accepted": result.accepted_per_pass(r)}
+                    for r, (p, ids) in enumerate(zip(part, result.sequences()))]
+    return {"R": R, "W": W, "M": M, "max_new_tokens": max_new_tokens, "prompts": len(prompts),
+            "tokens": accepted, "passes": passes, "tokens_per_pass": accepted / max(passes, 1), "samples": samples}

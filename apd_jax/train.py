@@ -1,15 +1,17 @@
 """Training a small APD pair from scratch on the Python standard library (apd_jax.corpus).
 
 Three products, each a directory:
-  tokenizer/  byte-level BPE (`tokenizers`), `<|endoftext|>` (eos and pad, id 0) and
-              `<|mask|>` (id 1) included; loads with AutoTokenizer.from_pretrained.
+  tokenizer/  byte-level BPE with `<|endoftext|>` (eos and pad, id 0) and `<|mask|>`
+              (id 1), apd_jax.tokenizer; loads with AutoTokenizer.from_pretrained.
   drafter/    a Dream-style bidirectional `Qwen2` (causal=False, model_type "Dream",
               untied head) trained as a masked diffusion LM, as Dream is.
   verifier/   a causal `Qwen2` (model_type "qwen2", tied embeddings) trained on next-token
               prediction.
-Both models are saved in the Hugging Face layout (config.json, generation_config.json,
+Their sizes are apd_jax.config.DRAFTER_SIZE / VERIFIER_SIZE. Both models are saved in the
+Hugging Face layout (config.json and generation_config.json from ModelConfig.to_hf_dict,
 model.safetensors, tokenizer files) through `apd_jax.checkpoint.export_hf`, so they
-load by the same path as real checkpoints (`apd_jax.checkpoint.load_model`).
+load by the same path as real checkpoints (`apd_jax.checkpoint.load_model`). With both
+saved, the pipeline runs APD on held-out prompts (apd_jax.evaluate.evaluate_apd).
 
 The drafter objective (Dream / LLaDA / MDLM): per sequence t ~ U(eps, 1); every
 position but the first is replaced by the mask token with probability t; the loss is
@@ -19,9 +21,12 @@ through `apd_jax.model.shift_right`. With probability `suffix_prob` only a suffi
 noised (a clean prefix of random length, then each position masked with probability
 t): prompt-conditioned completion, the way APD uses the drafter.
 
-Everything runs in one jitted program per chunk of steps (`lax.scan`); the token
+Everything runs in one jitted program for any chunk of steps (a `fori_loop`); the token
 stream lives on the device and windows are sampled there, so the same command is
-fast on a GPU and merely slow on a CPU. All randomness derives from `seed`.
+fast on a GPU and merely slow on a CPU. A step whose batch does not fit the device's
+free memory (XLA's estimate of the compiled program) is computed in micro-batches
+whose gradients add up to the batch's (`micro_batches`): the same loss and update, in
+less memory, at the price of more, smaller kernels. All randomness derives from `seed`.
 """
 
 from __future__ import annotations
@@ -29,10 +34,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
+import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,151 +52,10 @@ from flax import nnx
 
 from apd_jax import corpus
 from apd_jax.checkpoint import export_hf, model_params
-from apd_jax.config import ModelConfig, parse_dtype, raise_problems
+from apd_jax.config import DRAFTER_SIZE, VERIFIER_SIZE, ModelConfig, ModelSize, parse_dtype, raise_problems
+from apd_jax.evaluate import evaluate_apd
 from apd_jax.model import Qwen2, init_model, shift_right
-
-EOS_TOKEN = "<|endoftext|>"
-MASK_TOKEN = "<|mask|>"
-SPECIAL_TOKENS = (EOS_TOKEN, MASK_TOKEN)  # ids 0 and 1
-EOS_ID, MASK_ID = 0, 1
-
-
-# ----------------------------------------------------------------------------- tokenizer
-
-
-def train_tokenizer(texts: Sequence[str], vocab_size: int = 4096):
-    """A byte-level BPE `tokenizers.Tokenizer` with the special tokens at ids 0 (eos) and 1 (mask)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    if vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise ValueError(f"vocab_size={vocab_size} must be >= {256 + len(SPECIAL_TOKENS)} (256 bytes + special tokens)")
-    tok = Tokenizer(models.BPE())
-    # Newline runs are pre-tokens of their own, then GPT-2's byte-level split: a token never
-    # spans a line break, so a prompt ending in ":" or in ":\n" ends where training text can.
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"\n+"), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), min_frequency=2, show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(list(texts), trainer)
-    assert tok.token_to_id(EOS_TOKEN) == EOS_ID and tok.token_to_id(MASK_TOKEN) == MASK_ID
-    return tok
-
-
-def save_tokenizer(tok, out_dir: str | Path, model_max_length: int) -> Path:
-    """tokenizer.json, tokenizer_config.json and special_tokens_map.json in `out_dir`."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tok.save(str(out / "tokenizer.json"))
-    specials = {"eos_token": EOS_TOKEN, "pad_token": EOS_TOKEN, "mask_token": MASK_TOKEN}
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        **specials,
-        "bos_token": None,
-        "unk_token": None,
-        "model_max_length": model_max_length,
-        "clean_up_tokenization_spaces": False,
-        "added_tokens_decoder": {
-            str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
-                     "special": True}
-            for i, t in enumerate(SPECIAL_TOKENS)
-        },
-    }
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2))
-    return out
-
-
-def load_tokenizer_file(path: str | Path):
-    """The raw `tokenizers.Tokenizer` of a directory (or tokenizer.json) written by save_tokenizer."""
-    from tokenizers import Tokenizer
-
-    path = Path(path)
-    file = path / "tokenizer.json" if path.is_dir() else path
-    if not file.is_file():
-        raise FileNotFoundError(f"{file} not found: train the tokenizer first (apd-jax train --which tokenizer)")
-    tok = Tokenizer.from_file(str(file))
-    if tok.token_to_id(EOS_TOKEN) != EOS_ID or tok.token_to_id(MASK_TOKEN) != MASK_ID:
-        raise ValueError(f"{file} is not an apd_jax tokenizer: {EOS_TOKEN} must be id 0 and {MASK_TOKEN} id 1")
-    return tok
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
-
-# ----------------------------------------------------------------------------- model shapes
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSize:
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    intermediate: int
-
-    def config(self, *, causal: bool, vocab_size: int, max_len: int, param_dtype: Any, dtype: Any) -> ModelConfig:
-        if self.heads < 1 or self.hidden % self.heads:
-            raise ValueError(f"hidden size {self.hidden} is not a multiple of the head count {self.heads}")
-        return ModelConfig(
-            vocab_size=vocab_size, hidden_size=self.hidden, intermediate_size=self.intermediate,
-            num_layers=self.layers, num_heads=self.heads, num_kv_heads=self.kv_heads,
-            head_dim=self.hidden // self.heads, rope_theta=10000.0, rms_norm_eps=1e-6,
-            tie_word_embeddings=causal, causal=causal, max_position_embeddings=max_len,
-            model_type="qwen2" if causal else "dream", mask_token_id=None if causal else MASK_ID,
-            eos_token_ids=(EOS_ID,), pad_token_id=EOS_ID, param_dtype=param_dtype, dtype=dtype,
-        )
-
-
-DRAFTER_SIZE = ModelSize(hidden=256, layers=6, heads=4, kv_heads=4, intermediate=768)
-VERIFIER_SIZE = ModelSize(hidden=192, layers=4, heads=3, kv_heads=3, intermediate=512)
-
-
-def param_count(cfg: ModelConfig) -> int:
-    h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    attn = h * cfg.num_heads * d * 2 + 2 * h * cfg.num_kv_heads * d + cfg.num_heads * d + 2 * cfg.num_kv_heads * d
-    layer = attn + 3 * h * i + 2 * h
-    head = 0 if cfg.tie_word_embeddings else h * cfg.vocab_size
-    return cfg.vocab_size * h + cfg.num_layers * layer + h + head
-
-
-def hf_config(cfg: ModelConfig, storage_dtype: str) -> tuple[dict, dict]:
-    """(config.json, generation_config.json) of a model: Qwen2's fields, or Dream's for a drafter."""
-    common = {
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads,
-        "hidden_act": "silu",
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_theta": cfg.rope_theta,  # legacy field (Qwen2.5 / Dream checkpoints), and transformers 5's:
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-        "tie_word_embeddings": cfg.tie_word_embeddings,
-        "attention_dropout": 0.0,
-        "use_cache": True,
-        "use_sliding_window": False,
-        "sliding_window": None,
-        "bos_token_id": EOS_ID,
-        "eos_token_id": EOS_ID,
-        "pad_token_id": EOS_ID,
-        "torch_dtype": storage_dtype,
-    }
-    if cfg.causal:
-        config = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], **common,
-                  "max_window_layers": cfg.num_layers, "initializer_range": 0.02}
-        generation = {"bos_token_id": EOS_ID, "eos_token_id": EOS_ID, "pad_token_id": EOS_ID}
-    else:
-        config = {"model_type": "Dream", "architectures": ["DreamModel"], **common, "mask_token_id": MASK_ID}
-        generation = {"mask_token_id": MASK_ID, "eos_token_id": EOS_ID, "pad_token_id": EOS_ID, "bos_token_id": EOS_ID}
-    return config, generation
-
+from apd_jax.tokenizer import EOS_ID, TOKENIZER_FILES, load_tokenizer_file, save_tokenizer, train_tokenizer
 
 # ----------------------------------------------------------------------------- objectives
 
@@ -215,28 +81,82 @@ def diffusion_mask(
     return jnp.where(masked, mask_id, tokens), masked, t
 
 
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """A training loss in parts, so that a batch split into micro-batches computes the same loss.
+
+    `noise` draws the randomness of the whole batch at once ({name: [B, ...]} per-row
+    inputs); `sums` adds up per-row terms over any subset of rows, "loss" among them;
+    the loss is the batch's summed "loss" divided by `denominator` of its [B, L] shape,
+    and `metrics` makes the other sums into averages. Calling it is the whole loss.
+    """
+
+    noise: Callable[[jax.Array, jax.Array], dict]  # (key, tokens [B, L]) -> per-row inputs
+    sums: Callable[[Qwen2, dict], dict]  # (model, some rows' inputs) -> {name: summed term}
+    denominator: Callable[[tuple[int, ...]], int]
+    metrics: Callable[[dict, tuple[int, ...]], dict]  # (the batch's sums, [B, L]) -> metrics
+
+    def finish(self, sums: dict, shape: tuple[int, ...]) -> tuple[jax.Array, dict]:
+        return sums["loss"] / self.denominator(shape), self.metrics(sums, shape)
+
+    def __call__(self, model: Qwen2, tokens: jax.Array, key: jax.Array) -> tuple[jax.Array, dict]:
+        return self.finish(self.sums(model, self.noise(key, tokens)), tokens.shape)
+
+
+def _diffusion_sums(model: Qwen2, x: dict) -> dict:
+    hidden, _ = model(x["noisy"])
+    logits = model.logits(shift_right(hidden))  # [B, L, V]: position i's prediction at i
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, x["tokens"])
+    masked = x["masked"]
+    hit = (jnp.argmax(logits, -1) == x["tokens"]) & masked
+    return {"loss": jnp.sum(ce * masked / x["t"][:, None]), "masked_ce": jnp.sum(ce * masked),
+            "hit": jnp.sum(hit), "masked": jnp.sum(masked)}
+
+
+def _diffusion_metrics(sums: dict, shape: tuple[int, ...]) -> dict:
+    n_masked = jnp.maximum(sums["masked"], 1)
+    return {"masked_ce": sums["masked_ce"] / n_masked, "masked_acc": sums["hit"] / n_masked}
+
+
+def diffusion_objective(mask_id: int, *, eps: float = 1e-3, suffix_prob: float = 0.5) -> Objective:
+    """Masked-diffusion loss: sum over masked positions of CE / t, divided by B * L."""
+
+    def noise(key: jax.Array, tokens: jax.Array) -> dict:
+        noisy, masked, t = diffusion_mask(key, tokens, mask_id, eps=eps, suffix_prob=suffix_prob)
+        return {"tokens": tokens, "noisy": noisy, "masked": masked, "t": t}
+
+    return Objective(noise, _diffusion_sums, math.prod, _diffusion_metrics)
+
+
 def diffusion_loss(
     model: Qwen2, tokens: jax.Array, key: jax.Array, *, eps: float = 1e-3, suffix_prob: float = 0.5
 ) -> tuple[jax.Array, dict]:
-    """Masked-diffusion loss: sum over masked positions of CE / t, divided by B * L."""
-    noisy, masked, t = diffusion_mask(key, tokens, model.cfg.mask_token_id, eps=eps, suffix_prob=suffix_prob)
-    hidden, _ = model(noisy)
-    logits = model.logits(shift_right(hidden))  # [B, L, V]: position i's prediction at i
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)
-    loss = jnp.sum(ce * masked / t[:, None]) / tokens.size
-    n_masked = jnp.maximum(jnp.sum(masked), 1)
-    hit = (jnp.argmax(logits, -1) == tokens) & masked
-    return loss, {"masked_ce": jnp.sum(ce * masked) / n_masked, "masked_acc": jnp.sum(hit) / n_masked}
+    """`diffusion_objective` of the model's mask token on one batch: (loss, metrics)."""
+    return diffusion_objective(model.cfg.mask_token_id, eps=eps, suffix_prob=suffix_prob)(model, tokens, key)
 
 
-def ar_loss(model: Qwen2, tokens: jax.Array, key: jax.Array | None = None) -> tuple[jax.Array, dict]:
-    """Next-token cross-entropy (nats per token)."""
-    del key
+def _ar_sums(model: Qwen2, x: dict) -> dict:
+    tokens = x["tokens"]
     hidden, _ = model(tokens)
     logits = model.logits(hidden[:, :-1])
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
-    acc = jnp.mean(jnp.argmax(logits, -1) == tokens[:, 1:])
-    return jnp.mean(ce), {"acc": acc}
+    return {"loss": jnp.sum(ce), "correct": jnp.sum(jnp.argmax(logits, -1) == tokens[:, 1:])}
+
+
+def _predicted_positions(shape: tuple[int, ...]) -> int:
+    return shape[0] * (shape[1] - 1)
+
+
+# Next-token cross-entropy (nats per token); no randomness.
+AR_OBJECTIVE = Objective(
+    noise=lambda key, tokens: {"tokens": tokens}, sums=_ar_sums, denominator=_predicted_positions,
+    metrics=lambda sums, shape: {"acc": sums["correct"] / _predicted_positions(shape)},
+)
+
+
+def ar_loss(model: Qwen2, tokens: jax.Array, key: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    """Next-token cross-entropy (nats per token): AR_OBJECTIVE on one batch."""
+    return AR_OBJECTIVE(model, tokens, key)
 
 
 def completion_metrics(model: Qwen2, tokens: jax.Array, cut: int, span: int = 8) -> dict:
@@ -275,6 +195,9 @@ class TrainSettings:
     eval_batch: int = 32
     eps: float = 1e-3
     suffix_prob: float = 0.5
+    # Gradient accumulation: each step's batch in this many equal slices, summed (the same
+    # loss and gradient, less memory). 0: the fewest that fit the device's free memory.
+    micro_batches: int = 0
 
     def validate(self) -> None:
         problems = []
@@ -287,6 +210,8 @@ class TrainSettings:
             problems.append(f"lr={self.lr} must be > 0")
         if self.warmup < 0:
             problems.append(f"warmup={self.warmup} must be >= 0")
+        if self.micro_batches < 0 or (self.micro_batches and self.batch_size % self.micro_batches):
+            problems.append(f"micro_batches={self.micro_batches} must be 0 (auto) or divide batch_size={self.batch_size}")
         if not 0 <= self.suffix_prob <= 1 or not 0 < self.eps < 1:
             problems.append("suffix_prob must lie in [0, 1] and eps in (0, 1)")
         raise_problems("training", problems)
@@ -312,9 +237,6 @@ def sample_windows(stream: jax.Array, key: jax.Array, batch: int, seq_len: int) 
     """[batch, seq_len] windows of the token stream at uniformly random offsets."""
     starts = jax.random.randint(key, (batch,), 0, stream.shape[0] - seq_len + 1)
     return jax.vmap(lambda s: jax.lax.dynamic_slice(stream, (s,), (seq_len,)))(starts)
-
-
-Objective = Callable[[Qwen2, jax.Array, jax.Array], tuple[jax.Array, dict]]
 
 
 class MatmulEmbed(nnx.Module):
@@ -344,12 +266,59 @@ def for_training(model: Qwen2) -> Qwen2:
 
 def objective_for(cfg: ModelConfig, s: TrainSettings) -> Objective:
     if cfg.causal:
-        return ar_loss
-    return functools.partial(diffusion_loss, eps=s.eps, suffix_prob=s.suffix_prob)
+        return AR_OBJECTIVE
+    return diffusion_objective(cfg.mask_token_id, eps=s.eps, suffix_prob=s.suffix_prob)
 
 
 def _print(*a: Any) -> None:
     print(*a, flush=True)
+
+
+def free_memory() -> int | None:
+    """Bytes a new program may use: an accelerator's free allocator memory, or the host's MemAvailable."""
+    stats = jax.devices()[0].memory_stats()
+    if stats and "bytes_limit" in stats:
+        return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    try:
+        found = re.search(r"^MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.M)
+    except OSError:
+        return None
+    return int(found.group(1)) * 1024 if found else None
+
+
+def memory_needed(compiled: Any) -> int | None:
+    """Bytes one call of a compiled program holds at its peak (XLA's buffer assignment), if it says."""
+    m = compiled.memory_analysis()
+    if m is None:
+        return None
+    return m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+
+
+# Share of the free memory a training step may plan to use: measured on CPU, the process grew
+# by 0.5-1.1 GiB more than XLA's buffer assignment said (allocator, the held-out evaluation).
+MEMORY_HEADROOM = 0.8
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def fit_micro_batches(compile_for: Callable[[int], Any], s: TrainSettings, free: int | None) -> tuple[int, Any, str]:
+    """(micro-batches, compiled step program, what it needs): s.micro_batches, or else the
+    fewest (a divisor of the batch) whose program fits MEMORY_HEADROOM of `free` bytes."""
+    candidates = [s.micro_batches] if s.micro_batches else [d for d in range(1, s.batch_size + 1)
+                                                            if s.batch_size % d == 0]
+    for micro in candidates:
+        compiled = compile_for(micro)
+        need = memory_needed(compiled)
+        if free is None or need is None or need <= MEMORY_HEADROOM * free:
+            return micro, compiled, "memory unknown" if need is None else f"needs {_gib(need)}"
+    rows = s.batch_size // micro
+    fix = ("use --micro-batches 0 (the fewest that fit)" if s.micro_batches
+           else "lower --seq-len or the model size, or use a machine with more memory")
+    raise ValueError(f"a training step of {s.batch_size} x {s.seq_len} needs {_gib(need)} in micro-batches of "
+                     f"{rows} row(s), more than {MEMORY_HEADROOM:.0%} of the {_gib(free)} free on "
+                     f"{jax.devices()[0].platform}: {fix}")
 
 
 def train_model(
@@ -365,6 +334,7 @@ def train_model(
 
     heldout: [N, seq_len] windows, evaluated every eval_every steps (at most eval_windows
     of them, noise from a fixed key so that successive evaluations are comparable).
+    A log line follows the first step, then every log_every steps.
     """
     s.validate()
     if len(train_stream) < s.seq_len + 1:
@@ -377,27 +347,53 @@ def train_model(
     opt_state = tx.init(params)
     stream = jnp.asarray(train_stream, jnp.int32)
     data_key, eval_key = jax.random.key(data_key), jax.random.key(eval_key)
+    shape = (s.batch_size, s.seq_len)
 
-    def step(stream, carry, i):
+    def part_loss(p, rows):
+        # The loss of some rows scaled as in the whole batch's, so that the parts' gradients add up to its.
+        sums = objective.sums(for_training(nnx.merge(graphdef, p)), rows)
+        return sums["loss"] / objective.denominator(shape), sums
+
+    def loss_and_grads(params, inputs, micro):
+        grad_fn = jax.value_and_grad(part_loss, has_aux=True)
+        if micro == 1:
+            (_, sums), grads = grad_fn(params, inputs)
+        else:
+            parts = jax.tree.map(lambda a: a.reshape(micro, -1, *a.shape[1:]), inputs)
+
+            def add_part(total, rows):
+                (_, sums), grads = grad_fn(params, rows)
+                return jax.tree.map(jnp.add, total, (sums, grads)), None
+
+            first = jax.tree.map(lambda a: a[0], parts)
+            zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(grad_fn, params, first))
+            (sums, grads), _ = jax.lax.scan(add_part, (zeros[0][1], zeros[1]), parts)
+        return objective.finish(sums, shape), grads
+
+    def step(stream, micro, carry, i):
         params, opt_state = carry
         k_data, k_noise = jax.random.split(jax.random.fold_in(data_key, i))
-        batch = sample_windows(stream, k_data, s.batch_size, s.seq_len)
-
-        def loss_fn(p):
-            return objective(for_training(nnx.merge(graphdef, p)), batch, k_noise)
-
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        inputs = objective.noise(k_noise, sample_windows(stream, k_data, s.batch_size, s.seq_len))
+        (loss, aux), grads = loss_and_grads(params, inputs, micro)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         return (params, opt_state), {"loss": loss, "grad_norm": _tree_norm(grads), **aux}
 
-    @functools.partial(jax.jit, static_argnames=("n",), donate_argnums=(0, 1))
-    def run_steps(params, opt_state, first, stream, n):
-        # The stream is an argument, not a closure constant baked into the program.
-        (params, opt_state), metrics = jax.lax.scan(
-            functools.partial(step, stream), (params, opt_state), first + jnp.arange(n)
-        )
-        return params, opt_state, jax.tree.map(jnp.mean, metrics)
+    @functools.partial(jax.jit, static_argnames=("micro",), donate_argnums=(0, 1))
+    def run_steps(params, opt_state, first, n, stream, micro):
+        # Steps first .. first + n - 1, n traced: one program for every chunk length. The
+        # stream is an argument, not a closure constant baked into the program.
+        one = functools.partial(step, stream, micro)
+
+        def body(j, carry):
+            state, total = carry
+            state, metrics = one(state, first + j)
+            return state, jax.tree.map(jnp.add, total, metrics)
+
+        shapes = jax.eval_shape(one, (params, opt_state), first)[1]
+        zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+        (params, opt_state), total = jax.lax.fori_loop(0, n, body, ((params, opt_state), zeros))
+        return params, opt_state, jax.tree.map(lambda x: x / n, total)
 
     windows = np.asarray(heldout[: s.eval_windows], np.int32)
     cut = s.seq_len // 2
@@ -422,22 +418,29 @@ def train_model(
                 sums[k] = sums.get(k, 0.0) + float(v) * len(part)
         return {k: v / len(windows) for k, v in sums.items()}
 
-    n_params = param_count(cfg)
-    log(f"[{name}] {n_params / 1e6:.2f}M parameters, {len(train_stream) / 1e6:.2f}M training tokens, "
+    platform = jax.devices()[0].platform
+    log(f"[{name}] {cfg.param_count() / 1e6:.2f}M parameters, {len(train_stream) / 1e6:.2f}M training tokens, "
         f"{len(windows)} held-out windows of {s.seq_len}; {s.steps} steps of {s.batch_size} x {s.seq_len} "
-        f"(~{s.steps * s.batch_size * s.seq_len / len(train_stream):.1f} epochs) on {jax.devices()[0].platform}")
-    history: dict[str, list] = {"train": [], "heldout": []}
+        f"(~{s.steps * s.batch_size * s.seq_len / len(train_stream):.1f} epochs) on {platform}; compiling the step")
+    t0 = time.perf_counter()
+    free = free_memory()
+    micro, run, need = fit_micro_batches(
+        lambda m: run_steps.lower(params, opt_state, jnp.int32(0), jnp.int32(1), stream, micro=m).compile(), s, free)
+    log(f"[{name}] step compiled in {time.perf_counter() - t0:.0f}s: batch {s.batch_size} in {micro} micro-batch(es) "
+        f"of {s.batch_size // micro} rows, {need} of {'unknown' if free is None else _gib(free)} free on {platform}")
+    history: dict[str, list] = {"micro_batches": micro, "train": [], "heldout": []}
     start = time.perf_counter()
     done = 0
     while done < s.steps:
-        n = min(s.log_every, s.steps - done)
-        params, opt_state, metrics = run_steps(params, opt_state, jnp.int32(done), stream, n=n)
+        # Step 1 alone, so progress shows at once; then up to each multiple of log_every.
+        n = 1 if done == 0 else min(s.log_every - done % s.log_every, s.steps - done)
+        params, opt_state, metrics = run(params, opt_state, jnp.int32(done), jnp.int32(n), stream)
         done += n
         metrics = {k: float(v) for k, v in metrics.items()}
         elapsed = time.perf_counter() - start
         history["train"].append({"step": done, "time_s": round(elapsed, 1), **metrics})
         line = (f"[{name}] step {done:6d}  loss {metrics['loss']:.4f}  lr {float(schedule(done)):.2e}  "
-                f"gnorm {metrics['grad_norm']:.2f}  {done * s.batch_size * s.seq_len / elapsed / 1e3:.0f}k tok/s  "
+                f"gnorm {metrics['grad_norm']:.2f}  {done * s.batch_size * s.seq_len / elapsed / 1e3:.1f}k tok/s  "
                 f"{elapsed:.0f}s")
         if done % s.eval_every == 0 or done == s.steps:
             ev = evaluate(params)
@@ -463,7 +466,7 @@ def save_model(
     goes to training.json beside it."""
     if storage_dtype not in _STORAGE:
         raise ValueError(f"storage dtype {storage_dtype!r} must be one of {sorted(_STORAGE)}")
-    config, generation = hf_config(model.cfg, storage_dtype)
+    config, generation = model.cfg.to_hf_dict(storage_dtype)
     params = {k: np.asarray(v, np.float32).astype(_STORAGE[storage_dtype]) for k, v in model_params(model).items()}
     with tempfile.TemporaryDirectory(prefix="apd_jax_stage_") as stage:
         stage = Path(stage)
@@ -478,97 +481,6 @@ def save_model(
     if extra is not None:
         (out / "training.json").write_text(json.dumps(extra, indent=2))
     return out
-
-
-# ----------------------------------------------------------------------------- APD evaluation
-
-
-def heldout_prompts(docs: Sequence[corpus.Document], n: int, context_lines: int = 4) -> list[str]:
-    """Up to n prompts from held-out files: a `def` line and the few lines before it, ending in a newline.
-
-    One prompt per file in turn (deterministic), so many files are represented.
-    """
-    per_doc = []
-    for d in docs:
-        lines = d.text.split("\n")
-        found = [i for i, line in enumerate(lines) if line.lstrip().startswith("def ") and line.rstrip().endswith(":")]
-        per_doc.append([("\n".join(lines[max(0, i - context_lines) : i + 1]) + "\n").lstrip("\n") for i in found])
-    prompts: list[str] = []
-    depth = 0
-    while len(prompts) < n and any(depth < len(p) for p in per_doc):
-        prompts += [p[depth] for p in per_doc if depth < len(p)][: n - len(prompts)]
-        depth += 1
-    return prompts
-
-
-def apd_eval_prompts(
-    heldout_docs: Sequence[corpus.Document], tok, n: int, seq_len: int, max_new_tokens: int
-) -> tuple[list[str], int]:
-    """The held-out prompts of the APD check, and the generation length that fits the context.
-
-    Prompts hold at most seq_len / 4 tokens (a def line with the lines before it, or the
-    bare def line where that is too long), so prompt + generation fit the trained positions.
-    """
-    longest = seq_len // 4
-    candidates = heldout_prompts(heldout_docs, 4 * n) + heldout_prompts(heldout_docs, 4 * n, context_lines=0)
-    prompts = [q for q in candidates if len(tok.encode(q).ids) <= longest][:n]
-    return prompts, min(max_new_tokens, seq_len - max(16, 1 << (longest - 1).bit_length()))
-
-
-def stdlib_prompts(
-    tok, n: int, *, heldout: bool, seq_len: int, root: str | Path | None = None, seed: int = 0
-) -> list[str]:
-    """n prompts of the stdlib corpus under `root`, built as `apd_eval_prompts` builds them.
-
-    heldout=True: the first n of the APD check's own held-out prompts (what `apd-jax compare
-    --heldout-prompts` decodes). heldout=False: prompts from the training files only, visited
-    in a seeded random order so they span the library rather than its alphabetical start
-    (what `apd-jax train-filter --train-prompts` learns from); other files, so never the same.
-    """
-    train_docs, heldout_docs = corpus.load_corpus(root)
-    order = np.random.default_rng(seed).permutation(len(train_docs))
-    docs = heldout_docs if heldout else [train_docs[i] for i in order]
-    prompts, _ = apd_eval_prompts(docs, tok, n, seq_len, 0)
-    if len(prompts) < n:
-        side = "held-out" if heldout else "training"
-        raise ValueError(f"the corpus's {side} files give only {len(prompts)} prompts of at most {seq_len // 4} tokens")
-    return prompts
-
-
-def evaluate_apd(
-    drafter_dir: str | Path,
-    verifier_dir: str | Path,
-    prompts: Sequence[str],
-    *,
-    R: float = 0.7,
-    W: int = 16,
-    M: int = 100,
-    max_new_tokens: int = 128,
-    batch_size: int = 16,
-    dtype: str | None = None,
-) -> dict:
-    """Greedy APD over text prompts with a saved pair: tokens per pass and samples."""
-    from apd_jax.apd import APDConfig, apd_generate, shared_vocab_size
-    from apd_jax.checkpoint import load_model, load_tokenizer
-
-    if dtype is None and jax.default_backend() == "cpu":
-        dtype = "float32"  # XLA:CPU has no bf16 x bf16 -> f32 dot (the output head)
-    drafter = load_model(drafter_dir, param_dtype=dtype)
-    verifier = load_model(verifier_dir, param_dtype=dtype)
-    tok = load_tokenizer(drafter_dir)
-    vocab = shared_vocab_size(drafter.cfg, verifier.cfg, tok, load_tokenizer(verifier_dir))
-    config = APDConfig(R=R, W=W, M=M, max_new_tokens=max_new_tokens, temperature=0.0)
-    accepted, passes, samples = 0, 0, []
-    for j in range(0, len(prompts), batch_size):
-        part = list(prompts[j : j + batch_size])
-        result = apd_generate(drafter, verifier, [tok.encode(p) for p in part], config, jax.random.key(0),
-                              shared_vocab=vocab)
-        accepted += int(result.accepted.sum())
-        passes += int(result.row_passes().sum())
-        samples += [{"prompt": p, "completion": tok.decode(ids), "accepted": result.accepted_per_pass(r)}
-                    for r, (p, ids) in enumerate(zip(part, result.sequences()))]
-    return {"R": R, "W": W, "M": M, "max_new_tokens": max_new_tokens, "prompts": len(prompts),
-            "tokens": accepted, "passes": passes, "tokens_per_pass": accepted / max(passes, 1), "samples": samples}
 
 
 # ----------------------------------------------------------------------------- the whole pipeline
@@ -644,14 +556,14 @@ def run_pipeline(p: PipelineSettings, log: Callable[..., None] = _print) -> dict
         model, history = train_model(cfg, train_stream, corpus.chunk(heldout_stream, settings.seq_len), settings,
                                      log=log, name=name)
         extra = {"settings": dataclasses.asdict(settings), "size": dataclasses.asdict(size),
-                 "parameters": param_count(cfg), "param_dtype": p.param_dtype, "compute_dtype": jnp.dtype(dtype).name,
+                 "parameters": cfg.param_count(), "param_dtype": p.param_dtype, "compute_dtype": jnp.dtype(dtype).name,
                  "device": jax.devices()[0].device_kind, "corpus": info, "history": history}
         path = save_model(model, out / name, tok_dir, storage_dtype=p.storage_dtype, extra=extra)
         size_mb = (path / "model.safetensors").stat().st_size / 1e6
         log(f"[{name}] saved {path} ({size_mb:.1f} MB; {time.perf_counter() - t0:.0f}s since start)")
         report[name] = {"path": str(path), "mb": round(size_mb, 2), "heldout": history["heldout"][-1:]}
     if p.eval_prompts > 0 and (out / "drafter").is_dir() and (out / "verifier").is_dir():
-        prompts, max_new = apd_eval_prompts(heldout_docs, tok, p.eval_prompts, seq_len, p.eval_max_new_tokens)
+        prompts, max_new = corpus.apd_eval_prompts(heldout_docs, tok, p.eval_prompts, seq_len, p.eval_max_new_tokens)
         if not prompts:
             log("APD check skipped: no held-out prompt fits")
             log(f"done in {time.perf_counter() - t0:.0f}s")

@@ -1,19 +1,22 @@
 """Training a pair from scratch: corpus, tokenizer, the two objectives, saving, and APD on the result."""
 
 import json
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 from apd_jax import corpus
 from apd_jax import train as T
 from apd_jax.apd import APDConfig, apd_generate, shared_vocab_size
 from apd_jax.checkpoint import load_model, load_tokenizer
-from apd_jax.config import tiny_config
+from apd_jax.config import ModelSize, tiny_config
 from apd_jax.model import forward_logits, init_model
+from apd_jax.tokenizer import EOS_ID, MASK_ID, load_tokenizer_file, save_tokenizer, train_tokenizer
 
 SNIPPETS = [
     "def fib(n):\n    if n < 2:\n        return n\n    return fib(n - 1) + fib(n - 2)\n",
@@ -22,14 +25,14 @@ SNIPPETS = [
     "def add(a, b):\n    \"\"\"Return a + b.\"\"\"\n    return a + b\n",
 ] * 8
 
-TINY_DRAFTER = T.ModelSize(hidden=32, layers=2, heads=2, kv_heads=1, intermediate=64)
-TINY_VERIFIER = T.ModelSize(hidden=32, layers=1, heads=2, kv_heads=2, intermediate=64)
+TINY_DRAFTER = ModelSize(hidden=32, layers=2, heads=2, kv_heads=1, intermediate=64)
+TINY_VERIFIER = ModelSize(hidden=32, layers=1, heads=2, kv_heads=2, intermediate=64)
 
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tok")
-    T.save_tokenizer(T.train_tokenizer(SNIPPETS, vocab_size=300), path, model_max_length=64)
+    save_tokenizer(train_tokenizer(SNIPPETS, vocab_size=300), path, model_max_length=64)
     return path
 
 
@@ -54,12 +57,12 @@ def test_corpus_is_sorted_split_by_path_and_cleaned():
 
 
 def test_token_stream_ends_every_document_with_eos(tokenizer_dir):
-    tok = T.load_tokenizer_file(tokenizer_dir)
+    tok = load_tokenizer_file(tokenizer_dir)
     docs = [corpus.Document("a.py", SNIPPETS[0]), corpus.Document("b.py", SNIPPETS[1])]
-    stream = corpus.token_stream(docs, tok, T.EOS_ID)
+    stream = corpus.token_stream(docs, tok, EOS_ID)
     first = tok.encode(SNIPPETS[0]).ids
-    assert stream.dtype == np.int32 and stream[len(first)] == T.EOS_ID and stream[-1] == T.EOS_ID
-    assert (stream == T.EOS_ID).sum() == 2 and not (stream == T.MASK_ID).any()
+    assert stream.dtype == np.int32 and stream[len(first)] == EOS_ID and stream[-1] == EOS_ID
+    assert (stream == EOS_ID).sum() == 2 and not (stream == MASK_ID).any()
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -73,14 +76,14 @@ def test_tokenizer_round_trip_with_special_tokens(tokenizer_dir):
                 AutoTokenizer.from_pretrained(tokenizer_dir)):
         ids = tok.encode(text, add_special_tokens=False)
         assert tok.decode(ids) == text
-        assert ids[-1] == T.EOS_ID and T.MASK_ID in ids
+        assert ids[-1] == EOS_ID and MASK_ID in ids
         assert tok.convert_ids_to_tokens([0, 1]) == ["<|endoftext|>", "<|mask|>"]
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    assert (tok.eos_token_id, tok.pad_token_id, tok.mask_token_id) == (T.EOS_ID, T.EOS_ID, T.MASK_ID)
+    assert (tok.eos_token_id, tok.pad_token_id, tok.mask_token_id) == (EOS_ID, EOS_ID, MASK_ID)
     assert len(tok) == 300
     # Training is deterministic.
-    again = T.train_tokenizer(SNIPPETS, vocab_size=300)
-    assert again.to_str() == T.load_tokenizer_file(tokenizer_dir).to_str()
+    again = train_tokenizer(SNIPPETS, vocab_size=300)
+    assert again.to_str() == load_tokenizer_file(tokenizer_dir).to_str()
 
 
 # ----------------------------------------------------------------------------- objectives
@@ -131,8 +134,6 @@ def test_diffusion_loss_reads_predictions_through_the_right_shift():
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_training_embedding_is_the_same_lookup(causal):
-    from flax import nnx
-
     model = init_model(tiny_config(causal=causal), 0)
     tokens = jnp.asarray(np.random.default_rng(3).integers(0, 320, size=(2, 12)), jnp.int32)
     graphdef, state = nnx.split(model)
@@ -175,7 +176,7 @@ def test_bad_settings_are_clear_errors():
     with pytest.raises(ValueError, match="fewer than seq_len"):
         T.train_model(cfg, np.arange(10, dtype=np.int32), np.zeros((0, 32), np.int32), T.TrainSettings(seq_len=32))
     with pytest.raises(FileNotFoundError, match="tokenizer"):
-        T.load_tokenizer_file("/nonexistent/dir")
+        load_tokenizer_file("/nonexistent/dir")
 
 
 # ----------------------------------------------------------------------------- saving and APD
@@ -184,8 +185,8 @@ def test_bad_settings_are_clear_errors():
 @pytest.fixture(scope="module")
 def pair(tokenizer_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("pair")
-    tok = T.load_tokenizer_file(tokenizer_dir)
-    stream = corpus.token_stream([corpus.Document(f"{i}.py", s) for i, s in enumerate(SNIPPETS)], tok, T.EOS_ID)
+    tok = load_tokenizer_file(tokenizer_dir)
+    stream = corpus.token_stream([corpus.Document(f"{i}.py", s) for i, s in enumerate(SNIPPETS)], tok, EOS_ID)
     settings = T.TrainSettings(steps=30, batch_size=8, seq_len=64, lr=1e-2, warmup=5, log_every=15,
                                eval_every=15, eval_windows=4)
     for name, causal, size in (("drafter", False, TINY_DRAFTER), ("verifier", True, TINY_VERIFIER)):
@@ -197,8 +198,8 @@ def pair(tokenizer_dir, tmp_path_factory):
 
 def test_saved_pair_loads_like_a_real_checkpoint_and_runs_apd(pair):
     drafter, verifier = load_model(pair / "drafter"), load_model(pair / "verifier")
-    assert drafter.cfg.model_type == "dream" and not drafter.cfg.causal and drafter.cfg.mask_token_id == T.MASK_ID
-    assert verifier.cfg.causal and verifier.cfg.tie_word_embeddings and verifier.cfg.eos_token_ids == (T.EOS_ID,)
+    assert drafter.cfg.model_type == "dream" and not drafter.cfg.causal and drafter.cfg.mask_token_id == MASK_ID
+    assert verifier.cfg.causal and verifier.cfg.tie_word_embeddings and verifier.cfg.eos_token_ids == (EOS_ID,)
     assert json.loads((pair / "drafter" / "config.json").read_text())["model_type"] == "Dream"
     tok_d, tok_v = load_tokenizer(pair / "drafter"), load_tokenizer(pair / "verifier")
     vocab = shared_vocab_size(drafter.cfg, verifier.cfg, tok_d, tok_v)
@@ -256,16 +257,81 @@ def test_stdlib_prompts_come_from_one_side_of_the_split(tmp_path):
         (tmp_path / f"m{i}.py").write_text(f"name = 'm{i}.py'\n\n\ndef f(a):\n    return a\n")
     held = {f"m{i}.py" for i in range(80) if corpus.is_heldout(f"m{i}.py")}
     assert 0 < len(held) < 8  # about 3 % of the files
-    tok = T.load_tokenizer_file(ASSETS_DIR / "drafter")
+    tok = load_tokenizer_file(ASSETS_DIR / "drafter")
 
     def files(prompts: list[str]) -> set[str]:
         return {p.split("'")[1] for p in prompts}
 
-    heldout = T.stdlib_prompts(tok, len(held), heldout=True, seq_len=512, root=tmp_path)
-    train = T.stdlib_prompts(tok, 40, heldout=False, seq_len=512, root=tmp_path)
+    heldout = corpus.stdlib_prompts(tok, len(held), heldout=True, seq_len=512, root=tmp_path)
+    train = corpus.stdlib_prompts(tok, 40, heldout=False, seq_len=512, root=tmp_path)
     assert files(heldout) == held and len(files(train)) == 40 and not files(train) & held
-    assert train == T.stdlib_prompts(tok, 40, heldout=False, seq_len=512, root=tmp_path)  # seeded order
+    assert train == corpus.stdlib_prompts(tok, 40, heldout=False, seq_len=512, root=tmp_path)  # seeded order
     # Training files in a seeded shuffle, not the alphabetical start of the library.
     assert files(train) != set(sorted(f"m{i}.py" for i in range(80) if f"m{i}.py" not in held)[:40])
     with pytest.raises(ValueError, match="held-out files give only"):  # each file: with and without context
-        T.stdlib_prompts(tok, 2 * len(held) + 1, heldout=True, seq_len=512, root=tmp_path)
+        corpus.stdlib_prompts(tok, 2 * len(held) + 1, heldout=True, seq_len=512, root=tmp_path)
+
+
+# ----------------------------------------------------------------------------- memory and progress
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_micro_batches_train_the_same_model(causal):
+    size = TINY_VERIFIER if causal else TINY_DRAFTER
+    cfg = size.config(causal=causal, vocab_size=32, max_len=32, param_dtype=jnp.float32, dtype=jnp.float32)
+    stream = _repeating_stream()
+    runs = []
+    for micro in (1, 4):
+        settings = T.TrainSettings(steps=6, batch_size=8, seq_len=32, lr=1e-2, warmup=2, log_every=3, eval_every=6,
+                                   eval_windows=8, micro_batches=micro)
+        runs.append(T.train_model(cfg, stream, stream[:256].reshape(8, 32), settings, log=lambda *a: None))
+    (whole, h1), (parts, h4) = runs
+    assert (h1["micro_batches"], h4["micro_batches"]) == (1, 4)
+    # The same loss, metrics and update, up to the order of float32 sums.
+    for a, b in zip(h1["train"], h4["train"]):
+        for k in a.keys() - {"time_s"}:
+            np.testing.assert_allclose(b[k], a[k], rtol=1e-4, err_msg=k)
+    for a, b in zip(jax.tree.leaves(nnx.state(whole, nnx.Param)), jax.tree.leaves(nnx.state(parts, nnx.Param))):
+        np.testing.assert_allclose(b, a, atol=2e-5)
+
+
+class _Program:
+    """A compiled program's memory report, without compiling: `gib` GiB of temporaries."""
+
+    def __init__(self, gib: float):
+        self.gib = gib
+
+    def memory_analysis(self):
+        return SimpleNamespace(temp_size_in_bytes=int(self.gib * 2**30), argument_size_in_bytes=0,
+                               output_size_in_bytes=0, alias_size_in_bytes=0)
+
+
+def test_micro_batches_are_the_fewest_that_fit_or_a_clear_refusal():
+    tried = []
+
+    def compile_for(micro):
+        tried.append(micro)
+        return _Program(24 / micro)
+
+    settings = T.TrainSettings(batch_size=8)
+    micro, program, need = T.fit_micro_batches(compile_for, settings, free=10 * 2**30)
+    assert (micro, tried, program.gib, need) == (4, [1, 2, 4], 6.0, "needs 6.0 GiB")
+    assert T.fit_micro_batches(compile_for, settings, free=None)[0] == 1  # free memory unknown: no split
+    with pytest.raises(ValueError, match=r"needs 3.0 GiB in micro-batches of 1 row.*of the 1.0 GiB free.*--seq-len"):
+        T.fit_micro_batches(compile_for, settings, free=2**30)
+    with pytest.raises(ValueError, match=r"needs 12.0 GiB .* --micro-batches 0"):
+        T.fit_micro_batches(compile_for, T.TrainSettings(batch_size=8, micro_batches=2), free=10 * 2**30)
+    with pytest.raises(ValueError, match="micro_batches=3 must be 0"):
+        T.TrainSettings(batch_size=8, micro_batches=3).validate()
+
+
+def test_progress_shows_after_the_first_step():
+    cfg = TINY_VERIFIER.config(causal=True, vocab_size=32, max_len=32, param_dtype=jnp.float32, dtype=jnp.float32)
+    settings = T.TrainSettings(steps=5, batch_size=4, seq_len=32, warmup=1, log_every=100, eval_every=100,
+                               eval_windows=4)
+    lines = []
+    stream = _repeating_stream()
+    _, history = T.train_model(cfg, stream, stream[:128].reshape(4, 32), settings, log=lines.append)
+    assert [h["step"] for h in history["train"]] == [1, 5]
+    assert [line.split("loss")[0].split() for line in lines[-2:]] == [["[model]", "step", "1"], ["[model]", "step", "5"]]
+    assert "step compiled" in lines[1] and "micro-batch" in lines[1]

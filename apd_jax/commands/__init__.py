@@ -1,9 +1,15 @@
-"""The `apd-jax` subcommands (registered in apd_jax/cli.py) and what they share."""
+"""The `apd-jax` subcommands (registered in apd_jax/cli.py) and what they share.
+
+`apd-jax --help` imports every subcommand module to build its parser, so they and this
+package import no training code (apd_jax.train, optax) at module level: `apd-jax train`
+imports it when it runs.
+"""
 
 from pathlib import Path
 
 from apd_jax import ASSETS_DIR
-from apd_jax.train import load_tokenizer_file, stdlib_prompts
+from apd_jax.corpus import stdlib_prompts
+from apd_jax.tokenizer import load_tokenizer_file
 
 
 def read_prompts_file(path: Path) -> list[str]:
@@ -24,7 +30,7 @@ def embedded_filter(drafter: Path | None) -> Path | None:
 
 
 def corpus_prompts(option: str, n: int, drafter: Path, *, heldout: bool, seq_len: int, root: Path | None) -> list[str]:
-    """`option` N: n prompt texts of the stdlib corpus, held-out or training files (train.stdlib_prompts)."""
+    """`option` N: n prompt texts of the stdlib corpus, held-out or training files (corpus.stdlib_prompts)."""
     if n < 1:
         raise ValueError(f"{option} {n} must be >= 1")
     # stdlib_prompts measures prompts with the raw `tokenizers` tokenizer of an apd-jax trained pair.

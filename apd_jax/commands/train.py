@@ -1,7 +1,8 @@
 """`apd-jax train`: train a small APD pair (tokenizer, Dream-style drafter, Qwen2 verifier) from scratch.
 
 The corpus is this Python's standard library source (apd_jax/corpus.py), so it runs
-offline anywhere; the same command runs on CPU (slowly) and on a GPU. Writes
+offline anywhere; the same command runs on a GPU and on CPU (slowly: on 2 cores and
+24 GiB, a drafter step of the default batch runs in two micro-batches, about 30 s). Writes
 OUT/tokenizer, OUT/drafter and OUT/verifier (Hugging Face layout, loadable with
 `apd-jax generate --drafter OUT/drafter --verifier OUT/verifier`) and, when both
 models exist, OUT/apd_eval.json with APD tokens per pass on held-out prompts.
@@ -14,8 +15,12 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from apd_jax import train as T
+from apd_jax.config import DRAFTER_SIZE, VERIFIER_SIZE, ModelSize
+
+if TYPE_CHECKING:
+    from apd_jax.train import PipelineSettings
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -37,12 +42,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--weight-decay", type=float, default=0.1)
     g.add_argument("--suffix-prob", type=float, default=0.5,
                    help="drafter: share of rows noised only after a clean prefix")
-    g.add_argument("--log-every", type=int, default=100, help="steps per compiled chunk and per log line")
+    g.add_argument("--log-every", type=int, default=100, help="steps per log line (and the first step's)")
+    g.add_argument("--micro-batches", type=int, default=0,
+                   help="split each step's batch in this many slices and add their gradients (the same update, "
+                        "less memory); 0: the fewest whose step fits the device's free memory")
     g.add_argument("--eval-every", type=int, default=500, help="held-out evaluation period (steps)")
     g.add_argument("--eval-windows", type=int, default=128, help="held-out windows per evaluation")
     s = p.add_argument_group("model sizes")
     s.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary, special tokens included")
-    for name, size in (("drafter", T.DRAFTER_SIZE), ("verifier", T.VERIFIER_SIZE)):
+    for name, size in (("drafter", DRAFTER_SIZE), ("verifier", VERIFIER_SIZE)):
         s.add_argument(f"--{name}-hidden", type=int, default=size.hidden)
         s.add_argument(f"--{name}-layers", type=int, default=size.layers)
         s.add_argument(f"--{name}-heads", type=int, default=size.heads, help="head dim = hidden / heads")
@@ -61,21 +69,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def settings_from_args(args: argparse.Namespace) -> T.PipelineSettings:
+def settings_from_args(args: argparse.Namespace) -> PipelineSettings:
+    from apd_jax.train import PipelineSettings, TrainSettings  # training code: only when `train` runs
+
     if args.stdlib is not None and not args.stdlib.is_dir():
         raise FileNotFoundError(f"--stdlib {args.stdlib} is not a directory")
     if args.max_files is not None and args.max_files < 2:
         raise ValueError(f"--max-files {args.max_files} must be >= 2 (some files are held out)")
     common = dict(batch_size=args.batch_size, seq_len=args.seq_len, warmup=args.warmup,
                   weight_decay=args.weight_decay, seed=args.seed, log_every=args.log_every,
-                  eval_every=args.eval_every, eval_windows=args.eval_windows, suffix_prob=args.suffix_prob)
-    drafter_train = T.TrainSettings(steps=args.steps, lr=args.lr, **common)
-    verifier_train = T.TrainSettings(steps=args.verifier_steps, lr=args.verifier_lr or args.lr,
-                                     **(common | {"seed": args.seed + 1}))
+                  eval_every=args.eval_every, eval_windows=args.eval_windows, suffix_prob=args.suffix_prob,
+                  micro_batches=args.micro_batches)
+    drafter_train = TrainSettings(steps=args.steps, lr=args.lr, **common)
+    verifier_train = TrainSettings(steps=args.verifier_steps, lr=args.verifier_lr or args.lr,
+                                   **(common | {"seed": args.seed + 1}))
     for t in (drafter_train, verifier_train):
         t.validate()
 
-    def size(name: str) -> T.ModelSize:
+    def size(name: str) -> ModelSize:
         get = lambda f: getattr(args, f"{name}_{f}")  # noqa: E731
         hidden, heads, kv = get("hidden"), get("heads"), get("kv_heads")
         if min(hidden, heads, kv, get("layers"), get("intermediate")) < 1:
@@ -83,9 +94,9 @@ def settings_from_args(args: argparse.Namespace) -> T.PipelineSettings:
         if hidden % heads or heads % kv:
             raise ValueError(f"--{name}-hidden {hidden} must be a multiple of --{name}-heads {heads}, "
                              f"and the heads a multiple of --{name}-kv-heads {kv}")
-        return T.ModelSize(hidden, get("layers"), heads, kv, get("intermediate"))
+        return ModelSize(hidden, get("layers"), heads, kv, get("intermediate"))
 
-    return T.PipelineSettings(
+    return PipelineSettings(
         out=args.out, which=args.which, vocab_size=args.vocab_size, drafter=size("drafter"),
         verifier=size("verifier"), drafter_train=drafter_train, verifier_train=verifier_train,
         param_dtype=args.param_dtype, dtype=args.dtype, storage_dtype=args.storage_dtype, stdlib=args.stdlib,
@@ -95,9 +106,11 @@ def settings_from_args(args: argparse.Namespace) -> T.PipelineSettings:
 
 
 def run(args: argparse.Namespace) -> int:
+    from apd_jax.train import run_pipeline
+
     settings = settings_from_args(args)
     print("settings:", json.dumps(dataclasses.asdict(settings), default=str), flush=True)
-    T.run_pipeline(settings)
+    run_pipeline(settings)
     return 0
 
 
