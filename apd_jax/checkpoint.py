@@ -15,12 +15,15 @@ directory and renamed into place, so a failed conversion leaves nothing behind.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import functools
 import json
 import math
+import platform
 import shutil
 import struct
+import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -30,6 +33,7 @@ import jax
 import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 from flax import nnx, traverse_util
 from jax.sharding import Mesh, NamedSharding, Sharding, SingleDeviceSharding
 from safetensors import SafetensorError, safe_open
@@ -355,6 +359,7 @@ def load_hf_params(
     with _progress(f"loading {path.name}", sum(_param_bytes(tensors, p) for p in shapes)) as advance:
         for flax_path, want in shapes.items():
             params[flax_path] = _load_param(tensors, flax_path, want, place(flax_path))
+            _release_host_memory()
             advance(_param_bytes(tensors, flax_path))
     return params
 
@@ -439,15 +444,37 @@ class _LazyParamHandler(ocp.type_handlers.NumpyHandler):
     concurrently, which would read every leaf at once); restored by the standard handlers."""
 
     async def serialize(self, values, infos, args=None):  # noqa: ANN001 (orbax's TypeHandler signature)
-        # Chunks of READ_CHUNK_BYTES: tensorstore then buffers one chunk, not a whole copy of each array,
-        # and a sharded restore reads only the chunks of its own slice.
+        # Chunks of READ_CHUNK_BYTES: a sharded restore reads only the chunks of its own slice.
         args = [dataclasses.replace(a, chunk_byte_size=READ_CHUNK_BYTES) for a in (args or [ocp.SaveArgs()] * len(values))]
 
         async def write_one_by_one() -> None:
             for value, info, arg in zip(values, infos, args):
                 await self._background_serialize([value.read()], [info], [arg])
+                _release_host_memory()
 
         return [ocp.future.CommitFutureAwaitingContractedSignals(write_one_by_one(), name="apd_jax_lazy_params")]
+
+    async def _open_and_write(self, value: np.ndarray, tspec: dict, ts_context: Any) -> None:
+        """Written a few whole chunks at a time: tensorstore buffers those, not a copy of the array."""
+        t = await ts.open(ts.Spec(tspec), create=True, open=True, context=ts_context)
+        if value.ndim == 0:
+            return await t.write(value)
+        chunk = t.chunk_layout.write_chunk.shape
+        axis = next((i for i, (c, n) in enumerate(zip(chunk, value.shape)) if c < n), 0)  # the one split first
+        step = chunk[axis] * max(1, READ_CHUNK_BYTES // (math.prod(chunk) * value.itemsize))
+        for start in range(0, value.shape[axis], step):
+            block = (slice(None),) * axis + (slice(start, min(start + step, value.shape[axis])),)
+            await t[block].write(value[block])
+
+
+def _release_host_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps freed blocks below its mmap threshold,
+    which a long run of mid-sized parameters turns into hundreds of MB of resident memory)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = ctypes.CDLL("libc.so.6") if sys.platform == "linux" and platform.libc_ver()[0] == "glibc" else None
 
 
 def _save_params(directory: Path, params: Mapping[str, Any]) -> None:
