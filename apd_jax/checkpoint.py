@@ -18,10 +18,13 @@ import contextlib
 import ctypes
 import dataclasses
 import functools
+import glob
 import json
 import math
+import os
 import platform
 import shutil
+import socket
 import struct
 import sys
 import tempfile
@@ -391,27 +394,98 @@ def load_hf(path: str | Path, *, param_dtype: Any = None, dtype: Any = None, mes
     return model_from_params(cfg, load_hf_params(path, cfg, mesh))
 
 
-def atomic_dir(out: Path, overwrite: bool):
-    """A temporary sibling directory that replaces `out` only if the `with` body succeeds."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; choose another output directory or pass overwrite=True")
+PARTIAL_MARKER = ".apd_jax_partial"  # in a temporary output directory while it is being written
+
+
+def _is_checkpoint_dir(path: Path) -> bool:
+    """A directory --overwrite may replace: empty, an apd_jax (orbax) one, or a HF one (config.json + weights)."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    if not any(path.iterdir()) or (path / "params" / "_CHECKPOINT_METADATA").is_file():
+        return True
+    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
+def _check_destination(out: Path, sources: Iterable[Path], overwrite: bool) -> None:
+    """Refuse an output that is, is inside or holds a source, and replace only checkpoint directories."""
+    target = out.resolve()
+    for src in sources:
+        src_real = Path(src).expanduser().resolve()
+        if target == src_real:
+            raise ValueError(f"output directory {out} is the source {src}; choose another output directory")
+        if src_real in target.parents:
+            raise ValueError(f"output directory {out} is inside the source {src}; choose a directory outside it")
+        if target in src_real.parents:
+            raise ValueError(
+                f"output directory {out} contains the source {src}: replacing it would delete the source; "
+                "choose another output directory"
+            )
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise FileExistsError(f"{out} already exists; choose another output directory or pass overwrite=True")
+        if not _is_checkpoint_dir(out):
+            raise FileExistsError(
+                f"{out} exists and is not an apd_jax or Hugging Face checkpoint directory (nor empty); overwrite "
+                "replaces only those: remove it yourself or choose another output directory"
+            )
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Remove `.NAME.*` temporary directories of `out` that an interrupted run of this machine left:
+    only those holding apd_jax's marker whose writing process has gone."""
+    for tmp in out.parent.glob(f".{glob.escape(out.name)}.*"):
+        marker = tmp / PARTIAL_MARKER
+        if tmp.is_symlink() or not marker.is_file():
+            continue
+        try:
+            owner = json.loads(marker.read_text())
+        except (json.JSONDecodeError, OSError):
+            continue
+        pid = owner.get("pid") if isinstance(owner, dict) else None
+        if isinstance(pid, int) and owner.get("host") == socket.gethostname() and not _pid_alive(pid):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _marked_tmp(out: Path) -> Path:
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    (tmp / PARTIAL_MARKER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    return tmp
+
+
+@contextlib.contextmanager
+def atomic_dir(out: Path, overwrite: bool, *, sources: Iterable[Path] = ()) -> Iterator[Path]:
+    """A temporary sibling directory that replaces `out` only if the `with` body succeeds.
+
+    `out` may not be, be inside or hold one of `sources`; with overwrite it replaces only a
+    checkpoint directory. Leftovers of interrupted runs (marked temporary directories) are removed."""
+    out = Path(out).expanduser()
+    _check_destination(out, sources, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-
-    class _Ctx:
-        def __enter__(self) -> Path:
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-            return self.tmp
-
-        def __exit__(self, exc_type, exc, tb) -> None:
-            if exc_type is not None:
-                shutil.rmtree(self.tmp, ignore_errors=True)
-                return
-            if out.exists():
-                shutil.rmtree(out)
-            self.tmp.rename(out)
-
-    return _Ctx()
+    _remove_leftovers(out)
+    tmp = _marked_tmp(out)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    (tmp / PARTIAL_MARKER).unlink()
+    if not out.exists():
+        tmp.rename(out)
+        return
+    old = _marked_tmp(out)  # the replaced directory waits here, marked, until the new one is in place
+    out.rename(old / out.name)
+    tmp.rename(out)
+    shutil.rmtree(old)
 
 
 # Copied alongside the weights so a converted directory is self-contained.
@@ -505,7 +579,7 @@ def convert_hf_to_orbax(hf_dir: str | Path, out_dir: str | Path, *, overwrite: b
             return array
 
         lazy = {p: _LazyParam(tuple(s.shape), np.dtype(s.dtype), functools.partial(read, p)) for p, s in shapes.items()}
-        with atomic_dir(out_dir, overwrite) as tmp:
+        with atomic_dir(out_dir, overwrite, sources=(hf_dir,)) as tmp:
             _copy_configs(hf_dir, tmp)
             _save_params(tmp / "params", lazy)
     return out_dir
@@ -625,7 +699,7 @@ def _write_hf(
         f"model-{k + 1:05d}-of-{len(plan):05d}.safetensors" for k in range(len(plan))
     ]
     weight_map = {}
-    with atomic_dir(out_dir, overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite, sources=(config_dir,)) as tmp:
         _copy_configs(config_dir, tmp)
         for file, paths in zip(files, plan):
             _write_safetensors(tmp / file, {p: specs[p] for p in paths}, arrays)
