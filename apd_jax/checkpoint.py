@@ -776,8 +776,14 @@ def load_model(path: str | Path, *, param_dtype: Any = None, dtype: Any = None, 
 
 
 def load_tokenizer(path: str | Path):
-    """The Hugging Face tokenizer saved beside a checkpoint."""
-    from transformers import AutoTokenizer
+    """The Hugging Face tokenizer saved beside a checkpoint.
+
+    transformers does not know Dream's model_type: AutoTokenizer then falls back to a generic config
+    read with PretrainedConfig.from_pretrained, which warns on every run ("You are using a model of
+    type `Dream` to instantiate a model of type ``"). The same generic config, built from the dict,
+    is handed over instead: the same tokenizer, no warning."""
+    from transformers import AutoTokenizer, PretrainedConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     path = Path(path).expanduser()
     if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
@@ -785,4 +791,8 @@ def load_tokenizer(path: str | Path):
             f"no tokenizer in {path} (tokenizer.json / tokenizer_config.json); copy the model's tokenizer files "
             "there, or pass token ids with --ids"
         )
-    return AutoTokenizer.from_pretrained(path)
+    config = None
+    if (path / "config.json").is_file():
+        fields = _read_json(path / "config.json")
+        config = None if fields.get("model_type") in CONFIG_MAPPING else PretrainedConfig.from_dict(fields)
+    return AutoTokenizer.from_pretrained(path, config=config)
