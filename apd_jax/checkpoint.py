@@ -1,7 +1,7 @@
 """Checkpoints: Hugging Face safetensors <-> Flax parameters, and orbax save/restore.
 
-The name mapping is one table (Flax path -> its HF tensors and their layout: fused
-q/k/v and gate/up projections hold several HF tensors each). Everything streams: a
+The name mapping is apd_jax.params.PARAM_TABLE (Flax path -> its HF tensors and their
+layout: fused q/k/v and gate/up projections hold several HF tensors each). Everything streams: a
 checkpoint's names, shapes and dtypes are checked against the model's own abstract
 shapes from the safetensors headers before any weight is read; then each parameter's
 HF tensors are read (safetensors `safe_open`, on a mesh each device only its slice),
@@ -43,30 +43,8 @@ from safetensors import SafetensorError, safe_open
 
 from apd_jax.config import ModelConfig
 from apd_jax.model import Qwen2, abstract_model
+from apd_jax.params import PARAM_TABLE, param_entry  # noqa: F401 (PARAM_TABLE: the table, re-exported)
 from apd_jax.sharding import check_model, param_spec
-
-# Flax path -> (Hugging Face names, layout). "{i}" is the layer index. Layouts:
-#   "same":  one tensor, stored as is;
-#   "T":     one Linear weight, HF [out, in] -> Flax [in, out];
-#   "qkv":   the q, k, v Linear weights (or, 1-D, their biases) -> [in, kv_heads, g + 2, head_dim]
-#            (model.Attention: per KV head its g query heads, its key, its value);
-#   "stack": the gate and up Linear weights -> [in, 2, intermediate] (model.MLP).
-PARAM_TABLE: dict[str, tuple[tuple[str, ...], str]] = {
-    "embed_tokens.embedding": (("model.embed_tokens.weight",), "same"),
-    "layers.{i}.input_layernorm.weight": (("model.layers.{i}.input_layernorm.weight",), "same"),
-    "layers.{i}.self_attn.qkv_proj.kernel": (
-        tuple(f"model.layers.{{i}}.self_attn.{n}_proj.weight" for n in "qkv"), "qkv"
-    ),
-    "layers.{i}.self_attn.qkv_proj.bias": (tuple(f"model.layers.{{i}}.self_attn.{n}_proj.bias" for n in "qkv"), "qkv"),
-    "layers.{i}.self_attn.o_proj.kernel": (("model.layers.{i}.self_attn.o_proj.weight",), "T"),
-    "layers.{i}.post_attention_layernorm.weight": (("model.layers.{i}.post_attention_layernorm.weight",), "same"),
-    "layers.{i}.mlp.gate_up_proj.kernel": (
-        ("model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.up_proj.weight"), "stack"
-    ),
-    "layers.{i}.mlp.down_proj.kernel": (("model.layers.{i}.mlp.down_proj.weight",), "T"),
-    "norm.weight": (("model.norm.weight",), "same"),
-    "lm_head": (("lm_head.weight",), "T"),
-}
 
 # safetensors dtype names of the float dtypes a checkpoint may hold.
 _DTYPES = {"F32": np.dtype(np.float32), "BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype(np.float16)}
@@ -84,14 +62,12 @@ class CheckpointError(ValueError):
 
 
 def _entry(path: str) -> tuple[tuple[str, ...], str]:
-    """The Hugging Face names and layout of one Flax parameter (PARAM_TABLE, layer index filled in)."""
-    parts = path.split(".")
-    layer = parts[1] if parts[0] == "layers" else None
-    template = ".".join(["layers", "{i}", *parts[2:]]) if layer is not None else path
-    if template not in PARAM_TABLE:
-        raise CheckpointError(f"Flax parameter {path!r} has no Hugging Face name in PARAM_TABLE")
-    names, layout = PARAM_TABLE[template]
-    return tuple(n.replace("{i}", layer or "") for n in names), layout
+    """The Hugging Face names and layout of one Flax parameter (params.PARAM_TABLE)."""
+    try:
+        entry = param_entry(path)
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
+    return entry.hf, entry.layout
 
 
 def _to_hf(layout: str, x: Any) -> list[Any]:
@@ -325,7 +301,7 @@ def _load_param(
 
 
 def _shardings(cfg: ModelConfig, mesh: Mesh | None) -> Callable[[str], Sharding]:
-    """Where each parameter goes: its PARAM_RULES shard of `mesh`, or the default device."""
+    """Where each parameter goes: its PARAM_TABLE spec on `mesh`, or the default device."""
     if mesh is None:
         device = SingleDeviceSharding(jax.devices()[0])
         return lambda path: device
