@@ -581,9 +581,9 @@ def _saved_shapes(ckpt_dir: Path, shapes: Mapping[str, Any]) -> dict[str, Any]:
 
 def _restore(ckpt_dir: Path, target: Mapping[str, Any]) -> dict[str, Any]:
     """Restore the leaves of `target` (flat; ShapeDtypeStructs, with a sharding to land on devices),
-    with at most about two of the largest leaves in flight on the host."""
+    with at most about the largest leaf (rounded up to whole GB, orbax's unit) in flight on the host."""
     largest = max(math.prod(s.shape) * np.dtype(s.dtype).itemsize for s in target.values() if s is not ocp.PLACEHOLDER)
-    handler = ocp.StandardCheckpointHandler(restore_concurrent_gb=max(1, math.ceil(2 * largest / 10**9)))
+    handler = ocp.StandardCheckpointHandler(restore_concurrent_gb=max(1, math.ceil(largest / 10**9)))
     with ocp.Checkpointer(handler) as ckptr:
         tree = traverse_util.unflatten_dict(dict(target), sep=".")
         return _flat(ckptr.restore((ckpt_dir / "params").absolute(), args=ocp.args.StandardRestore(tree)))

@@ -125,3 +125,20 @@ def test_round_trip_after_safe_overwrite_is_still_exact(src, tmp_path):
     assert main(["convert", "flax-to-hf", str(tmp_path / "flax"), str(tmp_path / "hf"), "--overwrite"]) == 0
     a, b = dict(iter_hf_tensors(src)), dict(iter_hf_tensors(tmp_path / "hf"))
     assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_flax_to_hf_writes_hub_style_shards_that_transformers_loads(src, tmp_path):
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    assert main(["convert", "hf-to-flax", str(src), str(tmp_path / "flax")]) == 0
+    assert main(["convert", "flax-to-hf", str(tmp_path / "flax"), str(tmp_path / "hf"), "--max-shard-size", "5e-5"]) == 0
+    files = sorted(p.name for p in (tmp_path / "hf").glob("*.safetensors"))
+    assert len(files) > 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    a, b = dict(iter_hf_tensors(src)), dict(iter_hf_tensors(tmp_path / "hf"))
+    assert set(index["weight_map"]) == set(b) == set(a) and set(index["weight_map"].values()) == set(files)
+    assert index["metadata"]["total_size"] == sum(t.nbytes for t in b.values())
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    ours, theirs = (Qwen2ForCausalLM.from_pretrained(d, dtype=torch.float32).state_dict() for d in (src, tmp_path / "hf"))
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
