@@ -111,10 +111,20 @@ def _hf_spec(layout: str, spec: jax.sharding.PartitionSpec, ndim: int) -> jax.sh
     return jax.sharding.PartitionSpec(full[-3], *full[:-3])  # "qkv": [..., kv_heads, g + 2, d] <- [rows, ...]
 
 
+def _nbytes(spec: Any) -> int:
+    """Bytes of an array or ShapeDtypeStruct."""
+    return math.prod(spec.shape) * np.dtype(spec.dtype).itemsize
+
+
+def _flat_values(model: Qwen2) -> dict[str, Any]:
+    """'layers.0.mlp.down_proj.kernel' -> value of every parameter (nnx's own flat state, keys joined)."""
+    _, state = nnx.split(model)
+    return {".".join(map(str, k)): v.get_value() for k, v in nnx.to_flat_state(state)}
+
+
 def expected_shapes(cfg: ModelConfig) -> dict[str, jax.ShapeDtypeStruct]:
     """Flat 'layers.0.mlp.down_proj.kernel' -> shape/dtype of every parameter, from the model itself."""
-    _, state = nnx.split(abstract_model(cfg))
-    return {".".join(map(str, k)): v.get_value() for k, v in nnx.to_flat_state(state)}
+    return _flat_values(abstract_model(cfg))
 
 
 def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -359,8 +369,7 @@ def _keys(path: str) -> list[str | int]:
 
 def model_params(model: Qwen2) -> dict[str, np.ndarray]:
     """Flat Flax parameters of a model, as host numpy arrays."""
-    _, state = nnx.split(model)
-    return {".".join(map(str, k)): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(state)}
+    return {path: np.asarray(value) for path, value in _flat_values(model).items()}
 
 
 def load_hf(path: str | Path, *, param_dtype: Any = None, dtype: Any = None, mesh: Mesh | None = None) -> Qwen2:
@@ -582,7 +591,7 @@ def _saved_shapes(ckpt_dir: Path, shapes: Mapping[str, Any]) -> dict[str, Any]:
 def _restore(ckpt_dir: Path, target: Mapping[str, Any]) -> dict[str, Any]:
     """Restore the leaves of `target` (flat; ShapeDtypeStructs, with a sharding to land on devices),
     with at most about the largest leaf (rounded up to whole GB, orbax's unit) in flight on the host."""
-    largest = max(math.prod(s.shape) * np.dtype(s.dtype).itemsize for s in target.values() if s is not ocp.PLACEHOLDER)
+    largest = max(_nbytes(s) for s in target.values() if s is not ocp.PLACEHOLDER)
     handler = ocp.StandardCheckpointHandler(restore_concurrent_gb=max(1, math.ceil(largest / 10**9)))
     with ocp.Checkpointer(handler) as ckptr:
         tree = traverse_util.unflatten_dict(dict(target), sep=".")
@@ -619,8 +628,7 @@ def save_orbax(model: Qwen2, out_dir: str | Path, hf_config: dict, *, overwrite:
     """Save a model's parameters with orbax beside its HF config.json."""
     with atomic_dir(Path(out_dir).expanduser(), overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
-        _, state = nnx.split(model)
-        _save_params(tmp / "params", {".".join(map(str, k)): v.get_value() for k, v in nnx.to_flat_state(state)})
+        _save_params(tmp / "params", _flat_values(model))
     return Path(out_dir)
 
 
@@ -632,7 +640,7 @@ def _shard_plan(specs: Mapping[str, Any], max_shard_size: int) -> list[list[str]
     shards: list[list[str]] = [[]]
     size = 0
     for path, s in specs.items():
-        n = math.prod(s.shape) * np.dtype(s.dtype).itemsize
+        n = _nbytes(s)
         if shards[-1] and size + n > max_shard_size:
             shards.append([])
             size = 0
@@ -649,7 +657,7 @@ def _write_safetensors(file: Path, specs: Mapping[str, Any], arrays: Iterator[tu
     for path, s in specs.items():
         names, layout = _entry(path)
         for name, part in zip(names, jax.eval_shape(lambda x, layout=layout: _to_hf(layout, x), s)):
-            n = math.prod(part.shape) * np.dtype(s.dtype).itemsize
+            n = _nbytes(jax.ShapeDtypeStruct(part.shape, s.dtype))
             header[name] = {"dtype": _DTYPE_NAMES[np.dtype(s.dtype)], "shape": list(part.shape),
                             "data_offsets": [offset, offset + n]}
             offset += n
@@ -681,7 +689,7 @@ def _write_hf(
             _write_safetensors(tmp / file, {p: specs[p] for p in paths}, arrays)
             weight_map.update({name: file for p in paths for name in _entry(p)[0]})
         if len(plan) > 1:
-            total = sum(math.prod(s.shape) * np.dtype(s.dtype).itemsize for s in specs.values())
+            total = sum(_nbytes(s) for s in specs.values())
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return out_dir
@@ -716,7 +724,7 @@ def _restored_in_batches(ckpt_dir: Path, specs: Mapping[str, Any], budget: int) 
     paths = list(specs)
     for i, path in enumerate(paths):
         batch.append(path)
-        size += math.prod(specs[path].shape) * np.dtype(specs[path].dtype).itemsize
+        size += _nbytes(specs[path])
         if size >= budget or i == len(paths) - 1:
             target = {p: jax.ShapeDtypeStruct(specs[p].shape, specs[p].dtype) if p in batch else ocp.PLACEHOLDER
                       for p in paths}
