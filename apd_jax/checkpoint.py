@@ -1,19 +1,34 @@
 """Checkpoints: Hugging Face safetensors <-> Flax parameters, and orbax save/restore.
 
-The name mapping is one table (Flax path -> its HF tensors and their layout: fused
-q/k/v and gate/up projections hold several HF tensors each). Import
-streams one tensor at a time from the safetensors files (never a PyTorch model
-in memory) and checks every tensor's name, shape and dtype against the model's
-own abstract shapes. Outputs are written to a temporary directory and renamed
-into place, so a failed conversion leaves nothing behind.
+The name mapping is apd_jax.params.PARAM_TABLE (Flax path -> its HF tensors and their
+layout: fused q/k/v and gate/up projections hold several HF tensors each). Everything streams: a
+checkpoint's names, shapes and dtypes are checked against the model's own abstract
+shapes from the safetensors headers before any weight is read; then each parameter's
+HF tensors are read (safetensors `safe_open`, on a mesh each device only its slice),
+converted on the device and the host copy dropped, so host memory stays near one
+fused parameter (q/k/v, gate/up), never the model. Conversion writes orbax from lazy
+leaves (one parameter read, converted and written at a time) and exports sharded
+safetensors with an index, as the hub ships them. Outputs are written to a temporary
+directory and renamed into place, so a failed conversion leaves nothing behind.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import dataclasses
+import functools
+import glob
 import json
+import math
+import os
+import platform
 import shutil
+import socket
+import struct
+import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,39 +36,25 @@ import jax
 import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
-from flax import nnx
-from jax.sharding import Mesh
-from safetensors import safe_open
-from safetensors.numpy import save_file
+import tensorstore as ts
+from flax import nnx, traverse_util
+from jax.sharding import Mesh, NamedSharding, Sharding, SingleDeviceSharding
+from safetensors import SafetensorError, safe_open
 
 from apd_jax.config import ModelConfig
 from apd_jax.model import Qwen2, abstract_model
-from apd_jax.sharding import sharded_shapes
+from apd_jax.params import PARAM_TABLE, param_entry  # noqa: F401 (PARAM_TABLE: the table, re-exported)
+from apd_jax.sharding import check_model, param_spec
 
-# Flax path -> (Hugging Face names, layout). "{i}" is the layer index. Layouts:
-#   "same":  one tensor, stored as is;
-#   "T":     one Linear weight, HF [out, in] -> Flax [in, out];
-#   "qkv":   the q, k, v Linear weights (or, 1-D, their biases) -> [in, kv_heads, g + 2, head_dim]
-#            (model.Attention: per KV head its g query heads, its key, its value);
-#   "stack": the gate and up Linear weights -> [in, 2, intermediate] (model.MLP).
-PARAM_TABLE: dict[str, tuple[tuple[str, ...], str]] = {
-    "embed_tokens.embedding": (("model.embed_tokens.weight",), "same"),
-    "layers.{i}.input_layernorm.weight": (("model.layers.{i}.input_layernorm.weight",), "same"),
-    "layers.{i}.self_attn.qkv_proj.kernel": (
-        tuple(f"model.layers.{{i}}.self_attn.{n}_proj.weight" for n in "qkv"), "qkv"
-    ),
-    "layers.{i}.self_attn.qkv_proj.bias": (tuple(f"model.layers.{{i}}.self_attn.{n}_proj.bias" for n in "qkv"), "qkv"),
-    "layers.{i}.self_attn.o_proj.kernel": (("model.layers.{i}.self_attn.o_proj.weight",), "T"),
-    "layers.{i}.post_attention_layernorm.weight": (("model.layers.{i}.post_attention_layernorm.weight",), "same"),
-    "layers.{i}.mlp.gate_up_proj.kernel": (
-        ("model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.up_proj.weight"), "stack"
-    ),
-    "layers.{i}.mlp.down_proj.kernel": (("model.layers.{i}.mlp.down_proj.weight",), "T"),
-    "norm.weight": (("model.norm.weight",), "same"),
-    "lm_head": (("lm_head.weight",), "T"),
-}
-
-_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16))
+# safetensors dtype names of the float dtypes a checkpoint may hold.
+_DTYPES = {"F32": np.dtype(np.float32), "BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype(np.float16)}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+# The exponent bits of each float dtype: all set is Inf or NaN.
+_EXPONENT = {np.dtype(np.float32): (np.uint32, 0x7F800000), np.dtype(ml_dtypes.bfloat16): (np.uint16, 0x7F80),
+             np.dtype(np.float16): (np.uint16, 0x7C00)}
+MAX_SHARD_SIZE = 5 * 10**9  # bytes per exported safetensors file, Hugging Face's save_pretrained default
+READ_CHUNK_BYTES = 64 * 2**20  # host memory a tensor is read in beyond its own size
+PROGRESS_MIN_BYTES = 2**30  # smaller checkpoints load too fast for a progress bar to help
 
 
 class CheckpointError(ValueError):
@@ -61,14 +62,12 @@ class CheckpointError(ValueError):
 
 
 def _entry(path: str) -> tuple[tuple[str, ...], str]:
-    """The Hugging Face names and layout of one Flax parameter (PARAM_TABLE, layer index filled in)."""
-    parts = path.split(".")
-    layer = parts[1] if parts[0] == "layers" else None
-    template = ".".join(["layers", "{i}", *parts[2:]]) if layer is not None else path
-    if template not in PARAM_TABLE:
-        raise CheckpointError(f"Flax parameter {path!r} has no Hugging Face name in PARAM_TABLE")
-    names, layout = PARAM_TABLE[template]
-    return tuple(n.replace("{i}", layer or "") for n in names), layout
+    """The Hugging Face names and layout of one Flax parameter (params.PARAM_TABLE)."""
+    try:
+        entry = param_entry(path)
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
+    return entry.hf, entry.layout
 
 
 def _to_hf(layout: str, x: Any) -> list[Any]:
@@ -84,23 +83,48 @@ def _to_hf(layout: str, x: Any) -> list[Any]:
     return [part.reshape(*lead, -1).T for part in (x[..., :g, :], x[..., g, :], x[..., g + 1, :])]
 
 
-def _to_flax(layout: str, tensors: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
-    """The inverse of _to_hf: Hugging Face tensors -> one Flax parameter of `shape`."""
+def _to_flax(layout: str, tensors: list[Any], shape: tuple[int, ...]) -> Any:
+    """The inverse of _to_hf: Hugging Face tensors -> one Flax parameter of `shape`, in the
+    tensors' own array library (numpy on the host, jax.numpy on the device)."""
+    xp = tensors[0].__array_namespace__()
     if layout == "same":
         return tensors[0]
     if layout == "T":
         return tensors[0].T
     if layout == "stack":
-        return np.stack([t.T for t in tensors], axis=1)
+        return xp.stack([t.T for t in tensors], axis=1)
     *lead, kvh, _, d = shape
-    q, k, v = (t.T.reshape(*lead, kvh, -1, d) for t in tensors)
-    return np.concatenate([q, k, v], axis=-2)
+    q, k, v = (xp.reshape(t.T, (*lead, kvh, -1, d)) for t in tensors)
+    return xp.concat([q, k, v], axis=-2)
+
+
+def _hf_spec(layout: str, spec: jax.sharding.PartitionSpec, ndim: int) -> jax.sharding.PartitionSpec:
+    """The partition of each of a parameter's HF tensors that makes _to_flax local to every device:
+    a device reads exactly the HF rows/columns its shard of the Flax parameter is made of."""
+    full = tuple(spec) + (None,) * (ndim - len(spec))
+    if layout == "same":
+        return jax.sharding.PartitionSpec(*full)
+    if layout == "T":
+        return jax.sharding.PartitionSpec(*full[::-1])
+    if layout == "stack":  # [in, 2, inter] <- [inter, in] each
+        return jax.sharding.PartitionSpec(full[2], full[0])
+    return jax.sharding.PartitionSpec(full[-3], *full[:-3])  # "qkv": [..., kv_heads, g + 2, d] <- [rows, ...]
+
+
+def _nbytes(spec: Any) -> int:
+    """Bytes of an array or ShapeDtypeStruct."""
+    return math.prod(spec.shape) * np.dtype(spec.dtype).itemsize
+
+
+def _flat_values(model: Qwen2) -> dict[str, Any]:
+    """'layers.0.mlp.down_proj.kernel' -> value of every parameter (nnx's own flat state, keys joined)."""
+    _, state = nnx.split(model)
+    return {".".join(map(str, k)): v.get_value() for k, v in nnx.to_flat_state(state)}
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, jax.ShapeDtypeStruct]:
     """Flat 'layers.0.mlp.down_proj.kernel' -> shape/dtype of every parameter, from the model itself."""
-    _, state = nnx.split(abstract_model(cfg))
-    return {".".join(map(str, k)): v.get_value() for k, v in nnx.to_flat_state(state)}
+    return _flat_values(abstract_model(cfg))
 
 
 def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -113,117 +137,340 @@ def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _safetensors_files(path: Path) -> list[Path]:
+# ----------------------------------------------------------------------------- reading files
+
+
+def _read_json(file: Path) -> dict:
+    """A JSON object from `file`, or a CheckpointError naming the file and what is wrong."""
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{file} is not valid JSON ({err}); restore it from the model's original files") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file} holds a JSON {type(data).__name__}, expected an object")
+    return data
+
+
+def read_config(path: str | Path, **kw: Any) -> ModelConfig:
+    """ModelConfig.from_dir, with malformed JSON reported as a CheckpointError naming the file."""
+    path = Path(path).expanduser()
+    for name in ("config.json", "generation_config.json"):
+        if (path / name).is_file():
+            _read_json(path / name)
+    return ModelConfig.from_dir(path, **kw)
+
+
+@contextlib.contextmanager
+def _open_safetensors(file: Path) -> Iterator[Any]:
+    try:
+        with safe_open(file, framework="np") as f:
+            yield f
+    except SafetensorError as err:
+        raise CheckpointError(
+            f"{file} is not a readable safetensors file ({err}): it may be truncated or corrupted; "
+            "download or convert it again"
+        ) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tensor:
+    """Where one HF tensor is stored and what its header says."""
+
+    file: Path
+    shape: tuple[int, ...]
+    dtype: str  # safetensors' name, e.g. "BF16"
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * _DTYPES[self.dtype].itemsize
+
+
+def _safetensors_files(path: Path) -> tuple[list[Path], dict[str, str]]:
+    """The weight files of a HF directory, and the index's weight_map (empty without an index)."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
-        if not weight_map:
+        weight_map = _read_json(index).get("weight_map")
+        if not weight_map or not isinstance(weight_map, dict):
             raise CheckpointError(f"{index} has no weight_map")
         files = [path / f for f in sorted(set(weight_map.values()))]
         absent = [str(f) for f in files if not f.is_file()]
         if absent:
             raise CheckpointError(f"{index} lists shard files that are missing: {absent}")
-        return files
+        return files, weight_map
     single = path / "model.safetensors"
     if single.is_file():
-        return [single]
+        return [single], {}
     found = sorted(path.glob("*.safetensors"))
     if found:
-        return found
+        return found, {}
     raise CheckpointError(
         f"no weights in {path}: expected model.safetensors or model.safetensors.index.json with its shards "
         "(PyTorch .bin checkpoints are not read; re-save them with safe_serialization=True)"
     )
 
 
+def _tensor_index(path: Path) -> dict[str, _Tensor]:
+    """Every tensor of a HF directory from the safetensors headers alone (no weight is read)."""
+    files, weight_map = _safetensors_files(path)
+    tensors: dict[str, _Tensor] = {}
+    for file in files:
+        with _open_safetensors(file) as f:
+            for name in f.keys():
+                if name in tensors:
+                    raise CheckpointError(f"tensor {name!r} appears twice in {path}")
+                sl = f.get_slice(name)
+                tensors[name] = _Tensor(file, tuple(sl.get_shape()), sl.get_dtype())
+    for name, file in weight_map.items():
+        if name not in tensors or tensors[name].file.name != file:
+            raise CheckpointError(
+                f"{path / 'model.safetensors.index.json'} maps {name!r} to {file}, which does not hold it"
+            )
+    return tensors
+
+
 def iter_hf_tensors(path: str | Path) -> Iterator[tuple[str, np.ndarray]]:
     """(name, array) for every tensor of a HF checkpoint directory, one at a time."""
-    for file in _safetensors_files(Path(path)):
-        with safe_open(file, framework="np") as f:
+    for file in _safetensors_files(Path(path).expanduser())[0]:
+        with _open_safetensors(file) as f:
             for name in f.keys():
                 yield name, f.get_tensor(name)
 
 
-def load_hf_params(path: str | Path, cfg: ModelConfig) -> dict[str, np.ndarray]:
-    """Read a HF checkpoint into flat Flax parameters (numpy), checking every tensor."""
-    wanted = hf_shapes(cfg)
-    tensors: dict[str, np.ndarray] = {}
-    for name, array in iter_hf_tensors(path):
-        if name == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue  # tied: the head is the embedding; some exports store it anyway
+def _checked_index(path: Path, cfg: ModelConfig) -> dict[str, _Tensor]:
+    """The checkpoint's tensors, each checked against the model's names, shapes and dtypes."""
+    wanted, tensors = hf_shapes(cfg), _tensor_index(path)
+    if cfg.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)  # tied: the head is the embedding; some exports store it anyway
+    for name, t in tensors.items():
         if name not in wanted:
             raise CheckpointError(f"unexpected tensor {name!r} in {path}: not a parameter of this {cfg.model_type} model")
-        if name in tensors:
-            raise CheckpointError(f"tensor {name!r} appears twice in {path}")
-        if tuple(array.shape) != wanted[name]:
+        if t.shape != wanted[name]:
             raise CheckpointError(
-                f"tensor {name!r} in {path} has shape {tuple(array.shape)}, but config.json implies {wanted[name]}"
+                f"tensor {name!r} in {path} has shape {t.shape}, but config.json implies {wanted[name]}"
             )
-        if array.dtype not in _FLOAT_DTYPES:
-            raise CheckpointError(f"tensor {name!r} has unsupported dtype {array.dtype}")
-        tensors[name] = array
+        if t.dtype not in _DTYPES:
+            raise CheckpointError(f"tensor {name!r} in {t.file} has unsupported dtype {t.dtype}")
     missing = sorted(set(wanted) - set(tensors))
     if missing:
         raise CheckpointError(f"checkpoint {path} is missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    return tensors
+
+
+def _has_nonfinite(x: np.ndarray) -> bool:
+    """Any NaN or Inf in a float array: its exponent bits all set, tested in chunks (no full-size temporary)."""
+    uint, mask = _EXPONENT[x.dtype]
+    bits = np.ascontiguousarray(x).reshape(-1).view(uint)
+    chunk = 1 << 24
+    return any(((bits[i : i + chunk] & mask) == mask).any() for i in range(0, bits.size, chunk))
+
+
+def _read_slice(name: str, t: _Tensor, index: tuple[slice, ...]) -> np.ndarray:
+    """The `index` slice of one HF tensor, read READ_CHUNK_BYTES of rows at a time, each chunk through
+    its own safe_open: the file's pages are unmapped after each, so a read costs the slice plus one
+    chunk of host memory, not twice the tensor. NaN/Inf are reported by the tensor's name."""
+    ranges = [range(*i.indices(n)) for i, n in zip(index, t.shape)]
+    out = np.empty([len(r) for r in ranges], _DTYPES[t.dtype])
+    rows = ranges[0]
+    step = max(1, READ_CHUNK_BYTES // max(1, out[:1].nbytes))
+    for start in range(0, len(rows), step):
+        chunk = slice(rows.start + start, rows.start + min(start + step, len(rows)))
+        with _open_safetensors(t.file) as f:
+            out[start : start + step] = f.get_slice(name)[(chunk, *index[1:])]
+        if _has_nonfinite(out[start : start + step]):
+            raise CheckpointError(
+                f"tensor {name!r} in {t.file} holds NaN or Inf values: the checkpoint is corrupted; "
+                "download or convert it again"
+            )
+    return out
+
+
+def _device_tensor(name: str, t: _Tensor, sharding: Sharding) -> jax.Array:
+    """One HF tensor as a jax.Array placed by `sharding`: each device reads only its slice."""
+    return jax.make_array_from_callback(t.shape, sharding, lambda index: _read_slice(name, t, index))
+
+
+@functools.cache
+def _converter(layout: str, shape: tuple[int, ...], dtype: Any, sharding: Sharding) -> Callable[..., jax.Array]:
+    """HF tensors -> one Flax parameter, compiled once per (layout, shape, dtype, placement)."""
+    return jax.jit(lambda *tensors: _to_flax(layout, list(tensors), shape).astype(dtype), out_shardings=sharding)
+
+
+def _load_param(
+    tensors: Mapping[str, _Tensor], path: str, want: jax.ShapeDtypeStruct, sharding: Sharding
+) -> jax.Array:
+    """One Flax parameter from its HF tensors, on the devices of `sharding`; nothing kept on the host."""
+    names, layout = _entry(path)
+    hf_sharding = sharding
+    if isinstance(sharding, NamedSharding):
+        hf_sharding = NamedSharding(sharding.mesh, _hf_spec(layout, sharding.spec, len(want.shape)))
+    parts = [_device_tensor(name, tensors[name], hf_sharding) for name in names]
+    if layout == "same" and parts[0].dtype == want.dtype:
+        return parts[0]
+    out = _converter(layout, tuple(want.shape), want.dtype, sharding)(*parts)
+    return out.block_until_ready()  # the inputs are freed before the next parameter is read
+
+
+def _shardings(cfg: ModelConfig, mesh: Mesh | None) -> Callable[[str], Sharding]:
+    """Where each parameter goes: its PARAM_TABLE spec on `mesh`, or the default device."""
+    if mesh is None:
+        device = SingleDeviceSharding(jax.devices()[0])
+        return lambda path: device
+    check_model(cfg, mesh)
+    return lambda path: NamedSharding(mesh, param_spec(path))
+
+
+@contextlib.contextmanager
+def _progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A transient progress bar over `total` bytes on a terminal, for checkpoints worth waiting for."""
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    show = total >= PROGRESS_MIN_BYTES and console.is_terminal
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True, disable=not show) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def _param_bytes(tensors: Mapping[str, _Tensor], path: str) -> int:
+    return sum(tensors[name].nbytes for name in _entry(path)[0])
+
+
+def load_hf_params(
+    path: str | Path, cfg: ModelConfig, mesh: Mesh | None = None
+) -> dict[str, jax.Array]:
+    """A HF checkpoint's flat Flax parameters, streamed to the device (or `mesh`) one parameter at a time."""
+    path = Path(path).expanduser()
+    tensors, place = _checked_index(path, cfg), _shardings(cfg, mesh)
+    shapes = expected_shapes(cfg)
     params = {}
-    for flax_path, want in expected_shapes(cfg).items():
-        names, layout = _entry(flax_path)
-        parts = [tensors.pop(name) for name in names]  # popped: each HF tensor is held only until used
-        params[flax_path] = np.ascontiguousarray(_to_flax(layout, parts, want.shape), dtype=want.dtype)
+    with _progress(f"loading {path.name}", sum(_param_bytes(tensors, p) for p in shapes)) as advance:
+        for flax_path, want in shapes.items():
+            params[flax_path] = _load_param(tensors, flax_path, want, place(flax_path))
+            _release_host_memory()
+            advance(_param_bytes(tensors, flax_path))
     return params
 
 
-def _unflatten(flat: dict[str, Any]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        keys = [int(k) if k.isdigit() else k for k in path.split(".")]
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        node[keys[-1]] = value
-    return tree
-
-
 def model_from_params(cfg: ModelConfig, params: dict[str, Any]) -> Qwen2:
-    """Build a model whose parameters are `params` (flat Flax paths), placed on the default device."""
+    """Build a model whose parameters are `params` (flat Flax paths), placed on the default device
+    unless they are jax arrays already."""
     graphdef, state = nnx.split(abstract_model(cfg))
-    nnx.replace_by_pure_dict(state, _unflatten({k: jax.numpy.asarray(v) for k, v in params.items()}))
+    tree = traverse_util.unflatten_dict({tuple(_keys(k)): jax.numpy.asarray(v) for k, v in params.items()})
+    nnx.replace_by_pure_dict(state, tree)
     return nnx.merge(graphdef, state)
+
+
+def _keys(path: str) -> list[str | int]:
+    """'layers.0.mlp' -> ['layers', 0, 'mlp']: nnx's own keys (layer indices are ints)."""
+    return [int(k) if k.isdigit() else k for k in path.split(".")]
 
 
 def model_params(model: Qwen2) -> dict[str, np.ndarray]:
     """Flat Flax parameters of a model, as host numpy arrays."""
-    _, state = nnx.split(model)
-    return {".".join(map(str, k)): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(state)}
+    return {path: np.asarray(value) for path, value in _flat_values(model).items()}
 
 
-def load_hf(path: str | Path, *, param_dtype: Any = None, dtype: Any = None) -> Qwen2:
-    """A Flax model from a Hugging Face checkpoint directory (config.json + safetensors)."""
-    cfg = ModelConfig.from_dir(path, param_dtype=param_dtype, dtype=dtype)
-    return model_from_params(cfg, load_hf_params(path, cfg))
+def load_hf(path: str | Path, *, param_dtype: Any = None, dtype: Any = None, mesh: Mesh | None = None) -> Qwen2:
+    """A Flax model from a Hugging Face checkpoint directory (config.json + safetensors),
+    streamed tensor by tensor onto the default device or, given a mesh, into each device's shard."""
+    cfg = read_config(path, param_dtype=param_dtype, dtype=dtype)
+    return model_from_params(cfg, load_hf_params(path, cfg, mesh))
 
 
-def atomic_dir(out: Path, overwrite: bool):
-    """A temporary sibling directory that replaces `out` only if the `with` body succeeds."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; choose another output directory or pass overwrite=True")
+PARTIAL_MARKER = ".apd_jax_partial"  # in a temporary output directory while it is being written
+
+
+def _is_checkpoint_dir(path: Path) -> bool:
+    """A directory --overwrite may replace: empty, an apd_jax (orbax) one, or a HF one (config.json + weights)."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    if not any(path.iterdir()) or (path / "params" / "_CHECKPOINT_METADATA").is_file():
+        return True
+    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
+def _check_destination(out: Path, sources: Iterable[Path], overwrite: bool) -> None:
+    """Refuse an output that is, is inside or holds a source, and replace only checkpoint directories."""
+    target = out.resolve()
+    for src in sources:
+        src_real = Path(src).expanduser().resolve()
+        if target == src_real:
+            raise ValueError(f"output directory {out} is the source {src}; choose another output directory")
+        if src_real in target.parents:
+            raise ValueError(f"output directory {out} is inside the source {src}; choose a directory outside it")
+        if target in src_real.parents:
+            raise ValueError(
+                f"output directory {out} contains the source {src}: replacing it would delete the source; "
+                "choose another output directory"
+            )
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise FileExistsError(f"{out} already exists; choose another output directory or pass overwrite=True")
+        if not _is_checkpoint_dir(out):
+            raise FileExistsError(
+                f"{out} exists and is not an apd_jax or Hugging Face checkpoint directory (nor empty); overwrite "
+                "replaces only those: remove it yourself or choose another output directory"
+            )
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Remove `.NAME.*` temporary directories of `out` that an interrupted run of this machine left:
+    only those holding apd_jax's marker whose writing process has gone."""
+    for tmp in out.parent.glob(f".{glob.escape(out.name)}.*"):
+        marker = tmp / PARTIAL_MARKER
+        if tmp.is_symlink() or not marker.is_file():
+            continue
+        try:
+            owner = json.loads(marker.read_text())
+        except (json.JSONDecodeError, OSError):
+            continue
+        pid = owner.get("pid") if isinstance(owner, dict) else None
+        if isinstance(pid, int) and owner.get("host") == socket.gethostname() and not _pid_alive(pid):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _marked_tmp(out: Path) -> Path:
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    (tmp / PARTIAL_MARKER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    return tmp
+
+
+@contextlib.contextmanager
+def atomic_dir(out: Path, overwrite: bool, *, sources: Iterable[Path] = ()) -> Iterator[Path]:
+    """A temporary sibling directory that replaces `out` only if the `with` body succeeds.
+
+    `out` may not be, be inside or hold one of `sources`; with overwrite it replaces only a
+    checkpoint directory. Leftovers of interrupted runs (marked temporary directories) are removed."""
+    out = Path(out).expanduser()
+    _check_destination(out, sources, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-
-    class _Ctx:
-        def __enter__(self) -> Path:
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-            return self.tmp
-
-        def __exit__(self, exc_type, exc, tb) -> None:
-            if exc_type is not None:
-                shutil.rmtree(self.tmp, ignore_errors=True)
-                return
-            if out.exists():
-                shutil.rmtree(out)
-            self.tmp.rename(out)
-
-    return _Ctx()
+    _remove_leftovers(out)
+    tmp = _marked_tmp(out)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    (tmp / PARTIAL_MARKER).unlink()
+    if not out.exists():
+        tmp.rename(out)
+        return
+    old = _marked_tmp(out)  # the replaced directory waits here, marked, until the new one is in place
+    out.rename(old / out.name)
+    tmp.rename(out)
+    shutil.rmtree(old)
 
 
 # Copied alongside the weights so a converted directory is self-contained.
@@ -239,109 +486,297 @@ def _copy_configs(src: Path, dst: Path) -> None:
             shutil.copy2(src / name, dst / name)
 
 
+# ----------------------------------------------------------------------------- orbax
+
+
+@dataclasses.dataclass(frozen=True)
+class _LazyParam:
+    """An orbax leaf that is read only when it is written: conversion never holds the model."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    read: Callable[[], np.ndarray]
+
+
+class _LazyParamHandler(ocp.type_handlers.NumpyHandler):
+    """Saves _LazyParam leaves as numpy arrays, one at a time (orbax's own handler writes a batch
+    concurrently, which would read every leaf at once); restored by the standard handlers."""
+
+    async def serialize(self, values, infos, args=None):  # noqa: ANN001 (orbax's TypeHandler signature)
+        # Chunks of READ_CHUNK_BYTES: a sharded restore reads only the chunks of its own slice.
+        args = [dataclasses.replace(a, chunk_byte_size=READ_CHUNK_BYTES) for a in (args or [ocp.SaveArgs()] * len(values))]
+
+        async def write_one_by_one() -> None:
+            for value, info, arg in zip(values, infos, args):
+                await self._background_serialize([value.read()], [info], [arg])
+                _release_host_memory()
+
+        return [ocp.future.CommitFutureAwaitingContractedSignals(write_one_by_one(), name="apd_jax_lazy_params")]
+
+    async def _open_and_write(self, value: np.ndarray, tspec: dict, ts_context: Any) -> None:
+        """Written a few whole chunks at a time: tensorstore buffers those, not a copy of the array."""
+        t = await ts.open(ts.Spec(tspec), create=True, open=True, context=ts_context)
+        if value.ndim == 0:
+            return await t.write(value)
+        chunk = t.chunk_layout.write_chunk.shape
+        axis = next((i for i, (c, n) in enumerate(zip(chunk, value.shape)) if c < n), 0)  # the one split first
+        step = chunk[axis] * max(1, READ_CHUNK_BYTES // (math.prod(chunk) * value.itemsize))
+        for start in range(0, value.shape[axis], step):
+            block = (slice(None),) * axis + (slice(start, min(start + step, value.shape[axis])),)
+            await t[block].write(value[block])
+
+
+def _release_host_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps freed blocks below its mmap threshold,
+    which a long run of mid-sized parameters turns into hundreds of MB of resident memory)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = ctypes.CDLL("libc.so.6") if sys.platform == "linux" and platform.libc_ver()[0] == "glibc" else None
+
+
+def _save_params(directory: Path, params: Mapping[str, Any]) -> None:
+    """Flat Flax parameters (arrays or _LazyParam) -> an orbax checkpoint at `directory`."""
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (jax.Array, ocp.type_handlers.ArrayHandler()), (np.ndarray, ocp.type_handlers.NumpyHandler()),
+        (_LazyParam, _LazyParamHandler()),
+    )
+    tree = traverse_util.unflatten_dict(params, sep=".")
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry)) as ckptr:
+        ckptr.save(directory.absolute(), args=ocp.args.PyTreeSave(tree))
+
+
 def convert_hf_to_orbax(hf_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> Path:
-    """HF checkpoint directory -> out_dir/{config.json, params/ (orbax)}; dtypes as stored."""
-    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
-    cfg = ModelConfig.from_dir(hf_dir)
-    params = load_hf_params(hf_dir, cfg)
-    with atomic_dir(out_dir, overwrite) as tmp:
-        _copy_configs(hf_dir, tmp)
-        with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save((tmp / "params").absolute(), _unflatten(params))
+    """HF checkpoint directory -> out_dir/{config.json, params/ (orbax)}; dtypes as stored.
+
+    Each parameter is read, converted (on the host's CPU device) and written before the next."""
+    hf_dir, out_dir = Path(hf_dir).expanduser(), Path(out_dir).expanduser()
+    cfg = read_config(hf_dir)
+    tensors = _checked_index(hf_dir, cfg)
+    cpu = SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+    shapes = expected_shapes(cfg)
+    with _progress(f"converting {hf_dir.name}", sum(_param_bytes(tensors, p) for p in shapes)) as advance:
+
+        def read(path: str) -> np.ndarray:
+            array = np.asarray(_load_param(tensors, path, shapes[path], cpu))
+            advance(_param_bytes(tensors, path))
+            return array
+
+        lazy = {p: _LazyParam(tuple(s.shape), np.dtype(s.dtype), functools.partial(read, p)) for p, s in shapes.items()}
+        with atomic_dir(out_dir, overwrite, sources=(hf_dir,)) as tmp:
+            _copy_configs(hf_dir, tmp)
+            _save_params(tmp / "params", lazy)
     return out_dir
+
+
+def _flat(tree: Mapping) -> dict[str, Any]:
+    return traverse_util.flatten_dict(tree, sep=".")
+
+
+def _saved_shapes(ckpt_dir: Path, shapes: Mapping[str, Any]) -> dict[str, Any]:
+    """The orbax checkpoint's array metadata, checked to hold exactly this model's parameters."""
+    with ocp.StandardCheckpointer() as ckptr:
+        metadata = ckptr.metadata((ckpt_dir / "params").absolute()).item_metadata
+    saved = {".".join(str(k.key) for k in path): m for path, m in jax.tree_util.tree_flatten_with_path(metadata)[0]}
+    if set(saved) != set(shapes):
+        raise CheckpointError(
+            f"{ckpt_dir} does not hold this apd_jax's parameters: unexpected {sorted(set(saved) - set(shapes))[:4]}, "
+            f"missing {sorted(set(shapes) - set(saved))[:4]}. A checkpoint saved before the fused q/k/v and gate/up "
+            "projections must be converted again from its Hugging Face directory (apd-jax convert hf-to-flax)"
+        )
+    return saved
+
+
+def _restore(ckpt_dir: Path, target: Mapping[str, Any]) -> dict[str, Any]:
+    """Restore the leaves of `target` (flat; ShapeDtypeStructs, with a sharding to land on devices),
+    with at most about the largest leaf (rounded up to whole GB, orbax's unit) in flight on the host."""
+    largest = max(_nbytes(s) for s in target.values() if s is not ocp.PLACEHOLDER)
+    handler = ocp.StandardCheckpointHandler(restore_concurrent_gb=max(1, math.ceil(largest / 10**9)))
+    with ocp.Checkpointer(handler) as ckptr:
+        tree = traverse_util.unflatten_dict(dict(target), sep=".")
+        return _flat(ckptr.restore((ckpt_dir / "params").absolute(), args=ocp.args.StandardRestore(tree)))
+
+
+def _orbax_dir(ckpt_dir: str | Path) -> Path:
+    ckpt_dir = Path(ckpt_dir).expanduser()
+    if not (ckpt_dir / "params").is_dir():
+        raise CheckpointError(f"{ckpt_dir} is not an apd_jax checkpoint: {ckpt_dir / 'params'} is missing")
+    return ckpt_dir
 
 
 def load_orbax(
     ckpt_dir: str | Path, *, param_dtype: Any = None, dtype: Any = None, mesh: Mesh | None = None
 ) -> Qwen2:
-    """Restore a model saved by convert_hf_to_orbax (or save_orbax).
-
-    Given a mesh, every device reads only its own shard of each parameter (apd_jax.sharding's
-    rules): no full copy of the model lands on one device.
+    """Restore a model saved by convert_hf_to_orbax (or save_orbax) straight onto the default device
+    or, given a mesh, into each device's shard of each parameter (apd_jax.sharding's rules): no full
+    copy of the model on the host, nor on one device of a mesh.
     """
-    ckpt_dir = Path(ckpt_dir)
-    if not (ckpt_dir / "params").is_dir():
-        raise CheckpointError(f"{ckpt_dir} is not an apd_jax checkpoint: {ckpt_dir / 'params'} is missing")
-    stored = ModelConfig.from_dir(ckpt_dir)
+    ckpt_dir = _orbax_dir(ckpt_dir)
+    stored = read_config(ckpt_dir)
     shapes = expected_shapes(stored)
-    target = _unflatten(shapes if mesh is None else sharded_shapes(shapes, stored, mesh))
-    with ocp.StandardCheckpointer() as ckptr:
-        metadata = ckptr.metadata((ckpt_dir / "params").absolute()).item_metadata
-        saved = {".".join(str(k.key) for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(metadata)[0]}
-        if saved != set(shapes):
-            raise CheckpointError(
-                f"{ckpt_dir} does not hold this apd_jax's parameters: unexpected {sorted(saved - set(shapes))[:4]}, "
-                f"missing {sorted(set(shapes) - saved)[:4]}. A checkpoint saved before the fused q/k/v and gate/up "
-                "projections must be converted again from its Hugging Face directory (apd-jax convert hf-to-flax)"
-            )
-        restored = ckptr.restore((ckpt_dir / "params").absolute(), target)
-    flat = {".".join(map(str, k)): v for k, v in _flatten(restored)}
-    cfg = ModelConfig.from_dir(ckpt_dir, param_dtype=param_dtype, dtype=dtype)
-    return model_from_params(cfg, {k: v.astype(cfg.param_dtype) for k, v in flat.items()})
-
-
-def _flatten(tree: dict, prefix: tuple = ()) -> Iterator[tuple[tuple, Any]]:
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            yield from _flatten(v, prefix + (k,))
-        else:
-            yield prefix + (k,), v
+    _saved_shapes(ckpt_dir, shapes)
+    cfg = read_config(ckpt_dir, param_dtype=param_dtype, dtype=dtype)
+    place = _shardings(cfg, mesh)
+    params = _restore(ckpt_dir, {p: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=place(p)) for p, s in shapes.items()})
+    for path, value in params.items():  # cast leaf by leaf: one parameter in two dtypes at a time
+        params[path] = value.astype(cfg.param_dtype)
+    return model_from_params(cfg, params)
 
 
 def save_orbax(model: Qwen2, out_dir: str | Path, hf_config: dict, *, overwrite: bool = False) -> Path:
     """Save a model's parameters with orbax beside its HF config.json."""
-    with atomic_dir(Path(out_dir), overwrite) as tmp:
+    with atomic_dir(Path(out_dir).expanduser(), overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
-        with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save((tmp / "params").absolute(), _unflatten(model_params(model)))
+        _save_params(tmp / "params", _flat_values(model))
     return Path(out_dir)
+
+
+# ----------------------------------------------------------------------------- safetensors export
+
+
+def _shard_plan(specs: Mapping[str, Any], max_shard_size: int) -> list[list[str]]:
+    """Flax paths grouped into files of at most max_shard_size bytes (a parameter is never split)."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for path, s in specs.items():
+        n = _nbytes(s)
+        if shards[-1] and size + n > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(path)
+        size += n
+    return shards
+
+
+def _write_safetensors(file: Path, specs: Mapping[str, Any], arrays: Iterator[tuple[str, Any]]) -> None:
+    """A safetensors file written tensor by tensor: the header first (every shape is known), then
+    each Flax parameter's HF tensors as `arrays` yields it, so only one parameter is in memory."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for path, s in specs.items():
+        names, layout = _entry(path)
+        for name, part in zip(names, jax.eval_shape(lambda x, layout=layout: _to_hf(layout, x), s)):
+            n = _nbytes(jax.ShapeDtypeStruct(part.shape, s.dtype))
+            header[name] = {"dtype": _DTYPE_NAMES[np.dtype(s.dtype)], "shape": list(part.shape),
+                            "data_offsets": [offset, offset + n]}
+            offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(file, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for path in specs:
+            got, array = next(arrays)
+            assert got == path, (got, path)  # the caller yields in the plan's order
+            for part in _to_hf(_entry(path)[1], np.asarray(array)):
+                f.write(np.ascontiguousarray(part).reshape(-1).view(np.uint8).data)  # bytes, any dtype
+
+
+def _write_hf(
+    specs: Mapping[str, Any], arrays: Iterator[tuple[str, Any]], config_dir: Path, out_dir: Path, *,
+    overwrite: bool, max_shard_size: int,
+) -> Path:
+    """Flax parameters (yielded in `specs` order) -> a HF directory: one model.safetensors when it
+    fits in max_shard_size, else model-0000k-of-0000n.safetensors and model.safetensors.index.json."""
+    plan = _shard_plan(specs, max_shard_size)
+    files = ["model.safetensors"] if len(plan) == 1 else [
+        f"model-{k + 1:05d}-of-{len(plan):05d}.safetensors" for k in range(len(plan))
+    ]
+    weight_map = {}
+    with atomic_dir(out_dir, overwrite, sources=(config_dir,)) as tmp:
+        _copy_configs(config_dir, tmp)
+        for file, paths in zip(files, plan):
+            _write_safetensors(tmp / file, {p: specs[p] for p in paths}, arrays)
+            weight_map.update({name: file for p in paths for name in _entry(p)[0]})
+        if len(plan) > 1:
+            total = sum(_nbytes(s) for s in specs.values())
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return out_dir
+
+
+def _check_params(names: Iterable[str], cfg_dir: Path, cfg: ModelConfig) -> None:
+    expected, names = expected_shapes(cfg), set(names)
+    if names != set(expected):
+        raise CheckpointError(
+            f"parameters do not match {cfg_dir / 'config.json'}: "
+            f"missing {sorted(set(expected) - names)[:8]}, unexpected {sorted(names - set(expected))[:8]}"
+        )
 
 
 def export_hf(
-    params: dict[str, np.ndarray], config_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False
+    params: Mapping[str, Any], config_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False,
+    max_shard_size: int = MAX_SHARD_SIZE,
 ) -> Path:
-    """Flat Flax parameters -> HF safetensors + config.json (copied from config_dir)."""
-    config_dir = Path(config_dir)
-    cfg = ModelConfig.from_dir(config_dir)
-    expected = expected_shapes(cfg)
-    if set(params) != set(expected):
-        raise CheckpointError(
-            f"parameters do not match {config_dir / 'config.json'}: "
-            f"missing {sorted(set(expected) - set(params))[:8]}, unexpected {sorted(set(params) - set(expected))[:8]}"
-        )
-    tensors = {}
-    for path, array in params.items():
-        names, layout = _entry(path)
-        tensors.update({name: np.ascontiguousarray(t) for name, t in zip(names, _to_hf(layout, array))})
-    with atomic_dir(Path(out_dir), overwrite) as tmp:
-        _copy_configs(config_dir, tmp)
-        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
-    return Path(out_dir)
+    """Flat Flax parameters -> HF safetensors (sharded past max_shard_size bytes) + config.json
+    (copied from config_dir); dtypes as given."""
+    config_dir = Path(config_dir).expanduser()
+    _check_params(params, config_dir, read_config(config_dir))
+    specs = {p: jax.ShapeDtypeStruct(np.shape(a), a.dtype) for p, a in params.items()}
+    return _write_hf(specs, iter(params.items()), config_dir, Path(out_dir).expanduser(), overwrite=overwrite,
+                     max_shard_size=max_shard_size)
 
 
-def convert_orbax_to_hf(ckpt_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> Path:
-    """apd_jax orbax checkpoint -> HF directory, dtypes as stored."""
-    return export_hf(model_params(load_orbax(ckpt_dir)), ckpt_dir, out_dir, overwrite=overwrite)
+def _restored_in_batches(ckpt_dir: Path, specs: Mapping[str, Any], budget: int) -> Iterator[tuple[str, np.ndarray]]:
+    """(path, host array) in `specs` order, restored from orbax a batch of about `budget` bytes at a time."""
+    batch: list[str] = []
+    size = 0
+    paths = list(specs)
+    for i, path in enumerate(paths):
+        batch.append(path)
+        size += _nbytes(specs[path])
+        if size >= budget or i == len(paths) - 1:
+            target = {p: jax.ShapeDtypeStruct(specs[p].shape, specs[p].dtype) if p in batch else ocp.PLACEHOLDER
+                      for p in paths}
+            restored = _restore(ckpt_dir, target)
+            for p in batch:
+                yield p, np.asarray(restored.pop(p))
+            batch, size = [], 0
 
 
-def load_model(path: str | Path, *, param_dtype: Any = None, dtype: Any = None) -> Qwen2:
-    """An apd_jax (orbax) directory or a Hugging Face directory, whichever `path` is."""
-    path = Path(path)
+def convert_orbax_to_hf(
+    ckpt_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False, max_shard_size: int = MAX_SHARD_SIZE
+) -> Path:
+    """apd_jax orbax checkpoint -> HF directory (sharded like the hub's), dtypes as stored; the
+    parameters are restored and written about 1 GB at a time."""
+    ckpt_dir = _orbax_dir(ckpt_dir)
+    cfg = read_config(ckpt_dir)
+    saved = _saved_shapes(ckpt_dir, expected_shapes(cfg))
+    specs = {p: jax.ShapeDtypeStruct(tuple(saved[p].shape), saved[p].dtype) for p in expected_shapes(cfg)}
+    arrays = _restored_in_batches(ckpt_dir, specs, 10**9)
+    return _write_hf(specs, arrays, ckpt_dir, Path(out_dir).expanduser(), overwrite=overwrite,
+                     max_shard_size=max_shard_size)
+
+
+def load_model(path: str | Path, *, param_dtype: Any = None, dtype: Any = None, mesh: Mesh | None = None) -> Qwen2:
+    """An apd_jax (orbax) directory or a Hugging Face directory, whichever `path` is, streamed onto
+    the default device or into each device's shard of `mesh`."""
+    path = Path(path).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} not found")
     if (path / "params").is_dir():
-        return load_orbax(path, param_dtype=param_dtype, dtype=dtype)
-    return load_hf(path, param_dtype=param_dtype, dtype=dtype)
+        return load_orbax(path, param_dtype=param_dtype, dtype=dtype, mesh=mesh)
+    return load_hf(path, param_dtype=param_dtype, dtype=dtype, mesh=mesh)
 
 
 def load_tokenizer(path: str | Path):
-    """The Hugging Face tokenizer saved beside a checkpoint."""
-    from transformers import AutoTokenizer
+    """The Hugging Face tokenizer saved beside a checkpoint.
 
-    path = Path(path)
+    transformers does not know Dream's model_type: AutoTokenizer then falls back to a generic config
+    read with PretrainedConfig.from_pretrained, which warns on every run ("You are using a model of
+    type `Dream` to instantiate a model of type ``"). The same generic config, built from the dict,
+    is handed over instead: the same tokenizer, no warning."""
+    from transformers import AutoTokenizer, PretrainedConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    path = Path(path).expanduser()
     if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
         raise FileNotFoundError(
             f"no tokenizer in {path} (tokenizer.json / tokenizer_config.json); copy the model's tokenizer files "
             "there, or pass token ids with --ids"
         )
-    return AutoTokenizer.from_pretrained(path)
+    config = None
+    if (path / "config.json").is_file():
+        fields = _read_json(path / "config.json")
+        config = None if fields.get("model_type") in CONFIG_MAPPING else PretrainedConfig.from_dict(fields)
+    return AutoTokenizer.from_pretrained(path, config=config)

@@ -1,4 +1,5 @@
-"""Sharded APD: a (data, model) device mesh and the one table that places every array on it.
+"""Sharded APD: a (data, model) device mesh and the placement of every array on it
+(parameters: the spec column of apd_jax.params.PARAM_TABLE).
 
 `data` splits the batch rows (each device group runs its own rows: no traffic but
 the final gather); `model` is Megatron-style tensor parallelism inside each layer:
@@ -23,7 +24,6 @@ caches (apd._generate constrains the caches it creates to `cache_sharding`).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,22 +35,10 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from apd_jax.cache import KVCache
 from apd_jax.config import ModelConfig
 from apd_jax.model import Qwen2
+from apd_jax.params import MODEL, PARAM_TABLE, param_entry
 
-DATA, MODEL = "data", "model"
+DATA = "data"  # the mesh axis of batch rows; MODEL, of tensor parallelism, is params.py's
 
-# Parameter path (regex, full match on the dotted Flax path) -> PartitionSpec of its dims,
-# and the ModelConfig field whose size `model` must divide. Flax kernels are [in, out].
-PARAM_RULES: tuple[tuple[str, P, str | None], ...] = (
-    # [hidden, kv_heads, g + 2, head_dim]: whole KV-head groups (their query heads, key and value) per device
-    (r"layers\.\d+\.self_attn\.qkv_proj\.kernel", P(None, MODEL, None, None), "num_kv_heads"),
-    (r"layers\.\d+\.self_attn\.qkv_proj\.bias", P(MODEL, None, None), "num_kv_heads"),
-    (r"layers\.\d+\.self_attn\.o_proj\.kernel", P(MODEL, None), "num_heads"),  # [heads*d, hidden]
-    (r"layers\.\d+\.mlp\.gate_up_proj\.kernel", P(None, None, MODEL), "intermediate_size"),  # [hidden, 2, inter]
-    (r"layers\.\d+\.mlp\.down_proj\.kernel", P(MODEL, None), "intermediate_size"),  # [inter, hidden]
-    (r"embed_tokens\.embedding", P(MODEL, None), "vocab_size"),  # [vocab, hidden]
-    (r"lm_head", P(None, MODEL), "vocab_size"),  # [hidden, vocab]
-    (r"(layers\.\d+\.)?\w*norm\.weight", P(), None),  # [hidden]
-)
 CACHE_SPEC = P(None, DATA, MODEL, None, None)  # KVCache.k/v: [layers, batch, kv_heads, max_len, head_dim]
 BATCH_SPEC = P(DATA)  # prompts, prompt lengths, cache lengths: rows over `data`
 
@@ -89,7 +77,7 @@ def _check_divides(what: str, size: int, mesh: Mesh, axis: str) -> None:
 
 def check_model(cfg: ModelConfig, mesh: Mesh) -> None:
     """Every dimension split over `model` (the table's, and the KV cache's heads) must divide evenly."""
-    for field in dict.fromkeys(f for _, _, f in PARAM_RULES if f):
+    for field in dict.fromkeys(p.split for p in PARAM_TABLE.values() if p.split):
         _check_divides(field, getattr(cfg, field), mesh, MODEL)
 
 
@@ -104,10 +92,7 @@ def check_batch(batch: int, mesh: Mesh) -> None:
 
 def param_spec(path: str) -> P:
     """The PartitionSpec of a parameter from its dotted path (e.g. 'layers.0.mlp.gate_up_proj.kernel')."""
-    for pattern, spec, _ in PARAM_RULES:
-        if re.fullmatch(pattern, path):
-            return spec
-    raise ValueError(f"parameter {path!r} matches no sharding rule in apd_jax.sharding.PARAM_RULES")
+    return param_entry(path).spec
 
 
 def sharded_shapes(
@@ -122,7 +107,7 @@ def sharded_shapes(
 
 
 def shard_model(model: Qwen2, mesh: Mesh) -> Qwen2:
-    """A copy of `model` with every parameter placed by PARAM_RULES on `mesh` (the input is left as is)."""
+    """A copy of `model` with every parameter placed by PARAM_TABLE's specs on `mesh` (the input is left as is)."""
     check_model(model.cfg, mesh)
     graphdef, state = nnx.split(model)
     placed = {}

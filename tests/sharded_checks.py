@@ -30,7 +30,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from apd_jax import apd, cli  # noqa: E402
 from apd_jax.cache import KVCache  # noqa: E402
-from apd_jax.checkpoint import load_orbax, save_orbax  # noqa: E402
+from apd_jax.checkpoint import export_hf, load_hf, load_orbax, model_params, save_orbax  # noqa: E402
 from apd_jax.config import tiny_config  # noqa: E402
 from apd_jax.model import forward_logits, init_model  # noqa: E402
 from apd_jax.sharding import CACHE_SPEC, constrain_cache, make_mesh, param_spec, shard_model, shard_rows  # noqa: E402
@@ -141,24 +141,41 @@ def caches_sharded_as_declared():
         assert f"f32[2,4,2,48,{head_dim}]" in hlo and f"f32[2,8,8,48,{head_dim}]" not in hlo, head_dim
 
 
-def orbax_restores_into_shards():
-    drafter = models()[0]
-    cfg = drafter.cfg
-    hf = {
+def _drafter_hf_config() -> dict:
+    cfg = models()[0].cfg
+    return {
         "model_type": "Dream", "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
         "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
         "rope_theta": cfg.rope_theta, "tie_word_embeddings": False, "mask_token_id": cfg.mask_token_id,
         "max_position_embeddings": cfg.max_position_embeddings, "torch_dtype": "float32",
     }
-    mesh = make_mesh(2, 4)
-    with tempfile.TemporaryDirectory() as tmp:
-        save_orbax(drafter, Path(tmp) / "ckpt", hf)
-        restored = load_orbax(Path(tmp) / "ckpt", mesh=mesh)
+
+
+def _assert_restored(restored, mesh) -> None:
     _assert_model_placed(restored, mesh)
-    want = _flat_params(drafter)
+    want = _flat_params(models()[0])
     for path, arr in _flat_params(restored).items():
         assert np.array_equal(np.asarray(arr), np.asarray(want[path])), path
+
+
+def orbax_restores_into_shards():
+    mesh = make_mesh(2, 4)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_orbax(models()[0], Path(tmp) / "ckpt", _drafter_hf_config())
+        restored = load_orbax(Path(tmp) / "ckpt", mesh=mesh)
+    _assert_restored(restored, mesh)
+
+
+def hf_loads_into_shards():
+    # Each device reads only its slice of each HF tensor (the fused q/k/v by KV-head group too).
+    mesh = make_mesh(2, 4)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "config").mkdir()
+        (Path(tmp) / "config" / "config.json").write_text(json.dumps(_drafter_hf_config()))
+        export_hf(model_params(models()[0]), Path(tmp) / "config", Path(tmp) / "hf")
+        restored = load_hf(Path(tmp) / "hf", mesh=mesh)
+    _assert_restored(restored, mesh)
 
 
 def cli_mesh_flag():

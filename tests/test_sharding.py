@@ -24,6 +24,7 @@ CHECKS = (
     "params_sharded_as_declared",
     "caches_sharded_as_declared",  # after a prefill, and inside the compiled APD loop
     "orbax_restores_into_shards",
+    "hf_loads_into_shards",  # load_hf(mesh=): every device reads only its slice of each HF tensor
     "cli_mesh_flag",  # apd-jax generate --mesh data=2,model=2 prints what the single-device run prints
 )
 

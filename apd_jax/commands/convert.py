@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from apd_jax.checkpoint import convert_hf_to_orbax, convert_orbax_to_hf
+from apd_jax.checkpoint import MAX_SHARD_SIZE, convert_hf_to_orbax, convert_orbax_to_hf
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -13,14 +13,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("direction", choices=("hf-to-flax", "flax-to-hf"))
     p.add_argument("src", type=Path, help="source checkpoint directory")
     p.add_argument("dst", type=Path, help="output directory (must not exist unless --overwrite)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace dst if it is an apd_jax or Hugging Face checkpoint directory (never the source)")
+    p.add_argument("--max-shard-size", type=float, default=MAX_SHARD_SIZE / 10**9, metavar="GB",
+                   help="flax-to-hf: safetensors files of at most this many GB, with an index past one "
+                        "(default %(default)g, as save_pretrained)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     if not args.src.is_dir():
         raise FileNotFoundError(f"source checkpoint directory {args.src} not found")
-    convert = convert_hf_to_orbax if args.direction == "hf-to-flax" else convert_orbax_to_hf
-    out = convert(args.src, args.dst, overwrite=args.overwrite)
+    if args.max_shard_size <= 0:
+        raise ValueError(f"--max-shard-size {args.max_shard_size} must be > 0")
+    if args.direction == "hf-to-flax":
+        out = convert_hf_to_orbax(args.src, args.dst, overwrite=args.overwrite)
+    else:
+        out = convert_orbax_to_hf(args.src, args.dst, overwrite=args.overwrite,
+                                  max_shard_size=int(args.max_shard_size * 10**9))
     print(f"wrote {out}")
     return 0
