@@ -13,6 +13,7 @@ import collections
 import dataclasses
 import functools
 import json
+import math
 import statistics
 import tempfile
 import time
@@ -168,16 +169,19 @@ def bench_apd(drafter: Qwen2, verifier: Qwen2, cfg: APDConfig, batch: int, promp
     nbytes = param_bytes(drafter) + param_bytes(verifier)
     layers_d, head_d = matmul_params(drafter.cfg)
     layers_v, head_v = matmul_params(verifier.cfg)
-    draft = min(cfg.M, cfg.max_new_tokens)
-
     def bound(result: GenerationResult) -> tuple[float, float]:
-        # Drafter: a window of about W - 1 + k + M tokens per row; heads and verifier over the draft.
-        window = cfg.W - 1 + result.tokens_per_pass() + draft
+        # Drafter: a window of about W - 1 + k + M tokens per row; heads and verifier over the draft. With
+        # adaptive lookahead, M is the rule's lookahead at the mean k (an estimate: the levels round it up).
+        k = result.tokens_per_pass()
+        draft = float(cfg.next_lookahead(jnp.int32(math.ceil(k)))) if cfg.M_min is not None else cfg.M
+        draft = min(draft, cfg.max_new_tokens)
+        window = cfg.W - 1 + k + draft
         flops = 2 * batch * (layers_d * window + (head_d + layers_v + head_v) * draft)
         return _roofline(flops, nbytes, ceilings)
 
+    adaptive = "" if cfg.M_min is None else f" adaptive {cfg.M_min},{cfg.M_scale:g},{cfg.M_margin}"
     run = lambda: apd_generate(drafter, verifier, prompts, cfg)  # noqa: E731
-    return _measure(f"{name} R={cfg.R} W={cfg.W} M={cfg.M}", batch, run, bound, repeats, profile)
+    return _measure(f"{name} R={cfg.R} W={cfg.W} M={cfg.M}{adaptive}", batch, run, bound, repeats, profile)
 
 
 def bench_leftright(drafter: Qwen2, K: int, cfg: APDConfig, batch: int, prompt_len: int,

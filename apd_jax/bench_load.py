@@ -169,13 +169,14 @@ def main(argv: list[str] | None = None) -> int:
     if not hf_dirs:
         p.error("give HF checkpoint directories or --make-random DIR")
     converted = [(args.work or d.parent) / f"{d.name}.apd_jax" for d in hf_dirs]
-    results = [step_in_subprocess("baseline")]
-    results += [step_in_subprocess("convert", d, c) for d, c in zip(hf_dirs, converted)]
-    results += [step_in_subprocess("load", *hf_dirs), step_in_subprocess("load", *converted)]
-    results[-2]["step"], results[-1]["step"] = "load-hf", "load-orbax"
-    for r in results:
+    steps = [("baseline", ())] + [("convert", (d, c)) for d, c in zip(hf_dirs, converted)]
+    steps += [("load-hf", tuple(hf_dirs)), ("load-orbax", tuple(converted))]
+    results = []
+    for step, paths in steps:  # each reported and saved as it finishes: a run cut short keeps what it measured
+        r = step_in_subprocess(step.split("-")[0], *paths) | {"step": step}
+        results.append(r)
         print(_report(r), flush=True)
-    args.json.write_text(json.dumps(results, indent=2))
+        args.json.write_text(json.dumps(results, indent=2))
     print(f"wrote {args.json}")
     return 0
 

@@ -29,7 +29,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--drafter", type=Path, help="real drafter checkpoint instead of random weights")
     p.add_argument("--verifier", type=Path, help="real verifier checkpoint instead of random weights")
     p.add_argument("--batch", default="1,4,16,32", help="comma-separated batch sizes")
-    p.add_argument("--settings", default="0.7,16,100;0.6,32,200", help="APD 'R,W,M' settings, ';'-separated")
+    p.add_argument("--settings", default="0.7,16,100;0.6,32,200",
+                   help="APD settings, ';'-separated: 'R,W,M', or 'R,W,M,M_min,M_scale,M_margin' for adaptive "
+                        "lookahead")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
@@ -48,11 +50,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _parse_settings(text: str) -> list[tuple[float, int, int]]:
-    try:
-        return [(float(r), int(w), int(m)) for r, w, m in (s.split(",") for s in text.split(";") if s)]
-    except ValueError:
-        raise ValueError(f"--settings {text!r}: expected 'R,W,M;R,W,M'") from None
+def _parse_settings(text: str, max_new_tokens: int) -> list[APDConfig]:
+    """'R,W,M' (the paper's fixed M) or 'R,W,M,M_min,M_scale,M_margin' (adaptive lookahead), ';'-separated."""
+    settings = []
+    for entry in filter(None, text.split(";")):
+        parts = entry.split(",")
+        try:
+            if len(parts) not in (3, 6):
+                raise ValueError
+            knobs = dict(R=float(parts[0]), W=int(parts[1]), M=int(parts[2]))
+            if len(parts) == 6:
+                knobs |= dict(M_min=int(parts[3]), M_scale=float(parts[4]), M_margin=int(parts[5]))
+        except ValueError:
+            raise ValueError(f"--settings entry {entry!r}: expected 'R,W,M' or 'R,W,M,M_min,M_scale,M_margin'") from None
+        config = APDConfig(**knobs, max_new_tokens=max_new_tokens, eos_token_ids=())
+        config.validate()
+        settings.append(config)
+    return settings
 
 
 def _configs(shapes: str) -> tuple[ModelConfig, ModelConfig, ModelConfig]:
@@ -76,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     _check_json_path(args.json)
     if args.against is not None and not args.against.is_file():
         raise FileNotFoundError(f"--against {args.against} not found: the JSON of an `apd-jax bench --json` run")
-    settings = _parse_settings(args.settings)
+    settings = _parse_settings(args.settings, args.max_new_tokens)
     if args.torch:
         return _torch(args, settings)
     batches = [int(b) for b in args.batch.split(",")]
@@ -101,8 +115,7 @@ def run(args: argparse.Namespace) -> int:
         if args.json:  # after every row, so a run cut short keeps what it measured
             args.json.write_text(bench.to_json(rows, ceilings))
 
-    for r, w, m in settings:
-        cfg = APDConfig(R=r, W=w, M=m, max_new_tokens=args.max_new_tokens, eos_token_ids=())
+    for cfg in settings:
         for b in batches:
             report(bench.bench_apd(drafter, verifier, cfg, b, args.prompt_len, ceilings, args.repeats,
                                    profile=args.profile))
@@ -119,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _torch(args: argparse.Namespace, settings: list[tuple[float, int, int]]) -> int:
+def _torch(args: argparse.Namespace, settings: list[APDConfig]) -> int:
     from apd_jax import bench_torch
 
     baselines = [] if args.baselines == "none" else args.baselines.split(",")
@@ -127,7 +140,8 @@ def _torch(args: argparse.Namespace, settings: list[tuple[float, int, int]]) -> 
         if args.json:  # after every row, so a run cut short keeps what it measured
             args.json.write_text(bench_torch.to_json(rows))
 
-    rows = bench_torch.run(_configs(args.shapes), settings, args.prompt_len, args.max_new_tokens, args.repeats,
+    fixed = [(c.R, c.W, c.M) for c in settings if c.M_min is None]  # the published loop has no adaptive M
+    rows = bench_torch.run(_configs(args.shapes), fixed, args.prompt_len, args.max_new_tokens, args.repeats,
                            baselines, log=lambda line: print(line, flush=True), on_row=report)
     if args.against is not None:
         for line in bench_torch.ratios(rows, args.against):
