@@ -6,14 +6,21 @@ are printed as one message, not a traceback.
 
 `apd-jax NAME ...` imports only NAME's module (so `apd-jax convert` imports no
 decoder or training code); `apd-jax --help` and an unknown name import them all.
+
+Compiled programs are kept in JAX's persistent compilation cache, under
+$XDG_CACHE_HOME/apd_jax/jax (default ~/.cache/apd_jax/jax), so a second run with the same
+shapes skips the compilation; `apd-jax --no-compile-cache NAME ...` turns it off.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
+from importlib.metadata import version
+from pathlib import Path
 
 # Subcommand modules, in the order `apd-jax --help` lists them; each registers the
 # command named like its module, with "-" for "_" (train_filter: train-filter).
@@ -30,14 +37,33 @@ SUBCOMMANDS = (
 
 def subcommand_modules(argv: Sequence[str]) -> tuple[str, ...]:
     """The one module whose command argv names first, else every module (for --help and errors)."""
-    named = [m for m in SUBCOMMANDS if argv and argv[0] == m.rsplit(".", 1)[1].replace("_", "-")]
+    command = next((a for a in argv if not a.startswith("-")), None)
+    named = [m for m in SUBCOMMANDS if command == m.rsplit(".", 1)[1].replace("_", "-")]
     return tuple(named) or SUBCOMMANDS
+
+
+def compile_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "apd_jax" / "jax"
+
+
+def enable_compile_cache() -> Path:
+    """Keep compiled programs across runs (JAX's persistent compilation cache) in compile_cache_dir()."""
+    import jax
+
+    path = compile_cache_dir()
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    return path
 
 
 def build_parser(modules: Sequence[str] = SUBCOMMANDS) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="apd-jax", description="Adaptive Parallel Decoding in JAX: a diffusion drafter and an autoregressive verifier."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version('apd_jax')}")
+    parser.add_argument("--no-compile-cache", action="store_true",
+                        help="do not keep compiled programs between runs (default: kept in "
+                             "$XDG_CACHE_HOME/apd_jax/jax, so a repeated run skips its compilation)")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in modules:
         importlib.import_module(name).add_parser(sub)
@@ -47,6 +73,8 @@ def build_parser(modules: Sequence[str] = SUBCOMMANDS) -> argparse.ArgumentParse
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(subcommand_modules(argv)).parse_args(argv)
+    if not args.no_compile_cache:
+        enable_compile_cache()
     try:
         return args.func(args) or 0
     except (ValueError, FileNotFoundError, FileExistsError) as err:

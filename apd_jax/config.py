@@ -122,8 +122,10 @@ class ModelConfig:
         if cfg.get("use_sliding_window"):
             raise ValueError("use_sliding_window=true is not supported")
         heads = cfg["num_attention_heads"]
-        eos = generation.get("eos_token_id", cfg.get("eos_token_id"))
-        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
+        # Every eos either file declares (an instruct checkpoint lists <|endoftext|> and <|im_end|>), in order.
+        declared = [generation.get("eos_token_id"), cfg.get("eos_token_id")]
+        eos_ids = tuple(dict.fromkeys(int(e) for ids in declared if ids is not None
+                                      for e in (ids if isinstance(ids, (list, tuple)) else [ids])))
         mask = generation.get("mask_token_id", cfg.get("mask_token_id"))
         rope = cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))
         stored = parse_dtype(cfg.get("torch_dtype", cfg.get("dtype", "float32")) or "float32")

@@ -190,3 +190,26 @@ def test_compare_defaults_to_the_embedded_pair(tmp_path, monkeypatch, capsys):
     for role in ("drafter", "verifier"):
         assert seen[role].cfg == load_model(ASSETS_DIR / role).cfg
     assert seen["learned"] is not None  # the embedded drafter's own filter
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.startswith("apd-jax ")
+
+
+@pytest.mark.parametrize("flag", [[], ["--no-compile-cache"]])
+def test_compiled_programs_persist_between_runs_unless_turned_off(flag, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = os.environ | {"XDG_CACHE_HOME": str(tmp_path)}
+    cmd = [sys.executable, "-m", "apd_jax.cli", *flag, "generate", "def f(x):", "--max-new-tokens", "4"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    cache = tmp_path / "apd_jax" / "jax"
+    if flag:
+        assert not cache.exists()
+    else:
+        assert any(p.name.startswith("jit__generate") for p in cache.iterdir())

@@ -55,3 +55,12 @@ def test_param_count_matches_the_initialised_model():
         cfg = tiny_config(causal=causal)
         state = nnx.state(init_model(cfg, 0), nnx.Param)
         assert cfg.param_count() == sum(x.size for x in jax.tree.leaves(state))
+
+
+def test_eos_ids_are_every_one_both_files_declare():
+    cfg, _ = qwen25_05b_config().to_hf_dict()
+    both = ModelConfig.from_hf_dict(cfg | {"eos_token_id": 151643}, {"eos_token_id": [151645, 151643]})
+    assert both.eos_token_ids == (151645, 151643)
+    assert ModelConfig.from_hf_dict(cfg | {"eos_token_id": 151643}, {"eos_token_id": 151645}).eos_token_ids == (
+        151645, 151643)
+    assert ModelConfig.from_hf_dict(cfg | {"eos_token_id": None}, {}).eos_token_ids == ()

@@ -43,7 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     source.add_argument("--prompts-file", type=Path,
                         help="one prompt per line, `\\n` for a newline (ids with --random-tiny)")
     source.add_argument("--heldout-prompts", type=int, metavar="N",
-                        help="the first N held-out prompts of the stdlib corpus (apd_jax.train.stdlib_prompts: "
+                        help="the first N held-out prompts of the stdlib corpus (apd_jax.corpus.stdlib_prompts: "
                              "the embedded pair's APD check; files it was not trained on)")
     p.add_argument("--stdlib", type=Path, default=None,
                    help="--heldout-prompts: corpus root (default: this Python's stdlib, as `apd-jax train`)")

@@ -21,7 +21,7 @@ from apd_jax.apd import APDConfig, apd_generate, live_view, shared_vocab_size
 from apd_jax.batching import DEFAULT_BATCH_SIZE, generate_in_batches
 from apd_jax.chat import chat_prompt_ids, has_chat_template, stop_token_ids
 from apd_jax.chat import messages as chat_messages
-from apd_jax.checkpoint import load_model, load_orbax, load_tokenizer
+from apd_jax.checkpoint import load_model, load_tokenizer
 from apd_jax.commands import embedded_filter
 from apd_jax.commands.options import (
     DefaultsHelpFormatter,
@@ -119,13 +119,6 @@ def _prompts(args: argparse.Namespace) -> list[str]:
     return [sys.stdin.read()]
 
 
-def _load(path: Path, dtype: str | None, mesh: jax.sharding.Mesh | None) -> Qwen2:
-    if mesh is not None and (path / "params").is_dir():
-        return load_orbax(path, param_dtype=dtype, mesh=mesh)  # each device reads only its shards
-    model = load_model(path, param_dtype=dtype)
-    return model if mesh is None else shard_model(model, mesh)
-
-
 def _filter(args: argparse.Namespace):
     path = args.filter or (None if args.random_tiny else embedded_filter(args.drafter))
     if path is None:
@@ -174,8 +167,9 @@ def run(args: argparse.Namespace) -> int:
             drafter, verifier = shard_model(drafter, mesh), shard_model(verifier, mesh)
     else:
         args.drafter, args.verifier = pair_paths(args.drafter, args.verifier)
-        drafter = _load(args.drafter, args.dtype, mesh)
-        verifier = _load(args.verifier, args.dtype, mesh)
+        # Streamed onto the device, or straight into each device's shard of the mesh.
+        drafter = load_model(args.drafter, param_dtype=args.dtype, mesh=mesh)
+        verifier = load_model(args.verifier, param_dtype=args.dtype, mesh=mesh)
         tok_d, tok_v = load_tokenizer(args.drafter), load_tokenizer(args.verifier)
     vocab = shared_vocab_size(drafter.cfg, verifier.cfg, tok_d, tok_v)
     prompts = _encode(args, texts, tok_d)

@@ -32,7 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompts-file", type=Path, help="one prompt per line, `\\n` for a newline")
     source.add_argument("--train-prompts", type=int, metavar="N",
-                        help="N prompts from the training files of the stdlib corpus (apd_jax.train.stdlib_prompts; "
+                        help="N prompts from the training files of the stdlib corpus (apd_jax.corpus.stdlib_prompts; "
                              "never the held-out files that `apd-jax compare --heldout-prompts` decodes)")
     p.add_argument("--stdlib", type=Path, default=None,
                    help="--train-prompts: corpus root (default: this Python's stdlib, as `apd-jax train`)")
