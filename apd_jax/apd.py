@@ -48,7 +48,8 @@ RULES = ("paper", "reference")
 @dataclasses.dataclass(frozen=True)
 class APDConfig(DecoderConfig):
     """The knobs (and DecoderConfig's). R, temperature, top_p and top_k are traced (changing
-    them never recompiles); W, M and max_new_tokens set shapes. eos_token_ids None: the
+    them never recompiles); W, M, max_new_tokens and the adaptive lookahead's settings are
+    static (a change compiles a new program). eos_token_ids None: the
     drafter config's.
 
     R: the mixture's weight on the drafter, R * logits_D + (1 - R) * logits_AR.
@@ -274,9 +275,10 @@ def _emit(draft: np.ndarray, k: np.ndarray, eos_at: np.ndarray) -> None:
 
 @contextlib.contextmanager
 def live_view(listener: Callable[[np.ndarray, np.ndarray, np.ndarray], None]):
-    """Within the block, `apd_generate(..., live=True)` calls listener(draft [B, n], k [B], eos_at [B])
-    from inside the compiled loop after every pass, in order: row b accepted draft[b, :k[b]]
-    (0 once it has stopped; eos_at[b] >= 0 is the position of its first generated eos)."""
+    """Within the block, `apd_generate(..., live=True)` calls listener(draft [B, n], kept [B], eos_at [B])
+    from inside the compiled loop after every pass, in order: row b's generation grew by
+    draft[b, :kept[b]] (up to and including its first eos; 0 once it has stopped), and
+    eos_at[b] >= 0 is the absolute position of that eos."""
     global _listener
     previous, _listener = _listener, listener
     try:
@@ -312,7 +314,8 @@ def _accept(
     eos_at = jnp.where(hit, state.t + jnp.argmax(is_eos, axis=1), state.eos_at)
     t = state.t + k
     if spec.live:  # ordered: the host sees the passes in the loop's order
-        io_callback(_emit, None, draft, k, eos_at, ordered=True)
+        kept = jnp.where(hit, jnp.argmax(is_eos, axis=1) + 1, k)  # up to and including a first eos
+        io_callback(_emit, None, draft, kept, eos_at, ordered=True)
     return dataclasses.replace(
         state,
         tokens=tokens,
@@ -406,7 +409,9 @@ def _run(
     # k_prev <= its width spans at most W - 1 + 2 * width (a wider need takes a wider level).
     levels = tuple(_Level(d, _window_sizes(config.W, d, prompt_len + config.M if d == widths[-1] else 0, total))
                    for d in widths)
-    lookahead = APDConfig(M=config.M, M_min=config.M_min, M_scale=config.M_scale, M_margin=config.M_margin)
+    # Only what the compiled loop reads: a fixed M ignores M_scale / M_margin, so they must not recompile it.
+    lookahead = (APDConfig(M=config.M) if config.M_min is None else
+                 APDConfig(M=config.M, M_min=config.M_min, M_scale=config.M_scale, M_margin=config.M_margin))
     spec = _Static(
         W=config.W, lookahead=lookahead, levels=levels, prompt_len=prompt_len, max_new=config.max_new_tokens,
         total=total, vocab=vocab, mask_id=drafter.cfg.mask_token_id, eos_ids=eos, rule=config.rule,

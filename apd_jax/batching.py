@@ -45,6 +45,8 @@ def completed_records(output: Path, prompts: Sequence[str]) -> int:
                     raise ValueError(f"{output}: line {done + 1} is not JSON; it is not an apd-jax output file, "
                                      "or was edited: pass another --output") from None
                 break  # the half-written last line of an interrupted run
+            if not line.endswith(b"\n"):
+                break  # a whole record whose newline the interruption cut off: written again
             if done >= len(prompts) or rec.get("index") != done or rec.get("prompt") != prompts[done]:
                 raise ValueError(f"{output}: record {done} does not match prompt {done} of this input; it was "
                                  "written for other prompts: pass another --output, or drop --resume")
@@ -64,7 +66,7 @@ def batches(n: int, batch_size: int, start: int = 0) -> Iterator[range]:
 def generate_in_batches(
     prompts: Sequence[str],
     prompt_ids: Sequence[Sequence[int]],
-    generate: Callable[[list[list[int]]], GenerationResult],
+    generate: Callable[[list[list[int]], int], GenerationResult],
     decode: Callable[[list[int]], str],
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
@@ -75,7 +77,9 @@ def generate_in_batches(
 ) -> list[dict]:
     """Decode every prompt, batch_size at a time; the records of the prompts decoded in this call.
 
-    `generate` maps a list of batch_size id lists to a GenerationResult. With `output`, records
+    `generate(rows, first)` maps a list of batch_size id lists, the first of them prompt number
+    `first`, to a GenerationResult (a sampling decoder can derive the batch's key from `first`,
+    so a resumed run draws what an uninterrupted one would). With `output`, records
     are appended to it as JSON lines; the file must not exist unless `resume` is set.
     """
     if batch_size < 1:
@@ -98,7 +102,7 @@ def generate_in_batches(
     with _progress(len(prompts), start, enabled=progress) as advance:
         for idx in batches(len(prompts), size, start):
             rows = [list(prompt_ids[i]) for i in idx]
-            result = generate(rows + [rows[0]] * (size - len(rows)))  # one shape for every batch
+            result = generate(rows + [rows[0]] * (size - len(rows)), idx[0])  # one shape for every batch
             new = [record(i, prompts[i], result, r, decode) for r, i in enumerate(idx)]
             if output is not None:
                 with output.open("a", encoding="utf-8") as f:

@@ -210,6 +210,9 @@ def bench_ar(model: Qwen2, cfg: ARConfig, batch: int, prompt_len: int, ceilings:
     return _measure("AR decode", batch, run, bound, repeats, profile)
 
 
+LEFTRIGHT_WM = (16, 100)  # the left-to-right baseline's (W, M), in JAX and in PyTorch alike
+
+
 HEADER = (
     f"{'benchmark':<34} {'batch':>5} {'ms/pass':>8} {'bound':>7} {'x bound':>7} {'floor':>6} "
     f"{'tok/s':>8} {'tok/pass':>8} {'passes':>6} {'compile s':>9} {'peak GB':>7}"

@@ -15,7 +15,7 @@ GPU's memory), on the same prompts, settings and weight distribution as `apd-jax
 
 Figures are medians of timed calls after a warm-up, with `torch.cuda.synchronize` around
 each; ms per pass is a call's time over its passes. `--against JAX.json` (the JSON of an
-`apd-jax bench` run in the same session) prints apd_jax's ms per pass over PyTorch's for
+`apd-jax bench` run in the same session) prints PyTorch's ms per pass over apd_jax's for
 every matching row.
 """
 
@@ -187,7 +187,7 @@ def format_row(r: TorchRow) -> str:
 
 def _jax_key(row: dict) -> tuple | None:
     """(decoder, R, W, M) of an `apd-jax bench` JSON row at batch 1 (its names: 'APD R=.. W=.. M=..')."""
-    if row["batch"] != 1:
+    if row["batch"] != 1 or "adaptive" in row["name"]:  # the published loop has no adaptive lookahead
         return None
     fields = dict(part.split("=") for part in row["name"].split() if "=" in part)
     if row["name"].startswith("APD"):
@@ -221,7 +221,7 @@ def run(shapes: tuple[ModelConfig, ModelConfig, ModelConfig], settings: list[tup
     import torch
     import transformers
 
-    from apd_jax.bench import random_prompts
+    from apd_jax.bench import LEFTRIGHT_WM, random_prompts
 
     d_cfg, v_cfg, ar_cfg = shapes
     if not torch.cuda.is_available() and d_cfg.hidden_size > 1024:
@@ -245,7 +245,7 @@ def run(shapes: tuple[ModelConfig, ModelConfig, ModelConfig], settings: list[tup
         for cache in (True, False):
             report(bench_apd(drafter, verifier, d_cfg, v_cfg, prompt, R, W, M, max_new_tokens, repeats, cache))
     if "leftright" in baselines:
-        report(bench_leftright(drafter, d_cfg, prompt, 1, 16, 100, max_new_tokens, repeats))
+        report(bench_leftright(drafter, d_cfg, prompt, 1, *LEFTRIGHT_WM, max_new_tokens, repeats))
     return rows
 
 

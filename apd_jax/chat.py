@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from apd_jax.config import merge_ids
+
 Message = dict[str, str]
 
 
@@ -41,5 +43,4 @@ def stop_token_ids(declared: Sequence[int], tokenizer: Any) -> tuple[int, ...]:
     An instruct tokenizer's eos (Qwen2.5-Instruct's <|im_end|>) closes the assistant's turn,
     and a checkpoint's configs may list several (<|endoftext|> and <|im_end|>).
     """
-    eos = getattr(tokenizer, "eos_token_id", None)
-    return tuple(dict.fromkeys([*declared, *([] if eos is None else [int(eos)])]))
+    return merge_ids(tuple(declared), getattr(tokenizer, "eos_token_id", None))

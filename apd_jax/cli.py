@@ -19,7 +19,7 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 # Subcommand modules, in the order `apd-jax --help` lists them; each registers the
@@ -46,21 +46,35 @@ def compile_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "apd_jax" / "jax"
 
 
-def enable_compile_cache() -> Path:
-    """Keep compiled programs across runs (JAX's persistent compilation cache) in compile_cache_dir()."""
+def enable_compile_cache() -> Path | None:
+    """Keep compiled programs across runs (JAX's persistent compilation cache) in compile_cache_dir(),
+    unless the user set a cache directory of their own or the directory cannot be made (then none)."""
     import jax
 
+    if jax.config.jax_compilation_cache_dir:
+        return Path(jax.config.jax_compilation_cache_dir)
     path = compile_cache_dir()
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        print(f"apd-jax: compilation cache off ({path}: {err.strerror})", file=sys.stderr)
+        return None
     jax.config.update("jax_compilation_cache_dir", str(path))
     return path
+
+
+def _version() -> str:
+    try:
+        return version("apd_jax")
+    except PackageNotFoundError:  # a source checkout that is not pip-installed
+        return "unknown (not installed)"
 
 
 def build_parser(modules: Sequence[str] = SUBCOMMANDS) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="apd-jax", description="Adaptive Parallel Decoding in JAX: a diffusion drafter and an autoregressive verifier."
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {version('apd_jax')}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     parser.add_argument("--no-compile-cache", action="store_true",
                         help="do not keep compiled programs between runs (default: kept in "
                              "$XDG_CACHE_HOME/apd_jax/jax, so a repeated run skips its compilation)")

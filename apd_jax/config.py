@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -122,10 +123,8 @@ class ModelConfig:
         if cfg.get("use_sliding_window"):
             raise ValueError("use_sliding_window=true is not supported")
         heads = cfg["num_attention_heads"]
-        # Every eos either file declares (an instruct checkpoint lists <|endoftext|> and <|im_end|>), in order.
-        declared = [generation.get("eos_token_id"), cfg.get("eos_token_id")]
-        eos_ids = tuple(dict.fromkeys(int(e) for ids in declared if ids is not None
-                                      for e in (ids if isinstance(ids, (list, tuple)) else [ids])))
+        # Every eos either file declares (an instruct checkpoint lists <|endoftext|> and <|im_end|>).
+        eos_ids = merge_ids(generation.get("eos_token_id"), cfg.get("eos_token_id"))
         mask = generation.get("mask_token_id", cfg.get("mask_token_id"))
         rope = cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))
         stored = parse_dtype(cfg.get("torch_dtype", cfg.get("dtype", "float32")) or "float32")
@@ -213,6 +212,12 @@ class ModelConfig:
         gen_file = path / "generation_config.json"
         gen = json.loads(gen_file.read_text()) if gen_file.is_file() else None
         return cls.from_hf_dict(cfg, gen, **kw)
+
+
+def merge_ids(*declared: int | Sequence[int] | None) -> tuple[int, ...]:
+    """Token ids (each an id, a list of ids or None) as one tuple, in order, each once."""
+    flat = (i for ids in declared if ids is not None for i in (ids if isinstance(ids, (list, tuple)) else [ids]))
+    return tuple(dict.fromkeys(int(i) for i in flat))
 
 
 def dream_7b_config(**kw: Any) -> ModelConfig:

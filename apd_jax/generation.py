@@ -154,8 +154,9 @@ def _record(event: str, duration: float, **_: object) -> None:
 class CompileTimer:
     """Seconds JAX spends lowering and compiling (XLA) inside the `with` block, from jax.monitoring.
 
-    Generation is one jitted call, so its wall time less this is the time spent decoding.
-    A program found in the persistent compilation cache costs (almost) nothing here.
+    Generation is one jitted call, so its wall time less this is the time spent decoding (and
+    tracing, which this leaves out: nested jits would count twice). A program found in the
+    persistent compilation cache costs (almost) nothing here.
     """
 
     seconds: float = 0.0

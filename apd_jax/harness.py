@@ -161,6 +161,18 @@ class APDLM(TemplateLM):
         bos = self.tokenizer.bos_token_id
         return bos if bos is not None else self.eot_token_id
 
+    @property
+    def tokenizer_name(self) -> str:
+        """Names the tokenizer (and so its chat template) in lm-eval's request caches."""
+        return str(self.tokenizer.name_or_path).replace("/", "__")
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """lm-eval's --apply_chat_template (and --fewshot_as_multiturn): the checkpoint tokenizer's own template
+        (instruct checkpoints expect it), as transformers renders it."""
+        return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt,
+                                                  continue_final_message=not add_generation_prompt)
+
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
         extra = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
         return self.tokenizer.encode(string, **extra)

@@ -6,6 +6,8 @@ import os
 
 # Tests must not depend on an accelerator nor on its matmul precision defaults.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The CLI keeps compiled programs under $XDG_CACHE_HOME; tests must not write the user's cache.
+os.environ["XDG_CACHE_HOME"] = __import__("tempfile").mkdtemp(prefix="apd_jax-test-cache-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -26,7 +26,7 @@ def test_batches_equal_one_batch_in_input_order(dream, qwen, one_batch, tmp_path
     out = tmp_path / "out.jsonl"
     shapes = []
 
-    def generate(rows):
+    def generate(rows, first):
         shapes.append(len(rows))
         return apd_generate(dream, qwen, rows, CFG)
 
@@ -42,7 +42,7 @@ def test_interrupted_run_resumes_where_it_stopped(dream, qwen, one_batch, tmp_pa
     out = tmp_path / "out.jsonl"
     calls = []
 
-    def failing(rows):
+    def failing(rows, first):
         if len(calls) == 2:
             raise KeyboardInterrupt
         calls.append(rows)
@@ -51,13 +51,14 @@ def test_interrupted_run_resumes_where_it_stopped(dream, qwen, one_batch, tmp_pa
     with pytest.raises(KeyboardInterrupt):
         generate_in_batches(TEXTS, IDS, failing, decode, batch_size=2, output=out, progress=False)
     assert len(out.read_text().splitlines()) == 4  # two finished batches were kept
+    whole = json.dumps({"index": 4, "prompt": TEXTS[4]})
     with out.open("a") as f:
-        f.write('{"index": 4, "prompt": "15')  # a record cut short by kill -9
+        f.write(whole)  # a complete record whose newline kill -9 cut off: written again, not glued to
     with pytest.raises(FileExistsError, match="--resume"):
         generate_in_batches(TEXTS, IDS, failing, decode, batch_size=2, output=out, progress=False)
     seen = []
 
-    def generate(rows):
+    def generate(rows, first):
         seen.append(rows)
         return apd_generate(dream, qwen, rows, CFG)
 
@@ -73,12 +74,12 @@ def test_resume_refuses_an_output_of_other_prompts(dream, qwen, tmp_path):
     out.write_text(json.dumps({"index": 0, "prompt": "something else"}) + "\n")
     before = out.read_text()
     with pytest.raises(ValueError, match="does not match prompt 0"):
-        generate_in_batches(TEXTS, IDS, lambda rows: apd_generate(dream, qwen, rows, CFG), decode,
+        generate_in_batches(TEXTS, IDS, lambda rows, first: apd_generate(dream, qwen, rows, CFG), decode,
                             output=out, resume=True, progress=False)
     assert out.read_text() == before
     (tmp_path / "notes.jsonl").write_text("my notes\nmore\n")
     with pytest.raises(ValueError, match="not JSON"):
-        generate_in_batches(TEXTS, IDS, lambda rows: apd_generate(dream, qwen, rows, CFG), decode,
+        generate_in_batches(TEXTS, IDS, lambda rows, first: apd_generate(dream, qwen, rows, CFG), decode,
                             output=tmp_path / "notes.jsonl", resume=True, progress=False)
     assert (tmp_path / "notes.jsonl").read_text() == "my notes\nmore\n"
 
@@ -86,4 +87,4 @@ def test_resume_refuses_an_output_of_other_prompts(dream, qwen, tmp_path):
 @pytest.mark.parametrize("size", [0, -1])
 def test_batch_size_must_be_positive(size):
     with pytest.raises(ValueError, match="--batch-size"):
-        generate_in_batches(TEXTS, IDS, lambda rows: None, decode, batch_size=size, progress=False)
+        generate_in_batches(TEXTS, IDS, lambda rows, first: None, decode, batch_size=size, progress=False)

@@ -13,7 +13,7 @@ from apd_jax import ASSETS_DIR, checkpoint
 from apd_jax.checkpoint import (
     CheckpointError, convert_hf_to_orbax, load_hf, load_model, load_tokenizer, model_params,
 )
-from torch_reference import save_tiny_dream
+from apd_jax.torch_reference import save_tiny_dream
 
 
 @pytest.fixture

@@ -52,3 +52,12 @@ def test_ten_thousand_prompts_complete_in_batches_and_resume(tmp_path, capsys):
         f.write('{"index": 10000')  # a broken tail is dropped on resume
     assert main([*argv, "--resume"]) == 0
     assert out.read_text().splitlines() == [json.dumps(r) for r in records]
+
+
+def test_options_that_would_be_ignored_are_errors(tmp_path, capsys):
+    assert main(["generate", "hi", "--resume", "--max-new-tokens", "2"]) == 2
+    assert "--resume continues an --output" in capsys.readouterr().err
+    assert main(["generate", "--random-tiny", "--ids", "5 6", "--chat", "--max-new-tokens", "2"]) == 2
+    assert "with --ids the prompt is ids already" in capsys.readouterr().err
+    assert main(["compare", "--heldout-prompts", "1", "--completions", str(tmp_path / "c.jsonl")]) == 2
+    assert "give --lookahead too" in capsys.readouterr().err

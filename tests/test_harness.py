@@ -217,3 +217,22 @@ def test_command_line_runs_offline(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = proc.stdout.splitlines()
     assert any(line.startswith("|stdlib_choice|") and "|acc " in line for line in table), proc.stdout
+
+
+def test_chat_template_through_lm_eval(tmp_path, monkeypatch):
+    """--apply_chat_template (and --fewshot_as_multiturn): each request is the tokenizer's template rendering."""
+    from test_chat import with_chat_template
+
+    drafter = with_chat_template(ASSETS_DIR / "drafter", tmp_path / "drafter")
+    verifier = with_chat_template(ASSETS_DIR / "verifier", tmp_path / "verifier")
+    chat_lm = APDLM(drafter=str(drafter), verifier=str(verifier), dtype="float32", batch_size=BATCH)
+    assert chat_lm.tokenizer_name.endswith("verifier")
+    monkeypatch.chdir(REPO)
+    out = simple_evaluate(
+        model=chat_lm, tasks=["stdlib_complete"], task_manager=TaskManager(include_path=str(TASKS), include_defaults=False),
+        log_samples=True, apply_chat_template=True, fewshot_as_multiturn=True, limit=2,
+    )
+    for sample in out["samples"]["stdlib_complete"]:
+        prompt = sample["arguments"][0][0]
+        expected = chat_lm.apply_chat_template([{"role": "user", "content": sample["doc"]["prompt"]}])
+        assert prompt == expected and prompt.startswith("<|im_start|>user\n") and prompt.endswith("assistant\n")

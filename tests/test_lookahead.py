@@ -51,17 +51,20 @@ def test_bad_lookahead_settings_are_clear_errors(kw, message, dream, qwen):
         apd_generate(dream, qwen, PROMPTS, APDConfig(**kw))
 
 
-@pytest.mark.parametrize("cfg", [APDConfig(R=0.7, W=4, M=12, max_new_tokens=30, eos_token_ids=(2,)), ADAPTIVE[0]],
+@pytest.mark.parametrize("cfg", [APDConfig(R=0.7, W=4, M=12, max_new_tokens=30, eos_token_ids=()), ADAPTIVE[0]],
                          ids=["fixed", "adaptive"])
 def test_live_view_reports_every_pass_of_the_compiled_loop(cfg, dream, qwen):
+    # an eos that row 0 generates mid-way, so one pass accepts tokens past it that are not generated
+    eos = apd_generate(dream, qwen, PROMPTS, cfg).sequences()[0][5]
+    cfg = dataclasses.replace(cfg, eos_token_ids=(eos,))
     passes = []
     with live_view(lambda draft, k, eos_at: passes.append((draft.copy(), k.copy(), eos_at.copy()))):
         result = apd_generate(dream, qwen, PROMPTS, cfg, live=True)
     assert len(passes) == result.passes
+    assert result.stopped_at_eos.any()  # a row that stops at an eos mid-pass is streamed up to it
     for row in range(len(PROMPTS)):
-        streamed = [tok for draft, k, _ in passes for tok in draft[row, : k[row]].tolist()]
-        n = int(result.lengths[row])
-        assert streamed[:n] == result.sequences()[row]
-        assert [int(k[row]) for _, k, _ in passes if k[row]] == result.accepted_per_pass(row)
+        streamed = [tok for draft, kept, _ in passes for tok in draft[row, : kept[row]].tolist()]
+        assert streamed == result.sequences()[row]
+        assert sum(1 for _, kept, _ in passes if kept[row]) == result.row_passes()[row]
     assert np.array_equal(passes[-1][2] >= 0, result.stopped_at_eos)
     assert apd_generate(dream, qwen, PROMPTS, cfg).sequences() == result.sequences()  # live or not, the same

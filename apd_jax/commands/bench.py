@@ -42,7 +42,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="the PyTorch side instead: the published APD loop (drafter cache on and off), Dream "
                         "left-to-right and HF generate, same shapes and settings (CUDA GPU)")
     p.add_argument("--against", type=Path,
-                   help="with --torch: the JSON of an `apd-jax bench` run, to print apd_jax/PyTorch ratios")
+                   help="with --torch: the JSON of an `apd-jax bench` run, to print PyTorch/apd_jax ratios")
     p.add_argument("--attention", choices=ATTENTION_IMPLEMENTATIONS, default="xla",
                    help="attention implementation of every model (cudnn: CUDA GPUs; its logits are "
                         "compared with xla's first)")
@@ -121,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
                                    profile=args.profile))
     baselines = [] if args.baselines == "none" else args.baselines.split(",")
     if "leftright" in baselines:
-        cfg = APDConfig(W=16, M=100, max_new_tokens=args.max_new_tokens, eos_token_ids=())
+        W, M = bench.LEFTRIGHT_WM
+        cfg = APDConfig(W=W, M=M, max_new_tokens=args.max_new_tokens, eos_token_ids=())
         report(bench.bench_leftright(drafter, 1, cfg, 1, args.prompt_len, ceilings, args.repeats,
                                      profile=args.profile))
     if "ar" in baselines:
@@ -140,7 +141,9 @@ def _torch(args: argparse.Namespace, settings: list[APDConfig]) -> int:
         if args.json:  # after every row, so a run cut short keeps what it measured
             args.json.write_text(bench_torch.to_json(rows))
 
-    fixed = [(c.R, c.W, c.M) for c in settings if c.M_min is None]  # the published loop has no adaptive M
+    fixed = [(c.R, c.W, c.M) for c in settings if c.M_min is None]
+    if len(fixed) < len(settings):
+        print("(adaptive-lookahead settings skipped: the published loop has a fixed M)", flush=True)
     rows = bench_torch.run(_configs(args.shapes), fixed, args.prompt_len, args.max_new_tokens, args.repeats,
                            baselines, log=lambda line: print(line, flush=True), on_row=report)
     if args.against is not None:

@@ -124,6 +124,8 @@ def run(args: argparse.Namespace) -> int:
     apd = decoder("apd").settings_from({k: v for k, v in values.items() if k in ("R", "W", "M")}
                                        | {"max_new_tokens": args.max_new_tokens})
     apd.validate()
+    if args.completions is not None and args.lookahead is None:
+        raise ValueError("--completions adds a column to the --lookahead study: give --lookahead too")
     if args.lookahead is not None:
         settings = lookahead_settings(args.lookahead, apd)
         completions = None

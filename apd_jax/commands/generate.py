@@ -131,6 +131,8 @@ def _encode(args: argparse.Namespace, texts: list[str], tokenizer) -> list[list[
     """Prompt ids: parsed with --ids; else in the tokenizer's chat template (--chat, the default when it has
     one), or plain text (--no-chat)."""
     if args.ids:
+        if args.chat or args.system is not None:
+            raise ValueError("--chat and --system apply a chat template to text; with --ids the prompt is ids already")
         return [parse_ids(t, "the prompt") for t in texts]
     use_chat = has_chat_template(tokenizer) if args.chat is None else args.chat
     if args.system is not None and not use_chat:
@@ -157,6 +159,8 @@ def run(args: argparse.Namespace) -> int:
     mesh = None if args.mesh is None else make_mesh(**parse_mesh(args.mesh))
     if mesh is not None and not chosen.sharded:
         raise ValueError(f"--mesh is supported with --decoder apd only, not {args.decoder}")
+    if args.resume and args.output is None:
+        raise ValueError("--resume continues an --output FILE.jsonl: give the file")
     texts = _prompts(args)  # before loading: a bad prompts file fails at once
     start = time.perf_counter()
     if args.random_tiny:
@@ -186,7 +190,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--live shows one prompt (give one prompt, not a file of several)")
         generate, on_batch = _live_generate(models, config, key, texts[0], decode), None
     else:
-        generate = lambda rows: chosen.generate(models, rows, config, key)  # noqa: E731
+        # Each batch's noise from its first prompt's index: a resumed run samples as an uninterrupted one.
+        generate = lambda rows, first: chosen.generate(models, rows, config, jax.random.fold_in(key, first))  # noqa: E731
         on_batch = None if args.output is not None else functools.partial(_print_batch, verbose=args.verbose)
     with CompileTimer() as compiled:
         start = time.perf_counter()
@@ -217,19 +222,19 @@ def _live_generate(models: Models, config: APDConfig, key, prompt_text: str, dec
     from rich.console import Console
 
     console = Console(highlight=False, soft_wrap=True)  # generated text keeps its own line breaks
-    passes = []
+    generated: list[int] = []
+    shown = [0, 0]  # characters of the generated text printed so far, passes shown
 
-    def show(draft, k, eos_at) -> None:
-        n = int(k[0])
-        if n == 0:
+    def show(draft, kept, eos_at) -> None:
+        if kept[0] == 0:
             return
-        tokens = draft[0, :n].tolist()
-        if eos_at[0] >= 0 and eos_at[0] < sum(passes) + n:  # print up to the first eos only
-            tokens = tokens[: max(int(eos_at[0]) - sum(passes) + 1, 0)]
-        console.print(decode(tokens), end="", style=PASS_COLOURS[len(passes) % len(PASS_COLOURS)])
-        passes.append(n)
+        generated.extend(draft[0, : int(kept[0])].tolist())
+        # The whole text so far, less a character still cut in half (a byte-level token split).
+        text = decode(generated).rstrip("\ufffd")
+        console.print(text[shown[0]:], end="", style=PASS_COLOURS[shown[1] % len(PASS_COLOURS)])
+        shown[0], shown[1] = len(text), shown[1] + 1
 
-    def generate(rows):
+    def generate(rows, first: int):
         console.print(prompt_text, end="", style="dim")
         with live_view(show):
             result = apd_generate(models.drafter, models.verifier, rows, config, key, shared_vocab=models.shared_vocab,
