@@ -35,6 +35,11 @@ def parse_dtype(name: str | Any) -> Any:
         raise ValueError(f"unknown dtype {name!r}; use one of {sorted(_DTYPES)}") from None
 
 
+def below_problems(settings: Any, names: Sequence[str], minimum: int = 1) -> list[str]:
+    """'name=value must be >= minimum' for each of the named settings fields below minimum."""
+    return [f"{n}={getattr(settings, n)} must be >= {minimum}" for n in names if getattr(settings, n) < minimum]
+
+
 def raise_problems(what: str, problems: list[str]) -> None:
     """One ValueError naming every problem of a settings object, or nothing when there are none."""
     if problems:

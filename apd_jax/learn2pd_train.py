@@ -16,7 +16,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from apd_jax.config import raise_problems
+from apd_jax.config import below_problems, raise_problems
 from apd_jax.learn2pd import FEATURES, Filter
 from apd_jax.learn2pd_oracle import Traces
 
@@ -30,15 +30,9 @@ class FilterTrainConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        problems = []
-        if self.width < 1:
-            problems.append(f"width={self.width} must be >= 1")
-        if self.steps < 1:
-            problems.append(f"steps={self.steps} must be >= 1")
+        problems = below_problems(self, ("width", "steps", "batch_size"))
         if not self.learning_rate > 0:
             problems.append(f"learning_rate={self.learning_rate} must be > 0")
-        if self.batch_size < 1:
-            problems.append(f"batch_size={self.batch_size} must be >= 1")
         raise_problems("filter training", problems)
 
 

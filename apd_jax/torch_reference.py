@@ -450,6 +450,18 @@ def _drafter_pass(
     return mask_logits, past
 
 
+def _window_draft(
+    drafter: TorchDream, x: torch.Tensor, past: KVCache | None, t: int, k_prev: int, L: int, W: int, M: int,
+    mask_token_id: int, shared_vocab_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, KVCache]:
+    """One pass's drafter step: the window right = min(t + M, L), left = 0 on the first pass and
+    max(t - W - k_prev + 1, 0) later; its masked positions' logits, the draft and the new cache."""
+    right = min(t + M, L)
+    left = 0 if past is None else max(t - W - k_prev + 1, 0)
+    mask_logits, past = _drafter_pass(drafter, x, past, t, left, right, mask_token_id)
+    return mask_logits, _draft(mask_logits, shared_vocab_size, mask_token_id), past
+
+
 @torch.no_grad()
 def torch_apd_generate(
     drafter: TorchDream, verifier: Qwen2ForCausalLM, prompt: list[int], *, max_new_tokens: int, R: float,
@@ -471,11 +483,10 @@ def torch_apd_generate(
     prev_logit: torch.Tensor | None = None  # verifier logit for position t, carried over passes
     counts: list[int] = []
     while t < L:
-        right = min(t + M, L)
-        left = 0 if d_past is None else max(t - W - k_prev + 1, 0)
-        mask_logits, d_past = _drafter_pass(drafter, x, d_past, t, left, right, mask_token_id)
-        x0 = _draft(mask_logits, shared_vocab_size, mask_token_id)
+        mask_logits, x0, d_past = _window_draft(drafter, x, d_past, t, k_prev, L, W, M, mask_token_id,
+                                                shared_vocab_size)
         n = x0.shape[0]
+        right = t + n  # the window's end: every position t..right-1 was drafted
 
         if v_cache is None:  # prefill: prompt + draft, no cache; logits shifted by one
             draft = x[:right].clone()
@@ -525,10 +536,8 @@ def torch_leftright_generate(
     d_past: KVCache | None = None
     counts: list[int] = []
     while t < L:
-        right = min(t + M, L)
-        left = 0 if d_past is None else max(t - W - k_prev + 1, 0)
-        mask_logits, d_past = _drafter_pass(drafter, x, d_past, t, left, right, mask_token_id)
-        x0 = _draft(mask_logits, shared_vocab_size, mask_token_id)
+        mask_logits, x0, d_past = _window_draft(drafter, x, d_past, t, k_prev, L, W, M, mask_token_id,
+                                                shared_vocab_size)
         k = min(K, x0.shape[0])
         x[t:t + k] = x0[:k]
         t += k

@@ -52,7 +52,7 @@ from flax import nnx
 
 from apd_jax import corpus
 from apd_jax.checkpoint import export_hf, model_params
-from apd_jax.config import DRAFTER_SIZE, VERIFIER_SIZE, ModelConfig, ModelSize, parse_dtype, raise_problems
+from apd_jax.config import DRAFTER_SIZE, VERIFIER_SIZE, ModelConfig, ModelSize, below_problems, parse_dtype, raise_problems
 from apd_jax.evaluate import evaluate_apd
 from apd_jax.model import Qwen2, init_model, shift_right
 from apd_jax.tokenizer import EOS_ID, TOKENIZER_FILES, load_tokenizer_file, save_tokenizer, train_tokenizer
@@ -200,12 +200,8 @@ class TrainSettings:
     micro_batches: int = 0
 
     def validate(self) -> None:
-        problems = []
-        for name in ("steps", "batch_size", "log_every", "eval_every", "eval_windows", "eval_batch"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name}={getattr(self, name)} must be >= 1")
-        if self.seq_len < 16:
-            problems.append(f"seq_len={self.seq_len} must be >= 16")
+        problems = below_problems(self, ("steps", "batch_size", "log_every", "eval_every", "eval_windows", "eval_batch"))
+        problems += below_problems(self, ("seq_len",), 16)
         if not self.lr > 0:
             problems.append(f"lr={self.lr} must be > 0")
         if self.warmup < 0:
