@@ -32,7 +32,7 @@ def main(batches: list[int], tiny: bool) -> None:
         bf16 = dict(param_dtype=jnp.bfloat16, dtype=jnp.bfloat16)
         d_cfg, v_cfg, new_tokens, prompt_len = dream_7b_config(**bf16), qwen25_05b_config(**bf16), 256, 128
     drafter, verifier = bench.random_model(d_cfg, 1), bench.random_model(v_cfg, 2)
-    config = APDConfig(R=0.7, W=16, M=100, max_new_tokens=new_tokens, eos_token_ids=())
+    config = APDConfig(max_new_tokens=new_tokens, eos_token_ids=())  # the paper's R, W, M
     layouts = {"1 dev": None, "TP=2": make_mesh(data=1, model=2), "DP=2": make_mesh(data=2, model=1)}
     models = {k: (drafter, verifier) if m is None else (shard_model(drafter, m), shard_model(verifier, m))
               for k, m in layouts.items()}

@@ -567,7 +567,7 @@ def run_pipeline(p: PipelineSettings, log: Callable[..., None] = _print) -> dict
         apd = evaluate_apd(out / "drafter", out / "verifier", prompts, max_new_tokens=max_new,
                            M=min(100, max_new))
         (out / "apd_eval.json").write_text(json.dumps(apd, indent=2))
-        log(f"APD R=0.7 W=16 M={apd['M']} greedy on {apd['prompts']} held-out prompts: "
+        log(f"APD R={apd['R']} W={apd['W']} M={apd['M']} greedy on {apd['prompts']} held-out prompts: "
             f"{apd['tokens_per_pass']:.2f} tokens/pass ({apd['tokens']} tokens, {apd['passes']} passes)")
         for sample in apd["samples"][:2]:
             log("---\n" + sample["prompt"] + sample["completion"][:400])
