@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from apd_jax.generation import GenerationResult
 
 DEFAULT_BATCH_SIZE = 32  # past batch 16-32 a 7B drafter's pass is compute-bound: larger batches gain nothing
@@ -139,3 +141,24 @@ class _progress:
     def __exit__(self, *exc: Any) -> None:
         if self.bar is not None:
             self.bar.stop()
+
+
+def generate_batched(
+    generate: Callable[[list[list[int]]], GenerationResult], prompt_ids: Sequence[Sequence[int]], batch_size: int
+) -> GenerationResult:
+    """One GenerationResult for every prompt, decoded batch_size at a time in one shape (the last
+    batch filled up with copies of its first prompt, whose rows are dropped); `passes` is the sum
+    over the batches, the loop iterations run in all."""
+    if batch_size < 1:
+        raise ValueError(f"--batch-size {batch_size} must be >= 1")
+    size = min(batch_size, len(prompt_ids))
+    parts = []
+    for idx in batches(len(prompt_ids), size):
+        rows = [list(prompt_ids[i]) for i in idx]
+        result = generate(rows + [rows[0]] * (size - len(rows)))
+        parts.append((result, len(rows)))
+    width = max(r.accepted.shape[1] for r, _ in parts)  # passes the longest batch ran
+    cat = lambda field: np.concatenate([getattr(r, field)[:n] for r, n in parts])  # noqa: E731
+    accepted = np.concatenate([np.pad(r.accepted[:n], ((0, 0), (0, width - r.accepted.shape[1]))) for r, n in parts])
+    return GenerationResult(cat("tokens"), cat("lengths"), accepted, cat("stopped_at_eos"),
+                            sum(r.passes for r, _ in parts))

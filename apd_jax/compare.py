@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from apd_jax.apd import APDConfig
+from apd_jax.batching import DEFAULT_BATCH_SIZE, generate_batched
 from apd_jax.decoders import Models, decoder
 from apd_jax.diffusion import ThresholdConfig
 from apd_jax.generation import GenerationResult
@@ -89,16 +90,21 @@ def compare_decoders(
     apd: APDConfig,
     learned: Filter | None = None,
     threshold: float = ThresholdConfig.threshold,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    log: Callable[[str], None] = lambda line: None,
 ) -> list[Comparison]:
     """threshold: the confidence threshold decoder's and Learn2PD's keep threshold alike
     (both commit a prediction judged right with probability above it). Learn2PD's rows
     need its filter, `learned`."""
     models = Models(drafter, verifier, learned)
     results = {}
-    for name, decoder_name, values in compared_runs(max_new_tokens, apd, threshold, learned is not None):
+    runs = compared_runs(max_new_tokens, apd, threshold, learned is not None)
+    for name, decoder_name, values in runs:
         chosen = decoder(decoder_name)
         config = chosen.settings_from({k: v for k, v in values.items() if k in chosen.fields()})
-        results[name] = _timed(lambda: chosen.generate(models, prompts, config))
+        results[name] = _timed(lambda: generate_batched(lambda rows: chosen.generate(models, rows, config),
+                                                        prompts, batch_size))
+        log(f"[{len(results)}/{len(runs)}] {name}: {results[name][1]:.1f} s")
     leftright, confident = results[LEFT_TO_RIGHT][0], results[CONFIDENT_FIRST][0]
     rows = []
     for name, (result, seconds) in results.items():
@@ -160,6 +166,7 @@ def lookahead_study(
     prompts: list[list[int]],
     settings: list[APDConfig],
     completions: tuple[list[list[int]], list[str], Callable[[list[int]], str]] | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> list[LookaheadRow]:
     """APD at each of `settings` (the first is the reference, normally the fixed M) on the same prompts.
 
@@ -167,14 +174,18 @@ def lookahead_study(
     generation starts with its completion, at the same settings.
     """
     models = Models(drafter, verifier)
-    results = [decoder("apd").generate(models, prompts, s) for s in settings]
+
+    def run(ids: list[list[int]], s: APDConfig) -> GenerationResult:
+        return generate_batched(lambda rows: decoder("apd").generate(models, rows, s), ids, batch_size)
+
+    results = [run(prompts, s) for s in settings]
     rows = []
     for s, result in zip(settings, results):
         tokens = int(result.lengths.sum())
         exact = None
         if completions is not None:
             ids, expected, decode = completions
-            done = decoder("apd").generate(models, ids, s)
+            done = run(ids, s)
             exact = float(np.mean([decode(g).startswith(e) for g, e in zip(done.sequences(), expected)]))
         adaptive = "" if s.M_min is None else f" adaptive M_min={s.M_min} x{s.M_scale} +{s.M_margin}"
         rows.append(LookaheadRow(

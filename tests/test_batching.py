@@ -88,3 +88,17 @@ def test_resume_refuses_an_output_of_other_prompts(dream, qwen, tmp_path):
 def test_batch_size_must_be_positive(size):
     with pytest.raises(ValueError, match="--batch-size"):
         generate_in_batches(TEXTS, IDS, lambda rows, first: None, decode, batch_size=size, progress=False)
+
+
+@pytest.mark.parametrize("name", ["apd", "threshold"])
+def test_generate_batched_equals_one_batch(name, dream, qwen):
+    from apd_jax.batching import generate_batched
+    from apd_jax.decoders import Models, decoder
+
+    chosen = decoder(name)
+    settings = chosen.settings_from({"max_new_tokens": 12, "eos_token_ids": (2,), "W": 4, "M": 8})
+    run = lambda rows: chosen.generate(Models(dream, qwen), rows, settings)  # noqa: E731
+    whole, parts = run(IDS), generate_batched(run, IDS, 3)
+    assert parts.sequences() == whole.sequences()
+    assert [parts.accepted_per_pass(i) for i in range(len(IDS))] == [whole.accepted_per_pass(i) for i in range(len(IDS))]
+    assert (parts.stopped_at_eos == whole.stopped_at_eos).all()

@@ -179,7 +179,7 @@ def test_compare_defaults_to_the_embedded_pair(tmp_path, monkeypatch, capsys):
 
     seen = {}
 
-    def record(drafter, verifier, prompts, max_new_tokens, apd, learned, threshold):
+    def record(drafter, verifier, prompts, max_new_tokens, apd, learned, threshold, **kw):
         seen.update(drafter=drafter, verifier=verifier, learned=learned)
         return []
 

@@ -26,6 +26,7 @@ from apd_jax.commands.options import (
     settings_values,
 )
 from apd_jax.apd import APDConfig
+from apd_jax.batching import DEFAULT_BATCH_SIZE
 from apd_jax.compare import compare_decoders, format_lookahead_table, format_table, lookahead_study
 from apd_jax.config import tiny_config
 from apd_jax.decoders import decoder
@@ -55,6 +56,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     settings_option(p, "--R", "APD's mixture weight", ["apd"], type=float)
     settings_option(p, "--W", "APD's and Dream K's drafter KV window", ["apd"], type=int)
     settings_option(p, "--M", "APD's and Dream K's max lookahead", ["apd"], type=int)
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                   help="prompts each decoder decodes at once; more prompts run in batches of this size")
     p.add_argument("--lookahead", default=None, metavar="SPEC",
                    help="instead of the decoders: APD at each ';'-separated lookahead, 'M' (the paper's fixed M) "
                         "or 'M,M_min,M_scale,M_margin' (adaptive), e.g. '100;24;100,8,2,4'; the first is the "
@@ -133,8 +136,11 @@ def run(args: argparse.Namespace) -> int:
             if args.random_tiny:
                 raise ValueError("--completions needs a tokenizer (not --random-tiny)")
             completions = _completions(args.completions, tokenizer)
-        print(format_lookahead_table(lookahead_study(drafter, verifier, prompts, settings, completions)))
+        print(format_lookahead_table(lookahead_study(drafter, verifier, prompts, settings, completions,
+                                                     args.batch_size)))
         return 0
     threshold = values.get("threshold", decoder("threshold").settings.threshold)
-    print(format_table(compare_decoders(drafter, verifier, prompts, args.max_new_tokens, apd, learned, threshold)))
+    progress = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    print(format_table(compare_decoders(drafter, verifier, prompts, args.max_new_tokens, apd, learned, threshold,
+                                        batch_size=args.batch_size, log=progress)))
     return 0
