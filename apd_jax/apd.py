@@ -268,9 +268,9 @@ def right_edge(t, M, limit):
 _listener: Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None = None
 
 
-def _emit(draft: np.ndarray, k: np.ndarray, eos_at: np.ndarray) -> None:
+def _emit(draft: np.ndarray, kept: np.ndarray, eos_at: np.ndarray) -> None:
     if _listener is not None:
-        _listener(np.asarray(draft), np.asarray(k), np.asarray(eos_at))
+        _listener(np.asarray(draft), np.asarray(kept), np.asarray(eos_at))
 
 
 @contextlib.contextmanager
@@ -311,10 +311,11 @@ def _accept(
     tokens = state.tokens.at[jnp.arange(b)[:, None], pos].set(draft, mode="drop")
     is_eos = jnp.isin(draft, jnp.asarray(spec.eos_ids, jnp.int32)) & take
     hit = jnp.any(is_eos, axis=1) & (state.eos_at < 0)
-    eos_at = jnp.where(hit, state.t + jnp.argmax(is_eos, axis=1), state.eos_at)
+    first_eos = jnp.argmax(is_eos, axis=1)  # offset in this pass's draft
+    eos_at = jnp.where(hit, state.t + first_eos, state.eos_at)
     t = state.t + k
     if spec.live:  # ordered: the host sees the passes in the loop's order
-        kept = jnp.where(hit, jnp.argmax(is_eos, axis=1) + 1, k)  # up to and including a first eos
+        kept = jnp.where(hit, first_eos + 1, k)  # up to and including a first eos
         io_callback(_emit, None, draft, kept, eos_at, ordered=True)
     return dataclasses.replace(
         state,

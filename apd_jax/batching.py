@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,10 +59,20 @@ def completed_records(output: Path, prompts: Sequence[str]) -> int:
     return done
 
 
-def batches(n: int, batch_size: int, start: int = 0) -> Iterator[range]:
-    """Consecutive index ranges of at most batch_size, from `start` to n."""
-    for first in range(start, n, batch_size):
-        yield range(first, min(first + batch_size, n))
+def padded_batches(prompt_ids: Sequence[Sequence[int]], batch_size: int, start: int = 0
+                   ) -> list[tuple[range, list[list[int]]]]:
+    """(prompt indices, rows) of each batch from prompt `start` on, every batch of one shape: the rows
+    of the last one filled up with copies of its first prompt (their results are to be dropped)."""
+    if batch_size < 1:
+        raise ValueError(f"--batch-size {batch_size} must be >= 1")
+    n = len(prompt_ids)
+    size = min(batch_size, max(n - start, 1))
+    out = []
+    for first in range(start, n, size):
+        idx = range(first, min(first + size, n))
+        rows = [list(prompt_ids[i]) for i in idx]
+        out.append((idx, rows + [rows[0]] * (size - len(rows))))
+    return out
 
 
 def generate_in_batches(
@@ -84,8 +94,6 @@ def generate_in_batches(
     so a resumed run draws what an uninterrupted one would). With `output`, records
     are appended to it as JSON lines; the file must not exist unless `resume` is set.
     """
-    if batch_size < 1:
-        raise ValueError(f"--batch-size {batch_size} must be >= 1")
     if len(prompts) != len(prompt_ids):
         raise ValueError(f"{len(prompts)} prompts but {len(prompt_ids)} id lists")
     start = 0
@@ -99,12 +107,10 @@ def generate_in_batches(
             raise FileNotFoundError(f"--output {output}: directory {output.parent} does not exist")
         if output.exists():
             start = completed_records(output, prompts)
-    size = min(batch_size, len(prompts) - start) if len(prompts) > start else batch_size
     records: list[dict] = []
     with _progress(len(prompts), start, enabled=progress) as advance:
-        for idx in batches(len(prompts), size, start):
-            rows = [list(prompt_ids[i]) for i in idx]
-            result = generate(rows + [rows[0]] * (size - len(rows)), idx[0])  # one shape for every batch
+        for idx, rows in padded_batches(prompt_ids, batch_size, start):
+            result = generate(rows, idx[0])
             new = [record(i, prompts[i], result, r, decode) for r, i in enumerate(idx)]
             if output is not None:
                 with output.open("a", encoding="utf-8") as f:
@@ -149,14 +155,7 @@ def generate_batched(
     """One GenerationResult for every prompt, decoded batch_size at a time in one shape (the last
     batch filled up with copies of its first prompt, whose rows are dropped); `passes` is the sum
     over the batches, the loop iterations run in all."""
-    if batch_size < 1:
-        raise ValueError(f"--batch-size {batch_size} must be >= 1")
-    size = min(batch_size, len(prompt_ids))
-    parts = []
-    for idx in batches(len(prompt_ids), size):
-        rows = [list(prompt_ids[i]) for i in idx]
-        result = generate(rows + [rows[0]] * (size - len(rows)))
-        parts.append((result, len(rows)))
+    parts = [(generate(rows), len(idx)) for idx, rows in padded_batches(prompt_ids, batch_size)]
     width = max(r.accepted.shape[1] for r, _ in parts)  # passes the longest batch ran
     cat = lambda field: np.concatenate([getattr(r, field)[:n] for r, n in parts])  # noqa: E731
     accepted = np.concatenate([np.pad(r.accepted[:n], ((0, 0), (0, width - r.accepted.shape[1]))) for r, n in parts])
