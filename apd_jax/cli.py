@@ -86,6 +86,9 @@ def build_parser(modules: Sequence[str] = SUBCOMMANDS) -> argparse.ArgumentParse
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # transformers' advice (e.g. "PyTorch was not found", printed on import where torch is absent: apd_jax
+    # uses it only for tokenizers and configs) is not for apd-jax's users; set before any subcommand imports it.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     args = build_parser(subcommand_modules(argv)).parse_args(argv)
     if not args.no_compile_cache:
         enable_compile_cache()
