@@ -4,9 +4,10 @@ The name mapping is apd_jax.params.PARAM_TABLE (Flax path -> its HF tensors and 
 layout: fused q/k/v and gate/up projections hold several HF tensors each). Everything streams: a
 checkpoint's names, shapes and dtypes are checked against the model's own abstract
 shapes from the safetensors headers before any weight is read; then each parameter's
-HF tensors are read (safetensors `safe_open`, on a mesh each device only its slice),
-converted on the device and the host copy dropped, so host memory stays near one
-fused parameter (q/k/v, gate/up), never the model. Conversion writes orbax from lazy
+HF tensors (safetensors `safe_open`) or orbax leaf (tensorstore) are read in blocks of about
+64 MB on a few threads (on a mesh each device only its slice), each block moved to its device
+as soon as it is read and the blocks joined there, then converted on the device: host memory
+stays near a few blocks, never a whole tensor, let alone the model. Conversion writes orbax from lazy
 leaves (one parameter read, converted and written at a time) and exports sharded
 safetensors with an index, as the hub ships them. Outputs are written to a temporary
 directory and renamed into place, so a failed conversion leaves nothing behind.
@@ -29,6 +30,7 @@ import struct
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +55,11 @@ _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 _EXPONENT = {np.dtype(np.float32): (np.uint32, 0x7F800000), np.dtype(ml_dtypes.bfloat16): (np.uint16, 0x7F80),
              np.dtype(np.float16): (np.uint16, 0x7C00)}
 MAX_SHARD_SIZE = 5 * 10**9  # bytes per exported safetensors file, Hugging Face's save_pretrained default
-READ_CHUNK_BYTES = 64 * 2**20  # host memory a tensor is read in beyond its own size
+READ_CHUNK_BYTES = 64 * 2**20  # a read block, and an orbax chunk as written
+# Blocks read at once: several readers outpace one (page-cache copies and the NaN/Inf scan are
+# CPU-bound), and the host holds at most about READ_THREADS blocks (each maybe twice, while it moves).
+READ_THREADS = min(4, os.cpu_count() or 1)
+_READERS = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="apd_jax_read")
 PROGRESS_MIN_BYTES = 2**30  # smaller checkpoints load too fast for a progress bar to help
 
 
@@ -265,28 +271,62 @@ def _has_nonfinite(x: np.ndarray) -> bool:
 
 
 def _read_slice(name: str, t: _Tensor, index: tuple[slice, ...]) -> np.ndarray:
-    """The `index` slice of one HF tensor, read READ_CHUNK_BYTES of rows at a time, each chunk through
-    its own safe_open: the file's pages are unmapped after each, so a read costs the slice plus one
-    chunk of host memory, not twice the tensor. NaN/Inf are reported by the tensor's name."""
-    ranges = [range(*i.indices(n)) for i, n in zip(index, t.shape)]
-    out = np.empty([len(r) for r in ranges], _DTYPES[t.dtype])
-    rows = ranges[0]
-    step = max(1, READ_CHUNK_BYTES // max(1, out[:1].nbytes))
-    for start in range(0, len(rows), step):
-        chunk = slice(rows.start + start, rows.start + min(start + step, len(rows)))
-        with _open_safetensors(t.file) as f:
-            out[start : start + step] = f.get_slice(name)[(chunk, *index[1:])]
-        if _has_nonfinite(out[start : start + step]):
-            raise CheckpointError(
-                f"tensor {name!r} in {t.file} holds NaN or Inf values: the checkpoint is corrupted; "
-                "download or convert it again"
-            )
+    """The `index` slice of one HF tensor through its own safe_open, so the file's pages are unmapped
+    once it is read; NaN/Inf are reported by the tensor's name."""
+    with _open_safetensors(t.file) as f:
+        out = f.get_slice(name)[index]
+    if _has_nonfinite(out):
+        raise CheckpointError(
+            f"tensor {name!r} in {t.file} holds NaN or Inf values: the checkpoint is corrupted; "
+            "download or convert it again"
+        )
     return out
 
 
+def _blocks(index: tuple[slice, ...], shape: tuple[int, ...], axis: int, step: int) -> list[tuple[slice, ...]]:
+    """`index` (one device's part of an array of `shape`) cut along `axis` into blocks of `step` elements."""
+    if not shape:
+        return [index]
+    lo, hi, _ = index[axis].indices(shape[axis])
+    return [(*index[:axis], slice(s, min(s + step, hi)), *index[axis + 1 :]) for s in range(lo, max(hi, lo + 1), step)]
+
+
+def _block_plan(shape: tuple[int, ...], chunk: tuple[int, ...], itemsize: int) -> tuple[int, int]:
+    """(axis, step) of blocks of whole `chunk`s of about READ_CHUNK_BYTES: along the first axis the
+    chunks split (a block then reads each chunk once), as many of them as fit."""
+    if not chunk:
+        return 0, 1
+    axis = next((i for i, (c, n) in enumerate(zip(chunk, shape)) if c < n), 0)
+    return axis, chunk[axis] * max(1, READ_CHUNK_BYTES // max(1, math.prod(chunk) * itemsize))
+
+
+def _device_array(
+    shape: tuple[int, ...], sharding: Sharding, read: Callable[[tuple[slice, ...]], np.ndarray], axis: int, step: int
+) -> jax.Array:
+    """A jax.Array of `shape` placed by `sharding`, each device's part read by `read(index)` in blocks
+    (`_blocks`) on READ_THREADS threads, each block moved to its device as soon as it is read and the
+    blocks joined there. The host holds only the blocks in flight, never a whole tensor: each thread
+    waits for its block's transfer (which may stage a second host copy) before reading the next."""
+
+    def put(block: tuple[slice, ...], device: jax.Device) -> jax.Array:
+        return jax.device_put(read(block), device).block_until_ready()
+
+    devices = sharding.addressable_devices_indices_map(shape)
+    futures = {d: [_READERS.submit(put, b, d) for b in _blocks(index, shape, axis, step)] for d, index in devices.items()}
+    try:
+        parts = {d: [f.result() for f in fs] for d, fs in futures.items()}
+    except BaseException:
+        for f in (f for fs in futures.values() for f in fs):
+            f.cancel()  # a failed read: the blocks not yet started are not read
+        raise
+    shards = [ps[0] if len(ps) == 1 else jax.numpy.concatenate(ps, axis=axis) for ps in parts.values()]
+    return jax.make_array_from_single_device_arrays(shape, sharding, shards)
+
+
 def _device_tensor(name: str, t: _Tensor, sharding: Sharding) -> jax.Array:
-    """One HF tensor as a jax.Array placed by `sharding`: each device reads only its slice."""
-    return jax.make_array_from_callback(t.shape, sharding, lambda index: _read_slice(name, t, index))
+    """One HF tensor as a jax.Array placed by `sharding`: each device reads only its slice, in blocks of rows."""
+    rows = max(1, READ_CHUNK_BYTES // max(1, _nbytes(jax.ShapeDtypeStruct(t.shape[1:], _DTYPES[t.dtype]))))
+    return _device_array(t.shape, sharding, lambda index: _read_slice(name, t, index), 0, rows)
 
 
 @functools.cache
@@ -306,8 +346,7 @@ def _load_param(
     parts = [_device_tensor(name, tensors[name], hf_sharding) for name in names]
     if layout == "same" and parts[0].dtype == want.dtype:
         return parts[0]
-    out = _converter(layout, tuple(want.shape), want.dtype, sharding)(*parts)
-    return out.block_until_ready()  # the inputs are freed before the next parameter is read
+    return _converter(layout, tuple(want.shape), want.dtype, sharding)(*parts)
 
 
 def _shardings(cfg: ModelConfig, mesh: Mesh | None) -> Callable[[str], Sharding]:
@@ -518,11 +557,8 @@ class _LazyParamHandler(ocp.type_handlers.NumpyHandler):
         t = await ts.open(ts.Spec(tspec), create=True, open=True, context=ts_context)
         if value.ndim == 0:
             return await t.write(value)
-        chunk = t.chunk_layout.write_chunk.shape
-        axis = next((i for i, (c, n) in enumerate(zip(chunk, value.shape)) if c < n), 0)  # the one split first
-        step = chunk[axis] * max(1, READ_CHUNK_BYTES // (math.prod(chunk) * value.itemsize))
-        for start in range(0, value.shape[axis], step):
-            block = (slice(None),) * axis + (slice(start, min(start + step, value.shape[axis])),)
+        axis, step = _block_plan(value.shape, tuple(t.chunk_layout.write_chunk.shape), value.itemsize)
+        for block in _blocks((slice(None),) * value.ndim, value.shape, axis, step):
             await t[block].write(value[block])
 
 
@@ -589,13 +625,41 @@ def _saved_shapes(ckpt_dir: Path, shapes: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _restore(ckpt_dir: Path, target: Mapping[str, Any]) -> dict[str, Any]:
-    """Restore the leaves of `target` (flat; ShapeDtypeStructs, with a sharding to land on devices),
-    with at most about the largest leaf (rounded up to whole GB, orbax's unit) in flight on the host."""
+    """Restore the leaves of `target` (flat ShapeDtypeStructs) to the host with orbax, with at most
+    about the largest leaf (rounded up to whole GB, orbax's unit) in flight."""
     largest = max(_nbytes(s) for s in target.values() if s is not ocp.PLACEHOLDER)
     handler = ocp.StandardCheckpointHandler(restore_concurrent_gb=max(1, math.ceil(largest / 10**9)))
     with ocp.Checkpointer(handler) as ckptr:
         tree = traverse_util.unflatten_dict(dict(target), sep=".")
         return _flat(ckptr.restore((ckpt_dir / "params").absolute(), args=ocp.args.StandardRestore(tree)))
+
+
+# orbax's own context for reading its checkpoints: a cache for the OCDBT B-tree nodes only (array
+# chunks are read once, so caching them would only hold host memory).
+_TS_CONTEXT = {"file_io_concurrency": {"limit": 128}, "cache_pool#ocdbt": {"total_bytes_limit": 100_000_000}}
+
+
+def _orbax_leaf(params_dir: Path, path: str, sharding: Sharding, context: ts.Context) -> jax.Array:
+    """One leaf of an orbax checkpoint (OCDBT, zarr, as _save_params writes them) read with tensorstore
+    straight into `sharding`, a few stored chunks at a time (_device_array). Orbax's restore reads each
+    leaf whole into host memory first and lets reads run ahead of the transfers to the device, so a
+    model's restore held several GB of host buffers whatever restore_concurrent_gb said."""
+    spec = {"driver": "zarr", "recheck_cached_metadata": False, "recheck_cached_data": False,
+            "kvstore": {"driver": "ocdbt", "base": f"file://{params_dir.absolute()}/", "path": path,
+                        "cache_pool": "cache_pool#ocdbt"}}
+    try:
+        t = ts.open(spec, open=True, read=True, context=context).result()
+    except ValueError as err:
+        raise CheckpointError(f"{params_dir} has no readable array {path!r} ({err}); convert the checkpoint again") from None
+
+    def read(index: tuple[slice, ...]) -> np.ndarray:
+        try:
+            return t[index].read().result()
+        except ValueError as err:
+            raise CheckpointError(f"{params_dir}: reading {path!r} failed ({err}); convert the checkpoint again") from None
+
+    axis, step = _block_plan(tuple(t.shape), tuple(t.chunk_layout.read_chunk.shape), t.dtype.numpy_dtype.itemsize)
+    return _device_array(tuple(t.shape), sharding, read, axis, step)
 
 
 def _orbax_dir(ckpt_dir: str | Path) -> Path:
@@ -617,10 +681,12 @@ def load_orbax(
     shapes = expected_shapes(stored)
     _saved_shapes(ckpt_dir, shapes)
     cfg = read_config(ckpt_dir, param_dtype=param_dtype, dtype=dtype)
-    place = _shardings(cfg, mesh)
-    params = _restore(ckpt_dir, {p: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=place(p)) for p, s in shapes.items()})
-    for path, value in params.items():  # cast leaf by leaf: one parameter in two dtypes at a time
-        params[path] = value.astype(cfg.param_dtype)
+    place, context = _shardings(cfg, mesh), ts.Context(_TS_CONTEXT)
+    params = {}
+    with _progress(f"loading {ckpt_dir.name}", sum(_nbytes(s) for s in shapes.values())) as advance:
+        for path, want in shapes.items():  # cast leaf by leaf: one parameter in two dtypes at a time
+            params[path] = _orbax_leaf(ckpt_dir / "params", path, place(path), context).astype(cfg.param_dtype)
+            advance(_nbytes(want))
     return model_from_params(cfg, params)
 
 
