@@ -4,7 +4,7 @@
     python -m apd_jax.bench_load DREAM_HF_DIR QWEN_HF_DIR     # on given HF directories (a model pair)
 
 For the HF directories given (or made), it runs, each step in its own process so that
-its peak RSS (resource.getrusage) is its own: `convert` each to an apd_jax orbax directory
+its peak RSS (VmHWM) is its own: `convert` each to an apd_jax orbax directory
 (beside it, NAME.apd_jax, or under --work), `load-hf` of the pair from the HF directories and
 `load-orbax` of the pair from the converted ones, onto the default device (page cache warm:
 the conversion has just read the HF files and written the orbax ones). It prints one line per
@@ -88,8 +88,15 @@ def make_random(out_dir: str | Path, hf_config: dict[str, Any], *, seed: int = 0
 
 
 def _peak_rss() -> int:
-    """This process's peak resident set so far, in bytes (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's peak resident set so far, in bytes: Linux's VmHWM, where there is one. Not
+    getrusage's ru_maxrss, which a child started by fork + exec inherits from its parent's resident set
+    at the fork (a benchmark that has just made the checkpoints would lift every step's figure)."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def _device_memory() -> dict[str, int]:

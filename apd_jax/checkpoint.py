@@ -304,23 +304,41 @@ def _device_array(
     shape: tuple[int, ...], sharding: Sharding, read: Callable[[tuple[slice, ...]], np.ndarray], axis: int, step: int
 ) -> jax.Array:
     """A jax.Array of `shape` placed by `sharding`, each device's part read by `read(index)` in blocks
-    (`_blocks`) on READ_THREADS threads, each block moved to its device as soon as it is read and the
-    blocks joined there. The host holds only the blocks in flight, never a whole tensor: each thread
-    waits for its block's transfer (which may stage a second host copy) before reading the next."""
+    (`_blocks`) on READ_THREADS threads, each block moved to its device as soon as it is read and
+    written there into its place in the shard (in place: the shard is donated). The host holds only
+    the blocks in flight, never a whole tensor: each thread waits for its block's transfer (which may
+    stage a second host copy) before reading the next."""
 
     def put(block: tuple[slice, ...], device: jax.Device) -> jax.Array:
         return jax.device_put(read(block), device).block_until_ready()
 
     devices = sharding.addressable_devices_indices_map(shape)
     futures = {d: [_READERS.submit(put, b, d) for b in _blocks(index, shape, axis, step)] for d, index in devices.items()}
+    shards = []
     try:
-        parts = {d: [f.result() for f in fs] for d, fs in futures.items()}
+        for fs in futures.values():
+            first = fs[0].result()
+            if len(fs) == 1:
+                shards.append(first)
+                continue
+            shard = jax.numpy.zeros(sharding.shard_shape(shape), first.dtype, device=first.device)
+            start = 0
+            for f in fs:
+                part = f.result()
+                shard = _put_block(shard, part, start, axis)
+                start += part.shape[axis]
+            shards.append(shard)
     except BaseException:
         for f in (f for fs in futures.values() for f in fs):
             f.cancel()  # a failed read: the blocks not yet started are not read
         raise
-    shards = [ps[0] if len(ps) == 1 else jax.numpy.concatenate(ps, axis=axis) for ps in parts.values()]
     return jax.make_array_from_single_device_arrays(shape, sharding, shards)
+
+
+@functools.partial(jax.jit, static_argnums=3, donate_argnums=0)
+def _put_block(shard: jax.Array, block: jax.Array, start: int, axis: int) -> jax.Array:
+    """`block` written into `shard` from `start` along `axis`, in place (the shard is donated)."""
+    return jax.lax.dynamic_update_slice_in_dim(shard, block, start, axis)
 
 
 def _device_tensor(name: str, t: _Tensor, sharding: Sharding) -> jax.Array:
@@ -346,7 +364,8 @@ def _load_param(
     parts = [_device_tensor(name, tensors[name], hf_sharding) for name in names]
     if layout == "same" and parts[0].dtype == want.dtype:
         return parts[0]
-    return _converter(layout, tuple(want.shape), want.dtype, sharding)(*parts)
+    out = _converter(layout, tuple(want.shape), want.dtype, sharding)(*parts)
+    return out.block_until_ready()  # the inputs are freed before the next parameter is read
 
 
 def _shardings(cfg: ModelConfig, mesh: Mesh | None) -> Callable[[str], Sharding]:

@@ -2,13 +2,17 @@
 
 import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from apd_jax import checkpoint
 from apd_jax.checkpoint import (
-    CheckpointError, convert_hf_to_orbax, convert_orbax_to_hf, iter_hf_tensors, load_hf, load_orbax,
+    CheckpointError, convert_hf_to_orbax, convert_orbax_to_hf, iter_hf_tensors, load_hf, load_orbax, model_params,
 )
 from apd_jax.model import forward_logits
 from apd_jax.torch_reference import save_tiny_dream, save_tiny_qwen2
@@ -45,6 +49,27 @@ def test_orbax_restore_with_other_dtypes(qwen_dir, tmp_path):
     assert model.norm.weight[...].dtype == jnp.bfloat16
     fp32 = forward_logits(load_orbax(tmp_path / "flax"), TOKENS)
     assert np.abs(np.asarray(fp32) - np.asarray(forward_logits(load_hf(qwen_dir), TOKENS))).max() == 0
+
+
+def test_tensors_read_in_many_blocks_load_exactly(qwen_dir, tmp_path, monkeypatch):
+    # Blocks of a few rows, orbax chunks as small: every tensor is read, moved and joined in pieces,
+    # as the real models' large ones are.
+    want = model_params(load_hf(qwen_dir))
+    monkeypatch.setattr(checkpoint, "READ_CHUNK_BYTES", 3000)
+    convert_hf_to_orbax(qwen_dir, tmp_path / "flax")
+    for model in (load_hf(qwen_dir), load_orbax(tmp_path / "flax")):
+        got = model_params(model)
+        assert all(np.array_equal(got[p], want[p]) for p in want)
+
+
+def test_tensors_read_in_many_blocks_load_into_shards():
+    # The same on a mesh of 8 virtual devices (a fresh process: jax has started here with one device).
+    tests = Path(__file__).parent
+    code = (f"import sys; sys.path.insert(0, {str(tests)!r}); import sharded_checks; from apd_jax import checkpoint; "
+            "checkpoint.READ_CHUNK_BYTES = 3000; sharded_checks.hf_loads_into_shards(); "
+            "sharded_checks.orbax_restores_into_shards()")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
 
 
 def copy(src, dst):
