@@ -159,7 +159,7 @@ class _Level:
     """One compiled draft width and the drafter window sizes that serve it."""
 
     draft: int  # masked positions drafted and scored per pass
-    windows: tuple[int, ...]  # compiled drafter window sizes, ascending (see _window_sizes)
+    windows: tuple[int, ...]  # compiled drafter window sizes, ascending (see _levels)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -489,7 +489,7 @@ def _levels(config: APDConfig, prompt_len: int, total: int) -> tuple[_Level, ...
     Below it, every active row looks ahead at most the level's width d, so (the rule being
     monotone in k) it accepted at most `_most_accepted` k last pass and its window [left, right)
     spans at most W - 1 + k + d: one window size serves the level. A row whose window is wider
-    (one near its end, its lookahead cut by L) takes a wider level (see `_generate`'s body).
+    (one near its end, its lookahead cut by L) takes a wider level (`_level_index`).
     """
     widths = config.lookahead_levels()
     top = _Level(widths[-1], _window_sizes(config.W, widths[-1], prompt_len + config.M, total))
