@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -43,6 +44,9 @@ from apd_jax.sampling import Knobs, exclude_token
 from apd_jax.sharding import constrain_cache, replicate, shard_rows
 
 RULES = ("paper", "reference")
+# Adaptive lookahead's compiled draft widths at most: each is one more verifier program and drafter program
+# (28 layers at 7B) to compile, so three keep the adaptive loop's compile time within about 2x the fixed M's.
+MAX_LEVELS = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,8 +66,9 @@ class APDConfig(DecoderConfig):
     Adaptive lookahead (opt-in, beyond the paper; off while M_min is None): a row that
     accepted k tokens in a pass looks ahead clip(ceil(M_scale * k) + M_margin, M_min, M)
     positions in its next pass (M in its first), and each pass's drafter window and draft
-    are sized to the largest lookahead among the active rows (rounded up to one of a few
-    compiled widths, M_min doubling up to M), so the drafter's compute follows acceptance.
+    are sized to the largest lookahead among the active rows (rounded up to one of at most
+    MAX_LEVELS compiled widths from M_min to M, see `lookahead_levels`), so the drafter's
+    compute follows acceptance.
     The fixed-M loop is the paper's and the published code's.
     """
 
@@ -95,15 +100,15 @@ class APDConfig(DecoderConfig):
         return problems
 
     def lookahead_levels(self) -> tuple[int, ...]:
-        """The compiled draft widths: M alone for the paper's fixed M, else M_min doubling up to M."""
+        """The compiled draft widths: M alone for the paper's fixed M, else M_min up to M in at most
+        MAX_LEVELS steps of one ratio, at least 2 (a pass pays for its widest row's lookahead rounded
+        up to the next width, so even steps in log bound that padding; more widths compile longer)."""
         top = min(self.M, self.max_new_tokens)
-        if self.M_min is None:
+        if self.M_min is None or 2 * self.M_min > top:
             return (top,)
-        levels, width = {top}, self.M_min
-        while width < top:
-            levels.add(width)
-            width *= 2
-        return tuple(sorted(levels))
+        n = min(MAX_LEVELS, 1 + int(math.log2(top / self.M_min)))
+        ratio = (top / self.M_min) ** (1 / (n - 1))
+        return tuple(sorted({round(self.M_min * ratio**i) for i in range(n - 1)} | {top}))
 
     def next_lookahead(self, k):
         """A row's lookahead after a pass that accepted k tokens (M when the lookahead is fixed)."""
@@ -154,7 +159,7 @@ class _Level:
     """One compiled draft width and the drafter window sizes that serve it."""
 
     draft: int  # masked positions drafted and scored per pass
-    windows: tuple[int, ...]  # compiled drafter window sizes, ascending (see _window_sizes)
+    windows: tuple[int, ...]  # compiled drafter window sizes, ascending (see _levels)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -333,6 +338,13 @@ def _accept(
     )
 
 
+def _level_index(levels: tuple[_Level, ...], width: jax.Array, window: jax.Array) -> jax.Array:
+    """The first level whose draft width holds `width` and whose widest window holds `window`
+    (both ascend over the levels): the smallest compiled level that every active row fits."""
+    return jnp.maximum(jnp.sum(jnp.asarray([lv.draft for lv in levels]) < width),
+                       jnp.sum(jnp.asarray([lv.windows[-1] for lv in levels]) < window))
+
+
 def _window(tokens: jax.Array, left: jax.Array, size: int) -> jax.Array:
     idx = jnp.clip(left[:, None] + jnp.arange(size), 0, tokens.shape[1] - 1)
     return jnp.take_along_axis(tokens, idx, axis=1)
@@ -381,12 +393,10 @@ def _generate(
         # The first pass sees the whole prompt plus M masks (left = 0, nothing cached yet).
         left = jnp.where(state.passes == 0, 0, jnp.maximum(state.t_prev - spec.W + 1, 0))
         right = right_edge(state.t, state.lookahead, state.limit)
-        # The smallest compiled draft width (and, within it, window) that every active row fits.
         width = jnp.max(jnp.where(state.done, 0, right - state.t))
         window = jnp.max(jnp.where(state.done, 0, right - left))
-        level = jnp.maximum(jnp.sum(jnp.asarray([lv.draft for lv in spec.levels]) < width),
-                            jnp.sum(jnp.asarray([lv.windows[-1] for lv in spec.levels]) < window))
         passes = [functools.partial(level_pass, level=lv) for lv in spec.levels]
+        level = _level_index(spec.levels, width, window)
         return jax.lax.switch(level, passes, state, left, right, window)
 
     state = jax.lax.while_loop(cond, body, state)
@@ -405,11 +415,7 @@ def _run(
     prompt_len = prompt_bucket(max(map(len, rows)), config.max_new_tokens, capacity)
     eos = resolve_eos(config.eos_token_ids, drafter.cfg)
     total = prompt_len + config.max_new_tokens
-    widths = config.lookahead_levels()
-    # Only the widest level serves the first pass (prompt + M); below it, a pass after one that accepted
-    # k_prev <= its width spans at most W - 1 + 2 * width (a wider need takes a wider level).
-    levels = tuple(_Level(d, _window_sizes(config.W, d, prompt_len + config.M if d == widths[-1] else 0, total))
-                   for d in widths)
+    levels = _levels(config, prompt_len, total)
     # Only what the compiled loop reads: a fixed M ignores M_scale / M_margin, so they must not recompile it.
     lookahead = (APDConfig(M=config.M) if config.M_min is None else
                  APDConfig(M=config.M, M_min=config.M_min, M_scale=config.M_scale, M_margin=config.M_margin))
@@ -474,6 +480,29 @@ def leftright_generate(
         raise ValueError("left-to-right K decoding needs a bidirectional (Dream) drafter")
     capacity = config.max_len or drafter.cfg.max_position_embeddings
     return _run(drafter, None, prompts, config, key, drafter.cfg.vocab_size, capacity, fixed_k=K)
+
+
+def _levels(config: APDConfig, prompt_len: int, total: int) -> tuple[_Level, ...]:
+    """The compiled draft widths with their drafter window sizes: one drafter program per pair.
+
+    The widest level is the fixed-M loop's (its window sizes, and the first pass: prompt + M).
+    Below it, every active row looks ahead at most the level's width d, so (the rule being
+    monotone in k) it accepted at most `_most_accepted` k last pass and its window [left, right)
+    spans at most W - 1 + k + d: one window size serves the level. A row whose window is wider
+    (one near its end, its lookahead cut by L) takes a wider level (`_level_index`).
+    """
+    widths = config.lookahead_levels()
+    top = _Level(widths[-1], _window_sizes(config.W, widths[-1], prompt_len + config.M, total))
+    if len(widths) == 1:
+        return (top,)
+    lookahead = np.asarray(config.next_lookahead(jnp.arange(widths[-1] + 1, dtype=jnp.int32)))
+    return tuple(_Level(d, (min(config.W - 1 + d + _most_accepted(lookahead, d), total),))
+                 for d in widths[:-1]) + (top,)
+
+
+def _most_accepted(lookahead: np.ndarray, width: int) -> int:
+    """The largest k whose next lookahead (lookahead[k], non-decreasing in k) is at most `width`; 0 if none."""
+    return max(int(np.sum(lookahead <= width)) - 1, 0)
 
 
 def _window_sizes(W: int, draft: int, first: int, total: int) -> tuple[int, ...]:

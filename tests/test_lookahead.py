@@ -1,12 +1,14 @@
 """Adaptive lookahead (opt-in) and the live view from inside the compiled loop."""
 
 import dataclasses
+import json
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from apd_jax.apd import APDConfig, apd_generate, apd_generate_eager, live_view
+from apd_jax.apd import APDConfig, _level_index, _levels, apd_generate, apd_generate_eager, live_view
+from apd_jax.cli import main
 from conftest import PROMPTS
 
 ADAPTIVE = [
@@ -18,12 +20,30 @@ ADAPTIVE = [
 
 def test_levels_and_rule_on_literals():
     cfg = APDConfig(M=100, M_min=8, M_scale=2.0, M_margin=4)
-    assert cfg.lookahead_levels() == (8, 16, 32, 64, 100)
-    assert dataclasses.replace(cfg, max_new_tokens=40).lookahead_levels() == (8, 16, 32, 40)
+    assert cfg.lookahead_levels() == (8, 28, 100)  # MAX_LEVELS widths, each about 3.5x the last
+    assert dataclasses.replace(cfg, max_new_tokens=40).lookahead_levels() == (8, 18, 40)  # ratios >= 2: three
+    assert dataclasses.replace(cfg, M_min=60).lookahead_levels() == (100,)  # no ratio of 2 fits under M
     assert APDConfig(M=100).lookahead_levels() == (100,)  # the paper's fixed M: one width
     k = jnp.array([0, 1, 2, 10, 60], jnp.int32)
     assert cfg.next_lookahead(k).tolist() == [8, 8, 8, 24, 100]  # clip(ceil(2k) + 4, 8, 100)
     assert APDConfig(M=100).next_lookahead(k).tolist() == [100] * 5
+
+
+def test_one_window_per_level_below_the_top_holds_every_row_of_it():
+    cfg = APDConfig(W=16, M=100, M_min=6, M_scale=2.0, M_margin=4)  # `apd-jax bench`'s adaptive setting
+    levels = _levels(cfg, 128, 384)  # prompt 128, 256 new tokens: 5 drafter programs (fixed M: 3)
+    assert [(lv.draft, lv.windows) for lv in levels] == [(6, (22,)), (24, (49,)), (100, (123, 147, 228))]
+    assert _levels(APDConfig(W=16, M=100), 128, 384) == levels[-1:]  # the fixed M's level, its three windows
+    k = jnp.arange(101)
+    for lv in levels[:-1]:  # a row that accepted k and so looks ahead <= d spans W - 1 + k + d: the window is the most
+        fits = cfg.next_lookahead(k) <= lv.draft
+        assert int(jnp.max(jnp.where(fits, cfg.W - 1 + k + lv.draft, 0))) == lv.windows[0]
+
+
+def test_a_pass_takes_the_first_level_that_holds_both_its_width_and_its_window():
+    levels = _levels(APDConfig(W=16, M=100, M_min=6, M_scale=2.0, M_margin=4), 128, 384)
+    cases = [((6, 22), 0), ((6, 23), 1), ((7, 10), 1), ((24, 49), 1), ((24, 50), 2), ((25, 30), 2), ((6, 200), 2)]
+    assert [int(_level_index(levels, width, window)) for (width, window), _ in cases] == [i for _, i in cases]
 
 
 @pytest.mark.parametrize("cfg", ADAPTIVE, ids=lambda c: f"R{c.R}-M{c.M}-min{c.M_min}-x{c.M_scale}+{c.M_margin}")
@@ -68,3 +88,14 @@ def test_live_view_reports_every_pass_of_the_compiled_loop(cfg, dream, qwen):
         assert sum(1 for _, kept, _ in passes if kept[row]) == result.row_passes()[row]
     assert np.array_equal(passes[-1][2] >= 0, result.stopped_at_eos)
     assert apd_generate(dream, qwen, PROMPTS, cfg).sequences() == result.sequences()  # live or not, the same
+
+
+def test_bench_measures_fixed_and_adaptive_rows_in_one_process(tmp_path, capsys):
+    assert main(["bench", "--shapes", "tiny", "--batch", "1,2", "--settings", "0.7,4,8;0.7,4,8,2,2,1",
+                 "--prompt-len", "8", "--max-new-tokens", "16", "--repeats", "1", "--baselines", "none",
+                 "--json", str(tmp_path / "b.json")]) == 0
+    assert capsys.readouterr().out.count("APD R=0.7 W=4 M=8 adaptive 2,2,1") == 2
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert [(r["name"].endswith("adaptive 2,2,1"), r["batch"]) for r in rows] == [
+        (False, 1), (False, 2), (True, 1), (True, 2)]
+    assert all(r["compile_s"] > 0 for r in rows)  # each row compiles its own program
