@@ -1,4 +1,5 @@
-"""The training corpus every machine has offline: the Python standard library's own source.
+"""The training corpus every machine has offline: the Python standard library's own source,
+and the installed source of apd_jax's own dependencies.
 
 Files are the `.py` files under `sysconfig.get_paths()["stdlib"]` (installed
 third-party packages under site-packages/dist-packages are excluded), read in
@@ -6,6 +7,13 @@ sorted order of their POSIX path relative to that root, so the corpus is the sam
 on every run of one Python installation. A file is held out when the hash of its
 relative path falls below `heldout_fraction`: the split depends on the path alone,
 so a held-out path stays held out on other Python versions too.
+
+`packages` adds the `.py` files of installed packages (DEPENDENCY_PACKAGES by default in
+`apd-jax train`: what apd_jax itself requires, so they are wherever apd_jax is installed),
+found without importing them, as training documents named `packages/NAME/...`. They are
+never held out, so held-out figures stay those of the stdlib's held-out files, and a
+package file that shares at least half of its long lines with the held-out files (a
+vendored copy) is dropped.
 
 Cleaning is light: files that are not UTF-8, generated data tables (the charmap
 codecs, stringprep), the 750 KB pydoc topic dump and mostly non-ASCII files are
@@ -22,6 +30,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.metadata
+import importlib.util
 import re
 import sysconfig
 from collections.abc import Sequence
@@ -36,6 +46,12 @@ MAX_FILE_BYTES = 400_000  # drops pydoc_data/topics.py (a 750 KB string literal)
 MAX_NON_ASCII = 0.05  # share of non-ASCII characters
 MAX_TABLE_SHARE = 0.30  # share of characters on literal-table lines ('\x00', 0x.., 12:)
 DEFAULT_HELDOUT_FRACTION = 0.03
+
+# apd_jax's requirements with Python source (scipy comes with jax): installed wherever apd_jax is.
+DEPENDENCY_PACKAGES = ("flax", "huggingface_hub", "jax", "ml_dtypes", "numpy", "optax", "orbax", "rich",
+                       "safetensors", "scipy", "transformers")
+OVERLAP_LINE_CHARS = 30  # lines this long (stripped) are specific enough to mark a copy
+MAX_HELDOUT_OVERLAP = 0.5  # share of a package file's long lines found in held-out files
 
 _TABLE_LINE = re.compile(r"""^\s*(u?['"]\\[xuU][0-9a-fA-F]|0x[0-9a-fA-F]+\s*[:,]|\d+\s*[:,])""")
 
@@ -58,6 +74,46 @@ def list_files(root: str | Path) -> list[Path]:
         raise FileNotFoundError(f"corpus root {root} is not a directory")
     files = [f for f in root.rglob("*.py") if f.is_file() and not EXCLUDED_DIRS & set(f.relative_to(root).parts)]
     return sorted(files, key=lambda f: f.relative_to(root).as_posix())
+
+
+def package_root(name: str) -> Path:
+    """The directory of the installed package `name`, found without importing it."""
+    spec = importlib.util.find_spec(name)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations:
+        raise FileNotFoundError(f"package {name!r} is not installed here: install it, or leave it out of --packages")
+    return Path(locations[0])
+
+
+def package_versions(names: Sequence[str]) -> dict[str, str]:
+    """{package: 'distribution version'} of the installed packages, for the training record."""
+    dists = importlib.metadata.packages_distributions()
+    return {n: " ".join(f"{d} {importlib.metadata.version(d)}" for d in dists.get(n, [])) for n in names}
+
+
+def _every_nth(files: list[Path], share: float) -> list[Path]:
+    """About `share` of the files, evenly spread (every n-th)."""
+    if share >= 1:
+        return files
+    keep = max(1, round(share * len(files)))
+    return [files[int(i * len(files) / keep)] for i in range(keep)]
+
+
+def _read(file: Path) -> str | None:
+    try:
+        return clean(file.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        return None
+
+
+def _long_lines(text: str) -> set[str]:
+    return {line.strip() for line in text.split("\n") if len(line.strip()) >= OVERLAP_LINE_CHARS}
+
+
+def copies_heldout(text: str, heldout_lines: set[str]) -> bool:
+    """Whether at least MAX_HELDOUT_OVERLAP of the text's long lines occur in held-out files."""
+    lines = _long_lines(text)
+    return bool(lines) and len(lines & heldout_lines) >= MAX_HELDOUT_OVERLAP * len(lines)
 
 
 def is_heldout(relpath: str, fraction: float = DEFAULT_HELDOUT_FRACTION) -> bool:
@@ -85,30 +141,34 @@ def clean(text: str) -> str | None:
 def load_corpus(
     root: str | Path | None = None,
     *,
+    packages: Sequence[str] = (),
     heldout_fraction: float = DEFAULT_HELDOUT_FRACTION,
     max_files: int | None = None,
 ) -> tuple[list[Document], list[Document]]:
-    """(train, held-out) documents of the corpus under `root` (default: this Python's stdlib).
+    """(train, held-out) documents: the stdlib under `root` (default: this Python's), then the
+    named installed packages' sources as training documents.
 
-    `max_files` keeps every n-th file so that about that many remain (quick runs, tests).
+    `max_files` keeps every n-th stdlib file so that about that many remain, and the same
+    share of each package's files (quick runs, tests).
     """
     root = stdlib_root() if root is None else Path(root)
     files = list_files(root)
-    if max_files is not None and 0 < max_files < len(files):
-        stride = len(files) / max_files
-        files = [files[int(i * stride)] for i in range(max_files)]
+    share = 1.0 if max_files is None or max_files <= 0 else min(1.0, max_files / max(len(files), 1))
     train, heldout = [], []
-    for f in files:
+    for f in _every_nth(files, share):
         rel = f.relative_to(root).as_posix()
-        try:
-            text = clean(f.read_bytes().decode("utf-8"))
-        except UnicodeDecodeError:
-            continue
-        if text is None:
-            continue
-        (heldout if is_heldout(rel, heldout_fraction) else train).append(Document(rel, text))
+        text = _read(f)
+        if text is not None:
+            (heldout if is_heldout(rel, heldout_fraction) else train).append(Document(rel, text))
     if not train:
         raise ValueError(f"no usable .py files under {root}")
+    heldout_lines = set().union(*(_long_lines(d.text) for d in heldout))
+    for name in packages:
+        pkg = package_root(name)
+        for f in _every_nth(list_files(pkg), share):
+            text = _read(f)
+            if text is not None and not copies_heldout(text, heldout_lines):
+                train.append(Document(f"packages/{name}/{f.relative_to(pkg).as_posix()}", text))
     return train, heldout
 
 

@@ -495,6 +495,10 @@ class PipelineSettings:
     dtype: str = "auto"  # compute dtype; auto: bfloat16 on accelerators, float32 on CPU
     storage_dtype: str = "bfloat16"
     stdlib: Path | None = None
+    packages: tuple[str, ...] = ()  # installed packages whose sources join the training files
+    # The stdlib's tokens appear this many times in the training stream: with packages (the
+    # dependencies are about 4x the stdlib's size), a weight for the held-out files' own domain.
+    stdlib_repeats: int = 1
     max_files: int | None = None
     heldout_fraction: float = corpus.DEFAULT_HELDOUT_FRACTION
     retrain_tokenizer: bool = False
@@ -512,18 +516,25 @@ def run_pipeline(p: PipelineSettings, log: Callable[..., None] = _print) -> dict
     """Tokenizer (if absent or asked for), then the drafter and/or the verifier, then APD acceptance."""
     if p.which not in ("tokenizer", "drafter", "verifier", "both"):
         raise ValueError(f"--which {p.which!r} must be one of tokenizer, drafter, verifier, both")
+    if p.stdlib_repeats < 1:
+        raise ValueError(f"--stdlib-repeats {p.stdlib_repeats} must be >= 1")
     out = Path(p.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    train_docs, heldout_docs = corpus.load_corpus(p.stdlib, heldout_fraction=p.heldout_fraction,
-                                                  max_files=p.max_files)
+    train_docs, heldout_docs = corpus.load_corpus(p.stdlib, packages=p.packages,
+                                                  heldout_fraction=p.heldout_fraction, max_files=p.max_files)
     root = p.stdlib or corpus.stdlib_root()
+    from_packages = [d for d in train_docs if d.path.startswith("packages/")]
+    from_stdlib = [d for d in train_docs if not d.path.startswith("packages/")]
     info = {
         "corpus_root": str(root), "python": __import__("platform").python_version(),
+        "packages": corpus.package_versions(p.packages), "package_files": len(from_packages),
+        "package_chars": sum(len(d.text) for d in from_packages),
         "train_files": len(train_docs), "heldout_files": len(heldout_docs),
         "train_chars": sum(len(d.text) for d in train_docs), "fingerprint": corpus.fingerprint(train_docs),
     }
-    log(f"corpus {root} (Python {info['python']}): {len(train_docs)} train / {len(heldout_docs)} held-out files, "
+    log(f"corpus {root} (Python {info['python']}) and {len(p.packages)} packages: {len(train_docs)} train "
+        f"({len(from_packages)} from packages) / {len(heldout_docs)} held-out files, "
         f"{info['train_chars'] / 1e6:.1f}M characters, fingerprint {info['fingerprint']} "
         f"({time.perf_counter() - t0:.1f}s)")
     seq_len = max(p.drafter_train.seq_len, p.verifier_train.seq_len)
@@ -537,11 +548,17 @@ def run_pipeline(p: PipelineSettings, log: Callable[..., None] = _print) -> dict
     if p.which == "tokenizer":
         return report
     vocab = tok.get_vocab_size()
-    train_stream = corpus.token_stream(train_docs, tok, EOS_ID)
+    stdlib_stream = corpus.token_stream(from_stdlib, tok, EOS_ID)
+    stdlib_tokens = len(stdlib_stream)
+    train_stream = np.concatenate([np.tile(stdlib_stream, p.stdlib_repeats),
+                                   corpus.token_stream(from_packages, tok, EOS_ID)])
     heldout_stream = corpus.token_stream(heldout_docs, tok, EOS_ID)
-    info |= {"train_tokens": int(len(train_stream)), "heldout_tokens": int(len(heldout_stream)),
-             "chars_per_token": round(info["train_chars"] / max(len(train_stream), 1), 2)}
-    log(f"tokens: {len(train_stream) / 1e6:.2f}M train, {len(heldout_stream) / 1e3:.0f}k held-out "
+    unique = len(train_stream) - (p.stdlib_repeats - 1) * stdlib_tokens
+    info |= {"train_tokens": int(unique), "stdlib_repeats": p.stdlib_repeats,
+             "stream_tokens": int(len(train_stream)), "heldout_tokens": int(len(heldout_stream)),
+             "chars_per_token": round(info["train_chars"] / max(unique, 1), 2)}
+    log(f"tokens: {unique / 1e6:.2f}M train ({stdlib_tokens / 1e6:.2f}M stdlib, {p.stdlib_repeats}x in the stream of "
+        f"{len(train_stream) / 1e6:.2f}M), {len(heldout_stream) / 1e3:.0f}k held-out "
         f"({info['chars_per_token']} characters per token; {time.perf_counter() - t0:.1f}s)")
     param_dtype, dtype = parse_dtype(p.param_dtype), compute_dtype(p.dtype)
     jobs = [("drafter", False, p.drafter, p.drafter_train), ("verifier", True, p.verifier, p.verifier_train)]

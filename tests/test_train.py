@@ -237,7 +237,8 @@ def test_train_command_end_to_end(tmp_path):
     out = tmp_path / "run"
     argv = ["--out", str(out), "--max-files", "30", "--vocab-size", "400", "--steps", "4", "--verifier-steps", "4",
             "--batch-size", "2", "--seq-len", "128", "--log-every", "2", "--eval-every", "4", "--eval-windows", "2",
-            "--warmup", "1", "--eval-prompts", "2", "--eval-max-new-tokens", "8"]
+            "--warmup", "1", "--eval-prompts", "2", "--eval-max-new-tokens", "8", "--packages", "rich",
+            "--stdlib-repeats", "2"]
     for name in ("drafter", "verifier"):
         argv += [f"--{name}-hidden", "32", f"--{name}-layers", "1", f"--{name}-heads", "2",
                  f"--{name}-kv-heads", "1", f"--{name}-intermediate", "32"]
@@ -247,6 +248,11 @@ def test_train_command_end_to_end(tmp_path):
     assert (out / "drafter" / "model.safetensors").is_file()
     report = json.loads((out / "apd_eval.json").read_text())
     assert report["tokens_per_pass"] >= 1.0 and report["prompts"] >= 1
+    info = json.loads((out / "verifier" / "training.json").read_text())["corpus"]
+    assert info["package_files"] >= 1 and info["packages"]["rich"].startswith("rich ")
+    # The stdlib's tokens twice in the stream: the stream exceeds the unique tokens by them once.
+    stdlib_tokens = info["stream_tokens"] - info["train_tokens"]
+    assert 0 < stdlib_tokens < info["train_tokens"] and info["stdlib_repeats"] == 2
     assert main(argv[:2] + ["--drafter-hidden", "30", "--drafter-heads", "4"]) == 2  # a clear error, no traceback
 
 
@@ -270,6 +276,28 @@ def test_stdlib_prompts_come_from_one_side_of_the_split(tmp_path):
     assert files(train) != set(sorted(f"m{i}.py" for i in range(80) if f"m{i}.py" not in held)[:40])
     with pytest.raises(ValueError, match="held-out files give only"):  # each file: with and without context
         corpus.stdlib_prompts(tok, 2 * len(held) + 1, heldout=True, seq_len=512, root=tmp_path)
+
+
+def test_packages_join_the_training_files_never_the_held_out(tmp_path, monkeypatch):
+    root, site = tmp_path / "stdlib", tmp_path / "site"
+    root.mkdir()
+    names = sorted(f"m{i}.py" for i in range(80))  # the corpus's order
+    for i, name in enumerate(names):  # long distinct lines, so that a copy of one is recognisable
+        (root / name).write_text("".join(f"value_{i}_{j} = compute_something_long({i}, {j})\n" for j in range(6)))
+    held = [n for n in names if corpus.is_heldout(n)]
+    (site / "fakepkg" / "sub").mkdir(parents=True)
+    (site / "fakepkg" / "__init__.py").write_text("def helper(x):\n    return x + 1\n")
+    (site / "fakepkg" / "sub" / "vendored.py").write_text((root / held[0]).read_text())  # a copy of a held-out file
+    monkeypatch.syspath_prepend(str(site))
+
+    train, heldout = corpus.load_corpus(root, packages=("fakepkg",))
+    paths = [d.path for d in train]
+    assert [d.path for d in heldout] == held and "packages/fakepkg/__init__.py" in paths
+    assert "packages/fakepkg/sub/vendored.py" not in paths  # dropped: its lines are a held-out file's
+    assert [p for p in paths if not p.startswith("packages/")] == [n for n in names if n not in held]
+    assert corpus.package_versions(["fakepkg"]) == {"fakepkg": ""}  # no installed distribution
+    with pytest.raises(FileNotFoundError, match="'no_such_package' is not installed"):
+        corpus.load_corpus(root, packages=("no_such_package",))
 
 
 # ----------------------------------------------------------------------------- memory and progress

@@ -1,8 +1,9 @@
 """`apd-jax train`: train a small APD pair (tokenizer, Dream-style drafter, Qwen2 verifier) from scratch.
 
-The corpus is this Python's standard library source (apd_jax/corpus.py), so it runs
-offline anywhere; the same command runs on a GPU and on CPU (slowly: on 2 cores and
-24 GiB, a drafter step of the default batch runs in two micro-batches, about 30 s). Writes
+The corpus is this Python's standard library source (apd_jax/corpus.py), and with
+--packages the installed source of other packages, so it runs offline anywhere; the same
+command runs on a GPU and on CPU (slowly: on 2 cores and 24 GiB, a drafter step of the
+default batch runs in two micro-batches, about 30 s). Writes
 OUT/tokenizer, OUT/drafter and OUT/verifier (Hugging Face layout, loadable with
 `apd-jax generate --drafter OUT/drafter --verifier OUT/verifier`) and, when both
 models exist, OUT/apd_eval.json with APD tokens per pass on held-out prompts.
@@ -17,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from apd_jax import corpus
 from apd_jax.config import DRAFTER_SIZE, VERIFIER_SIZE, ModelSize
 
 if TYPE_CHECKING:
@@ -63,10 +65,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--storage-dtype", choices=("bfloat16", "float32"), default="bfloat16",
                    help="dtype of the saved safetensors")
     d.add_argument("--stdlib", type=Path, default=None, help="corpus root (default: this Python's stdlib)")
-    d.add_argument("--max-files", type=int, default=None, help="use only about this many files (quick runs)")
+    d.add_argument("--packages", type=_package_list, default="none",
+                   help="installed packages whose .py files join the training files: comma-separated names, "
+                        f"'deps' for apd_jax's own dependencies ({','.join(corpus.DEPENDENCY_PACKAGES)}), or "
+                        "'none', the stdlib alone, as the embedded pair was trained")
+    d.add_argument("--stdlib-repeats", type=int, default=1,
+                   help="times the stdlib's tokens appear in the training stream (weights it against --packages)")
+    d.add_argument("--max-files", type=int, default=None,
+                   help="use only about this many stdlib files, and the same share of each package's (quick runs)")
     d.add_argument("--eval-prompts", type=int, default=32, help="held-out prompts for the APD check (0: skip)")
     d.add_argument("--eval-max-new-tokens", type=int, default=128)
     p.set_defaults(func=run)
+
+
+def _package_list(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    return {("none",): (), ("deps",): corpus.DEPENDENCY_PACKAGES}.get(names, names)
 
 
 def settings_from_args(args: argparse.Namespace) -> PipelineSettings:
@@ -100,7 +114,8 @@ def settings_from_args(args: argparse.Namespace) -> PipelineSettings:
         out=args.out, which=args.which, vocab_size=args.vocab_size, drafter=size("drafter"),
         verifier=size("verifier"), drafter_train=drafter_train, verifier_train=verifier_train,
         param_dtype=args.param_dtype, dtype=args.dtype, storage_dtype=args.storage_dtype, stdlib=args.stdlib,
-        max_files=args.max_files, retrain_tokenizer=args.retrain_tokenizer, eval_prompts=args.eval_prompts,
+        packages=args.packages, stdlib_repeats=args.stdlib_repeats, max_files=args.max_files,
+        retrain_tokenizer=args.retrain_tokenizer, eval_prompts=args.eval_prompts,
         eval_max_new_tokens=args.eval_max_new_tokens,
     )
 
