@@ -22,6 +22,7 @@ import jax
 from rich.progress import track
 
 from apd_jax.apd import APDConfig, apd_generate, shared_vocab_size
+from apd_jax.batching import DEFAULT_BATCH_SIZE, generate_batched, padded_batches
 from apd_jax.checkpoint import load_model, load_tokenizer
 from apd_jax.model import Qwen2
 
@@ -72,22 +73,22 @@ class EvalReport:
 
 
 def evaluate(
-    drafter: Qwen2, verifier: Qwen2, tokenizer, items: list[dict], config: APDConfig, batch_size: int = 8,
-    prompt: str = PROMPT,
+    drafter: Qwen2, verifier: Qwen2, tokenizer, items: list[dict], config: APDConfig,
+    batch_size: int = DEFAULT_BATCH_SIZE, prompt: str = PROMPT,
 ) -> EvalReport:
+    """Exact match of the extracted answers; items decoded batch_size at a time, in one shape."""
     correct = tokens = passes = 0
     seconds = 0.0
-    batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
-    for batch in track(batches, description="evaluating"):
-        ids = [tokenizer.encode(prompt.format(question=item["question"])) for item in batch]
+    ids = [tokenizer.encode(prompt.format(question=item["question"])) for item in items]
+    for idx, rows in track(padded_batches(ids, batch_size), description="evaluating"):
         start = time.perf_counter()
-        result = apd_generate(drafter, verifier, ids, config, jax.random.key(0))
+        result = apd_generate(drafter, verifier, rows, config, jax.random.key(0))
         seconds += time.perf_counter() - start
-        for item, seq in zip(batch, result.sequences()):
+        for i, seq in zip(idx, result.sequences()):  # the rows filling up the last batch are dropped
             predicted = extract_answer(tokenizer.decode(seq))
-            correct += predicted is not None and predicted == extract_answer(str(item["answer"]))
-        tokens += int(result.lengths.sum())
-        passes += int(result.row_passes().sum())
+            correct += predicted is not None and predicted == extract_answer(str(items[i]["answer"]))
+        tokens += int(result.lengths[: len(idx)].sum())
+        passes += int(result.row_passes()[: len(idx)].sum())
     return EvalReport(correct / len(items), correct, len(items), tokens / max(seconds, 1e-9), tokens / max(passes, 1))
 
 
@@ -100,7 +101,7 @@ def evaluate_apd(
     W: int = APDConfig.W,
     M: int = APDConfig.M,
     max_new_tokens: int = 128,
-    batch_size: int = 16,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     dtype: str | None = None,
 ) -> dict:
     """Greedy APD over text prompts with a saved pair: tokens per pass and samples."""
@@ -111,14 +112,11 @@ def evaluate_apd(
     tok = load_tokenizer(drafter_dir)
     vocab = shared_vocab_size(drafter.cfg, verifier.cfg, tok, load_tokenizer(verifier_dir))
     config = APDConfig(R=R, W=W, M=M, max_new_tokens=max_new_tokens, temperature=0.0)
-    accepted, passes, samples = 0, 0, []
-    for j in range(0, len(prompts), batch_size):
-        part = list(prompts[j : j + batch_size])
-        result = apd_generate(drafter, verifier, [tok.encode(p) for p in part], config, jax.random.key(0),
-                              shared_vocab=vocab)
-        accepted += int(result.accepted.sum())
-        passes += int(result.row_passes().sum())
-        samples += [{"prompt": p, "completion": tok.decode(ids), "accepted": result.accepted_per_pass(r)}
-                    for r, (p, ids) in enumerate(zip(part, result.sequences()))]
+    result = generate_batched(
+        lambda rows: apd_generate(drafter, verifier, rows, config, jax.random.key(0), shared_vocab=vocab),
+        [tok.encode(p) for p in prompts], batch_size)
+    accepted, passes = int(result.lengths.sum()), int(result.row_passes().sum())
+    samples = [{"prompt": p, "completion": tok.decode(ids), "accepted": result.accepted_per_pass(r)}
+               for r, (p, ids) in enumerate(zip(prompts, result.sequences()))]
     return {"R": R, "W": W, "M": M, "max_new_tokens": max_new_tokens, "prompts": len(prompts),
             "tokens": accepted, "passes": passes, "tokens_per_pass": accepted / max(passes, 1), "samples": samples}

@@ -32,6 +32,21 @@ def test_eval_runs_on_the_embedded_pair(tmp_path, capsys):
     assert "accuracy" in out and "/3)" in out and "tokens/pass" in out
 
 
+def test_evaluation_is_the_same_in_any_batch_size():
+    # The last batch is filled up to the batch's shape; its filler rows count for nothing.
+    from apd_jax import ASSETS_DIR
+    from apd_jax.apd import APDConfig
+    from apd_jax.checkpoint import load_model, load_tokenizer
+    from apd_jax.evaluate import evaluate
+
+    pair = [load_model(ASSETS_DIR / name, param_dtype="float32") for name in ("drafter", "verifier")]
+    items = [{"question": f"What is {i} + 1?", "answer": f"#### {i + 1}"} for i in range(5)]
+    config = APDConfig(W=4, M=8, max_new_tokens=8)
+    reports = [evaluate(*pair, load_tokenizer(ASSETS_DIR / "drafter"), items, config, batch_size=n) for n in (2, 5)]
+    assert reports[0].total == reports[1].total == 5
+    assert (reports[0].correct, reports[0].tokens_per_pass) == (reports[1].correct, reports[1].tokens_per_pass)
+
+
 def test_bad_evaluation_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         load_jsonl(tmp_path / "missing.jsonl")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from apd_jax.batching import DEFAULT_BATCH_SIZE
 from apd_jax.checkpoint import load_model, load_tokenizer
 from apd_jax.commands.options import (
     DefaultsHelpFormatter,
@@ -25,7 +26,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("data", type=Path, help="JSONL with 'question' and 'answer' per line")
     add_pair_options(p)
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N items (default: all)")
-    p.add_argument("--batch-size", type=int, default=8, help="items decoded together")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                   help="items decoded together, in one shape (the last batch filled up)")
     settings_option(p, "--R", "mixture weight in [0, 1]", APD, type=float)
     settings_option(p, "--W", "drafter KV window", APD, type=int)
     settings_option(p, "--M", "max lookahead", APD, type=int)
