@@ -300,39 +300,65 @@ def _block_plan(shape: tuple[int, ...], chunk: tuple[int, ...], itemsize: int) -
     return axis, chunk[axis] * max(1, READ_CHUNK_BYTES // max(1, math.prod(chunk) * itemsize))
 
 
+def _even_blocks(index: tuple[slice, ...], shape: tuple[int, ...], step: int) -> list[tuple[slice, ...]]:
+    """`index` (one device's part of an array of `shape`) cut along axis 0 into blocks of one size, at
+    most `step` rows: the rows are split evenly and the last block ends at the end, overlapping its
+    neighbour by fewer rows than there are blocks (read twice, written twice with the same values).
+    Every block of a shard then has the same shape: one compiled in-place write serves them all."""
+    if not shape:
+        return [index]
+    lo, hi, _ = index[0].indices(shape[0])
+    if hi - lo <= step:
+        return [index]
+    count = -(-(hi - lo) // step)
+    size = -(-(hi - lo) // count)
+    return [(slice(s, s + size), *index[1:]) for s in [lo + k * size for k in range(count - 1)] + [hi - size]]
+
+
 def _device_array(
-    shape: tuple[int, ...], sharding: Sharding, read: Callable[[tuple[slice, ...]], np.ndarray], axis: int, step: int
+    shape: tuple[int, ...], sharding: Sharding, read: Callable[[tuple[slice, ...]], np.ndarray],
+    blocks: Callable[[tuple[slice, ...]], list[tuple[slice, ...]]], axis: int,
 ) -> jax.Array:
-    """A jax.Array of `shape` placed by `sharding`, each device's part read by `read(index)` in blocks
-    (`_blocks`) on READ_THREADS threads, each block moved to its device as soon as it is read and
-    written there into its place in the shard (in place: the shard is donated). The host holds only
-    the blocks in flight, never a whole tensor: each thread waits for its block's transfer (which may
-    stage a second host copy) before reading the next."""
+    """A jax.Array of `shape` placed by `sharding`, each device's part (`index`) read by `read(block)`
+    for each of `blocks(index)` (cut along `axis`) on READ_THREADS threads, each block moved to its
+    device as soon as it is read and written there into its place in the shard (in place: the shard is
+    donated; the shard itself is made on that device from the first block, never on the default device).
+    The host holds only the blocks in flight, never a whole tensor: each thread waits for its block's
+    transfer (which may stage a second host copy) before it drops the block and reads the next."""
 
     def put(block: tuple[slice, ...], device: jax.Device) -> jax.Array:
         return jax.device_put(read(block), device).block_until_ready()
 
+    def offset(block: tuple[slice, ...], index: tuple[slice, ...]) -> int:
+        return block[axis].indices(shape[axis])[0] - index[axis].indices(shape[axis])[0]
+
     devices = sharding.addressable_devices_indices_map(shape)
-    futures = {d: [_READERS.submit(put, b, d) for b in _blocks(index, shape, axis, step)] for d, index in devices.items()}
+    futures = {d: [(offset(b, index) if shape else 0, _READERS.submit(put, b, d)) for b in blocks(index)]
+               for d, index in devices.items()}
     shards = []
     try:
         for fs in futures.values():
-            first = fs[0].result()
+            first = fs[0][1].result()
             if len(fs) == 1:
                 shards.append(first)
                 continue
-            shard = jax.numpy.zeros(sharding.shard_shape(shape), first.dtype, device=first.device)
-            start = 0
-            for f in fs:
-                part = f.result()
-                shard = _put_block(shard, part, start, axis)
-                start += part.shape[axis]
+            shard = _shard_from_block(first, sharding.shard_shape(shape), axis)
+            del first
+            for start, f in fs[1:]:
+                shard = _put_block(shard, f.result(), start, axis)
             shards.append(shard)
     except BaseException:
-        for f in (f for fs in futures.values() for f in fs):
+        for _, f in (f for fs in futures.values() for f in fs):
             f.cancel()  # a failed read: the blocks not yet started are not read
         raise
     return jax.make_array_from_single_device_arrays(shape, sharding, shards)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _shard_from_block(block: jax.Array, shape: tuple[int, ...], axis: int) -> jax.Array:
+    """A shard of `shape` on `block`'s own device, `block` at its start along `axis`, zeros elsewhere
+    (jnp.zeros(device=...) would fill it on the default device and copy it over)."""
+    return jax.lax.dynamic_update_slice_in_dim(jax.numpy.zeros(shape, block.dtype), block, 0, axis)
 
 
 @functools.partial(jax.jit, static_argnums=3, donate_argnums=0)
@@ -341,10 +367,45 @@ def _put_block(shard: jax.Array, block: jax.Array, start: int, axis: int) -> jax
     return jax.lax.dynamic_update_slice_in_dim(shard, block, start, axis)
 
 
+def _rows_per_block(t: _Tensor) -> int:
+    """Rows of one HF tensor in a block of about READ_CHUNK_BYTES."""
+    return max(1, READ_CHUNK_BYTES // max(1, _nbytes(jax.ShapeDtypeStruct(t.shape[1:], _DTYPES[t.dtype]))))
+
+
 def _device_tensor(name: str, t: _Tensor, sharding: Sharding) -> jax.Array:
     """One HF tensor as a jax.Array placed by `sharding`: each device reads only its slice, in blocks of rows."""
-    rows = max(1, READ_CHUNK_BYTES // max(1, _nbytes(jax.ShapeDtypeStruct(t.shape[1:], _DTYPES[t.dtype]))))
-    return _device_array(t.shape, sharding, lambda index: _read_slice(name, t, index), 0, rows)
+    rows = _rows_per_block(t)
+    return _device_array(t.shape, sharding, lambda index: _read_slice(name, t, index),
+                         lambda index: _even_blocks(index, t.shape, rows), 0)
+
+
+def _host_tensor(name: str, t: _Tensor) -> np.ndarray:
+    """One HF tensor in host memory, read in blocks of rows on READ_THREADS threads straight into it."""
+    out = np.empty(t.shape, _DTYPES[t.dtype])
+
+    def fill(block: tuple[slice, ...]) -> None:
+        out[block] = _read_slice(name, t, block)
+
+    futures = [_READERS.submit(fill, b) for b in _even_blocks((slice(None),) * len(t.shape), t.shape, _rows_per_block(t))]
+    try:
+        for f in futures:
+            f.result()
+    except BaseException:
+        for f in futures:
+            f.cancel()
+        for f in futures:  # no thread is left writing into `out`
+            if not f.cancelled():
+                f.exception()
+        raise
+    return out
+
+
+def _host_param(tensors: Mapping[str, _Tensor], path: str, want: jax.ShapeDtypeStruct) -> np.ndarray:
+    """One Flax parameter from its HF tensors, in host memory with numpy: no device is involved (a
+    transposed tensor stays a view; tensorstore copies it a chunk at a time as it writes)."""
+    names, layout = _entry(path)
+    return _to_flax(layout, [_host_tensor(name, tensors[name]) for name in names], tuple(want.shape)).astype(
+        want.dtype, copy=False)
 
 
 @functools.cache
@@ -605,16 +666,16 @@ def _save_params(directory: Path, params: Mapping[str, Any]) -> None:
 def convert_hf_to_orbax(hf_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> Path:
     """HF checkpoint directory -> out_dir/{config.json, params/ (orbax)}; dtypes as stored.
 
-    Each parameter is read, converted (on the host's CPU device) and written before the next."""
+    Each parameter is read, converted and written before the next, on the host alone (numpy): no
+    device array is made and nothing is compiled, so an accelerator's runtime costs it nothing."""
     hf_dir, out_dir = Path(hf_dir).expanduser(), Path(out_dir).expanduser()
     cfg = read_config(hf_dir)
     tensors = _checked_index(hf_dir, cfg)
-    cpu = SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
     shapes = expected_shapes(cfg)
     with _progress(f"converting {hf_dir.name}", sum(_param_bytes(tensors, p) for p in shapes)) as advance:
 
         def read(path: str) -> np.ndarray:
-            array = np.asarray(_load_param(tensors, path, shapes[path], cpu))
+            array = _host_param(tensors, path, shapes[path])
             advance(_param_bytes(tensors, path))
             return array
 
@@ -677,8 +738,9 @@ def _orbax_leaf(params_dir: Path, path: str, sharding: Sharding, context: ts.Con
         except ValueError as err:
             raise CheckpointError(f"{params_dir}: reading {path!r} failed ({err}); convert the checkpoint again") from None
 
-    axis, step = _block_plan(tuple(t.shape), tuple(t.chunk_layout.read_chunk.shape), t.dtype.numpy_dtype.itemsize)
-    return _device_array(tuple(t.shape), sharding, read, axis, step)
+    shape = tuple(t.shape)
+    axis, step = _block_plan(shape, tuple(t.chunk_layout.read_chunk.shape), t.dtype.numpy_dtype.itemsize)
+    return _device_array(shape, sharding, read, lambda index: _blocks(index, shape, axis, step), axis)
 
 
 def _orbax_dir(ckpt_dir: str | Path) -> Path:
@@ -705,6 +767,7 @@ def load_orbax(
     with _progress(f"loading {ckpt_dir.name}", sum(_nbytes(s) for s in shapes.values())) as advance:
         for path, want in shapes.items():  # cast leaf by leaf: one parameter in two dtypes at a time
             params[path] = _orbax_leaf(ckpt_dir / "params", path, place(path), context).astype(cfg.param_dtype)
+            _release_host_memory()
             advance(_nbytes(want))
     return model_from_params(cfg, params)
 

@@ -62,6 +62,45 @@ def test_tensors_read_in_many_blocks_load_exactly(qwen_dir, tmp_path, monkeypatc
         assert all(np.array_equal(got[p], want[p]) for p in want)
 
 
+def test_conversion_is_host_only(qwen_dir, tmp_path, monkeypatch):
+    # hf -> orbax only changes the layouts of host tensors: a device array or a compiled program there
+    # would start an accelerator's runtime (pinned staging buffers, compilers) for nothing.
+    from jax import monitoring
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a conversion used the device")
+
+    for name in ("_device_array", "_converter", "_put_block", "_shard_from_block"):
+        monkeypatch.setattr(checkpoint, name, refuse)
+    monkeypatch.setattr(checkpoint.jax, "device_put", refuse)
+    compiled = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":  # tracing (eval_shape) is fine
+            compiled.append(event)
+
+    monitoring.register_event_duration_secs_listener(listener)
+    try:
+        convert_hf_to_orbax(qwen_dir, tmp_path / "flax")
+    finally:
+        monitoring.unregister_event_duration_listener(listener)
+    assert not compiled
+    monkeypatch.undo()
+    want = model_params(load_hf(qwen_dir))
+    got = model_params(load_orbax(tmp_path / "flax"))
+    assert all(np.array_equal(got[p], want[p]) for p in want)
+
+
+@pytest.mark.parametrize("lo, hi, step", [(0, 10, 3), (0, 9, 3), (4, 21, 5), (0, 2, 5), (3, 3, 2), (0, 7, 1)])
+def test_even_blocks_cover_the_rows_in_one_shape(lo, hi, step):
+    blocks = checkpoint._even_blocks((slice(lo, hi), slice(None)), (hi + 2, 3), step)
+    rows = [range(*b[0].indices(hi + 2)) for b in blocks]
+    assert sorted(set().union(*rows)) == list(range(lo, hi))
+    assert len({len(r) for r in rows}) == 1 and len(rows[0]) <= max(step, hi - lo) and all(b[1] == slice(None) for b in blocks)
+    assert len(blocks) == max(1, -(-(hi - lo) // step))
+    assert sum(map(len, rows)) - (hi - lo) < len(blocks)  # the last block overlaps by fewer rows than there are blocks
+
+
 def test_tensors_read_in_many_blocks_load_into_shards():
     # The same on a mesh of 8 virtual devices (a fresh process: jax has started here with one device).
     tests = Path(__file__).parent
