@@ -45,7 +45,7 @@ from safetensors import SafetensorError, safe_open
 
 from apd_jax.config import ModelConfig
 from apd_jax.model import Qwen2, abstract_model
-from apd_jax.params import PARAM_TABLE, param_entry  # noqa: F401 (PARAM_TABLE: the table, re-exported)
+from apd_jax.params import param_entry
 from apd_jax.sharding import check_model, param_spec
 
 # safetensors dtype names of the float dtypes a checkpoint may hold.

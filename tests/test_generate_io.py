@@ -24,7 +24,7 @@ def test_chat_template_is_applied_by_default_when_the_tokenizer_has_one(tmp_path
     again = tmp_path / "again.jsonl"
     assert main(["generate", rendered, *pair, "--no-chat", "--output", str(again)]) == 0
     assert json.loads(again.read_text())["ids"] == chat["ids"]
-    assert tok.decode(chat["ids"]) == chat["text"]
+    assert tok.decode(chat["ids"]) == chat["text"] and tok.decode(text["ids"]) == text["text"]
 
 
 def test_system_without_a_chat_template_is_an_error(capsys):
