@@ -1,5 +1,5 @@
 """The training corpus every machine has offline: the Python standard library's own source,
-and the installed source of apd_jax's own dependencies.
+and optionally the installed source of other packages (apd_jax's own dependencies, say).
 
 Files are the `.py` files under `sysconfig.get_paths()["stdlib"]` (installed
 third-party packages under site-packages/dist-packages are excluded), read in
@@ -8,9 +8,10 @@ on every run of one Python installation. A file is held out when the hash of its
 relative path falls below `heldout_fraction`: the split depends on the path alone,
 so a held-out path stays held out on other Python versions too.
 
-`packages` adds the `.py` files of installed packages (DEPENDENCY_PACKAGES by default in
-`apd-jax train`: what apd_jax itself requires, so they are wherever apd_jax is installed),
-found without importing them, as training documents named `packages/NAME/...`. They are
+`packages` adds the `.py` files of installed packages (`apd-jax train --packages`; none by
+default, as the embedded pair was trained; DEPENDENCY_PACKAGES is what apd_jax itself
+requires, so those are wherever apd_jax is installed), found without importing them, as
+training documents named `packages/NAME/...` with source "packages". They are
 never held out, so held-out figures stay those of the stdlib's held-out files, and a
 package file that shares at least half of its long lines with the held-out files (a
 vendored copy) is dropped.
@@ -60,6 +61,7 @@ _TABLE_LINE = re.compile(r"""^\s*(u?['"]\\[xuU][0-9a-fA-F]|0x[0-9a-fA-F]+\s*[:,]
 class Document:
     path: str  # POSIX path relative to the corpus root
     text: str
+    source: str = "stdlib"  # or "packages"
 
 
 def stdlib_root() -> Path:
@@ -77,11 +79,16 @@ def list_files(root: str | Path) -> list[Path]:
 
 
 def package_root(name: str) -> Path:
-    """The directory of the installed package `name`, found without importing it."""
-    spec = importlib.util.find_spec(name)
+    """The directory of the installed top-level package `name`, found without importing it."""
+    try:
+        spec = importlib.util.find_spec(name) if name.isidentifier() else None
+    except ValueError:  # a module whose __spec__ is unset
+        spec = None
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
     if not locations:
-        raise FileNotFoundError(f"package {name!r} is not installed here: install it, or leave it out of --packages")
+        kind = "a single module, not a package" if spec is not None else "not an installed top-level package"
+        raise FileNotFoundError(f"--packages {name!r} is {kind} here: give installed package names, "
+                                "like jax,numpy, or deps")
     return Path(locations[0])
 
 
@@ -168,7 +175,7 @@ def load_corpus(
         for f in _every_nth(list_files(pkg), share):
             text = _read(f)
             if text is not None and not copies_heldout(text, heldout_lines):
-                train.append(Document(f"packages/{name}/{f.relative_to(pkg).as_posix()}", text))
+                train.append(Document(f"packages/{name}/{f.relative_to(pkg).as_posix()}", text, "packages"))
     return train, heldout
 
 

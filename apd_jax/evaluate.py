@@ -115,8 +115,10 @@ def evaluate_apd(
     result = generate_batched(
         lambda rows: apd_generate(drafter, verifier, rows, config, jax.random.key(0), shared_vocab=vocab),
         [tok.encode(p) for p in prompts], batch_size)
-    accepted, passes = int(result.lengths.sum()), int(result.row_passes().sum())
+    # Generated tokens (up to each row's eos), as GenerationResult counts them; a sample's
+    # "accepted" is what each pass accepted, a final pass's tokens after the eos included.
     samples = [{"prompt": p, "completion": tok.decode(ids), "accepted": result.accepted_per_pass(r)}
                for r, (p, ids) in enumerate(zip(prompts, result.sequences()))]
     return {"R": R, "W": W, "M": M, "max_new_tokens": max_new_tokens, "prompts": len(prompts),
-            "tokens": accepted, "passes": passes, "tokens_per_pass": accepted / max(passes, 1), "samples": samples}
+            "tokens": int(result.lengths.sum()), "passes": int(result.row_passes().sum()),
+            "tokens_per_pass": result.tokens_per_pass(), "samples": samples}

@@ -524,8 +524,8 @@ def run_pipeline(p: PipelineSettings, log: Callable[..., None] = _print) -> dict
     train_docs, heldout_docs = corpus.load_corpus(p.stdlib, packages=p.packages,
                                                   heldout_fraction=p.heldout_fraction, max_files=p.max_files)
     root = p.stdlib or corpus.stdlib_root()
-    from_packages = [d for d in train_docs if d.path.startswith("packages/")]
-    from_stdlib = [d for d in train_docs if not d.path.startswith("packages/")]
+    from_packages = [d for d in train_docs if d.source == "packages"]
+    from_stdlib = [d for d in train_docs if d.source == "stdlib"]
     info = {
         "corpus_root": str(root), "python": __import__("platform").python_version(),
         "packages": corpus.package_versions(p.packages), "package_files": len(from_packages),

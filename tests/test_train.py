@@ -296,8 +296,20 @@ def test_packages_join_the_training_files_never_the_held_out(tmp_path, monkeypat
     assert "packages/fakepkg/sub/vendored.py" not in paths  # dropped: its lines are a held-out file's
     assert [p for p in paths if not p.startswith("packages/")] == [n for n in names if n not in held]
     assert corpus.package_versions(["fakepkg"]) == {"fakepkg": ""}  # no installed distribution
-    with pytest.raises(FileNotFoundError, match="'no_such_package' is not installed"):
-        corpus.load_corpus(root, packages=("no_such_package",))
+    (site / "single.py").write_text("x = 1\n")
+    for name, problem in (("no_such_package", "not an installed top-level package"), ("fakepkg.sub", "not an"),
+                          ("single", "a single module, not a package")):
+        with pytest.raises(FileNotFoundError, match=f"--packages '{name}' is {problem}"):
+            corpus.load_corpus(root, packages=(name,))
+    assert all(d.source == ("packages" if d.path.startswith("packages/") else "stdlib") for d in train)
+
+
+def test_packages_option_expands_deps():
+    from apd_jax.commands.train import _package_list
+
+    assert _package_list("none") == ()
+    assert _package_list("deps") == corpus.DEPENDENCY_PACKAGES
+    assert _package_list("rich, deps,jax") == ("rich", *[n for n in corpus.DEPENDENCY_PACKAGES if n != "rich"])
 
 
 # ----------------------------------------------------------------------------- memory and progress

@@ -79,8 +79,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _package_list(text: str) -> tuple[str, ...]:
-    names = tuple(n.strip() for n in text.split(",") if n.strip())
-    return {("none",): (), ("deps",): corpus.DEPENDENCY_PACKAGES}.get(names, names)
+    """--packages: comma-separated names; 'deps' stands for DEPENDENCY_PACKAGES, 'none' alone for none."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if names == ["none"]:
+        return ()
+    expanded = [m for n in names for m in (corpus.DEPENDENCY_PACKAGES if n == "deps" else (n,))]
+    return tuple(dict.fromkeys(expanded))
 
 
 def settings_from_args(args: argparse.Namespace) -> PipelineSettings:
