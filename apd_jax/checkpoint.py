@@ -719,7 +719,9 @@ def _restore(ckpt_dir: Path, target: Mapping[str, Any]) -> dict[str, Any]:
 _TS_CONTEXT = {"file_io_concurrency": {"limit": 128}, "cache_pool#ocdbt": {"total_bytes_limit": 100_000_000}}
 
 
-def _orbax_leaf(params_dir: Path, path: str, sharding: Sharding, context: ts.Context) -> jax.Array:
+def _orbax_leaf(
+    params_dir: Path, path: str, want: jax.ShapeDtypeStruct, sharding: Sharding, context: ts.Context
+) -> jax.Array:
     """One leaf of an orbax checkpoint (OCDBT, zarr, as _save_params writes them) read with tensorstore
     straight into `sharding`, a few stored chunks at a time (_device_array). Orbax's restore reads each
     leaf whole into host memory first and lets reads run ahead of the transfers to the device, so a
@@ -738,7 +740,13 @@ def _orbax_leaf(params_dir: Path, path: str, sharding: Sharding, context: ts.Con
         except ValueError as err:
             raise CheckpointError(f"{params_dir}: reading {path!r} failed ({err}); convert the checkpoint again") from None
 
-    shape = tuple(t.shape)
+    shape, dtype = tuple(t.shape), np.dtype(t.dtype.numpy_dtype)
+    if shape != tuple(want.shape) or dtype not in _DTYPE_NAMES:
+        raise CheckpointError(
+            f"{params_dir.parent}: parameter {path!r} is stored with shape {shape} ({dtype}), but "
+            f"{params_dir.parent / 'config.json'} implies {tuple(want.shape)}: the config.json does not match the "
+            "weights; convert the checkpoint again from its Hugging Face directory"
+        )
     axis, step = _block_plan(shape, tuple(t.chunk_layout.read_chunk.shape), t.dtype.numpy_dtype.itemsize)
     return _device_array(shape, sharding, read, lambda index: _blocks(index, shape, axis, step), axis)
 
@@ -766,7 +774,7 @@ def load_orbax(
     params = {}
     with _progress(f"loading {ckpt_dir.name}", sum(_nbytes(s) for s in shapes.values())) as advance:
         for path, want in shapes.items():  # cast leaf by leaf: one parameter in two dtypes at a time
-            params[path] = _orbax_leaf(ckpt_dir / "params", path, place(path), context).astype(cfg.param_dtype)
+            params[path] = _orbax_leaf(ckpt_dir / "params", path, want, place(path), context).astype(cfg.param_dtype)
             _release_host_memory()
             advance(_nbytes(want))
     return model_from_params(cfg, params)
