@@ -15,6 +15,7 @@ directory and renamed into place, so a failed conversion leaves nothing behind.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import dataclasses
@@ -315,6 +316,31 @@ def _even_blocks(index: tuple[slice, ...], shape: tuple[int, ...], step: int) ->
     return [(slice(s, s + size), *index[1:]) for s in [lo + k * size for k in range(count - 1)] + [hi - size]]
 
 
+_END = object()
+
+
+def _gather(fn: Callable[[Any], Any], items: Iterable[Any], window: int = READ_THREADS) -> Iterator[Any]:
+    """fn(item) for each of `items` on the reader threads, yielded in order, with at most `window` calls
+    submitted ahead of the one the caller waits for: a result is referenced only by the caller once
+    yielded (its future is dropped), so at most about `window` + 1 results are alive. On an error, or
+    when the caller closes the generator (contextlib.closing), the calls not yet started are cancelled
+    and the running ones waited for (none is left writing into the caller's buffers), then it re-raises."""
+    items, pending = iter(items), collections.deque()
+    try:
+        while True:
+            while len(pending) < window and (item := next(items, _END)) is not _END:
+                pending.append(_READERS.submit(fn, item))
+            if not pending:
+                return
+            yield pending.popleft().result()
+    finally:
+        for f in pending:
+            f.cancel()
+        for f in pending:
+            if not f.cancelled():
+                f.exception()
+
+
 def _device_array(
     shape: tuple[int, ...], sharding: Sharding, read: Callable[[tuple[slice, ...]], np.ndarray],
     blocks: Callable[[tuple[slice, ...]], list[tuple[slice, ...]]], axis: int,
@@ -323,35 +349,30 @@ def _device_array(
     for each of `blocks(index)` (cut along `axis`) on READ_THREADS threads, each block moved to its
     device as soon as it is read and written there into its place in the shard (in place: the shard is
     donated; the shard itself is made on that device from the first block, never on the default device).
-    The host holds only the blocks in flight, never a whole tensor: each thread waits for its block's
-    transfer (which may stage a second host copy) before it drops the block and reads the next."""
+    The host holds only the blocks in flight (_gather: about READ_THREADS ahead of the one being
+    written), never a whole tensor: each thread waits for its block's transfer (which may stage a
+    second host copy) before it drops the host block, and a moved block is dropped once written."""
 
-    def put(block: tuple[slice, ...], device: jax.Device) -> jax.Array:
-        return jax.device_put(read(block), device).block_until_ready()
+    def put(task: tuple[jax.Device, int, tuple[slice, ...]]) -> jax.Array:
+        return jax.device_put(read(task[2]), task[0]).block_until_ready()
 
     def offset(block: tuple[slice, ...], index: tuple[slice, ...]) -> int:
         return block[axis].indices(shape[axis])[0] - index[axis].indices(shape[axis])[0]
 
     devices = sharding.addressable_devices_indices_map(shape)
-    futures = {d: [(offset(b, index) if shape else 0, _READERS.submit(put, b, d)) for b in blocks(index)]
-               for d, index in devices.items()}
-    shards = []
-    try:
-        for fs in futures.values():
-            first = fs[0][1].result()
-            if len(fs) == 1:
-                shards.append(first)
-                continue
-            shard = _shard_from_block(first, sharding.shard_shape(shape), axis)
-            del first
-            for start, f in fs[1:]:
-                shard = _put_block(shard, f.result(), start, axis)
-            shards.append(shard)
-    except BaseException:
-        for _, f in (f for fs in futures.values() for f in fs):
-            f.cancel()  # a failed read: the blocks not yet started are not read
-        raise
-    return jax.make_array_from_single_device_arrays(shape, sharding, shards)
+    tasks = [(d, offset(b, index) if shape else 0, b) for d, index in devices.items() for b in blocks(index)]
+    count = collections.Counter(d for d, _, _ in tasks)
+    shards: dict[jax.Device, jax.Array] = {}
+    with contextlib.closing(_gather(put, tasks)) as results:
+        for (device, start, _), block in zip(tasks, results):
+            if device in shards:
+                shards[device] = _put_block(shards[device], block, start, axis)
+            elif count[device] == 1:
+                shards[device] = block
+            else:
+                shards[device] = _shard_from_block(block, sharding.shard_shape(shape), axis)
+            del block  # the next block is awaited holding no other
+    return jax.make_array_from_single_device_arrays(shape, sharding, [shards[d] for d in devices])
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
@@ -386,17 +407,9 @@ def _host_tensor(name: str, t: _Tensor) -> np.ndarray:
     def fill(block: tuple[slice, ...]) -> None:
         out[block] = _read_slice(name, t, block)
 
-    futures = [_READERS.submit(fill, b) for b in _even_blocks((slice(None),) * len(t.shape), t.shape, _rows_per_block(t))]
-    try:
-        for f in futures:
-            f.result()
-    except BaseException:
-        for f in futures:
-            f.cancel()
-        for f in futures:  # no thread is left writing into `out`
-            if not f.cancelled():
-                f.exception()
-        raise
+    with contextlib.closing(_gather(fill, _even_blocks((slice(None),) * len(t.shape), t.shape, _rows_per_block(t)))) as done:
+        for _ in done:
+            pass
     return out
 
 

@@ -1,0 +1,75 @@
+"""The block reader: how many blocks are alive at once, and how failures stop it."""
+
+import threading
+import weakref
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import SingleDeviceSharding
+
+from apd_jax import checkpoint
+from apd_jax.checkpoint import READ_THREADS, _blocks, _device_array, _gather
+
+
+class Block:
+    def __init__(self, k):
+        self.k = k
+
+
+def test_gather_yields_in_order_and_keeps_a_few_results_alive():
+    live = weakref.WeakSet()
+    peak = 0
+
+    def make(k):
+        b = Block(k)
+        live.add(b)
+        return b
+
+    got = []
+    for b in _gather(make, range(50)):
+        peak = max(peak, len(live))
+        got.append(b.k)
+        del b
+    assert got == list(range(50))
+    assert peak <= READ_THREADS + 2, peak
+
+
+def test_gather_stops_reading_after_a_failure():
+    calls, lock = [], threading.Lock()
+
+    def fail_at_3(k):
+        with lock:
+            calls.append(k)
+        if k == 3:
+            raise RuntimeError("bad block")
+        return k
+
+    with pytest.raises(RuntimeError, match="bad block"):
+        list(_gather(fail_at_3, range(100)))
+    assert len(calls) <= 3 + READ_THREADS + 1, calls
+
+
+def test_device_array_holds_a_few_blocks_not_the_tensor(monkeypatch):
+    # 64 blocks of one row: the moved blocks are dropped as they are written, and only about
+    # READ_THREADS are read ahead of the one being written.
+    refs = []
+    peak = 0
+    real_put = jax.device_put
+
+    def put(x, device):
+        y = real_put(x, device)
+        refs.append(weakref.ref(y))
+        return y
+
+    def read(index):
+        nonlocal peak
+        peak = max(peak, sum(r() is not None for r in refs))
+        return full[index]
+
+    monkeypatch.setattr(checkpoint.jax, "device_put", put)
+    full = np.arange(64 * 8, dtype=np.float32).reshape(64, 8)
+    out = _device_array(full.shape, SingleDeviceSharding(jax.devices()[0]), read,
+                        lambda index: _blocks(index, full.shape, 0, 1), 0)
+    np.testing.assert_array_equal(np.asarray(out), full)
+    assert peak <= READ_THREADS + 3, peak
