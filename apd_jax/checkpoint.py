@@ -353,25 +353,34 @@ def _device_array(
     written), never a whole tensor: each thread waits for its block's transfer (which may stage a
     second host copy) before it drops the host block, and a moved block is dropped once written."""
 
-    def put(task: tuple[jax.Device, int, tuple[slice, ...]]) -> jax.Array:
-        return jax.device_put(read(task[2]), task[0]).block_until_ready()
+    def put(task: tuple[int, int, tuple[slice, ...]]) -> list[jax.Array]:
+        host = read(task[2])
+        return [jax.device_put(host, d).block_until_ready() for d in groups[task[0]][1]]
 
     def offset(block: tuple[slice, ...], index: tuple[slice, ...]) -> int:
         return block[axis].indices(shape[axis])[0] - index[axis].indices(shape[axis])[0]
 
+    # Devices that hold the same part (replicated axes) share its reads: each block is read once and
+    # moved to every device of its group.
     devices = sharding.addressable_devices_indices_map(shape)
-    tasks = [(d, offset(b, index) if shape else 0, b) for d, index in devices.items() for b in blocks(index)]
-    count = collections.Counter(d for d, _, _ in tasks)
+    by_index: dict[tuple, tuple[tuple[slice, ...], list[jax.Device]]] = {}
+    for d, index in devices.items():
+        key = tuple(s.indices(n) for s, n in zip(index, shape))
+        by_index.setdefault(key, (index, []))[1].append(d)
+    groups = list(by_index.values())
+    tasks = [(g, offset(b, index) if shape else 0, b) for g, (index, _) in enumerate(groups) for b in blocks(index)]
+    count = collections.Counter(g for g, _, _ in tasks)
     shards: dict[jax.Device, jax.Array] = {}
     with contextlib.closing(_gather(put, tasks)) as results:
-        for (device, start, _), block in zip(tasks, results):
-            if device in shards:
-                shards[device] = _put_block(shards[device], block, start, axis)
-            elif count[device] == 1:
-                shards[device] = block
-            else:
-                shards[device] = _shard_from_block(block, sharding.shard_shape(shape), axis)
-            del block  # the next block is awaited holding no other
+        for (g, start, _), moved in zip(tasks, results):
+            for device, block in zip(groups[g][1], moved):
+                if device in shards:
+                    shards[device] = _put_block(shards[device], block, start, axis)
+                elif count[g] == 1:
+                    shards[device] = block
+                else:
+                    shards[device] = _shard_from_block(block, sharding.shard_shape(shape), axis)
+            del moved, block  # the next block is awaited holding no other
     return jax.make_array_from_single_device_arrays(shape, sharding, [shards[d] for d in devices])
 
 

@@ -73,3 +73,38 @@ def test_device_array_holds_a_few_blocks_not_the_tensor(monkeypatch):
                         lambda index: _blocks(index, full.shape, 0, 1), 0)
     np.testing.assert_array_equal(np.asarray(out), full)
     assert peak <= READ_THREADS + 3, peak
+
+
+READS_ON_A_MESH = """
+import collections, os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"
+import jax, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from apd_jax.checkpoint import _blocks, _device_array
+
+mesh = jax.make_mesh((2, 4), ("data", "model"))
+full = np.arange(16 * 8, dtype=np.float32).reshape(16, 8)
+# (spec, blocks read): parts of 16 or 8 rows in blocks of 4 rows; without sharing P() would read 32
+for spec, count in ((P(), 4), (P(None, "model"), 16), (P("data", "model"), 16)):
+    reads = collections.Counter()
+    def read(index):
+        reads[tuple((s.start, s.stop) for s in index)] += 1
+        return full[index]
+    sharding = NamedSharding(mesh, spec)
+    out = _device_array(full.shape, sharding, read, lambda index: _blocks(index, full.shape, 0, 4), 0)
+    np.testing.assert_array_equal(np.asarray(out), full)
+    assert out.sharding == sharding
+    assert set(reads.values()) == {1} and len(reads) == count, (spec, reads)
+print("ok")
+"""
+
+
+def test_replicated_parts_are_read_once_on_a_mesh():
+    # Devices holding the same part (replicated axes) share its reads: each block is read once.
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", READS_ON_A_MESH], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-4000:]
+
