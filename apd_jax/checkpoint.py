@@ -681,8 +681,12 @@ def _save_params(directory: Path, params: Mapping[str, Any]) -> None:
         (_LazyParam, _LazyParamHandler()),
     )
     tree = traverse_util.unflatten_dict(params, sep=".")
-    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry)) as ckptr:
-        ckptr.save(directory.absolute(), args=ocp.args.PyTreeSave(tree))
+    # Every leaf in chunks of about READ_CHUNK_BYTES (orbax's default is one chunk per leaf, which a
+    # load would read whole), in the layout _orbax_leaf reads: OCDBT with zarr v2 (not zarr3).
+    save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=READ_CHUNK_BYTES), tree)
+    handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_ocdbt=True, use_zarr3=False)
+    with ocp.Checkpointer(handler) as ckptr:
+        ckptr.save(directory.absolute(), args=ocp.args.PyTreeSave(tree, save_args=save_args))
 
 
 def convert_hf_to_orbax(hf_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> Path:

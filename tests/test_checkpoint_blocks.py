@@ -1,5 +1,7 @@
 """The block reader: how many blocks are alive at once, and how failures stop it."""
 
+import json
+import math
 import threading
 import weakref
 
@@ -108,3 +110,26 @@ def test_replicated_parts_are_read_once_on_a_mesh():
     proc = subprocess.run([sys.executable, "-c", READS_ON_A_MESH], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-4000:]
 
+
+def _stored(params_dir, path):
+    import tensorstore as ts
+
+    spec = {"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": f"file://{params_dir}/", "path": path}}
+    return ts.open(spec, open=True, read=True).result()
+
+
+def test_saved_leaves_are_chunked_and_zarr2(qwen_dir, tmp_path, monkeypatch):
+    # save_orbax (jax.Array leaves) and conversion (lazy leaves) both store chunks of about
+    # READ_CHUNK_BYTES in the zarr v2 layout _orbax_leaf reads, so a load reads a few chunks at a time.
+    monkeypatch.setattr(checkpoint, "READ_CHUNK_BYTES", 3000)
+    cfg = json.loads((qwen_dir / "config.json").read_text())
+    checkpoint.save_orbax(checkpoint.load_hf(qwen_dir), tmp_path / "saved", cfg)
+    checkpoint.convert_hf_to_orbax(qwen_dir, tmp_path / "converted")
+    for d in ("saved", "converted"):
+        params = (tmp_path / d / "params").absolute()
+        assert not list(params.rglob("zarr.json")), "zarr3 metadata: _orbax_leaf reads zarr v2"
+        for path, want in checkpoint.expected_shapes(checkpoint.read_config(qwen_dir)).items():
+            t = _stored(params, path)
+            chunk = tuple(t.chunk_layout.read_chunk.shape)
+            if math.prod(want.shape) * t.dtype.numpy_dtype.itemsize > 3000:
+                assert math.prod(chunk) * t.dtype.numpy_dtype.itemsize <= 3000, (d, path, chunk)
