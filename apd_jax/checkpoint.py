@@ -301,19 +301,24 @@ def _block_plan(shape: tuple[int, ...], chunk: tuple[int, ...], itemsize: int) -
     return axis, chunk[axis] * max(1, READ_CHUNK_BYTES // max(1, math.prod(chunk) * itemsize))
 
 
-def _even_blocks(index: tuple[slice, ...], shape: tuple[int, ...], step: int) -> list[tuple[slice, ...]]:
-    """`index` (one device's part of an array of `shape`) cut along axis 0 into blocks of one size, at
-    most `step` rows: the rows are split evenly and the last block ends at the end, overlapping its
-    neighbour by fewer rows than there are blocks (read twice, written twice with the same values).
-    Every block of a shard then has the same shape: one compiled in-place write serves them all."""
+def _even_blocks(
+    index: tuple[slice, ...], shape: tuple[int, ...], step: int, axis: int = 0, unit: int = 1
+) -> list[tuple[slice, ...]]:
+    """`index` (one device's part of an array of `shape`) cut along `axis` into blocks of one size, a
+    multiple of `unit` (a stored chunk's length along `axis`; `step` is one too) of at most `step`:
+    the units are split evenly and the last block ends at the end, overlapping its neighbour by fewer
+    units than there are blocks (read twice, written twice with the same values). Every block of a
+    shard then has the same shape: one compiled in-place write serves them all."""
     if not shape:
         return [index]
-    lo, hi, _ = index[0].indices(shape[0])
+    lo, hi, _ = index[axis].indices(shape[axis])
     if hi - lo <= step:
         return [index]
-    count = -(-(hi - lo) // step)
-    size = -(-(hi - lo) // count)
-    return [(slice(s, s + size), *index[1:]) for s in [lo + k * size for k in range(count - 1)] + [hi - size]]
+    units = -(-(hi - lo) // unit)
+    count = -(-units // max(1, step // unit))
+    size = -(-units // count) * unit
+    starts = [lo + k * size for k in range(count - 1)] + [hi - size]
+    return [(*index[:axis], slice(s, s + size), *index[axis + 1 :]) for s in starts]
 
 
 _END = object()
@@ -774,7 +779,8 @@ def _orbax_leaf(
             "weights; convert the checkpoint again from its Hugging Face directory"
         )
     axis, step = _block_plan(shape, tuple(t.chunk_layout.read_chunk.shape), t.dtype.numpy_dtype.itemsize)
-    return _device_array(shape, sharding, read, lambda index: _blocks(index, shape, axis, step), axis)
+    unit = t.chunk_layout.read_chunk.shape[axis] if shape else 1
+    return _device_array(shape, sharding, read, lambda index: _even_blocks(index, shape, step, axis, unit), axis)
 
 
 def _orbax_dir(ckpt_dir: str | Path) -> Path:

@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import SingleDeviceSharding
 
 from apd_jax import checkpoint
-from apd_jax.checkpoint import READ_THREADS, _blocks, _device_array, _gather
+from apd_jax.checkpoint import READ_THREADS, _blocks, _device_array, _even_blocks, _gather
 
 
 class Block:
@@ -133,3 +133,18 @@ def test_saved_leaves_are_chunked_and_zarr2(qwen_dir, tmp_path, monkeypatch):
             chunk = tuple(t.chunk_layout.read_chunk.shape)
             if math.prod(want.shape) * t.dtype.numpy_dtype.itemsize > 3000:
                 assert math.prod(chunk) * t.dtype.numpy_dtype.itemsize <= 3000, (d, path, chunk)
+
+
+@pytest.mark.parametrize("lo,hi,unit,chunks", [(0, 100, 8, 3), (0, 64, 8, 2), (16, 48, 4, 3), (0, 7, 4, 1), (0, 9, 4, 1)])
+def test_even_blocks_in_whole_chunks_have_one_shape(lo, hi, unit, chunks):
+    # The orbax path: blocks along axis 1 of a few stored chunks each, all of one shape.
+    shape, step = (3, 100, 5), unit * chunks
+    index = (slice(None), slice(lo, hi), slice(None))
+    blocks = _even_blocks(index, shape, step, 1, unit)
+    sizes = {b[1].stop - b[1].start for b in blocks}
+    assert len(sizes) == 1 and (len(blocks) == 1 or sizes.pop() <= step)
+    covered = sorted({r for b in blocks for r in range(b[1].start, b[1].stop)})
+    assert covered == list(range(lo, hi))
+    assert all(b[0] == slice(None) and b[2] == slice(None) for b in blocks)
+    assert all((b[1].start - lo) % unit == 0 for b in blocks[:-1])  # chunk-aligned but the last
+    assert len(blocks) == max(1, -(-(hi - lo) // step))
