@@ -5,7 +5,8 @@ layout: fused q/k/v and gate/up projections hold several HF tensors each). Every
 checkpoint's names, shapes and dtypes are checked against the model's own abstract
 shapes from the safetensors headers before any weight is read; then each parameter's
 HF tensors (safetensors `safe_open`) or orbax leaf (tensorstore) are read in blocks of about
-64 MB on a few threads (on a mesh each device only its slice), each block moved to its device
+64 MB on a few threads (on a mesh each device only its slice, read once for all the devices that
+hold the same slice), each block moved to its device(s)
 as soon as it is read and the blocks joined there, then converted on the device: host memory
 stays near a few blocks, never a whole tensor, let alone the model. Conversion writes orbax from lazy
 leaves (one parameter read, converted and written at a time) and exports sharded
@@ -351,8 +352,8 @@ def _device_array(
     blocks: Callable[[tuple[slice, ...]], list[tuple[slice, ...]]], axis: int,
 ) -> jax.Array:
     """A jax.Array of `shape` placed by `sharding`, each device's part (`index`) read by `read(block)`
-    for each of `blocks(index)` (cut along `axis`) on READ_THREADS threads, each block moved to its
-    device as soon as it is read and written there into its place in the shard (in place: the shard is
+    for each of `blocks(index)` (cut along `axis`) on READ_THREADS threads, once for all the devices
+    that hold the same `index`, each block moved to those devices as soon as it is read and written there into its place in the shard (in place: the shard is
     donated; the shard itself is made on that device from the first block, never on the default device).
     The host holds only the blocks in flight (_gather: about READ_THREADS ahead of the one being
     written), never a whole tensor: each thread waits for its block's transfer (which may stage a
