@@ -5,7 +5,8 @@ layout: fused q/k/v and gate/up projections hold several HF tensors each). Every
 checkpoint's names, shapes and dtypes are checked against the model's own abstract
 shapes from the safetensors headers before any weight is read; then each parameter's
 HF tensors (safetensors `safe_open`) or orbax leaf (tensorstore) are read in blocks of about
-64 MB on a few threads (on a mesh each device only its slice), each block moved to its device
+64 MB on a few threads (on a mesh each device only its slice, read once for all the devices that
+hold the same slice), each block moved to its device(s)
 as soon as it is read and the blocks joined there, then converted on the device: host memory
 stays near a few blocks, never a whole tensor, let alone the model. Conversion writes orbax from lazy
 leaves (one parameter read, converted and written at a time) and exports sharded
@@ -15,6 +16,7 @@ directory and renamed into place, so a failed conversion leaves nothing behind.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import dataclasses
@@ -300,19 +302,49 @@ def _block_plan(shape: tuple[int, ...], chunk: tuple[int, ...], itemsize: int) -
     return axis, chunk[axis] * max(1, READ_CHUNK_BYTES // max(1, math.prod(chunk) * itemsize))
 
 
-def _even_blocks(index: tuple[slice, ...], shape: tuple[int, ...], step: int) -> list[tuple[slice, ...]]:
-    """`index` (one device's part of an array of `shape`) cut along axis 0 into blocks of one size, at
-    most `step` rows: the rows are split evenly and the last block ends at the end, overlapping its
-    neighbour by fewer rows than there are blocks (read twice, written twice with the same values).
-    Every block of a shard then has the same shape: one compiled in-place write serves them all."""
+def _even_blocks(
+    index: tuple[slice, ...], shape: tuple[int, ...], step: int, axis: int = 0, unit: int = 1
+) -> list[tuple[slice, ...]]:
+    """`index` (one device's part of an array of `shape`) cut along `axis` into blocks of one size, a
+    multiple of `unit` (a stored chunk's length along `axis`; `step` is one too) of at most `step`:
+    the units are split evenly and the last block ends at the end, overlapping its neighbour by fewer
+    units than there are blocks (read twice, written twice with the same values). Every block of a
+    shard then has the same shape: one compiled in-place write serves them all."""
     if not shape:
         return [index]
-    lo, hi, _ = index[0].indices(shape[0])
+    lo, hi, _ = index[axis].indices(shape[axis])
     if hi - lo <= step:
         return [index]
-    count = -(-(hi - lo) // step)
-    size = -(-(hi - lo) // count)
-    return [(slice(s, s + size), *index[1:]) for s in [lo + k * size for k in range(count - 1)] + [hi - size]]
+    units = -(-(hi - lo) // unit)
+    count = -(-units // max(1, step // unit))
+    size = -(-units // count) * unit
+    starts = [lo + k * size for k in range(count - 1)] + [hi - size]
+    return [(*index[:axis], slice(s, s + size), *index[axis + 1 :]) for s in starts]
+
+
+_END = object()
+
+
+def _gather(fn: Callable[[Any], Any], items: Iterable[Any], window: int = READ_THREADS) -> Iterator[Any]:
+    """fn(item) for each of `items` on the reader threads, yielded in order, with at most `window` calls
+    submitted ahead of the one the caller waits for: a result is referenced only by the caller once
+    yielded (its future is dropped), so at most about `window` + 1 results are alive. On an error, or
+    when the caller closes the generator (contextlib.closing), the calls not yet started are cancelled
+    and the running ones waited for (none is left writing into the caller's buffers), then it re-raises."""
+    items, pending = iter(items), collections.deque()
+    try:
+        while True:
+            while len(pending) < window and (item := next(items, _END)) is not _END:
+                pending.append(_READERS.submit(fn, item))
+            if not pending:
+                return
+            yield pending.popleft().result()
+    finally:
+        for f in pending:
+            f.cancel()
+        for f in pending:
+            if not f.cancelled():
+                f.exception()
 
 
 def _device_array(
@@ -320,38 +352,42 @@ def _device_array(
     blocks: Callable[[tuple[slice, ...]], list[tuple[slice, ...]]], axis: int,
 ) -> jax.Array:
     """A jax.Array of `shape` placed by `sharding`, each device's part (`index`) read by `read(block)`
-    for each of `blocks(index)` (cut along `axis`) on READ_THREADS threads, each block moved to its
-    device as soon as it is read and written there into its place in the shard (in place: the shard is
+    for each of `blocks(index)` (cut along `axis`) on READ_THREADS threads, once for all the devices
+    that hold the same `index`, each block moved to those devices as soon as it is read and written there into its place in the shard (in place: the shard is
     donated; the shard itself is made on that device from the first block, never on the default device).
-    The host holds only the blocks in flight, never a whole tensor: each thread waits for its block's
-    transfer (which may stage a second host copy) before it drops the block and reads the next."""
+    The host holds only the blocks in flight (_gather: about READ_THREADS ahead of the one being
+    written), never a whole tensor: each thread waits for its block's transfer (which may stage a
+    second host copy) before it drops the host block, and a moved block is dropped once written."""
 
-    def put(block: tuple[slice, ...], device: jax.Device) -> jax.Array:
-        return jax.device_put(read(block), device).block_until_ready()
+    def put(task: tuple[int, int, tuple[slice, ...]]) -> list[jax.Array]:
+        host = read(task[2])
+        return [jax.device_put(host, d).block_until_ready() for d in groups[task[0]][1]]
 
     def offset(block: tuple[slice, ...], index: tuple[slice, ...]) -> int:
         return block[axis].indices(shape[axis])[0] - index[axis].indices(shape[axis])[0]
 
+    # Devices that hold the same part (replicated axes) share its reads: each block is read once and
+    # moved to every device of its group.
     devices = sharding.addressable_devices_indices_map(shape)
-    futures = {d: [(offset(b, index) if shape else 0, _READERS.submit(put, b, d)) for b in blocks(index)]
-               for d, index in devices.items()}
-    shards = []
-    try:
-        for fs in futures.values():
-            first = fs[0][1].result()
-            if len(fs) == 1:
-                shards.append(first)
-                continue
-            shard = _shard_from_block(first, sharding.shard_shape(shape), axis)
-            del first
-            for start, f in fs[1:]:
-                shard = _put_block(shard, f.result(), start, axis)
-            shards.append(shard)
-    except BaseException:
-        for _, f in (f for fs in futures.values() for f in fs):
-            f.cancel()  # a failed read: the blocks not yet started are not read
-        raise
-    return jax.make_array_from_single_device_arrays(shape, sharding, shards)
+    by_index: dict[tuple, tuple[tuple[slice, ...], list[jax.Device]]] = {}
+    for d, index in devices.items():
+        key = tuple(s.indices(n) for s, n in zip(index, shape))
+        by_index.setdefault(key, (index, []))[1].append(d)
+    groups = list(by_index.values())
+    tasks = [(g, offset(b, index) if shape else 0, b) for g, (index, _) in enumerate(groups) for b in blocks(index)]
+    count = collections.Counter(g for g, _, _ in tasks)
+    shards: dict[jax.Device, jax.Array] = {}
+    with contextlib.closing(_gather(put, tasks)) as results:
+        for (g, start, _), moved in zip(tasks, results):
+            for device, block in zip(groups[g][1], moved):
+                if device in shards:
+                    shards[device] = _put_block(shards[device], block, start, axis)
+                elif count[g] == 1:
+                    shards[device] = block
+                else:
+                    shards[device] = _shard_from_block(block, sharding.shard_shape(shape), axis)
+            del moved, block  # the next block is awaited holding no other
+    return jax.make_array_from_single_device_arrays(shape, sharding, [shards[d] for d in devices])
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
@@ -386,17 +422,9 @@ def _host_tensor(name: str, t: _Tensor) -> np.ndarray:
     def fill(block: tuple[slice, ...]) -> None:
         out[block] = _read_slice(name, t, block)
 
-    futures = [_READERS.submit(fill, b) for b in _even_blocks((slice(None),) * len(t.shape), t.shape, _rows_per_block(t))]
-    try:
-        for f in futures:
-            f.result()
-    except BaseException:
-        for f in futures:
-            f.cancel()
-        for f in futures:  # no thread is left writing into `out`
-            if not f.cancelled():
-                f.exception()
-        raise
+    with contextlib.closing(_gather(fill, _even_blocks((slice(None),) * len(t.shape), t.shape, _rows_per_block(t)))) as done:
+        for _ in done:
+            pass
     return out
 
 
@@ -659,8 +687,12 @@ def _save_params(directory: Path, params: Mapping[str, Any]) -> None:
         (_LazyParam, _LazyParamHandler()),
     )
     tree = traverse_util.unflatten_dict(params, sep=".")
-    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry)) as ckptr:
-        ckptr.save(directory.absolute(), args=ocp.args.PyTreeSave(tree))
+    # Every leaf in chunks of about READ_CHUNK_BYTES (orbax's default is one chunk per leaf, which a
+    # load would read whole), in the layout _orbax_leaf reads: OCDBT with zarr v2 (not zarr3).
+    save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=READ_CHUNK_BYTES), tree)
+    handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_ocdbt=True, use_zarr3=False)
+    with ocp.Checkpointer(handler) as ckptr:
+        ckptr.save(directory.absolute(), args=ocp.args.PyTreeSave(tree, save_args=save_args))
 
 
 def convert_hf_to_orbax(hf_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> Path:
@@ -719,7 +751,9 @@ def _restore(ckpt_dir: Path, target: Mapping[str, Any]) -> dict[str, Any]:
 _TS_CONTEXT = {"file_io_concurrency": {"limit": 128}, "cache_pool#ocdbt": {"total_bytes_limit": 100_000_000}}
 
 
-def _orbax_leaf(params_dir: Path, path: str, sharding: Sharding, context: ts.Context) -> jax.Array:
+def _orbax_leaf(
+    params_dir: Path, path: str, want: jax.ShapeDtypeStruct, sharding: Sharding, context: ts.Context
+) -> jax.Array:
     """One leaf of an orbax checkpoint (OCDBT, zarr, as _save_params writes them) read with tensorstore
     straight into `sharding`, a few stored chunks at a time (_device_array). Orbax's restore reads each
     leaf whole into host memory first and lets reads run ahead of the transfers to the device, so a
@@ -738,9 +772,16 @@ def _orbax_leaf(params_dir: Path, path: str, sharding: Sharding, context: ts.Con
         except ValueError as err:
             raise CheckpointError(f"{params_dir}: reading {path!r} failed ({err}); convert the checkpoint again") from None
 
-    shape = tuple(t.shape)
+    shape, dtype = tuple(t.shape), np.dtype(t.dtype.numpy_dtype)
+    if shape != tuple(want.shape) or dtype not in _DTYPE_NAMES:
+        raise CheckpointError(
+            f"{params_dir.parent}: parameter {path!r} is stored with shape {shape} ({dtype}), but "
+            f"{params_dir.parent / 'config.json'} implies {tuple(want.shape)}: the config.json does not match the "
+            "weights; convert the checkpoint again from its Hugging Face directory"
+        )
     axis, step = _block_plan(shape, tuple(t.chunk_layout.read_chunk.shape), t.dtype.numpy_dtype.itemsize)
-    return _device_array(shape, sharding, read, lambda index: _blocks(index, shape, axis, step), axis)
+    unit = t.chunk_layout.read_chunk.shape[axis] if shape else 1
+    return _device_array(shape, sharding, read, lambda index: _even_blocks(index, shape, step, axis, unit), axis)
 
 
 def _orbax_dir(ckpt_dir: str | Path) -> Path:
@@ -766,7 +807,7 @@ def load_orbax(
     params = {}
     with _progress(f"loading {ckpt_dir.name}", sum(_nbytes(s) for s in shapes.values())) as advance:
         for path, want in shapes.items():  # cast leaf by leaf: one parameter in two dtypes at a time
-            params[path] = _orbax_leaf(ckpt_dir / "params", path, place(path), context).astype(cfg.param_dtype)
+            params[path] = _orbax_leaf(ckpt_dir / "params", path, want, place(path), context).astype(cfg.param_dtype)
             _release_host_memory()
             advance(_nbytes(want))
     return model_from_params(cfg, params)

@@ -209,3 +209,17 @@ def test_orbax_checkpoint_of_another_layout_is_named(qwen_dir, tmp_path):
     message = r"unexpected \['layers.0.mlp.gate_proj.kernel'.*missing \['layers.0.mlp.gate_up_proj.kernel'\].*converted again"
     with pytest.raises(CheckpointError, match=message):
         load_orbax(tmp_path / "old")
+
+
+def test_orbax_config_that_does_not_match_the_weights(qwen_dir, tmp_path):
+    # The saved leaves keep their shapes: a config.json edited after conversion must not load them as another model.
+    convert_hf_to_orbax(qwen_dir, tmp_path / "flax")
+    cfg = json.loads((tmp_path / "flax" / "config.json").read_text())
+    cfg["intermediate_size"] += 8
+    (tmp_path / "flax" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError) as err:
+        load_orbax(tmp_path / "flax")
+    message = str(err.value)
+    assert str(tmp_path / "flax") in message and "mlp" in message and "config.json does not match" in message
+    assert "convert" in message
+    assert str(cfg["intermediate_size"]) in message and str(cfg["intermediate_size"] - 8) in message

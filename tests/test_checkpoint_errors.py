@@ -114,3 +114,17 @@ def test_progress_bar_on_a_terminal(qwen_dir, capfd, monkeypatch):
 def test_loading_a_dream_tokenizer_prints_no_transformers_warning(capfd):
     tok = load_tokenizer(ASSETS_DIR / "drafter")
     assert tok.encode("def f(x):") and capfd.readouterr().err == ""
+
+
+@pytest.mark.parametrize("damage", ["delete", "garbage"])
+def test_damaged_orbax_leaf_names_the_checkpoint_and_the_leaf(damage, qwen_dir, tmp_path):
+    checkpoint.convert_hf_to_orbax(qwen_dir, tmp_path / "flax")
+    data = sorted((tmp_path / "flax" / "params").glob("ocdbt.process_*/d/*"))
+    assert data
+    for f in data:
+        if damage == "delete":
+            f.unlink()
+        else:
+            f.write_bytes(np.random.default_rng(0).bytes(f.stat().st_size))
+    with pytest.raises(CheckpointError, match=r"flax/params: reading '[a-z_.0-9]+' failed .*convert the checkpoint again"):
+        checkpoint.load_orbax(tmp_path / "flax")
