@@ -487,7 +487,7 @@ def _param_bytes(tensors: Mapping[str, _Tensor], path: str) -> int:
 def load_hf_params(
     path: str | Path, cfg: ModelConfig, mesh: Mesh | None = None
 ) -> dict[str, jax.Array]:
-    """A HF checkpoint's flat Flax parameters, streamed to the device (or `mesh`) one parameter at a time."""
+    """A HF checkpoint's flat Flax parameters, streamed to the device (or `mesh`) in blocks."""
     path = Path(path).expanduser()
     tensors, place = _checked_index(path, cfg), _shardings(cfg, mesh)
     shapes = expected_shapes(cfg)
