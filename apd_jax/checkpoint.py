@@ -353,8 +353,9 @@ def _device_array(
 ) -> jax.Array:
     """A jax.Array of `shape` placed by `sharding`, each device's part (`index`) read by `read(block)`
     for each of `blocks(index)` (cut along `axis`) on READ_THREADS threads, once for all the devices
-    that hold the same `index`, each block moved to those devices as soon as it is read and written there into its place in the shard (in place: the shard is
-    donated; the shard itself is made on that device from the first block, never on the default device).
+    that hold the same `index`, each block moved to those devices as soon as it is read and written
+    there into its place in the shard (in place: the shard is donated; the shard itself is made on
+    that device from the first block, never on the default device).
     The host holds only the blocks in flight (_gather: about READ_THREADS ahead of the one being
     written), never a whole tensor: each thread waits for its block's transfer (which may stage a
     second host copy) before it drops the host block, and a moved block is dropped once written."""
@@ -416,13 +417,15 @@ def _device_tensor(name: str, t: _Tensor, sharding: Sharding) -> jax.Array:
 
 
 def _host_tensor(name: str, t: _Tensor) -> np.ndarray:
-    """One HF tensor in host memory, read in blocks of rows on READ_THREADS threads straight into it."""
+    """One HF tensor in host memory, read in blocks of rows on READ_THREADS threads straight into it
+    (disjoint blocks: no compiled write needs them of one shape, so no row is read twice)."""
     out = np.empty(t.shape, _DTYPES[t.dtype])
 
     def fill(block: tuple[slice, ...]) -> None:
         out[block] = _read_slice(name, t, block)
 
-    with contextlib.closing(_gather(fill, _even_blocks((slice(None),) * len(t.shape), t.shape, _rows_per_block(t)))) as done:
+    blocks = _blocks((slice(None),) * len(t.shape), t.shape, 0, _rows_per_block(t))
+    with contextlib.closing(_gather(fill, blocks)) as done:
         for _ in done:
             pass
     return out
