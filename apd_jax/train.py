@@ -549,11 +549,10 @@ def run_pipeline(p: PipelineSettings, log: Callable[..., None] = _print) -> dict
         return report
     vocab = tok.get_vocab_size()
     stdlib_stream = corpus.token_stream(from_stdlib, tok, EOS_ID)
-    stdlib_tokens = len(stdlib_stream)
-    train_stream = np.concatenate([np.tile(stdlib_stream, p.stdlib_repeats),
-                                   corpus.token_stream(from_packages, tok, EOS_ID)])
+    package_stream = corpus.token_stream(from_packages, tok, EOS_ID)
+    train_stream = np.concatenate([np.tile(stdlib_stream, p.stdlib_repeats), package_stream])
     heldout_stream = corpus.token_stream(heldout_docs, tok, EOS_ID)
-    unique = len(train_stream) - (p.stdlib_repeats - 1) * stdlib_tokens
+    stdlib_tokens, unique = len(stdlib_stream), len(stdlib_stream) + len(package_stream)
     info |= {"train_tokens": int(unique), "stdlib_repeats": p.stdlib_repeats,
              "stream_tokens": int(len(train_stream)), "heldout_tokens": int(len(heldout_stream)),
              "chars_per_token": round(info["train_chars"] / max(unique, 1), 2)}
