@@ -10,9 +10,10 @@ what it finished, and `resume=True` continues after the last complete record.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -124,29 +125,18 @@ def generate_in_batches(
     return records
 
 
-class _progress:
-    """A rich progress bar over prompts on a terminal (stderr), nothing otherwise."""
+@contextlib.contextmanager
+def _progress(total: int, done: int, enabled: bool) -> Iterator[Callable[[int], None]]:
+    """A transient rich progress bar over prompts on a terminal (stderr), disabled otherwise."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-    def __init__(self, total: int, done: int, enabled: bool) -> None:
-        self.total, self.done, self.enabled = total, done, enabled
-        self.bar: Any = None
-
-    def __enter__(self) -> Callable[[int], None]:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-        console = Console(stderr=True)
-        if self.enabled and console.is_terminal and self.total > 1:
-            self.bar = Progress("prompts", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                                console=console, transient=True)
-            task = self.bar.add_task("decode", total=self.total, completed=self.done)
-            self.bar.start()
-            return lambda n: self.bar.advance(task, n)
-        return lambda n: None
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.bar is not None:
-            self.bar.stop()
+    console = Console(stderr=True)
+    show = enabled and console.is_terminal and total > 1
+    with Progress("prompts", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console,
+                  transient=True, disable=not show) as bar:
+        task = bar.add_task("decode", total=total, completed=done)
+        yield lambda n: bar.advance(task, n)
 
 
 def generate_batched(
