@@ -5,9 +5,9 @@ layout: fused q/k/v and gate/up projections hold several HF tensors each). Every
 checkpoint's names, shapes and dtypes are checked against the model's own abstract
 shapes from the safetensors headers before any weight is read; then each parameter's
 HF tensors (safetensors `safe_open`) or orbax leaf (tensorstore) are read in blocks of about
-64 MB on a few threads (on a mesh each device only its slice, read once for all the devices that
-hold the same slice), each block moved to its device(s)
-as soon as it is read and the blocks joined there, then converted on the device: host memory
+64 MB on a few threads, the next tensors' blocks read while this one's are placed (on a mesh each
+device only its slice, read once for all the devices that hold the same slice), each block moved to
+its device(s) as soon as it is read and the blocks joined there, then converted on the device: host memory
 stays near a few blocks, never a whole tensor, let alone the model. Conversion writes orbax from lazy
 leaves (one parameter read, converted and written at a time) and exports sharded
 safetensors with an index, as the hub ships them. Outputs are written to a temporary
@@ -347,48 +347,84 @@ def _gather(fn: Callable[[Any], Any], items: Iterable[Any], window: int = READ_T
                 f.exception()
 
 
-def _device_array(
-    shape: tuple[int, ...], sharding: Sharding, read: Callable[[tuple[slice, ...]], np.ndarray],
-    blocks: Callable[[tuple[slice, ...]], list[tuple[slice, ...]]], axis: int,
-) -> jax.Array:
-    """A jax.Array of `shape` placed by `sharding`, each device's part (`index`) read by `read(block)`
-    for each of `blocks(index)` (cut along `axis`) on READ_THREADS threads, once for all the devices
-    that hold the same `index`, each block moved to those devices as soon as it is read and written
-    there into its place in the shard (in place: the shard is donated; the shard itself is made on
-    that device from the first block, never on the default device).
+@dataclasses.dataclass(frozen=True)
+class _Placement:
+    """One array to read onto its devices: its shape and `sharding`, `read(block)` -> the host block,
+    `blocks(index)` -> the blocks of one device's part (`index`), cut along `axis`."""
+
+    shape: tuple[int, ...]
+    sharding: Sharding
+    read: Callable[[tuple[slice, ...]], np.ndarray]
+    blocks: Callable[[tuple[slice, ...]], list[tuple[slice, ...]]]
+    axis: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Block:
+    """One read: `index` of `array`, moved to `devices` (all that hold the same part) and written at
+    `start` along the axis of their shard; `whole`: it is the whole shard; `last`: the array's last."""
+
+    array: _Placement
+    devices: tuple[jax.Device, ...]
+    index: tuple[slice, ...]
+    start: int
+    whole: bool
+    last: bool
+
+
+def _block_reads(placements: Iterable[_Placement]) -> Iterator[_Block]:
+    """Every block of every placement, in order. Devices that hold the same part (replicated axes)
+    share its reads: each block is read once and moved to every device of its group."""
+    for p in placements:
+        by_index: dict[tuple, tuple[tuple[slice, ...], list[jax.Device]]] = {}
+        for d, index in p.sharding.addressable_devices_indices_map(p.shape).items():
+            by_index.setdefault(tuple(s.indices(n) for s, n in zip(index, p.shape)), (index, []))[1].append(d)
+        reads = [(index, tuple(devices), b, len(parts) == 1)
+                 for index, devices in by_index.values() for parts in [p.blocks(index)] for b in parts]
+        for k, (index, devices, b, whole) in enumerate(reads):
+            start = b[p.axis].indices(p.shape[p.axis])[0] - index[p.axis].indices(p.shape[p.axis])[0] if p.shape else 0
+            yield _Block(p, devices, b, start, whole, k == len(reads) - 1)
+
+
+def _device_arrays(placements: Iterable[_Placement]) -> Iterator[jax.Array]:
+    """Each placement as a jax.Array, in order. The blocks of all of them are read on READ_THREADS
+    threads, the next arrays' reads running while this one's are written (a model is hundreds of
+    tensors of one or two blocks: reading them one array at a time would leave the readers idle),
+    each block moved to its devices as soon as it is read and written there into its place in the
+    shard (in place: the shard is donated; the shard itself is made on that device from the first
+    block, never on the default device).
     The host holds only the blocks in flight (_gather: about READ_THREADS ahead of the one being
     written), never a whole tensor: each thread waits for its block's transfer (which may stage a
     second host copy) before it drops the host block, and a moved block is dropped once written."""
 
-    def put(task: tuple[int, int, tuple[slice, ...]]) -> list[jax.Array]:
-        host = read(task[2])
-        return [jax.device_put(host, d).block_until_ready() for d in groups[task[0]][1]]
+    def put(block: _Block) -> list[jax.Array]:
+        host = block.array.read(block.index)
+        return [jax.device_put(host, d).block_until_ready() for d in block.devices]
 
-    def offset(block: tuple[slice, ...], index: tuple[slice, ...]) -> int:
-        return block[axis].indices(shape[axis])[0] - index[axis].indices(shape[axis])[0]
-
-    # Devices that hold the same part (replicated axes) share its reads: each block is read once and
-    # moved to every device of its group.
-    devices = sharding.addressable_devices_indices_map(shape)
-    by_index: dict[tuple, tuple[tuple[slice, ...], list[jax.Device]]] = {}
-    for d, index in devices.items():
-        key = tuple(s.indices(n) for s, n in zip(index, shape))
-        by_index.setdefault(key, (index, []))[1].append(d)
-    groups = list(by_index.values())
-    tasks = [(g, offset(b, index) if shape else 0, b) for g, (index, _) in enumerate(groups) for b in blocks(index)]
-    count = collections.Counter(g for g, _, _ in tasks)
     shards: dict[jax.Device, jax.Array] = {}
-    with contextlib.closing(_gather(put, tasks)) as results:
-        for (g, start, _), moved in zip(tasks, results):
-            for device, block in zip(groups[g][1], moved):
+    blocks = _block_reads(placements)
+    pending = collections.deque()  # the blocks _gather has taken, in order, to pair with its results
+
+    def taken() -> Iterator[_Block]:
+        for b in blocks:
+            pending.append(b)
+            yield b
+
+    with contextlib.closing(_gather(put, taken())) as results:
+        for moved in results:
+            b = pending.popleft()
+            p = b.array
+            for device, part in zip(b.devices, moved):
                 if device in shards:
-                    shards[device] = _put_block(shards[device], block, start, axis)
-                elif count[g] == 1:
-                    shards[device] = block
+                    shards[device] = _put_block(shards[device], part, b.start, p.axis)
+                elif b.whole:
+                    shards[device] = part
                 else:
-                    shards[device] = _shard_from_block(block, sharding.shard_shape(shape), axis)
-            del moved, block  # the next block is awaited holding no other
-    return jax.make_array_from_single_device_arrays(shape, sharding, [shards[d] for d in devices])
+                    shards[device] = _shard_from_block(part, p.sharding.shard_shape(p.shape), p.axis)
+            del moved, part  # the next block is awaited holding no other
+            if b.last:
+                devices = p.sharding.addressable_devices_indices_map(p.shape)
+                yield jax.make_array_from_single_device_arrays(p.shape, p.sharding, [shards.pop(d) for d in devices])
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
@@ -409,11 +445,11 @@ def _rows_per_block(t: _Tensor) -> int:
     return max(1, READ_CHUNK_BYTES // max(1, _nbytes(jax.ShapeDtypeStruct(t.shape[1:], _DTYPES[t.dtype]))))
 
 
-def _device_tensor(name: str, t: _Tensor, sharding: Sharding) -> jax.Array:
-    """One HF tensor as a jax.Array placed by `sharding`: each device reads only its slice, in blocks of rows."""
+def _hf_placement(name: str, t: _Tensor, sharding: Sharding) -> _Placement:
+    """One HF tensor placed by `sharding`: each device reads only its slice, in blocks of rows."""
     rows = _rows_per_block(t)
-    return _device_array(t.shape, sharding, lambda index: _read_slice(name, t, index),
-                         lambda index: _even_blocks(index, t.shape, rows), 0)
+    return _Placement(t.shape, sharding, lambda index: _read_slice(name, t, index),
+                      lambda index: _even_blocks(index, t.shape, rows), 0)
 
 
 def _host_tensor(name: str, t: _Tensor) -> np.ndarray:
@@ -445,19 +481,11 @@ def _converter(layout: str, shape: tuple[int, ...], dtype: Any, sharding: Shardi
     return jax.jit(lambda *tensors: _to_flax(layout, list(tensors), shape).astype(dtype), out_shardings=sharding)
 
 
-def _load_param(
-    tensors: Mapping[str, _Tensor], path: str, want: jax.ShapeDtypeStruct, sharding: Sharding
-) -> jax.Array:
-    """One Flax parameter from its HF tensors, on the devices of `sharding`; nothing kept on the host."""
-    names, layout = _entry(path)
-    hf_sharding = sharding
+def _hf_sharding(layout: str, sharding: Sharding, ndim: int) -> Sharding:
+    """Where a parameter's HF tensors go so that converting them is local to each device."""
     if isinstance(sharding, NamedSharding):
-        hf_sharding = NamedSharding(sharding.mesh, _hf_spec(layout, sharding.spec, len(want.shape)))
-    parts = [_device_tensor(name, tensors[name], hf_sharding) for name in names]
-    if layout == "same" and parts[0].dtype == want.dtype:
-        return parts[0]
-    out = _converter(layout, tuple(want.shape), want.dtype, sharding)(*parts)
-    return out.block_until_ready()  # the inputs are freed before the next parameter is read
+        return NamedSharding(sharding.mesh, _hf_spec(layout, sharding.spec, ndim))
+    return sharding
 
 
 def _shardings(cfg: ModelConfig, mesh: Mesh | None) -> Callable[[str], Sharding]:
@@ -494,12 +522,23 @@ def load_hf_params(
     path = Path(path).expanduser()
     tensors, place = _checked_index(path, cfg), _shardings(cfg, mesh)
     shapes = expected_shapes(cfg)
+    entries = {p: _entry(p) for p in shapes}
+    parts = _device_arrays(
+        _hf_placement(name, tensors[name], _hf_sharding(layout, place(p), len(shapes[p].shape)))
+        for p, (names, layout) in entries.items() for name in names)
     params = {}
-    with _progress(f"loading {path.name}", sum(_param_bytes(tensors, p) for p in shapes)) as advance:
-        for flax_path, want in shapes.items():
-            params[flax_path] = _load_param(tensors, flax_path, want, place(flax_path))
+    with contextlib.closing(parts), _progress(
+            f"loading {path.name}", sum(_param_bytes(tensors, p) for p in shapes)) as advance:
+        for p, want in shapes.items():
+            names, layout = entries[p]
+            hf = [next(parts) for _ in names]
+            if layout == "same" and hf[0].dtype == want.dtype:
+                params[p] = hf[0]
+            else:
+                params[p] = _converter(layout, tuple(want.shape), want.dtype, place(p))(*hf)
+            del hf  # freed on the device once converted
             _release_host_memory()
-            advance(_param_bytes(tensors, flax_path))
+            advance(_param_bytes(tensors, p))
     return params
 
 
@@ -756,9 +795,9 @@ _TS_CONTEXT = {"file_io_concurrency": {"limit": 128}, "cache_pool#ocdbt": {"tota
 
 def _orbax_leaf(
     params_dir: Path, path: str, want: jax.ShapeDtypeStruct, sharding: Sharding, context: ts.Context
-) -> jax.Array:
-    """One leaf of an orbax checkpoint (OCDBT, zarr, as _save_params writes them) read with tensorstore
-    straight into `sharding`, a few stored chunks at a time (_device_array). Orbax's restore reads each
+) -> _Placement:
+    """One leaf of an orbax checkpoint (OCDBT, zarr, as _save_params writes them), to be read with
+    tensorstore straight into `sharding`, a few stored chunks at a time (_device_arrays). Orbax's restore reads each
     leaf whole into host memory first and lets reads run ahead of the transfers to the device, so a
     model's restore held several GB of host buffers whatever restore_concurrent_gb said."""
     spec = {"driver": "zarr", "recheck_cached_metadata": False, "recheck_cached_data": False,
@@ -784,7 +823,7 @@ def _orbax_leaf(
         )
     axis, step = _block_plan(shape, tuple(t.chunk_layout.read_chunk.shape), t.dtype.numpy_dtype.itemsize)
     unit = t.chunk_layout.read_chunk.shape[axis] if shape else 1
-    return _device_array(shape, sharding, read, lambda index: _even_blocks(index, shape, step, axis, unit), axis)
+    return _Placement(shape, sharding, read, lambda index: _even_blocks(index, shape, step, axis, unit), axis)
 
 
 def _orbax_dir(ckpt_dir: str | Path) -> Path:
@@ -807,10 +846,13 @@ def load_orbax(
     _saved_shapes(ckpt_dir, shapes)
     cfg = read_config(ckpt_dir, param_dtype=param_dtype, dtype=dtype)
     place, context = _shardings(cfg, mesh), ts.Context(_TS_CONTEXT)
+    leaves = _device_arrays(_orbax_leaf(ckpt_dir / "params", path, want, place(path), context)
+                            for path, want in shapes.items())
     params = {}
-    with _progress(f"loading {ckpt_dir.name}", sum(_nbytes(s) for s in shapes.values())) as advance:
+    with contextlib.closing(leaves), _progress(
+            f"loading {ckpt_dir.name}", sum(_nbytes(s) for s in shapes.values())) as advance:
         for path, want in shapes.items():  # cast leaf by leaf: one parameter in two dtypes at a time
-            params[path] = _orbax_leaf(ckpt_dir / "params", path, want, place(path), context).astype(cfg.param_dtype)
+            params[path] = next(leaves).astype(cfg.param_dtype)
             _release_host_memory()
             advance(_nbytes(want))
     return model_from_params(cfg, params)

@@ -70,7 +70,7 @@ def test_conversion_is_host_only(qwen_dir, tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a conversion used the device")
 
-    for name in ("_device_array", "_converter", "_put_block", "_shard_from_block"):
+    for name in ("_device_arrays", "_converter", "_put_block", "_shard_from_block"):
         monkeypatch.setattr(checkpoint, name, refuse)
     monkeypatch.setattr(checkpoint.jax, "device_put", refuse)
     compiled = []

@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import SingleDeviceSharding
 
 from apd_jax import checkpoint
-from apd_jax.checkpoint import READ_THREADS, _blocks, _device_array, _even_blocks, _gather
+from apd_jax.checkpoint import READ_THREADS, _blocks, _device_arrays, _even_blocks, _gather, _Placement
 
 
 class Block:
@@ -71,10 +71,29 @@ def test_device_array_holds_a_few_blocks_not_the_tensor(monkeypatch):
 
     monkeypatch.setattr(checkpoint.jax, "device_put", put)
     full = np.arange(64 * 8, dtype=np.float32).reshape(64, 8)
-    out = _device_array(full.shape, SingleDeviceSharding(jax.devices()[0]), read,
-                        lambda index: _blocks(index, full.shape, 0, 1), 0)
+    (out,) = _device_arrays([_Placement(full.shape, SingleDeviceSharding(jax.devices()[0]), read,
+                                        lambda index: _blocks(index, full.shape, 0, 1), 0)])
     np.testing.assert_array_equal(np.asarray(out), full)
     assert peak <= READ_THREADS + 3, peak
+
+
+def test_reads_run_ahead_across_arrays():
+    # A model is hundreds of one-block tensors: their reads must overlap, not wait for each array in
+    # turn. Every read waits at a barrier for a second one, so reads one array at a time would fail.
+    barrier = threading.Barrier(2, timeout=20)
+    arrays = [np.full((3, 2), k, np.float32) for k in range(9)]
+
+    def reader(x):
+        def read(index):
+            barrier.wait()
+            return x[index]
+        return read
+
+    device = SingleDeviceSharding(jax.devices()[0])
+    out = list(_device_arrays(_Placement(x.shape, device, reader(x), lambda index: [index], 0) for x in arrays[:-1]))
+    # the last block has no partner: its read runs alone once the others are done
+    out += list(_device_arrays([_Placement((3, 2), device, lambda index: arrays[-1][index], lambda index: [index], 0)]))
+    assert len(out) == 9 and all(np.array_equal(np.asarray(o), x) for o, x in zip(out, arrays))
 
 
 READS_ON_A_MESH = """
@@ -83,7 +102,7 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 os.environ["JAX_PLATFORMS"] = "cpu"
 import jax, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from apd_jax.checkpoint import _blocks, _device_array
+from apd_jax.checkpoint import _blocks, _device_arrays, _Placement
 
 mesh = jax.make_mesh((2, 4), ("data", "model"))
 full = np.arange(16 * 8, dtype=np.float32).reshape(16, 8)
@@ -94,7 +113,7 @@ for spec, count in ((P(), 4), (P(None, "model"), 16), (P("data", "model"), 16)):
         reads[tuple((s.start, s.stop) for s in index)] += 1
         return full[index]
     sharding = NamedSharding(mesh, spec)
-    out = _device_array(full.shape, sharding, read, lambda index: _blocks(index, full.shape, 0, 4), 0)
+    (out,) = _device_arrays([_Placement(full.shape, sharding, read, lambda index: _blocks(index, full.shape, 0, 4), 0)])
     np.testing.assert_array_equal(np.asarray(out), full)
     assert out.sharding == sharding
     assert set(reads.values()) == {1} and len(reads) == count, (spec, reads)
