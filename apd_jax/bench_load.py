@@ -30,6 +30,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from apd_jax.cli import runtime_defaults
+
 # The published config.json shapes (Dream-org/Dream-v0-Instruct-7B, Qwen/Qwen2.5-0.5B-Instruct).
 REAL_CONFIGS: dict[str, dict[str, Any]] = {
     "dream-7b": {
@@ -162,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=Path("bench_load.json"), help="write every figure here")
     p.add_argument("--step", help=argparse.SUPPRESS)  # internal: run one step in this process
     args = p.parse_args(argv)
+    runtime_defaults()  # as `apd-jax` runs; the steps' processes inherit it
     if args.step:
         print(json.dumps(run_step(args.step, [str(d) for d in args.hf_dirs])))
         return 0

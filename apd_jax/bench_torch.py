@@ -23,17 +23,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from apd_jax.config import ModelConfig
+from apd_jax.cli import runtime_defaults
 
-# This process may import JAX (the configs); never let it claim the GPU's memory from PyTorch.
-os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# This process may import JAX (the configs): it must not reserve the GPU's memory from PyTorch.
+runtime_defaults()
+
+from apd_jax.config import ModelConfig  # noqa: E402 (after the defaults: it imports JAX)
 
 NO_CACHE_W = 1 << 30  # a window past any sequence: the drafter recomputes [0, right) every pass
 

@@ -42,6 +42,22 @@ def subcommand_modules(argv: Sequence[str]) -> tuple[str, ...]:
     return tuple(named) or SUBCOMMANDS
 
 
+def runtime_defaults() -> None:
+    """Environment defaults of an apd-jax process, set before JAX or transformers is imported; a
+    value the user set is kept.
+
+    - XLA_PYTHON_CLIENT_PREALLOCATE=false: by default XLA reserves 75 % of a GPU's memory with its
+      first array, and on an H200 that reservation alone holds 3.3 GiB of host memory (0.6 -> 3.9 GiB
+      resident; docs/benchmarks/2026-12-01-h200/rss-variants.txt); growing the pool as it is needed
+      holds none. Set it to true to reserve up front.
+    - TRANSFORMERS_NO_ADVISORY_WARNINGS: transformers' advice (e.g. "PyTorch was not found", printed on
+      import where torch is absent: apd_jax uses it only for tokenizers and configs) is not for
+      apd-jax's users.
+    """
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
 def compile_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "apd_jax" / "jax"
 
@@ -86,9 +102,7 @@ def build_parser(modules: Sequence[str] = SUBCOMMANDS) -> argparse.ArgumentParse
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    # transformers' advice (e.g. "PyTorch was not found", printed on import where torch is absent: apd_jax
-    # uses it only for tokenizers and configs) is not for apd-jax's users; set before any subcommand imports it.
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    runtime_defaults()  # before any subcommand module imports JAX or transformers
     args = build_parser(subcommand_modules(argv)).parse_args(argv)
     if not args.no_compile_cache:
         enable_compile_cache()

@@ -1,6 +1,7 @@
 """The `apd-jax` command line: real runs on tiny models, and errors as messages."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -213,3 +214,15 @@ def test_compiled_programs_persist_between_runs_unless_turned_off(flag, tmp_path
         assert not cache.exists()
     else:
         assert any(p.name.startswith("jit__generate") for p in cache.iterdir())
+
+
+def test_runtime_defaults_keep_what_the_user_set(monkeypatch):
+    # XLA's up-front reservation of GPU memory is off unless the user asks for it.
+    from apd_jax.cli import runtime_defaults
+
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
+    runtime_defaults()
+    assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_PREALLOCATE", "true")
+    runtime_defaults()
+    assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "true"
