@@ -44,9 +44,6 @@ from apd_jax.sampling import Knobs, exclude_token
 from apd_jax.sharding import constrain_cache, replicate, shard_rows
 
 RULES = ("paper", "reference")
-# Adaptive lookahead's compiled draft widths at most: each is one more verifier program and drafter program
-# (28 layers at 7B) to compile, so three keep the adaptive loop's compile time within about 2x the fixed M's.
-MAX_LEVELS = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,8 +64,7 @@ class APDConfig(DecoderConfig):
     accepted k tokens in a pass looks ahead clip(ceil(M_scale * k) + M_margin, M_min, M)
     positions in its next pass (M in its first), and each pass's drafter window and draft
     are sized to the largest lookahead among the active rows (rounded up to one of at most
-    MAX_LEVELS compiled widths from M_min to M, see `lookahead_levels`), so the drafter's
-    compute follows acceptance.
+    two compiled widths, see `lookahead_levels`), so the drafter's compute follows acceptance.
     The fixed-M loop is the paper's and the published code's.
     """
 
@@ -100,15 +96,17 @@ class APDConfig(DecoderConfig):
         return problems
 
     def lookahead_levels(self) -> tuple[int, ...]:
-        """The compiled draft widths: M alone for the paper's fixed M, else M_min up to M in at most
-        MAX_LEVELS steps of one ratio, at least 2 (a pass pays for its widest row's lookahead rounded
-        up to the next width, so even steps in log bound that padding; more widths compile longer)."""
+        """The compiled draft widths: top = min(M, max_new_tokens) alone for the paper's fixed M (and
+        when M_min > top / 2), else (mid, top) with mid = round(sqrt(M_min * top)), the geometric middle:
+        a pass pays for its widest row's lookahead rounded up to the next width, and either width pads
+        at most about sqrt(top / M_min) times. Two, not more: each width is a drafter and a verifier
+        program to compile, and a third (at M_min) took the adaptive loop's compile past 60 s on an
+        H200 (62-72 s, the fixed M's 30.5 s) for a speed gain only when a batch's widest row looks
+        ahead M_min itself, which it rarely does."""
         top = min(self.M, self.max_new_tokens)
         if self.M_min is None or 2 * self.M_min > top:
             return (top,)
-        n = min(MAX_LEVELS, 1 + int(math.log2(top / self.M_min)))
-        ratio = (top / self.M_min) ** (1 / (n - 1))
-        return tuple(sorted({round(self.M_min * ratio**i) for i in range(n - 1)} | {top}))
+        return (round(math.sqrt(self.M_min * top)), top)  # mid <= top / sqrt(2) < top, as 2 * M_min <= top
 
     def next_lookahead(self, k):
         """A row's lookahead after a pass that accepted k tokens (M when the lookahead is fixed)."""
@@ -485,19 +483,27 @@ def leftright_generate(
 def _levels(config: APDConfig, prompt_len: int, total: int) -> tuple[_Level, ...]:
     """The compiled draft widths with their drafter window sizes: one drafter program per pair.
 
-    The widest level is the fixed-M loop's (its window sizes, and the first pass: prompt + M).
-    Below it, every active row looks ahead at most the level's width d, so (the rule being
-    monotone in k) it accepted at most `_most_accepted` k last pass and its window [left, right)
-    spans at most W - 1 + k + d: one window size serves the level. A row whose window is wider
-    (one near its end, its lookahead cut by L) takes a wider level (`_level_index`).
+    The fixed M's one level has the fixed-M loop's window sizes (the largest: the first pass,
+    prompt + M). Adaptive, the lower level's rows look ahead at most its width mid, so (the rule
+    being monotone in k) each accepted at most k_min - 1 = `_most_accepted` tokens last pass and
+    its window [left, right) spans at most W - 1 + k_min - 1 + mid: one window size serves the
+    level. A row whose window is wider (one near its end, its lookahead cut by L) takes the top
+    level (`_level_index`). The top level keeps, of the fixed-M sizes, the largest (the first
+    pass; rows near their end) and those of at least W - 1 + k_min + top (a row that accepted
+    k_min and looks ahead top): one drafter program fewer to compile. The sizes dropped are not
+    unused: a top-level row looks ahead lookahead[k] >= lookahead[k_min], often below top, and a
+    pass whose widest window is below the threshold pads up to the next size kept (padding only:
+    the tokens are the same).
     """
     widths = config.lookahead_levels()
-    top = _Level(widths[-1], _window_sizes(config.W, widths[-1], prompt_len + config.M, total))
+    windows = _window_sizes(config.W, widths[-1], prompt_len + config.M, total)
     if len(widths) == 1:
-        return (top,)
-    lookahead = np.asarray(config.next_lookahead(jnp.arange(widths[-1] + 1, dtype=jnp.int32)))
-    return tuple(_Level(d, (min(config.W - 1 + d + _most_accepted(lookahead, d), total),))
-                 for d in widths[:-1]) + (top,)
+        return (_Level(widths[-1], windows),)
+    mid, top = widths
+    lookahead = np.asarray(config.next_lookahead(jnp.arange(top + 1, dtype=jnp.int32)))
+    most = _most_accepted(lookahead, mid)  # k_min - 1
+    kept = tuple(size for size in windows[:-1] if size >= config.W + most + top) + windows[-1:]
+    return _Level(mid, (min(config.W - 1 + most + mid, total),)), _Level(top, kept)
 
 
 def _most_accepted(lookahead: np.ndarray, width: int) -> int:

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from apd_jax.apd import APDConfig, _level_index, _levels, apd_generate, apd_generate_eager, live_view
+from apd_jax import apd
+from apd_jax.apd import APDConfig, _Level, _level_index, _levels, apd_generate, apd_generate_eager, live_view
 from apd_jax.cli import main
 from conftest import PROMPTS
 
@@ -20,29 +21,36 @@ ADAPTIVE = [
 
 def test_levels_and_rule_on_literals():
     cfg = APDConfig(M=100, M_min=8, M_scale=2.0, M_margin=4)
-    assert cfg.lookahead_levels() == (8, 28, 100)  # MAX_LEVELS widths, each about 3.5x the last
-    assert dataclasses.replace(cfg, max_new_tokens=40).lookahead_levels() == (8, 18, 40)  # ratios >= 2: three
-    assert dataclasses.replace(cfg, M_min=60).lookahead_levels() == (100,)  # no ratio of 2 fits under M
+    assert cfg.lookahead_levels() == (28, 100)  # round(sqrt(8 * 100)) = round(28.28), then M
+    assert dataclasses.replace(cfg, max_new_tokens=40).lookahead_levels() == (18, 40)  # round(sqrt(8 * 40)) = 18
+    assert dataclasses.replace(cfg, M_min=50).lookahead_levels() == (71, 100)  # 2 * M_min = M: round(70.71)
+    assert dataclasses.replace(cfg, M_min=51).lookahead_levels() == (100,)  # 2 * M_min > M: M alone
+    assert APDConfig(M=2, M_min=1).lookahead_levels() == (1, 2)  # round(sqrt(2)) = 1 < 2
     assert APDConfig(M=100).lookahead_levels() == (100,)  # the paper's fixed M: one width
     k = jnp.array([0, 1, 2, 10, 60], jnp.int32)
     assert cfg.next_lookahead(k).tolist() == [8, 8, 8, 24, 100]  # clip(ceil(2k) + 4, 8, 100)
     assert APDConfig(M=100).next_lookahead(k).tolist() == [100] * 5
 
 
-def test_one_window_per_level_below_the_top_holds_every_row_of_it():
+def test_two_levels_one_window_below_the_top_holds_every_row_of_it():
     cfg = APDConfig(W=16, M=100, M_min=6, M_scale=2.0, M_margin=4)  # `apd-jax bench`'s adaptive setting
-    levels = _levels(cfg, 128, 384)  # prompt 128, 256 new tokens: 5 drafter programs (fixed M: 3)
-    assert [(lv.draft, lv.windows) for lv in levels] == [(6, (22,)), (24, (49,)), (100, (123, 147, 228))]
-    assert _levels(APDConfig(W=16, M=100), 128, 384) == levels[-1:]  # the fixed M's level, its three windows
+    levels = _levels(cfg, 128, 384)  # prompt 128, 256 new tokens: 3 drafter programs, 2 verifier (fixed M: 3, 1)
+    # mid = round(sqrt(6 * 100)) = 24; 2k + 4 <= 24 up to k = 10: 15 + 10 + 24 = 49. The fixed M's windows are
+    # 15 + 100 + (8, 32) and 128 + 100; k_min = 11 drops those below 15 + 11 + 100 = 126: 123 goes.
+    assert levels == (_Level(24, (49,)), _Level(100, (147, 228)))
+    assert _levels(APDConfig(W=16, M=100), 128, 384) == (_Level(100, (123, 147, 228)),)  # the fixed M's, unchanged
+    assert _levels(dataclasses.replace(cfg, M_min=51), 128, 384) == (_Level(100, (123, 147, 228)),)  # one level
     k = jnp.arange(101)
-    for lv in levels[:-1]:  # a row that accepted k and so looks ahead <= d spans W - 1 + k + d: the window is the most
-        fits = cfg.next_lookahead(k) <= lv.draft
-        assert int(jnp.max(jnp.where(fits, cfg.W - 1 + k + lv.draft, 0))) == lv.windows[0]
+    fits = cfg.next_lookahead(k) <= levels[0].draft  # a row that accepted k, so looks ahead <= mid, spans
+    assert int(jnp.max(jnp.where(fits, cfg.W - 1 + k + levels[0].draft, 0))) == levels[0].windows[0]  # <= 49
+    # 40 new tokens after 56: top 40, its windows 15 + 40 + (8, 32) and the first pass's 56 + 100 cut to the buffer's
+    # 96; mid round(sqrt(240)) = 15, 2k + 4 <= 15 up to k = 5: 15 + 5 + 15 = 35; 15 + 6 + 40 = 61 keeps all three
+    assert _levels(dataclasses.replace(cfg, max_new_tokens=40), 56, 96) == (_Level(15, (35,)), _Level(40, (63, 87, 96)))
 
 
 def test_a_pass_takes_the_first_level_that_holds_both_its_width_and_its_window():
     levels = _levels(APDConfig(W=16, M=100, M_min=6, M_scale=2.0, M_margin=4), 128, 384)
-    cases = [((6, 22), 0), ((6, 23), 1), ((7, 10), 1), ((24, 49), 1), ((24, 50), 2), ((25, 30), 2), ((6, 200), 2)]
+    cases = [((6, 22), 0), ((24, 49), 0), ((24, 50), 1), ((25, 30), 1), ((6, 200), 1), ((100, 228), 1)]
     assert [int(_level_index(levels, width, window)) for (width, window), _ in cases] == [i for _, i in cases]
 
 
@@ -52,6 +60,25 @@ def test_compiled_adaptive_loop_equals_the_eager_loop(cfg, dream, qwen):
     batched = apd_generate(dream, qwen, PROMPTS, cfg)
     for row, prompt in enumerate(PROMPTS):
         assert apd_generate_eager(dream, qwen, prompt, cfg) == (batched.sequences()[row], batched.accepted_per_pass(row))
+
+
+@pytest.mark.parametrize("cfg", ADAPTIVE[::2], ids=["min2", "min3"])  # ADAPTIVE[1] (R = 1) looks ahead M throughout
+def test_compiled_levels_only_pad_the_draft(cfg, dream, qwen, monkeypatch):
+    """Whatever draft widths and windows are compiled, each row looks ahead its own lookahead: the same tokens."""
+    results = [apd_generate(dream, qwen, PROMPTS, cfg)]
+    ladders = [
+        lambda top, total: (top,),  # every pass at the top width
+        lambda top, total: (_Level(cfg.M_min, (total,)), top),  # a lower level, its one window the whole buffer
+        lambda top, total: (_Level(cfg.M_min, (cfg.W - 1 + 2 * cfg.M_min, total)),  # three levels
+                            _Level((cfg.M_min + top.draft) // 2, (total,)), top),
+    ]
+    for ladder in ladders:
+        monkeypatch.setattr(apd, "_levels", lambda config, prompt_len, total, ladder=ladder:
+                            ladder(_levels(config, prompt_len, total)[-1], total))
+        results.append(apd_generate(dream, qwen, PROMPTS, cfg))
+    for r in results[1:]:
+        assert r.sequences() == results[0].sequences()
+        assert all(r.accepted_per_pass(i) == results[0].accepted_per_pass(i) for i in range(len(PROMPTS)))
 
 
 def test_adaptive_lookahead_changes_what_the_drafter_sees(dream, qwen):
