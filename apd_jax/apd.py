@@ -488,12 +488,9 @@ def _levels(config: APDConfig, prompt_len: int, total: int) -> tuple[_Level, ...
     being monotone in k) each accepted at most k_min - 1 = `_most_accepted` tokens last pass and
     its window [left, right) spans at most W - 1 + k_min - 1 + mid: one window size serves the
     level. A row whose window is wider (one near its end, its lookahead cut by L) takes the top
-    level (`_level_index`). The top level keeps, of the fixed-M sizes, the largest (the first
-    pass; rows near their end) and those of at least W - 1 + k_min + top (a row that accepted
-    k_min and looks ahead top): one drafter program fewer to compile. The sizes dropped are not
-    unused: a top-level row looks ahead lookahead[k] >= lookahead[k_min], often below top, and a
-    pass whose widest window is below the threshold pads up to the next size kept (padding only:
-    the tokens are the same).
+    level (`_level_index`). The top level keeps the fixed M's window sizes: a row there looks
+    ahead lookahead[k] for k >= k_min, often well below top, so its window W - 1 + k + lookahead[k]
+    may be as small as any of them.
     """
     widths = config.lookahead_levels()
     windows = _window_sizes(config.W, widths[-1], prompt_len + config.M, total)
@@ -502,8 +499,7 @@ def _levels(config: APDConfig, prompt_len: int, total: int) -> tuple[_Level, ...
     mid, top = widths
     lookahead = np.asarray(config.next_lookahead(jnp.arange(top + 1, dtype=jnp.int32)))
     most = _most_accepted(lookahead, mid)  # k_min - 1
-    kept = tuple(size for size in windows[:-1] if size >= config.W + most + top) + windows[-1:]
-    return _Level(mid, (min(config.W - 1 + most + mid, total),)), _Level(top, kept)
+    return _Level(mid, (min(config.W - 1 + most + mid, total),)), _Level(top, windows)
 
 
 def _most_accepted(lookahead: np.ndarray, width: int) -> int:

@@ -34,10 +34,10 @@ def test_levels_and_rule_on_literals():
 
 def test_two_levels_one_window_below_the_top_holds_every_row_of_it():
     cfg = APDConfig(W=16, M=100, M_min=6, M_scale=2.0, M_margin=4)  # `apd-jax bench`'s adaptive setting
-    levels = _levels(cfg, 128, 384)  # prompt 128, 256 new tokens: 3 drafter programs, 2 verifier (fixed M: 3, 1)
-    # mid = round(sqrt(6 * 100)) = 24; 2k + 4 <= 24 up to k = 10: 15 + 10 + 24 = 49. The fixed M's windows are
-    # 15 + 100 + (8, 32) and 128 + 100; k_min = 11 drops those below 15 + 11 + 100 = 126: 123 goes.
-    assert levels == (_Level(24, (49,)), _Level(100, (147, 228)))
+    levels = _levels(cfg, 128, 384)  # prompt 128, 256 new tokens: 4 drafter programs, 2 verifier (fixed M: 3, 1)
+    # mid = round(sqrt(6 * 100)) = 24; 2k + 4 <= 24 up to k = 10: 15 + 10 + 24 = 49. The top keeps the fixed
+    # M's windows, 15 + 100 + (8, 32) and 128 + 100: a row with k = 11 there spans only 15 + 11 + 26 = 52.
+    assert levels == (_Level(24, (49,)), _Level(100, (123, 147, 228)))
     assert _levels(APDConfig(W=16, M=100), 128, 384) == (_Level(100, (123, 147, 228)),)  # the fixed M's, unchanged
     assert _levels(dataclasses.replace(cfg, M_min=51), 128, 384) == (_Level(100, (123, 147, 228)),)  # one level
     k = jnp.arange(101)
