@@ -77,6 +77,7 @@ def test_device_array_holds_a_few_blocks_not_the_tensor(monkeypatch):
     assert peak <= READ_THREADS + 3, peak
 
 
+@pytest.mark.skipif(READ_THREADS < 2, reason="one reader thread cannot overlap reads")
 def test_reads_run_ahead_across_arrays():
     # A model is hundreds of one-block tensors: their reads must overlap, not wait for each array in
     # turn. Every read waits at a barrier for a second one, so reads one array at a time would fail.
