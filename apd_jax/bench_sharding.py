@@ -58,4 +58,7 @@ def main(batches: list[int], tiny: bool) -> None:
 
 
 if __name__ == "__main__":
+    from apd_jax.cli import runtime_defaults
+
+    runtime_defaults()  # before the backend starts, as `apd-jax` runs
     main([int(b) for b in sys.argv[1].split(",")], tiny=sys.argv[2:] == ["tiny"])

@@ -43,8 +43,9 @@ def subcommand_modules(argv: Sequence[str]) -> tuple[str, ...]:
 
 
 def runtime_defaults() -> None:
-    """Environment defaults of an apd-jax process, set before JAX or transformers is imported; a
-    value the user set is kept.
+    """Environment defaults of an apd-jax process, set before the JAX backend starts (XLA reads
+    its allocator settings then) and, for the advisories, before transformers is imported; a value
+    the user set is kept.
 
     - XLA_PYTHON_CLIENT_PREALLOCATE=false: by default XLA reserves 75 % of a GPU's memory with its
       first array, and on an H200 that reservation alone holds 3.3 GiB of host memory (0.6 -> 3.9 GiB

@@ -272,4 +272,7 @@ class APDLM(TemplateLM):
 if __name__ == "__main__":
     from lm_eval.__main__ import cli_evaluate
 
+    from apd_jax.cli import runtime_defaults
+
+    runtime_defaults()  # before the backend starts, as `apd-jax` runs
     cli_evaluate()

@@ -80,9 +80,10 @@ def test_device_array_holds_a_few_blocks_not_the_tensor(monkeypatch):
 @pytest.mark.skipif(READ_THREADS < 2, reason="one reader thread cannot overlap reads")
 def test_reads_run_ahead_across_arrays():
     # A model is hundreds of one-block tensors: their reads must overlap, not wait for each array in
-    # turn. Every read waits at a barrier for a second one, so reads one array at a time would fail.
-    barrier = threading.Barrier(2, timeout=20)
-    arrays = [np.full((3, 2), k, np.float32) for k in range(9)]
+    # turn. Every read waits at a barrier until READ_THREADS reads (of as many arrays) have come, so
+    # reads one array at a time would fail.
+    barrier = threading.Barrier(READ_THREADS, timeout=20)
+    arrays = [np.full((3, 2), k, np.float32) for k in range(2 * READ_THREADS)]
 
     def reader(x):
         def read(index):
@@ -91,10 +92,8 @@ def test_reads_run_ahead_across_arrays():
         return read
 
     device = SingleDeviceSharding(jax.devices()[0])
-    out = list(_device_arrays(_Placement(x.shape, device, reader(x), lambda index: [index], 0) for x in arrays[:-1]))
-    # the last block has no partner: its read runs alone once the others are done
-    out += list(_device_arrays([_Placement((3, 2), device, lambda index: arrays[-1][index], lambda index: [index], 0)]))
-    assert len(out) == 9 and all(np.array_equal(np.asarray(o), x) for o, x in zip(out, arrays))
+    out = list(_device_arrays(_Placement(x.shape, device, reader(x), lambda index: [index], 0) for x in arrays))
+    assert len(out) == len(arrays) and all(np.array_equal(np.asarray(o), x) for o, x in zip(out, arrays))
 
 
 READS_ON_A_MESH = """
