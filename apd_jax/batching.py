@@ -13,13 +13,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from apd_jax.generation import GenerationResult
+from apd_jax.progress import terminal_progress
 
 DEFAULT_BATCH_SIZE = 32  # past batch 16-32 a 7B drafter's pass is compute-bound: larger batches gain nothing
 
@@ -125,18 +126,12 @@ def generate_in_batches(
     return records
 
 
-@contextlib.contextmanager
-def _progress(total: int, done: int, enabled: bool) -> Iterator[Callable[[int], None]]:
-    """A transient rich progress bar over prompts on a terminal (stderr), disabled otherwise."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+def _progress(total: int, done: int, enabled: bool) -> contextlib.AbstractContextManager[Callable[[int], None]]:
+    """A progress bar over prompts on a terminal, when there is more than one."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TimeRemainingColumn
 
-    console = Console(stderr=True)
-    show = enabled and console.is_terminal and total > 1
-    with Progress("prompts", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console,
-                  transient=True, disable=not show) as bar:
-        task = bar.add_task("decode", total=total, completed=done)
-        yield lambda n: bar.advance(task, n)
+    columns = ("prompts", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    return terminal_progress(columns, "decode", total, show=enabled and total > 1, completed=done)
 
 
 def generate_batched(

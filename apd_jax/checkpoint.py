@@ -48,6 +48,7 @@ from safetensors import SafetensorError, safe_open
 from apd_jax.config import ModelConfig
 from apd_jax.model import Qwen2, abstract_model
 from apd_jax.params import param_entry
+from apd_jax.progress import terminal_progress
 from apd_jax.sharding import check_model, param_spec
 
 # safetensors dtype names of the float dtypes a checkpoint may hold.
@@ -497,18 +498,12 @@ def _shardings(cfg: ModelConfig, mesh: Mesh | None) -> Callable[[str], Sharding]
     return lambda path: NamedSharding(mesh, param_spec(path))
 
 
-@contextlib.contextmanager
-def _progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
-    """A transient progress bar over `total` bytes on a terminal, for checkpoints worth waiting for."""
-    from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+def _progress(description: str, total: int) -> contextlib.AbstractContextManager[Callable[[int], None]]:
+    """A progress bar over `total` bytes on a terminal, for checkpoints worth waiting for."""
+    from rich.progress import BarColumn, DownloadColumn, TextColumn, TimeRemainingColumn
 
-    console = Console(stderr=True)
-    show = total >= PROGRESS_MIN_BYTES and console.is_terminal
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True, disable=not show) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda n: bar.advance(task, n)
+    return terminal_progress(columns, description, total, show=total >= PROGRESS_MIN_BYTES)
 
 
 def _param_bytes(tensors: Mapping[str, _Tensor], path: str) -> int:
@@ -797,9 +792,10 @@ def _orbax_leaf(
     params_dir: Path, path: str, want: jax.ShapeDtypeStruct, sharding: Sharding, context: ts.Context
 ) -> _Placement:
     """One leaf of an orbax checkpoint (OCDBT, zarr, as _save_params writes them), to be read with
-    tensorstore straight into `sharding`, a few stored chunks at a time (_device_arrays). Orbax's restore reads each
-    leaf whole into host memory first and lets reads run ahead of the transfers to the device, so a
-    model's restore held several GB of host buffers whatever restore_concurrent_gb said."""
+    tensorstore straight into `sharding`, a few stored chunks at a time (_device_arrays). Orbax's
+    restore reads each leaf whole into host memory first and lets reads run ahead of the transfers
+    to the device, so a model's restore held several GB of host buffers whatever
+    restore_concurrent_gb said."""
     spec = {"driver": "zarr", "recheck_cached_metadata": False, "recheck_cached_data": False,
             "kvstore": {"driver": "ocdbt", "base": f"file://{params_dir.absolute()}/", "path": path,
                         "cache_pool": "cache_pool#ocdbt"}}

@@ -1,0 +1,23 @@
+"""Transient progress bars on stderr, shown only when it is a terminal: loading and converting
+checkpoints (bytes), decoding a prompts file (prompts)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+
+@contextlib.contextmanager
+def terminal_progress(
+    columns: Sequence[Any], description: str, total: int, *, show: bool = True, completed: int = 0
+) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar of `columns` over `total` units that vanishes when done, disabled unless
+    `show` and stderr is a terminal; yields advance(n)."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    console = Console(stderr=True)
+    with Progress(*columns, console=console, transient=True, disable=not (show and console.is_terminal)) as bar:
+        task = bar.add_task(description, total=total, completed=completed)
+        yield lambda n: bar.advance(task, n)
