@@ -195,6 +195,9 @@ class TrainSettings:
     eval_batch: int = 32
     eps: float = 1e-3
     suffix_prob: float = 0.5
+    # Residual dropout on every attention and MLP output while training (GPT-2's): a
+    # regulariser for the many epochs over a small corpus. 0 turns it off.
+    dropout: float = 0.0
     # Gradient accumulation: each step's batch in this many equal slices, summed (the same
     # loss and gradient, less memory). 0: the fewest that fit the device's free memory.
     micro_batches: int = 0
@@ -210,6 +213,8 @@ class TrainSettings:
             problems.append(f"micro_batches={self.micro_batches} must be 0 (auto) or divide batch_size={self.batch_size}")
         if not 0 <= self.suffix_prob <= 1 or not 0 < self.eps < 1:
             problems.append("suffix_prob must lie in [0, 1] and eps in (0, 1)")
+        if not 0 <= self.dropout < 1:
+            problems.append(f"dropout={self.dropout} must lie in [0, 1)")
         raise_problems("training", problems)
 
 
@@ -253,10 +258,29 @@ class MatmulEmbed(nnx.Module):
         return jnp.matmul(jax.nn.one_hot(ids, table.shape[0], dtype=table.dtype), table)
 
 
-def for_training(model: Qwen2) -> Qwen2:
-    """The model with its embedding lookup done as a matmul (see MatmulEmbed); same parameters."""
+def _dropped_out(branch: Callable, rate: float, key: jax.Array, x: jax.Array, *args: Any) -> Any:
+    """branch(x, *args) with its output (the first item of a tuple: attention's) dropped out."""
+    out = branch(x, *args)
+    y = out[0] if isinstance(out, tuple) else out
+    keep = jax.random.bernoulli(key, 1.0 - rate, y.shape)
+    y = jnp.where(keep, y / (1.0 - rate), 0).astype(y.dtype)
+    return (y, *out[1:]) if isinstance(out, tuple) else y
+
+
+def for_training(model: Qwen2, dropout: float = 0.0, key: jax.Array | None = None) -> Qwen2:
+    """The model with its embedding lookup done as a matmul (see MatmulEmbed); same parameters.
+
+    With `dropout` > 0 and a `key`, every layer's attention and MLP output is also dropped
+    out at that rate (residual dropout), with masks drawn from `key`; the model is then
+    for one traced call only (the masks are fixed in it).
+    """
     if not isinstance(model.embed_tokens, MatmulEmbed):
         model.embed_tokens = MatmulEmbed(model.embed_tokens)
+    if dropout > 0 and key is not None:
+        for i, layer in enumerate(model.layers):
+            k_attn, k_mlp = jax.random.split(jax.random.fold_in(key, i))
+            layer.self_attn = functools.partial(_dropped_out, layer.self_attn, dropout, k_attn)
+            layer.mlp = functools.partial(_dropped_out, layer.mlp, dropout, k_mlp)
     return model
 
 
@@ -343,34 +367,36 @@ def train_model(
     opt_state = tx.init(params)
     stream = jnp.asarray(train_stream, jnp.int32)
     data_key, eval_key = jax.random.key(data_key), jax.random.key(eval_key)
+    dropout_key = jax.random.fold_in(base, 2)  # apart from the others: dropout 0 draws what it always drew
     shape = (s.batch_size, s.seq_len)
 
-    def part_loss(p, rows):
+    def part_loss(p, rows, k_drop):
         # The loss of some rows scaled as in the whole batch's, so that the parts' gradients add up to its.
-        sums = objective.sums(for_training(nnx.merge(graphdef, p)), rows)
+        sums = objective.sums(for_training(nnx.merge(graphdef, p), s.dropout, k_drop), rows)
         return sums["loss"] / objective.denominator(shape), sums
 
-    def loss_and_grads(params, inputs, micro):
+    def loss_and_grads(params, inputs, k_drop, micro):
         grad_fn = jax.value_and_grad(part_loss, has_aux=True)
         if micro == 1:
-            (_, sums), grads = grad_fn(params, inputs)
+            (_, sums), grads = grad_fn(params, inputs, k_drop)
         else:
             parts = jax.tree.map(lambda a: a.reshape(micro, -1, *a.shape[1:]), inputs)
 
-            def add_part(total, rows):
-                (_, sums), grads = grad_fn(params, rows)
+            def add_part(total, part):
+                j, rows = part  # each slice its own dropout masks
+                (_, sums), grads = grad_fn(params, rows, jax.random.fold_in(k_drop, j))
                 return jax.tree.map(jnp.add, total, (sums, grads)), None
 
             first = jax.tree.map(lambda a: a[0], parts)
-            zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(grad_fn, params, first))
-            (sums, grads), _ = jax.lax.scan(add_part, (zeros[0][1], zeros[1]), parts)
+            zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(grad_fn, params, first, k_drop))
+            (sums, grads), _ = jax.lax.scan(add_part, (zeros[0][1], zeros[1]), (jnp.arange(micro), parts))
         return objective.finish(sums, shape), grads
 
     def step(stream, micro, carry, i):
         params, opt_state = carry
         k_data, k_noise = jax.random.split(jax.random.fold_in(data_key, i))
         inputs = objective.noise(k_noise, sample_windows(stream, k_data, s.batch_size, s.seq_len))
-        (loss, aux), grads = loss_and_grads(params, inputs, micro)
+        (loss, aux), grads = loss_and_grads(params, inputs, jax.random.fold_in(dropout_key, i), micro)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         return (params, opt_state), {"loss": loss, "grad_norm": _tree_norm(grads), **aux}

@@ -1,5 +1,6 @@
 """Training a pair from scratch: corpus, tokenizer, the two objectives, saving, and APD on the result."""
 
+import dataclasses
 import json
 from types import SimpleNamespace
 
@@ -142,6 +143,27 @@ def test_training_embedding_is_the_same_lookup(causal):
     np.testing.assert_array_equal(forward_logits(trained, tokens), forward_logits(model, tokens))
 
 
+def test_training_dropout_drops_each_branch_output_and_rescales_the_rest():
+    cfg = TINY_VERIFIER.config(causal=True, vocab_size=32, max_len=32, param_dtype=jnp.float32, dtype=jnp.float32)
+    graphdef, state = nnx.split(init_model(cfg, 0))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 16, 32)), jnp.float32)
+    plain = nnx.merge(graphdef, state).layers[0]
+    dropped = T.for_training(nnx.merge(graphdef, state), 0.25, jax.random.key(1)).layers[0]
+    want, got = np.asarray(plain.mlp(x)), np.asarray(dropped.mlp(x))
+    zero = got == 0
+    assert 0.2 < zero.mean() < 0.3  # about the rate
+    np.testing.assert_allclose(got[~zero], want[~zero] / 0.75, rtol=1e-6)
+    positions = jnp.broadcast_to(jnp.arange(16), (4, 16))
+    attn_want, _ = plain.self_attn(x, positions, jnp.full((4,), 16), None, 0)
+    attn_got, cache = dropped.self_attn(x, positions, jnp.full((4,), 16), None, 0)
+    assert cache is None and 0.2 < float(jnp.mean(attn_got == 0)) < 0.3
+    kept = np.asarray(attn_got) != 0
+    np.testing.assert_allclose(np.asarray(attn_got)[kept], np.asarray(attn_want)[kept] / 0.75, rtol=1e-5)
+    # Without a key (evaluation), the model is the plain one.
+    same = T.for_training(nnx.merge(graphdef, state), 0.25).layers[0]
+    np.testing.assert_array_equal(same.mlp(x), want)
+
+
 def _repeating_stream(n=6000, period=23):
     return (np.arange(n) % period + 2).astype(np.int32)  # ids 2..24, never eos or mask
 
@@ -167,11 +189,18 @@ def test_training_loss_is_finite_and_decreases(causal):
     # Reproducible: the same seed gives the same parameters.
     again, _ = T.train_model(cfg, stream, stream[:256].reshape(8, 32), settings, log=lambda *a: None)
     np.testing.assert_array_equal(model.embed_tokens.embedding[...], again.embed_tokens.embedding[...])
+    # Dropout changes the updates (its masks), still learns, and leaves held-out evaluation noiseless.
+    noisy, h_drop = T.train_model(cfg, stream, stream[:256].reshape(8, 32), dataclasses.replace(settings, dropout=0.2),
+                                  log=lambda *a: None)
+    assert not np.array_equal(noisy.embed_tokens.embedding[...], model.embed_tokens.embedding[...])
+    assert h_drop["train"][-1]["loss"] < 0.7 * h_drop["train"][0]["loss"]
 
 
 def test_bad_settings_are_clear_errors():
     with pytest.raises(ValueError, match="steps=0"):
         T.TrainSettings(steps=0).validate()
+    with pytest.raises(ValueError, match="dropout=1"):
+        T.TrainSettings(dropout=1.0).validate()
     cfg = TINY_DRAFTER.config(causal=False, vocab_size=32, max_len=32, param_dtype=jnp.float32, dtype=jnp.float32)
     with pytest.raises(ValueError, match="fewer than seq_len"):
         T.train_model(cfg, np.arange(10, dtype=np.int32), np.zeros((0, 32), np.int32), T.TrainSettings(seq_len=32))

@@ -42,6 +42,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--verifier-lr", type=float, default=None, help="default: --lr")
     g.add_argument("--warmup", type=int, default=300, help="linear warmup steps, then cosine decay to 10%%")
     g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--dropout", type=float, default=0.0,
+                   help="residual dropout on every attention and MLP output while training (0: none)")
+    g.add_argument("--verifier-dropout", type=float, default=None, help="default: --dropout")
     g.add_argument("--suffix-prob", type=float, default=0.5,
                    help="drafter: share of rows noised only after a clean prefix")
     g.add_argument("--log-every", type=int, default=100, help="steps per log line (and the first step's)")
@@ -98,8 +101,9 @@ def settings_from_args(args: argparse.Namespace) -> PipelineSettings:
                   weight_decay=args.weight_decay, seed=args.seed, log_every=args.log_every,
                   eval_every=args.eval_every, eval_windows=args.eval_windows, suffix_prob=args.suffix_prob,
                   micro_batches=args.micro_batches)
-    drafter_train = TrainSettings(steps=args.steps, lr=args.lr, **common)
-    verifier_train = TrainSettings(steps=args.verifier_steps, lr=args.verifier_lr or args.lr,
+    drafter_train = TrainSettings(steps=args.steps, lr=args.lr, dropout=args.dropout, **common)
+    verifier_dropout = args.dropout if args.verifier_dropout is None else args.verifier_dropout
+    verifier_train = TrainSettings(steps=args.verifier_steps, lr=args.verifier_lr or args.lr, dropout=verifier_dropout,
                                    **(common | {"seed": args.seed + 1}))
     for t in (drafter_train, verifier_train):
         t.validate()
