@@ -291,5 +291,5 @@ class ModelSize:
 
 
 # The embedded pair's sizes (apd_jax/assets): `apd-jax train`'s defaults.
-DRAFTER_SIZE = ModelSize(hidden=256, layers=6, heads=4, kv_heads=4, intermediate=768)
-VERIFIER_SIZE = ModelSize(hidden=192, layers=4, heads=3, kv_heads=3, intermediate=512)
+DRAFTER_SIZE = ModelSize(hidden=256, layers=8, heads=4, kv_heads=4, intermediate=768)
+VERIFIER_SIZE = ModelSize(hidden=192, layers=5, heads=3, kv_heads=3, intermediate=512)

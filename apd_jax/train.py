@@ -515,8 +515,8 @@ class PipelineSettings:
     vocab_size: int = 4096
     drafter: ModelSize = DRAFTER_SIZE
     verifier: ModelSize = VERIFIER_SIZE
-    drafter_train: TrainSettings = TrainSettings()
-    verifier_train: TrainSettings = TrainSettings(steps=2000, seed=1)
+    drafter_train: TrainSettings = TrainSettings(steps=15000)
+    verifier_train: TrainSettings = TrainSettings(steps=8000, seed=1, dropout=0.15)
     param_dtype: str = "float32"
     dtype: str = "auto"  # compute dtype; auto: bfloat16 on accelerators, float32 on CPU
     storage_dtype: str = "bfloat16"
