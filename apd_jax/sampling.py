@@ -47,6 +47,20 @@ class Knobs:
         return sample(logits, key, self.temperature, self.top_p, self.top_k, exclude)
 
 
+# The nucleus is read from this many of the largest logits whenever every row's filter ends
+# among them (a top-k, not a sort of the vocabulary: on a CPU the sort was most of a sampled
+# APD pass); any row whose nucleus is wider sends the batch through the full sort.
+NUCLEUS_CANDIDATES = 64
+
+
+def _kept_count(cum: jax.Array, top_p: jax.Array, top_k: jax.Array, vocab: int) -> jax.Array:
+    """How many of the descending-ordered tokens the filters keep [..., 1], from their cumulative
+    probabilities `cum`: the prefix through the first token past top_p, then at most top_k."""
+    n_keep_p = 1 + jnp.sum(cum[..., :-1] <= top_p, axis=-1, keepdims=True)  # keep[i] = cum[i-1] <= top_p
+    n_keep_p = jnp.where(top_p < 1.0, n_keep_p, vocab)
+    return jnp.where(top_k > 0, jnp.minimum(n_keep_p, top_k), n_keep_p)
+
+
 def filter_logits(logits: jax.Array, top_p: jax.Array, top_k: jax.Array) -> jax.Array:
     """Set logits outside the top-p nucleus, then outside the top-k, to -inf.
 
@@ -54,18 +68,25 @@ def filter_logits(logits: jax.Array, top_p: jax.Array, top_k: jax.Array) -> jax.
     nucleus keeps every token up to and including the first one at which the
     cumulative probability exceeds top_p.
     """
+    vocab = logits.shape[-1]
+    candidates = min(NUCLEUS_CANDIDATES, vocab)
+
+    def sorted_threshold(x: jax.Array) -> jax.Array:
+        ordered = -jnp.sort(-x, axis=-1)  # descending
+        n_keep = _kept_count(jnp.cumsum(jax.nn.softmax(ordered, axis=-1), axis=-1), top_p, top_k, vocab)
+        return jnp.take_along_axis(ordered, n_keep - 1, axis=-1)
 
     def apply(x: jax.Array) -> jax.Array:
-        ordered = -jnp.sort(-x, axis=-1)  # descending
-        cum = jnp.cumsum(jax.nn.softmax(ordered, axis=-1), axis=-1)
-        # keep[i] = cum[i-1] <= top_p: the prefix through the first token past top_p
-        n_keep_p = 1 + jnp.sum(cum[..., :-1] <= top_p, axis=-1, keepdims=True)
-        n_keep_p = jnp.where(top_p < 1.0, n_keep_p, x.shape[-1])
-        n_keep = jnp.where(top_k > 0, jnp.minimum(n_keep_p, top_k), n_keep_p)
-        threshold = jnp.take_along_axis(ordered, n_keep - 1, axis=-1)
+        top = jax.lax.top_k(x, candidates)[0]  # descending, as the sort's first entries
+        cum = jnp.cumsum(jnp.exp(top - jax.nn.logsumexp(x, axis=-1, keepdims=True)), axis=-1)
+        n_keep = _kept_count(cum, top_p, top_k, vocab)  # exact wherever it is below `candidates`
+        exact = (n_keep < candidates) | ((top_k > 0) & (top_k <= candidates) & (n_keep == top_k)) | (candidates == vocab)
+        threshold = jax.lax.cond(
+            jnp.all(exact), lambda: jnp.take_along_axis(top, jnp.minimum(n_keep, candidates) - 1, axis=-1),
+            lambda: sorted_threshold(x))
         return jnp.where(x < threshold, NEG_INF, x)
 
-    # The sort over the vocabulary is the expensive part: skip it when no filter is on.
+    # The filters' ordering is the expensive part: skip it when no filter is on.
     return jax.lax.cond((top_p < 1.0) | (top_k > 0), apply, lambda x: x, logits)
 
 

@@ -3,8 +3,9 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from apd_jax.sampling import filter_logits, sample
+from apd_jax.sampling import NUCLEUS_CANDIDATES, filter_logits, sample
 
 LOGITS = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
 
@@ -24,6 +25,36 @@ def test_top_k_then_disabled_filters():
     assert kept(filter_logits(LOGITS, jnp.float32(1.0), jnp.int32(3))) == [True, True, True, False]
     assert kept(filter_logits(LOGITS, jnp.float32(1.0), jnp.int32(0))) == [True] * 4
     assert kept(filter_logits(LOGITS, jnp.float32(0.81), jnp.int32(2))) == [True, True, False, False]
+
+
+def _reference_filter(x: np.ndarray, top_p: float, top_k: int) -> np.ndarray:
+    """The rule literally, one row at a time: sort, cumulative softmax, nucleus, then top-k."""
+    out = np.full_like(x, -np.inf)
+    for r, row in enumerate(x):
+        order = np.argsort(-row, kind="stable")
+        probs = np.exp(row[order] - row.max())
+        cum = np.cumsum(probs / probs.sum())
+        n = len(row) if top_p >= 1 else 1 + int(np.sum(cum[:-1] <= top_p))
+        n = min(n, top_k) if top_k > 0 else n
+        threshold = row[order][n - 1]
+        out[r] = np.where(row < threshold, -np.inf, row)
+    return out
+
+
+@pytest.mark.parametrize("scale", [8.0, 0.5])  # peaked rows (nuclei of a few tokens), flat ones (of hundreds)
+def test_filters_match_the_rule_on_both_paths(scale):
+    x = np.random.default_rng(0).normal(size=(6, 300)).astype(np.float32) * scale
+    widths = []
+    for top_p in (0.5, 0.9, 0.95, 1.0):
+        for top_k in (0, 5, 64, 100):
+            if top_p >= 1 and top_k == 0:
+                continue
+            got = np.asarray(filter_logits(jnp.asarray(x), jnp.float32(top_p), jnp.int32(top_k)))
+            want = _reference_filter(x, top_p, top_k)
+            np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want), err_msg=f"top_p {top_p} top_k {top_k}")
+            widths += np.isfinite(want).sum(1).tolist()
+    # The candidates' path serves the narrow filters, the full sort the wide ones: both ran.
+    assert min(widths) < NUCLEUS_CANDIDATES and max(widths) > NUCLEUS_CANDIDATES
 
 
 def test_temperature_zero_is_argmax_and_sampling_follows_the_distribution():
