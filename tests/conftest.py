@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 
 # Tests must not depend on an accelerator nor on its matmul precision defaults.
@@ -9,6 +10,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The CLI keeps compiled programs under $XDG_CACHE_HOME; tests must not write the user's cache.
 os.environ["XDG_CACHE_HOME"] = __import__("tempfile").mkdtemp(prefix="apd_jax-test-cache-")
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import Qwen2ForCausalLM  # noqa: E402
@@ -20,6 +22,17 @@ from apd_jax.torch_reference import TorchDream, save_tiny_dream, save_tiny_qwen2
 # different lengths, so batches need padding, and the tiny Dream checkpoint's mask id.
 PROMPTS = [[5, 17, 33, 101, 7, 250, 64, 12, 99], [44, 3], [200, 11, 19, 300, 87, 66, 1, 150, 40, 41, 42, 43, 44, 9]]
 MASK = 330  # save_tiny_dream's mask_token_id
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop every compiled program after each test module. Each XLA:CPU executable holds
+    memory maps, and a process may hold at most vm.max_map_count of them (65530 by
+    default): two decoder modules alone reached 36941, and the whole suite in one process
+    crashed inside the compiler once past the limit."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture(scope="session")
