@@ -33,16 +33,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--which", choices=("both", "tokenizer", "drafter", "verifier"), default="both",
                    help="what to train; the tokenizer is trained first whenever OUT/tokenizer is missing")
     p.add_argument("--retrain-tokenizer", action="store_true", help="retrain OUT/tokenizer even if present")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="drafter seed; the verifier takes seed + 1")
     g = p.add_argument_group("optimisation (drafter and verifier alike, unless --verifier-* says otherwise)")
     g.add_argument("--steps", type=int, default=15000, help="drafter optimiser steps")
-    g.add_argument("--verifier-steps", type=int, default=8000)
+    g.add_argument("--verifier-steps", type=int, default=8000, help="verifier optimiser steps")
     g.add_argument("--batch-size", type=int, default=128, help="sequences per step")
     g.add_argument("--seq-len", type=int, default=512, help="training window; also max_position_embeddings")
     g.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW)")
     g.add_argument("--verifier-lr", type=float, default=None, help="default: --lr")
     g.add_argument("--warmup", type=int, default=300, help="linear warmup steps, then cosine decay to 10%%")
-    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay, on matrices only")
     g.add_argument("--dropout", type=float, default=0.0,
                    help="residual dropout on every attention and MLP output while training (0: none)")
     g.add_argument("--verifier-dropout", type=float, default=0.15,
@@ -58,11 +58,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s = p.add_argument_group("model sizes")
     s.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary, special tokens included")
     for name, size in (("drafter", DRAFTER_SIZE), ("verifier", VERIFIER_SIZE)):
-        s.add_argument(f"--{name}-hidden", type=int, default=size.hidden)
-        s.add_argument(f"--{name}-layers", type=int, default=size.layers)
+        s.add_argument(f"--{name}-hidden", type=int, default=size.hidden, help=f"{name} hidden size")
+        s.add_argument(f"--{name}-layers", type=int, default=size.layers, help=f"{name} decoder layers")
         s.add_argument(f"--{name}-heads", type=int, default=size.heads, help="head dim = hidden / heads")
-        s.add_argument(f"--{name}-kv-heads", type=int, default=size.kv_heads)
-        s.add_argument(f"--{name}-intermediate", type=int, default=size.intermediate)
+        s.add_argument(f"--{name}-kv-heads", type=int, default=size.kv_heads, help=f"{name} key/value heads")
+        s.add_argument(f"--{name}-intermediate", type=int, default=size.intermediate, help=f"{name} MLP width")
     d = p.add_argument_group("numerics and data")
     d.add_argument("--param-dtype", choices=("float32", "bfloat16"), default="float32", help="master weights")
     d.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
@@ -79,7 +79,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--max-files", type=int, default=None,
                    help="use only about this many stdlib files, and the same share of each package's (quick runs)")
     d.add_argument("--eval-prompts", type=int, default=32, help="held-out prompts for the APD check (0: skip)")
-    d.add_argument("--eval-max-new-tokens", type=int, default=128)
+    d.add_argument("--eval-max-new-tokens", type=int, default=128, help="tokens per prompt in the APD check")
     p.set_defaults(func=run)
 
 
