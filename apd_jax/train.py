@@ -52,7 +52,18 @@ from flax import nnx
 
 from apd_jax import corpus
 from apd_jax.checkpoint import export_hf, model_params
-from apd_jax.config import DRAFTER_SIZE, VERIFIER_SIZE, ModelConfig, ModelSize, below_problems, parse_dtype, raise_problems
+from apd_jax.config import (
+    DRAFTER_SIZE,
+    DRAFTER_STEPS,
+    VERIFIER_DROPOUT,
+    VERIFIER_SIZE,
+    VERIFIER_STEPS,
+    ModelConfig,
+    ModelSize,
+    below_problems,
+    parse_dtype,
+    raise_problems,
+)
 from apd_jax.evaluate import evaluate_apd
 from apd_jax.model import Qwen2, init_model, shift_right
 from apd_jax.tokenizer import EOS_ID, TOKENIZER_FILES, load_tokenizer_file, save_tokenizer, train_tokenizer
@@ -515,8 +526,8 @@ class PipelineSettings:
     vocab_size: int = 4096
     drafter: ModelSize = DRAFTER_SIZE
     verifier: ModelSize = VERIFIER_SIZE
-    drafter_train: TrainSettings = TrainSettings(steps=15000)
-    verifier_train: TrainSettings = TrainSettings(steps=8000, seed=1, dropout=0.15)
+    drafter_train: TrainSettings = TrainSettings(steps=DRAFTER_STEPS)
+    verifier_train: TrainSettings = TrainSettings(steps=VERIFIER_STEPS, seed=1, dropout=VERIFIER_DROPOUT)
     param_dtype: str = "float32"
     dtype: str = "auto"  # compute dtype; auto: bfloat16 on accelerators, float32 on CPU
     storage_dtype: str = "bfloat16"

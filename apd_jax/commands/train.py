@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from apd_jax import corpus
-from apd_jax.config import DRAFTER_SIZE, VERIFIER_SIZE, ModelSize
+from apd_jax.config import DRAFTER_SIZE, DRAFTER_STEPS, VERIFIER_DROPOUT, VERIFIER_SIZE, VERIFIER_STEPS, ModelSize
 
 if TYPE_CHECKING:
     from apd_jax.train import PipelineSettings
@@ -35,8 +35,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--retrain-tokenizer", action="store_true", help="retrain OUT/tokenizer even if present")
     p.add_argument("--seed", type=int, default=0, help="drafter seed; the verifier takes seed + 1")
     g = p.add_argument_group("optimisation (drafter and verifier alike, unless --verifier-* says otherwise)")
-    g.add_argument("--steps", type=int, default=15000, help="drafter optimiser steps")
-    g.add_argument("--verifier-steps", type=int, default=8000, help="verifier optimiser steps")
+    g.add_argument("--steps", type=int, default=DRAFTER_STEPS, help="drafter optimiser steps")
+    g.add_argument("--verifier-steps", type=int, default=VERIFIER_STEPS, help="verifier optimiser steps")
     g.add_argument("--batch-size", type=int, default=128, help="sequences per step")
     g.add_argument("--seq-len", type=int, default=512, help="training window; also max_position_embeddings")
     g.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW)")
@@ -45,7 +45,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay, on matrices only")
     g.add_argument("--dropout", type=float, default=0.0,
                    help="residual dropout on every attention and MLP output while training (0: none)")
-    g.add_argument("--verifier-dropout", type=float, default=0.15,
+    g.add_argument("--verifier-dropout", type=float, default=VERIFIER_DROPOUT,
                    help="the verifier's residual dropout (it overfits the stdlib without it)")
     g.add_argument("--suffix-prob", type=float, default=0.5,
                    help="drafter: share of rows noised only after a clean prefix")
@@ -104,8 +104,8 @@ def settings_from_args(args: argparse.Namespace) -> PipelineSettings:
                   eval_every=args.eval_every, eval_windows=args.eval_windows, suffix_prob=args.suffix_prob,
                   micro_batches=args.micro_batches)
     drafter_train = TrainSettings(steps=args.steps, lr=args.lr, dropout=args.dropout, **common)
-    verifier_train = TrainSettings(steps=args.verifier_steps, lr=args.verifier_lr or args.lr, dropout=args.verifier_dropout,
-                                   **(common | {"seed": args.seed + 1}))
+    verifier_train = TrainSettings(steps=args.verifier_steps, lr=args.verifier_lr or args.lr,
+                                   dropout=args.verifier_dropout, **(common | {"seed": args.seed + 1}))
     for t in (drafter_train, verifier_train):
         t.validate()
 
