@@ -129,7 +129,7 @@ def test_decoder_defaults_come_from_their_settings_classes():
     assert settings(parse(["generate", "x", "--decoder", "leftright", "--K", "3"])).K == 3
 
 
-@pytest.mark.parametrize("command", ["generate", "compare", "eval", "train", "train-filter"])
+@pytest.mark.parametrize("command", ["generate", "convert", "bench", "compare", "eval", "train", "train-filter"])
 def test_every_option_help_shows_its_default(command):
     from apd_jax.cli import build_parser
 

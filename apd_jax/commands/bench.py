@@ -17,6 +17,7 @@ from apd_jax import bench
 from apd_jax.apd import APDConfig
 from apd_jax.autoregressive import ARConfig
 from apd_jax.checkpoint import load_model
+from apd_jax.commands.options import DefaultsHelpFormatter
 from apd_jax.config import (
     ATTENTION_IMPLEMENTATIONS, ModelConfig, dream_7b_config, qwen25_05b_config, qwen25_7b_config, tiny_config,
 )
@@ -24,17 +25,19 @@ from apd_jax.model import with_config
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="benchmark decoding speed", description=__doc__)
-    p.add_argument("--shapes", choices=("real", "tiny"), default="real")
-    p.add_argument("--drafter", type=Path, help="real drafter checkpoint instead of random weights")
-    p.add_argument("--verifier", type=Path, help="real verifier checkpoint instead of random weights")
+    p = sub.add_parser("bench", help="benchmark decoding speed", description=__doc__,
+                       formatter_class=DefaultsHelpFormatter)
+    p.add_argument("--shapes", choices=("real", "tiny"), default="real",
+                   help="real: Dream-7B / Qwen2.5-0.5B / Qwen2.5-7B shapes; tiny: tiny models (CPU, CI)")
+    p.add_argument("--drafter", type=Path, help="real drafter checkpoint (default: random weights)")
+    p.add_argument("--verifier", type=Path, help="real verifier checkpoint (default: random weights)")
     p.add_argument("--batch", default="1,4,16,32", help="comma-separated batch sizes")
     p.add_argument("--settings", default="0.7,16,100;0.6,32,200",
                    help="APD settings, ';'-separated: 'R,W,M', or 'R,W,M,M_min,M_scale,M_margin' for adaptive "
                         "lookahead")
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per row")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens generated per row")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls of each benchmark after its first, compiling one; the median is reported")
     p.add_argument("--baselines", default="ar,leftright", help="comma-separated: ar, leftright (batch 1), or none")
     p.add_argument("--profile", action="store_true",
                    help="profile one more call of every benchmark and print its top device ops per pass")
@@ -42,11 +45,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="the PyTorch side instead: the published APD loop (drafter cache on and off), Dream "
                         "left-to-right and HF generate, same shapes and settings (CUDA GPU)")
     p.add_argument("--against", type=Path,
-                   help="with --torch: the JSON of an `apd-jax bench` run, to print PyTorch/apd_jax ratios")
+                   help="with --torch: the JSON of an `apd-jax bench` run, to print PyTorch/apd_jax ratios (default: none)")
     p.add_argument("--attention", choices=ATTENTION_IMPLEMENTATIONS, default="xla",
                    help="attention implementation of every model (cudnn: CUDA GPUs; its logits are "
                         "compared with xla's first)")
-    p.add_argument("--json", type=Path, help="write the results as JSON here")
+    p.add_argument("--json", type=Path, help="write the results as JSON here (default: print only)")
     p.set_defaults(func=run)
 
 
