@@ -37,7 +37,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "lookahead")
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per row")
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens generated per row")
-    p.add_argument("--repeats", type=int, default=3, help="timed calls of each benchmark after its first, compiling one; the median is reported")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed calls of each benchmark after its first, compiling one; the median is reported")
     p.add_argument("--baselines", default="ar,leftright", help="comma-separated: ar, leftright (batch 1), or none")
     p.add_argument("--profile", action="store_true",
                    help="profile one more call of every benchmark and print its top device ops per pass")
