@@ -29,7 +29,7 @@ from flax import nnx
 from apd_jax.apd import APDConfig, apd_generate, leftright_generate
 from apd_jax.autoregressive import ARConfig, ar_generate
 from apd_jax.config import ModelConfig
-from apd_jax.generation import GenerationResult
+from apd_jax.generation import DecoderConfig, GenerationResult
 from apd_jax.model import Qwen2, abstract_model, forward_logits
 
 
@@ -158,6 +158,11 @@ def _measure(name: str, batch: int, run: Callable[[], GenerationResult],
     )
 
 
+def sampling_label(cfg: DecoderConfig) -> str:
+    """' T=.. p=..' for a sampled setting, '' for greedy: part of a row's name."""
+    return "" if cfg.temperature == 0 and cfg.top_p == 1 else f" T={cfg.temperature:g} p={cfg.top_p:g}"
+
+
 def _roofline(flops: float, nbytes: float, ceilings: dict[str, float]) -> tuple[float, float]:
     floor = 1e3 * nbytes / ceilings["bandwidth"]
     return max(floor, 1e3 * flops / ceilings["matmul_flops"]), floor
@@ -181,7 +186,8 @@ def bench_apd(drafter: Qwen2, verifier: Qwen2, cfg: APDConfig, batch: int, promp
 
     adaptive = "" if cfg.M_min is None else f" adaptive {cfg.M_min},{cfg.M_scale:g},{cfg.M_margin}"
     run = lambda: apd_generate(drafter, verifier, prompts, cfg)  # noqa: E731
-    return _measure(f"{name} R={cfg.R} W={cfg.W} M={cfg.M}{adaptive}", batch, run, bound, repeats, profile)
+    return _measure(f"{name} R={cfg.R} W={cfg.W} M={cfg.M}{adaptive}{sampling_label(cfg)}", batch, run, bound,
+                    repeats, profile)
 
 
 def bench_leftright(drafter: Qwen2, K: int, cfg: APDConfig, batch: int, prompt_len: int,
@@ -195,7 +201,8 @@ def bench_leftright(drafter: Qwen2, K: int, cfg: APDConfig, batch: int, prompt_l
         return _roofline(flops, param_bytes(drafter), ceilings)
 
     run = lambda: leftright_generate(drafter, prompts, K, cfg)  # noqa: E731
-    return _measure(f"Dream left-to-right K={K} W={cfg.W} M={cfg.M}", batch, run, bound, repeats, profile)
+    return _measure(f"Dream left-to-right K={K} W={cfg.W} M={cfg.M}{sampling_label(cfg)}", batch, run, bound,
+                    repeats, profile)
 
 
 def bench_ar(model: Qwen2, cfg: ARConfig, batch: int, prompt_len: int, ceilings: dict[str, float],
@@ -207,14 +214,14 @@ def bench_ar(model: Qwen2, cfg: ARConfig, batch: int, prompt_len: int, ceilings:
         return _roofline(2 * batch * (layers + head), param_bytes(model), ceilings)
 
     run = lambda: ar_generate(model, prompts, cfg)  # noqa: E731
-    return _measure("AR decode", batch, run, bound, repeats, profile)
+    return _measure(f"AR decode{sampling_label(cfg)}", batch, run, bound, repeats, profile)
 
 
 LEFTRIGHT_WM = (16, 100)  # the left-to-right baseline's (W, M), in JAX and in PyTorch alike
 
 
 HEADER = (
-    f"{'benchmark':<34} {'batch':>5} {'ms/pass':>8} {'bound':>7} {'x bound':>7} {'floor':>6} "
+    f"{'benchmark':<46} {'batch':>5} {'ms/pass':>8} {'bound':>7} {'x bound':>7} {'floor':>6} "
     f"{'tok/s':>8} {'tok/pass':>8} {'passes':>6} {'compile s':>9} {'peak GB':>7}"
 )
 
@@ -222,7 +229,7 @@ HEADER = (
 def format_row(r: Row) -> str:
     peak = "-" if r.peak_memory_gb is None else f"{r.peak_memory_gb:.1f}"
     line = (
-        f"{r.name:<34} {r.batch:>5} {r.ms_per_pass:>8.2f} {r.bound_ms:>7.2f} {r.ratio_to_bound:>7.2f} "
+        f"{r.name:<46} {r.batch:>5} {r.ms_per_pass:>8.2f} {r.bound_ms:>7.2f} {r.ratio_to_bound:>7.2f} "
         f"{r.memory_floor_ms:>6.2f} {r.tokens_per_s:>8.1f} {r.tokens_per_pass:>8.2f} {r.passes:>6} "
         f"{r.compile_s:>9.1f} {peak:>7}"
     )

@@ -58,6 +58,20 @@ def test_bench_runs_on_tiny_shapes(tmp_path, capsys):
     assert [r["batch"] for r in rows] == [1, 1, 1] and all(r["profile"] is not None for r in rows)
 
 
+def test_bench_samples_at_its_temperature_and_top_p(tmp_path, capsys):
+    assert main(["bench", "--shapes", "tiny", "--batch", "2", "--settings", "0.7,4,8", "--prompt-len", "8",
+                 "--max-new-tokens", "16", "--repeats", "1", "--temperature", "0.6", "--top-p", "0.95",
+                 "--json", str(tmp_path / "b.json")]) == 0
+    names = [r["name"] for r in json.loads((tmp_path / "b.json").read_text())["rows"]]
+    assert names == ["APD R=0.7 W=4 M=8 T=0.6 p=0.95", "Dream left-to-right K=1 W=16 M=100 T=0.6 p=0.95",
+                     "AR decode T=0.6 p=0.95"]
+    capsys.readouterr()
+    assert main(["bench", "--torch", "--temperature", "0.6"]) != 0
+    assert "--torch times greedy decoding only" in capsys.readouterr().err
+    assert main(["bench", "--shapes", "tiny", "--top-p", "1.5"]) != 0
+    assert "top_p=1.5" in capsys.readouterr().err
+
+
 def test_bench_prompts_avoid_the_mask_and_special_tokens():
     from apd_jax.bench import random_prompts
     from apd_jax.config import dream_7b_config, qwen25_05b_config, tiny_config

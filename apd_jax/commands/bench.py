@@ -39,6 +39,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens generated per row")
     p.add_argument("--repeats", type=int, default=3,
                    help="timed calls of each benchmark after its first, compiling one; the median is reported")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="every decoder's sampling temperature (0: greedy, as the published code's default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="every decoder's nucleus filter (1: off)")
     p.add_argument("--baselines", default="ar,leftright", help="comma-separated: ar, leftright (batch 1), or none")
     p.add_argument("--profile", action="store_true",
                    help="profile one more call of every benchmark and print its top device ops per pass")
@@ -54,8 +57,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _parse_settings(text: str, max_new_tokens: int) -> list[APDConfig]:
-    """'R,W,M' (the paper's fixed M) or 'R,W,M,M_min,M_scale,M_margin' (adaptive lookahead), ';'-separated."""
+def _parse_settings(text: str, max_new_tokens: int, **sampling: float) -> list[APDConfig]:
+    """'R,W,M' (the paper's fixed M) or 'R,W,M,M_min,M_scale,M_margin' (adaptive lookahead), ';'-separated;
+    `sampling`: temperature and top_p of every setting."""
     settings = []
     for entry in filter(None, text.split(";")):
         parts = entry.split(",")
@@ -67,7 +71,7 @@ def _parse_settings(text: str, max_new_tokens: int) -> list[APDConfig]:
                 knobs |= dict(M_min=int(parts[3]), M_scale=float(parts[4]), M_margin=int(parts[5]))
         except ValueError:
             raise ValueError(f"--settings entry {entry!r}: expected 'R,W,M' or 'R,W,M,M_min,M_scale,M_margin'") from None
-        config = APDConfig(**knobs, max_new_tokens=max_new_tokens, eos_token_ids=())
+        config = APDConfig(**knobs, max_new_tokens=max_new_tokens, eos_token_ids=(), **sampling)
         config.validate()
         settings.append(config)
     return settings
@@ -94,8 +98,11 @@ def run(args: argparse.Namespace) -> int:
     _check_json_path(args.json)
     if args.against is not None and not args.against.is_file():
         raise FileNotFoundError(f"--against {args.against} not found: the JSON of an `apd-jax bench --json` run")
-    settings = _parse_settings(args.settings, args.max_new_tokens)
+    sampling = dict(temperature=args.temperature, top_p=args.top_p)
+    settings = _parse_settings(args.settings, args.max_new_tokens, **sampling)
     if args.torch:
+        if args.temperature > 0 or args.top_p < 1:
+            raise ValueError("--torch times greedy decoding only: drop --temperature and --top-p")
         return _torch(args, settings)
     batches = [int(b) for b in args.batch.split(",")]
     d_cfg, v_cfg, ar_cfg = _configs(args.shapes)
@@ -126,13 +133,13 @@ def run(args: argparse.Namespace) -> int:
     baselines = [] if args.baselines == "none" else args.baselines.split(",")
     if "leftright" in baselines:
         W, M = bench.LEFTRIGHT_WM
-        cfg = APDConfig(W=W, M=M, max_new_tokens=args.max_new_tokens, eos_token_ids=())
+        cfg = APDConfig(W=W, M=M, max_new_tokens=args.max_new_tokens, eos_token_ids=(), **sampling)
         report(bench.bench_leftright(drafter, 1, cfg, 1, args.prompt_len, ceilings, args.repeats,
                                      profile=args.profile))
     if "ar" in baselines:
         del drafter, verifier  # make room for the 7B AR model
         ar = bench.random_model(ar_cfg.replace(attention=args.attention), 3)
-        report(bench.bench_ar(ar, ARConfig(max_new_tokens=args.max_new_tokens, eos_token_ids=()), 1,
+        report(bench.bench_ar(ar, ARConfig(max_new_tokens=args.max_new_tokens, eos_token_ids=(), **sampling), 1,
                               args.prompt_len, ceilings, args.repeats, profile=args.profile))
     return 0
 
