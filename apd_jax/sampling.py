@@ -9,6 +9,7 @@ greedy (argmax of the raw logits), as in the reference.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -47,49 +48,49 @@ class Knobs:
         return sample(logits, key, self.temperature, self.top_p, self.top_k, exclude)
 
 
-def _ordered_keys(x: jax.Array) -> jax.Array:
-    """int32 keys whose order is the float32 order of `x` (IEEE bits, negatives' magnitude bits flipped)."""
-    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
-    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
-
-
 def filter_logits(logits: jax.Array, top_p: jax.Array, top_k: jax.Array) -> jax.Array:
     """Set logits outside the top-p nucleus, then outside the top-k, to -inf.
 
     top_p >= 1 and top_k <= 0 disable their filter. As in the reference, the
     nucleus keeps every token up to and including the first one at which the
     cumulative probability exceeds top_p. The cut is found without sorting the
-    vocabulary: it is the largest logit v whose tokens at or above v hold more than
-    top_p of the probability or number at least top_k, found by bisecting over the
-    2^32 float32 values in 32 steps of two masked sums each. On a CPU a sort of the
-    vocabulary was most of a sampled APD pass (4096 tokens x 100 positions: 56 ms, now
-    5.3 ms); on an H200 at Dream's 152064 tokens it is 1.23 ms against the sort's 1.46.
-    The sums round differently from a sorted cumulative sum, so a token whose mass sits
-    within float32 rounding of the cut can fall on the other side: on the H200, 34 of
-    1600 flat rows (13.5k tokens kept each) differed by one token of mass <= 5e-6, none of
-    1600 peaked ones (docs/benchmarks/2026-12-01-h200/topp-filter.txt).
+    vocabulary: it is the largest probability q whose tokens at or above q hold more
+    than top_p of the probability or number at least top_k, found by bisecting over
+    q's float32 bits (a probability's bits, as an integer, are in its order) in 30
+    steps of one masked sum each (two with top-k). Each step reads only the
+    probabilities, and a step of top-p alone has a single sum into which the compare
+    fuses. On a CPU a sort of the vocabulary was most of a sampled APD pass (4096 tokens
+    x 100 positions: 56 ms, then 5.3 ms by bisection); BENCHMARKS.md ("the top-p
+    filter") has the H200 figures. The sums round differently from a sorted cumulative
+    sum, so a token whose mass sits within float32 rounding of the cut can fall on the
+    other side (on the H200, 34 of 1600 flat rows of 13.5k kept tokens differed by one
+    token of mass <= 5e-6, none of 1600 peaked ones: docs/benchmarks/2026-12-01-h200/
+    topp-filter.txt), and tokens of equal float32 probability are cut together.
     """
 
     def apply(x: jax.Array) -> jax.Array:
-        keys = _ordered_keys(x)
         probs = jax.nn.softmax(x.astype(jnp.float32), axis=-1)
+        keys = jax.lax.bitcast_convert_type(probs, jnp.int32)  # >= 0: integer order is float order
 
-        def kept(v: jax.Array) -> jax.Array:  # is the cut v at or below a filter's? [..., 1]
+        def by_p(v: jax.Array) -> jax.Array:  # [..., 1]: do the tokens at or above v hold more than top_p?
+            return jnp.sum(jnp.where(keys >= v, probs, 0.0), -1, keepdims=True) > top_p
+
+        def by_p_or_k(v: jax.Array) -> jax.Array:
             # Keeping min(nucleus, top_k) tokens is cutting at the higher of the two filters' cuts.
-            above = keys >= v
-            by_p = (top_p < 1.0) & (jnp.sum(jnp.where(above, probs, 0.0), -1, keepdims=True) > top_p)
-            by_k = (top_k > 0) & (jnp.sum(above, -1, keepdims=True) >= top_k)
-            return by_p | by_k
+            by_k = jnp.sum(keys >= v, -1, keepdims=True) >= top_k
+            return ((top_p < 1.0) & by_p(v)) | ((top_k > 0) & by_k)
 
-        def step(_, bounds):  # invariant: kept(lo), or lo is the smallest key (then all stay); not kept(hi)
-            lo, hi = bounds
-            mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # the floor of (lo + hi) / 2, without overflow
-            ok = kept(mid)
-            return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+        def cut(kept: Callable[[jax.Array], jax.Array]) -> jax.Array:
+            def step(_, bounds):  # invariant: kept(lo), or lo is the smallest key (then all stay); not kept(hi)
+                lo, hi = bounds
+                mid = lo + (hi - lo) // 2  # keys are in [0, 2^30]: no overflow
+                ok = kept(mid)
+                return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
 
-        lo = jnp.min(keys, -1, keepdims=True)
-        hi = jnp.max(keys, -1, keepdims=True) + 1  # the largest key is a NaN's, never a logit's: no overflow
-        lo, _ = jax.lax.fori_loop(0, 32, step, (lo, hi))
+            bounds = (jnp.min(keys, -1, keepdims=True), jnp.max(keys, -1, keepdims=True) + 1)
+            return jax.lax.fori_loop(0, 30, step, bounds)[0]  # 30 halvings: 1.0's bits are below 2^30
+
+        lo = jax.lax.cond(top_k > 0, lambda: cut(by_p_or_k), lambda: cut(by_p))
         return jnp.where(keys < lo, NEG_INF, x)
 
     # The filters' search is the expensive part: skip it when no filter is on.
