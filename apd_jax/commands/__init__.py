@@ -5,11 +5,22 @@ package import no training code (apd_jax.train, optax) at module level: `apd-jax
 imports it when it runs.
 """
 
+import argparse
 from pathlib import Path
 
 from apd_jax import ASSETS_DIR
 from apd_jax.corpus import stdlib_prompts
 from apd_jax.tokenizer import load_tokenizer_file
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Appends '(default: X)' to an option's help unless the help states its default already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.nargs == 0 or action.default in (None, argparse.SUPPRESS):
+            return text
+        return text + " (default: %(default)s)"
 
 
 def embedded_filter(drafter: Path | None) -> Path | None:

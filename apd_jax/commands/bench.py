@@ -17,7 +17,7 @@ from apd_jax import bench
 from apd_jax.apd import APDConfig
 from apd_jax.autoregressive import ARConfig
 from apd_jax.checkpoint import load_model
-from apd_jax.commands.options import DefaultsHelpFormatter
+from apd_jax.commands import DefaultsHelpFormatter
 from apd_jax.config import (
     ATTENTION_IMPLEMENTATIONS, ModelConfig, dream_7b_config, qwen25_05b_config, qwen25_7b_config, tiny_config,
 )

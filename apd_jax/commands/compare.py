@@ -17,9 +17,8 @@ import sys
 from pathlib import Path
 
 from apd_jax.checkpoint import load_model, load_tokenizer
-from apd_jax.commands import corpus_prompts, embedded_filter
+from apd_jax.commands import DefaultsHelpFormatter, corpus_prompts, embedded_filter
 from apd_jax.commands.options import (
-    DefaultsHelpFormatter,
     add_pair_options,
     pair_paths,
     settings_option,

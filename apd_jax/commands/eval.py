@@ -7,8 +7,8 @@ from pathlib import Path
 
 from apd_jax.batching import DEFAULT_BATCH_SIZE
 from apd_jax.checkpoint import load_model, load_tokenizer
+from apd_jax.commands import DefaultsHelpFormatter
 from apd_jax.commands.options import (
-    DefaultsHelpFormatter,
     add_pair_options,
     pair_paths,
     settings_option,

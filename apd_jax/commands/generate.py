@@ -22,9 +22,8 @@ from apd_jax.batching import DEFAULT_BATCH_SIZE, generate_in_batches
 from apd_jax.chat import chat_prompt_ids, has_chat_template, stop_token_ids
 from apd_jax.chat import messages as chat_messages
 from apd_jax.checkpoint import load_model, load_tokenizer
-from apd_jax.commands import embedded_filter
+from apd_jax.commands import DefaultsHelpFormatter, embedded_filter
 from apd_jax.commands.options import (
-    DefaultsHelpFormatter,
     add_pair_options,
     optional_float,
     optional_int,

@@ -1,5 +1,5 @@
 """Command-line options the decoding commands share: decoder settings whose defaults come from the
-settings classes (apd_jax.decoders), help that states every default, and the model pair."""
+settings classes (apd_jax.decoders) and the model pair."""
 
 from __future__ import annotations
 
@@ -11,16 +11,6 @@ from typing import Any
 
 from apd_jax import ASSETS_DIR
 from apd_jax.decoders import DECODERS, defaults
-
-
-class DefaultsHelpFormatter(argparse.HelpFormatter):
-    """Appends '(default: X)' to an option's help unless the help states its default already."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if "default" in text or action.nargs == 0 or action.default in (None, argparse.SUPPRESS):
-            return text
-        return text + " (default: %(default)s)"
 
 
 def _shown(value: Any) -> str:

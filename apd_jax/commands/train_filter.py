@@ -18,7 +18,7 @@ import numpy as np
 
 from apd_jax.checkpoint import load_model, load_tokenizer
 from apd_jax.commands import corpus_prompts
-from apd_jax.commands.options import DefaultsHelpFormatter
+from apd_jax.commands import DefaultsHelpFormatter
 from apd_jax.learn2pd import save_filter
 from apd_jax.learn2pd_oracle import collect_traces
 from apd_jax.learn2pd_train import FilterTrainConfig, compare_with_confidence_rule, filter_loss, train_filter
