@@ -1,8 +1,10 @@
-"""top-p filter on the H200 at Dream's vocabulary: the bisection over logit keys (before: out/old_sampling.py,
-the previous commit's apd_jax.sampling) against the bisection over probability bits (apd_jax.sampling now)."""
-import json, sys, time
+"""top-p filter on the H200 at Dream's vocabulary: the bisection over logit keys (before) against the
+bisection over probability bits (apd_jax.sampling now). The code before, old_sampling.py beside this
+script, is `git show 51542a2^:apd_jax/sampling.py > old_sampling.py`; run from the repository root
+with PYTHONPATH=. and XLA_PYTHON_CLIENT_PREALLOCATE=false."""
+import json, os, sys, time
 import jax, jax.numpy as jnp
-sys.path.insert(0, "out")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import old_sampling
 from apd_jax.sampling import filter_logits
 
