@@ -49,7 +49,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="the PyTorch side instead: the published APD loop (drafter cache on and off), Dream "
                         "left-to-right and HF generate, same shapes and settings (CUDA GPU)")
     p.add_argument("--against", type=Path,
-                   help="with --torch: the JSON of an `apd-jax bench` run, to print PyTorch/apd_jax ratios (default: none)")
+                   help="with --torch: the JSON of an `apd-jax bench` run, to print PyTorch/apd_jax ratios "
+                        "(default: none)")
     p.add_argument("--attention", choices=ATTENTION_IMPLEMENTATIONS, default="xla",
                    help="attention implementation of every model (cudnn: CUDA GPUs; its logits are "
                         "compared with xla's first)")
