@@ -35,7 +35,7 @@ from flax import nnx
 from apd_jax.generation import DecoderConfig, GenerationResult, check_prompts, default_key, finish
 from apd_jax.generation import pad_id, pad_prompts, prompt_bucket, resolve_eos
 from apd_jax.model import Qwen2, shift_right
-from apd_jax.sampling import Knobs, exclude_token, filter_logits, gumbel_noise
+from apd_jax.sampling import Knobs, exclude_token, filter_logits, gumbel_argmax, gumbel_noise
 
 # Index order is the traced `alg` switch; the first three select a confidence.
 ALGORITHMS = ("maskgit_plus", "topk_margin", "entropy", "origin")
@@ -207,7 +207,7 @@ def predict(logits: jax.Array, key: jax.Array, knobs: Knobs) -> Prediction:
     best = jnp.argmax(probs, axis=-1)
     # The noise only when sampling: at t = 0 a [..., V] buffer of zeros would be written and read.
     tokens = jax.lax.cond(
-        t > 0, lambda: jnp.argmax(filtered + gumbel_noise(key, logits.shape), axis=-1), lambda: best
+        t > 0, lambda: gumbel_argmax(filtered, key), lambda: best
     ).astype(jnp.int32)
     # The top two probabilities by two max reductions (a tie gives margin 0, as top_k would):
     # lax.top_k made each pass of the decoding loop about 2x slower on XLA:CPU.
