@@ -44,19 +44,13 @@ def subcommand_modules(argv: Sequence[str]) -> tuple[str, ...]:
 
 def runtime_defaults() -> None:
     """Environment defaults of an apd-jax process, set before the JAX backend starts (XLA reads
-    its allocator settings then) and, for the advisories, before transformers is imported; a value
-    the user set is kept.
+    its allocator settings then); a value the user set is kept.
 
-    - XLA_PYTHON_CLIENT_PREALLOCATE=false: by default XLA reserves 75 % of a GPU's memory with its
-      first array, and on an H200 that reservation alone holds 3.3 GiB of host memory (0.6 -> 3.9 GiB
-      resident; docs/benchmarks/2026-12-01-h200/rss-variants.txt); growing the pool as it is needed
-      holds none. Set it to true to reserve up front.
-    - TRANSFORMERS_NO_ADVISORY_WARNINGS: transformers' advice (e.g. "PyTorch was not found", printed on
-      import where torch is absent: apd_jax uses it only for tokenizers and configs) is not for
-      apd-jax's users.
+    XLA_PYTHON_CLIENT_PREALLOCATE=false: by default XLA reserves 75 % of a GPU's memory with its
+    first array, and that reservation alone holds gigabytes of host memory (BENCHMARKS.md); growing
+    the pool as it is needed holds none. Set it to true to reserve up front.
     """
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
 def compile_cache_dir() -> Path:
@@ -101,16 +95,34 @@ def build_parser(modules: Sequence[str] = SUBCOMMANDS) -> argparse.ArgumentParse
     return parser
 
 
+def error_message(err: BaseException) -> str:
+    """One line for an error a user can fix; an OSError from the system names its file and cause."""
+    if isinstance(err, OSError) and err.strerror and err.filename is not None:
+        return f"{err.filename}: {err.strerror}"
+    return str(err)
+
+
+def interrupted_note(args: argparse.Namespace) -> str:
+    """What an interrupted command kept and how to continue: its module's `interrupted(args)` if it
+    has one (a command that writes files says which), else that it wrote nothing."""
+    note = getattr(sys.modules[args.func.__module__], "interrupted", None)
+    return note(args) if note is not None else "nothing was written"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand: its errors are one line and exit status 2, Ctrl-C one line and 130."""
     argv = sys.argv[1:] if argv is None else argv
-    runtime_defaults()  # before any subcommand module imports JAX or transformers
+    runtime_defaults()  # before any subcommand module imports JAX
     args = build_parser(subcommand_modules(argv)).parse_args(argv)
     if not args.no_compile_cache:
         enable_compile_cache()
     try:
         return args.func(args) or 0
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"apd-jax {args.command}: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"apd-jax {args.command}: interrupted; {interrupted_note(args)}", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as err:
+        print(f"apd-jax {args.command}: error: {error_message(err)}", file=sys.stderr)
         return 2
 
 

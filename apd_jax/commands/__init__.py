@@ -13,6 +13,12 @@ from apd_jax.corpus import stdlib_prompts
 from apd_jax.tokenizer import load_tokenizer_file
 
 
+def user_path(text: str) -> Path:
+    """A path option's value with `~` expanded: a quoted "~/x" (which the shell leaves alone) names the
+    same file as an unquoted one. Every path option of every command takes its value through this."""
+    return Path(text).expanduser()
+
+
 class DefaultsHelpFormatter(argparse.HelpFormatter):
     """Appends '(default: X)' to an option's help unless the help states its default already."""
 

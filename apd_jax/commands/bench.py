@@ -17,7 +17,7 @@ from apd_jax import bench
 from apd_jax.apd import APDConfig
 from apd_jax.autoregressive import ARConfig
 from apd_jax.checkpoint import load_model
-from apd_jax.commands import DefaultsHelpFormatter
+from apd_jax.commands import DefaultsHelpFormatter, user_path
 from apd_jax.config import (
     ATTENTION_IMPLEMENTATIONS, ModelConfig, dream_7b_config, qwen25_05b_config, qwen25_7b_config, tiny_config,
 )
@@ -29,8 +29,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        formatter_class=DefaultsHelpFormatter)
     p.add_argument("--shapes", choices=("real", "tiny"), default="real",
                    help="real: Dream-7B / Qwen2.5-0.5B / Qwen2.5-7B shapes; tiny: tiny models (CPU, CI)")
-    p.add_argument("--drafter", type=Path, help="real drafter checkpoint (default: random weights)")
-    p.add_argument("--verifier", type=Path, help="real verifier checkpoint (default: random weights)")
+    p.add_argument("--drafter", type=user_path, help="real drafter checkpoint (default: random weights)")
+    p.add_argument("--verifier", type=user_path, help="real verifier checkpoint (default: random weights)")
     p.add_argument("--batch", default="1,4,16,32", help="comma-separated batch sizes")
     p.add_argument("--settings", default="0.7,16,100;0.6,32,200",
                    help="APD settings, ';'-separated: 'R,W,M', or 'R,W,M,M_min,M_scale,M_margin' for adaptive "
@@ -48,13 +48,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--torch", action="store_true",
                    help="the PyTorch side instead: the published APD loop (drafter cache on and off), Dream "
                         "left-to-right and HF generate, same shapes and settings (CUDA GPU)")
-    p.add_argument("--against", type=Path,
+    p.add_argument("--against", type=user_path,
                    help="with --torch: the JSON of an `apd-jax bench` run, to print PyTorch/apd_jax ratios "
                         "(default: none)")
     p.add_argument("--attention", choices=ATTENTION_IMPLEMENTATIONS, default="xla",
                    help="attention implementation of every model (cudnn: CUDA GPUs; its logits are "
                         "compared with xla's first)")
-    p.add_argument("--json", type=Path, help="write the results as JSON here (default: print only)")
+    p.add_argument("--json", type=user_path, help="write the results as JSON here (default: print only)")
     p.set_defaults(func=run)
 
 

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from apd_jax.checkpoint import load_model, load_tokenizer
-from apd_jax.commands import DefaultsHelpFormatter, corpus_prompts, embedded_filter
+from apd_jax.commands import DefaultsHelpFormatter, corpus_prompts, embedded_filter, user_path
 from apd_jax.commands.options import (
     add_pair_options,
     pair_paths,
@@ -40,14 +40,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_pair_options(p)
     p.add_argument("--random-tiny", action="store_true", help="tiny random pair; prompts are token ids")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompts-file", type=Path,
+    source.add_argument("--prompts-file", type=user_path,
                         help="one prompt per line, `\\n` for a newline (ids with --random-tiny)")
     source.add_argument("--heldout-prompts", type=int, metavar="N",
                         help="the first N held-out prompts of the stdlib corpus (apd_jax.corpus.stdlib_prompts: "
                              "the embedded pair's APD check; files it was not trained on)")
-    p.add_argument("--stdlib", type=Path, default=None,
+    p.add_argument("--stdlib", type=user_path, default=None,
                    help="--heldout-prompts: corpus root (default: this Python's stdlib, as `apd-jax train`)")
-    p.add_argument("--filter", type=Path,
+    p.add_argument("--filter", type=user_path,
                    help="a Learn2PD filter from `apd-jax train-filter` (default with the embedded drafter: its own)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens every decoder generates per prompt")
     settings_option(p, "--threshold", "the threshold row's confidence and the Learn2PD rows' keep threshold",
@@ -61,7 +61,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="instead of the decoders: APD at each ';'-separated lookahead, 'M' (the paper's fixed M) "
                         "or 'M,M_min,M_scale,M_margin' (adaptive), e.g. '100;24;100,8,2,4'; the first is the "
                         "reference for agreement (default: none)")
-    p.add_argument("--completions", type=Path, default=None,
+    p.add_argument("--completions", type=user_path, default=None,
                    help="with --lookahead: a JSONL of {prompt, completion} for an exact-match column (default: none)")
     p.set_defaults(func=run)
 

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from apd_jax.checkpoint import MAX_SHARD_SIZE, convert_hf_to_orbax, convert_orbax_to_hf
+from apd_jax.commands import user_path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="convert checkpoints", description=__doc__)
     p.add_argument("direction", choices=("hf-to-flax", "flax-to-hf"))
-    p.add_argument("src", type=Path, help="source checkpoint directory")
-    p.add_argument("dst", type=Path, help="output directory (must not exist unless --overwrite)")
+    p.add_argument("src", type=user_path, help="source checkpoint directory")
+    p.add_argument("dst", type=user_path, help="output directory (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace dst if it is an apd_jax or Hugging Face checkpoint directory (never the source)")
     p.add_argument("--max-shard-size", type=float, default=MAX_SHARD_SIZE / 10**9, metavar="GB",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from apd_jax.batching import DEFAULT_BATCH_SIZE
 from apd_jax.checkpoint import load_model, load_tokenizer
-from apd_jax.commands import DefaultsHelpFormatter
+from apd_jax.commands import DefaultsHelpFormatter, user_path
 from apd_jax.commands.options import (
     add_pair_options,
     pair_paths,
@@ -23,7 +23,7 @@ APD = ["apd"]  # eval decodes with APD
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="exact-match evaluation on a local JSONL file", description=__doc__,
                        formatter_class=DefaultsHelpFormatter)
-    p.add_argument("data", type=Path, help="JSONL with 'question' and 'answer' per line")
+    p.add_argument("data", type=user_path, help="JSONL with 'question' and 'answer' per line")
     add_pair_options(p)
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N items (default: all)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,

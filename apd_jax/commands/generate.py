@@ -22,7 +22,7 @@ from apd_jax.batching import DEFAULT_BATCH_SIZE, generate_in_batches
 from apd_jax.chat import chat_prompt_ids, has_chat_template, stop_token_ids
 from apd_jax.chat import messages as chat_messages
 from apd_jax.checkpoint import load_model, load_tokenizer
-from apd_jax.commands import DefaultsHelpFormatter, embedded_filter
+from apd_jax.commands import DefaultsHelpFormatter, embedded_filter, user_path
 from apd_jax.commands.options import (
     add_pair_options,
     optional_float,
@@ -46,7 +46,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        formatter_class=DefaultsHelpFormatter)
     p.add_argument("prompt", nargs="?",
                    help="prompt text; with --ids, space-separated ids (default: read stdin)")
-    p.add_argument("--prompts-file", type=Path,
+    p.add_argument("--prompts-file", type=user_path,
                    help="one prompt per line, `\\n` for a newline; decoded --batch-size at a time (default: none)")
     p.add_argument("--ids", action="store_true", help="prompts are token ids, not text")
     add_pair_options(p)
@@ -70,7 +70,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "probability", type=float)
     settings_option(p, "--eot-threshold", "threshold/learn2pd: drop positions after an eos predicted with this "
                     "confidence, 'none' disables it", type=optional_float)
-    p.add_argument("--filter", type=Path,
+    p.add_argument("--filter", type=user_path,
                    help="learn2pd: the trained filter directory (default with the embedded drafter: its own filter)")
     p.add_argument("--seed", type=int, default=0, help="PRNG seed of sampling")
     settings_option(p, "--M-min", "apd: adaptive lookahead (beyond the paper): the smallest lookahead; "
@@ -83,7 +83,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--system", default=None, help="a system message before the prompt (with --chat; default: none)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                    help="prompts decoded at once; a longer prompts file runs in batches of this size")
-    p.add_argument("--output", type=Path,
+    p.add_argument("--output", type=user_path,
                    help="write one JSON object per prompt (text, ids, passes, accepted per pass) to this JSONL "
                         "file as each batch finishes, in input order (default: print the text)")
     p.add_argument("--resume", action="store_true",

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from apd_jax import ASSETS_DIR
+from apd_jax.commands import user_path
 from apd_jax.decoders import DECODERS, defaults
 
 
@@ -54,9 +55,9 @@ def settings_values(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_pair_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--drafter", type=Path,
+    parser.add_argument("--drafter", type=user_path,
                         help="Dream checkpoint: HF or apd_jax (orbax) directory (default: the embedded trained pair)")
-    parser.add_argument("--verifier", type=Path,
+    parser.add_argument("--verifier", type=user_path,
                         help="Qwen2 checkpoint: HF or apd_jax (orbax) directory (default: the embedded trained pair)")
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from apd_jax import corpus
+from apd_jax.commands import user_path
 from apd_jax.config import DRAFTER_SIZE, DRAFTER_STEPS, VERIFIER_DROPOUT, VERIFIER_SIZE, VERIFIER_STEPS, ModelSize
 
 if TYPE_CHECKING:
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a small drafter/verifier pair on the Python stdlib",
                        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", type=Path, required=True, help="output directory (tokenizer/, drafter/, verifier/)")
+    p.add_argument("--out", type=user_path, required=True, help="output directory (tokenizer/, drafter/, verifier/)")
     p.add_argument("--which", choices=("both", "tokenizer", "drafter", "verifier"), default="both",
                    help="what to train; the tokenizer is trained first whenever OUT/tokenizer is missing")
     p.add_argument("--retrain-tokenizer", action="store_true", help="retrain OUT/tokenizer even if present")
@@ -69,7 +70,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="compute dtype; auto is bfloat16 on a GPU/TPU, float32 on CPU")
     d.add_argument("--storage-dtype", choices=("bfloat16", "float32"), default="bfloat16",
                    help="dtype of the saved safetensors")
-    d.add_argument("--stdlib", type=Path, default=None, help="corpus root (default: this Python's stdlib)")
+    d.add_argument("--stdlib", type=user_path, default=None, help="corpus root (default: this Python's stdlib)")
     d.add_argument("--packages", type=_package_list, default="none",
                    help="installed packages whose .py files join the training files: comma-separated names, "
                         f"'deps' for apd_jax's own dependencies ({','.join(corpus.DEPENDENCY_PACKAGES)}), or "

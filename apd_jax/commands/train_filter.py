@@ -17,8 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from apd_jax.checkpoint import load_model, load_tokenizer
-from apd_jax.commands import corpus_prompts
-from apd_jax.commands import DefaultsHelpFormatter
+from apd_jax.commands import DefaultsHelpFormatter, corpus_prompts, user_path
 from apd_jax.learn2pd import save_filter
 from apd_jax.learn2pd_oracle import collect_traces
 from apd_jax.learn2pd_train import FilterTrainConfig, compare_with_confidence_rule, filter_loss, train_filter
@@ -28,16 +27,16 @@ from apd_jax.prompts import parse_ids, read_prompts_file
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train-filter", help="train a Learn2PD filter for a Dream drafter", description=__doc__,
                        formatter_class=DefaultsHelpFormatter)
-    p.add_argument("--drafter", type=Path, required=True, help="Dream checkpoint: HF or apd_jax (orbax) directory")
+    p.add_argument("--drafter", type=user_path, required=True, help="Dream checkpoint: HF or apd_jax (orbax) directory")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompts-file", type=Path, help="one prompt per line, `\\n` for a newline")
+    source.add_argument("--prompts-file", type=user_path, help="one prompt per line, `\\n` for a newline")
     source.add_argument("--train-prompts", type=int, metavar="N",
                         help="N prompts from the training files of the stdlib corpus (apd_jax.corpus.stdlib_prompts; "
                              "never the held-out files that `apd-jax compare --heldout-prompts` decodes)")
-    p.add_argument("--stdlib", type=Path, default=None,
+    p.add_argument("--stdlib", type=user_path, default=None,
                    help="--train-prompts: corpus root (default: this Python's stdlib, as `apd-jax train`)")
     p.add_argument("--ids", action="store_true", help="--prompts-file holds space-separated token ids, not text")
-    p.add_argument("--out", type=Path, required=True, help="output directory for the filter")
+    p.add_argument("--out", type=user_path, required=True, help="output directory for the filter")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--dtype", default=None, help="bfloat16 or float32 (default: as stored)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="canvas length: tokens decoded per prompt")
