@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -105,28 +106,26 @@ class ModelConfig:
         *,
         param_dtype: Any = None,
         dtype: Any = None,
+        source: str = "config.json",
+        generation_source: str = "generation_config.json",
     ) -> "ModelConfig":
-        """Build from the dicts of config.json (and generation_config.json, if any)."""
+        """Build from the dicts of config.json (and generation_config.json, if any), checked by
+        config_problems; an error names `source` (the file the dict came from) and every bad field."""
         generation = generation or {}
-        model_type = str(cfg.get("model_type", "")).lower()
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(
-                f"unsupported model_type {cfg.get('model_type')!r}: apd_jax reads Qwen2-family checkpoints "
-                f"(model_type one of {sorted(SUPPORTED_MODEL_TYPES)})"
-            )
-        missing = [
-            k
-            for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-            if k not in cfg
-        ]
-        if missing:
-            raise ValueError(f"config.json lacks required fields {missing}")
-        for field in ("rope_scaling", "rope_parameters"):
-            rope_type = (cfg.get(field) or {}).get("rope_type", (cfg.get(field) or {}).get("type", "default"))
-            if rope_type != "default":
-                raise ValueError(f"{field} {cfg[field]!r} is not supported (only the default RoPE)")
-        if cfg.get("use_sliding_window"):
-            raise ValueError("use_sliding_window=true is not supported")
+        for file, problems in ((source, config_problems(cfg)), (generation_source, _id_problems(generation))):
+            if problems:
+                raise ValueError(f"{file}: " + "; ".join(problems) + "; fix the file or restore the model's original")
+        param_dtype = None if param_dtype is None else parse_dtype(param_dtype)
+        dtype = param_dtype if dtype is None else parse_dtype(dtype)
+        try:
+            return cls._from_checked(cfg, generation, param_dtype=param_dtype, dtype=dtype)
+        except ValueError as err:  # the dataclass's own checks (e.g. a Dream model without mask_token_id)
+            raise ValueError(f"{source}: {err}") from None
+
+    @classmethod
+    def _from_checked(cls, cfg: dict, generation: dict, *, param_dtype: Any, dtype: Any) -> "ModelConfig":
+        """from_hf_dict once config_problems found none."""
+        model_type = cfg["model_type"].lower()
         heads = cfg["num_attention_heads"]
         # Every eos either file declares (an instruct checkpoint lists <|endoftext|> and <|im_end|>).
         eos_ids = merge_ids(generation.get("eos_token_id"), cfg.get("eos_token_id"))
@@ -150,8 +149,8 @@ class ModelConfig:
             mask_token_id=None if mask is None else int(mask),
             eos_token_ids=tuple(int(e) for e in eos_ids),
             pad_token_id=generation.get("pad_token_id", cfg.get("pad_token_id")),
-            param_dtype=parse_dtype(param_dtype) if param_dtype is not None else stored,
-            dtype=parse_dtype(dtype) if dtype is not None else (parse_dtype(param_dtype) if param_dtype else stored),
+            param_dtype=stored if param_dtype is None else param_dtype,
+            dtype=stored if dtype is None else dtype,
         )
 
     def to_hf_dict(self, storage_dtype: str | None = None) -> tuple[dict, dict]:
@@ -216,7 +215,80 @@ class ModelConfig:
         cfg = json.loads(cfg_file.read_text())
         gen_file = path / "generation_config.json"
         gen = json.loads(gen_file.read_text()) if gen_file.is_file() else None
-        return cls.from_hf_dict(cfg, gen, **kw)
+        return cls.from_hf_dict(cfg, gen, source=str(cfg_file), generation_source=str(gen_file), **kw)
+
+
+_REQUIRED_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+_OPTIONAL_INTS = ("num_key_value_heads", "head_dim", "max_position_embeddings")
+_OPTIONAL_FLOATS = ("rope_theta", "rms_norm_eps")
+_OPTIONAL_BOOLS = ("tie_word_embeddings", "use_sliding_window")
+_TOKEN_IDS = ("eos_token_id", "mask_token_id", "pad_token_id")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _id_problems(fields: dict) -> list[str]:
+    """The token-id fields of config.json or generation_config.json: each null, an id >= 0 or (eos) a list."""
+    problems = []
+    for name in _TOKEN_IDS:
+        value = fields.get(name)
+        ids = value if name == "eos_token_id" and isinstance(value, list) else [value]
+        if value is not None and not all(_is_int(i) and i >= 0 for i in ids):
+            what = "a token id (an integer >= 0)" + (" or a list of them" if name == "eos_token_id" else "")
+            problems.append(f"{name} {value!r} must be {what}")
+    return problems
+
+
+def config_problems(cfg: dict) -> list[str]:
+    """What keeps a config.json dict from describing a model apd_jax runs: each missing field, each
+    field of the wrong type or range (integers are JSON integers, not strings or booleans), shapes
+    that do not divide, and unsupported features. Empty when there is none."""
+    model_type = cfg.get("model_type")
+    if not isinstance(model_type, str) or model_type.lower() not in SUPPORTED_MODEL_TYPES:
+        return [f"unsupported model_type {model_type!r}: apd_jax reads Qwen2-family checkpoints "
+                f"(model_type one of {sorted(SUPPORTED_MODEL_TYPES)})"]
+    missing = [name for name in _REQUIRED_INTS if name not in cfg]
+    problems = [f"required field {name!r} is missing" for name in missing]
+    for name in _REQUIRED_INTS + _OPTIONAL_INTS:
+        if name in cfg and name not in missing and not (_is_int(cfg[name]) and cfg[name] >= 1):
+            problems.append(f"{name} {cfg[name]!r} must be an integer >= 1")
+    for name in _OPTIONAL_FLOATS:
+        value = cfg.get(name)
+        if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                      and math.isfinite(value) and value > 0):
+            problems.append(f"{name} {value!r} must be a number > 0")
+    for name in _OPTIONAL_BOOLS:
+        if cfg.get(name) is not None and not isinstance(cfg[name], bool):
+            problems.append(f"{name} {cfg[name]!r} must be true or false")
+    problems += _id_problems(cfg)
+    for name in ("torch_dtype", "dtype"):
+        if cfg.get(name) is not None and cfg[name] not in _DTYPES:
+            problems.append(f"{name} {cfg[name]!r} must be one of {sorted(_DTYPES)}")
+    for name in ("rope_scaling", "rope_parameters"):
+        rope = cfg.get(name)
+        if rope is not None and not isinstance(rope, dict):
+            problems.append(f"{name} {rope!r} must be an object")
+        elif rope and rope.get("rope_type", rope.get("type", "default")) != "default":
+            problems.append(f"{name} {rope!r} is not supported (only the default RoPE)")
+    if cfg.get("use_sliding_window") is True:
+        problems.append("use_sliding_window=true is not supported")
+    return problems or _shape_problems(cfg)
+
+
+def _shape_problems(cfg: dict) -> list[str]:
+    """Attention shapes that do not divide (config_problems, once every field is a positive integer)."""
+    hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    kv_heads, head_dim = cfg.get("num_key_value_heads", heads), cfg.get("head_dim")
+    problems = []
+    if head_dim is None and hidden % heads:
+        problems.append(f"hidden_size {hidden} is not a multiple of num_attention_heads {heads}")
+    elif head_dim is not None and hidden != heads * head_dim:
+        problems.append(f"hidden_size {hidden} != num_attention_heads {heads} x head_dim {head_dim}")
+    if heads % kv_heads:
+        problems.append(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+    return problems
 
 
 def merge_ids(*declared: int | Sequence[int] | None) -> tuple[int, ...]:
