@@ -5,7 +5,7 @@ import json
 import pytest
 
 from apd_jax.apd import APDConfig, apd_generate
-from apd_jax.batching import generate_in_batches
+from apd_jax.batching import generate_in_batches, open_output
 
 CFG = APDConfig(R=0.7, W=4, M=8, max_new_tokens=12, eos_token_ids=(2,))
 IDS = [[5, 17, 33], [44, 3], [200, 11, 19, 300], [7, 7], [150, 40, 41], [9], [60, 61, 62, 63, 64]]
@@ -30,7 +30,8 @@ def test_batches_equal_one_batch_in_input_order(dream, qwen, one_batch, tmp_path
         shapes.append(len(rows))
         return apd_generate(dream, qwen, rows, CFG)
 
-    records = generate_in_batches(TEXTS, IDS, generate, decode, batch_size=3, output=out, progress=False)
+    with open_output(out, TEXTS, {}, resume=False) as output:
+        records = generate_in_batches(TEXTS, IDS, generate, decode, batch_size=3, output=output, progress=False)
     assert shapes == [3, 3, 3]  # the last batch (1 prompt) is filled up to the same shape
     assert [r["index"] for r in records] == list(range(len(IDS)))
     assert [r["ids"] for r in records] == one_batch.sequences()
@@ -48,39 +49,43 @@ def test_interrupted_run_resumes_where_it_stopped(dream, qwen, one_batch, tmp_pa
         calls.append(rows)
         return apd_generate(dream, qwen, rows, CFG)
 
-    with pytest.raises(KeyboardInterrupt):
-        generate_in_batches(TEXTS, IDS, failing, decode, batch_size=2, output=out, progress=False)
+    with pytest.raises(KeyboardInterrupt), open_output(out, TEXTS, {}, resume=False) as output:
+        generate_in_batches(TEXTS, IDS, failing, decode, batch_size=2, output=output, progress=False)
     assert len(out.read_text().splitlines()) == 4  # two finished batches were kept
     whole = json.dumps({"index": 4, "prompt": TEXTS[4]})
     with out.open("a") as f:
         f.write(whole)  # a complete record whose newline kill -9 cut off: written again, not glued to
     with pytest.raises(FileExistsError, match="--resume"):
-        generate_in_batches(TEXTS, IDS, failing, decode, batch_size=2, output=out, progress=False)
+        open_output(out, TEXTS, {}, resume=False)
     seen = []
 
     def generate(rows, first):
         seen.append(rows)
         return apd_generate(dream, qwen, rows, CFG)
 
-    rest = generate_in_batches(TEXTS, IDS, generate, decode, batch_size=2, output=out, resume=True, progress=False)
+    resumed = open_output(out, TEXTS, {}, resume=True)
+    rest = generate_in_batches(TEXTS, IDS, generate, decode, batch_size=2, output=resumed, progress=False)
     assert [r["index"] for r in rest] == [4, 5, 6]
     assert seen[0][:2] == IDS[4:6]  # nothing before prompt 4 was decoded again
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["ids"] for r in lines] == one_batch.sequences()
 
 
-def test_resume_refuses_an_output_of_other_prompts(dream, qwen, tmp_path):
+def test_resume_refuses_an_output_of_other_prompts(tmp_path):
     out = tmp_path / "out.jsonl"
+    open_output(out, TEXTS, {}, resume=False)
     out.write_text(json.dumps({"index": 0, "prompt": "something else"}) + "\n")
     before = out.read_text()
     with pytest.raises(ValueError, match="does not match prompt 0"):
-        generate_in_batches(TEXTS, IDS, lambda rows, first: apd_generate(dream, qwen, rows, CFG), decode,
-                            output=out, resume=True, progress=False)
+        open_output(out, TEXTS, {}, resume=True)
     assert out.read_text() == before
-    (tmp_path / "notes.jsonl").write_text("my notes\nmore\n")
+    out.write_text("my notes\nmore\n")
     with pytest.raises(ValueError, match="not JSON"):
-        generate_in_batches(TEXTS, IDS, lambda rows, first: apd_generate(dream, qwen, rows, CFG), decode,
-                            output=tmp_path / "notes.jsonl", resume=True, progress=False)
+        open_output(out, TEXTS, {}, resume=True)
+    assert out.read_text() == "my notes\nmore\n"
+    (tmp_path / "notes.jsonl").write_text("my notes\nmore\n")
+    with pytest.raises(ValueError, match="not written by apd-jax generate"):
+        open_output(tmp_path / "notes.jsonl", TEXTS, {}, resume=True)
     assert (tmp_path / "notes.jsonl").read_text() == "my notes\nmore\n"
 
 

@@ -14,11 +14,12 @@ import functools
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 
 from apd_jax.apd import APDConfig, apd_generate, live_view, shared_vocab_size
-from apd_jax.batching import DEFAULT_BATCH_SIZE, generate_in_batches
+from apd_jax.batching import DEFAULT_BATCH_SIZE, RUN_SUFFIX, RunOutput, generate_in_batches, kept_records, open_output
 from apd_jax.chat import chat_prompt_ids, has_chat_template, stop_token_ids
 from apd_jax.chat import messages as chat_messages
 from apd_jax.checkpoint import load_model, load_tokenizer
@@ -32,12 +33,12 @@ from apd_jax.commands.options import (
     settings_values,
 )
 from apd_jax.config import tiny_config
-from apd_jax.decoders import DECODERS, Models, decoder
+from apd_jax.decoders import DECODERS, Decoder, Models, decoder
 from apd_jax.diffusion import ALGORITHMS
-from apd_jax.generation import CompileTimer, DecoderConfig
+from apd_jax.generation import CompileTimer, DecoderConfig, prompt_bucket
 from apd_jax.learn2pd import load_filter
 from apd_jax.model import Qwen2, init_model
-from apd_jax.prompts import parse_ids, read_prompts_file
+from apd_jax.prompts import parse_ids, read_prompt_lines
 from apd_jax.sharding import make_mesh, parse_mesh, shard_model
 
 
@@ -58,6 +59,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     settings_option(p, "--temperature", "sampling temperature, 0 is greedy", type=float)
     settings_option(p, "--top-p", "nucleus filter, 1 disables it", type=float)
     settings_option(p, "--top-k", "top-k filter, 0 disables it", type=int)
+    settings_option(p, "--max-len", "positions for a prompt and its new tokens (the caches' size); 'none': "
+                    "the models' max_position_embeddings", type=optional_int)
     settings_option(p, "--R", "apd: mixture weight in [0, 1]", ["apd"], type=float)
     settings_option(p, "--W", "apd/leftright: drafter KV window", type=int)
     settings_option(p, "--M", "apd/leftright: max lookahead", type=int)
@@ -85,9 +88,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="prompts decoded at once; a longer prompts file runs in batches of this size")
     p.add_argument("--output", type=user_path,
                    help="write one JSON object per prompt (text, ids, passes, accepted per pass) to this JSONL "
-                        "file as each batch finishes, in input order (default: print the text)")
+                        "file as each batch finishes, in input order; the run's settings are recorded beside it in "
+                        f"FILE{RUN_SUFFIX} (default: print the text)")
     p.add_argument("--resume", action="store_true",
-                   help="with --output: continue an interrupted run after the last prompt it finished")
+                   help="with --output: continue an interrupted run after the last record it finished; only a "
+                        f"file with its {RUN_SUFFIX} beside it and only with the same settings (a differing one "
+                        "is named); a cut last record is written again, anything else in the file is refused")
     p.add_argument("--verbose", action="store_true", help="print each prompt's tokens accepted per pass")
     p.add_argument("--live", action="store_true",
                    help="show APD's passes as the compiled loop makes them, each pass's tokens in their own colour")
@@ -107,32 +113,47 @@ def settings(args: argparse.Namespace) -> DecoderConfig:
     return config
 
 
-def _prompts(args: argparse.Namespace) -> list[str]:
+def _prompts(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """(prompt texts, where each came from: 'prompts file F line N', for errors found later)."""
     if args.prompts_file is not None:
-        return read_prompts_file(args.prompts_file)
+        if args.prompt is not None:
+            raise ValueError(f"give a prompt or --prompts-file, not both (the prompt {args.prompt[:40]!r} and "
+                             f"--prompts-file {args.prompts_file})")
+        lines = read_prompt_lines(args.prompts_file)
+        return [text for _, text in lines], [f"prompts file {args.prompts_file} line {n}" for n, _ in lines]
     if args.prompt is not None:
-        return [args.prompt]
+        return [args.prompt], ["the prompt"]
     if sys.stdin.isatty():
         print("apd-jax generate: reading the prompt from stdin (end it with Ctrl-D; or give it as an argument)",
               file=sys.stderr)
-    return [sys.stdin.read()]
+    return [sys.stdin.read()], ["the prompt read from stdin"]
 
 
-def _filter(args: argparse.Namespace):
+def _filter_path(args: argparse.Namespace) -> Path:
     path = args.filter or (None if args.random_tiny else embedded_filter(args.drafter))
     if path is None:
         raise ValueError("--decoder learn2pd needs --filter DIR for this drafter (only the embedded drafter "
                          "has one built in; train one with `apd-jax train-filter`)")
-    return load_filter(path)
+    return path
 
 
-def _encode(args: argparse.Namespace, texts: list[str], tokenizer) -> list[list[int]]:
+def run_settings(args: argparse.Namespace, config: DecoderConfig, filter_path: Path | None) -> dict[str, Any]:
+    """What determines the records of a run besides its prompts: recorded beside --output, so that
+    --resume continues only the same run."""
+    resolved = lambda path: None if path is None else str(Path(path).resolve())  # noqa: E731
+    return {"decoder": args.decoder, **dataclasses.asdict(config), "seed": args.seed, "batch_size": args.batch_size,
+            "drafter": resolved(args.drafter), "verifier": resolved(args.verifier), "filter": resolved(filter_path),
+            "random_tiny": args.random_tiny, "dtype": args.dtype, "ids": args.ids, "chat": args.chat,
+            "system": args.system}
+
+
+def _encode(args: argparse.Namespace, texts: list[str], sources: list[str], tokenizer) -> list[list[int]]:
     """Prompt ids: parsed with --ids; else in the tokenizer's chat template (--chat, the default when it has
     one), or plain text (--no-chat)."""
     if args.ids:
         if args.chat or args.system is not None:
             raise ValueError("--chat and --system apply a chat template to text; with --ids the prompt is ids already")
-        return [parse_ids(t, "the prompt") for t in texts]
+        return [parse_ids(t, source) for t, source in zip(texts, sources)]
     use_chat = has_chat_template(tokenizer) if args.chat is None else args.chat
     if args.system is not None and not use_chat:
         raise ValueError("--system needs a chat template (--chat); this prompt is plain text (--no-chat, or the "
@@ -140,6 +161,24 @@ def _encode(args: argparse.Namespace, texts: list[str], tokenizer) -> list[list[
     if use_chat:
         return [chat_prompt_ids(tokenizer, chat_messages(t, args.system)) for t in texts]
     return [tokenizer.encode(t) for t in texts]
+
+
+def capacity(config: DecoderConfig, models: Models, chosen: Decoder) -> int:
+    """Positions for a prompt and its new tokens, as the decoders take them: max_len, else the smallest
+    max_position_embeddings of the models the decoder runs."""
+    used = [getattr(models, name) for name in ("drafter", "verifier") if name in chosen.uses]
+    return config.max_len or min(model.cfg.max_position_embeddings for model in used)
+
+
+def check_prompts_fit(prompts: list[list[int]], sources: list[str], max_new_tokens: int, room: int) -> None:
+    """Every prompt is checked before any is decoded, so a bad line is named at once, not when its batch runs."""
+    for ids, source in zip(prompts, sources):
+        if not ids:
+            raise ValueError(f"{source} is empty: generation needs at least one prompt token")
+        try:
+            prompt_bucket(len(ids), max_new_tokens, room)
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from None
 
 
 def _with_stop_ids(config: DecoderConfig, drafter: Qwen2, tokenizer) -> DecoderConfig:
@@ -154,30 +193,45 @@ def run(args: argparse.Namespace) -> int:
     config = settings(args)
     if args.live and (args.decoder != "apd" or args.mesh is not None):
         raise ValueError("--live shows APD's passes (--decoder apd, one device)")
-    tok_d = tok_v = None
     mesh = None if args.mesh is None else make_mesh(**parse_mesh(args.mesh))
     if mesh is not None and not chosen.sharded:
         raise ValueError(f"--mesh is supported with --decoder apd only, not {args.decoder}")
     if args.resume and args.output is None:
         raise ValueError("--resume continues an --output FILE.jsonl: give the file")
-    texts = _prompts(args)  # before loading: a bad prompts file fails at once
+    texts, sources = _prompts(args)  # before loading: a bad prompts file fails at once
+    if args.live and len(texts) != 1:
+        raise ValueError("--live shows one prompt (give one prompt, not a file of several)")
+    if args.random_tiny and not args.ids:
+        raise ValueError("--random-tiny has no tokenizer: give the prompt as token ids with --ids")
+    if not args.random_tiny:
+        args.drafter, args.verifier = pair_paths(args.drafter, args.verifier)
+    filter_path = _filter_path(args) if "filter" in chosen.uses else None
+    if args.output is None:
+        return _generate(args, chosen, config, texts, sources, mesh, filter_path, None)
+    # Checked (a new run: created) before any model loads; removed again if the run ends before its first record.
+    with open_output(args.output, texts, run_settings(args, config, filter_path), resume=args.resume) as output:
+        return _generate(args, chosen, config, texts, sources, mesh, filter_path, output)
+
+
+def _generate(args: argparse.Namespace, chosen: Decoder, config: DecoderConfig, texts: list[str], sources: list[str],
+              mesh, filter_path: Path | None, output: RunOutput | None) -> int:
+    """Load the pair, check every prompt, decode them in batches into `output` (or print them)."""
     start = time.perf_counter()
+    tok_d = tok_v = None
     if args.random_tiny:
-        if not args.ids:
-            raise ValueError("--random-tiny has no tokenizer: give the prompt as token ids with --ids")
         drafter, verifier = init_model(tiny_config(causal=False), 1), init_model(tiny_config(causal=True), 2)
         if mesh is not None:
             drafter, verifier = shard_model(drafter, mesh), shard_model(verifier, mesh)
     else:
-        args.drafter, args.verifier = pair_paths(args.drafter, args.verifier)
         # Streamed onto the device, or straight into each device's shard of the mesh.
         drafter = load_model(args.drafter, param_dtype=args.dtype, mesh=mesh)
         verifier = load_model(args.verifier, param_dtype=args.dtype, mesh=mesh)
         tok_d, tok_v = load_tokenizer(args.drafter), load_tokenizer(args.verifier)
     vocab = shared_vocab_size(drafter.cfg, verifier.cfg, tok_d, tok_v)
-    prompts = _encode(args, texts, tok_d)
+    prompts = _encode(args, texts, sources, tok_d)
     config = _with_stop_ids(config, drafter, None if args.ids else tok_d)
-    models = Models(drafter, verifier, _filter(args) if "filter" in chosen.uses else None, vocab, mesh)
+    models = Models(drafter, verifier, None if filter_path is None else load_filter(filter_path), vocab, mesh)
+    check_prompts_fit(prompts, sources, config.max_new_tokens, capacity(config, models, chosen))
     load_s = time.perf_counter() - start
 
     def decode(ids: list[int]) -> str:  # a continuation of the prompt's text
@@ -185,17 +239,15 @@ def run(args: argparse.Namespace) -> int:
 
     key = jax.random.key(args.seed)
     if args.live:
-        if len(prompts) != 1:
-            raise ValueError("--live shows one prompt (give one prompt, not a file of several)")
         generate, on_batch = _live_generate(models, config, key, texts[0], decode), None
     else:
         # Each batch's noise from its first prompt's index: a resumed run samples as an uninterrupted one.
         generate = lambda rows, first: chosen.generate(models, rows, config, jax.random.fold_in(key, first))  # noqa: E731
-        on_batch = None if args.output is not None else functools.partial(_print_batch, verbose=args.verbose)
+        on_batch = None if output is not None else functools.partial(_print_batch, verbose=args.verbose)
     with CompileTimer() as compiled:
         start = time.perf_counter()
-        records = generate_in_batches(texts, prompts, generate, decode, batch_size=args.batch_size,
-                                      output=args.output, resume=args.resume, on_batch=on_batch)
+        records = generate_in_batches(texts, prompts, generate, decode, batch_size=args.batch_size, output=output,
+                                      on_batch=on_batch)
         elapsed = time.perf_counter() - start
     tokens = sum(len(r["ids"]) for r in records)
     passes = sum(r["passes"] for r in records)
@@ -204,6 +256,17 @@ def run(args: argparse.Namespace) -> int:
     print(f"{tokens} tokens, {passes} passes, {tokens / max(passes, 1):.2f} tokens/pass, {tokens / decoding:.1f} "
           f"tokens/s; load {load_s:.1f} s, compile {compiled.seconds:.1f} s, generate {decoding:.1f} s{where}")
     return 0
+
+
+def interrupted(args: argparse.Namespace) -> str:
+    """What a run stopped by Ctrl-C kept: the records in --output and how to continue them."""
+    if args.output is None:
+        return "the texts printed above are what was kept (no --output)"
+    kept = kept_records(args.output)
+    if kept is None:
+        return f"nothing was written to {args.output}"
+    done, total = kept
+    return f"kept {done} of {total} records in {args.output}; run the same command with --resume to continue"
 
 
 def _print_batch(records: list[dict], result, *, verbose: bool) -> None:
