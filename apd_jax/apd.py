@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -37,8 +38,8 @@ from jax.sharding import Mesh
 
 from apd_jax.cache import KVCache
 from apd_jax.config import ModelConfig
-from apd_jax.generation import DecoderConfig, GenerationResult, check_prompts, default_key, finish, pad_id
-from apd_jax.generation import pad_prompts, prompt_bucket, resolve_eos
+from apd_jax.generation import DecoderConfig, GenerationResult, capacity, check_config, check_prompts, default_key
+from apd_jax.generation import InputTypeError, finish, pad_id, pad_prompts, prompt_bucket, resolve_eos
 from apd_jax.model import Qwen2, shift_right
 from apd_jax.sampling import Knobs, exclude_token
 from apd_jax.sharding import constrain_cache, replicate, shard_rows
@@ -405,13 +406,14 @@ def _generate(
 
 
 def _run(
-    drafter, verifier, prompts, config: APDConfig, key, vocab: int, capacity: int, fixed_k: int,
+    drafter, verifier, prompts, config: APDConfig, key, vocab: int, fixed_k: int,
     mesh: Mesh | None = None, live: bool = False,
 ):
-    config.validate()
+    key = default_key(key)
     rows = check_prompts(prompts, vocab)
-    prompt_len = prompt_bucket(max(map(len, rows)), config.max_new_tokens, capacity)
-    eos = resolve_eos(config.eos_token_ids, drafter.cfg)
+    room = capacity(config.max_len, *(m.cfg for m in (drafter, verifier) if m is not None))
+    prompt_len = prompt_bucket(max(map(len, rows)), config.max_new_tokens, room)
+    eos = resolve_eos(config.eos_token_ids, drafter.cfg, vocab)
     total = prompt_len + config.max_new_tokens
     levels = _levels(config, prompt_len, total)
     # Only what the compiled loop reads: a fixed M ignores M_scale / M_margin, so they must not recompile it.
@@ -426,7 +428,7 @@ def _run(
     # On a mesh the rows go over `data`; params carry their own shardings (sharding.shard_model).
     inputs = (jnp.asarray(padded), jnp.asarray(lengths)) if mesh is None else shard_rows(mesh, padded, lengths)
     graphs, params = zip(*(nnx.split(m) for m in (drafter, verifier) if m is not None))
-    outputs = _generate(graphs, params, *inputs, APDKnobs.of(config), default_key(key), spec, mesh)
+    outputs = _generate(graphs, params, *inputs, APDKnobs.of(config), key, spec, mesh)
     return finish(*outputs, pad_id=pad_id(drafter.cfg, eos))
 
 
@@ -448,9 +450,22 @@ def apd_generate(
     live=True reports every pass to the listener of `live_view` from inside the compiled loop
     (a host callback per pass; a separate compiled program from live=False).
     """
-    vocab = shared_vocab or shared_vocab_size(drafter.cfg, verifier.cfg)
-    capacity = config.max_len or min(drafter.cfg.max_position_embeddings, verifier.cfg.max_position_embeddings)
-    return _run(drafter, verifier, prompts, config, key, vocab, capacity, fixed_k=0, mesh=mesh, live=live)
+    config = check_config(config, APDConfig)
+    vocab = shared_vocab_size(drafter.cfg, verifier.cfg) if shared_vocab is None else _checked_shared_vocab(
+        shared_vocab, drafter.cfg, verifier.cfg)
+    return _run(drafter, verifier, prompts, config, key, vocab, fixed_k=0, mesh=mesh, live=live)
+
+
+def _checked_shared_vocab(shared_vocab: int, drafter: ModelConfig, verifier: ModelConfig) -> int:
+    """A shared vocabulary size given to apd_generate: an int no larger than either model's vocabulary."""
+    if not isinstance(shared_vocab, numbers.Integral) or isinstance(shared_vocab, bool):
+        raise InputTypeError(f"shared_vocab={shared_vocab!r} must be an int: "
+                             "pass shared_vocab_size(drafter.cfg, verifier.cfg), or None to compute it")
+    if not 1 <= shared_vocab <= min(drafter.vocab_size, verifier.vocab_size):
+        raise ValueError(f"shared_vocab={shared_vocab} must lie in [1, {min(drafter.vocab_size, verifier.vocab_size)}] "
+                         f"(drafter vocabulary {drafter.vocab_size}, verifier {verifier.vocab_size}): pass "
+                         "shared_vocab_size(drafter.cfg, verifier.cfg), or None to compute it")
+    return int(shared_vocab)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -473,11 +488,12 @@ def leftright_generate(
 ) -> GenerationResult:
     """Left-to-right K tokens per pass (the paper's "Dream K=k" baseline): APD's loop and W/M caching
     with acceptance fixed to K and no verifier. R and the rule are unused."""
+    config = check_config(config, APDConfig)
     config = LeftRightConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(APDConfig)}, K=K)
+    config.validate()
     if drafter.cfg.causal:
         raise ValueError("left-to-right K decoding needs a bidirectional (Dream) drafter")
-    capacity = config.max_len or drafter.cfg.max_position_embeddings
-    return _run(drafter, None, prompts, config, key, drafter.cfg.vocab_size, capacity, fixed_k=K)
+    return _run(drafter, None, prompts, config, key, drafter.cfg.vocab_size, fixed_k=K)
 
 
 def _levels(config: APDConfig, prompt_len: int, total: int) -> tuple[_Level, ...]:
@@ -542,13 +558,13 @@ def apd_generate_eager(
     on the first pass and only the draft later. Returns (generated ids up to and
     including the first eos, tokens accepted per pass).
     """
-    config.validate()
+    config = check_config(config, APDConfig)
+    key = default_key(key)
     vocab = shared_vocab_size(drafter.cfg, verifier.cfg)
     prompt = check_prompts([prompt], vocab)[0]
-    eos = resolve_eos(config.eos_token_ids, drafter.cfg)
+    eos = resolve_eos(config.eos_token_ids, drafter.cfg, vocab)
     mask_id = drafter.cfg.mask_token_id
     knobs = APDKnobs.of(config)
-    key = default_key(key)
     length = len(prompt) + config.max_new_tokens
     x = prompt + [mask_id] * config.max_new_tokens
     dcache = KVCache.zeros(drafter.cfg, 1, length)

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from apd_jax.cache import KVCache
-from apd_jax.generation import DecoderConfig, GenerationResult, check_prompts, default_key, finish
-from apd_jax.generation import pad_id, pad_prompts, prompt_bucket, resolve_eos
+from apd_jax.generation import DecoderConfig, GenerationResult, capacity, check_config, check_prompts, default_key
+from apd_jax.generation import finish, pad_id, pad_prompts, prompt_bucket, resolve_eos
 from apd_jax.model import Qwen2
 from apd_jax.sampling import Knobs
 
@@ -78,16 +78,16 @@ def ar_generate(
     model: Qwen2, prompts: Sequence[Sequence[int]], config: ARConfig = ARConfig(), key: jax.Array | None = None
 ) -> GenerationResult:
     """Decode a batch of ragged prompts with a causal model, one token per pass."""
-    config.validate()
+    config = check_config(config, ARConfig)
+    key = default_key(key)
     if not model.cfg.causal:
         raise ValueError("autoregressive decoding needs a causal (Qwen2) model; Dream models use the diffusion decoders")
     rows = check_prompts(prompts, model.cfg.vocab_size)
-    capacity = config.max_len or model.cfg.max_position_embeddings
-    padded, lengths = pad_prompts(rows, prompt_bucket(max(map(len, rows)), config.max_new_tokens, capacity))
+    room = capacity(config.max_len, model.cfg)
+    padded, lengths = pad_prompts(rows, prompt_bucket(max(map(len, rows)), config.max_new_tokens, room))
     eos = resolve_eos(config.eos_token_ids, model.cfg)
     graph, params = nnx.split(model)
     outputs = _decode(
-        graph, params, jnp.asarray(padded), jnp.asarray(lengths), Knobs.of(config), default_key(key),
-        config.max_new_tokens, eos,
+        graph, params, jnp.asarray(padded), jnp.asarray(lengths), Knobs.of(config), key, config.max_new_tokens, eos,
     )
     return finish(*outputs, pad_id=pad_id(model.cfg, eos))

@@ -101,7 +101,7 @@ def compare_decoders(
     runs = compared_runs(max_new_tokens, apd, threshold, learned is not None)
     for name, decoder_name, values in runs:
         chosen = decoder(decoder_name)
-        config = chosen.settings_from({k: v for k, v in values.items() if k in chosen.fields()})
+        config = chosen.settings_from(values)
         results[name] = _timed(lambda: generate_batched(lambda rows: chosen.generate(models, rows, config),
                                                         prompts, batch_size))
         log(f"[{len(results)}/{len(runs)}] {name}: {results[name][1]:.1f} s")

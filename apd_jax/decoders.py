@@ -16,7 +16,7 @@ from jax.sharding import Mesh
 from apd_jax.apd import APDConfig, LeftRightConfig, apd_generate, leftright_generate
 from apd_jax.autoregressive import ARConfig, ar_generate
 from apd_jax.diffusion import DiffusionConfig, ThresholdConfig, diffusion_generate, threshold_generate
-from apd_jax.generation import DecoderConfig, GenerationResult
+from apd_jax.generation import DecoderConfig, GenerationResult, capacity, check_config
 from apd_jax.learn2pd import Filter, Learn2PDConfig, learn2pd_generate
 from apd_jax.model import Qwen2
 
@@ -49,22 +49,38 @@ class Decoder:
         return tuple(f.name for f in dataclasses.fields(self.settings))
 
     def settings_from(self, values: Mapping[str, Any]) -> DecoderConfig:
-        """This decoder's settings from `values`: the entries naming one of its fields (or an alias of
-        one); every other field keeps the settings class's default."""
+        """This decoder's settings from `values`, each naming one of its fields (or an alias of one);
+        every other field keeps the settings class's default. A name it does not take is an error."""
         names = {**{name: name for name in self.fields()}, **self.aliases}
-        return self.settings(**{names[k]: v for k, v in values.items() if k in names})
+        unknown = [k for k in values if k not in names]
+        if unknown:
+            raise ValueError(f"--decoder {self.name} does not take {', '.join(map(_flag, unknown))}; it takes: "
+                             + ", ".join(map(_flag, names)))
+        return self.settings(**{names[k]: v for k, v in values.items()})
+
+    def capacity(self, models: Models, settings: DecoderConfig) -> int:
+        """Positions one generation holds, prompt + max_new_tokens: generation.capacity over the models it runs."""
+        self._check_models(models)
+        return capacity(settings.max_len, *(getattr(models, name).cfg for name in self.uses if name != "filter"))
+
+    def _check_models(self, models: Models) -> None:
+        missing = [name for name in self.uses if getattr(models, name) is None]
+        if missing:
+            raise ValueError(f"decoder {self.name!r} needs a {' and a '.join(missing)}")
 
     def generate(
         self, models: Models, prompts: Sequence[Sequence[int]], settings: DecoderConfig, key: jax.Array | None = None
     ) -> GenerationResult:
-        missing = [name for name in self.uses if getattr(models, name) is None]
-        if missing:
-            raise ValueError(f"decoder {self.name!r} needs a {' and a '.join(missing)}")
-        if not isinstance(settings, self.settings):
-            raise TypeError(f"decoder {self.name!r} takes {self.settings.__name__}, not {type(settings).__name__}")
+        self._check_models(models)
+        check_config(settings, self.settings)
         if models.mesh is not None and not self.sharded:
             raise ValueError(f"decoder {self.name!r} does not run on a device mesh (only APD does)")
         return self.run(models, prompts, settings, key)
+
+
+def _flag(name: str) -> str:
+    """A settings field's command-line option: max_new_tokens -> --max-new-tokens."""
+    return "--" + name.replace("_", "-")
 
 
 def _apd(m: Models, prompts, s: APDConfig, key) -> GenerationResult:

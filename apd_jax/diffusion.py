@@ -32,8 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from apd_jax.generation import DecoderConfig, GenerationResult, check_prompts, default_key, finish
-from apd_jax.generation import pad_id, pad_prompts, prompt_bucket, resolve_eos
+from apd_jax.generation import DecoderConfig, GenerationResult, capacity, check_config, check_prompts, default_key
+from apd_jax.generation import finish, pad_id, pad_prompts, prompt_bucket, resolve_eos
 from apd_jax.model import Qwen2, shift_right
 from apd_jax.sampling import Knobs, exclude_token, filter_logits, gumbel_argmax, gumbel_noise
 
@@ -344,8 +344,8 @@ def prepare_prompts(
             raise ValueError(
                 f"prompt {i} holds the mask token id {cfg.mask_token_id}: it would be decoded as a masked position"
             )
-    capacity = max_len or cfg.max_position_embeddings
-    padded, lengths = pad_prompts(rows, prompt_bucket(max(map(len, rows)), max_new_tokens, capacity))
+    room = capacity(max_len, cfg)
+    padded, lengths = pad_prompts(rows, prompt_bucket(max(map(len, rows)), max_new_tokens, room))
     eos = resolve_eos(eos_token_ids, cfg)
     return jnp.asarray(padded), jnp.asarray(lengths), jnp.asarray(eos, jnp.int32), pad_id(cfg, eos)
 
@@ -362,7 +362,8 @@ def diffusion_generate(
     predicts the mask token stays masked, as in Dream); a row with nothing left
     to decode before its first eos stops early, which changes none of its tokens.
     """
-    config.validate()
+    config = check_config(config, DiffusionConfig)
+    key = default_key(key)
     padded, lengths, eos, pad = prepare_prompts(model, prompts, config.max_new_tokens, config.max_len,
                                                 config.eos_token_ids)
     ratios = np.zeros(_steps_bucket(config.steps), np.float32)
@@ -373,7 +374,7 @@ def diffusion_generate(
     )
     graph, params = nnx.split(model)
     gen, lens, accepted, hit, passes = _dream_sample(
-        graph, params, padded, lengths, eos, knobs, default_key(key), config.max_new_tokens, model.cfg.mask_token_id,
+        graph, params, padded, lengths, eos, knobs, key, config.max_new_tokens, model.cfg.mask_token_id,
     )
     return finish(gen, lens, np.asarray(accepted)[:, : config.steps], hit, passes, pad_id=pad)
 
@@ -455,14 +456,14 @@ def parallel_decode(
     one token and a row needs at most max_new_tokens passes. The mask token is
     never predicted. A rule's variables are traced: changing them never recompiles.
     """
-    config.validate()
+    config = check_config(config, ParallelConfig)
+    key = default_key(key)
     padded, lengths, eos, pad = prepare_prompts(model, prompts, config.max_new_tokens, config.max_len,
                                                 config.eos_token_ids)
     knobs = _ParallelKnobs(Knobs.of(config), jnp.float32(2.0 if config.eot_threshold is None else config.eot_threshold))
     graphs, params = zip(nnx.split(model), nnx.split(rule))
     outputs = _parallel(
-        graphs, params, padded, lengths, eos, knobs, default_key(key), config.max_new_tokens, model.cfg.mask_token_id,
-        pad,
+        graphs, params, padded, lengths, eos, knobs, key, config.max_new_tokens, model.cfg.mask_token_id, pad,
     )
     return finish(*outputs, pad_id=pad)
 
@@ -478,4 +479,5 @@ def threshold_generate(
     threshold 1.0 commits exactly the most confident position per pass: the
     one-token-per-step greedy order (Dream maskgit_plus at one token a step).
     """
+    config = check_config(config, ThresholdConfig)
     return parallel_decode(model, ConfidenceRule(config.threshold), prompts, config, key)

@@ -31,7 +31,7 @@ from lm_eval.models.utils import normalize_gen_kwargs, postprocess_generated_tex
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from apd_jax import ASSETS_DIR
-from apd_jax.apd import APDConfig, shared_vocab_size
+from apd_jax.apd import shared_vocab_size
 from apd_jax.checkpoint import load_model, load_tokenizer
 from apd_jax.decoders import DECODERS as REGISTRY
 from apd_jax.decoders import Models
@@ -98,7 +98,7 @@ class APDLM(TemplateLM):
     """APD (Dream-style drafter + Qwen2-style verifier) as an lm_eval model.
 
     model_args: drafter, verifier (checkpoint directories; default the embedded pair),
-    decoder (apd | ar), R, W, M, rule, dtype (bfloat16 | float32; default as stored),
+    decoder (apd | ar), R, W, M, rule (decoder=apd only; default APDConfig's), dtype (bfloat16 | float32; default as stored),
     max_length (tokens the verifier scores at once; default the models' context), seed.
     lm_eval's --batch_size sets the batch; its --device does not apply (JAX picks its devices).
     """
@@ -108,10 +108,10 @@ class APDLM(TemplateLM):
         drafter: str | Path = ASSETS_DIR / "drafter",
         verifier: str | Path = ASSETS_DIR / "verifier",
         decoder: str = "apd",
-        R: float = APDConfig.R,
-        W: int = APDConfig.W,
-        M: int = APDConfig.M,
-        rule: str = APDConfig.rule,
+        R: float | None = None,
+        W: int | None = None,
+        M: int | None = None,
+        rule: str | None = None,
         dtype: str | None = None,
         max_length: int | None = None,
         seed: int = 0,
@@ -130,11 +130,16 @@ class APDLM(TemplateLM):
             raise ValueError(f"decoder={decoder!r} must be one of {DECODERS}")
         if not str(batch_size).isdigit() or int(batch_size) < 1:
             raise ValueError(f"batch_size={batch_size!r} must be a positive integer (apd_jax has no 'auto')")
-        knobs = {"R": float(R), "W": int(W), "M": int(M), "rule": rule}
-        APDConfig(**knobs).validate()  # whichever decoder generates
         self.decoder = decoder
         self.chosen = REGISTRY[decoder]
+        # The APD knobs given (left out: the decoder's defaults); a decoder that does not take one refuses it.
+        knobs = {k: v for k, v in {"R": R, "W": W, "M": M, "rule": rule}.items() if v is not None}
+        unused = [k for k in knobs if k not in self.chosen.fields()]
+        if unused:
+            raise ValueError(f"decoder={decoder} does not take {', '.join(unused)} (APD's knobs): leave "
+                             f"{'it' if len(unused) == 1 else 'them'} out, or use decoder=apd")
         self.settings = self.chosen.settings_from(knobs)
+        self.settings.validate()
         self.batch_size = int(batch_size)
         self.verifier = load_model(verifier, param_dtype=dtype)
         if not self.verifier.cfg.causal:
@@ -143,14 +148,15 @@ class APDLM(TemplateLM):
         vocab = None if self.drafter is None else shared_vocab_size(self.drafter.cfg, self.verifier.cfg)
         self.models = Models(self.drafter, self.verifier, shared_vocab=vocab)
         self.tokenizer = load_tokenizer(verifier)
-        capacity = min(m.cfg.max_position_embeddings for m in (self.drafter, self.verifier) if m is not None)
-        self.max_length = capacity if max_length is None else int(max_length)
-        if not 1 <= self.max_length <= capacity:
-            raise ValueError(f"max_length={max_length} must lie in [1, {capacity}] (the models' context)")
+        context = self.chosen.capacity(self.models, self.settings)
+        self.max_length = context if max_length is None else max_length
+        if type(self.max_length) is not int or not 1 <= self.max_length <= context:
+            raise ValueError(f"max_length={max_length!r} must lie in [1, {context}] (an int: the models' context)")
         self.key = jax.random.key(int(seed))
         self.throughput = Throughput()
         self.info = {"drafter": str(drafter), "verifier": str(verifier), "decoder": decoder, "dtype": dtype,
-                     **knobs, "max_length": self.max_length}
+                     **{k: getattr(self.settings, k) for k in ("R", "W", "M", "rule") if k in self.chosen.fields()},
+                     "max_length": self.max_length}
 
     @property
     def eot_token_id(self) -> int:

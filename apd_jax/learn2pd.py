@@ -30,7 +30,7 @@ from flax import nnx
 
 from apd_jax.checkpoint import atomic_dir
 from apd_jax.diffusion import ParallelConfig, Prediction, first_index, parallel_decode
-from apd_jax.generation import GenerationResult
+from apd_jax.generation import GenerationResult, check_config
 from apd_jax.model import Qwen2
 
 # Per masked position and pass, each in about [0, 1]. No pass index: the oracle finishes in a
@@ -138,5 +138,6 @@ def learn2pd_generate(
 ) -> GenerationResult:
     """Parallel decoding where a trained filter picks the predictions to keep each pass
     (at least the most confident), with End-of-Text prediction; one compiled call."""
+    config = check_config(config, Learn2PDConfig)
     rule = FilterRule(learned, config.keep_threshold, model.cfg.vocab_size)
     return parallel_decode(model, rule, prompts, config, key)
