@@ -22,15 +22,17 @@ import ctypes
 import dataclasses
 import functools
 import glob
+import importlib.metadata
 import json
 import math
 import os
 import platform
+import secrets
 import shutil
 import socket
 import struct
 import sys
-import tempfile
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -212,6 +214,11 @@ def _safetensors_files(path: Path) -> tuple[list[Path], dict[str, str]]:
     found = sorted(path.glob("*.safetensors"))
     if found:
         return found, {}
+    if (path / "params").is_dir():
+        raise CheckpointError(
+            f"{path} is already an apd_jax checkpoint (orbax params/), not a Hugging Face one: apd-jax loads it as "
+            "it is; `apd-jax convert flax-to-hf` makes a Hugging Face checkpoint of it"
+        )
     raise CheckpointError(
         f"no weights in {path}: expected model.safetensors or model.safetensors.index.json with its shards "
         "(PyTorch .bin checkpoints are not read; re-save them with safe_serialization=True)"
@@ -564,19 +571,89 @@ def load_hf(path: str | Path, *, param_dtype: Any = None, dtype: Any = None, mes
 
 
 PARTIAL_MARKER = ".apd_jax_partial"  # in a temporary output directory while it is being written
+# In every directory apd_jax writes (atomic_dir): what it wrote there, so that overwrite replaces a
+# directory only when it holds nothing else (a user's README.md, .git/ or runs/ are never deleted).
+WRITTEN_MANIFEST = ".apd_jax_written.json"
+_OURS = {PARTIAL_MARKER, WRITTEN_MANIFEST}
 
 
-def _is_checkpoint_dir(path: Path) -> bool:
-    """A directory --overwrite may replace: empty, an apd_jax (orbax) one, or a HF one (config.json + weights)."""
-    if path.is_symlink() or not path.is_dir():
-        return False
-    if not any(path.iterdir()) or (path / "params" / "_CHECKPOINT_METADATA").is_file():
-        return True
-    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+def _entries(root: Path) -> set[str]:
+    """Every file, directory and link under `root`, relative to it (links are not followed)."""
+    found = set()
+    for parent, dirs, files in os.walk(root):
+        rel = Path(parent).relative_to(root)
+        found.update(str(rel / name) for name in dirs + files)
+    return found
 
 
-def _check_destination(out: Path, sources: Iterable[Path], overwrite: bool) -> None:
-    """Refuse an output that is, is inside or holds a source, and replace only checkpoint directories."""
+def _write_manifest(directory: Path) -> None:
+    files = sorted(_entries(directory) - _OURS)
+    manifest = {"writer": "apd_jax", "version": _version(), "files": files}
+    (directory / WRITTEN_MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("apd_jax")
+    except importlib.metadata.PackageNotFoundError:  # a source checkout that is not pip-installed
+        return "unknown"
+
+
+def _listed(directory: Path) -> set[str] | None:
+    """The entries apd_jax's manifest in `directory` says it wrote; None without a readable manifest."""
+    try:
+        manifest = json.loads((directory / WRITTEN_MANIFEST).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    files = manifest.get("files") if isinstance(manifest, dict) and manifest.get("writer") == "apd_jax" else None
+    return set(files) if isinstance(files, list) and all(isinstance(f, str) for f in files) else None
+
+
+def _outermost(entries: set[str], limit: int = 4) -> str:
+    """Up to `limit` of `entries`, each folder named once (not its contents), for a message."""
+    top = sorted(e for e in entries if str(Path(e).parent) not in entries)
+    more = f" and {len(top) - limit} more" if len(top) > limit else ""
+    return ", ".join(top[:limit]) + more
+
+
+def _check_replaceable(out: Path) -> None:
+    """Raise unless overwrite may replace `out`: an empty directory, or one whose manifest lists
+    everything it holds (apd_jax wrote it and no one added to it)."""
+    refuse = ("--overwrite (overwrite=True) replaces only a directory apd_jax wrote: remove it yourself or choose "
+              "another output directory")
+    if out.is_symlink() or not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory; {refuse}")
+    entries = _entries(out) - {PARTIAL_MARKER}
+    if not entries:
+        return
+    listed = _listed(out)
+    if listed is None:
+        raise FileExistsError(
+            f"{out} was not written by apd_jax (it has no {WRITTEN_MANIFEST}, as directories written by other "
+            f"tools or by earlier versions of apd_jax do not); {refuse}"
+        )
+    foreign = entries - listed - _OURS
+    if foreign:
+        raise FileExistsError(f"{out} holds files apd_jax did not write ({_outermost(foreign)}); {refuse}")
+
+
+def _check_writable(out: Path) -> None:
+    """Raise unless `out` can be made: the nearest existing folder above it is a directory this user may write."""
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(f"cannot write {out}: {parent} is a file, not a directory; choose another output directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(
+            f"cannot write {out}: {parent} is not writable (permissions, or a read-only or immutable file system); "
+            "choose a writable output directory"
+        )
+
+
+def check_output(out: Path, overwrite: bool, *, sources: Iterable[Path] = ()) -> None:
+    """Refuse an output directory before any work: one that is, is inside or holds a source, one that
+    exists (unless overwrite, and then only one apd_jax wrote), or one that cannot be written."""
     target = out.resolve()
     for src in sources:
         src_real = Path(src).expanduser().resolve()
@@ -591,12 +668,12 @@ def _check_destination(out: Path, sources: Iterable[Path], overwrite: bool) -> N
             )
     if out.exists() or out.is_symlink():
         if not overwrite:
-            raise FileExistsError(f"{out} already exists; choose another output directory or pass overwrite=True")
-        if not _is_checkpoint_dir(out):
             raise FileExistsError(
-                f"{out} exists and is not an apd_jax or Hugging Face checkpoint directory (nor empty); overwrite "
-                "replaces only those: remove it yourself or choose another output directory"
+                f"{out} already exists; choose another output directory, or pass --overwrite (overwrite=True from "
+                "Python) to replace a directory apd_jax wrote"
             )
+        _check_replaceable(out)
+    _check_writable(out)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -622,39 +699,71 @@ def _remove_leftovers(out: Path) -> None:
             continue
         pid = owner.get("pid") if isinstance(owner, dict) else None
         if isinstance(pid, int) and owner.get("host") == socket.gethostname() and not _pid_alive(pid):
-            shutil.rmtree(tmp, ignore_errors=True)
+            _remove_tmp(tmp)
 
 
 def _marked_tmp(out: Path) -> Path:
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    (tmp / PARTIAL_MARKER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    """A new hidden sibling `.NAME.XXXXXXXX` of `out`, marked as this process's at once; made with
+    the user's umask (as any folder they make), since it becomes the output."""
+    while True:
+        tmp = out.parent / f".{out.name}.{secrets.token_hex(4)}"
+        try:
+            tmp.mkdir()
+            break
+        except FileExistsError:
+            continue
+    try:
+        (tmp / PARTIAL_MARKER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    except BaseException:
+        tmp.rmdir()
+        raise
     return tmp
+
+
+def _remove_tmp(tmp: Path) -> None:
+    """Remove a marked temporary directory, its marker last: one that cannot be removed whole stays
+    marked, so a later run removes it."""
+    for child in tmp.iterdir():
+        if child.name == PARTIAL_MARKER:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+    if all(child.name == PARTIAL_MARKER for child in tmp.iterdir()):
+        (tmp / PARTIAL_MARKER).unlink(missing_ok=True)
+        tmp.rmdir()
 
 
 @contextlib.contextmanager
 def atomic_dir(out: Path, overwrite: bool, *, sources: Iterable[Path] = ()) -> Iterator[Path]:
-    """A temporary sibling directory that replaces `out` only if the `with` body succeeds.
-
-    `out` may not be, be inside or hold one of `sources`; with overwrite it replaces only a
-    checkpoint directory. Leftovers of interrupted runs (marked temporary directories) are removed."""
+    """A temporary sibling directory that replaces `out` only if the `with` body succeeds, with
+    apd_jax's manifest of what it holds (WRITTEN_MANIFEST). An error or Ctrl-C leaves `out` as it
+    was and removes the temporary directory: the body must have stopped writing into it (see
+    _save_params). `out` is checked by check_output; leftovers of killed runs (marked temporary
+    directories) are removed."""
     out = Path(out).expanduser()
-    _check_destination(out, sources, overwrite)
+    check_output(out, overwrite, sources=sources)
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(out)
-    tmp = _marked_tmp(out)
+    tmp, old = _marked_tmp(out), None
     try:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    (tmp / PARTIAL_MARKER).unlink()
-    if not out.exists():
+        _write_manifest(tmp)
+        if out.exists():
+            old = _marked_tmp(out)  # the replaced directory waits here, marked, until the new one is in place
+            out.rename(old / out.name)
         tmp.rename(out)
-        return
-    old = _marked_tmp(out)  # the replaced directory waits here, marked, until the new one is in place
-    out.rename(old / out.name)
-    tmp.rename(out)
-    shutil.rmtree(old)
+    except BaseException:
+        if old is not None and not out.exists():
+            (old / out.name).rename(out)  # the replaced directory back in its place
+        for path in (tmp, old):
+            if path is not None and path.exists():
+                _remove_tmp(path)
+        raise
+    (out / PARTIAL_MARKER).unlink(missing_ok=True)
+    if old is not None:
+        _remove_tmp(old)
 
 
 # Copied alongside the weights so a converted directory is self-contained.
@@ -684,7 +793,16 @@ class _LazyParam:
 
 class _LazyParamHandler(ocp.type_handlers.NumpyHandler):
     """Saves _LazyParam leaves as numpy arrays, one at a time (orbax's own handler writes a batch
-    concurrently, which would read every leaf at once); restored by the standard handlers."""
+    concurrently, which would read every leaf at once); restored by the standard handlers.
+
+    The writing stops before the next leaf once `stop` is set, or when a leaf's read fails: that
+    error is kept in `error` for _save_params to raise in the caller's thread (raised in orbax's
+    writer thread, absl would log it with its traceback first)."""
+
+    def __init__(self, stop: threading.Event):
+        super().__init__()
+        self.stop = stop
+        self.error: Exception | None = None
 
     async def serialize(self, values, infos, args=None):  # noqa: ANN001 (orbax's TypeHandler signature)
         # Chunks of READ_CHUNK_BYTES: a sharded restore reads only the chunks of its own slice.
@@ -692,7 +810,15 @@ class _LazyParamHandler(ocp.type_handlers.NumpyHandler):
 
         async def write_one_by_one() -> None:
             for value, info, arg in zip(values, infos, args):
-                await self._background_serialize([value.read()], [info], [arg])
+                if self.stop.is_set():
+                    return
+                try:
+                    array = value.read()
+                except Exception as err:
+                    self.error = err
+                    return
+                await self._background_serialize([array], [info], [arg])
+                del array
                 _release_host_memory()
 
         return [ocp.future.CommitFutureAwaitingContractedSignals(write_one_by_one(), name="apd_jax_lazy_params")]
@@ -718,18 +844,58 @@ _LIBC = ctypes.CDLL("libc.so.6") if sys.platform == "linux" and platform.libc_ve
 
 
 def _save_params(directory: Path, params: Mapping[str, Any]) -> None:
-    """Flat Flax parameters (arrays or _LazyParam) -> an orbax checkpoint at `directory`."""
+    """Flat Flax parameters (arrays or _LazyParam) -> an orbax checkpoint at `directory`, written
+    on a thread of its own (_write_until_stopped): Ctrl-C stops it between leaves."""
+    stop = threading.Event()
+    lazy = _LazyParamHandler(stop)
     registry = ocp.type_handlers.create_type_handler_registry(
         (jax.Array, ocp.type_handlers.ArrayHandler()), (np.ndarray, ocp.type_handlers.NumpyHandler()),
-        (_LazyParam, _LazyParamHandler()),
+        (_LazyParam, lazy),
     )
     tree = traverse_util.unflatten_dict(params, sep=".")
     # Every leaf in chunks of about READ_CHUNK_BYTES (orbax's default is one chunk per leaf, which a
     # load would read whole), in the layout _orbax_leaf reads: OCDBT with zarr v2 (not zarr3).
     save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=READ_CHUNK_BYTES), tree)
     handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_ocdbt=True, use_zarr3=False)
-    with ocp.Checkpointer(handler) as ckptr:
-        ckptr.save(directory.absolute(), args=ocp.args.PyTreeSave(tree, save_args=save_args))
+
+    def save() -> None:
+        with ocp.Checkpointer(handler) as ckptr:
+            ckptr.save(directory.absolute(), args=ocp.args.PyTreeSave(tree, save_args=save_args))
+
+    _write_until_stopped(save, stop)
+    if lazy.error is not None:
+        raise lazy.error
+
+
+def _write_until_stopped(write: Callable[[], None], stop: threading.Event) -> None:
+    """write() on a thread of its own, awaited. Ctrl-C raises KeyboardInterrupt in the main thread
+    only, anywhere (inside orbax too, while its threads go on writing): here it sets `stop` and
+    raises only once write() has returned, so that the caller's cleanup removes a directory nothing
+    writes into any more. A second Ctrl-C while waiting is ignored; the wait is one parameter.
+    (Awaited through an Event: a Thread.join interrupted by Ctrl-C marks the thread as finished
+    while it still runs, in Python before 3.13.)"""
+    failed: list[BaseException] = []
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            write()
+        except BaseException as err:  # raised in the caller's thread below
+            failed.append(err)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="apd_jax_write").start()
+    try:
+        done.wait()
+    except KeyboardInterrupt:
+        stop.set()
+        while not done.is_set():
+            with contextlib.suppress(KeyboardInterrupt):
+                done.wait()
+        raise
+    if failed:
+        raise failed[0]
 
 
 def convert_hf_to_orbax(hf_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> Path:
@@ -738,6 +904,7 @@ def convert_hf_to_orbax(hf_dir: str | Path, out_dir: str | Path, *, overwrite: b
     Each parameter is read, converted and written before the next, on the host alone (numpy): no
     device array is made and nothing is compiled, so an accelerator's runtime costs it nothing."""
     hf_dir, out_dir = Path(hf_dir).expanduser(), Path(out_dir).expanduser()
+    check_output(out_dir, overwrite, sources=(hf_dir,))
     cfg = read_config(hf_dir)
     tensors = _checked_index(hf_dir, cfg)
     shapes = expected_shapes(cfg)
@@ -824,6 +991,11 @@ def _orbax_leaf(
 
 def _orbax_dir(ckpt_dir: str | Path) -> Path:
     ckpt_dir = Path(ckpt_dir).expanduser()
+    if not (ckpt_dir / "params").is_dir() and any(ckpt_dir.glob("*.safetensors")):
+        raise CheckpointError(
+            f"{ckpt_dir} is a Hugging Face checkpoint (safetensors), not an apd_jax one: apd-jax loads it as it is; "
+            "`apd-jax convert hf-to-flax` makes an apd_jax checkpoint of it"
+        )
     if not (ckpt_dir / "params").is_dir():
         raise CheckpointError(f"{ckpt_dir} is not an apd_jax checkpoint: {ckpt_dir / 'params'} is missing")
     return ckpt_dir
@@ -940,10 +1112,11 @@ def export_hf(
 ) -> Path:
     """Flat Flax parameters -> HF safetensors (sharded past max_shard_size bytes) + config.json
     (copied from config_dir); dtypes as given."""
-    config_dir = Path(config_dir).expanduser()
+    config_dir, out_dir = Path(config_dir).expanduser(), Path(out_dir).expanduser()
+    check_output(out_dir, overwrite, sources=(config_dir,))
     _check_params(params, config_dir, read_config(config_dir))
     specs = {p: jax.ShapeDtypeStruct(np.shape(a), a.dtype) for p, a in params.items()}
-    return _write_hf(specs, iter(params.items()), config_dir, Path(out_dir).expanduser(), overwrite=overwrite,
+    return _write_hf(specs, iter(params.items()), config_dir, out_dir, overwrite=overwrite,
                      max_shard_size=max_shard_size)
 
 
@@ -969,19 +1142,29 @@ def convert_orbax_to_hf(
 ) -> Path:
     """apd_jax orbax checkpoint -> HF directory (sharded like the hub's), dtypes as stored; the
     parameters are restored and written about 1 GB at a time."""
+    out_dir = Path(out_dir).expanduser()
+    check_output(out_dir, overwrite, sources=(Path(ckpt_dir).expanduser(),))
     ckpt_dir = _orbax_dir(ckpt_dir)
     cfg = read_config(ckpt_dir)
     saved = _saved_shapes(ckpt_dir, expected_shapes(cfg))
     specs = {p: jax.ShapeDtypeStruct(tuple(saved[p].shape), saved[p].dtype) for p in expected_shapes(cfg)}
     arrays = _restored_in_batches(ckpt_dir, specs, 10**9)
-    return _write_hf(specs, arrays, ckpt_dir, Path(out_dir).expanduser(), overwrite=overwrite,
+    return _write_hf(specs, arrays, ckpt_dir, out_dir, overwrite=overwrite,
                      max_shard_size=max_shard_size)
 
 
 def load_model(path: str | Path, *, param_dtype: Any = None, dtype: Any = None, mesh: Mesh | None = None) -> Qwen2:
     """An apd_jax (orbax) directory or a Hugging Face directory, whichever `path` is, streamed onto
     the default device or into each device's shard of `mesh`."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"load_model(path={path!r}): expected a checkpoint directory as a str or Path, "
+                        f"not {type(path).__name__}")
     path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(
+            f"load_model: {path} is a file; expected a checkpoint directory (a Hugging Face one: config.json and "
+            "*.safetensors, or an apd_jax one: config.json and params/)"
+        )
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} not found")
     if (path / "params").is_dir():

@@ -62,20 +62,23 @@ def test_destination_inside_the_source_is_refused(src, capsys):
     assert snapshot(src) == before
 
 
-def test_overwrite_replaces_only_a_checkpoint_directory(src, tmp_path, capsys):
+def test_overwrite_replaces_only_a_directory_apd_jax_wrote(src, tmp_path, capsys):
     other = tmp_path / "other"
     other.mkdir()
     (other / "thesis.tex").write_text("years of work")
-    refused(["convert", "hf-to-flax", str(src), str(other), "--overwrite"], capsys, "is not an apd_jax or Hugging Face")
+    refused(["convert", "hf-to-flax", str(src), str(other), "--overwrite"], capsys, "was not written by apd_jax")
     assert (other / "thesis.tex").read_text() == "years of work"
-    # A previous conversion is a checkpoint: replaced, complete, with no marker left in it.
+    # A previous conversion is apd_jax's: replaced, complete, with no marker left in it.
     out = tmp_path / "flax"
     assert main(["convert", "hf-to-flax", str(src), str(out)]) == 0
-    (out / "stale.txt").write_text("from the old output")
     assert main(["convert", "hf-to-flax", str(src), str(out), "--overwrite"]) == 0
-    assert not (out / "stale.txt").exists() and not (out / PARTIAL_MARKER).exists()
+    assert not (out / PARTIAL_MARKER).exists()
     assert (out / "params").is_dir() and (out / "config.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["flax", "models", "other"]
+    # Once a file apd_jax did not write is added to it, it is no longer replaced.
+    (out / "notes.txt").write_text("mine")
+    refused(["convert", "hf-to-flax", str(src), str(out), "--overwrite"], capsys, "holds files apd_jax did not write")
+    assert (out / "notes.txt").read_text() == "mine"
 
 
 HOLD = """
