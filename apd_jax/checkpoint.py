@@ -922,32 +922,52 @@ def convert_hf_to_orbax(hf_dir: str | Path, out_dir: str | Path, *, overwrite: b
     return out_dir
 
 
-def _flat(tree: Mapping) -> dict[str, Any]:
-    return traverse_util.flatten_dict(tree, sep=".")
+RECONVERT = "convert the checkpoint again from its Hugging Face directory (apd-jax convert hf-to-flax)"
+_UNFUSED = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # names of apd_jax's layout before the fusion
+
+
+def _damage(ckpt_dir: Path) -> str:
+    """What is known to be wrong with a checkpoint whose data cannot be read: the files apd_jax wrote
+    there (its manifest) that are gone, else that a data file is damaged."""
+    listed = _listed(ckpt_dir) or set()
+    gone = sorted(name for name in listed if not (ckpt_dir / name).exists())
+    if gone:
+        return f"files apd_jax wrote there are missing: {_outermost(set(gone), 2)}"
+    return "a data file is damaged (truncated or overwritten)"
+
+
+def _check_metadata_file(ckpt_dir: Path) -> None:
+    """orbax's list of the arrays (params/_METADATA) is there and readable JSON: orbax itself only logs
+    a warning without it, and then reports no arrays at all."""
+    file = ckpt_dir / "params" / "_METADATA"
+    if not file.is_file():
+        raise CheckpointError(f"{ckpt_dir} is damaged: {file} (orbax's list of its arrays) is missing; {RECONVERT}")
+    try:
+        json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{ckpt_dir} is damaged: {file} is not valid JSON ({err}); {RECONVERT}") from None
 
 
 def _saved_shapes(ckpt_dir: Path, shapes: Mapping[str, Any]) -> dict[str, Any]:
     """The orbax checkpoint's array metadata, checked to hold exactly this model's parameters."""
+    _check_metadata_file(ckpt_dir)
     with ocp.StandardCheckpointer() as ckptr:
         metadata = ckptr.metadata((ckpt_dir / "params").absolute()).item_metadata
+    if metadata is None:
+        raise CheckpointError(f"{ckpt_dir} is damaged: orbax cannot read the list of its arrays; {RECONVERT}")
     saved = {".".join(str(k.key) for k in path): m for path, m in jax.tree_util.tree_flatten_with_path(metadata)[0]}
-    if set(saved) != set(shapes):
+    unexpected, missing = sorted(set(saved) - set(shapes)), sorted(set(shapes) - set(saved))
+    if any(name in path for path in unexpected for name in _UNFUSED):
         raise CheckpointError(
-            f"{ckpt_dir} does not hold this apd_jax's parameters: unexpected {sorted(set(saved) - set(shapes))[:4]}, "
-            f"missing {sorted(set(shapes) - set(saved))[:4]}. A checkpoint saved before the fused q/k/v and gate/up "
-            "projections must be converted again from its Hugging Face directory (apd-jax convert hf-to-flax)"
+            f"{ckpt_dir} was saved by an apd_jax before the fused q/k/v and gate/up projections "
+            f"(it holds {unexpected[0]!r}); {RECONVERT}"
+        )
+    if unexpected or missing:
+        raise CheckpointError(
+            f"{ckpt_dir} does not hold the parameters its config.json describes: unexpected {unexpected[:4]}, "
+            f"missing {missing[:4]}; {RECONVERT}"
         )
     return saved
-
-
-def _restore(ckpt_dir: Path, target: Mapping[str, Any]) -> dict[str, Any]:
-    """Restore the leaves of `target` (flat ShapeDtypeStructs) to the host with orbax, with at most
-    about the largest leaf (rounded up to whole GB, orbax's unit) in flight."""
-    largest = max(_nbytes(s) for s in target.values() if s is not ocp.PLACEHOLDER)
-    handler = ocp.StandardCheckpointHandler(restore_concurrent_gb=max(1, math.ceil(largest / 10**9)))
-    with ocp.Checkpointer(handler) as ckptr:
-        tree = traverse_util.unflatten_dict(dict(target), sep=".")
-        return _flat(ckptr.restore((ckpt_dir / "params").absolute(), args=ocp.args.StandardRestore(tree)))
 
 
 # orbax's own context for reading its checkpoints: a cache for the OCDBT B-tree nodes only (array
@@ -955,27 +975,28 @@ def _restore(ckpt_dir: Path, target: Mapping[str, Any]) -> dict[str, Any]:
 _TS_CONTEXT = {"file_io_concurrency": {"limit": 128}, "cache_pool#ocdbt": {"total_bytes_limit": 100_000_000}}
 
 
-def _orbax_leaf(
-    params_dir: Path, path: str, want: jax.ShapeDtypeStruct, sharding: Sharding, context: ts.Context
-) -> _Placement:
-    """One leaf of an orbax checkpoint (OCDBT, zarr, as _save_params writes them), to be read with
-    tensorstore straight into `sharding`, a few stored chunks at a time (_device_arrays). Orbax's
-    restore reads each leaf whole into host memory first and lets reads run ahead of the transfers
-    to the device, so a model's restore held several GB of host buffers whatever
-    restore_concurrent_gb said."""
+def _open_orbax_leaf(
+    params_dir: Path, path: str, want: jax.ShapeDtypeStruct, context: ts.Context
+) -> tuple[ts.TensorStore, Callable[[tuple[slice, ...]], np.ndarray]]:
+    """One leaf of an orbax checkpoint (OCDBT, zarr, as _save_params writes them), checked to have
+    `want`'s shape, and `read(index)` -> that part of it in host memory."""
     spec = {"driver": "zarr", "recheck_cached_metadata": False, "recheck_cached_data": False,
             "kvstore": {"driver": "ocdbt", "base": f"file://{params_dir.absolute()}/", "path": path,
                         "cache_pool": "cache_pool#ocdbt"}}
     try:
         t = ts.open(spec, open=True, read=True, context=context).result()
     except ValueError as err:
-        raise CheckpointError(f"{params_dir} has no readable array {path!r} ({err}); convert the checkpoint again") from None
+        raise CheckpointError(
+            f"{params_dir} has no readable array {path!r} ({_damage(params_dir.parent)}: {err}); {RECONVERT}"
+        ) from None
 
     def read(index: tuple[slice, ...]) -> np.ndarray:
         try:
             return t[index].read().result()
         except ValueError as err:
-            raise CheckpointError(f"{params_dir}: reading {path!r} failed ({err}); convert the checkpoint again") from None
+            raise CheckpointError(
+                f"{params_dir}: reading {path!r} failed ({_damage(params_dir.parent)}: {err}); {RECONVERT}"
+            ) from None
 
     shape, dtype = tuple(t.shape), np.dtype(t.dtype.numpy_dtype)
     if shape != tuple(want.shape) or dtype not in _DTYPE_NAMES:
@@ -984,6 +1005,18 @@ def _orbax_leaf(
             f"{params_dir.parent / 'config.json'} implies {tuple(want.shape)}: the config.json does not match the "
             "weights; convert the checkpoint again from its Hugging Face directory"
         )
+    return t, read
+
+
+def _orbax_leaf(
+    params_dir: Path, path: str, want: jax.ShapeDtypeStruct, sharding: Sharding, context: ts.Context
+) -> _Placement:
+    """One leaf of an orbax checkpoint, to be read with tensorstore straight into `sharding`, a few
+    stored chunks at a time (_device_arrays). Orbax's restore reads each leaf whole into host
+    memory first and lets reads run ahead of the transfers to the device, so a model's restore held
+    several GB of host buffers whatever restore_concurrent_gb said."""
+    t, read = _open_orbax_leaf(params_dir, path, want, context)
+    shape = tuple(t.shape)
     axis, step = _block_plan(shape, tuple(t.chunk_layout.read_chunk.shape), t.dtype.numpy_dtype.itemsize)
     unit = t.chunk_layout.read_chunk.shape[axis] if shape else 1
     return _Placement(shape, sharding, read, lambda index: _even_blocks(index, shape, step, axis, unit), axis)
@@ -1120,35 +1153,26 @@ def export_hf(
                      max_shard_size=max_shard_size)
 
 
-def _restored_in_batches(ckpt_dir: Path, specs: Mapping[str, Any], budget: int) -> Iterator[tuple[str, np.ndarray]]:
-    """(path, host array) in `specs` order, restored from orbax a batch of about `budget` bytes at a time."""
-    batch: list[str] = []
-    size = 0
-    paths = list(specs)
-    for i, path in enumerate(paths):
-        batch.append(path)
-        size += _nbytes(specs[path])
-        if size >= budget or i == len(paths) - 1:
-            target = {p: jax.ShapeDtypeStruct(specs[p].shape, specs[p].dtype) if p in batch else ocp.PLACEHOLDER
-                      for p in paths}
-            restored = _restore(ckpt_dir, target)
-            for p in batch:
-                yield p, np.asarray(restored.pop(p))
-            batch, size = [], 0
+def _orbax_host_arrays(ckpt_dir: Path, specs: Mapping[str, Any]) -> Iterator[tuple[str, np.ndarray]]:
+    """(path, host array) in `specs` order, each leaf read whole with tensorstore (as load_orbax reads it)."""
+    context = ts.Context(_TS_CONTEXT)
+    for path, want in specs.items():
+        _, read = _open_orbax_leaf(ckpt_dir / "params", path, want, context)
+        yield path, read((slice(None),) * len(want.shape))
 
 
 def convert_orbax_to_hf(
     ckpt_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False, max_shard_size: int = MAX_SHARD_SIZE
 ) -> Path:
-    """apd_jax orbax checkpoint -> HF directory (sharded like the hub's), dtypes as stored; the
-    parameters are restored and written about 1 GB at a time."""
+    """apd_jax orbax checkpoint -> HF directory (sharded like the hub's), dtypes as stored; one
+    parameter is read and written at a time."""
     out_dir = Path(out_dir).expanduser()
     check_output(out_dir, overwrite, sources=(Path(ckpt_dir).expanduser(),))
     ckpt_dir = _orbax_dir(ckpt_dir)
     cfg = read_config(ckpt_dir)
     saved = _saved_shapes(ckpt_dir, expected_shapes(cfg))
     specs = {p: jax.ShapeDtypeStruct(tuple(saved[p].shape), saved[p].dtype) for p in expected_shapes(cfg)}
-    arrays = _restored_in_batches(ckpt_dir, specs, 10**9)
+    arrays = _orbax_host_arrays(ckpt_dir, specs)
     return _write_hf(specs, arrays, ckpt_dir, out_dir, overwrite=overwrite,
                      max_shard_size=max_shard_size)
 

@@ -14,7 +14,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("src", type=user_path, help="source checkpoint directory")
     p.add_argument("dst", type=user_path, help="output directory (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace dst if it is an apd_jax or Hugging Face checkpoint directory (never the source)")
+                   help="replace dst if apd_jax wrote it and it holds nothing else (never the source, nor a "
+                        "directory with files of yours)")
     p.add_argument("--max-shard-size", type=float, default=MAX_SHARD_SIZE / 10**9, metavar="GB",
                    help="flax-to-hf: safetensors files of at most this many GB, with an index past one "
                         "(default %(default)g, as save_pretrained)")
@@ -33,3 +34,10 @@ def run(args: argparse.Namespace) -> int:
                                   max_shard_size=int(args.max_shard_size * 10**9))
     print(f"wrote {out}")
     return 0
+
+
+def interrupted(args: argparse.Namespace) -> str:
+    """What Ctrl-C left: the output is renamed into place only once complete, and the temporary
+    directory is removed once the writing has stopped (checkpoint.atomic_dir)."""
+    kept = f"{args.dst} was left as it was" if args.dst.exists() else f"{args.dst} was not written"
+    return f"{kept} and nothing was left behind; run the same command again to convert"
