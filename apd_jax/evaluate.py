@@ -19,34 +19,48 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import jax
-from rich.progress import track
+from rich.progress import BarColumn, MofNCompleteColumn, TimeRemainingColumn
 
 from apd_jax.apd import APDConfig, apd_generate, shared_vocab_size
 from apd_jax.batching import DEFAULT_BATCH_SIZE, generate_batched, padded_batches
 from apd_jax.checkpoint import load_model, load_tokenizer
 from apd_jax.model import Qwen2
+from apd_jax.progress import terminal_progress
 
 PROMPT = "Question: {question}\nAnswer:"
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
+# What `apd-jax eval` reads, for its error messages.
+EXPECTED = "JSONL: one JSON object with 'question' and 'answer' per line"
+
+
 def load_jsonl(path: str | Path) -> list[dict]:
+    """The items of an evaluation file; a file that is not EXPECTED is an error naming it (and its line)."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"evaluation file {path} is a directory; expected a file of {EXPECTED}")
     if not path.is_file():
         raise FileNotFoundError(f"evaluation file {path} not found")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"evaluation file {path} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset "
+                         f"{err.start}); expected {EXPECTED}") from None
     items = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    # Lines end at \n only: a JSON string may hold a form feed or U+2028, which splitlines() would split at.
+    for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
             item = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{n} is not JSON: {err.msg}") from None
+            raise ValueError(f"{path}:{n} is not JSON ({err.msg}); expected {EXPECTED}") from None
         if not isinstance(item, dict) or not {"question", "answer"} <= item.keys():
             raise ValueError(f"{path}:{n} needs the keys 'question' and 'answer'")
         items.append(item)
     if not items:
-        raise ValueError(f"{path} holds no items")
+        raise ValueError(f"{path} holds no items; expected {EXPECTED}")
     return items
 
 
@@ -80,15 +94,18 @@ def evaluate(
     correct = tokens = passes = 0
     seconds = 0.0
     ids = [tokenizer.encode(prompt.format(question=item["question"])) for item in items]
-    for idx, rows in track(padded_batches(ids, batch_size), description="evaluating"):
-        start = time.perf_counter()
-        result = apd_generate(drafter, verifier, rows, config, jax.random.key(0))
-        seconds += time.perf_counter() - start
-        for i, seq in zip(idx, result.sequences()):  # the rows filling up the last batch are dropped
-            predicted = extract_answer(tokenizer.decode(seq))
-            correct += predicted is not None and predicted == extract_answer(str(items[i]["answer"]))
-        tokens += int(result.lengths[: len(idx)].sum())
-        passes += int(result.row_passes()[: len(idx)].sum())
+    columns = ("items", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with terminal_progress(columns, "evaluate", len(items)) as advance:
+        for idx, rows in padded_batches(ids, batch_size):
+            start = time.perf_counter()
+            result = apd_generate(drafter, verifier, rows, config, jax.random.key(0))
+            seconds += time.perf_counter() - start
+            for i, seq in zip(idx, result.sequences()):  # the rows filling up the last batch are dropped
+                predicted = extract_answer(tokenizer.decode(seq))
+                correct += predicted is not None and predicted == extract_answer(str(items[i]["answer"]))
+            tokens += int(result.lengths[: len(idx)].sum())
+            passes += int(result.row_passes()[: len(idx)].sum())
+            advance(len(idx))
     return EvalReport(correct / len(items), correct, len(items), tokens / max(seconds, 1e-9), tokens / max(passes, 1))
 
 

@@ -31,6 +31,7 @@ less memory, at the price of more, smaller kernels. All randomness derives from 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -39,7 +40,8 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,7 @@ from flax import nnx
 
 from apd_jax import corpus
 from apd_jax.checkpoint import export_hf, model_params
+from apd_jax.commands.train import write_text_atomically
 from apd_jax.config import (
     DRAFTER_SIZE,
     DRAFTER_STEPS,
@@ -66,7 +69,9 @@ from apd_jax.config import (
 )
 from apd_jax.evaluate import evaluate_apd
 from apd_jax.model import Qwen2, init_model, shift_right
-from apd_jax.tokenizer import EOS_ID, TOKENIZER_FILES, load_tokenizer_file, save_tokenizer, train_tokenizer
+from apd_jax.tokenizer import (
+    EOS_ID, SPECIAL_TOKENS, TOKENIZER_FILES, load_tokenizer_file, save_tokenizer, train_tokenizer,
+)
 
 # ----------------------------------------------------------------------------- objectives
 
@@ -487,32 +492,74 @@ def train_model(
 # ----------------------------------------------------------------------------- saving
 
 
+# Written into every directory `apd-jax train` makes (the tokenizer's too): its settings and corpus;
+# train replaces a directory only when it holds this record (or is empty), never a user's files.
+RECORD = "training.json"
+EVAL_FILE = "apd_eval.json"  # OUT/apd_eval.json: the APD check on held-out prompts
+
+
+def is_train_output(path: Path) -> bool:
+    """Whether train may write `path`: absent, an empty directory, or a directory holding its RECORD."""
+    if not (path.exists() or path.is_symlink()):
+        return True
+    if path.is_symlink() or not path.is_dir():
+        return False
+    return (path / RECORD).is_file() or not any(path.iterdir())
+
+
+def _refuse_foreign(path: Path) -> None:
+    if not is_train_output(path):
+        raise FileExistsError(f"{path} exists and was not written by `apd-jax train` (it holds no {RECORD}); "
+                              "train replaces only its own outputs: move it away or choose another --out")
+
+
+@contextlib.contextmanager
+def replacing(target: Path) -> Iterator[Path]:
+    """A new path beside `target` to write an output at, which replaces `target` (train's own output, or
+    absent) when the body succeeds; when the body fails or is interrupted it is removed and `target` is
+    left as it was."""
+    _refuse_foreign(target)
+    stage = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.partial")
+    old = stage.with_name(stage.name + ".old")
+    try:
+        yield stage
+        if target.exists():
+            target.rename(old)
+        stage.rename(target)
+    except BaseException:
+        if old.exists() and not target.exists():
+            old.rename(target)
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 _STORAGE = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
 
 
 def save_model(
     model: Qwen2, out_dir: str | Path, tokenizer_dir: str | Path, *, storage_dtype: str = "bfloat16",
-    extra: dict | None = None, overwrite: bool = True,
+    extra: dict | None = None,
 ) -> Path:
     """The model as a Hugging Face directory (config.json, generation_config.json,
-    model.safetensors, tokenizer files), written through checkpoint.export_hf; `extra`
-    goes to training.json beside it."""
+    model.safetensors, tokenizer files), written through checkpoint.export_hf, and `extra`
+    in its RECORD; it replaces `out_dir` only when that is train's own output."""
     if storage_dtype not in _STORAGE:
         raise ValueError(f"storage dtype {storage_dtype!r} must be one of {sorted(_STORAGE)}")
     config, generation = model.cfg.to_hf_dict(storage_dtype)
     params = {k: np.asarray(v, np.float32).astype(_STORAGE[storage_dtype]) for k, v in model_params(model).items()}
-    with tempfile.TemporaryDirectory(prefix="apd_jax_stage_") as stage:
-        stage = Path(stage)
-        (stage / "config.json").write_text(json.dumps(config, indent=2))
-        (stage / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    out = Path(out_dir)
+    with replacing(out) as stage, tempfile.TemporaryDirectory(prefix="apd_jax_stage_") as configs:
+        configs = Path(configs)
+        (configs / "config.json").write_text(json.dumps(config, indent=2))
+        (configs / "generation_config.json").write_text(json.dumps(generation, indent=2))
         for name in TOKENIZER_FILES:
             src = Path(tokenizer_dir) / name
             if not src.is_file():
                 raise FileNotFoundError(f"{src} not found: the tokenizer must be saved before the model")
-            shutil.copy2(src, stage / name)
-        out = export_hf(params, stage, out_dir, overwrite=overwrite)
-    if extra is not None:
-        (out / "training.json").write_text(json.dumps(extra, indent=2))
+            shutil.copy2(src, configs / name)
+        export_hf(params, configs, stage)
+        (stage / RECORD).write_text(json.dumps(extra or {}, indent=2))
     return out
 
 
@@ -549,12 +596,43 @@ def compute_dtype(name: str) -> Any:
     return parse_dtype(name)
 
 
-def run_pipeline(p: PipelineSettings, log: Callable[..., None] = _print) -> dict:
-    """Tokenizer (if absent or asked for), then the drafter and/or the verifier, then APD acceptance."""
+def trains_tokenizer(p: PipelineSettings) -> bool:
+    """The tokenizer is trained when asked for or when OUT/tokenizer has none."""
+    return p.retrain_tokenizer or p.which == "tokenizer" or not (Path(p.out) / "tokenizer" / "tokenizer.json").is_file()
+
+
+def check_settings(p: PipelineSettings) -> None:
+    """Before any work: the settings, and that every output this run writes is absent or train's own."""
     if p.which not in ("tokenizer", "drafter", "verifier", "both"):
         raise ValueError(f"--which {p.which!r} must be one of tokenizer, drafter, verifier, both")
     if p.stdlib_repeats < 1:
         raise ValueError(f"--stdlib-repeats {p.stdlib_repeats} must be >= 1")
+    least_vocab = 256 + len(SPECIAL_TOKENS)  # train_tokenizer's bytes and special tokens
+    if trains_tokenizer(p) and p.vocab_size < least_vocab:
+        raise ValueError(f"--vocab-size {p.vocab_size} must be >= {least_vocab} (256 bytes + special tokens)")
+    if p.eval_prompts > 0 and p.eval_max_new_tokens < 1:
+        raise ValueError(f"--eval-max-new-tokens {p.eval_max_new_tokens} must be >= 1 (or --eval-prompts 0)")
+    out = Path(p.out)
+    models = [name for name in ("drafter", "verifier") if p.which in (name, "both")]
+    for name in (["tokenizer"] if trains_tokenizer(p) else []) + models:
+        _refuse_foreign(out / name)
+    report = out / EVAL_FILE
+    if p.eval_prompts > 0 and report.exists() and not _is_eval_report(report):
+        raise FileExistsError(f"{report} exists and is not the APD check of `apd-jax train`: move it away, choose "
+                              "another --out, or pass --eval-prompts 0")
+
+
+def _is_eval_report(path: Path) -> bool:
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(report, dict) and {"tokens_per_pass", "samples"} <= report.keys()
+
+
+def run_pipeline(p: PipelineSettings, log: Callable[..., None] = _print) -> dict:
+    """Tokenizer (if absent or asked for), then the drafter and/or the verifier, then APD acceptance."""
+    check_settings(p)
     out = Path(p.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -576,9 +654,11 @@ def run_pipeline(p: PipelineSettings, log: Callable[..., None] = _print) -> dict
         f"({time.perf_counter() - t0:.1f}s)")
     seq_len = max(p.drafter_train.seq_len, p.verifier_train.seq_len)
     tok_dir = out / "tokenizer"
-    if p.retrain_tokenizer or p.which == "tokenizer" or not (tok_dir / "tokenizer.json").is_file():
+    if trains_tokenizer(p):
         tok = train_tokenizer([d.text for d in train_docs], p.vocab_size)
-        save_tokenizer(tok, tok_dir, model_max_length=seq_len)
+        with replacing(tok_dir) as stage:
+            save_tokenizer(tok, stage, model_max_length=seq_len)
+            (stage / RECORD).write_text(json.dumps({"vocab_size": p.vocab_size, "corpus": info}, indent=2))
         log(f"tokenizer: {tok.get_vocab_size()} tokens -> {tok_dir} ({time.perf_counter() - t0:.1f}s)")
     tok = load_tokenizer_file(tok_dir)
     report: dict = {"corpus": info, "tokenizer": str(tok_dir)}
@@ -619,7 +699,7 @@ def run_pipeline(p: PipelineSettings, log: Callable[..., None] = _print) -> dict
             return report
         apd = evaluate_apd(out / "drafter", out / "verifier", prompts, max_new_tokens=max_new,
                            M=min(100, max_new))
-        (out / "apd_eval.json").write_text(json.dumps(apd, indent=2))
+        write_text_atomically(out / EVAL_FILE, json.dumps(apd, indent=2))
         log(f"APD R={apd['R']} W={apd['W']} M={apd['M']} greedy on {apd['prompts']} held-out prompts: "
             f"{apd['tokens_per_pass']:.2f} tokens/pass ({apd['tokens']} tokens, {apd['passes']} passes)")
         for sample in apd["samples"][:2]:

@@ -11,6 +11,7 @@ memory; run it after `apd-jax bench --json J.json` with `--against J.json` for t
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from apd_jax import bench
@@ -18,6 +19,9 @@ from apd_jax.apd import APDConfig
 from apd_jax.autoregressive import ARConfig
 from apd_jax.checkpoint import load_model
 from apd_jax.commands import DefaultsHelpFormatter, user_path
+from apd_jax.commands.train import (
+    check_writable, finite_float, positive_int, positive_int_list, written_atomically,
+)
 from apd_jax.config import (
     ATTENTION_IMPLEMENTATIONS, ModelConfig, dream_7b_config, qwen25_05b_config, qwen25_7b_config, tiny_config,
 )
@@ -31,18 +35,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="real: Dream-7B / Qwen2.5-0.5B / Qwen2.5-7B shapes; tiny: tiny models (CPU, CI)")
     p.add_argument("--drafter", type=user_path, help="real drafter checkpoint (default: random weights)")
     p.add_argument("--verifier", type=user_path, help="real verifier checkpoint (default: random weights)")
-    p.add_argument("--batch", default="1,4,16,32", help="comma-separated batch sizes")
+    p.add_argument("--batch", type=positive_int_list, default="1,4,16,32", help="comma-separated batch sizes")
     p.add_argument("--settings", default="0.7,16,100;0.6,32,200",
                    help="APD settings, ';'-separated: 'R,W,M', or 'R,W,M,M_min,M_scale,M_margin' for adaptive "
                         "lookahead")
-    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per row")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens generated per row")
-    p.add_argument("--repeats", type=int, default=3,
+    p.add_argument("--prompt-len", type=positive_int, default=128, help="prompt tokens per row")
+    p.add_argument("--max-new-tokens", type=positive_int, default=256, help="tokens generated per row")
+    p.add_argument("--repeats", type=positive_int, default=3,
                    help="timed calls of each benchmark after its first, compiling one; the median is reported")
-    p.add_argument("--temperature", type=float, default=0.0,
+    p.add_argument("--temperature", type=finite_float, default=0.0,
                    help="every decoder's sampling temperature (0: greedy, as the published code's default)")
-    p.add_argument("--top-p", type=float, default=1.0, help="every decoder's nucleus filter (1: off)")
-    p.add_argument("--baselines", default="ar,leftright", help="comma-separated: ar, leftright (batch 1), or none")
+    p.add_argument("--top-p", type=finite_float, default=1.0, help="every decoder's nucleus filter (1: off)")
+    p.add_argument("--baselines", type=_baselines, default="ar,leftright",
+                   help="comma-separated: ar, leftright (batch 1), or none")
     p.add_argument("--profile", action="store_true",
                    help="profile one more call of every benchmark and print its top device ops per pass")
     p.add_argument("--torch", action="store_true",
@@ -56,6 +61,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "compared with xla's first)")
     p.add_argument("--json", type=user_path, help="write the results as JSON here (default: print only)")
     p.set_defaults(func=run)
+
+
+BASELINES = ("ar", "leftright")
+
+
+def _baselines(text: str) -> list[str]:
+    """--baselines: comma-separated BASELINES, or 'none' alone."""
+    names = [name.strip() for name in text.split(",")]
+    if names == ["none"]:
+        return []
+    unknown = [name for name in names if name not in BASELINES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: unknown baseline {unknown[0]!r}; expected "
+                                         f"comma-separated {', '.join(BASELINES)}, or none")
+    return names
 
 
 def _parse_settings(text: str, max_new_tokens: int, **sampling: float) -> list[APDConfig]:
@@ -75,6 +95,9 @@ def _parse_settings(text: str, max_new_tokens: int, **sampling: float) -> list[A
         config = APDConfig(**knobs, max_new_tokens=max_new_tokens, eos_token_ids=(), **sampling)
         config.validate()
         settings.append(config)
+    if not settings:
+        raise ValueError(f"--settings {text!r} names no setting: expected ';'-separated 'R,W,M' entries, "
+                         "e.g. '0.7,16,100'")
     return settings
 
 
@@ -86,26 +109,49 @@ def _configs(shapes: str) -> tuple[ModelConfig, ModelConfig, ModelConfig]:
 
 
 def _check_json_path(path: Path | None) -> None:
-    """Fail before a long run, not after it, when its JSON cannot be written."""
+    """Fail before a long run, not after it, when its JSON cannot be written or would replace a file that
+    is not an earlier run's."""
     if path is None:
         return
-    if path.is_dir():
-        raise ValueError(f"--json {path} is a directory: give a file name, e.g. {path / 'bench.json'}")
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"--json {path}: directory {path.parent} does not exist; create it first")
+    check_writable("--json", path, directory=False)
+    if path.exists():
+        try:
+            earlier = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            earlier = None
+        if not (isinstance(earlier, dict) and "rows" in earlier):
+            raise FileExistsError(f"--json {path} exists and is not the JSON of an `apd-jax bench` run: "
+                                  "choose another file or move it away")
+
+
+def _write_json(args: argparse.Namespace, text: str, rows: int) -> None:
+    """--json's text, written whole (a temporary file renamed onto it); `rows` kept for interrupted()."""
+    with written_atomically(args.json) as tmp:
+        tmp.write_text(text)
+    args.rows_kept = rows
+
+
+def interrupted(args: argparse.Namespace) -> str:
+    if args.json is None:
+        return "nothing was written; the rows printed are what was measured"
+    rows = getattr(args, "rows_kept", 0)
+    if rows == 0:
+        return f"--json {args.json} was not written (nothing half-written was left behind)"
+    return f"--json {args.json} holds the {rows} rows measured before the interrupt, each written whole"
 
 
 def run(args: argparse.Namespace) -> int:
     _check_json_path(args.json)
     if args.against is not None and not args.against.is_file():
-        raise FileNotFoundError(f"--against {args.against} not found: the JSON of an `apd-jax bench --json` run")
+        problem = "is a directory" if args.against.is_dir() else "not found"
+        raise FileNotFoundError(f"--against {args.against} {problem}: give the JSON of an `apd-jax bench --json` run")
     sampling = dict(temperature=args.temperature, top_p=args.top_p)
     settings = _parse_settings(args.settings, args.max_new_tokens, **sampling)
     if args.torch:
         if args.temperature > 0 or args.top_p < 1:
             raise ValueError("--torch times greedy decoding only: drop --temperature and --top-p")
         return _torch(args, settings)
-    batches = [int(b) for b in args.batch.split(",")]
+    batches = args.batch
     d_cfg, v_cfg, ar_cfg = _configs(args.shapes)
     drafter = load_model(args.drafter) if args.drafter else bench.random_model(d_cfg, 1)
     verifier = load_model(args.verifier) if args.verifier else bench.random_model(v_cfg, 2)
@@ -125,13 +171,13 @@ def run(args: argparse.Namespace) -> int:
         rows.append(row)
         print(bench.format_row(row), flush=True)
         if args.json:  # after every row, so a run cut short keeps what it measured
-            args.json.write_text(bench.to_json(rows, ceilings))
+            _write_json(args, bench.to_json(rows, ceilings), len(rows))
 
     for cfg in settings:
         for b in batches:
             report(bench.bench_apd(drafter, verifier, cfg, b, args.prompt_len, ceilings, args.repeats,
                                    profile=args.profile))
-    baselines = [] if args.baselines == "none" else args.baselines.split(",")
+    baselines = args.baselines
     if "leftright" in baselines:
         W, M = bench.LEFTRIGHT_WM
         cfg = APDConfig(W=W, M=M, max_new_tokens=args.max_new_tokens, eos_token_ids=(), **sampling)
@@ -148,16 +194,15 @@ def run(args: argparse.Namespace) -> int:
 def _torch(args: argparse.Namespace, settings: list[APDConfig]) -> int:
     from apd_jax import bench_torch
 
-    baselines = [] if args.baselines == "none" else args.baselines.split(",")
     def report(rows: list[bench_torch.TorchRow]) -> None:
         if args.json:  # after every row, so a run cut short keeps what it measured
-            args.json.write_text(bench_torch.to_json(rows))
+            _write_json(args, bench_torch.to_json(rows), len(rows))
 
     fixed = [(c.R, c.W, c.M) for c in settings if c.M_min is None]
     if len(fixed) < len(settings):
         print("(adaptive-lookahead settings skipped: the published loop has a fixed M)", flush=True)
     rows = bench_torch.run(_configs(args.shapes), fixed, args.prompt_len, args.max_new_tokens, args.repeats,
-                           baselines, log=lambda line: print(line, flush=True), on_row=report)
+                           args.baselines, log=lambda line: print(line, flush=True), on_row=report)
     if args.against is not None:
         for line in bench_torch.ratios(rows, args.against):
             print(line, flush=True)

@@ -24,6 +24,7 @@ from apd_jax.commands.options import (
     settings_option,
     settings_values,
 )
+from apd_jax.commands.train import positive_int
 from apd_jax.apd import APDConfig
 from apd_jax.batching import DEFAULT_BATCH_SIZE
 from apd_jax.compare import compare_decoders, format_lookahead_table, format_table, lookahead_study
@@ -42,20 +43,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompts-file", type=user_path,
                         help="one prompt per line, `\\n` for a newline (ids with --random-tiny)")
-    source.add_argument("--heldout-prompts", type=int, metavar="N",
+    source.add_argument("--heldout-prompts", type=positive_int, metavar="N",
                         help="the first N held-out prompts of the stdlib corpus (apd_jax.corpus.stdlib_prompts: "
                              "the embedded pair's APD check; files it was not trained on)")
     p.add_argument("--stdlib", type=user_path, default=None,
                    help="--heldout-prompts: corpus root (default: this Python's stdlib, as `apd-jax train`)")
     p.add_argument("--filter", type=user_path,
                    help="a Learn2PD filter from `apd-jax train-filter` (default with the embedded drafter: its own)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens every decoder generates per prompt")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens every decoder generates per prompt")
     settings_option(p, "--threshold", "the threshold row's confidence and the Learn2PD rows' keep threshold",
                     ["threshold"], type=float)
     settings_option(p, "--R", "APD's mixture weight", ["apd"], type=float)
     settings_option(p, "--W", "APD's and Dream K's drafter KV window", ["apd"], type=int)
     settings_option(p, "--M", "APD's and Dream K's max lookahead", ["apd"], type=int)
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+    p.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE,
                    help="prompts each decoder decodes at once; more prompts run in batches of this size")
     p.add_argument("--lookahead", default=None, metavar="SPEC",
                    help="instead of the decoders: APD at each ';'-separated lookahead, 'M' (the paper's fixed M) "
@@ -89,23 +90,62 @@ def lookahead_settings(spec: str, base: APDConfig) -> list[APDConfig]:
     return settings
 
 
-def _completions(path: Path, tokenizer) -> tuple[list[list[int]], list[str], object]:
+COMPLETIONS = "one JSON object with 'prompt' and 'completion' per line"
+
+
+def _read_completions(path: Path) -> list[dict]:
+    """--completions: the {prompt, completion} items of a JSONL file; anything else names the file (and line)."""
     if not path.is_file():
-        raise FileNotFoundError(f"--completions {path} not found")
+        problem = "is a directory" if path.is_dir() else "not found"
+        raise FileNotFoundError(f"--completions {path} {problem}: expected a JSONL file, {COMPLETIONS}")
     try:
-        items = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"--completions {path} is not UTF-8 JSON lines: {err}") from None
-    bad = [i for i, item in enumerate(items) if not {"prompt", "completion"} <= set(item)]
-    if bad:
-        raise ValueError(f"--completions {path}: item {bad[0]} lacks 'prompt' or 'completion'")
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"--completions {path} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset "
+                         f"{err.start}); expected {COMPLETIONS}") from None
+    items = []
+    for n, line in enumerate(text.split("\n"), 1):  # lines end at \n only, as JSON strings may hold U+2028
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--completions {path}:{n} is not JSON ({err.msg}); expected {COMPLETIONS}") from None
+        if not isinstance(item, dict) or not {"prompt", "completion"} <= item.keys():
+            raise ValueError(f"--completions {path}:{n} needs the keys 'prompt' and 'completion'")
+        items.append(item)
+    return items
+
+
+def _completions(items: list[dict], tokenizer) -> tuple[list[list[int]], list[str], object]:
     return [tokenizer.encode(i["prompt"]) for i in items], [i["completion"] for i in items], tokenizer.decode
 
 
+def _check_options(args: argparse.Namespace) -> tuple[APDConfig, float, list[APDConfig] | None, list[dict] | None]:
+    """Every setting and input file checked before any model loads: APD's settings, the threshold, the
+    --lookahead study's settings and the --completions items (each None when not given)."""
+    if args.random_tiny and args.prompts_file is None:
+        raise ValueError("--random-tiny has no tokenizer: give token ids with --prompts-file")
+    values = settings_values(args)
+    apd = decoder("apd").settings_from({k: v for k, v in values.items() if k in ("R", "W", "M")}
+                                       | {"max_new_tokens": args.max_new_tokens})
+    apd.validate()
+    threshold = values.get("threshold", decoder("threshold").settings.threshold)
+    decoder("threshold").settings_from({"threshold": threshold, "max_new_tokens": args.max_new_tokens}).validate()
+    if args.completions is not None:
+        if args.lookahead is None:
+            raise ValueError("--completions adds a column to the --lookahead study: give --lookahead too")
+        if args.random_tiny:
+            raise ValueError("--completions needs a tokenizer (not --random-tiny)")
+    if args.filter is not None and not args.filter.is_dir():
+        raise FileNotFoundError(f"--filter {args.filter} is not a directory: give a filter of `apd-jax train-filter`")
+    settings = None if args.lookahead is None else lookahead_settings(args.lookahead, apd)
+    return apd, threshold, settings, None if args.completions is None else _read_completions(args.completions)
+
+
 def run(args: argparse.Namespace) -> int:
+    apd, threshold, settings, completion_items = _check_options(args)
     if args.random_tiny:
-        if args.prompts_file is None:
-            raise ValueError("--random-tiny has no tokenizer: give token ids with --prompts-file")
         drafter, verifier = init_model(tiny_config(causal=False), 1), init_model(tiny_config(causal=True), 2)
         prompts = [parse_ids(line, f"prompts file {args.prompts_file}") for line in read_prompts_file(args.prompts_file)]
     else:
@@ -122,23 +162,11 @@ def run(args: argparse.Namespace) -> int:
     if path is None:
         print("(no Learn2PD rows: give --filter DIR for this drafter)", file=sys.stderr)
     learned = None if path is None else load_filter(path)
-    values = settings_values(args)
-    apd = decoder("apd").settings_from({k: v for k, v in values.items() if k in ("R", "W", "M")}
-                                       | {"max_new_tokens": args.max_new_tokens})
-    apd.validate()
-    if args.completions is not None and args.lookahead is None:
-        raise ValueError("--completions adds a column to the --lookahead study: give --lookahead too")
-    if args.lookahead is not None:
-        settings = lookahead_settings(args.lookahead, apd)
-        completions = None
-        if args.completions is not None:
-            if args.random_tiny:
-                raise ValueError("--completions needs a tokenizer (not --random-tiny)")
-            completions = _completions(args.completions, tokenizer)
+    if settings is not None:
+        completions = None if completion_items is None else _completions(completion_items, tokenizer)
         print(format_lookahead_table(lookahead_study(drafter, verifier, prompts, settings, completions,
                                                      args.batch_size)))
         return 0
-    threshold = values.get("threshold", decoder("threshold").settings.threshold)
     progress = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     print(format_table(compare_decoders(drafter, verifier, prompts, args.max_new_tokens, apd, learned, threshold,
                                         batch_size=args.batch_size, log=progress)))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from apd_jax.batching import DEFAULT_BATCH_SIZE
 from apd_jax.checkpoint import load_model, load_tokenizer
@@ -14,6 +13,7 @@ from apd_jax.commands.options import (
     settings_option,
     settings_values,
 )
+from apd_jax.commands.train import positive_int
 from apd_jax.decoders import decoder
 from apd_jax.evaluate import evaluate, load_jsonl
 
@@ -25,8 +25,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        formatter_class=DefaultsHelpFormatter)
     p.add_argument("data", type=user_path, help="JSONL with 'question' and 'answer' per line")
     add_pair_options(p)
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first N items (default: all)")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+    p.add_argument("--limit", type=positive_int, default=None, help="evaluate the first N items (default: all)")
+    p.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE,
                    help="items decoded together, in one shape (the last batch filled up)")
     settings_option(p, "--R", "mixture weight in [0, 1]", APD, type=float)
     settings_option(p, "--W", "drafter KV window", APD, type=int)
@@ -36,10 +36,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit {args.limit} must be >= 1 (leave it out to evaluate every item)")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size {args.batch_size} must be >= 1")
     items = load_jsonl(args.data)[: args.limit]
     config = decoder("apd").settings_from(settings_values(args))
     config.validate()
@@ -49,3 +45,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"accuracy {report.accuracy:.3f} ({report.correct}/{report.total}), "
           f"{report.tokens_per_s:.1f} tokens/s, {report.tokens_per_pass:.2f} tokens/pass")
     return 0
+
+
+def interrupted(args: argparse.Namespace) -> str:
+    """eval writes no file: its result is printed at the end, so an interrupted run keeps none."""
+    return ("nothing was written and no result is kept (eval prints it at the end); run it again, with --limit N "
+            "for the first N items only")

@@ -13,9 +13,14 @@ models exist, OUT/apd_eval.json with APD tokens per pass on held-out prompts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import math
+import os
 import sys
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,6 +32,91 @@ if TYPE_CHECKING:
     from apd_jax.train import PipelineSettings
 
 
+# ----------------------------------------------------------------------------- shared by the commands
+# Option types (argparse `type=`): a bad value ends as "apd-jax CMD: error: argument --FLAG: ...",
+# naming the flag, the value and what is expected, before any work.
+
+
+def _integer(text: str, least: int, expected: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < least:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected {expected}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (a count, a size, a length)."""
+    return _integer(text, 1, "an integer >= 1")
+
+
+def nonnegative_int(text: str) -> int:
+    """An integer >= 0 (a count where 0 turns something off)."""
+    return _integer(text, 0, "an integer >= 0")
+
+
+def positive_int_list(text: str) -> list[int]:
+    """Comma-separated integers >= 1, at least one ("1,4,16")."""
+    try:
+        values = [int(item) for item in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected comma-separated integers >= 1, "
+                                         "e.g. 1,4,16")
+    return values
+
+
+def finite_float(text: str) -> float:
+    """A finite number (not nan or inf)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a finite number")
+    return value
+
+
+def check_writable(flag: str, path: Path, *, directory: bool) -> None:
+    """Fail before any work when the output `path` of `flag` cannot be written: a file where a
+    directory goes or the reverse, a parent that is a file, or no permission to write where it goes."""
+    if path.exists() and path.is_dir() != directory:
+        if directory:
+            raise FileExistsError(f"{flag} {path} is a file, not a directory: give a directory to write into")
+        raise IsADirectoryError(f"{flag} {path} is a directory: give a file name, e.g. {path / 'out.json'}")
+    absolute = path.absolute()
+    home = absolute if directory and path.is_dir() else next(p for p in absolute.parents if p.exists())
+    if not home.is_dir():
+        raise NotADirectoryError(f"{flag} {path}: {home} is a file, not a directory; choose another path")
+    if not os.access(home, os.W_OK | os.X_OK):
+        raise PermissionError(f"{flag} {path}: {home} is not writable (permissions, or a read-only file system); "
+                              "choose another path")
+
+
+@contextlib.contextmanager
+def written_atomically(path: Path) -> Iterator[Path]:
+    """A temporary file beside `path` to write in, renamed onto `path` when the body succeeds and removed
+    when it fails or is interrupted: `path` is never left half-written."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    with written_atomically(path) as tmp:
+        tmp.write_text(text)
+
+
+# ----------------------------------------------------------------------------- apd-jax train
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a small drafter/verifier pair on the Python stdlib",
                        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -34,36 +124,36 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--which", choices=("both", "tokenizer", "drafter", "verifier"), default="both",
                    help="what to train; the tokenizer is trained first whenever OUT/tokenizer is missing")
     p.add_argument("--retrain-tokenizer", action="store_true", help="retrain OUT/tokenizer even if present")
-    p.add_argument("--seed", type=int, default=0, help="drafter seed; the verifier takes seed + 1")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="drafter seed; the verifier takes seed + 1")
     g = p.add_argument_group("optimisation (drafter and verifier alike, unless --verifier-* says otherwise)")
-    g.add_argument("--steps", type=int, default=DRAFTER_STEPS, help="drafter optimiser steps")
-    g.add_argument("--verifier-steps", type=int, default=VERIFIER_STEPS, help="verifier optimiser steps")
-    g.add_argument("--batch-size", type=int, default=128, help="sequences per step")
-    g.add_argument("--seq-len", type=int, default=512, help="training window; also max_position_embeddings")
-    g.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW)")
-    g.add_argument("--verifier-lr", type=float, default=None, help="default: --lr")
-    g.add_argument("--warmup", type=int, default=300, help="linear warmup steps, then cosine decay to 10%%")
-    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay, on matrices only")
-    g.add_argument("--dropout", type=float, default=0.0,
+    g.add_argument("--steps", type=positive_int, default=DRAFTER_STEPS, help="drafter optimiser steps")
+    g.add_argument("--verifier-steps", type=positive_int, default=VERIFIER_STEPS, help="verifier optimiser steps")
+    g.add_argument("--batch-size", type=positive_int, default=128, help="sequences per step")
+    g.add_argument("--seq-len", type=positive_int, default=512, help="training window; also max_position_embeddings")
+    g.add_argument("--lr", type=finite_float, default=2e-3, help="peak learning rate (AdamW)")
+    g.add_argument("--verifier-lr", type=finite_float, default=None, help="default: --lr")
+    g.add_argument("--warmup", type=nonnegative_int, default=300, help="linear warmup steps, then cosine decay to 10%%")
+    g.add_argument("--weight-decay", type=finite_float, default=0.1, help="AdamW weight decay, on matrices only")
+    g.add_argument("--dropout", type=finite_float, default=0.0,
                    help="residual dropout on every attention and MLP output while training (0: none)")
-    g.add_argument("--verifier-dropout", type=float, default=VERIFIER_DROPOUT,
+    g.add_argument("--verifier-dropout", type=finite_float, default=VERIFIER_DROPOUT,
                    help="the verifier's residual dropout (it overfits the stdlib without it)")
-    g.add_argument("--suffix-prob", type=float, default=0.5,
+    g.add_argument("--suffix-prob", type=finite_float, default=0.5,
                    help="drafter: share of rows noised only after a clean prefix")
-    g.add_argument("--log-every", type=int, default=100, help="steps per log line (and the first step's)")
-    g.add_argument("--micro-batches", type=int, default=0,
+    g.add_argument("--log-every", type=positive_int, default=100, help="steps per log line (and the first step's)")
+    g.add_argument("--micro-batches", type=nonnegative_int, default=0,
                    help="split each step's batch in this many slices and add their gradients (the same update, "
                         "less memory); 0: the fewest whose step fits the device's free memory")
-    g.add_argument("--eval-every", type=int, default=500, help="held-out evaluation period (steps)")
-    g.add_argument("--eval-windows", type=int, default=128, help="held-out windows per evaluation")
+    g.add_argument("--eval-every", type=positive_int, default=500, help="held-out evaluation period (steps)")
+    g.add_argument("--eval-windows", type=positive_int, default=128, help="held-out windows per evaluation")
     s = p.add_argument_group("model sizes")
-    s.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary, special tokens included")
+    s.add_argument("--vocab-size", type=positive_int, default=4096, help="BPE vocabulary, special tokens included")
     for name, size in (("drafter", DRAFTER_SIZE), ("verifier", VERIFIER_SIZE)):
-        s.add_argument(f"--{name}-hidden", type=int, default=size.hidden, help=f"{name} hidden size")
-        s.add_argument(f"--{name}-layers", type=int, default=size.layers, help=f"{name} decoder layers")
-        s.add_argument(f"--{name}-heads", type=int, default=size.heads, help="head dim = hidden / heads")
-        s.add_argument(f"--{name}-kv-heads", type=int, default=size.kv_heads, help=f"{name} key/value heads")
-        s.add_argument(f"--{name}-intermediate", type=int, default=size.intermediate, help=f"{name} MLP width")
+        s.add_argument(f"--{name}-hidden", type=positive_int, default=size.hidden, help=f"{name} hidden size")
+        s.add_argument(f"--{name}-layers", type=positive_int, default=size.layers, help=f"{name} decoder layers")
+        s.add_argument(f"--{name}-heads", type=positive_int, default=size.heads, help="head dim = hidden / heads")
+        s.add_argument(f"--{name}-kv-heads", type=positive_int, default=size.kv_heads, help=f"{name} key/value heads")
+        s.add_argument(f"--{name}-intermediate", type=positive_int, default=size.intermediate, help=f"{name} MLP width")
     d = p.add_argument_group("numerics and data")
     d.add_argument("--param-dtype", choices=("float32", "bfloat16"), default="float32", help="master weights")
     d.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
@@ -75,12 +165,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="installed packages whose .py files join the training files: comma-separated names, "
                         f"'deps' for apd_jax's own dependencies ({','.join(corpus.DEPENDENCY_PACKAGES)}), or "
                         "'none', the stdlib alone, as the embedded pair was trained")
-    d.add_argument("--stdlib-repeats", type=int, default=1,
+    d.add_argument("--stdlib-repeats", type=positive_int, default=1,
                    help="times the stdlib's tokens appear in the training stream (weights it against --packages)")
-    d.add_argument("--max-files", type=int, default=None,
+    d.add_argument("--max-files", type=positive_int, default=None,
                    help="use only about this many stdlib files, and the same share of each package's (quick runs)")
-    d.add_argument("--eval-prompts", type=int, default=32, help="held-out prompts for the APD check (0: skip)")
-    d.add_argument("--eval-max-new-tokens", type=int, default=128, help="tokens per prompt in the APD check")
+    d.add_argument("--eval-prompts", type=nonnegative_int, default=32,
+                   help="held-out prompts for the APD check (0: skip)")
+    d.add_argument("--eval-max-new-tokens", type=positive_int, default=128, help="tokens per prompt in the APD check")
     p.set_defaults(func=run)
 
 
@@ -113,8 +204,6 @@ def settings_from_args(args: argparse.Namespace) -> PipelineSettings:
     def size(name: str) -> ModelSize:
         get = lambda f: getattr(args, f"{name}_{f}")  # noqa: E731
         hidden, heads, kv = get("hidden"), get("heads"), get("kv_heads")
-        if min(hidden, heads, kv, get("layers"), get("intermediate")) < 1:
-            raise ValueError(f"--{name}-* sizes must all be >= 1")
         if hidden % heads or heads % kv:
             raise ValueError(f"--{name}-hidden {hidden} must be a multiple of --{name}-heads {heads}, "
                              f"and the heads a multiple of --{name}-kv-heads {kv}")
@@ -133,10 +222,31 @@ def settings_from_args(args: argparse.Namespace) -> PipelineSettings:
 def run(args: argparse.Namespace) -> int:
     from apd_jax.train import run_pipeline
 
+    check_writable("--out", args.out, directory=True)
     settings = settings_from_args(args)
     print("settings:", json.dumps(dataclasses.asdict(settings), default=str), flush=True)
     run_pipeline(settings)
     return 0
+
+
+def interrupted(args: argparse.Namespace) -> str:
+    """Which of OUT/tokenizer, OUT/drafter, OUT/verifier are complete, and the command that continues."""
+    from apd_jax.train import EVAL_FILE, RECORD
+
+    out = args.out
+    complete = [name for name, file in (("tokenizer", "tokenizer.json"), ("drafter", RECORD), ("verifier", RECORD))
+                if (out / name / file).is_file()]
+    wanted = ["tokenizer"] if args.which == "tokenizer" else [
+        name for name in ("drafter", "verifier") if args.which in (name, "both")]
+    rest = [name for name in wanted if name not in complete]
+    if not rest:
+        step = f"everything asked for is complete but the APD check, {out / EVAL_FILE}"
+    elif len(rest) == 1:
+        step = f"to continue, run the same command with --which {rest[0]} (an existing OUT/tokenizer is reused)"
+    else:
+        step = "to continue, run the same command again"
+    kept = ", ".join(str(out / name) for name in complete) or "nothing"
+    return f"complete: {kept}; no half-written output was left behind; {step}"
 
 
 def main(argv: list[str] | None = None) -> int:

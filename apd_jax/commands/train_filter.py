@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import numpy as np
 
-from apd_jax.checkpoint import load_model, load_tokenizer
+from apd_jax.checkpoint import check_output, load_model, load_tokenizer
 from apd_jax.commands import DefaultsHelpFormatter, corpus_prompts, user_path
+from apd_jax.commands.train import finite_float, nonnegative_int, positive_int
 from apd_jax.learn2pd import save_filter
 from apd_jax.learn2pd_oracle import collect_traces
 from apd_jax.learn2pd_train import FilterTrainConfig, compare_with_confidence_rule, filter_loss, train_filter
@@ -30,7 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--drafter", type=user_path, required=True, help="Dream checkpoint: HF or apd_jax (orbax) directory")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompts-file", type=user_path, help="one prompt per line, `\\n` for a newline")
-    source.add_argument("--train-prompts", type=int, metavar="N",
+    source.add_argument("--train-prompts", type=positive_int, metavar="N",
                         help="N prompts from the training files of the stdlib corpus (apd_jax.corpus.stdlib_prompts; "
                              "never the held-out files that `apd-jax compare --heldout-prompts` decodes)")
     p.add_argument("--stdlib", type=user_path, default=None,
@@ -39,24 +39,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=user_path, required=True, help="output directory for the filter")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--dtype", default=None, help="bfloat16 or float32 (default: as stored)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="canvas length: tokens decoded per prompt")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
-    p.add_argument("--holdout", type=float, default=0.2, help="share of prompts held out for the report")
-    p.add_argument("--width", type=int, default=FilterTrainConfig.width,
+    p.add_argument("--max-new-tokens", type=positive_int, default=256, help="canvas length: tokens decoded per prompt")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="prompts decoded together")
+    p.add_argument("--holdout", type=finite_float, default=0.2, help="share of prompts held out for the report")
+    p.add_argument("--width", type=positive_int, default=FilterTrainConfig.width,
                    help="hidden width of the MLP (256: 1793 parameters)")
-    p.add_argument("--steps", type=int, default=FilterTrainConfig.steps, help="optimiser steps")
-    p.add_argument("--learning-rate", type=float, default=FilterTrainConfig.learning_rate, help="Adam's learning rate")
-    p.add_argument("--train-batch", type=int, default=FilterTrainConfig.batch_size,
+    p.add_argument("--steps", type=positive_int, default=FilterTrainConfig.steps, help="optimiser steps")
+    p.add_argument("--learning-rate", type=finite_float, default=FilterTrainConfig.learning_rate,
+                   help="Adam's learning rate")
+    p.add_argument("--train-batch", type=positive_int, default=FilterTrainConfig.batch_size,
                    help="trace samples per optimiser step")
-    p.add_argument("--seed", type=int, default=FilterTrainConfig.seed,
+    p.add_argument("--seed", type=nonnegative_int, default=FilterTrainConfig.seed,
                    help="seed of the initialisation, minibatches and held-out split")
     p.set_defaults(func=run)
 
 
 def _read_prompts(args: argparse.Namespace, seq_len: int) -> list[list[int]]:
     if args.train_prompts is not None:
-        if args.ids:
-            raise ValueError("--train-prompts makes text prompts: no --ids")
         lines = corpus_prompts("--train-prompts", args.train_prompts, args.drafter, heldout=False, seq_len=seq_len,
                                root=args.stdlib)
     else:
@@ -85,10 +84,9 @@ def run(args: argparse.Namespace) -> int:
     config.validate()
     if not 0.0 <= args.holdout < 1.0:
         raise ValueError(f"--holdout {args.holdout} must lie in [0, 1)")
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
-    if args.out.exists() and not args.overwrite:
-        raise FileExistsError(f"{args.out} already exists; choose another --out or pass --overwrite")
+    if args.train_prompts is not None and args.ids:
+        raise ValueError("--train-prompts makes text prompts: no --ids")
+    check_output(args.out, args.overwrite)
     model = load_model(args.drafter, param_dtype=args.dtype)
     if model.cfg.causal:
         raise ValueError(f"{args.drafter} is a causal model: the filter is trained for a Dream (diffusion) drafter")
@@ -121,3 +119,9 @@ def run(args: argparse.Namespace) -> int:
     save_filter(filt, args.out, overwrite=args.overwrite)
     print(f"filter saved to {args.out}")
     return 0
+
+
+def interrupted(args: argparse.Namespace) -> str:
+    """The filter is saved whole at the end (checkpoint.atomic_dir), so an interrupted run wrote nothing."""
+    before = "was left as it was" if args.out.exists() else "was not written"
+    return f"--out {args.out} {before}, with nothing half-written behind; run the same command again to train it"
