@@ -206,7 +206,7 @@ class GenerationResult:
         return [self.tokens[b, : self.lengths[b]].tolist() for b in range(len(self.lengths))]
 
 
-PROMPTS_SHAPE = "give a list of prompts, each a list of token ids: [[...]]"
+_PROMPTS_SHAPE = "give a list of prompts, each a list of token ids: [[...]]"
 
 
 def _is_id(x: Any) -> bool:
@@ -226,9 +226,9 @@ def _prompt_ids(i: int, prompt: Any) -> list[int]:
         return prompt.tolist()
     if isinstance(prompt, (str, bytes)):
         raise InputTypeError(f"prompt {i} is a string ({prompt[:20]!r}), not token ids: encode it first "
-                             f"(tokenizer.encode) and {PROMPTS_SHAPE}")
+                             f"(tokenizer.encode) and {_PROMPTS_SHAPE}")
     if _is_id(prompt) or not isinstance(prompt, Iterable):
-        raise InputTypeError(f"prompt {i} is {prompt!r} ({_a(type(prompt))}), not a list of ids: {PROMPTS_SHAPE}")
+        raise InputTypeError(f"prompt {i} is {prompt!r} ({_a(type(prompt))}), not a list of ids: {_PROMPTS_SHAPE}")
     ids = list(prompt)
     for j, x in enumerate(ids):
         if type(x) is not int and not _is_id(x):
@@ -244,12 +244,12 @@ def check_prompts(prompts: Sequence[Sequence[int]], vocab: int) -> list[list[int
     list of ids or a non-integer id is an error naming the prompt.
     """
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Iterable):
-        raise InputTypeError(f"prompts is {prompts!r:.40} ({_a(type(prompts))}): {PROMPTS_SHAPE}")
+        raise InputTypeError(f"prompts is {prompts!r:.40} ({_a(type(prompts))}): {_PROMPTS_SHAPE}")
     prompts = list(prompts)
     if len(prompts) == 0:
         raise ValueError("no prompts given")
     if all(map(_is_id, prompts)):
-        raise InputTypeError(f"prompts is a flat list of ids: {PROMPTS_SHAPE} ([[1, 2, 3]] for one prompt, "
+        raise InputTypeError(f"prompts is a flat list of ids: {_PROMPTS_SHAPE} ([[1, 2, 3]] for one prompt, "
                              "not [1, 2, 3])")
     rows = [_prompt_ids(i, p) for i, p in enumerate(prompts)]
     for i, p in enumerate(rows):

@@ -98,7 +98,8 @@ class APDLM(TemplateLM):
     """APD (Dream-style drafter + Qwen2-style verifier) as an lm_eval model.
 
     model_args: drafter, verifier (checkpoint directories; default the embedded pair),
-    decoder (apd | ar), R, W, M, rule (decoder=apd only; default APDConfig's), dtype (bfloat16 | float32; default as stored),
+    decoder (apd | ar), R, W, M, rule (decoder=apd only; default APDConfig's),
+    dtype (bfloat16 | float32; default as stored),
     max_length (tokens the verifier scores at once; default the models' context), seed.
     lm_eval's --batch_size sets the batch; its --device does not apply (JAX picks its devices).
     """

@@ -135,7 +135,8 @@ def test_config_none_or_of_another_decoder_names_the_class(dream, qwen):
         with pytest.raises(InputTypeError, match=f"^config must be {article} {cls.__name__}, got None$"):
             call(None)
         other = ARConfig() if cls is not ARConfig else APDConfig()
-        with pytest.raises(InputTypeError, match=f"config must be {article} {cls.__name__}, got an? {type(other).__name__}"):
+        wrong = f"config must be {article} {cls.__name__}, got an? {type(other).__name__}"
+        with pytest.raises(InputTypeError, match=wrong):
             call(other)
     with pytest.raises(InputTypeError, match="config must be a ParallelConfig, got None"):
         parallel_decode(dream, None, PROMPTS, None)
