@@ -122,7 +122,6 @@ class RunOutput:
     ends by an exception before its first record removes the files it created."""
 
     path: Path
-    prompts: int  # prompts of the run
     start: int  # records the file held when the run opened it
     created: bool  # this run created the file and its run record
     written: int = 0  # records this run appended
@@ -163,17 +162,24 @@ def open_output(output: Path, prompts: Sequence[str], settings: dict[str, Any], 
     if recorded_at.exists():
         raise FileExistsError(f"--output {output}: {recorded_at} exists (the record of a run whose output was "
                               "removed): remove it, or choose another file")
-    with output.open("x"):  # an unwritable place fails here, before any work
-        pass
+    _create(output, "")  # an unwritable place fails here, before any work
     try:
-        with recorded_at.open("x", encoding="utf-8") as f:
-            json.dump({"run": uuid.uuid4().hex, **identity}, f, indent=1)
-            f.write("\n")
+        _create(recorded_at, json.dumps({"run": uuid.uuid4().hex, **identity}, indent=1) + "\n")
     except BaseException:
         output.unlink()
-        recorded_at.unlink(missing_ok=True)
         raise
-    return RunOutput(output, len(prompts), start=0, created=True)
+    return RunOutput(output, start=0, created=True)
+
+
+def _create(path: Path, text: str) -> None:
+    """A new file holding `text`; one whose write fails is removed."""
+    f = path.open("x", encoding="utf-8")
+    try:
+        with f:
+            f.write(text)
+    except BaseException:
+        path.unlink()
+        raise
 
 
 def _reopen(output: Path, prompts: Sequence[str], identity: dict[str, Any]) -> RunOutput:
@@ -197,7 +203,7 @@ def _reopen(output: Path, prompts: Sequence[str], identity: dict[str, Any]) -> R
     done, keep = completed_records(output, prompts)
     with output.open("r+b") as f:  # opened for writing before any work, even when there is nothing to cut
         f.truncate(keep)
-    return RunOutput(output, len(prompts), start=done, created=False)
+    return RunOutput(output, start=done, created=False)
 
 
 def kept_records(output: Path) -> tuple[int, int] | None:

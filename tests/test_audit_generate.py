@@ -229,3 +229,11 @@ def test_an_empty_prompt_is_an_error(capsys, monkeypatch):
     interrupt_at(monkeypatch, 1)
     assert main(["generate", "", "--no-chat", "--max-new-tokens", "8"]) == 2
     assert "the prompt is empty: generation needs at least one prompt token" in capsys.readouterr().err
+
+
+def test_ids_outside_the_vocabulary_name_their_line_before_any_decoding(tmp_path, capsys, monkeypatch):
+    interrupt_at(monkeypatch, 1)
+    prompts = tmp_path / "ids.txt"
+    prompts.write_text("5 6 7\n8 99999 9\n")
+    assert main(["generate", "--ids", "--prompts-file", str(prompts), "--max-new-tokens", "8"]) == 2
+    assert f"prompts file {prompts} line 2 holds ids [99999] outside the vocabulary [0, " in capsys.readouterr().err

@@ -48,9 +48,14 @@ def test_ten_thousand_prompts_complete_in_batches_and_resume(tmp_path, capsys):
     # an existing output is never overwritten; --resume continues it (here: nothing left to do)
     assert main(argv) == 2
     assert "pass --resume" in capsys.readouterr().err
-    out.write_bytes(out.read_bytes()[:-30])  # the last record cut short by an interruption: written again on resume
-    assert main([*argv, "--resume"]) == 0
+    assert main([*argv, "--resume"]) == 0  # nothing left to do
     assert out.read_text().splitlines() == [json.dumps(r) for r in records]
+    with out.open("a") as f:
+        f.write('{"index": 10000')  # no record of this run (it has 10,000): refused, the file left as it is
+    before = out.read_bytes()
+    assert main([*argv, "--resume"]) == 2
+    assert "line 10001 ('{\"index\": 10000') is not a record of this run" in capsys.readouterr().err
+    assert out.read_bytes() == before
 
 
 def test_options_that_would_be_ignored_are_errors(tmp_path, capsys):

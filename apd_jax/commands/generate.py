@@ -163,20 +163,25 @@ def _encode(args: argparse.Namespace, texts: list[str], sources: list[str], toke
     return [tokenizer.encode(t) for t in texts]
 
 
-def capacity(config: DecoderConfig, models: Models, chosen: Decoder) -> int:
-    """Positions for a prompt and its new tokens, as the decoders take them: max_len, else the smallest
-    max_position_embeddings of the models the decoder runs."""
+def prompt_limits(config: DecoderConfig, models: Models, chosen: Decoder) -> tuple[int, int]:
+    """(capacity, vocabulary) of the chosen decoder's prompts, as the decoders take them: capacity is max_len,
+    else the smallest max_position_embeddings of the models it runs; APD's vocabulary is the one both score."""
     used = [getattr(models, name) for name in ("drafter", "verifier") if name in chosen.uses]
-    return config.max_len or min(model.cfg.max_position_embeddings for model in used)
+    vocab = models.shared_vocab if len(used) == 2 else used[0].cfg.vocab_size
+    return config.max_len or min(model.cfg.max_position_embeddings for model in used), vocab
 
 
-def check_prompts_fit(prompts: list[list[int]], sources: list[str], max_new_tokens: int, room: int) -> None:
+def check_prompts_fit(prompts: list[list[int]], sources: list[str], max_new_tokens: int, capacity: int,
+                      vocab: int) -> None:
     """Every prompt is checked before any is decoded, so a bad line is named at once, not when its batch runs."""
     for ids, source in zip(prompts, sources):
         if not ids:
             raise ValueError(f"{source} is empty: generation needs at least one prompt token")
+        bad = [i for i in ids if not 0 <= i < vocab]
+        if bad:
+            raise ValueError(f"{source} holds ids {bad[:5]} outside the vocabulary [0, {vocab}) of these models")
         try:
-            prompt_bucket(len(ids), max_new_tokens, room)
+            prompt_bucket(len(ids), max_new_tokens, capacity)
         except ValueError as err:
             raise ValueError(f"{source}: {err}") from None
 
@@ -231,7 +236,7 @@ def _generate(args: argparse.Namespace, chosen: Decoder, config: DecoderConfig, 
     prompts = _encode(args, texts, sources, tok_d)
     config = _with_stop_ids(config, drafter, None if args.ids else tok_d)
     models = Models(drafter, verifier, None if filter_path is None else load_filter(filter_path), vocab, mesh)
-    check_prompts_fit(prompts, sources, config.max_new_tokens, capacity(config, models, chosen))
+    check_prompts_fit(prompts, sources, config.max_new_tokens, *prompt_limits(config, models, chosen))
     load_s = time.perf_counter() - start
 
     def decode(ids: list[int]) -> str:  # a continuation of the prompt's text
