@@ -164,11 +164,11 @@ def _encode(args: argparse.Namespace, texts: list[str], sources: list[str], toke
 
 
 def prompt_limits(config: DecoderConfig, models: Models, chosen: Decoder) -> tuple[int, int]:
-    """(capacity, vocabulary) of the chosen decoder's prompts, as the decoders take them: capacity is max_len,
-    else the smallest max_position_embeddings of the models it runs; APD's vocabulary is the one both score."""
+    """(capacity, vocabulary) of the chosen decoder's prompts: its capacity rule (Decoder.capacity), and
+    the vocabulary it checks ids against (APD's: the ids both models score)."""
     used = [getattr(models, name) for name in ("drafter", "verifier") if name in chosen.uses]
     vocab = models.shared_vocab if len(used) == 2 else used[0].cfg.vocab_size
-    return config.max_len or min(model.cfg.max_position_embeddings for model in used), vocab
+    return chosen.capacity(models, config), vocab
 
 
 def check_prompts_fit(prompts: list[list[int]], sources: list[str], max_new_tokens: int, capacity: int,
