@@ -957,15 +957,13 @@ def _saved_shapes(ckpt_dir: Path, shapes: Mapping[str, Any]) -> dict[str, Any]:
         raise CheckpointError(f"{ckpt_dir} is damaged: orbax cannot read the list of its arrays; {RECONVERT}")
     saved = {".".join(str(k.key) for k in path): m for path, m in jax.tree_util.tree_flatten_with_path(metadata)[0]}
     unexpected, missing = sorted(set(saved) - set(shapes)), sorted(set(shapes) - set(saved))
-    if any(name in path for path in unexpected for name in _UNFUSED):
-        raise CheckpointError(
-            f"{ckpt_dir} was saved by an apd_jax before the fused q/k/v and gate/up projections "
-            f"(it holds {unexpected[0]!r}); {RECONVERT}"
-        )
     if unexpected or missing:
+        unfused = any(name in path for path in unexpected for name in _UNFUSED)
+        why = ("it was saved by an apd_jax before the fused q/k/v and gate/up projections" if unfused
+               else "its params/ does not hold the parameters its config.json describes")
         raise CheckpointError(
-            f"{ckpt_dir} does not hold the parameters its config.json describes: unexpected {unexpected[:4]}, "
-            f"missing {missing[:4]}; {RECONVERT}"
+            f"{ckpt_dir}: {why} (unexpected {unexpected[:4]}, missing {missing[:4]}): it must be converted again "
+            "from its Hugging Face directory (apd-jax convert hf-to-flax)"
         )
     return saved
 

@@ -107,6 +107,7 @@ def test_progress_bar_on_a_terminal(qwen_dir, capfd, monkeypatch):
     monkeypatch.setattr(checkpoint, "PROGRESS_MIN_BYTES", 0)
     monkeypatch.setenv("FORCE_COLOR", "1")  # rich then takes stderr for a terminal
     monkeypatch.setenv("TTY_INTERACTIVE", "1")
+    monkeypatch.setattr("apd_jax.progress._is_tty", lambda stream: True)  # and so does apd_jax.progress
     load_hf(qwen_dir)
     assert f"loading {qwen_dir.name}" in capfd.readouterr().err
 
