@@ -11,7 +11,9 @@ its device(s) as soon as it is read and the blocks joined there, then converted 
 stays near a few blocks, never a whole tensor, let alone the model. Conversion writes orbax from lazy
 leaves (one parameter read, converted and written at a time) and exports sharded
 safetensors with an index, as the hub ships them. Outputs are written to a temporary
-directory and renamed into place, so a failed conversion leaves nothing behind.
+directory and renamed into place, so a failed or interrupted conversion leaves nothing behind; each
+holds a manifest of what apd_jax wrote there, and overwrite replaces only such a directory that
+holds nothing else (atomic_dir).
 """
 
 from __future__ import annotations
@@ -643,7 +645,9 @@ def _check_writable(out: Path) -> None:
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
-        raise NotADirectoryError(f"cannot write {out}: {parent} is a file, not a directory; choose another output directory")
+        raise NotADirectoryError(
+            f"cannot write {out}: {parent} is a file, not a directory; choose another output directory"
+        )
     if not os.access(parent, os.W_OK | os.X_OK):
         raise PermissionError(
             f"cannot write {out}: {parent} is not writable (permissions, or a read-only or immutable file system); "
@@ -922,7 +926,7 @@ def convert_hf_to_orbax(hf_dir: str | Path, out_dir: str | Path, *, overwrite: b
     return out_dir
 
 
-RECONVERT = "convert the checkpoint again from its Hugging Face directory (apd-jax convert hf-to-flax)"
+_RECONVERT = "convert the checkpoint again from its Hugging Face directory (apd-jax convert hf-to-flax)"
 _UNFUSED = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # names of apd_jax's layout before the fusion
 
 
@@ -941,11 +945,11 @@ def _check_metadata_file(ckpt_dir: Path) -> None:
     a warning without it, and then reports no arrays at all."""
     file = ckpt_dir / "params" / "_METADATA"
     if not file.is_file():
-        raise CheckpointError(f"{ckpt_dir} is damaged: {file} (orbax's list of its arrays) is missing; {RECONVERT}")
+        raise CheckpointError(f"{ckpt_dir} is damaged: {file} (orbax's list of its arrays) is missing; {_RECONVERT}")
     try:
         json.loads(file.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{ckpt_dir} is damaged: {file} is not valid JSON ({err}); {RECONVERT}") from None
+        raise CheckpointError(f"{ckpt_dir} is damaged: {file} is not valid JSON ({err}); {_RECONVERT}") from None
 
 
 def _saved_shapes(ckpt_dir: Path, shapes: Mapping[str, Any]) -> dict[str, Any]:
@@ -954,7 +958,7 @@ def _saved_shapes(ckpt_dir: Path, shapes: Mapping[str, Any]) -> dict[str, Any]:
     with ocp.StandardCheckpointer() as ckptr:
         metadata = ckptr.metadata((ckpt_dir / "params").absolute()).item_metadata
     if metadata is None:
-        raise CheckpointError(f"{ckpt_dir} is damaged: orbax cannot read the list of its arrays; {RECONVERT}")
+        raise CheckpointError(f"{ckpt_dir} is damaged: orbax cannot read the list of its arrays; {_RECONVERT}")
     saved = {".".join(str(k.key) for k in path): m for path, m in jax.tree_util.tree_flatten_with_path(metadata)[0]}
     unexpected, missing = sorted(set(saved) - set(shapes)), sorted(set(shapes) - set(saved))
     if unexpected or missing:
@@ -985,7 +989,7 @@ def _open_orbax_leaf(
         t = ts.open(spec, open=True, read=True, context=context).result()
     except ValueError as err:
         raise CheckpointError(
-            f"{params_dir} has no readable array {path!r} ({_damage(params_dir.parent)}: {err}); {RECONVERT}"
+            f"{params_dir} has no readable array {path!r} ({_damage(params_dir.parent)}: {err}); {_RECONVERT}"
         ) from None
 
     def read(index: tuple[slice, ...]) -> np.ndarray:
@@ -993,7 +997,7 @@ def _open_orbax_leaf(
             return t[index].read().result()
         except ValueError as err:
             raise CheckpointError(
-                f"{params_dir}: reading {path!r} failed ({_damage(params_dir.parent)}: {err}); {RECONVERT}"
+                f"{params_dir}: reading {path!r} failed ({_damage(params_dir.parent)}: {err}); {_RECONVERT}"
             ) from None
 
     shape, dtype = tuple(t.shape), np.dtype(t.dtype.numpy_dtype)
