@@ -63,5 +63,7 @@ def test_bad_evaluation_files(tmp_path):
 def test_eval_limit_below_one_is_a_clear_error(tmp_path, limit, capsys):
     data = tmp_path / "gsm.jsonl"
     data.write_text(json.dumps({"question": "What is 1 + 1?", "answer": "#### 2"}) + "\n")
-    assert main(["eval", str(data), "--limit", limit]) == 2
-    assert f"--limit {limit} must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # argparse refuses it, naming the flag
+        main(["eval", str(data), "--limit", limit])
+    assert exit_.value.code == 2
+    assert f"argument --limit: invalid value '{limit}': expected an integer >= 1" in capsys.readouterr().err
