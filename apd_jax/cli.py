@@ -15,12 +15,16 @@ shapes skips the compilation; `apd-jax --no-compile-cache NAME ...` turns it off
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 # Subcommand modules, in the order `apd-jax --help` lists them; each registers the
 # command named like its module, with "-" for "_" (train_filter: train-filter).
@@ -109,21 +113,50 @@ def interrupted_note(args: argparse.Namespace) -> str:
     return note(args) if note is not None else "nothing was written"
 
 
+@contextlib.contextmanager
+def interrupts_reach_main() -> Iterator[None]:
+    """A Ctrl-C that lands inside a callback Python cannot raise from (a gc callback, a __del__, a
+    weakref callback: JAX runs such callbacks) is printed as "Exception ignored" and lost, and the
+    command would go on to exit 0. Here it is raised again in the main thread, just after."""
+    default = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            # A real SIGINT to the main thread, from another thread: not raised inside the callback itself,
+            # and it wakes a main thread that waits in a system call.
+            threading.Timer(0.05, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT)).start()
+        else:
+            default(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        sys.unraisablehook = default
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand: its errors are one line and exit status 2, Ctrl-C one line and 130."""
     argv = sys.argv[1:] if argv is None else argv
     runtime_defaults()  # before any subcommand module imports JAX
-    args = build_parser(subcommand_modules(argv)).parse_args(argv)
-    if not args.no_compile_cache:
-        enable_compile_cache()
+    args: argparse.Namespace | None = None
     try:
-        return args.func(args) or 0
+        with interrupts_reach_main():
+            args = build_parser(subcommand_modules(argv)).parse_args(argv)  # imports JAX: Ctrl-C may land here
+            if not args.no_compile_cache:
+                enable_compile_cache()
+            return args.func(args) or 0
     except KeyboardInterrupt:
-        print(f"apd-jax {args.command}: interrupted; {interrupted_note(args)}", file=sys.stderr)
+        note = "nothing was written" if args is None else interrupted_note(args)
+        print(f"{_prog(args)}: interrupted; {note}", file=sys.stderr)
         return 130
     except (ValueError, OSError) as err:
-        print(f"apd-jax {args.command}: error: {error_message(err)}", file=sys.stderr)
+        print(f"{_prog(args)}: error: {error_message(err)}", file=sys.stderr)
         return 2
+
+
+def _prog(args: argparse.Namespace | None) -> str:
+    return "apd-jax" if args is None else f"apd-jax {args.command}"
 
 
 if __name__ == "__main__":

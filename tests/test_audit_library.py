@@ -62,3 +62,26 @@ def test_the_readme_python_snippet_runs_on_the_embedded_pair(capsys):
     result = scope["result"]
     assert len(result.lengths) == 2 and all(0 < n <= 64 for n in result.lengths)
     assert capsys.readouterr().out.startswith("[")
+
+
+def test_ctrl_c_lost_in_a_callback_still_ends_the_command(monkeypatch, capsys):
+    """A KeyboardInterrupt raised inside __del__ (as inside JAX's gc callback) is not lost: exit 130."""
+    import time
+
+    import apd_jax.commands.generate as generate
+
+    class InterruptedFinalizer:
+        def __del__(self):
+            raise KeyboardInterrupt
+
+    def run(args):
+        InterruptedFinalizer()  # dropped at once: Python can only report its exception as unraisable
+        time.sleep(5)  # the interrupt is raised again here
+        return 0
+
+    monkeypatch.setattr(generate, "run", run)
+    start = time.perf_counter()
+    assert cli.main(["--no-compile-cache", "generate", "--ids", "1 2"]) == 130
+    assert time.perf_counter() - start < 4
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["apd-jax generate: interrupted; nothing was written"], err
