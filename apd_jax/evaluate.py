@@ -24,6 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TimeRemainingColumn
 from apd_jax.apd import APDConfig, apd_generate, shared_vocab_size
 from apd_jax.batching import DEFAULT_BATCH_SIZE, generate_batched, padded_batches
 from apd_jax.checkpoint import load_model, load_tokenizer
+from apd_jax.generation import capacity, prompt_bucket
 from apd_jax.model import Qwen2
 from apd_jax.progress import terminal_progress
 
@@ -94,6 +95,12 @@ def evaluate(
     correct = tokens = passes = 0
     seconds = 0.0
     ids = [tokenizer.encode(prompt.format(question=item["question"])) for item in items]
+    context = capacity(config.max_len, drafter.cfg, verifier.cfg)
+    for n, row in enumerate(ids, 1):  # every item fits before the first is decoded
+        try:
+            prompt_bucket(len(row), config.max_new_tokens, context)
+        except ValueError as err:
+            raise ValueError(f"evaluation item {n} ({str(items[n - 1]['question'])[:40]!r}): {err}") from None
     columns = ("items", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with terminal_progress(columns, "evaluate", len(items)) as advance:
         for idx, rows in padded_batches(ids, batch_size):

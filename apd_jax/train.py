@@ -634,7 +634,6 @@ def run_pipeline(p: PipelineSettings, log: Callable[..., None] = _print) -> dict
     """Tokenizer (if absent or asked for), then the drafter and/or the verifier, then APD acceptance."""
     check_settings(p)
     out = Path(p.out)
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     train_docs, heldout_docs = corpus.load_corpus(p.stdlib, packages=p.packages,
                                                   heldout_fraction=p.heldout_fraction, max_files=p.max_files)
@@ -653,6 +652,7 @@ def run_pipeline(p: PipelineSettings, log: Callable[..., None] = _print) -> dict
         f"{info['train_chars'] / 1e6:.1f}M characters, fingerprint {info['fingerprint']} "
         f"({time.perf_counter() - t0:.1f}s)")
     seq_len = max(p.drafter_train.seq_len, p.verifier_train.seq_len)
+    out.mkdir(parents=True, exist_ok=True)
     tok_dir = out / "tokenizer"
     if trains_tokenizer(p):
         tok = train_tokenizer([d.text for d in train_docs], p.vocab_size)

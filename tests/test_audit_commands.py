@@ -317,3 +317,38 @@ def test_train_interrupted_after_the_drafter_continues_with_the_verifier(tmp_pat
     assert note.endswith("to continue, run the same command with --which verifier (an existing OUT/tokenizer is "
                          "reused)")
     assert f"complete: {tmp_path / 'tokenizer'}, {tmp_path / 'drafter'};" in note
+
+
+# ----------------------------------------------------------------------------- prompts too long, named first
+
+
+def test_eval_names_an_item_too_long_before_decoding_any(tmp_path, monkeypatch, capsys):
+    import apd_jax.evaluate
+
+    monkeypatch.setattr(apd_jax.evaluate, "apd_generate", fail)
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"question": "1 + 1?", "answer": "2"}) + "\n"
+                    + json.dumps({"question": "x " * 600, "answer": "1"}) + "\n")
+    assert main(["eval", str(data), "--max-new-tokens", "8"]) == 2
+    line = last_error_line(capsys)
+    assert line.startswith("apd-jax eval: error: evaluation item 2 ('x x x") and "tokens + max_new_tokens 8" in line
+
+
+def test_train_filter_names_the_line_too_long_before_any_trace(tmp_path, monkeypatch, capsys):
+    from apd_jax.commands import train_filter
+
+    monkeypatch.setattr(train_filter, "collect_traces", fail)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("def f(x):\n\n" + "x " * 600 + "\n")
+    assert main(["train-filter", "--drafter", str(ASSETS_DIR / "drafter"), "--prompts-file", str(prompts),
+                 "--out", str(tmp_path / "filter")]) == 2
+    assert last_error_line(capsys).startswith(f"apd-jax train-filter: error: prompts file {prompts} line 3: prompt "
+                                              "of ")
+    assert not (tmp_path / "filter").exists()
+
+
+def test_train_makes_no_output_directory_when_the_corpus_is_empty(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["train", "--out", str(tmp_path / "run"), "--stdlib", str(tmp_path / "empty")]) == 2
+    assert last_error_line(capsys) == f"apd-jax train: error: no usable .py files under {tmp_path / 'empty'}"
+    assert not (tmp_path / "run").exists()

@@ -21,7 +21,8 @@ from apd_jax.commands.train import finite_float, nonnegative_int, positive_int
 from apd_jax.learn2pd import save_filter
 from apd_jax.learn2pd_oracle import collect_traces
 from apd_jax.learn2pd_train import FilterTrainConfig, compare_with_confidence_rule, filter_loss, train_filter
-from apd_jax.prompts import parse_ids, read_prompts_file
+from apd_jax.generation import capacity, prompt_bucket
+from apd_jax.prompts import parse_ids, read_prompt_lines
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -54,16 +55,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _read_prompts(args: argparse.Namespace, seq_len: int) -> list[list[int]]:
+def _read_prompts(args: argparse.Namespace, seq_len: int) -> tuple[list[list[int]], list[str]]:
+    """The prompts' token ids, and where each came from (for error messages)."""
     if args.train_prompts is not None:
         lines = corpus_prompts("--train-prompts", args.train_prompts, args.drafter, heldout=False, seq_len=seq_len,
                                root=args.stdlib)
+        where = [f"--train-prompts prompt {n}" for n in range(1, len(lines) + 1)]
     else:
-        lines = read_prompts_file(args.prompts_file)
+        numbered = read_prompt_lines(args.prompts_file)
+        lines = [line for _, line in numbered]
+        where = [f"prompts file {args.prompts_file} line {n}" for n, _ in numbered]
     if args.ids:
-        return [parse_ids(line, f"prompts file {args.prompts_file}") for line in lines]
+        return [parse_ids(line, source) for line, source in zip(lines, where)], where
     tokenizer = load_tokenizer(args.drafter)
-    return [tokenizer.encode(line) for line in lines]
+    return [tokenizer.encode(line) for line in lines], where
+
+
+def _check_lengths(prompts: list[list[int]], where: list[str], max_new_tokens: int, context: int) -> None:
+    """Every prompt and its canvas fit the drafter's context, checked before the first is decoded."""
+    for ids, source in zip(prompts, where):
+        try:
+            prompt_bucket(len(ids), max_new_tokens, context)
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from None
 
 
 # Keep thresholds of the held-out report (the decoder's default is 0.9).
@@ -90,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.drafter, param_dtype=args.dtype)
     if model.cfg.causal:
         raise ValueError(f"{args.drafter} is a causal model: the filter is trained for a Dream (diffusion) drafter")
-    prompts = _read_prompts(args, model.cfg.max_position_embeddings)
+    prompts, where = _read_prompts(args, model.cfg.max_position_embeddings)
+    _check_lengths(prompts, where, args.max_new_tokens, capacity(None, model.cfg))
 
     start = time.perf_counter()
     traces = collect_traces(model, prompts, args.max_new_tokens, args.batch_size)
