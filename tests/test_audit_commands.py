@@ -85,9 +85,12 @@ def a_file(tmp_path) -> Path:
     (["train", "--out", "o", "--eval-prompts", "-1"], "argument --eval-prompts: invalid value '-1': expected an "
                                                      "integer >= 0"),
     (["train", "--out", "o", "--vocab-size", "100"], "--vocab-size 100 must be >= 258"),
+    (["train", "--out", "o", "--verifier-lr", "0"], "lr=0.0 must be > 0 (of the verifier)"),  # not --lr instead
+    (["bench", "--against", "notes.txt"], "--against notes.txt is not the JSON of an `apd-jax bench --json` run"),
 ])
 def test_bad_options_are_one_line_before_any_work(argv, message, no_work, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("a user's notes\n")
     assert run(argv) == 2
     line = last_error_line(capsys)
     assert line.startswith(f"apd-jax {argv[0]}: error: ") and message in line

@@ -108,20 +108,31 @@ def _configs(shapes: str) -> tuple[ModelConfig, ModelConfig, ModelConfig]:
     return dream_7b_config(**bf16), qwen25_05b_config(**bf16), qwen25_7b_config(**bf16)
 
 
-def _check_json_path(path: Path | None) -> None:
-    """Fail before a long run, not after it, when its JSON cannot be written or would replace a file that
-    is not an earlier run's."""
-    if path is None:
-        return
-    check_writable("--json", path, directory=False)
-    if path.exists():
-        try:
-            earlier = json.loads(path.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            earlier = None
-        if not (isinstance(earlier, dict) and "rows" in earlier):
-            raise FileExistsError(f"--json {path} exists and is not the JSON of an `apd-jax bench` run: "
+def _bench_json(path: Path) -> dict | None:
+    """The JSON of an `apd-jax bench` run in `path` (a dict with its rows), or None when it holds none."""
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return found if isinstance(found, dict) and isinstance(found.get("rows"), list) else None
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    """Fail before a long run, not after it: --json cannot be written or would replace a file that is
+    not an earlier run's JSON, or --against is not one."""
+    if args.json is not None:
+        check_writable("--json", args.json, directory=False)
+        if args.json.exists() and _bench_json(args.json) is None:
+            raise FileExistsError(f"--json {args.json} exists and is not the JSON of an `apd-jax bench` run: "
                                   "choose another file or move it away")
+    if args.against is not None:
+        if not args.against.is_file():
+            problem = "is a directory" if args.against.is_dir() else "not found"
+            raise FileNotFoundError(f"--against {args.against} {problem}: give the JSON of an `apd-jax bench --json` "
+                                    "run")
+        if _bench_json(args.against) is None:
+            raise ValueError(f"--against {args.against} is not the JSON of an `apd-jax bench --json` run (a JSON "
+                             "object with its rows)")
 
 
 def _write_json(args: argparse.Namespace, text: str, rows: int) -> None:
@@ -141,10 +152,7 @@ def interrupted(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    _check_json_path(args.json)
-    if args.against is not None and not args.against.is_file():
-        problem = "is a directory" if args.against.is_dir() else "not found"
-        raise FileNotFoundError(f"--against {args.against} {problem}: give the JSON of an `apd-jax bench --json` run")
+    _check_paths(args)
     sampling = dict(temperature=args.temperature, top_p=args.top_p)
     settings = _parse_settings(args.settings, args.max_new_tokens, **sampling)
     if args.torch:

@@ -196,10 +196,14 @@ def settings_from_args(args: argparse.Namespace) -> PipelineSettings:
                   eval_every=args.eval_every, eval_windows=args.eval_windows, suffix_prob=args.suffix_prob,
                   micro_batches=args.micro_batches)
     drafter_train = TrainSettings(steps=args.steps, lr=args.lr, dropout=args.dropout, **common)
-    verifier_train = TrainSettings(steps=args.verifier_steps, lr=args.verifier_lr or args.lr,
-                                   dropout=args.verifier_dropout, **(common | {"seed": args.seed + 1}))
-    for t in (drafter_train, verifier_train):
-        t.validate()
+    verifier_lr = args.lr if args.verifier_lr is None else args.verifier_lr
+    verifier_train = TrainSettings(steps=args.verifier_steps, lr=verifier_lr, dropout=args.verifier_dropout,
+                                   **(common | {"seed": args.seed + 1}))
+    for name, t in (("drafter", drafter_train), ("verifier", verifier_train)):
+        try:
+            t.validate()
+        except ValueError as err:
+            raise ValueError(f"{err} (of the {name})") from None
 
     def size(name: str) -> ModelSize:
         get = lambda f: getattr(args, f"{name}_{f}")  # noqa: E731
