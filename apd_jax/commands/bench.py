@@ -147,7 +147,8 @@ def interrupted(args: argparse.Namespace) -> str:
         return "nothing was written; the rows printed are what was measured"
     rows = getattr(args, "rows_kept", 0)
     if rows == 0:
-        return f"--json {args.json} was not written (nothing half-written was left behind)"
+        before = "was left as it was" if args.json.exists() else "was not written"
+        return f"--json {args.json} {before} (nothing half-written was left behind)"
     return f"--json {args.json} holds the {rows} rows measured before the interrupt, each written whole"
 
 
