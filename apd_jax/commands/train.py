@@ -37,24 +37,24 @@ if TYPE_CHECKING:
 # naming the flag, the value and what is expected, before any work.
 
 
-def _integer(text: str, least: int, expected: str) -> int:
+def _integer(text: str, least: int) -> int:
     try:
         value = int(text)
     except ValueError:
         value = None
     if value is None or value < least:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected {expected}")
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected an integer >= {least}")
     return value
 
 
 def positive_int(text: str) -> int:
     """An integer >= 1 (a count, a size, a length)."""
-    return _integer(text, 1, "an integer >= 1")
+    return _integer(text, 1)
 
 
 def nonnegative_int(text: str) -> int:
-    """An integer >= 0 (a count where 0 turns something off)."""
-    return _integer(text, 0, "an integer >= 0")
+    """An integer >= 0 (a count where 0 turns something off, a seed)."""
+    return _integer(text, 0)
 
 
 def positive_int_list(text: str) -> list[int]:
