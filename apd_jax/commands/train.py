@@ -7,7 +7,9 @@ default batch of the 8-layer drafter runs in two micro-batches, about 30 s after
 17.7 GB peak RSS). Writes
 OUT/tokenizer, OUT/drafter and OUT/verifier (Hugging Face layout, loadable with
 `apd-jax generate --drafter OUT/drafter --verifier OUT/verifier`) and, when both
-models exist, OUT/apd_eval.json with APD tokens per pass on held-out prompts.
+models exist, OUT/apd_eval.json with APD tokens per pass on held-out prompts. Each directory
+holds a training.json (settings, corpus), and train replaces only directories that hold one
+(its own outputs), each whole: a run stopped midway leaves the earlier ones as they were.
 """
 
 from __future__ import annotations
