@@ -54,7 +54,6 @@ from flax import nnx
 
 from apd_jax import corpus
 from apd_jax.checkpoint import export_hf, model_params
-from apd_jax.commands.train import write_text_atomically
 from apd_jax.config import (
     DRAFTER_SIZE,
     DRAFTER_STEPS,
@@ -68,6 +67,7 @@ from apd_jax.config import (
     raise_problems,
 )
 from apd_jax.evaluate import evaluate_apd
+from apd_jax.files import write_text_atomically
 from apd_jax.model import Qwen2, init_model, shift_right
 from apd_jax.tokenizer import (
     EOS_ID, SPECIAL_TOKENS, TOKENIZER_FILES, load_tokenizer_file, save_tokenizer, train_tokenizer,

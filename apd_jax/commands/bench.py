@@ -18,13 +18,13 @@ from apd_jax import bench
 from apd_jax.apd import APDConfig
 from apd_jax.autoregressive import ARConfig
 from apd_jax.checkpoint import load_model
-from apd_jax.commands import DefaultsHelpFormatter, user_path
-from apd_jax.commands.train import (
-    check_writable, finite_float, positive_int, positive_int_list, written_atomically,
+from apd_jax.commands import (
+    DefaultsHelpFormatter, check_writable, finite_float, positive_int, positive_int_list, user_path,
 )
 from apd_jax.config import (
     ATTENTION_IMPLEMENTATIONS, ModelConfig, dream_7b_config, qwen25_05b_config, qwen25_7b_config, tiny_config,
 )
+from apd_jax.files import written_atomically
 from apd_jax.model import with_config
 
 

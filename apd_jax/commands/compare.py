@@ -17,14 +17,13 @@ import sys
 from pathlib import Path
 
 from apd_jax.checkpoint import load_model, load_tokenizer
-from apd_jax.commands import DefaultsHelpFormatter, corpus_prompts, embedded_filter, user_path
+from apd_jax.commands import DefaultsHelpFormatter, corpus_prompts, embedded_filter, positive_int, user_path
 from apd_jax.commands.options import (
     add_pair_options,
     pair_paths,
     settings_option,
     settings_values,
 )
-from apd_jax.commands.train import positive_int
 from apd_jax.apd import APDConfig
 from apd_jax.batching import DEFAULT_BATCH_SIZE
 from apd_jax.compare import compare_decoders, format_lookahead_table, format_table, lookahead_study

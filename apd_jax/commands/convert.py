@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from apd_jax.checkpoint import MAX_SHARD_SIZE, convert_hf_to_orbax, convert_orbax_to_hf
-from apd_jax.commands import user_path
+from apd_jax.commands import finite_float, user_path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -16,7 +16,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace dst if apd_jax wrote it and it holds nothing else (never the source, nor a "
                         "directory with files of yours)")
-    p.add_argument("--max-shard-size", type=float, default=MAX_SHARD_SIZE / 10**9, metavar="GB",
+    p.add_argument("--max-shard-size", type=finite_float, default=MAX_SHARD_SIZE / 10**9, metavar="GB",
                    help="flax-to-hf: safetensors files of at most this many GB, with an index past one "
                         "(default %(default)g, as save_pretrained)")
     p.set_defaults(func=run)

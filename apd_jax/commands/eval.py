@@ -6,14 +6,13 @@ import argparse
 
 from apd_jax.batching import DEFAULT_BATCH_SIZE
 from apd_jax.checkpoint import load_model, load_tokenizer
-from apd_jax.commands import DefaultsHelpFormatter, user_path
+from apd_jax.commands import DefaultsHelpFormatter, positive_int, user_path
 from apd_jax.commands.options import (
     add_pair_options,
     pair_paths,
     settings_option,
     settings_values,
 )
-from apd_jax.commands.train import positive_int
 from apd_jax.decoders import decoder
 from apd_jax.evaluate import evaluate, load_jsonl
 

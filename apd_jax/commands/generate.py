@@ -23,7 +23,7 @@ from apd_jax.batching import DEFAULT_BATCH_SIZE, RUN_SUFFIX, RunOutput, generate
 from apd_jax.chat import chat_prompt_ids, has_chat_template, stop_token_ids
 from apd_jax.chat import messages as chat_messages
 from apd_jax.checkpoint import load_model, load_tokenizer
-from apd_jax.commands import DefaultsHelpFormatter, embedded_filter, user_path
+from apd_jax.commands import DefaultsHelpFormatter, embedded_filter, positive_int, user_path
 from apd_jax.commands.options import (
     add_pair_options,
     optional_float,
@@ -84,7 +84,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="wrap each prompt in the drafter tokenizer's chat template, as instruct checkpoints "
                         "expect (default: when the tokenizer has one and the prompt is text)")
     p.add_argument("--system", default=None, help="a system message before the prompt (with --chat; default: none)")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+    p.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE,
                    help="prompts decoded at once; a longer prompts file runs in batches of this size")
     p.add_argument("--output", type=user_path,
                    help="write one JSON object per prompt (text, ids, passes, accepted per pass) to this JSONL "

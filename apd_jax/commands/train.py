@@ -15,108 +15,17 @@ holds a training.json (settings, corpus), and train replaces only directories th
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
-import math
-import os
 import sys
-import uuid
-from collections.abc import Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from apd_jax import corpus
-from apd_jax.commands import user_path
+from apd_jax.commands import check_writable, finite_float, nonnegative_int, positive_int, user_path
 from apd_jax.config import DRAFTER_SIZE, DRAFTER_STEPS, VERIFIER_DROPOUT, VERIFIER_SIZE, VERIFIER_STEPS, ModelSize
 
 if TYPE_CHECKING:
     from apd_jax.train import PipelineSettings
-
-
-# ----------------------------------------------------------------------------- shared by the commands
-# Option types (argparse `type=`): a bad value ends as "apd-jax CMD: error: argument --FLAG: ...",
-# naming the flag, the value and what is expected, before any work.
-
-
-def _integer(text: str, least: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = None
-    if value is None or value < least:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected an integer >= {least}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    """An integer >= 1 (a count, a size, a length)."""
-    return _integer(text, 1)
-
-
-def nonnegative_int(text: str) -> int:
-    """An integer >= 0 (a count where 0 turns something off, a seed)."""
-    return _integer(text, 0)
-
-
-def positive_int_list(text: str) -> list[int]:
-    """Comma-separated integers >= 1, at least one ("1,4,16")."""
-    try:
-        values = [int(item) for item in text.split(",")]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected comma-separated integers >= 1, "
-                                         "e.g. 1,4,16")
-    return values
-
-
-def finite_float(text: str) -> float:
-    """A finite number (not nan or inf)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a finite number")
-    return value
-
-
-def check_writable(flag: str, path: Path, *, directory: bool) -> None:
-    """Fail before any work when the output `path` of `flag` cannot be written: a file where a
-    directory goes or the reverse, a parent that is a file, or no permission to write where it goes."""
-    if path.exists() and path.is_dir() != directory:
-        if directory:
-            raise FileExistsError(f"{flag} {path} is a file, not a directory: give a directory to write into")
-        raise IsADirectoryError(f"{flag} {path} is a directory: give a file name, e.g. {path / 'out.json'}")
-    absolute = path.absolute()
-    home = absolute if directory and path.is_dir() else next(p for p in absolute.parents if p.exists())
-    if not home.is_dir():
-        raise NotADirectoryError(f"{flag} {path}: {home} is a file, not a directory; choose another path")
-    if not os.access(home, os.W_OK | os.X_OK):
-        raise PermissionError(f"{flag} {path}: {home} is not writable (permissions, or a read-only file system); "
-                              "choose another path")
-
-
-@contextlib.contextmanager
-def written_atomically(path: Path) -> Iterator[Path]:
-    """A temporary file beside `path` to write in, renamed onto `path` when the body succeeds and removed
-    when it fails or is interrupted: `path` is never left half-written."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    with written_atomically(path) as tmp:
-        tmp.write_text(text)
-
-
-# ----------------------------------------------------------------------------- apd-jax train
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -16,8 +16,9 @@ import time
 import numpy as np
 
 from apd_jax.checkpoint import check_output, load_model, load_tokenizer
-from apd_jax.commands import DefaultsHelpFormatter, corpus_prompts, user_path
-from apd_jax.commands.train import finite_float, nonnegative_int, positive_int
+from apd_jax.commands import (
+    DefaultsHelpFormatter, corpus_prompts, finite_float, nonnegative_int, positive_int, user_path,
+)
 from apd_jax.learn2pd import save_filter
 from apd_jax.learn2pd_oracle import collect_traces
 from apd_jax.learn2pd_train import FilterTrainConfig, compare_with_confidence_rule, filter_loss, train_filter
