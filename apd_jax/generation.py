@@ -269,7 +269,8 @@ def prompt_bucket(longest: int, max_new_tokens: int, capacity: int) -> int:
     if longest + max_new_tokens > capacity:
         raise ValueError(
             f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the cache capacity "
-            f"{capacity}; shorten the prompt, lower max_new_tokens or raise max_len (--max-len on the command line)"
+            f"{capacity}; shorten the prompt or lower max_new_tokens (a max_len set below the models' context, "
+            "generate's --max-len, may be raised up to it)"
         )
     return min(max(16, 1 << (longest - 1).bit_length()), capacity - max_new_tokens)
 

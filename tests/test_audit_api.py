@@ -273,8 +273,8 @@ def test_shared_vocab_beyond_the_models_is_an_error(dream, qwen):
 
 def test_the_capacity_error_names_max_len_and_its_flag():
     with pytest.raises(ValueError, match=r"prompt of 40 tokens \+ max_new_tokens 30 exceeds the cache capacity 64; "
-                                         r"shorten the prompt, lower max_new_tokens or raise max_len "
-                                         r"\(--max-len on the command line\)"):
+                                         r"shorten the prompt or lower max_new_tokens \(a max_len set below "
+                                         r"the models' context, generate's --max-len, may be raised up to it\)"):
         prompt_bucket(40, 30, 64)
 
 
