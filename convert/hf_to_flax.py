@@ -5,7 +5,7 @@
 
 import sys
 
-from apd_jax.cli import main
+from apd_jax.cli.app import main
 
 if __name__ == "__main__":
     sys.exit(main(["convert", "hf-to-flax", *sys.argv[1:]]))

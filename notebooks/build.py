@@ -14,9 +14,9 @@ QUICKSTART = [
            "accepted tokens per pass, and sweep R: throughput (tokens per pass) against agreement with the "
            "verifier's own greedy output."),
     ("code", "%matplotlib inline\nimport matplotlib.pyplot as plt\n"
-             "from apd_jax import ASSETS_DIR\nfrom apd_jax.apd import APDConfig, apd_generate\n"
-             "from apd_jax.autoregressive import ARConfig, ar_generate\n"
-             "from apd_jax.checkpoint import load_model, load_tokenizer\n\n"
+             "from apd_jax import ASSETS_DIR\nfrom apd_jax.decoding.apd import APDConfig, apd_generate\n"
+             "from apd_jax.decoding.autoregressive import ARConfig, ar_generate\n"
+             "from apd_jax.checkpoints.checkpoint import load_model, load_tokenizer\n\n"
              "drafter = load_model(ASSETS_DIR / 'drafter')\nverifier = load_model(ASSETS_DIR / 'verifier')\n"
              "tok = load_tokenizer(ASSETS_DIR / 'drafter')"),
     ("code", "prompts = ['class Stack:\\n    def __init__(self):\\n', 'def read_config(path):\\n']\n"
@@ -45,8 +45,8 @@ PARITY = [
            "layout, run by transformers (PyTorch, float32) and by apd_jax in float32 and bfloat16; the largest "
            "difference of each layer's output."),
     ("code", "import tempfile\nimport numpy as np, torch, jax.numpy as jnp\n"
-             "from transformers import Qwen2ForCausalLM\nfrom apd_jax.torch_reference import save_tiny_qwen2\n"
-             "from apd_jax.checkpoint import load_hf\n\n"
+             "from transformers import Qwen2ForCausalLM\nfrom apd_jax.bench.torch_reference import save_tiny_qwen2\n"
+             "from apd_jax.checkpoints.checkpoint import load_hf\n\n"
              "path = save_tiny_qwen2(tempfile.mkdtemp(), seed=1)\n"
              "ref = Qwen2ForCausalLM.from_pretrained(path, attn_implementation='eager', dtype=torch.float32).eval()\n"
              "tokens = np.random.default_rng(0).integers(0, 320, size=(1, 128))"),

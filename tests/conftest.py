@@ -15,8 +15,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import Qwen2ForCausalLM  # noqa: E402
 
-from apd_jax.checkpoint import load_hf  # noqa: E402
-from apd_jax.torch_reference import TorchDream, save_tiny_dream, save_tiny_qwen2  # noqa: E402
+from apd_jax.checkpoints.checkpoint import load_hf  # noqa: E402
+from apd_jax.bench.torch_reference import TorchDream, save_tiny_dream, save_tiny_qwen2  # noqa: E402
 
 # Shared by the decoder tests (imported with `from conftest import ...`): three prompts of
 # different lengths, so batches need padding, and the tiny Dream checkpoint's mask id.

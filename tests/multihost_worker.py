@@ -19,10 +19,10 @@ import json  # noqa: E402
 
 import jax  # noqa: E402
 
-from apd_jax.apd import APDConfig, apd_generate  # noqa: E402
-from apd_jax.config import tiny_config  # noqa: E402
-from apd_jax.model import init_model  # noqa: E402
-from apd_jax.sharding import make_mesh, shard_model  # noqa: E402
+from apd_jax.decoding.apd import APDConfig, apd_generate  # noqa: E402
+from apd_jax.models.config import tiny_config  # noqa: E402
+from apd_jax.models.model import init_model  # noqa: E402
+from apd_jax.models.sharding import make_mesh, shard_model  # noqa: E402
 
 PROMPTS = [[5, 17, 33, 101, 7], [44, 3, 9]]
 CONFIG = APDConfig(R=0.7, W=4, M=8, max_new_tokens=16, eos_token_ids=())

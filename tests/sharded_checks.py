@@ -29,11 +29,11 @@ from flax import nnx  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from apd_jax import apd, cli  # noqa: E402
-from apd_jax.cache import KVCache  # noqa: E402
-from apd_jax.checkpoint import export_hf, load_hf, load_orbax, model_params, save_orbax  # noqa: E402
-from apd_jax.config import tiny_config  # noqa: E402
-from apd_jax.model import forward_logits, init_model  # noqa: E402
-from apd_jax.sharding import CACHE_SPEC, constrain_cache, make_mesh, param_spec, shard_model, shard_rows  # noqa: E402
+from apd_jax.models.cache import KVCache  # noqa: E402
+from apd_jax.checkpoints.checkpoint import export_hf, load_hf, load_orbax, model_params, save_orbax  # noqa: E402
+from apd_jax.models.config import tiny_config  # noqa: E402
+from apd_jax.models.model import forward_logits, init_model  # noqa: E402
+from apd_jax.models.sharding import CACHE_SPEC, constrain_cache, make_mesh, param_spec, shard_model, shard_rows  # noqa: E402
 
 MESHES = ((1, 8), (2, 4), (8, 1))  # (data, model)
 # Every split dim divisible by 8; the verifier has grouped-query attention (16 heads on 8 KV heads).

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from apd_jax.apd import APDConfig, APDKnobs, accepted_length, apd_generate, apd_generate_eager, shared_vocab_size
+from apd_jax.decoding.apd import APDConfig, APDKnobs, accepted_length, apd_generate, apd_generate_eager, shared_vocab_size
 from conftest import MASK, PROMPTS
-from apd_jax.torch_reference import torch_apd_generate
+from apd_jax.bench.torch_reference import torch_apd_generate
 
 
 def reference(torch_dream, torch_qwen, prompt, cfg, eos):
@@ -116,7 +116,7 @@ def test_paper_rule_accepts_everything_when_both_models_agree():
     logits = jax.random.normal(jax.random.key(0), (3, 6, 40)) * 3
     draft = jax.random.randint(jax.random.key(1), (3, 6), 0, 40)  # any draft: the noise decides both
     key = jax.random.key(2)
-    from apd_jax.apd import draft_tokens
+    from apd_jax.decoding.apd import draft_tokens
 
     draft = draft_tokens(logits, key, KNOBS, mask_id=40)
     k = accepted_length(draft, logits, logits, jnp.array([6, 6, 4]), key, KNOBS, "paper", mask_id=40)
@@ -188,8 +188,8 @@ def test_model_roles_and_vocabularies_are_checked(dream, qwen):
 
 @pytest.mark.parametrize("K, W, M", [(1, 4, 12), (3, 2, 6), (5, 8, 40)])
 def test_leftright_K_matches_pytorch_loop(K, W, M, dream, torch_dream):
-    from apd_jax.apd import leftright_generate
-    from apd_jax.torch_reference import torch_leftright_generate
+    from apd_jax.decoding.apd import leftright_generate
+    from apd_jax.bench.torch_reference import torch_leftright_generate
 
     cfg = APDConfig(W=W, M=M, max_new_tokens=30, eos_token_ids=(2,))
     result = leftright_generate(dream, PROMPTS, K, cfg)

@@ -12,15 +12,15 @@ import pytest
 from conftest import PROMPTS
 from flax import nnx
 
-import apd_jax.commands.generate as generate_command
-from apd_jax.apd import APDConfig, apd_generate, apd_generate_eager, leftright_generate
-from apd_jax.autoregressive import ARConfig, ar_generate
+import apd_jax.cli.generate as generate_command
+from apd_jax.decoding.apd import APDConfig, apd_generate, apd_generate_eager, leftright_generate
+from apd_jax.decoding.autoregressive import ARConfig, ar_generate
 from apd_jax.cli import main
-from apd_jax.compare import compared_runs
-from apd_jax.decoders import DECODERS, Models, decoder
-from apd_jax.diffusion import DiffusionConfig, ThresholdConfig, diffusion_generate, parallel_decode, threshold_generate
-from apd_jax.generation import InputTypeError, capacity, check_prompts, prompt_bucket
-from apd_jax.learn2pd import Filter, Learn2PDConfig, learn2pd_generate
+from apd_jax.evaluation.compare import compared_runs
+from apd_jax.decoding.registry import DECODERS, Models, decoder
+from apd_jax.decoding.diffusion import DiffusionConfig, ThresholdConfig, diffusion_generate, parallel_decode, threshold_generate
+from apd_jax.decoding.generation import InputTypeError, capacity, check_prompts, prompt_bucket
+from apd_jax.decoding.learn2pd import Filter, Learn2PDConfig, learn2pd_generate
 
 SETTINGS = sorted({d.settings for d in DECODERS.values()}, key=lambda c: c.__name__)
 SMALL = {"max_new_tokens": 4}
@@ -315,7 +315,7 @@ def test_compare_gives_each_decoder_only_what_it_takes():
 
 
 def test_the_lm_eval_adapter_checks_its_knobs_before_loading():
-    from apd_jax.harness import APDLM
+    from apd_jax.evaluation.harness import APDLM
 
     with pytest.raises(InputTypeError, match=r"W=2.5 \(a float\) must be an int"):
         APDLM.create_from_arg_string("W=2.5,drafter=/no/such/dir")

@@ -33,14 +33,14 @@ def fail(*args, **kwargs):
 @pytest.fixture
 def no_work(monkeypatch):
     """Any model load, random model, corpus read or oracle run fails the test: errors come first."""
-    import apd_jax.bench
-    import apd_jax.corpus
-    from apd_jax.commands import bench, compare, eval as eval_command, train_filter
+    import apd_jax.bench.decoders
+    import apd_jax.text.corpus
+    from apd_jax.cli.common import bench, compare, eval as eval_command, train_filter
 
     for module in (bench, compare, eval_command, train_filter):
         monkeypatch.setattr(module, "load_model", fail)
-    monkeypatch.setattr(apd_jax.bench, "random_model", fail)
-    monkeypatch.setattr(apd_jax.corpus, "load_corpus", fail)
+    monkeypatch.setattr(apd_jax.bench.decoders, "random_model", fail)
+    monkeypatch.setattr(apd_jax.text.corpus, "load_corpus", fail)
 
 
 @pytest.fixture
@@ -146,7 +146,7 @@ def test_train_never_replaces_a_users_apd_eval_json(no_work, tmp_path, capsys):
 
 
 def test_train_replaces_its_own_output_whole_or_not_at_all(tmp_path):
-    from apd_jax.train import RECORD, replacing
+    from apd_jax.training.train import RECORD, replacing
 
     own = tmp_path / "drafter"
     own.mkdir()
@@ -187,7 +187,7 @@ def test_eval_names_the_line_that_is_not_json(no_work, tmp_path, capsys):
 
 
 def test_eval_lines_end_at_newlines_only(tmp_path):
-    from apd_jax.evaluate import load_jsonl
+    from apd_jax.evaluation.evaluate import load_jsonl
 
     data = tmp_path / "data.jsonl"
     data.write_text(json.dumps({"question": "a\u2028b\x0cc", "answer": "1"}, ensure_ascii=False) + "\r\n")
@@ -215,7 +215,7 @@ def test_progress_bars_are_drawn_on_a_terminal_only(terminal, monkeypatch):
 
     from rich.progress import BarColumn
 
-    from apd_jax.progress import terminal_progress
+    from apd_jax.utils.progress import terminal_progress
 
     stderr = FakeTerminal() if terminal else io.StringIO()
     monkeypatch.setattr(sys, "stderr", stderr)
@@ -244,7 +244,7 @@ def interrupt(*args, **kwargs):
 
 
 def test_train_filter_interrupted_leaves_nothing(tmp_path, monkeypatch, capsys):
-    from apd_jax.commands import train_filter
+    from apd_jax.cli.common import train_filter
 
     monkeypatch.setattr(train_filter, "collect_traces", interrupt)
     prompts = tmp_path / "p.txt"
@@ -258,7 +258,7 @@ def test_train_filter_interrupted_leaves_nothing(tmp_path, monkeypatch, capsys):
 
 
 def test_eval_interrupted_says_nothing_was_kept(tmp_path, monkeypatch, capsys):
-    from apd_jax.commands import eval as eval_command
+    from apd_jax.cli.common import eval as eval_command
 
     monkeypatch.setattr(eval_command, "evaluate", interrupt)
     data = tmp_path / "data.jsonl"
@@ -270,10 +270,10 @@ def test_eval_interrupted_says_nothing_was_kept(tmp_path, monkeypatch, capsys):
 
 
 def test_bench_interrupted_before_its_first_row_writes_no_json(tmp_path, monkeypatch, capsys):
-    import apd_jax.bench
+    import apd_jax.bench.decoders
 
-    monkeypatch.setattr(apd_jax.bench, "device_ceilings", lambda n: {"bandwidth": 1e9, "matmul_flops": 1e12})
-    monkeypatch.setattr(apd_jax.bench, "bench_apd", interrupt)
+    monkeypatch.setattr(apd_jax.bench.decoders, "device_ceilings", lambda n: {"bandwidth": 1e9, "matmul_flops": 1e12})
+    monkeypatch.setattr(apd_jax.bench.decoders, "bench_apd", interrupt)
     out = tmp_path / "b.json"
     assert main(["bench", "--shapes", "tiny", "--batch", "1", "--json", str(out)]) == 130
     assert capsys.readouterr().err == (f"apd-jax bench: interrupted; --json {out} was not written (nothing "
@@ -282,7 +282,7 @@ def test_bench_interrupted_before_its_first_row_writes_no_json(tmp_path, monkeyp
 
 
 def test_bench_json_is_written_whole(tmp_path):
-    from apd_jax.commands.bench import _write_json, interrupted
+    from apd_jax.cli.bench import _write_json, interrupted
 
     args = SimpleNamespace(json=tmp_path / "b.json")
     _write_json(args, '{"rows": [1, 2]}', 2)
@@ -300,9 +300,9 @@ def tiny_stdlib(tmp_path) -> Path:
 
 
 def test_train_interrupted_says_what_is_complete_and_leaves_no_partial(tiny_stdlib, tmp_path, monkeypatch, capsys):
-    import apd_jax.train
+    import apd_jax.training.train
 
-    monkeypatch.setattr(apd_jax.train, "train_model", interrupt)
+    monkeypatch.setattr(apd_jax.training.train, "train_model", interrupt)
     out = tmp_path / "run"
     assert main(["train", "--out", str(out), "--stdlib", str(tiny_stdlib), "--vocab-size", "300"]) == 130
     assert capsys.readouterr().err == (f"apd-jax train: interrupted; complete: {out / 'tokenizer'}; no half-written "
@@ -311,7 +311,7 @@ def test_train_interrupted_says_what_is_complete_and_leaves_no_partial(tiny_stdl
 
 
 def test_train_interrupted_after_the_drafter_continues_with_the_verifier(tmp_path):
-    from apd_jax.commands.train import interrupted
+    from apd_jax.cli.train import interrupted
 
     for name, file in (("tokenizer", "tokenizer.json"), ("drafter", "training.json")):
         (tmp_path / name).mkdir()
@@ -326,9 +326,9 @@ def test_train_interrupted_after_the_drafter_continues_with_the_verifier(tmp_pat
 
 
 def test_eval_names_an_item_too_long_before_decoding_any(tmp_path, monkeypatch, capsys):
-    import apd_jax.evaluate
+    import apd_jax.evaluation.evaluate
 
-    monkeypatch.setattr(apd_jax.evaluate, "apd_generate", fail)
+    monkeypatch.setattr(apd_jax.evaluation.evaluate, "apd_generate", fail)
     data = tmp_path / "data.jsonl"
     data.write_text(json.dumps({"question": "1 + 1?", "answer": "2"}) + "\n"
                     + json.dumps({"question": "x " * 600, "answer": "1"}) + "\n")
@@ -338,7 +338,7 @@ def test_eval_names_an_item_too_long_before_decoding_any(tmp_path, monkeypatch, 
 
 
 def test_train_filter_names_the_line_too_long_before_any_trace(tmp_path, monkeypatch, capsys):
-    from apd_jax.commands import train_filter
+    from apd_jax.cli.common import train_filter
 
     monkeypatch.setattr(train_filter, "collect_traces", fail)
     prompts = tmp_path / "p.txt"

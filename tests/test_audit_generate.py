@@ -7,11 +7,11 @@ import shutil
 
 import pytest
 
-import apd_jax.commands.generate as generate_command
-from apd_jax.batching import RUN_SUFFIX
+import apd_jax.cli.generate as generate_command
+from apd_jax.decoding.batching import RUN_SUFFIX
 from apd_jax.cli import main
-from apd_jax.decoders import Decoder
-from apd_jax.prompts import read_prompt_lines
+from apd_jax.decoding.registry import Decoder
+from apd_jax.text.prompts import read_prompt_lines
 
 PROMPTS = ["def add(a, b):", "class Stack:", "import os", "for i in range(3):", "x = [1, 2, 3]"]
 RUN = ["--max-new-tokens", "8", "--batch-size", "2"]  # 5 prompts: batches of 2, 2 and 1

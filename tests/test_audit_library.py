@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
 
-from apd_jax import cli
+from apd_jax.cli import app as cli
 
 README = Path(__file__).parents[1] / "README.md"
 
@@ -27,7 +28,7 @@ def test_ctrl_c_in_a_command_is_one_line_and_exit_130(monkeypatch, capsys):
     def interrupted_run(args):
         raise KeyboardInterrupt
 
-    import apd_jax.commands.generate as generate
+    import apd_jax.cli.generate as generate
 
     monkeypatch.setattr(generate, "run", interrupted_run)  # add_parser registers `run` when the parser is built
     assert cli.main(["--no-compile-cache", "generate", "--ids", "1 2"]) == 130
@@ -39,13 +40,14 @@ import importlib.util, sys
 find = importlib.util.find_spec
 importlib.util.find_spec = lambda name, *a, **k: None if name.split(".")[0] == "torch" else find(name, *a, **k)
 if sys.argv[1] == "apd_jax":
-    import apd_jax.checkpoint
+    import apd_jax.checkpoints.checkpoint
 import transformers
 """
 
 
 def test_importing_apd_jax_keeps_transformers_advice_out_where_torch_is_absent(tmp_path):
-    env = {k: v for k, v in __import__("os").environ.items() if k != "TRANSFORMERS_NO_ADVISORY_WARNINGS"}
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_NO_ADVISORY_WARNINGS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(README.parent), env.get("PYTHONPATH", "")])  # this checkout's apd_jax
     run = lambda first: subprocess.run([sys.executable, "-c", _NO_TORCH, first], capture_output=True, text=True,  # noqa: E731
                                        env=env, cwd=tmp_path, timeout=120)
     plain, library = run("transformers"), run("apd_jax")
@@ -68,7 +70,7 @@ def test_ctrl_c_lost_in_a_callback_still_ends_the_command(monkeypatch, capsys):
     """A KeyboardInterrupt raised inside __del__ (as inside JAX's gc callback) is not lost: exit 130."""
     import time
 
-    import apd_jax.commands.generate as generate
+    import apd_jax.cli.generate as generate
 
     class InterruptedFinalizer:
         def __del__(self):

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from apd_jax.apd import APDConfig, apd_generate
-from apd_jax.batching import generate_in_batches, open_output
+from apd_jax.decoding.apd import APDConfig, apd_generate
+from apd_jax.decoding.batching import generate_in_batches, open_output
 
 CFG = APDConfig(R=0.7, W=4, M=8, max_new_tokens=12, eos_token_ids=(2,))
 IDS = [[5, 17, 33], [44, 3], [200, 11, 19, 300], [7, 7], [150, 40, 41], [9], [60, 61, 62, 63, 64]]
@@ -97,8 +97,8 @@ def test_batch_size_must_be_positive(size):
 
 @pytest.mark.parametrize("name", ["apd", "threshold"])
 def test_generate_batched_equals_one_batch(name, dream, qwen):
-    from apd_jax.batching import generate_batched
-    from apd_jax.decoders import Models, decoder
+    from apd_jax.decoding.batching import generate_batched
+    from apd_jax.decoding.registry import Models, decoder
 
     chosen = decoder(name)
     apd_only = {"W": 4, "M": 8} if name == "apd" else {}  # a decoder refuses options it does not take

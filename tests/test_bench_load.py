@@ -5,9 +5,9 @@ import json
 import jax
 import pytest
 
-from apd_jax.bench_load import REAL_CONFIGS, main, make_random
-from apd_jax.checkpoint import expected_shapes, load_hf
-from apd_jax.config import ModelConfig, dream_7b_config, qwen25_05b_config
+from apd_jax.bench.load import REAL_CONFIGS, main, make_random
+from apd_jax.checkpoints.checkpoint import expected_shapes, load_hf
+from apd_jax.models.config import ModelConfig, dream_7b_config, qwen25_05b_config
 
 
 @pytest.mark.parametrize("name, preset", [("dream-7b", dream_7b_config), ("qwen2.5-0.5b", qwen25_05b_config)])

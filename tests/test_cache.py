@@ -3,8 +3,8 @@
 import jax.numpy as jnp
 import numpy as np
 
-from apd_jax.cache import KVCache, attention_mask, write_window
-from apd_jax.config import ModelConfig
+from apd_jax.models.cache import KVCache, attention_mask, write_window
+from apd_jax.models.config import ModelConfig
 
 
 def test_causal_mask_respects_position_and_end():

@@ -10,12 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from apd_jax import checkpoint
-from apd_jax.checkpoint import (
+from apd_jax.checkpoints import checkpoint
+from apd_jax.checkpoints.checkpoint import (
     CheckpointError, convert_hf_to_orbax, convert_orbax_to_hf, iter_hf_tensors, load_hf, load_orbax, model_params,
 )
-from apd_jax.model import forward_logits
-from apd_jax.torch_reference import save_tiny_dream, save_tiny_qwen2
+from apd_jax.models.model import forward_logits
+from apd_jax.bench.torch_reference import save_tiny_dream, save_tiny_qwen2
 
 TOKENS = jnp.asarray(np.random.default_rng(1).integers(0, 320, size=(1, 50)))
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from jax.sharding import SingleDeviceSharding
 
-from apd_jax import checkpoint
-from apd_jax.checkpoint import READ_THREADS, _blocks, _device_arrays, _even_blocks, _gather, _Placement
+from apd_jax.checkpoints import checkpoint
+from apd_jax.checkpoints.checkpoint import READ_THREADS, _blocks, _device_arrays, _even_blocks, _gather, _Placement
 
 
 class Block:
@@ -102,7 +102,7 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 os.environ["JAX_PLATFORMS"] = "cpu"
 import jax, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from apd_jax.checkpoint import _blocks, _device_arrays, _Placement
+from apd_jax.checkpoints.checkpoint import _blocks, _device_arrays, _Placement
 
 mesh = jax.make_mesh((2, 4), ("data", "model"))
 full = np.arange(16 * 8, dtype=np.float32).reshape(16, 8)

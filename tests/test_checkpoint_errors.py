@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from apd_jax import ASSETS_DIR, checkpoint
-from apd_jax.checkpoint import (
+from apd_jax import ASSETS_DIR
+from apd_jax.checkpoints import checkpoint
+from apd_jax.checkpoints.checkpoint import (
     CheckpointError, convert_hf_to_orbax, load_hf, load_model, load_tokenizer, model_params,
 )
-from apd_jax.torch_reference import save_tiny_dream
+from apd_jax.bench.torch_reference import save_tiny_dream
 
 
 @pytest.fixture
@@ -107,7 +108,7 @@ def test_progress_bar_on_a_terminal(qwen_dir, capfd, monkeypatch):
     monkeypatch.setattr(checkpoint, "PROGRESS_MIN_BYTES", 0)
     monkeypatch.setenv("FORCE_COLOR", "1")  # rich then takes stderr for a terminal
     monkeypatch.setenv("TTY_INTERACTIVE", "1")
-    monkeypatch.setattr("apd_jax.progress._is_tty", lambda stream: True)  # and so does apd_jax.progress
+    monkeypatch.setattr("apd_jax.utils.progress._is_tty", lambda stream: True)  # and so does apd_jax.utils.progress
     load_hf(qwen_dir)
     assert f"loading {qwen_dir.name}" in capfd.readouterr().err
 

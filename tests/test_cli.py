@@ -73,8 +73,8 @@ def test_bench_samples_at_its_temperature_and_top_p(tmp_path, capsys):
 
 
 def test_bench_prompts_avoid_the_mask_and_special_tokens():
-    from apd_jax.bench import random_prompts
-    from apd_jax.config import dream_7b_config, qwen25_05b_config, tiny_config
+    from apd_jax.bench.decoders import random_prompts
+    from apd_jax.models.config import dream_7b_config, qwen25_05b_config, tiny_config
 
     for configs in ([tiny_config(False), tiny_config(True)], [dream_7b_config(), qwen25_05b_config()]):
         ids = np.array(random_prompts(configs, 4, 512))
@@ -99,8 +99,8 @@ def test_learn2pd_without_a_filter_is_a_clear_error(capsys):
 
 def test_learn2pd_defaults_to_the_embedded_filter_with_the_embedded_drafter(tmp_path, monkeypatch, capsys):
     from apd_jax import ASSETS_DIR
-    from apd_jax.commands import embedded_filter
-    from apd_jax.learn2pd import FEATURES, load_filter
+    from apd_jax.cli.common import embedded_filter
+    from apd_jax.decoding.learn2pd import FEATURES, load_filter
 
     assert load_filter(ASSETS_DIR / "filter").fc1.in_features == len(FEATURES)
     monkeypatch.chdir(ASSETS_DIR)  # a relative path to the embedded drafter counts too
@@ -128,10 +128,10 @@ def test_dream_steps_zero_is_an_error_not_a_default(capsys):
 
 
 def test_decoder_defaults_come_from_their_settings_classes():
-    from apd_jax.apd import APDConfig
-    from apd_jax.cli import build_parser
-    from apd_jax.commands.generate import settings
-    from apd_jax.diffusion import DiffusionConfig
+    from apd_jax.decoding.apd import APDConfig
+    from apd_jax.cli.app import build_parser
+    from apd_jax.cli.generate import settings
+    from apd_jax.decoding.diffusion import DiffusionConfig
 
     parse = build_parser().parse_args
     assert settings(parse(["generate", "x"])) == APDConfig()
@@ -146,7 +146,7 @@ def test_decoder_defaults_come_from_their_settings_classes():
 
 @pytest.mark.parametrize("command", ["generate", "convert", "bench", "compare", "eval", "train", "train-filter"])
 def test_every_option_help_shows_its_default(command):
-    from apd_jax.cli import build_parser
+    from apd_jax.cli.app import build_parser
 
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
     # An option of a required either-or group has no default: one of the group must be given.
@@ -180,7 +180,7 @@ def test_bad_prompts_files_name_the_file_and_the_problem(tmp_path, capsys):
 
 
 def test_prompt_files_unescape_newlines_the_same_way_everywhere(tmp_path, capsys):
-    from apd_jax.prompts import read_prompts_file
+    from apd_jax.text.prompts import read_prompts_file
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("def f():\\n    return 1\n\na \\\\n b\n")
@@ -191,7 +191,7 @@ def test_prompt_files_unescape_newlines_the_same_way_everywhere(tmp_path, capsys
 
 def test_compare_defaults_to_the_embedded_pair(tmp_path, monkeypatch, capsys):
     from apd_jax import ASSETS_DIR
-    from apd_jax.checkpoint import load_model
+    from apd_jax.checkpoints.checkpoint import load_model
 
     seen = {}
 
@@ -199,7 +199,7 @@ def test_compare_defaults_to_the_embedded_pair(tmp_path, monkeypatch, capsys):
         seen.update(drafter=drafter, verifier=verifier, learned=learned)
         return []
 
-    monkeypatch.setattr("apd_jax.commands.compare.compare_decoders", record)
+    monkeypatch.setattr("apd_jax.cli.compare.compare_decoders", record)
     prompts = tmp_path / "p.txt"
     prompts.write_text("def add(a, b):\n")
     assert main(["compare", "--prompts-file", str(prompts)]) == 0
@@ -233,7 +233,7 @@ def test_compiled_programs_persist_between_runs_unless_turned_off(flag, tmp_path
 
 def test_runtime_defaults_keep_what_the_user_set(monkeypatch):
     # XLA's up-front reservation of GPU memory is off unless the user asks for it.
-    from apd_jax.cli import runtime_defaults
+    from apd_jax.utils.runtime import runtime_defaults
 
     monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
     runtime_defaults()

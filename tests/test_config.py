@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from apd_jax.config import (
+from apd_jax.models.config import (
     DRAFTER_SIZE,
     VERIFIER_SIZE,
     ModelConfig,
@@ -49,7 +49,7 @@ def test_storage_dtype_is_what_the_weights_are_read_as():
 def test_param_count_matches_the_initialised_model():
     from flax import nnx
 
-    from apd_jax.model import init_model
+    from apd_jax.models.model import init_model
 
     for causal in (False, True):
         cfg = tiny_config(causal=causal)

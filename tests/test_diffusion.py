@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from apd_jax.diffusion import (
+from apd_jax.decoding.diffusion import (
     DiffusionConfig,
     ThresholdConfig,
     diffusion_generate,
@@ -16,7 +16,7 @@ from apd_jax.diffusion import (
     threshold_generate,
 )
 from conftest import MASK, PROMPTS
-from apd_jax.torch_reference import shift_logits, torch_dream_diffusion_generate
+from apd_jax.bench.torch_reference import shift_logits, torch_dream_diffusion_generate
 
 N = 16
 WHOLE = dict(max_new_tokens=N, eos_token_ids=())  # no eos: the whole canvas, as the reference returns it

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from apd_jax.cli import main
-from apd_jax.evaluate import extract_answer, load_jsonl
+from apd_jax.evaluation.evaluate import extract_answer, load_jsonl
 
 
 @pytest.mark.parametrize(
@@ -35,9 +35,9 @@ def test_eval_runs_on_the_embedded_pair(tmp_path, capsys):
 def test_evaluation_is_the_same_in_any_batch_size():
     # The last batch is filled up to the batch's shape; its filler rows count for nothing.
     from apd_jax import ASSETS_DIR
-    from apd_jax.apd import APDConfig
-    from apd_jax.checkpoint import load_model, load_tokenizer
-    from apd_jax.evaluate import evaluate
+    from apd_jax.decoding.apd import APDConfig
+    from apd_jax.checkpoints.checkpoint import load_model, load_tokenizer
+    from apd_jax.evaluation.evaluate import evaluate
 
     pair = [load_model(ASSETS_DIR / name, param_dtype="float32") for name in ("drafter", "verifier")]
     items = [{"question": f"What is {i} + 1?", "answer": f"#### {i + 1}"} for i in range(5)]

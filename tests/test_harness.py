@@ -14,9 +14,9 @@ import torch
 from transformers import Qwen2ForCausalLM
 
 from apd_jax import ASSETS_DIR
-from apd_jax.apd import APDConfig, apd_generate
-from apd_jax.autoregressive import ARConfig, ar_generate
-from apd_jax.harness import APDLM, truncate_at_stop
+from apd_jax.decoding.apd import APDConfig, apd_generate
+from apd_jax.decoding.autoregressive import ARConfig, ar_generate
+from apd_jax.evaluation.harness import APDLM, truncate_at_stop
 from lm_eval import simple_evaluate
 from lm_eval.api.instance import Instance
 from lm_eval.tasks import TaskManager
@@ -210,7 +210,7 @@ def test_command_line_runs_offline(tmp_path):
     """The documented command, in a fresh process with a fresh datasets cache and the Hub offline."""
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_CACHE": str(tmp_path / "datasets"), "JAX_PLATFORMS": "cpu"}
-    cmd = [sys.executable, "-m", "apd_jax.harness", "--model", "apd_jax", "--model_args", "dtype=float32",
+    cmd = [sys.executable, "-m", "apd_jax.evaluation.harness", "--model", "apd_jax", "--model_args", "dtype=float32",
            "--include_path", "tests/data/lm_eval", "--tasks", "stdlib_choice", "--limit", "3",
            "--batch_size", "2"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

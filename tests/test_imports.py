@@ -36,20 +36,20 @@ def modules_after(argv: list[str]) -> set[str]:
     "argv, forbidden",
     [
         (["convert", "hf-to-flax", "/nonexistent/src", "/nonexistent/dst"],
-         {"apd_jax.train", "apd_jax.learn2pd", "apd_jax.commands.generate", *HEAVY}),
-        (["bench", "--help"], {"apd_jax.train", "apd_jax.learn2pd", *HEAVY}),
-        (["generate", "--help"], {"apd_jax.train", *HEAVY}),
-        (["train", "--help"], {"apd_jax.train", *HEAVY}),
-        (["--help"], {"apd_jax.train", *HEAVY}),  # every subcommand's parser
+         {"apd_jax.training.train", "apd_jax.decoding.learn2pd", "apd_jax.cli.generate", *HEAVY}),
+        (["bench", "--help"], {"apd_jax.training.train", "apd_jax.decoding.learn2pd", *HEAVY}),
+        (["generate", "--help"], {"apd_jax.training.train", *HEAVY}),
+        (["train", "--help"], {"apd_jax.training.train", *HEAVY}),
+        (["--help"], {"apd_jax.training.train", *HEAVY}),  # every subcommand's parser
     ],
     ids=["convert", "bench", "generate", "train-parser", "help"],
 )
 def test_commands_import_no_training_code(argv, forbidden):
     loaded = modules_after(argv)
-    assert "apd_jax.cli" in loaded
+    assert "apd_jax.cli.app" in loaded
     assert not forbidden & loaded, f"apd-jax {' '.join(argv)} imported {sorted(forbidden & loaded)}"
 
 
 def test_the_check_sees_a_lazy_import():
     # `train` imports the training code when it runs (here: up to its settings check).
-    assert "apd_jax.train" in modules_after(["train", "--out", "/nonexistent/out", "--max-files", "1"])
+    assert "apd_jax.training.train" in modules_after(["train", "--out", "/nonexistent/out", "--max-files", "1"])

@@ -11,11 +11,11 @@ import pytest
 from flax import nnx
 
 from apd_jax import ASSETS_DIR
-from apd_jax.commands import train_filter as train_filter_cmd
-from apd_jax.diffusion import Prediction, ThresholdConfig, threshold_generate
-from apd_jax.learn2pd import FEATURES, FILTER_FILE, Filter, Learn2PDConfig, learn2pd_generate, load_filter, save_filter
-from apd_jax.learn2pd_oracle import Traces, collect_traces, oracle_step, oracle_traces
-from apd_jax.learn2pd_train import (
+from apd_jax.cli.common import train_filter as train_filter_cmd
+from apd_jax.decoding.diffusion import Prediction, ThresholdConfig, threshold_generate
+from apd_jax.decoding.learn2pd import FEATURES, FILTER_FILE, Filter, Learn2PDConfig, learn2pd_generate, load_filter, save_filter
+from apd_jax.training.learn2pd_oracle import Traces, collect_traces, oracle_step, oracle_traces
+from apd_jax.training.learn2pd_train import (
     FilterTrainConfig,
     compare_with_confidence_rule,
     filter_loss,

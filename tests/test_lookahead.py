@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from apd_jax import apd
-from apd_jax.apd import APDConfig, _Level, _level_index, _levels, apd_generate, apd_generate_eager, live_view
+from apd_jax.decoding import apd
+from apd_jax.decoding.apd import APDConfig, _Level, _level_index, _levels, apd_generate, apd_generate_eager, live_view
 from apd_jax.cli import main
 from conftest import PROMPTS
 

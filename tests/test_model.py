@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from apd_jax.autoregressive import ARConfig, ar_generate
-from apd_jax.cache import KVCache
-from apd_jax.checkpoint import load_hf
-from apd_jax.model import forward_logits, shift_right, with_config
-from apd_jax.torch_reference import TorchDream, crop, shift_logits
+from apd_jax.decoding.autoregressive import ARConfig, ar_generate
+from apd_jax.models.cache import KVCache
+from apd_jax.checkpoints.checkpoint import load_hf
+from apd_jax.models.model import forward_logits, shift_right, with_config
+from apd_jax.bench.torch_reference import TorchDream, crop, shift_logits
 
 # A long prompt: RoPE is the identity at position 0, short prompts hide RoPE bugs.
 TOKENS = np.random.default_rng(0).integers(0, 320, size=(2, 200))

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from apd_jax.sampling import filter_logits, sample
+from apd_jax.decoding.sampling import filter_logits, sample
 
 LOGITS = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from jax.sharding import AbstractMesh
 
-from apd_jax.apd import APDConfig, apd_generate
-from apd_jax.config import tiny_config
-from apd_jax.model import abstract_model
-from apd_jax.sharding import make_mesh, parse_mesh, shard_model
+from apd_jax.decoding.apd import APDConfig, apd_generate
+from apd_jax.models.config import tiny_config
+from apd_jax.models.model import abstract_model
+from apd_jax.models.sharding import make_mesh, parse_mesh, shard_model
 
 CHECKS = (
     "apd_matches_single_device",  # greedy and sampled, meshes (1,8), (2,4), (8,1): tokens and acceptances

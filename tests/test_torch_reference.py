@@ -1,4 +1,4 @@
-"""Checks of the PyTorch reference itself (apd_jax/torch_reference.py), before the JAX code is compared to it."""
+"""Checks of the PyTorch reference itself (apd_jax/bench/torch_reference.py), before the JAX code is compared to it."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import MASK
-from apd_jax.torch_reference import (
+from apd_jax.bench.torch_reference import (
     TorchDream,
     crop,
     load_safetensors_dir,

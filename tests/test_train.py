@@ -11,13 +11,13 @@ import optax
 import pytest
 from flax import nnx
 
-from apd_jax import corpus
-from apd_jax import train as T
-from apd_jax.apd import APDConfig, apd_generate, shared_vocab_size
-from apd_jax.checkpoint import load_model, load_tokenizer
-from apd_jax.config import ModelSize, tiny_config
-from apd_jax.model import forward_logits, init_model
-from apd_jax.tokenizer import EOS_ID, MASK_ID, load_tokenizer_file, save_tokenizer, train_tokenizer
+from apd_jax.text import corpus
+from apd_jax.training import train as T
+from apd_jax.decoding.apd import APDConfig, apd_generate, shared_vocab_size
+from apd_jax.checkpoints.checkpoint import load_model, load_tokenizer
+from apd_jax.models.config import ModelSize, tiny_config
+from apd_jax.models.model import forward_logits, init_model
+from apd_jax.text.tokenizer import EOS_ID, MASK_ID, load_tokenizer_file, save_tokenizer, train_tokenizer
 
 SNIPPETS = [
     "def fib(n):\n    if n < 2:\n        return n\n    return fib(n - 1) + fib(n - 2)\n",
@@ -245,7 +245,7 @@ def test_saved_models_match_the_pytorch_implementations(pair):
     import torch
     from transformers import Qwen2ForCausalLM
 
-    from apd_jax.torch_reference import TorchDream
+    from apd_jax.bench.torch_reference import TorchDream
 
     tokens = np.random.default_rng(2).integers(2, 300, size=(2, 20))
     ours = forward_logits(load_model(pair / "verifier"), jnp.asarray(tokens))
@@ -261,10 +261,10 @@ def test_saved_models_match_the_pytorch_implementations(pair):
 
 
 def test_train_command_end_to_end(tmp_path):
-    from apd_jax.commands.train import main
+    from apd_jax.cli import main
 
     out = tmp_path / "run"
-    argv = ["--out", str(out), "--max-files", "30", "--vocab-size", "400", "--steps", "4", "--verifier-steps", "4",
+    argv = ["train", "--out", str(out), "--max-files", "30", "--vocab-size", "400", "--steps", "4", "--verifier-steps", "4",
             "--batch-size", "2", "--seq-len", "128", "--log-every", "2", "--eval-every", "4", "--eval-windows", "2",
             "--warmup", "1", "--eval-prompts", "2", "--eval-max-new-tokens", "8", "--packages", "rich",
             "--stdlib-repeats", "2"]
@@ -334,7 +334,7 @@ def test_packages_join_the_training_files_never_the_held_out(tmp_path, monkeypat
 
 
 def test_packages_option_expands_deps():
-    from apd_jax.commands.train import _package_list
+    from apd_jax.cli.train import _package_list
 
     assert _package_list("none") == ()
     assert _package_list("deps") == corpus.DEPENDENCY_PACKAGES

@@ -1,0 +1,265 @@
+"""PyTorch side by side: the published APD loop and HF `generate` at the real shapes, random bf16 weights.
+
+`apd-jax bench --torch` runs this in its own process (so PyTorch and JAX never share the
+GPU's memory), on the same prompts, settings and weight distribution as `apd-jax bench`
+(normal(0.02) matrices, unit norm scales; prompts from `bench.random_prompts`):
+
+- **PyTorch APD**: `apd_jax.bench.torch_reference.torch_apd_generate`, the port of the published
+  `apd_sample` loop that the parity tests hold apd_jax to, token for token. Batch 1 (the
+  only size the published code supports), greedy, with the drafter's KV cache on, and with
+  it off: the published code's shipped default (Dream's config has use_cache false), where
+  every pass recomputes the drafter over [0, right) and W has no effect; that is the same
+  loop with W past the sequence length.
+- **PyTorch Dream left-to-right K**: `torch_leftright_generate`, the "Dream K=k" baseline.
+- **HF `generate`**: greedy decoding of a Qwen2.5-7B-shaped `Qwen2ForCausalLM`.
+
+Figures are medians of timed calls after a warm-up, with `torch.cuda.synchronize` around
+each; ms per pass is a call's time over its passes. `--against JAX.json` (the JSON of an
+`apd-jax bench` run in the same session) prints PyTorch's ms per pass over apd_jax's for
+every matching row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from apd_jax.utils.runtime import runtime_defaults
+
+# This process may import JAX (the configs): it must not reserve the GPU's memory from PyTorch.
+runtime_defaults()
+
+from apd_jax.models.config import ModelConfig  # noqa: E402 (after the defaults: it imports JAX)
+
+NO_CACHE_W = 1 << 30  # a window past any sequence: the drafter recomputes [0, right) every pass
+
+
+@dataclasses.dataclass(frozen=True)
+class TorchRow:
+    name: str
+    decoder: str  # apd | leftright | ar: matched against `apd-jax bench` rows with --against
+    R: float | None
+    W: int | None
+    M: int | None
+    drafter_cache: bool | None
+    batch: int
+    ms_per_pass: float  # per token for ar
+    tokens_per_pass: float
+    passes: int
+    tokens_per_s: float
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _time_calls(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+    """Median seconds of `repeats` synchronised calls after one warm-up, and the last result."""
+    result = fn()
+    times = []
+    for _ in range(repeats):
+        _sync()
+        start = time.perf_counter()
+        result = fn()
+        _sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def _randomise(model: Any) -> Any:
+    """normal(0.02) weights, unit norm scales: the distribution of `bench.random_model`."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02)
+    return model.eval()
+
+
+def _build(make: Callable[[], Any]) -> Any:
+    """`make()` with parameters created directly on the device in bf16 (no float32 copy of a 7B model)."""
+    import torch
+
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(_device()):
+            return _randomise(make())
+    finally:
+        torch.set_default_dtype(default)
+
+
+def torch_dream(c: ModelConfig) -> Any:
+    from apd_jax.bench.torch_reference import DreamConfig, TorchDream
+
+    cfg = DreamConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
+        rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta, tie_word_embeddings=c.tie_word_embeddings,
+    )
+    return _build(lambda: TorchDream(cfg))
+
+
+def torch_qwen2(c: ModelConfig) -> Any:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
+        max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=c.tie_word_embeddings,
+        rope_theta=c.rope_theta, rms_norm_eps=c.rms_norm_eps,
+    )
+    return _build(lambda: Qwen2ForCausalLM(config))
+
+
+def bench_apd(drafter: Any, verifier: Any, d_cfg: ModelConfig, v_cfg: ModelConfig, prompt: list[int],
+              R: float, W: int, M: int, max_new_tokens: int, repeats: int, drafter_cache: bool) -> TorchRow:
+    import torch
+
+    from apd_jax.bench.torch_reference import torch_apd_generate
+
+    def run() -> tuple[list[int], list[int]]:
+        # eos -1: never stop early, so every call decodes max_new_tokens (as `apd-jax bench` does).
+        return torch_apd_generate(
+            drafter, verifier, prompt, max_new_tokens=max_new_tokens, R=R, W=W if drafter_cache else NO_CACHE_W,
+            M=M, mask_token_id=d_cfg.mask_token_id, eos_token_id=-1,
+            shared_vocab_size=min(d_cfg.vocab_size, v_cfg.vocab_size),
+        )
+
+    with torch.device(_device()):  # the reference makes its index tensors on the default device
+        t, (tokens, counts) = _time_calls(run, repeats)
+    cache = "on" if drafter_cache else "off (published default)"
+    return TorchRow(f"PyTorch APD R={R} W={W} M={M}, drafter cache {cache}", "apd", R, W, M, drafter_cache, 1,
+                    1e3 * t / len(counts), len(tokens) / len(counts), len(counts), len(tokens) / t)
+
+
+def bench_leftright(drafter: Any, d_cfg: ModelConfig, prompt: list[int], K: int, W: int, M: int,
+                    max_new_tokens: int, repeats: int) -> TorchRow:
+    import torch
+
+    from apd_jax.bench.torch_reference import torch_leftright_generate
+
+    def run() -> tuple[list[int], list[int]]:
+        return torch_leftright_generate(drafter, prompt, max_new_tokens=max_new_tokens, K=K, W=W, M=M,
+                                        mask_token_id=d_cfg.mask_token_id, eos_token_id=-1,
+                                        shared_vocab_size=d_cfg.vocab_size)
+
+    with torch.device(_device()):
+        t, (tokens, counts) = _time_calls(run, repeats)
+    return TorchRow(f"PyTorch Dream left-to-right K={K} W={W} M={M}", "leftright", None, W, M, True, 1,
+                    1e3 * t / len(counts), len(tokens) / len(counts), len(counts), len(tokens) / t)
+
+
+def bench_hf_generate(model: Any, prompt: list[int], max_new_tokens: int, repeats: int) -> TorchRow:
+    import torch
+
+    ids = torch.tensor([prompt], device=_device())
+    gen = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False)
+    with torch.no_grad():
+        t, _ = _time_calls(lambda: model.generate(ids, **gen), repeats)
+    return TorchRow("PyTorch HF generate (Qwen2.5-7B shapes)", "ar", None, None, None, None, 1,
+                    1e3 * t / max_new_tokens, 1.0, max_new_tokens, max_new_tokens / t)
+
+
+HEADER = f"{'benchmark':<70} {'batch':>5} {'ms/pass':>8} {'tok/pass':>8} {'passes':>6} {'tok/s':>7}"
+
+
+def format_row(r: TorchRow) -> str:
+    return (f"{r.name:<70} {r.batch:>5} {r.ms_per_pass:>8.2f} {r.tokens_per_pass:>8.2f} {r.passes:>6} "
+            f"{r.tokens_per_s:>7.1f}")
+
+
+def _jax_key(row: dict) -> tuple | None:
+    """(decoder, R, W, M) of an `apd-jax bench` JSON row at batch 1 (its names: 'APD R=.. W=.. M=..')."""
+    if row["batch"] != 1 or "adaptive" in row["name"]:  # the published loop has no adaptive lookahead
+        return None
+    fields = dict(part.split("=") for part in row["name"].split() if "=" in part)
+    if row["name"].startswith("APD"):
+        return ("apd", float(fields["R"]), int(fields["W"]), int(fields["M"]))
+    if row["name"].startswith("Dream left-to-right"):
+        return ("leftright", None, int(fields["W"]), int(fields["M"]))
+    if row["name"].startswith("AR decode"):
+        return ("ar", None, None, None)
+    return None
+
+
+def ratios(rows: list[TorchRow], jax_json: Path) -> list[str]:
+    """One line per PyTorch row that `apd-jax bench` also ran: PyTorch ms / apd_jax ms."""
+    jax_rows = {k: r for r in json.loads(jax_json.read_text())["rows"] if (k := _jax_key(r)) is not None}
+    lines = []
+    for r in rows:
+        j = jax_rows.get((r.decoder, r.R, r.W, r.M))
+        if j is not None:
+            lines.append(f"{r.name}: {r.ms_per_pass:.2f} ms against apd_jax's {j['ms_per_pass']:.2f} ms "
+                         f"({r.ms_per_pass / j['ms_per_pass']:.1f}x)")
+    return lines
+
+
+def run(shapes: tuple[ModelConfig, ModelConfig, ModelConfig], settings: list[tuple[float, int, int]],
+        prompt_len: int, max_new_tokens: int, repeats: int, baselines: list[str],
+        log: Callable[[str], None] = print,
+        on_row: Callable[[list[TorchRow]], None] = lambda rows: None) -> list[TorchRow]:
+    """Every PyTorch row: HF generate (if asked for), APD per setting (drafter cache on and off), left-to-right.
+
+    `on_row` receives the rows so far after each one (bench writes its JSON there)."""
+    import torch
+    import transformers
+
+    from apd_jax.bench.decoders import LEFTRIGHT_WM, random_prompts
+
+    d_cfg, v_cfg, ar_cfg = shapes
+    if not torch.cuda.is_available() and d_cfg.hidden_size > 1024:
+        raise ValueError("apd-jax bench --torch at the real shapes needs a CUDA GPU (--shapes tiny runs on CPU)")
+    log(f"PyTorch {torch.__version__}, transformers {transformers.__version__}, {_device_name()}")
+    prompt = random_prompts([d_cfg, v_cfg], 1, prompt_len)[0]
+    rows: list[TorchRow] = []
+
+    def report(row: TorchRow) -> None:
+        rows.append(row)
+        log(format_row(row))
+        on_row(rows)
+
+    log(HEADER)
+    if "ar" in baselines:  # first: the fastest row, and the only one that needs its own 7B model
+        ar = torch_qwen2(ar_cfg)
+        report(bench_hf_generate(ar, prompt, max_new_tokens, repeats))
+        del ar
+    drafter, verifier = torch_dream(d_cfg), torch_qwen2(v_cfg)
+    for R, W, M in settings:
+        for cache in (True, False):
+            report(bench_apd(drafter, verifier, d_cfg, v_cfg, prompt, R, W, M, max_new_tokens, repeats, cache))
+    if "leftright" in baselines:
+        report(bench_leftright(drafter, d_cfg, prompt, 1, *LEFTRIGHT_WM, max_new_tokens, repeats))
+    return rows
+
+
+def _device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def to_json(rows: list[TorchRow]) -> str:
+    import torch
+    import transformers
+
+    return json.dumps({"device": _device_name(), "torch": torch.__version__,
+                       "transformers": transformers.__version__,
+                       "rows": [dataclasses.asdict(r) for r in rows]}, indent=2)

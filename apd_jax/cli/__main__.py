@@ -1,0 +1,7 @@
+"""`python -m apd_jax.cli NAME ...`: the same as `apd-jax NAME ...`."""
+
+import sys
+
+from apd_jax.cli.app import main
+
+sys.exit(main())

@@ -1,0 +1,218 @@
+"""`apd-jax bench`: APD, left-to-right and autoregressive decoding at real shapes, against hardware bounds.
+
+Default shapes: Dream-v0-Instruct-7B drafter, Qwen2.5-0.5B verifier, Qwen2.5-7B for
+the AR baseline, random bf16 weights made on the device. `--shapes tiny` runs the
+same code path on tiny models (CPU, CI). `--torch` runs the PyTorch side instead
+(apd_jax/bench/pytorch.py: the published APD loop, Dream left-to-right and HF `generate`
+at the same shapes), in its own process so the two frameworks never share the GPU's
+memory; run it after `apd-jax bench --json J.json` with `--against J.json` for the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from apd_jax.bench import decoders as bench
+from apd_jax.decoding.apd import APDConfig
+from apd_jax.decoding.autoregressive import ARConfig
+from apd_jax.checkpoints.checkpoint import load_model
+from apd_jax.cli.common import (
+    DefaultsHelpFormatter, check_writable, finite_float, positive_int, positive_int_list, user_path,
+)
+from apd_jax.models.config import (
+    ATTENTION_IMPLEMENTATIONS, ModelConfig, dream_7b_config, qwen25_05b_config, qwen25_7b_config, tiny_config,
+)
+from apd_jax.utils.files import written_atomically
+from apd_jax.models.model import with_config
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmark decoding speed", description=__doc__,
+                       formatter_class=DefaultsHelpFormatter)
+    p.add_argument("--shapes", choices=("real", "tiny"), default="real",
+                   help="real: Dream-7B / Qwen2.5-0.5B / Qwen2.5-7B shapes; tiny: tiny models (CPU, CI)")
+    p.add_argument("--drafter", type=user_path, help="real drafter checkpoint (default: random weights)")
+    p.add_argument("--verifier", type=user_path, help="real verifier checkpoint (default: random weights)")
+    p.add_argument("--batch", type=positive_int_list, default="1,4,16,32", help="comma-separated batch sizes")
+    p.add_argument("--settings", default="0.7,16,100;0.6,32,200",
+                   help="APD settings, ';'-separated: 'R,W,M', or 'R,W,M,M_min,M_scale,M_margin' for adaptive "
+                        "lookahead")
+    p.add_argument("--prompt-len", type=positive_int, default=128, help="prompt tokens per row")
+    p.add_argument("--max-new-tokens", type=positive_int, default=256, help="tokens generated per row")
+    p.add_argument("--repeats", type=positive_int, default=3,
+                   help="timed calls of each benchmark after its first, compiling one; the median is reported")
+    p.add_argument("--temperature", type=finite_float, default=0.0,
+                   help="every decoder's sampling temperature (0: greedy, as the published code's default)")
+    p.add_argument("--top-p", type=finite_float, default=1.0, help="every decoder's nucleus filter (1: off)")
+    p.add_argument("--baselines", type=_baselines, default="ar,leftright",
+                   help="comma-separated: ar, leftright (batch 1), or none")
+    p.add_argument("--profile", action="store_true",
+                   help="profile one more call of every benchmark and print its top device ops per pass")
+    p.add_argument("--torch", action="store_true",
+                   help="the PyTorch side instead: the published APD loop (drafter cache on and off), Dream "
+                        "left-to-right and HF generate, same shapes and settings (CUDA GPU)")
+    p.add_argument("--against", type=user_path,
+                   help="with --torch: the JSON of an `apd-jax bench` run, to print PyTorch/apd_jax ratios "
+                        "(default: none)")
+    p.add_argument("--attention", choices=ATTENTION_IMPLEMENTATIONS, default="xla",
+                   help="attention implementation of every model (cudnn: CUDA GPUs; its logits are "
+                        "compared with xla's first)")
+    p.add_argument("--json", type=user_path, help="write the results as JSON here (default: print only)")
+    p.set_defaults(func=run)
+
+
+BASELINES = ("ar", "leftright")
+
+
+def _baselines(text: str) -> list[str]:
+    """--baselines: comma-separated BASELINES, or 'none' alone."""
+    names = [name.strip() for name in text.split(",")]
+    if names == ["none"]:
+        return []
+    unknown = [name for name in names if name not in BASELINES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: unknown baseline {unknown[0]!r}; expected "
+                                         f"comma-separated {', '.join(BASELINES)}, or none")
+    return names
+
+
+def _parse_settings(text: str, max_new_tokens: int, **sampling: float) -> list[APDConfig]:
+    """'R,W,M' (the paper's fixed M) or 'R,W,M,M_min,M_scale,M_margin' (adaptive lookahead), ';'-separated;
+    `sampling`: temperature and top_p of every setting."""
+    settings = []
+    for entry in filter(None, text.split(";")):
+        parts = entry.split(",")
+        try:
+            if len(parts) not in (3, 6):
+                raise ValueError
+            knobs = dict(R=float(parts[0]), W=int(parts[1]), M=int(parts[2]))
+            if len(parts) == 6:
+                knobs |= dict(M_min=int(parts[3]), M_scale=float(parts[4]), M_margin=int(parts[5]))
+        except ValueError:
+            raise ValueError(f"--settings entry {entry!r}: expected 'R,W,M' or 'R,W,M,M_min,M_scale,M_margin'") from None
+        config = APDConfig(**knobs, max_new_tokens=max_new_tokens, eos_token_ids=(), **sampling)
+        config.validate()
+        settings.append(config)
+    if not settings:
+        raise ValueError(f"--settings {text!r} names no setting: expected ';'-separated 'R,W,M' entries, "
+                         "e.g. '0.7,16,100'")
+    return settings
+
+
+def _configs(shapes: str) -> tuple[ModelConfig, ModelConfig, ModelConfig]:
+    if shapes == "tiny":
+        return tiny_config(causal=False), tiny_config(causal=True), tiny_config(causal=True, num_layers=3)
+    bf16 = dict(param_dtype=bench.jnp.bfloat16, dtype=bench.jnp.bfloat16)
+    return dream_7b_config(**bf16), qwen25_05b_config(**bf16), qwen25_7b_config(**bf16)
+
+
+def _bench_json(path: Path) -> dict | None:
+    """The JSON of an `apd-jax bench` run in `path` (a dict with its rows), or None when it holds none."""
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return found if isinstance(found, dict) and isinstance(found.get("rows"), list) else None
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    """Fail before a long run, not after it: --json cannot be written or would replace a file that is
+    not an earlier run's JSON, or --against is not one."""
+    if args.json is not None:
+        check_writable("--json", args.json, directory=False)
+        if args.json.exists() and _bench_json(args.json) is None:
+            raise FileExistsError(f"--json {args.json} exists and is not the JSON of an `apd-jax bench` run: "
+                                  "choose another file or move it away")
+    if args.against is not None:
+        if not args.against.is_file():
+            problem = "is a directory" if args.against.is_dir() else "not found"
+            raise FileNotFoundError(f"--against {args.against} {problem}: give the JSON of an `apd-jax bench --json` "
+                                    "run")
+        if _bench_json(args.against) is None:
+            raise ValueError(f"--against {args.against} is not the JSON of an `apd-jax bench --json` run (a JSON "
+                             "object with its rows)")
+
+
+def _write_json(args: argparse.Namespace, text: str, rows: int) -> None:
+    """--json's text, written whole (a temporary file renamed onto it); `rows` kept for interrupted()."""
+    with written_atomically(args.json) as tmp:
+        tmp.write_text(text)
+    args.rows_kept = rows
+
+
+def interrupted(args: argparse.Namespace) -> str:
+    if args.json is None:
+        return "nothing was written; the rows printed are what was measured"
+    rows = getattr(args, "rows_kept", 0)
+    if rows == 0:
+        before = "was left as it was" if args.json.exists() else "was not written"
+        return f"--json {args.json} {before} (nothing half-written was left behind)"
+    return f"--json {args.json} holds the {rows} rows measured before the interrupt, each written whole"
+
+
+def run(args: argparse.Namespace) -> int:
+    _check_paths(args)
+    sampling = dict(temperature=args.temperature, top_p=args.top_p)
+    settings = _parse_settings(args.settings, args.max_new_tokens, **sampling)
+    if args.torch:
+        if args.temperature > 0 or args.top_p < 1:
+            raise ValueError("--torch times greedy decoding only: drop --temperature and --top-p")
+        return _torch(args, settings)
+    batches = args.batch
+    d_cfg, v_cfg, ar_cfg = _configs(args.shapes)
+    drafter = load_model(args.drafter) if args.drafter else bench.random_model(d_cfg, 1)
+    verifier = load_model(args.verifier) if args.verifier else bench.random_model(v_cfg, 2)
+    if args.attention != "xla":
+        switched = [with_config(m, m.cfg.replace(attention=args.attention)) for m in (drafter, verifier)]
+        for model, other in zip((drafter, verifier), switched):
+            print(f"{model.cfg.model_type} logits, {args.attention} vs xla attention: relative difference "
+                  f"{bench.logits_difference(model, other, args.prompt_len):.2e}", flush=True)
+        drafter, verifier = switched
+    ceilings = bench.device_ceilings(64 if args.shapes == "tiny" else 2048)
+    print(f"device {bench.jax.devices()[0].device_kind}: copy {ceilings['bandwidth'] / 1e9:.0f} GB/s, "
+          f"bf16 matmul {ceilings['matmul_flops'] / 1e12:.0f} TFLOP/s", flush=True)
+    print(bench.HEADER, flush=True)
+    rows = []
+
+    def report(row: bench.Row) -> None:
+        rows.append(row)
+        print(bench.format_row(row), flush=True)
+        if args.json:  # after every row, so a run cut short keeps what it measured
+            _write_json(args, bench.to_json(rows, ceilings), len(rows))
+
+    for cfg in settings:
+        for b in batches:
+            report(bench.bench_apd(drafter, verifier, cfg, b, args.prompt_len, ceilings, args.repeats,
+                                   profile=args.profile))
+    baselines = args.baselines
+    if "leftright" in baselines:
+        W, M = bench.LEFTRIGHT_WM
+        cfg = APDConfig(W=W, M=M, max_new_tokens=args.max_new_tokens, eos_token_ids=(), **sampling)
+        report(bench.bench_leftright(drafter, 1, cfg, 1, args.prompt_len, ceilings, args.repeats,
+                                     profile=args.profile))
+    if "ar" in baselines:
+        del drafter, verifier  # make room for the 7B AR model
+        ar = bench.random_model(ar_cfg.replace(attention=args.attention), 3)
+        report(bench.bench_ar(ar, ARConfig(max_new_tokens=args.max_new_tokens, eos_token_ids=(), **sampling), 1,
+                              args.prompt_len, ceilings, args.repeats, profile=args.profile))
+    return 0
+
+
+def _torch(args: argparse.Namespace, settings: list[APDConfig]) -> int:
+    from apd_jax import bench_torch
+
+    def report(rows: list[bench_torch.TorchRow]) -> None:
+        if args.json:  # after every row, so a run cut short keeps what it measured
+            _write_json(args, bench_torch.to_json(rows), len(rows))
+
+    fixed = [(c.R, c.W, c.M) for c in settings if c.M_min is None]
+    if len(fixed) < len(settings):
+        print("(adaptive-lookahead settings skipped: the published loop has a fixed M)", flush=True)
+    rows = bench_torch.run(_configs(args.shapes), fixed, args.prompt_len, args.max_new_tokens, args.repeats,
+                           args.baselines, log=lambda line: print(line, flush=True), on_row=report)
+    if args.against is not None:
+        for line in bench_torch.ratios(rows, args.against):
+            print(line, flush=True)
+    return 0

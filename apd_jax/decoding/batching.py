@@ -1,0 +1,290 @@
+"""Prompts of any number, decoded in fixed-size batches and written as they finish.
+
+A prompts file of 10,000 lines is not one batch (its caches and logits would not fit
+a device), but `batch_size` rows at a time. Every batch has the same shape, the last
+one filled up with copies of its first prompt whose results are dropped, so a run
+compiles once per prompt-length bucket. With an output file, each prompt's record
+is appended, in input order, as soon as its batch finishes: an interrupted run keeps
+what it finished, and a resumed run continues after the last complete record.
+
+An output file F holds only records, one JSON object a line (`{"index": N, "prompt": ...}`
+first), so a consumer reads it alone. Its run is recorded beside it, in F + RUN_SUFFIX
+(`answers.jsonl.apd-jax-run.json`), written when the run starts, before any model loads:
+a run id, the apd_jax version, the prompts' count and digest, and the settings that
+determine the records (decoder and its settings, seed, batch size, checkpoints, ...).
+
+- A new run refuses an F or a run record that exists. It creates both before any work
+  (an unwritable place fails at once) and removes them again if it ends before its
+  first record.
+- A resumed run continues only an F with its run record, and only with the same
+  settings: each one that differs is named with both values. It keeps F's complete
+  records of these prompts; bytes after the last newline are dropped only when they
+  are the start of the next expected record (what an interruption cut), and a line
+  that is not the expected record (a user's note, another file) is refused, F left
+  as it is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Callable, Sequence
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from apd_jax.decoding.generation import GenerationResult
+from apd_jax.utils.progress import terminal_progress
+
+DEFAULT_BATCH_SIZE = 32  # past batch 16-32 a 7B drafter's pass is compute-bound: larger batches gain nothing
+RUN_SUFFIX = ".apd-jax-run.json"  # the run record beside an output file
+
+
+def record(index: int, prompt: str, result: GenerationResult, row: int, decode: Callable[[list[int]], str]) -> dict:
+    """One output line: the prompt, its text and ids, and what the decoder did for it."""
+    ids = result.sequences()[row]
+    counts = result.accepted_per_pass(row)
+    return {"index": index, "prompt": prompt, "text": decode(ids), "ids": ids, "passes": len(counts),
+            "accepted_per_pass": counts, "stopped_at_eos": bool(result.stopped_at_eos[row])}
+
+
+def record_start(index: int, prompt: str) -> bytes:
+    """How record `index` begins in an output file: `record` puts index and prompt first, and json.dumps
+    writes them the same way every time."""
+    return json.dumps({"index": index, "prompt": prompt})[:-1].encode()
+
+
+def run_record_path(output: Path) -> Path:
+    """The run record beside `output`."""
+    return output.with_name(output.name + RUN_SUFFIX)
+
+
+def _apd_jax_version() -> str:
+    try:
+        return version("apd_jax")
+    except PackageNotFoundError:  # a source checkout that is not pip-installed
+        return "unknown"
+
+
+def run_identity(prompts: Sequence[str], settings: dict[str, Any]) -> dict[str, Any]:
+    """What a resumed run must share with the run it continues, as JSON values."""
+    digest = hashlib.sha256(json.dumps(list(prompts)).encode()).hexdigest()
+    return json.loads(json.dumps({"apd_jax": _apd_jax_version(), "prompts": len(prompts), "prompts_sha256": digest,
+                                  **settings}))
+
+
+def differences(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """'NAME RECORDED (now NOW)' for each setting that differs."""
+    shown = lambda d, k: json.dumps(d[k]) if k in d else "unset"  # noqa: E731
+    return [f"{k} {shown(recorded, k)} (now {shown(now, k)})" for k in sorted(recorded.keys() | now.keys())
+            if recorded.get(k, ...) != now.get(k, ...)]
+
+
+def completed_records(output: Path, prompts: Sequence[str]) -> tuple[int, int]:
+    """(records, bytes): how many leading prompts `output` already holds, and the bytes those lines take.
+
+    Bytes after the last newline count as the next record cut by an interruption only when they are the
+    start of that record or begin with it; anything else, and a complete line that is not the expected
+    record, is an error: the file holds what this run did not write.
+    """
+    done, keep = 0, 0
+    with output.open("rb") as f:
+        for line in f:
+            if not line.endswith(b"\n"):
+                head = record_start(done, prompts[done]) if done < len(prompts) else None
+                if head is not None and (head.startswith(line) or line.startswith(head)):
+                    break  # the record an interruption cut short (or cut its newline off): written again
+                raise ValueError(f"{output}: line {done + 1} ({line[:40].decode(errors='replace')!r}) is not "
+                                 f"{'record ' + str(done) if head else 'a record'} of this run; apd-jax leaves the "
+                                 "file as it is: remove that line to resume, or choose another --output")
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                raise ValueError(f"{output}: line {done + 1} is not JSON; it is not an apd-jax output file, "
+                                 "or was edited: pass another --output") from None
+            if (done >= len(prompts) or not isinstance(rec, dict) or rec.get("index") != done
+                    or rec.get("prompt") != prompts[done]):
+                raise ValueError(f"{output}: record {done} does not match prompt {done} of this input; it was "
+                                 "written for other prompts or edited: choose another --output")
+            done, keep = done + 1, keep + len(line)
+    return done, keep
+
+
+@dataclasses.dataclass
+class RunOutput:
+    """The output file of a run: records are appended to it; used as a context manager, a run that
+    ends by an exception before its first record removes the files it created."""
+
+    path: Path
+    start: int  # records the file held when the run opened it
+    created: bool  # this run created the file and its run record
+    written: int = 0  # records this run appended
+
+    def append(self, records: Sequence[dict]) -> None:
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(rec) + "\n" for rec in records))
+            f.flush()
+            os.fsync(f.fileno())
+        self.written += len(records)
+
+    def __enter__(self) -> RunOutput:
+        return self
+
+    def __exit__(self, kind, err, traceback) -> None:
+        if kind is not None and self.created and self.written == 0:
+            self.path.unlink(missing_ok=True)
+            run_record_path(self.path).unlink(missing_ok=True)
+
+
+def open_output(output: Path, prompts: Sequence[str], settings: dict[str, Any], *, resume: bool) -> RunOutput:
+    """The output file of a run of `prompts` with `settings` (JSON values), checked before any work: a new
+    run creates it and its run record, a resumed one checks both against this run (module docstring)."""
+    output = Path(output)
+    recorded_at = run_record_path(output)
+    if output.is_dir():
+        raise ValueError(f"--output {output} is a directory: give a .jsonl file name")
+    if output.parent.exists() and not output.parent.is_dir():
+        raise NotADirectoryError(f"--output {output}: {output.parent} is a file, not a directory")
+    if not output.parent.exists():
+        raise FileNotFoundError(f"--output {output}: directory {output.parent} does not exist")
+    identity = run_identity(prompts, settings)
+    if resume:
+        return _reopen(output, prompts, identity)
+    if output.exists():
+        fix = "pass --resume to continue it" if recorded_at.exists() else "it was not written by apd-jax generate"
+        raise FileExistsError(f"--output {output} exists: {fix}, or choose another file")
+    if recorded_at.exists():
+        raise FileExistsError(f"--output {output}: {recorded_at} exists (the record of a run whose output was "
+                              "removed): remove it, or choose another file")
+    _create(output, "")  # an unwritable place fails here, before any work
+    try:
+        _create(recorded_at, json.dumps({"run": uuid.uuid4().hex, **identity}, indent=1) + "\n")
+    except BaseException:
+        output.unlink()
+        raise
+    return RunOutput(output, start=0, created=True)
+
+
+def _create(path: Path, text: str) -> None:
+    """A new file holding `text`; one whose write fails is removed."""
+    f = path.open("x", encoding="utf-8")
+    try:
+        with f:
+            f.write(text)
+    except BaseException:
+        path.unlink()
+        raise
+
+
+def _reopen(output: Path, prompts: Sequence[str], identity: dict[str, Any]) -> RunOutput:
+    """An output to resume: its run record matches this run, its records these prompts; a cut last record
+    is removed."""
+    recorded_at = run_record_path(output)
+    if not output.is_file():
+        raise FileNotFoundError(f"--resume: --output {output} does not exist; drop --resume to start the run")
+    if not recorded_at.is_file():
+        raise ValueError(f"--resume: {output} was not written by apd-jax generate (no {recorded_at.name} beside "
+                         "it); choose another --output")
+    try:
+        recorded = json.loads(recorded_at.read_text(encoding="utf-8"))
+        recorded.pop("run")
+    except (ValueError, KeyError, AttributeError):
+        raise ValueError(f"--resume: {recorded_at} is not an apd-jax run record; choose another --output") from None
+    changed = differences(recorded, identity)
+    if changed:
+        raise ValueError(f"--resume: {output} was written with other settings: {'; '.join(changed)}; resume with "
+                         "the settings it was written with, or choose another --output")
+    done, keep = completed_records(output, prompts)
+    with output.open("r+b") as f:  # opened for writing before any work, even when there is nothing to cut
+        f.truncate(keep)
+    return RunOutput(output, start=done, created=False)
+
+
+def kept_records(output: Path) -> tuple[int, int] | None:
+    """(complete records, prompts) of the run recorded beside `output`; None when there is none."""
+    recorded_at = run_record_path(output)
+    try:
+        prompts = json.loads(recorded_at.read_text(encoding="utf-8"))["prompts"]
+        with output.open("rb") as f:
+            return sum(line.endswith(b"\n") for line in f), prompts
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def padded_batches(prompt_ids: Sequence[Sequence[int]], batch_size: int, start: int = 0
+                   ) -> list[tuple[range, list[list[int]]]]:
+    """(prompt indices, rows) of each batch from prompt `start` on, every batch of one shape: the rows
+    of the last one filled up with copies of its first prompt (their results are to be dropped)."""
+    if batch_size < 1:
+        raise ValueError(f"--batch-size {batch_size} must be >= 1")
+    n = len(prompt_ids)
+    size = min(batch_size, max(n - start, 1))
+    out = []
+    for first in range(start, n, size):
+        idx = range(first, min(first + size, n))
+        rows = [list(prompt_ids[i]) for i in idx]
+        out.append((idx, rows + [rows[0]] * (size - len(rows))))
+    return out
+
+
+def generate_in_batches(
+    prompts: Sequence[str],
+    prompt_ids: Sequence[Sequence[int]],
+    generate: Callable[[list[list[int]], int], GenerationResult],
+    decode: Callable[[list[int]], str],
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    output: RunOutput | None = None,
+    progress: bool = True,
+    on_batch: Callable[[list[dict], GenerationResult], Any] | None = None,
+) -> list[dict]:
+    """Decode every prompt, batch_size at a time; the records of the prompts decoded in this call.
+
+    `generate(rows, first)` maps a list of batch_size id lists, the first of them prompt number
+    `first`, to a GenerationResult (a sampling decoder can derive the batch's key from `first`,
+    so a resumed run draws what an uninterrupted one would). With `output` (from open_output),
+    the prompts after those it holds are decoded and their records appended to it.
+    """
+    if len(prompts) != len(prompt_ids):
+        raise ValueError(f"{len(prompts)} prompts but {len(prompt_ids)} id lists")
+    start = 0 if output is None else output.start
+    records: list[dict] = []
+    with _progress(len(prompts), start, enabled=progress) as advance:
+        for idx, rows in padded_batches(prompt_ids, batch_size, start):
+            result = generate(rows, idx[0])
+            new = [record(i, prompts[i], result, r, decode) for r, i in enumerate(idx)]
+            if output is not None:
+                output.append(new)
+            records.extend(new)
+            if on_batch is not None:
+                on_batch(new, result)
+            advance(len(new))
+    return records
+
+
+def _progress(total: int, done: int, enabled: bool) -> contextlib.AbstractContextManager[Callable[[int], None]]:
+    """A progress bar over prompts on a terminal, when there is more than one."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TimeRemainingColumn
+
+    columns = ("prompts", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    return terminal_progress(columns, "decode", total, show=enabled and total > 1, completed=done)
+
+
+def generate_batched(
+    generate: Callable[[list[list[int]]], GenerationResult], prompt_ids: Sequence[Sequence[int]], batch_size: int
+) -> GenerationResult:
+    """One GenerationResult for every prompt, decoded batch_size at a time in one shape (the last
+    batch filled up with copies of its first prompt, whose rows are dropped); `passes` is the sum
+    over the batches, the loop iterations run in all."""
+    parts = [(generate(rows), len(idx)) for idx, rows in padded_batches(prompt_ids, batch_size)]
+    width = max(r.accepted.shape[1] for r, _ in parts)  # passes the longest batch ran
+    cat = lambda field: np.concatenate([getattr(r, field)[:n] for r, n in parts])  # noqa: E731
+    accepted = np.concatenate([np.pad(r.accepted[:n], ((0, 0), (0, width - r.accepted.shape[1]))) for r, n in parts])
+    return GenerationResult(cat("tokens"), cat("lengths"), accepted, cat("stopped_at_eos"),
+                            sum(r.passes for r, _ in parts))

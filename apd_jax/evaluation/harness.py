@@ -1,0 +1,285 @@
+"""lm-evaluation-harness adapter: the `apd_jax` model for `lm_eval` (EleutherAI's harness, >= 0.4.10).
+
+generate_until runs APD (or the verifier alone, decoder=ar), each batch one compiled call;
+loglikelihood and loglikelihood_rolling are scored by the causal verifier, the model whose
+distribution APD samples at R = 0. lm_eval finds models only in its own registry and 0.4.x
+reads no plugin entry points, so `lm_eval --model apd_jax` cannot find this one; running this
+module is lm_eval's command line with the model registered, taking exactly lm_eval's arguments:
+
+    python -m apd_jax.evaluation.harness --model apd_jax --model_args R=0.5,W=8 --tasks TASK ...
+
+From Python, `import apd_jax.evaluation.harness` registers it for `lm_eval.simple_evaluate(model="apd_jax", ...)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.models.utils import normalize_gen_kwargs, postprocess_generated_text
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+from apd_jax import ASSETS_DIR
+from apd_jax.decoding.apd import shared_vocab_size
+from apd_jax.checkpoints.checkpoint import load_model, load_tokenizer
+from apd_jax.decoding.registry import DECODERS as REGISTRY
+from apd_jax.decoding.registry import Models
+from apd_jax.decoding.generation import GenerationResult, pad_prompts, prompt_bucket
+from apd_jax.models.model import token_logprobs
+
+log = logging.getLogger(__name__)
+# lm_eval's registry imports its own models only while it is empty: fill it before adding ours,
+# or `--model hf` would stop resolving in a process that imported this module.
+importlib.import_module("lm_eval.models")
+
+DECODERS = ("apd", "ar")  # of apd_jax.decoding.registry: those that run on the pair (the verifier scores loglikelihood)
+# gen_kwargs keys generate_until understands (after lm_eval's normalize_gen_kwargs).
+GEN_KWARGS = frozenset({"until", "max_gen_toks", "do_sample", "temperature", "top_p", "top_k"})
+
+
+@dataclasses.dataclass
+class Throughput:
+    """Generated tokens, model passes and wall seconds (compilation included) of generate_until."""
+
+    tokens: int = 0
+    passes: int = 0
+    seconds: float = 0.0
+
+    def add(self, result: GenerationResult, rows: int, seconds: float) -> None:
+        self.tokens += int(result.lengths[:rows].sum())
+        self.passes += int(result.row_passes()[:rows].sum())
+        self.seconds += seconds
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "tokens": self.tokens,
+            "tokens_per_s": self.tokens / max(self.seconds, 1e-9),
+            "tokens_per_pass": self.tokens / max(self.passes, 1),
+        }
+
+
+def scoring_window(context: list[int], continuation: list[int], max_length: int) -> tuple[list[int], list[int]]:
+    """(inputs, targets) of at most max_length tokens whose last len(continuation) targets are the continuation.
+
+    As lm_eval's HFLM: context + continuation, cut from the left to max_length + 1 tokens, shifted by one.
+    """
+    if not continuation:
+        raise ValueError("the continuation encodes to no tokens: nothing to score")
+    if len(continuation) > max_length:
+        raise ValueError(f"a continuation of {len(continuation)} tokens exceeds max_length {max_length}")
+    whole = (context + continuation)[-(max_length + 1) :]
+    return whole[:-1], whole[1:]
+
+
+def batches(lengths: Sequence[int], size: int) -> list[list[int]]:
+    """Indices grouped `size` at a time, longest first, so a batch pads to similar lengths."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i : i + size] for i in range(0, len(order), size)]
+
+
+def truncate_at_stop(text: str, until: Sequence[str]) -> str:
+    """The text before the first occurrence of any stop string."""
+    return postprocess_generated_text(text, list(until), think_end_token=None)
+
+
+@register_model("apd_jax")
+class APDLM(TemplateLM):
+    """APD (Dream-style drafter + Qwen2-style verifier) as an lm_eval model.
+
+    model_args: drafter, verifier (checkpoint directories; default the embedded pair),
+    decoder (apd | ar), R, W, M, rule (decoder=apd only; default APDConfig's),
+    dtype (bfloat16 | float32; default as stored),
+    max_length (tokens the verifier scores at once; default the models' context), seed.
+    lm_eval's --batch_size sets the batch; its --device does not apply (JAX picks its devices).
+    """
+
+    def __init__(
+        self,
+        drafter: str | Path = ASSETS_DIR / "drafter",
+        verifier: str | Path = ASSETS_DIR / "verifier",
+        decoder: str = "apd",
+        R: float | None = None,
+        W: int | None = None,
+        M: int | None = None,
+        rule: str | None = None,
+        dtype: str | None = None,
+        max_length: int | None = None,
+        seed: int = 0,
+        batch_size: int | str = 1,
+        max_batch_size: int | None = None,  # lm_eval passes these two: only its 'auto' batching reads the first,
+        device: str | None = None,  # and JAX, not lm_eval, places the arrays
+        **unknown: Any,
+    ) -> None:
+        super().__init__()
+        if unknown:
+            raise TypeError(
+                f"unknown apd_jax model_args {sorted(unknown)}; known: drafter, verifier, decoder, R, W, M, rule, "
+                "dtype, max_length, seed (the batch size is lm_eval's --batch_size)"
+            )
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder={decoder!r} must be one of {DECODERS}")
+        if not str(batch_size).isdigit() or int(batch_size) < 1:
+            raise ValueError(f"batch_size={batch_size!r} must be a positive integer (apd_jax has no 'auto')")
+        self.decoder = decoder
+        self.chosen = REGISTRY[decoder]
+        # The APD knobs given (left out: the decoder's defaults); a decoder that does not take one refuses it.
+        knobs = {k: v for k, v in {"R": R, "W": W, "M": M, "rule": rule}.items() if v is not None}
+        unused = [k for k in knobs if k not in self.chosen.fields()]
+        if unused:
+            raise ValueError(f"decoder={decoder} does not take {', '.join(unused)} (APD's knobs): leave "
+                             f"{'it' if len(unused) == 1 else 'them'} out, or use decoder=apd")
+        self.settings = self.chosen.settings_from(knobs)
+        self.settings.validate()
+        self.batch_size = int(batch_size)
+        self.verifier = load_model(verifier, param_dtype=dtype)
+        if not self.verifier.cfg.causal:
+            raise ValueError(f"verifier {verifier} is not a causal (Qwen2) model")
+        self.drafter = load_model(drafter, param_dtype=dtype) if "drafter" in self.chosen.uses else None
+        vocab = None if self.drafter is None else shared_vocab_size(self.drafter.cfg, self.verifier.cfg)
+        self.models = Models(self.drafter, self.verifier, shared_vocab=vocab)
+        self.tokenizer = load_tokenizer(verifier)
+        context = self.chosen.capacity(self.models, self.settings)
+        self.max_length = context if max_length is None else max_length
+        if type(self.max_length) is not int or not 1 <= self.max_length <= context:
+            raise ValueError(f"max_length={max_length!r} must lie in [1, {context}] (an int: the models' context)")
+        self.key = jax.random.key(int(seed))
+        self.throughput = Throughput()
+        self.info = {"drafter": str(drafter), "verifier": str(verifier), "decoder": decoder, "dtype": dtype,
+                     **{k: getattr(self.settings, k) for k in ("R", "W", "M", "rule") if k in self.chosen.fields()},
+                     "max_length": self.max_length}
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        bos = self.tokenizer.bos_token_id
+        return bos if bos is not None else self.eot_token_id
+
+    @property
+    def tokenizer_name(self) -> str:
+        """Names the tokenizer (and so its chat template) in lm-eval's request caches."""
+        return str(self.tokenizer.name_or_path).replace("/", "__")
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """lm-eval's --apply_chat_template (and --fewshot_as_multiturn): the checkpoint tokenizer's own template
+        (instruct checkpoints expect it), as transformers renders it."""
+        return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt,
+                                                  continue_final_message=not add_generation_prompt)
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
+        extra = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
+        return self.tokenizer.encode(string, **extra)
+
+    def _loglikelihood_tokens(
+        self, requests: list[tuple[Any, list[int], list[int]]], disable_tqdm: bool = False, **kwargs: Any
+    ) -> list[tuple[float, bool]]:
+        windows = []
+        for text, context, continuation in requests:
+            try:
+                windows.append(scoring_window(context, continuation, self.max_length))
+            except ValueError as err:
+                raise ValueError(f"cannot score {text!r}: {err}") from None
+            if len(context) + len(continuation) > self.max_length + 1:
+                log.warning("context of %d tokens cut to its last %d", len(context), len(windows[-1][0]))
+        results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+        for batch in batches([len(inputs) for inputs, _ in windows], self.batch_size):
+            rows = [windows[i] for i in batch]
+            # Fixed batch rows and power-of-two lengths keep the compiled shapes few.
+            length = prompt_bucket(max(len(inputs) for inputs, _ in rows), 0, self.max_length)
+            filler = [[self.eot_token_id]] * (self.batch_size - len(rows))
+            inputs, _ = pad_prompts([r[0] for r in rows] + filler, length)
+            targets, _ = pad_prompts([r[1] for r in rows] + filler, length)
+            logp, greedy = map(np.asarray, token_logprobs(self.verifier, jnp.asarray(inputs), jnp.asarray(targets)))
+            for row, i in enumerate(batch):
+                end, span = len(windows[i][0]), len(requests[i][2])
+                results[i] = (float(logp[row, end - span : end].sum()), bool(greedy[row, end - span : end].all()))
+        return results
+
+    def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
+        """Whole-document log-likelihood in lm_eval's disjoint rolling windows of max_length tokens."""
+        pieces, owners = [], []
+        for n, (string,) in enumerate(req.args for req in requests):
+            windows = get_rolling_token_windows(self.tok_encode(string), self.prefix_token_id, self.max_length, 1)
+            for context, continuation in map(make_disjoint_window, windows):
+                pieces.append((None, context, continuation))
+                owners.append(n)
+        totals = [0.0] * len(requests)
+        for n, (logprob, _) in zip(owners, self._loglikelihood_tokens(pieces)):
+            totals[n] += logprob
+        return totals
+
+    def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
+        groups: dict[str, list[int]] = {}
+        for n, req in enumerate(requests):
+            groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(n)
+        out = [""] * len(requests)
+        for members in groups.values():
+            texts = self._generate([requests[n].args[0] for n in members], requests[members[0]].args[1])
+            for n, text in zip(members, texts):
+                out[n] = text
+        s = self.throughput.summary()
+        print(f"apd_jax {self.decoder}: {s['tokens']} tokens, {s['tokens_per_s']:.1f} tokens/s "
+              f"(wall time, compilation included), {s['tokens_per_pass']:.2f} tokens/pass")
+        return out
+
+    def _generate(self, contexts: list[str], gen_kwargs: dict) -> list[str]:
+        """Generate for contexts that share gen_kwargs, batch by batch; text cut at the stop strings."""
+        kwargs = normalize_gen_kwargs(gen_kwargs, 256)
+        unsupported = sorted(set(kwargs) - GEN_KWARGS)
+        if unsupported:
+            raise ValueError(f"gen_kwargs {unsupported} are not supported by apd_jax (it takes {sorted(GEN_KWARGS)})")
+        until = kwargs["until"]  # generation itself stops only at eos, which decoding drops
+        max_new = int(kwargs["max_gen_toks"])
+        room = self.max_length - max_new
+        if room < 1:
+            raise ValueError(f"max_gen_toks={max_new} leaves no room for a prompt in max_length {self.max_length}")
+        # Knobs the task leaves out keep the decoder's defaults.
+        knobs = {"temperature": float, "top_p": float, "top_k": int}
+        config = dataclasses.replace(
+            self.settings, max_new_tokens=max_new, **{k: cast(kwargs[k]) for k, cast in knobs.items() if k in kwargs}
+        )
+        # An empty context conditions on the prefix token, as loglikelihood's does; long ones keep their end.
+        encoded = [self.tok_encode(c) or [self.prefix_token_id] for c in contexts]
+        if max(map(len, encoded)) > room:
+            log.warning("contexts longer than max_length - max_gen_toks = %d tokens keep their last %d", room, room)
+        prompts = [ids[-room:] for ids in encoded]
+        texts = [""] * len(contexts)
+        groups = batches([len(p) for p in prompts], self.batch_size)
+        for batch in groups:
+            rows = [prompts[i] for i in batch]
+            # Repeat the last prompt so the group's batches share one compiled batch size.
+            rows += [rows[-1]] * (len(groups[0]) - len(rows))
+            self.key, key = jax.random.split(self.key)
+            start = time.perf_counter()
+            result = self.chosen.generate(self.models, rows, config, key)
+            self.throughput.add(result, len(batch), time.perf_counter() - start)
+            for i, seq in zip(batch, result.sequences()):
+                texts[i] = truncate_at_stop(self.tokenizer.decode(seq, skip_special_tokens=True), until)
+        return texts
+
+    def get_model_info(self) -> dict:
+        """Shown in lm_eval's results["config"]: the pair, the knobs and generate_until's speed."""
+        return {**self.info, **{f"generate_{k}": v for k, v in self.throughput.summary().items()}}
+
+
+if __name__ == "__main__":
+    from lm_eval.__main__ import cli_evaluate
+
+    from apd_jax.utils.runtime import runtime_defaults
+
+    runtime_defaults()  # before the backend starts, as `apd-jax` runs
+    cli_evaluate()

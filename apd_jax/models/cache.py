@@ -1,0 +1,69 @@
+"""A fixed-shape KV cache with one valid length per row, and the attention masks over it.
+
+The buffers are preallocated for `max_len` positions; a forward pass over a window
+of S positions [start, start + S) per row scatters the window's K/V at those
+absolute positions and sets the row's length to start + valid. Entries past a
+row's length are stale and invisible, so cropping a cache is only a change of
+`lengths`: nothing is moved and no shape changes as generation proceeds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from apd_jax.models.config import ModelConfig
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    k: jax.Array  # [layers, batch, kv_heads, max_len, head_dim]: attention reads it without a transpose
+    v: jax.Array
+    lengths: jax.Array  # [batch] int32: positions [0, length) hold valid K/V
+
+    @classmethod
+    def zeros(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
+        shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+        dtype = dtype or cfg.dtype
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    def crop(self, lengths: jax.Array) -> "KVCache":
+        """Keep only the first `lengths[b]` positions of each row (never grows a row)."""
+        return dataclasses.replace(self, lengths=jnp.minimum(self.lengths, lengths.astype(jnp.int32)))
+
+
+def write_window(buf: jax.Array, layer: int, new: jax.Array, positions: jax.Array) -> jax.Array:
+    """Scatter `new` [B, S, H, D] into `buf[layer]` [B, H, T, D] at per-row absolute `positions` [B, S].
+
+    Positions past the buffer are dropped, not clamped (a clamped write would land
+    on the wrong position); they only ever hold padding.
+    """
+    rows = jnp.arange(new.shape[0])[:, None]
+    # Advanced indices around a slice: the indexed view is [B, S, H, D], like `new`.
+    return buf.at[layer, rows, :, positions].set(new.astype(buf.dtype), mode="drop")
+
+
+def attention_mask(q_pos: jax.Array, k_pos: jax.Array, kv_end: jax.Array, causal: bool) -> jax.Array:
+    """Which keys each query sees: bool [B, S, T].
+
+    q_pos [B, S] and k_pos [B, T] are absolute positions; a key is visible iff it
+    lies before the row's end `kv_end` [B] (the cache length after the write, which
+    for Dream is the window's right edge, the reference's M limit) and, for causal
+    models, at or before the query.
+    """
+    shape = (q_pos.shape[0], q_pos.shape[1], k_pos.shape[1])
+    visible = jnp.broadcast_to(k_pos[:, None, :] < kv_end[:, None, None], shape)
+    if causal:
+        visible &= k_pos[:, None, :] <= q_pos[:, :, None]
+    return visible

@@ -1,0 +1,139 @@
+"""Sharded APD: a (data, model) device mesh and the placement of every array on it
+(parameters: the spec column of apd_jax.models.params.PARAM_TABLE).
+
+`data` splits the batch rows (each device group runs its own rows: no traffic but
+the final gather); `model` is Megatron-style tensor parallelism inside each layer:
+the fused q/k/v projection is split by KV-head group and gate/up on the intermediate
+dim, o_proj and down_proj on their input dim, so each layer costs one all-reduce after attention
+and one after the MLP, and attention itself is local (a device holds whole heads
+and the KV heads they read). The embedding and the output head are split on the
+vocabulary: the head is the largest matmul per drafted token and the largest
+tensor of a 0.5B model, and a vocab-split embedding is the head itself when tied
+(Qwen2.5-0.5B); the lookup becomes a masked local gather plus an all-reduce.
+Norm weights are tiny and replicated. The KV caches split batch over `data` and
+KV heads over `model`, matching the k/v projections.
+
+A dimension the mesh does not divide is an error naming it, never a silent
+replication: e.g. Qwen2.5-0.5B (14 heads, 2 KV heads) allows model=1 or 2 and
+Dream-7B (28 heads, 4 KV heads) model=1, 2 or 4.
+
+The APD loop is unchanged: the same jitted program runs on one device or a mesh,
+and GSPMD partitions it from the shardings of the parameters, the prompts and the
+caches (apd._generate constrains the caches it creates to `cache_sharding`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from apd_jax.models.cache import KVCache
+from apd_jax.models.config import ModelConfig
+from apd_jax.models.model import Qwen2
+from apd_jax.models.params import MODEL, PARAM_TABLE, param_entry
+
+DATA = "data"  # the mesh axis of batch rows; MODEL, of tensor parallelism, is params.py's
+
+CACHE_SPEC = P(None, DATA, MODEL, None, None)  # KVCache.k/v: [layers, batch, kv_heads, max_len, head_dim]
+BATCH_SPEC = P(DATA)  # prompts, prompt lengths, cache lengths: rows over `data`
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """'data=2,model=4' -> {'data': 2, 'model': 4}; an axis left out has size 1."""
+    sizes = {DATA: 1, MODEL: 1}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        name, _, value = item.partition("=")
+        name = name.strip()
+        if name not in sizes or not value.strip().isdigit() or int(value) < 1:
+            raise ValueError(f"mesh {text!r}: expected 'data=N,model=M' with N, M >= 1, got {item!r}")
+        sizes[name] = int(value)
+    return sizes
+
+
+def make_mesh(data: int = 1, model: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, model) mesh over the first data * model devices (all processes' devices, multi-host)."""
+    devices = list(jax.devices() if devices is None else devices)
+    if data < 1 or model < 1:
+        raise ValueError(f"mesh data={data}, model={model}: both must be >= 1")
+    if data * model > len(devices):
+        raise ValueError(f"mesh data={data} x model={model} needs {data * model} devices, only {len(devices)} exist")
+    # Auto axes: GSPMD propagates shardings through the unchanged APD code (Explicit axes would
+    # require sharding annotations on every ambiguous op).
+    return jax.make_mesh((data, model), (DATA, MODEL), (AxisType.Auto,) * 2, devices=devices[: data * model])
+
+
+def _check_divides(what: str, size: int, mesh: Mesh, axis: str) -> None:
+    if size % mesh.shape[axis]:
+        raise ValueError(
+            f"{what}={size} is not divisible by the mesh's {axis!r} axis of size {mesh.shape[axis]}; "
+            f"choose {axis}= a divisor of {size}"
+        )
+
+
+def check_model(cfg: ModelConfig, mesh: Mesh) -> None:
+    """Every dimension split over `model` (the table's, and the KV cache's heads) must divide evenly."""
+    for field in dict.fromkeys(p.split for p in PARAM_TABLE.values() if p.split):
+        _check_divides(field, getattr(cfg, field), mesh, MODEL)
+
+
+def check_batch(batch: int, mesh: Mesh) -> None:
+    """Rows are split over `data` and never padded: the caller's batch must divide evenly."""
+    if batch % mesh.shape[DATA]:
+        raise ValueError(
+            f"batch of {batch} prompts is not divisible by the mesh's 'data' axis of size {mesh.shape[DATA]}; "
+            "give a multiple of it or a smaller data="
+        )
+
+
+def param_spec(path: str) -> P:
+    """The PartitionSpec of a parameter from its dotted path (e.g. 'layers.0.mlp.gate_up_proj.kernel')."""
+    return param_entry(path).spec
+
+
+def sharded_shapes(
+    shapes: dict[str, jax.ShapeDtypeStruct], cfg: ModelConfig, mesh: Mesh
+) -> dict[str, jax.ShapeDtypeStruct]:
+    """Flat parameter shapes with their shardings: a restore target that each device reads its shard into."""
+    check_model(cfg, mesh)
+    return {
+        path: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=NamedSharding(mesh, param_spec(path)))
+        for path, s in shapes.items()
+    }
+
+
+def shard_model(model: Qwen2, mesh: Mesh) -> Qwen2:
+    """A copy of `model` with every parameter placed by PARAM_TABLE's specs on `mesh` (the input is left as is)."""
+    check_model(model.cfg, mesh)
+    graphdef, state = nnx.split(model)
+    placed = {}
+    for key, var in nnx.to_flat_state(state):
+        sharding = NamedSharding(mesh, param_spec(".".join(map(str, key))))
+        placed[key] = var.replace(jax.device_put(var.get_value(), sharding))
+    return nnx.merge(graphdef, nnx.from_flat_state(placed))
+
+
+def cache_sharding(mesh: Mesh) -> KVCache:
+    """The KVCache's shardings, as a KVCache of NamedShardings (a pytree with_sharding_constraint takes)."""
+    kv = NamedSharding(mesh, CACHE_SPEC)
+    return KVCache(kv, kv, NamedSharding(mesh, BATCH_SPEC))
+
+
+def constrain_cache(cache: KVCache, mesh: Mesh | None) -> KVCache:
+    """Inside jit: pin a cache created there to `cache_sharding` (no-op without a mesh)."""
+    return cache if mesh is None else jax.lax.with_sharding_constraint(cache, cache_sharding(mesh))
+
+
+def shard_rows(mesh: Mesh, *arrays: np.ndarray) -> tuple[jax.Array, ...]:
+    """Host arrays [B, ...] placed with their rows over `data` (on every process's devices)."""
+    check_batch(arrays[0].shape[0], mesh)
+    return tuple(jax.device_put(a, NamedSharding(mesh, BATCH_SPEC)) for a in arrays)
+
+
+def replicate(tree: Any, mesh: Mesh | None) -> Any:
+    """Inside jit: gather small outputs onto every device, so each process can read them (multi-host)."""
+    return tree if mesh is None else jax.lax.with_sharding_constraint(tree, NamedSharding(mesh, P()))
