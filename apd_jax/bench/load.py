@@ -12,7 +12,7 @@ step and writes every figure to --json: the step's seconds (the load or the conv
 import and backend start measured apart), the process's peak RSS, the baseline RSS after
 imports, and device memory (bytes in use / peak, where the backend reports them).
 
-`--make-random DIR` writes random-valued checkpoints of the published config.json shapes with
+`--make-random DIR` writes random-valued checkpoints of the real shapes (models.config's presets) with
 numpy and safetensors, one parameter at a time, sharded at 4 GB with an index as the hub
 ships them (no torch, no model in memory): DIR/dream-7b (15.2 GB) and DIR/qwen2.5-0.5b.
 """
@@ -32,23 +32,24 @@ from typing import Any
 
 from apd_jax.utils.runtime import runtime_defaults
 
-# The published config.json shapes (Dream-org/Dream-v0-Instruct-7B, Qwen/Qwen2.5-0.5B-Instruct).
-REAL_CONFIGS: dict[str, dict[str, Any]] = {
-    "dream-7b": {
-        "model_type": "Dream", "architectures": ["DreamModel"], "vocab_size": 152064, "hidden_size": 3584,
-        "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
-        "hidden_act": "silu", "max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
-        "tie_word_embeddings": False, "mask_token_id": 151666, "pad_token_id": 151643, "eos_token_id": 151643,
-        "bos_token_id": 151643, "torch_dtype": "bfloat16", "use_cache": False,
-    },
-    "qwen2.5-0.5b": {
-        "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "vocab_size": 151936, "hidden_size": 896,
-        "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
-        "hidden_act": "silu", "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
-        "tie_word_embeddings": True, "bos_token_id": 151643, "eos_token_id": 151645, "torch_dtype": "bfloat16",
-        "use_cache": True,
-    },
-}
+
+def real_configs() -> dict[str, dict[str, Any]]:
+    """The config.json dicts of the real shapes, from apd_jax.models.config's presets (bf16 as published).
+    Imported here, not at module level, so a step's process imports JAX inside its timed import."""
+    import jax.numpy as jnp
+
+    from apd_jax.models.config import dream_7b_config, qwen25_05b_config
+
+    return {name: preset(param_dtype=jnp.bfloat16).to_hf_dict()[0]
+            for name, preset in (("dream-7b", dream_7b_config), ("qwen2.5-0.5b", qwen25_05b_config))}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "REAL_CONFIGS":  # built on first use (real_configs)
+        return real_configs()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 HUB_SHARD_SIZE = 4 * 10**9  # save_pretrained(max_shard_size="4GB")
 
 
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     hf_dirs = list(args.hf_dirs)
     if args.make_random:
-        for name, config in REAL_CONFIGS.items():
+        for name, config in real_configs().items():
             if not (args.make_random / name).exists():
                 t0 = time.perf_counter()
                 make_random(args.make_random / name, config)
