@@ -1,15 +1,12 @@
 """`apd-jax train`: train a small APD pair (tokenizer, Dream-style drafter, Qwen2 verifier) from scratch.
 
-The corpus is this Python's standard library source (apd_jax/text/corpus.py), and with
---packages the installed source of other packages, so it runs offline anywhere; the same
-command runs on a GPU and on CPU (slowly: on 2 cores and 24 GiB, a drafter step of the
-default batch of the 8-layer drafter runs in two micro-batches, about 30 s after a first of 55 s, at
-17.7 GB peak RSS). Writes
-OUT/tokenizer, OUT/drafter and OUT/verifier (Hugging Face layout, loadable with
-`apd-jax generate --drafter OUT/drafter --verifier OUT/verifier`) and, when both
-models exist, OUT/apd_eval.json with APD tokens per pass on held-out prompts. Each directory
-holds a training.json (settings, corpus), and train replaces only directories that hold one
-(its own outputs), each whole: a run stopped midway leaves the earlier ones as they were.
+The corpus is this Python's standard library source, and with --packages the installed source
+of other packages, so it runs offline on a GPU or (slowly) on CPU. Writes OUT/tokenizer,
+OUT/drafter and OUT/verifier (Hugging Face layout, for `apd-jax generate --drafter OUT/drafter
+--verifier OUT/verifier`) and, when both models exist, OUT/apd_eval.json with APD tokens per
+pass on held-out prompts. Each directory holds a training.json (settings, corpus); train
+replaces only directories that hold one, each whole, so a run stopped midway leaves the
+earlier ones as they were.
 """
 
 from __future__ import annotations
@@ -17,71 +14,71 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from typing import TYPE_CHECKING
 
 from apd_jax.text import corpus
 from apd_jax.cli.common import check_writable, finite_float, nonnegative_int, positive_int, user_path
-from apd_jax.models.config import DRAFTER_SIZE, DRAFTER_STEPS, VERIFIER_DROPOUT, VERIFIER_SIZE, VERIFIER_STEPS, ModelSize
+from apd_jax.models.config import ModelSize
+from apd_jax.training.settings import PipelineSettings, TrainSettings
 
-if TYPE_CHECKING:
-    from apd_jax.training.train import PipelineSettings
+# Every default below is the settings classes' own.
+DRAFTER, VERIFIER = PipelineSettings.drafter_train, PipelineSettings.verifier_train
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a small drafter/verifier pair on the Python stdlib",
                        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", type=user_path, required=True, help="output directory (tokenizer/, drafter/, verifier/)")
-    p.add_argument("--which", choices=("both", "tokenizer", "drafter", "verifier"), default="both",
+    p.add_argument("--which", choices=("both", "tokenizer", "drafter", "verifier"), default=PipelineSettings.which,
                    help="what to train; the tokenizer is trained first whenever OUT/tokenizer is missing")
     p.add_argument("--retrain-tokenizer", action="store_true", help="retrain OUT/tokenizer even if present")
-    p.add_argument("--seed", type=nonnegative_int, default=0, help="drafter seed; the verifier takes seed + 1")
+    p.add_argument("--seed", type=nonnegative_int, default=DRAFTER.seed, help="drafter seed; the verifier takes seed + 1")
     g = p.add_argument_group("optimisation (drafter and verifier alike, unless --verifier-* says otherwise)")
-    g.add_argument("--steps", type=positive_int, default=DRAFTER_STEPS, help="drafter optimiser steps")
-    g.add_argument("--verifier-steps", type=positive_int, default=VERIFIER_STEPS, help="verifier optimiser steps")
-    g.add_argument("--batch-size", type=positive_int, default=128, help="sequences per step")
-    g.add_argument("--seq-len", type=positive_int, default=512, help="training window; also max_position_embeddings")
-    g.add_argument("--lr", type=finite_float, default=2e-3, help="peak learning rate (AdamW)")
+    g.add_argument("--steps", type=positive_int, default=DRAFTER.steps, help="drafter optimiser steps")
+    g.add_argument("--verifier-steps", type=positive_int, default=VERIFIER.steps, help="verifier optimiser steps")
+    g.add_argument("--batch-size", type=positive_int, default=TrainSettings.batch_size, help="sequences per step")
+    g.add_argument("--seq-len", type=positive_int, default=TrainSettings.seq_len, help="training window; also max_position_embeddings")
+    g.add_argument("--lr", type=finite_float, default=TrainSettings.lr, help="peak learning rate (AdamW)")
     g.add_argument("--verifier-lr", type=finite_float, default=None, help="default: --lr")
-    g.add_argument("--warmup", type=nonnegative_int, default=300, help="linear warmup steps, then cosine decay to 10%%")
-    g.add_argument("--weight-decay", type=finite_float, default=0.1, help="AdamW weight decay, on matrices only")
-    g.add_argument("--dropout", type=finite_float, default=0.0,
+    g.add_argument("--warmup", type=nonnegative_int, default=TrainSettings.warmup, help="linear warmup steps, then cosine decay to 10%%")
+    g.add_argument("--weight-decay", type=finite_float, default=TrainSettings.weight_decay, help="AdamW weight decay, on matrices only")
+    g.add_argument("--dropout", type=finite_float, default=DRAFTER.dropout,
                    help="residual dropout on every attention and MLP output while training (0: none)")
-    g.add_argument("--verifier-dropout", type=finite_float, default=VERIFIER_DROPOUT,
+    g.add_argument("--verifier-dropout", type=finite_float, default=VERIFIER.dropout,
                    help="the verifier's residual dropout (it overfits the stdlib without it)")
-    g.add_argument("--suffix-prob", type=finite_float, default=0.5,
+    g.add_argument("--suffix-prob", type=finite_float, default=TrainSettings.suffix_prob,
                    help="drafter: share of rows noised only after a clean prefix")
-    g.add_argument("--log-every", type=positive_int, default=100, help="steps per log line (and the first step's)")
-    g.add_argument("--micro-batches", type=nonnegative_int, default=0,
+    g.add_argument("--log-every", type=positive_int, default=TrainSettings.log_every, help="steps per log line (and the first step's)")
+    g.add_argument("--micro-batches", type=nonnegative_int, default=TrainSettings.micro_batches,
                    help="split each step's batch in this many slices and add their gradients (the same update, "
                         "less memory); 0: the fewest whose step fits the device's free memory")
-    g.add_argument("--eval-every", type=positive_int, default=500, help="held-out evaluation period (steps)")
-    g.add_argument("--eval-windows", type=positive_int, default=128, help="held-out windows per evaluation")
+    g.add_argument("--eval-every", type=positive_int, default=TrainSettings.eval_every, help="held-out evaluation period (steps)")
+    g.add_argument("--eval-windows", type=positive_int, default=TrainSettings.eval_windows, help="held-out windows per evaluation")
     s = p.add_argument_group("model sizes")
-    s.add_argument("--vocab-size", type=positive_int, default=4096, help="BPE vocabulary, special tokens included")
-    for name, size in (("drafter", DRAFTER_SIZE), ("verifier", VERIFIER_SIZE)):
+    s.add_argument("--vocab-size", type=positive_int, default=PipelineSettings.vocab_size, help="BPE vocabulary, special tokens included")
+    for name, size in (("drafter", PipelineSettings.drafter), ("verifier", PipelineSettings.verifier)):
         s.add_argument(f"--{name}-hidden", type=positive_int, default=size.hidden, help=f"{name} hidden size")
         s.add_argument(f"--{name}-layers", type=positive_int, default=size.layers, help=f"{name} decoder layers")
         s.add_argument(f"--{name}-heads", type=positive_int, default=size.heads, help="head dim = hidden / heads")
         s.add_argument(f"--{name}-kv-heads", type=positive_int, default=size.kv_heads, help=f"{name} key/value heads")
         s.add_argument(f"--{name}-intermediate", type=positive_int, default=size.intermediate, help=f"{name} MLP width")
     d = p.add_argument_group("numerics and data")
-    d.add_argument("--param-dtype", choices=("float32", "bfloat16"), default="float32", help="master weights")
-    d.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+    d.add_argument("--param-dtype", choices=("float32", "bfloat16"), default=PipelineSettings.param_dtype, help="master weights")
+    d.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default=PipelineSettings.dtype,
                    help="compute dtype; auto is bfloat16 on a GPU/TPU, float32 on CPU")
-    d.add_argument("--storage-dtype", choices=("bfloat16", "float32"), default="bfloat16",
+    d.add_argument("--storage-dtype", choices=("bfloat16", "float32"), default=PipelineSettings.storage_dtype,
                    help="dtype of the saved safetensors")
-    d.add_argument("--stdlib", type=user_path, default=None, help="corpus root (default: this Python's stdlib)")
+    d.add_argument("--stdlib", type=user_path, default=PipelineSettings.stdlib, help="corpus root (default: this Python's stdlib)")
     d.add_argument("--packages", type=_package_list, default="none",
                    help="installed packages whose .py files join the training files: comma-separated names, "
                         f"'deps' for apd_jax's own dependencies ({','.join(corpus.DEPENDENCY_PACKAGES)}), or "
                         "'none', the stdlib alone, as the embedded pair was trained")
-    d.add_argument("--stdlib-repeats", type=positive_int, default=1,
+    d.add_argument("--stdlib-repeats", type=positive_int, default=PipelineSettings.stdlib_repeats,
                    help="times the stdlib's tokens appear in the training stream (weights it against --packages)")
-    d.add_argument("--max-files", type=positive_int, default=None,
+    d.add_argument("--max-files", type=positive_int, default=PipelineSettings.max_files,
                    help="use only about this many stdlib files, and the same share of each package's (quick runs)")
-    d.add_argument("--eval-prompts", type=nonnegative_int, default=32,
+    d.add_argument("--eval-prompts", type=nonnegative_int, default=PipelineSettings.eval_prompts,
                    help="held-out prompts for the APD check (0: skip)")
-    d.add_argument("--eval-max-new-tokens", type=positive_int, default=128, help="tokens per prompt in the APD check")
+    d.add_argument("--eval-max-new-tokens", type=positive_int, default=PipelineSettings.eval_max_new_tokens, help="tokens per prompt in the APD check")
     p.set_defaults(func=run)
 
 
@@ -95,8 +92,6 @@ def _package_list(text: str) -> tuple[str, ...]:
 
 
 def settings_from_args(args: argparse.Namespace) -> PipelineSettings:
-    from apd_jax.training.train import PipelineSettings, TrainSettings  # training code: only when `train` runs
-
     if args.stdlib is not None and not args.stdlib.is_dir():
         raise FileNotFoundError(f"--stdlib {args.stdlib} is not a directory")
     if args.max_files is not None and args.max_files < 2:

@@ -362,9 +362,6 @@ class ModelSize:
         )
 
 
-# The embedded pair's sizes and recipe (apd_jax/assets): `apd-jax train`'s defaults.
+# The embedded pair's sizes (apd_jax/assets): `apd-jax train`'s defaults (apd_jax.training.settings).
 DRAFTER_SIZE = ModelSize(hidden=256, layers=8, heads=4, kv_heads=4, intermediate=768)
 VERIFIER_SIZE = ModelSize(hidden=192, layers=5, heads=3, kv_heads=3, intermediate=512)
-DRAFTER_STEPS = 15000
-VERIFIER_STEPS = 8000
-VERIFIER_DROPOUT = 0.15  # the verifier overfits the stdlib without it; the drafter's masking is its noise
