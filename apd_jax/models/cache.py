@@ -1,10 +1,7 @@
 """A fixed-shape KV cache with one valid length per row, and the attention masks over it.
 
-The buffers are preallocated for `max_len` positions; a forward pass over a window
-of S positions [start, start + S) per row scatters the window's K/V at those
-absolute positions and sets the row's length to start + valid. Entries past a
-row's length are stale and invisible, so cropping a cache is only a change of
-`lengths`: nothing is moved and no shape changes as generation proceeds.
+A pass writes its window's K/V at absolute positions and sets each row's length; entries past
+a length are invisible, so cropping changes `lengths` only and no shape ever changes.
 """
 
 from __future__ import annotations
@@ -44,24 +41,16 @@ class KVCache:
 
 
 def write_window(buf: jax.Array, layer: int, new: jax.Array, positions: jax.Array) -> jax.Array:
-    """Scatter `new` [B, S, H, D] into `buf[layer]` [B, H, T, D] at per-row absolute `positions` [B, S].
-
-    Positions past the buffer are dropped, not clamped (a clamped write would land
-    on the wrong position); they only ever hold padding.
-    """
-    rows = jnp.arange(new.shape[0])[:, None]
-    # Advanced indices around a slice: the indexed view is [B, S, H, D], like `new`.
+    """Scatter `new` [B, S, H, D] into `buf[layer]` [B, H, T, D] at per-row `positions` [B, S].
+    Positions past the buffer (only ever padding) are dropped, not clamped onto another."""
+    rows = jnp.arange(new.shape[0])[:, None]  # advanced indices around a slice: a [B, S, H, D] view
     return buf.at[layer, rows, :, positions].set(new.astype(buf.dtype), mode="drop")
 
 
 def attention_mask(q_pos: jax.Array, k_pos: jax.Array, kv_end: jax.Array, causal: bool) -> jax.Array:
-    """Which keys each query sees: bool [B, S, T].
-
-    q_pos [B, S] and k_pos [B, T] are absolute positions; a key is visible iff it
-    lies before the row's end `kv_end` [B] (the cache length after the write, which
-    for Dream is the window's right edge, the reference's M limit) and, for causal
-    models, at or before the query.
-    """
+    """Which keys each query sees, bool [B, S, T], from absolute positions q_pos [B, S], k_pos [B, T]:
+    those before the row's end `kv_end` [B] (for Dream the window's right edge, the reference's M
+    limit) and, if causal, at or before the query."""
     shape = (q_pos.shape[0], q_pos.shape[1], k_pos.shape[1])
     visible = jnp.broadcast_to(k_pos[:, None, :] < kv_end[:, None, None], shape)
     if causal:
