@@ -1,22 +1,13 @@
-"""Adaptive Parallel Decoding: a diffusion drafter, an autoregressive verifier, one compiled loop.
+"""Adaptive Parallel Decoding (Israel, Van den Broeck & Grover, NeurIPS 2025): Algorithm 1 with
+the KV caching of the published code (github.com/danielmisrael/apd, dream/generation_utils.py).
 
-Israel, Van den Broeck & Grover, "Accelerating Diffusion LLMs via Adaptive Parallel
-Decoding" (NeurIPS 2025). Each pass, for every row independently (the paper's
-Algorithm 1, with the KV caching of the published code, github.com/danielmisrael/apd,
-`dream/generation_utils.py`):
-  1. the drafter (Dream, bidirectional) runs the window [left, right) on its KV
-     cache, right = min(t + M, L) and left = t_prev - W + 1 (0 on the first pass);
-     nothing past `right` is visible to it;
-  2. it drafts the masked positions t .. right-1 in parallel;
-  3. the verifier (Qwen, causal) scores the draft on its KV cache;
-  4. a prefix of k >= 1 draft tokens is accepted where the draft agrees with a
-     sample of the mixture R * logits_D + (1 - R) * logits_AR;
-  5. t += k; a row stops at its first generated eos or at L = prompt + max_new_tokens.
+Each pass, per row: the drafter (Dream) runs the window [left, right) on its cache, right =
+min(t + M, L), left = t_prev - W + 1 (0 at first), and drafts positions t .. right - 1; the
+verifier (Qwen) scores the draft; the prefix of k >= 1 tokens agreeing with a sample of the
+mixture R * logits_D + (1 - R) * logits_AR is accepted; t += k, until the first eos or L.
 
-The whole generation is one `jax.jit` call: fixed-shape padded windows, fixed
-caches, acceptance inside `lax.while_loop`; rows that finish stop changing.
-`apd_generate_eager` is the same algorithm as a plain Python loop over one row
-with exact-size windows, for reading and for tests.
+One `jax.jit` call per generation (fixed-shape windows and caches, a `lax.while_loop`);
+`apd_generate_eager` is the same algorithm as a Python loop over one row, for reading and tests.
 """
 
 from __future__ import annotations
@@ -49,24 +40,16 @@ RULES = ("paper", "reference")
 
 @dataclasses.dataclass(frozen=True)
 class APDConfig(DecoderConfig):
-    """The knobs (and DecoderConfig's). R, temperature, top_p and top_k are traced (changing
-    them never recompiles); W, M, max_new_tokens and the adaptive lookahead's settings are
-    static (a change compiles a new program). eos_token_ids None: the
-    drafter config's.
+    """APD's knobs (and DecoderConfig's). R and the sampling knobs are traced; W, M,
+    max_new_tokens and the lookahead settings are static (a change recompiles).
 
-    R: the mixture's weight on the drafter, R * logits_D + (1 - R) * logits_AR.
-    W: the drafter recomputes K/V for the last W - 1 + k accepted tokens each pass.
-    M: masked positions past t the drafter sees (and drafts) each pass.
-    rule: "paper" accepts where the draft equals a sample of the mixture drawn with the
-    draft's own Gumbel noise (Algorithm 1); "reference" compares with the mixture's
-    argmax, as the published code does. They coincide at temperature 0.
+    R: the mixture's weight on the drafter. W: the drafter recomputes K/V for the last
+    W - 1 + k accepted tokens. M: masked positions past t drafted each pass. rule: "paper"
+    accepts where the draft equals a mixture sample drawn with the draft's own noise;
+    "reference" compares with the mixture's argmax, as the published code (same at T = 0).
 
-    Adaptive lookahead (opt-in, beyond the paper; off while M_min is None): a row that
-    accepted k tokens in a pass looks ahead clip(ceil(M_scale * k) + M_margin, M_min, M)
-    positions in its next pass (M in its first), and each pass's drafter window and draft
-    are sized to the largest lookahead among the active rows (rounded up to one of at most
-    two compiled widths, see `lookahead_levels`), so the drafter's compute follows acceptance.
-    The fixed-M loop is the paper's and the published code's.
+    Adaptive lookahead (beyond the paper, on when M_min is set): after accepting k, a row looks
+    ahead clip(ceil(M_scale * k) + M_margin, M_min, M), so the drafter's work follows acceptance.
     """
 
     R: float = 0.7
@@ -97,13 +80,10 @@ class APDConfig(DecoderConfig):
         return problems
 
     def lookahead_levels(self) -> tuple[int, ...]:
-        """The compiled draft widths: top = min(M, max_new_tokens) alone for the paper's fixed M (and
-        when M_min > top / 2), else (mid, top) with mid = round(sqrt(M_min * top)), the geometric middle:
-        a pass pays for its widest row's lookahead rounded up to the next width, and either width pads
-        at most about sqrt(top / M_min) times. Two, not more: each width is a drafter and a verifier
-        program to compile, and a third (at M_min) took the adaptive loop's compile past 60 s on an
-        H200 (62-72 s, the fixed M's 30.5 s) for a speed gain only when a batch's widest row looks
-        ahead M_min itself, which it rarely does."""
+        """The compiled draft widths: top = min(M, max_new_tokens) alone when fixed (or M_min > top / 2),
+        else (round(sqrt(M_min * top)), top), so either pads at most about sqrt(top / M_min) times. A
+        pass takes the narrowest holding its widest row. Two, as each width is two more programs to
+        compile (BENCHMARKS.md, the two-level ladder)."""
         top = min(self.M, self.max_new_tokens)
         if self.M_min is None or 2 * self.M_min > top:
             return (top,)
@@ -122,12 +102,8 @@ def shared_vocab_size(
     drafter_tokenizer: Any = None,
     verifier_tokenizer: Any = None,
 ) -> int:
-    """The ids both models can score, checked once at set-up.
-
-    Dream's head has 152064 logits and Qwen2.5-0.5B's 151936 for one tokenizer:
-    drafts are restricted to the ids both have. Given tokenizers, they must agree
-    and the drafter's tokens must all fit the verifier's vocabulary.
-    """
+    """The ids both models can score (Dream's head is wider than Qwen2.5-0.5B's for one tokenizer);
+    given tokenizers, they must agree and the drafter's ids fit the verifier's vocabulary."""
     if drafter.causal:
         raise ValueError("the drafter must be a bidirectional (Dream, model_type 'Dream') model")
     if not verifier.causal:
@@ -206,10 +182,7 @@ class _State:
 
 @functools.partial(jax.jit, static_argnames=("mask_id",))
 def draft_tokens(logits_d: jax.Array, key: jax.Array, knobs: Knobs, mask_id: int) -> jax.Array:
-    """Sample the draft [B, n] from the drafter's logits [B, n, V] (Gumbel noise from `key`).
-
-    The mask token is never a draft: a drafted mask would read as still masked.
-    """
+    """Sample the draft [B, n] from the drafter's logits [B, n, V]; never the mask token."""
     return knobs.sample(logits_d, key, exclude=mask_id)
 
 
@@ -224,13 +197,9 @@ def accepted_length(
     rule: str,
     mask_id: int,
 ) -> jax.Array:
-    """k [B]: the length of the draft prefix that agrees with the mixture, in [1, n].
-
-    logits_v[:, j] is the verifier's prediction for draft position j (given the
-    draft before it). Position 0 is always accepted, so logits_v[:, 0] is unused.
-    The paper rule samples the mixture with the draft's own noise (same `key`);
-    the reference rule takes its argmax.
-    """
+    """k [B] in [1, n]: the draft prefix agreeing with the mixture. logits_v[:, j] predicts draft
+    position j; position 0 is always accepted. The paper rule samples the mixture with the draft's
+    noise (same `key`), the reference rule takes its argmax."""
     mixture = knobs.R * logits_d + (1.0 - knobs.R) * logits_v
     if rule == "paper":
         target = knobs.sample(mixture, key, exclude=mask_id)
@@ -251,12 +220,8 @@ def _draft_logits(drafter: Qwen2, hidden: jax.Array, start: jax.Array, t: jax.Ar
 
 
 def _verifier_predictions(verifier: Qwen2, hidden: jax.Array, vocab: int) -> jax.Array:
-    """[B, n, vocab]: the verifier's prediction for each of the n draft positions it just ran.
-
-    The prediction for draft position j is its output j - 1. Position 0 is always
-    accepted, so the logit the reference carries over from the previous pass is
-    never needed there: zeros stand in.
-    """
+    """[B, n, vocab]: the verifier's prediction for each draft position j, its output j - 1; zeros
+    at position 0, always accepted (the reference carries a logit over from the last pass)."""
     b, n, _ = hidden.shape
     placeholder = jnp.zeros((b, 1, vocab), jnp.float32)
     return jnp.concatenate([placeholder, verifier.logits(hidden[:, : n - 1], vocab=vocab)], axis=1)
@@ -267,8 +232,7 @@ def right_edge(t, M, limit):
     return jnp.minimum(t + M, limit)
 
 
-# The host function that receives each pass's accepted tokens in a `live=True` generation; set by
-# `live_view`. Module level, so the compiled loop is the same program for every listener.
+# `live_view`'s listener; module level, so one compiled loop serves every listener.
 _listener: Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None = None
 
 
@@ -280,9 +244,8 @@ def _emit(draft: np.ndarray, kept: np.ndarray, eos_at: np.ndarray) -> None:
 @contextlib.contextmanager
 def live_view(listener: Callable[[np.ndarray, np.ndarray, np.ndarray], None]):
     """Within the block, `apd_generate(..., live=True)` calls listener(draft [B, n], kept [B], eos_at [B])
-    from inside the compiled loop after every pass, in order: row b's generation grew by
-    draft[b, :kept[b]] (up to and including its first eos; 0 once it has stopped), and
-    eos_at[b] >= 0 is the absolute position of that eos."""
+    after every pass, in order: row b grew by draft[b, :kept[b]] (through its first eos, at
+    absolute position eos_at[b] >= 0)."""
     global _listener
     previous, _listener = _listener, listener
     try:
@@ -445,10 +408,8 @@ def apd_generate(
 ) -> GenerationResult:
     """Generate for a batch of ragged prompts (lists of token ids) in one compiled call.
 
-    With a mesh, the models should be placed on it by sharding.shard_model (or load_orbax(mesh=));
-    rows are split over its `data` axis, so the batch must be a multiple of that axis's size.
-    live=True reports every pass to the listener of `live_view` from inside the compiled loop
-    (a host callback per pass; a separate compiled program from live=False).
+    With a mesh (models placed by sharding.shard_model), rows split over its `data` axis, whose
+    size must divide the batch. live=True reports each pass to `live_view`'s listener.
     """
     config = check_config(config, APDConfig)
     vocab = shared_vocab_size(drafter.cfg, verifier.cfg) if shared_vocab is None else _checked_shared_vocab(
@@ -497,16 +458,11 @@ def leftright_generate(
 
 
 def _levels(config: APDConfig, prompt_len: int, total: int) -> tuple[_Level, ...]:
-    """The compiled draft widths with their drafter window sizes: one drafter program per pair.
+    """The compiled draft widths with their drafter window sizes (one drafter program per pair).
 
-    The fixed M's one level has the fixed-M loop's window sizes (the largest: the first pass,
-    prompt + M). Adaptive, the lower level's rows look ahead at most its width mid, so (the rule
-    being monotone in k) each accepted at most k_min - 1 = `_most_accepted` tokens last pass and
-    its window [left, right) spans at most W - 1 + k_min - 1 + mid: one window size serves the
-    level. A row whose window is wider (one near its end, its lookahead cut by L) takes the top
-    level (`_level_index`). The top level keeps the fixed M's window sizes: a row there looks
-    ahead lookahead[k] for k >= k_min, often well below top, so its window W - 1 + k + lookahead[k]
-    may be as small as any of them.
+    The top level keeps the fixed M's window sizes. A row of the lower level (width mid) accepted
+    at most `_most_accepted` tokens last pass, so one window W - 1 + that + mid serves it; a row
+    whose window is wider takes the top level (`_level_index`).
     """
     widths = config.lookahead_levels()
     windows = _window_sizes(config.W, widths[-1], prompt_len + config.M, total)
@@ -524,13 +480,9 @@ def _most_accepted(lookahead: np.ndarray, width: int) -> int:
 
 
 def _window_sizes(W: int, draft: int, first: int, total: int) -> tuple[int, ...]:
-    """Compiled sizes of the drafter window [left, right).
-
-    Later passes span W - 1 + k_prev + draft positions; the first spans the padded
-    prompt plus M. Padding every pass to the worst case would nearly double the
-    drafter's work when few tokens are accepted, so a few sizes are compiled and
-    each pass takes the smallest one that fits all its rows.
-    """
+    """Compiled sizes of the drafter window [left, right): W - 1 + k_prev + draft after the first
+    pass (padded prompt + M). A few sizes, each pass taking the smallest that fits its rows, as
+    padding to the worst case nearly doubles the drafter's work when few tokens are accepted."""
     largest = min(max(W - 1 + 2 * draft, first), total)
     return tuple(sorted({min(W - 1 + draft + slack, largest) for slack in (8, 32)} | {largest}))
 
@@ -548,16 +500,9 @@ def apd_generate_eager(
     key: jax.Array | None = None,
     on_pass: Callable[[list[int]], None] | None = None,
 ) -> tuple[list[int], list[int]]:
-    """The same algorithm as a plain Python loop over one row, with exact-size windows.
-
-    `on_pass`, if given, receives each pass's accepted tokens as they are decided
-    (the live view of `apd-jax generate --live`).
-
-    Follows the published loop step by step: the drafter's cache is cropped to
-    `left` and the window [left, right) run on it; the verifier runs prompt + draft
-    on the first pass and only the draft later. Returns (generated ids up to and
-    including the first eos, tokens accepted per pass).
-    """
+    """The same algorithm as a Python loop over one row with exact-size windows, step by step as the
+    published loop. Returns (generated ids through the first eos, tokens accepted per pass);
+    `on_pass` receives each pass's accepted tokens."""
     config = check_config(config, APDConfig)
     key = default_key(key)
     vocab = shared_vocab_size(drafter.cfg, verifier.cfg)
