@@ -16,7 +16,7 @@ QUICKSTART = [
     ("code", "%matplotlib inline\nimport matplotlib.pyplot as plt\n"
              "from apd_jax import ASSETS_DIR\nfrom apd_jax.decoding.apd import APDConfig, apd_generate\n"
              "from apd_jax.decoding.autoregressive import ARConfig, ar_generate\n"
-             "from apd_jax.checkpoints.checkpoint import load_model, load_tokenizer\n\n"
+             "from apd_jax.checkpoints import load_model, load_tokenizer\n\n"
              "drafter = load_model(ASSETS_DIR / 'drafter')\nverifier = load_model(ASSETS_DIR / 'verifier')\n"
              "tok = load_tokenizer(ASSETS_DIR / 'drafter')"),
     ("code", "prompts = ['class Stack:\\n    def __init__(self):\\n', 'def read_config(path):\\n']\n"
@@ -46,7 +46,7 @@ PARITY = [
            "difference of each layer's output."),
     ("code", "import tempfile\nimport numpy as np, torch, jax.numpy as jnp\n"
              "from transformers import Qwen2ForCausalLM\nfrom apd_jax.bench.torch_reference import save_tiny_qwen2\n"
-             "from apd_jax.checkpoints.checkpoint import load_hf\n\n"
+             "from apd_jax.checkpoints import load_hf\n\n"
              "path = save_tiny_qwen2(tempfile.mkdtemp(), seed=1)\n"
              "ref = Qwen2ForCausalLM.from_pretrained(path, attn_implementation='eager', dtype=torch.float32).eval()\n"
              "tokens = np.random.default_rng(0).integers(0, 320, size=(1, 128))"),

@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import Qwen2ForCausalLM  # noqa: E402
 
-from apd_jax.checkpoints.checkpoint import load_hf  # noqa: E402
+from apd_jax.checkpoints import load_hf  # noqa: E402
 from apd_jax.bench.torch_reference import TorchDream, save_tiny_dream, save_tiny_qwen2  # noqa: E402
 
 # Shared by the decoder tests (imported with `from conftest import ...`): three prompts of

@@ -30,7 +30,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from apd_jax import apd, cli  # noqa: E402
 from apd_jax.models.cache import KVCache  # noqa: E402
-from apd_jax.checkpoints.checkpoint import export_hf, load_hf, load_orbax, model_params, save_orbax  # noqa: E402
+from apd_jax.checkpoints import export_hf, load_hf, load_orbax, model_params, save_orbax  # noqa: E402
 from apd_jax.models.config import tiny_config  # noqa: E402
 from apd_jax.models.model import forward_logits, init_model  # noqa: E402
 from apd_jax.models.sharding import CACHE_SPEC, constrain_cache, make_mesh, param_spec, shard_model, shard_rows  # noqa: E402

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from apd_jax.checkpoints import checkpoint
-from apd_jax.checkpoints.checkpoint import WRITTEN_MANIFEST, load_model
+from apd_jax.checkpoints import orbax as checkpoint
+from apd_jax.checkpoints import WRITTEN_MANIFEST, load_model
 from apd_jax.cli import main
 
 
@@ -147,7 +147,7 @@ def test_ctrl_c_during_flax_to_hf_leaves_nothing_behind(flax_dir, tmp_path, capf
 
 SLOW_CONVERT = """
 import sys, time
-from apd_jax.checkpoints import checkpoint
+from apd_jax.checkpoints import orbax as checkpoint
 from apd_jax.cli import main
 real = checkpoint._host_param
 def slow(*args):

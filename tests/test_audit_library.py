@@ -40,7 +40,7 @@ import importlib.util, sys
 find = importlib.util.find_spec
 importlib.util.find_spec = lambda name, *a, **k: None if name.split(".")[0] == "torch" else find(name, *a, **k)
 if sys.argv[1] == "apd_jax":
-    import apd_jax.checkpoints.checkpoint
+    import apd_jax.checkpoints
 import transformers
 """
 

@@ -6,7 +6,7 @@ import jax
 import pytest
 
 from apd_jax.bench.load import REAL_CONFIGS, main, make_random
-from apd_jax.checkpoints.checkpoint import expected_shapes, load_hf
+from apd_jax.checkpoints import expected_shapes, load_hf
 from apd_jax.models.config import ModelConfig, dream_7b_config, qwen25_05b_config
 
 

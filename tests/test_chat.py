@@ -7,7 +7,7 @@ import pytest
 
 from apd_jax import ASSETS_DIR
 from apd_jax.text.chat import chat_prompt_ids, has_chat_template, messages, stop_token_ids
-from apd_jax.checkpoints.checkpoint import load_tokenizer
+from apd_jax.checkpoints import load_tokenizer
 
 # Qwen2.5-Instruct's template, reduced to its ChatML frame.
 CHATML = (

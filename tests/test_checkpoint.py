@@ -10,10 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from apd_jax.checkpoints import checkpoint
-from apd_jax.checkpoints.checkpoint import (
-    CheckpointError, convert_hf_to_orbax, convert_orbax_to_hf, iter_hf_tensors, load_hf, load_orbax, model_params,
+from apd_jax.checkpoints import streaming as checkpoint
+from apd_jax.checkpoints import (
+    CheckpointError, convert_hf_to_orbax, convert_orbax_to_hf, load_hf, load_orbax, model_params,
 )
+from apd_jax.checkpoints.safetensors import iter_hf_tensors
 from apd_jax.models.model import forward_logits
 from apd_jax.bench.torch_reference import save_tiny_dream, save_tiny_qwen2
 
@@ -104,7 +105,8 @@ def test_even_blocks_cover_the_rows_in_one_shape(lo, hi, step):
 def test_tensors_read_in_many_blocks_load_into_shards():
     # The same on a mesh of 8 virtual devices (a fresh process: jax has started here with one device).
     tests = Path(__file__).parent
-    code = (f"import sys; sys.path.insert(0, {str(tests)!r}); import sharded_checks; from apd_jax import checkpoint; "
+    code = (f"import sys; sys.path.insert(0, {str(tests)!r}); import sharded_checks; "
+            "from apd_jax.checkpoints import streaming as checkpoint; "
             "checkpoint.READ_CHUNK_BYTES = 3000; sharded_checks.hf_loads_into_shards(); "
             "sharded_checks.orbax_restores_into_shards()")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)

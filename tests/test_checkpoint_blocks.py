@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from jax.sharding import SingleDeviceSharding
 
-from apd_jax.checkpoints import checkpoint
-from apd_jax.checkpoints.checkpoint import READ_THREADS, _blocks, _device_arrays, _even_blocks, _gather, _Placement
+from apd_jax import checkpoints as checkpoint
+from apd_jax.checkpoints.streaming import READ_THREADS, _blocks, _device_arrays, _even_blocks, _gather, _Placement
 
 
 class Block:
@@ -69,7 +69,7 @@ def test_device_array_holds_a_few_blocks_not_the_tensor(monkeypatch):
         peak = max(peak, sum(r() is not None for r in refs))
         return full[index]
 
-    monkeypatch.setattr(checkpoint.jax, "device_put", put)
+    monkeypatch.setattr("jax.device_put", put)
     full = np.arange(64 * 8, dtype=np.float32).reshape(64, 8)
     (out,) = _device_arrays([_Placement(full.shape, SingleDeviceSharding(jax.devices()[0]), read,
                                         lambda index: _blocks(index, full.shape, 0, 1), 0)])
@@ -102,7 +102,7 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 os.environ["JAX_PLATFORMS"] = "cpu"
 import jax, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from apd_jax.checkpoints.checkpoint import _blocks, _device_arrays, _Placement
+from apd_jax.checkpoints.streaming import _blocks, _device_arrays, _Placement
 
 mesh = jax.make_mesh((2, 4), ("data", "model"))
 full = np.arange(16 * 8, dtype=np.float32).reshape(16, 8)
@@ -140,7 +140,7 @@ def _stored(params_dir, path):
 def test_saved_leaves_are_chunked_and_zarr2(qwen_dir, tmp_path, monkeypatch):
     # save_orbax (jax.Array leaves) and conversion (lazy leaves) both store chunks of about
     # READ_CHUNK_BYTES in the zarr v2 layout _orbax_leaf reads, so a load reads a few chunks at a time.
-    monkeypatch.setattr(checkpoint, "READ_CHUNK_BYTES", 3000)
+    monkeypatch.setattr("apd_jax.checkpoints.streaming.READ_CHUNK_BYTES", 3000)
     cfg = json.loads((qwen_dir / "config.json").read_text())
     checkpoint.save_orbax(checkpoint.load_hf(qwen_dir), tmp_path / "saved", cfg)
     checkpoint.convert_hf_to_orbax(qwen_dir, tmp_path / "converted")

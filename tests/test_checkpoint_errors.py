@@ -10,8 +10,8 @@ import pytest
 from safetensors.numpy import save_file
 
 from apd_jax import ASSETS_DIR
-from apd_jax.checkpoints import checkpoint
-from apd_jax.checkpoints.checkpoint import (
+from apd_jax import checkpoints as checkpoint
+from apd_jax.checkpoints import (
     CheckpointError, convert_hf_to_orbax, load_hf, load_model, load_tokenizer, model_params,
 )
 from apd_jax.bench.torch_reference import save_tiny_dream
@@ -99,13 +99,13 @@ def test_home_paths_are_expanded(qwen_dir, tmp_path, monkeypatch):
 
 def test_no_progress_bar_when_not_a_terminal_or_small(qwen_dir, capfd, monkeypatch):
     load_hf(qwen_dir)
-    monkeypatch.setattr(checkpoint, "PROGRESS_MIN_BYTES", 0)
+    monkeypatch.setattr("apd_jax.checkpoints.streaming.PROGRESS_MIN_BYTES", 0)
     load_hf(qwen_dir)  # pytest's stderr is not a terminal
     assert capfd.readouterr().err == ""
 
 
 def test_progress_bar_on_a_terminal(qwen_dir, capfd, monkeypatch):
-    monkeypatch.setattr(checkpoint, "PROGRESS_MIN_BYTES", 0)
+    monkeypatch.setattr("apd_jax.checkpoints.streaming.PROGRESS_MIN_BYTES", 0)
     monkeypatch.setenv("FORCE_COLOR", "1")  # rich then takes stderr for a terminal
     monkeypatch.setenv("TTY_INTERACTIVE", "1")
     monkeypatch.setattr("apd_jax.utils.progress._is_tty", lambda stream: True)  # and so does apd_jax.utils.progress

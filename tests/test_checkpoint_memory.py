@@ -10,7 +10,8 @@ process's own (VmHWM), not lifted by this test process's resident set.
 import pytest
 
 from apd_jax.bench.load import make_random, step_in_subprocess
-from apd_jax.checkpoints.checkpoint import READ_CHUNK_BYTES, READ_THREADS, _tensor_index
+from apd_jax.checkpoints.safetensors import _tensor_index
+from apd_jax.checkpoints.streaming import READ_CHUNK_BYTES, READ_THREADS
 
 CONFIG = {
     "model_type": "qwen2", "vocab_size": 16384, "hidden_size": 1024, "intermediate_size": 4096,

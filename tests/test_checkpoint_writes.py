@@ -11,7 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from apd_jax.checkpoints.checkpoint import PARTIAL_MARKER, iter_hf_tensors
+from apd_jax.checkpoints import PARTIAL_MARKER
+from apd_jax.checkpoints.safetensors import iter_hf_tensors
 from apd_jax.cli import main
 
 
@@ -84,7 +85,7 @@ def test_overwrite_replaces_only_a_directory_apd_jax_wrote(src, tmp_path, capsys
 HOLD = """
 import sys, time
 from pathlib import Path
-from apd_jax.checkpoints.checkpoint import atomic_dir
+from apd_jax.checkpoints import atomic_dir
 with atomic_dir(Path(sys.argv[1]), False) as tmp:
     (tmp / "half.bin").write_bytes(b"0" * 1000)
     print("writing", flush=True)

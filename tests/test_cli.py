@@ -191,7 +191,7 @@ def test_prompt_files_unescape_newlines_the_same_way_everywhere(tmp_path, capsys
 
 def test_compare_defaults_to_the_embedded_pair(tmp_path, monkeypatch, capsys):
     from apd_jax import ASSETS_DIR
-    from apd_jax.checkpoints.checkpoint import load_model
+    from apd_jax.checkpoints import load_model
 
     seen = {}
 

@@ -36,7 +36,7 @@ def test_evaluation_is_the_same_in_any_batch_size():
     # The last batch is filled up to the batch's shape; its filler rows count for nothing.
     from apd_jax import ASSETS_DIR
     from apd_jax.decoding.apd import APDConfig
-    from apd_jax.checkpoints.checkpoint import load_model, load_tokenizer
+    from apd_jax.checkpoints import load_model, load_tokenizer
     from apd_jax.evaluation.evaluate import evaluate
 
     pair = [load_model(ASSETS_DIR / name, param_dtype="float32") for name in ("drafter", "verifier")]

@@ -3,7 +3,7 @@
 import json
 
 from apd_jax import ASSETS_DIR
-from apd_jax.checkpoints.checkpoint import load_tokenizer
+from apd_jax.checkpoints import load_tokenizer
 from apd_jax.cli import main
 from test_chat import with_chat_template
 

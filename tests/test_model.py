@@ -7,7 +7,7 @@ import torch
 
 from apd_jax.decoding.autoregressive import ARConfig, ar_generate
 from apd_jax.models.cache import KVCache
-from apd_jax.checkpoints.checkpoint import load_hf
+from apd_jax.checkpoints import load_hf
 from apd_jax.models.model import forward_logits, shift_right, with_config
 from apd_jax.bench.torch_reference import TorchDream, crop, shift_logits
 

@@ -14,7 +14,7 @@ from flax import nnx
 from apd_jax.text import corpus
 from apd_jax.training import train as T
 from apd_jax.decoding.apd import APDConfig, apd_generate, shared_vocab_size
-from apd_jax.checkpoints.checkpoint import load_model, load_tokenizer
+from apd_jax.checkpoints import load_model, load_tokenizer
 from apd_jax.models.config import ModelSize, tiny_config
 from apd_jax.models.model import forward_logits, init_model
 from apd_jax.text.tokenizer import EOS_ID, MASK_ID, load_tokenizer_file, save_tokenizer, train_tokenizer

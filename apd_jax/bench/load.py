@@ -71,7 +71,7 @@ def make_random(out_dir: str | Path, hf_config: dict[str, Any], *, seed: int = 0
     import jax
     import numpy as np
 
-    from apd_jax import checkpoint
+    from apd_jax import checkpoints as checkpoint
     from apd_jax.models.config import ModelConfig
 
     cfg = ModelConfig.from_hf_dict(hf_config)
@@ -83,8 +83,8 @@ def make_random(out_dir: str | Path, hf_config: dict[str, Any], *, seed: int = 0
     with tempfile.TemporaryDirectory() as stage:
         (Path(stage) / "config.json").write_text(json.dumps(hf_config, indent=2))
         specs = {p: jax.ShapeDtypeStruct(s.shape, s.dtype) for p, s in specs.items()}
-        return checkpoint._write_hf(specs, arrays, Path(stage), Path(out_dir), overwrite=False,
-                                    max_shard_size=max_shard_size)
+        return checkpoint.write_hf(specs, arrays, Path(stage), Path(out_dir), overwrite=False,
+                                   max_shard_size=max_shard_size)
 
 
 # ----------------------------------------------------------------------------- one step, in its own process
@@ -115,7 +115,7 @@ def run_step(step: str, paths: list[str]) -> dict[str, Any]:
     import jax
     from flax import nnx
 
-    from apd_jax import checkpoint
+    from apd_jax import checkpoints as checkpoint
 
     jax.devices()  # the backend starts here, not inside the timed step
     result: dict[str, Any] = {"step": step, "paths": paths, "import_s": time.perf_counter() - t0,

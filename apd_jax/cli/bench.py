@@ -17,7 +17,7 @@ from pathlib import Path
 from apd_jax.bench import decoders as bench
 from apd_jax.decoding.apd import APDConfig
 from apd_jax.decoding.autoregressive import ARConfig
-from apd_jax.checkpoints.checkpoint import load_model
+from apd_jax.checkpoints import load_model
 from apd_jax.cli.common import (
     DefaultsHelpFormatter, check_writable, finite_float, positive_int, positive_int_list, user_path,
 )

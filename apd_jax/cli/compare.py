@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from apd_jax.checkpoints.checkpoint import load_model, load_tokenizer
+from apd_jax.checkpoints import load_model, load_tokenizer
 from apd_jax.cli.common import DefaultsHelpFormatter, corpus_prompts, embedded_filter, positive_int, user_path
 from apd_jax.cli.options import (
     add_pair_options,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from apd_jax.checkpoints.checkpoint import MAX_SHARD_SIZE, convert_hf_to_orbax, convert_orbax_to_hf
+from apd_jax.checkpoints import MAX_SHARD_SIZE, convert_hf_to_orbax, convert_orbax_to_hf
 from apd_jax.cli.common import finite_float, user_path
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from apd_jax.decoding.batching import DEFAULT_BATCH_SIZE
-from apd_jax.checkpoints.checkpoint import load_model, load_tokenizer
+from apd_jax.checkpoints import load_model, load_tokenizer
 from apd_jax.cli.common import DefaultsHelpFormatter, positive_int, user_path
 from apd_jax.cli.options import (
     add_pair_options,

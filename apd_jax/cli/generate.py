@@ -22,7 +22,7 @@ from apd_jax.decoding.apd import APDConfig, apd_generate, live_view, shared_voca
 from apd_jax.decoding.batching import DEFAULT_BATCH_SIZE, RUN_SUFFIX, RunOutput, generate_in_batches, kept_records, open_output
 from apd_jax.text.chat import chat_prompt_ids, has_chat_template, stop_token_ids
 from apd_jax.text.chat import messages as chat_messages
-from apd_jax.checkpoints.checkpoint import load_model, load_tokenizer
+from apd_jax.checkpoints import load_model, load_tokenizer
 from apd_jax.cli.common import DefaultsHelpFormatter, embedded_filter, positive_int, user_path
 from apd_jax.cli.options import (
     add_pair_options,

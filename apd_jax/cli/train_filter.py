@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from apd_jax.checkpoints.checkpoint import check_output, load_model, load_tokenizer
+from apd_jax.checkpoints import check_output, load_model, load_tokenizer
 from apd_jax.cli.common import (
     DefaultsHelpFormatter, corpus_prompts, finite_float, nonnegative_int, positive_int, user_path,
 )

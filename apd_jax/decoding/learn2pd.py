@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from apd_jax.checkpoints.checkpoint import atomic_dir
+from apd_jax.checkpoints import atomic_dir
 from apd_jax.decoding.diffusion import ParallelConfig, Prediction, first_index, parallel_decode
 from apd_jax.decoding.generation import GenerationResult, check_config
 from apd_jax.models.model import Qwen2

@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TimeRemainingColumn
 
 from apd_jax.decoding.apd import APDConfig, apd_generate, shared_vocab_size
 from apd_jax.decoding.batching import DEFAULT_BATCH_SIZE, generate_batched, padded_batches
-from apd_jax.checkpoints.checkpoint import load_model, load_tokenizer
+from apd_jax.checkpoints import load_model, load_tokenizer
 from apd_jax.decoding.generation import capacity, prompt_bucket
 from apd_jax.models.model import Qwen2
 from apd_jax.utils.progress import terminal_progress

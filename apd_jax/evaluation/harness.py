@@ -32,7 +32,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from apd_jax import ASSETS_DIR
 from apd_jax.decoding.apd import shared_vocab_size
-from apd_jax.checkpoints.checkpoint import load_model, load_tokenizer
+from apd_jax.checkpoints import load_model, load_tokenizer
 from apd_jax.decoding.registry import DECODERS as REGISTRY
 from apd_jax.decoding.registry import Models
 from apd_jax.decoding.generation import GenerationResult, pad_prompts, prompt_bucket

@@ -1,0 +1,98 @@
+"""Loading a checkpoint: an apd_jax (orbax) or a Hugging Face directory, whichever it is, streamed onto
+the default device or into each device's shard of a mesh; and the tokenizer saved beside it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+from jax.sharding import Mesh
+
+from apd_jax.checkpoints.errors import _read_json, read_config
+from apd_jax.checkpoints.flat import expected_shapes, model_from_params
+from apd_jax.checkpoints.layouts import _entry
+from apd_jax.checkpoints.orbax import load_orbax
+from apd_jax.checkpoints.safetensors import _checked_index, _hf_placement, _param_bytes
+from apd_jax.checkpoints.streaming import (
+    _converter, _device_arrays, _hf_sharding, _progress, _release_host_memory, _shardings,
+)
+from apd_jax.models.config import ModelConfig
+from apd_jax.models.model import Qwen2
+
+def load_hf_params(
+    path: str | Path, cfg: ModelConfig, mesh: Mesh | None = None
+) -> dict[str, jax.Array]:
+    """A HF checkpoint's flat Flax parameters, streamed to the device (or `mesh`) in blocks."""
+    path = Path(path).expanduser()
+    tensors, place = _checked_index(path, cfg), _shardings(cfg, mesh)
+    shapes = expected_shapes(cfg)
+    entries = {p: _entry(p) for p in shapes}
+    parts = _device_arrays(
+        _hf_placement(name, tensors[name], _hf_sharding(layout, place(p), len(shapes[p].shape)))
+        for p, (names, layout) in entries.items() for name in names)
+    params = {}
+    with contextlib.closing(parts), _progress(
+            f"loading {path.name}", sum(_param_bytes(tensors, p) for p in shapes)) as advance:
+        for p, want in shapes.items():
+            names, layout = entries[p]
+            hf = [next(parts) for _ in names]
+            if layout.as_stored and hf[0].dtype == want.dtype:
+                params[p] = hf[0]
+            else:
+                params[p] = _converter(layout, tuple(want.shape), want.dtype, place(p))(*hf)
+            del hf  # freed on the device once converted
+            _release_host_memory()
+            advance(_param_bytes(tensors, p))
+    return params
+
+
+def load_hf(path: str | Path, *, param_dtype: Any = None, dtype: Any = None, mesh: Mesh | None = None) -> Qwen2:
+    """A Flax model from a Hugging Face checkpoint directory (config.json + safetensors),
+    streamed tensor by tensor onto the default device or, given a mesh, into each device's shard."""
+    cfg = read_config(path, param_dtype=param_dtype, dtype=dtype)
+    return model_from_params(cfg, load_hf_params(path, cfg, mesh))
+
+
+def load_model(path: str | Path, *, param_dtype: Any = None, dtype: Any = None, mesh: Mesh | None = None) -> Qwen2:
+    """An apd_jax (orbax) directory or a Hugging Face directory, whichever `path` is, streamed onto
+    the default device or into each device's shard of `mesh`."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"load_model(path={path!r}): expected a checkpoint directory as a str or Path, "
+                        f"not {type(path).__name__}")
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(
+            f"load_model: {path} is a file; expected a checkpoint directory (a Hugging Face one: config.json and "
+            "*.safetensors, or an apd_jax one: config.json and params/)"
+        )
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {path} not found")
+    if (path / "params").is_dir():
+        return load_orbax(path, param_dtype=param_dtype, dtype=dtype, mesh=mesh)
+    return load_hf(path, param_dtype=param_dtype, dtype=dtype, mesh=mesh)
+
+
+def load_tokenizer(path: str | Path):
+    """The Hugging Face tokenizer saved beside a checkpoint.
+
+    transformers does not know Dream's model_type: AutoTokenizer then falls back to a generic config
+    read with PretrainedConfig.from_pretrained, which warns on every run ("You are using a model of
+    type `Dream` to instantiate a model of type ``"). The same generic config, built from the dict,
+    is handed over instead: the same tokenizer, no warning."""
+    from transformers import AutoTokenizer, PretrainedConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    path = Path(path).expanduser()
+    if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
+        raise FileNotFoundError(
+            f"no tokenizer in {path} (tokenizer.json / tokenizer_config.json); copy the model's tokenizer files "
+            "there, or pass token ids with --ids"
+        )
+    config = None
+    if (path / "config.json").is_file():
+        fields = _read_json(path / "config.json")
+        config = None if fields.get("model_type") in CONFIG_MAPPING else PretrainedConfig.from_dict(fields)
+    return AutoTokenizer.from_pretrained(path, config=config)
