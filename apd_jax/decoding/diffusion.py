@@ -1,24 +1,14 @@
-"""Dream's own samplers over the whole canvas, and confidence-threshold parallel decoding.
+"""Whole-canvas decoders of a Dream model: Dream's own sampler, and parallel decoding by a keep rule.
 
-Both run a Dream model with full attention over prompt + max_new_tokens masks
-(no cache: every position can change what every other predicts), one
-`jax.jit` call per generation with a `lax.while_loop` over passes, batched
-over ragged prompts. Row b's canvas holds its prompt at [0, len_b) and its
-generation at [len_b, len_b + N); keys past a row's end are excluded through
-the model's `valid` length, so a row decodes exactly as it would alone.
+Full attention over prompt + max_new_tokens masks (no cache: every position can change every
+prediction), one `jax.jit` call with a `lax.while_loop` over passes. Ragged rows are batched
+through the model's `valid` length, so each decodes exactly as alone; a row stops once nothing
+before its first eos is masked.
 
-- `diffusion_generate`: Dream's `_sample` (alg origin / maskgit_plus /
-  topk_margin / entropy, alg_temp, eps, steps), counted per row. Dream pools
-  its transfer count over the batch; per row equals Dream at batch size 1.
-- `threshold_generate`: each pass commits every masked position whose
-  predicted probability exceeds a threshold, and at least the most confident
-  one, until no mask is left (Fast-dLLM's parallel rule, block-free).
-  Its loop, `parallel_decode`, takes the keep rule as an `nnx.Module`, so
-  Learn2PD's learned filter (apd_jax/decoding/learn2pd.py) runs in the same loop.
-
-A row stops once every position before its first eos is decoded (what
-follows is cut from the result anyway); eos_token_ids=() decodes the whole
-canvas.
+- `diffusion_generate`: Dream's `_sample`, its transfer counts per row (Dream at batch size 1).
+- `threshold_generate`: each pass commits every masked position above a threshold, and at least
+  the most confident (Fast-dLLM's rule, block-free); `parallel_decode` takes the keep rule as an
+  `nnx.Module`, so Learn2PD's filter runs in the same loop.
 """
 
 from __future__ import annotations
@@ -44,29 +34,27 @@ _ORIGIN = ALGORITHMS.index("origin")
 
 @dataclasses.dataclass(frozen=True)
 class DiffusionConfig(DecoderConfig):
-    """Dream's `diffusion_generate` knobs (and DecoderConfig's). All are traced (no
-    recompilation) except max_new_tokens; `steps` only sets a power-of-two bucket of the
-    schedule table. eos_token_ids (): decode the whole canvas.
+    """Dream's `diffusion_generate` knobs (and DecoderConfig's), all traced but max_new_tokens
+    (`steps` sets only a power-of-two bucket of the schedule). alg_temp > 0 samples the positions
+    to unmask from softmax(confidence / alg_temp) instead of taking the top-k.
 
-    alg_temp > 0 picks the positions to unmask by sampling from
-    softmax(confidence / alg_temp) without replacement instead of the top-k.
-
-    top_k defaults to 50 and top_p to 1.0, the published code's defaults: Dream's
-    `diffusion_generate` builds its settings with `DreamGenerationConfig.from_model_config`,
-    which under transformers 4.x copies the legacy generation defaults top_k=50, top_p=1.0
-    whenever the caller passes none. The filter applies at temperature 0 too: the
-    maskgit_plus, topk_margin and entropy orders read their confidences from probabilities
-    renormalised over the top 50 tokens, which changes which positions unmask first.
-    top_k=0 reads them from the whole vocabulary.
+    top_k=50 is what Dream's published code runs with (DreamGenerationConfig.from_model_config
+    copies transformers 4.x's legacy default) and applies at temperature 0 too: the confidences come from probabilities
+    renormalised over the top 50. top_k=0 reads them from the whole vocabulary.
     """
 
-    steps: int = 256
+    steps: int | None = None  # None: max_new_tokens, one token per step (set at construction)
     alg: str = "entropy"
     alg_temp: float = 0.0
     eps: float = 1e-3
-    top_k: int = dataclasses.field(default=50, kw_only=True)  # Dream's published default (see above)
+    top_k: int = dataclasses.field(default=50, kw_only=True)
 
     what = "diffusion"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.steps is None:
+            object.__setattr__(self, "steps", self.max_new_tokens)
 
     def problems(self) -> list[str]:
         problems = super().problems()
@@ -83,13 +71,9 @@ class DiffusionConfig(DecoderConfig):
 
 @dataclasses.dataclass(frozen=True)
 class ParallelConfig(DecoderConfig):
-    """Knobs shared by the parallel decoders (threshold, Learn2PD), and DecoderConfig's; all
-    traced but max_new_tokens. eos_token_ids (): decode the whole canvas.
-
-    eot_threshold: End-of-Text prediction. Once a masked position predicts an eos
-    with probability above it, that eos is committed and every later position is
-    dropped: filled with padding and hidden from attention. None disables it.
-    """
+    """Knobs of the parallel decoders (threshold, Learn2PD), all traced but max_new_tokens.
+    eot_threshold: once a masked position predicts an eos above it, that eos is committed and
+    every later position dropped (padding, hidden from attention); None disables it."""
 
     eot_threshold: float | None = None
 
@@ -117,20 +101,13 @@ class ThresholdConfig(ParallelConfig):
         return problems
 
 
-# ---------------------------------------------------------------------------
 # Dream's schedule, bit for bit
-# ---------------------------------------------------------------------------
 
 
 def dream_timesteps(steps: int, eps: float) -> np.ndarray:
-    """torch.linspace(1, eps, steps + 1) in float32, bit for bit.
-
-    PyTorch computes start + step * i on the first half and end - step * (n - 1 - i)
-    on the rest, each a fused multiply-add (float32 step). The product is exact in
-    float64 and so is the sum for any n below 2**28, so float64 then one rounding
-    to float32 is that FMA. (Plain float32 arithmetic is off by an ulp on most n,
-    which moves Dream's truncated transfer counts at integer boundaries.)
-    """
+    """torch.linspace(1, eps, steps + 1) in float32, bit for bit: torch's two half-ranges are each an
+    FMA with a float32 step, which float64 reproduces exactly, then one rounding (float32
+    arithmetic is an ulp off and moves Dream's truncated transfer counts)."""
     n = steps + 1
     start, end = np.float32(1.0), np.float32(eps)
     step = np.float64(np.float32((end - start) / np.float32(n - 1)))
@@ -141,11 +118,7 @@ def dream_timesteps(steps: int, eps: float) -> np.ndarray:
 
 
 def dream_transfer_ratios(steps: int, eps: float) -> np.ndarray:
-    """[steps] float32: 1 - s / t as Dream computes it, and 1 on the last step (transfer all).
-
-    Dream transfers int(num_mask * ratio) positions per step (origin: each masked
-    position with probability ratio), the product taken in float32 as torch does.
-    """
+    """[steps] float32: Dream's 1 - s / t, and 1 on the last step (transfer all)."""
     ts = dream_timesteps(steps, eps)
     ratios = np.float32(1.0) - ts[1:] / ts[:-1]
     ratios[-1] = 1.0
@@ -157,9 +130,7 @@ def _steps_bucket(steps: int) -> int:
     return max(16, 1 << (steps - 1).bit_length())
 
 
-# ---------------------------------------------------------------------------
 # Pure per-pass pieces
-# ---------------------------------------------------------------------------
 
 
 @jax.tree_util.register_dataclass
@@ -183,11 +154,7 @@ def build_canvas(prompts: jax.Array, prompt_lens: jax.Array, gen: jax.Array) -> 
 
 
 def generation_logits(model: Qwen2, canvas: jax.Array, prompt_lens: jax.Array, end: jax.Array, n: int) -> jax.Array:
-    """Float32 logits [B, N, V] predicting the N generated positions of each row.
-
-    Full attention over the canvas up to `end` [B] (keys past it are invisible);
-    Dream's right shift puts position i's prediction at output i - 1.
-    """
+    """Float32 logits [B, N, V] for each row's N generated positions, attending up to `end` [B]."""
     hidden, _ = model(canvas, valid=end)
     hidden = shift_right(hidden)
     idx = prompt_lens[:, None] + jnp.arange(n)
@@ -195,22 +162,17 @@ def generation_logits(model: Qwen2, canvas: jax.Array, prompt_lens: jax.Array, e
 
 
 def predict(logits: jax.Array, key: jax.Array, knobs: Knobs) -> Prediction:
-    """Dream's `sample_tokens`: temperature, then top-p, then top-k, on [..., V] logits.
-
-    Greedy (temperature 0) is the argmax of the probabilities; otherwise a
-    Gumbel-max sample of them. Confidences are read from the same probabilities.
-    """
+    """Dream's `sample_tokens` on [..., V] logits: temperature, top-p, top-k, then the argmax (T = 0)
+    or a Gumbel-max sample, with confidences from the same probabilities."""
     t = knobs.temperature
     scaled = jnp.where(t > 0, logits / jnp.where(t > 0, t, 1.0), logits)
     filtered = filter_logits(scaled, knobs.top_p, knobs.top_k)
     probs = jax.nn.softmax(filtered, axis=-1)
     best = jnp.argmax(probs, axis=-1)
-    # The noise only when sampling: at t = 0 a [..., V] buffer of zeros would be written and read.
     tokens = jax.lax.cond(
         t > 0, lambda: gumbel_argmax(filtered, key), lambda: best
     ).astype(jnp.int32)
-    # The top two probabilities by two max reductions (a tie gives margin 0, as top_k would):
-    # lax.top_k made each pass of the decoding loop about 2x slower on XLA:CPU.
+    # The second probability by a max, not lax.top_k (slow on XLA:CPU); a tie gives margin 0, as top_k.
     second = jnp.max(jnp.where(jnp.arange(probs.shape[-1]) == best[..., None], -jnp.inf, probs), axis=-1)
     return Prediction(
         tokens=tokens,
@@ -247,12 +209,8 @@ def decoded(gen: jax.Array, mask_id: int, eos: jax.Array) -> jax.Array:
 def dream_transfer(
     pred: Prediction, masked: jax.Array, ratio: jax.Array, alg: jax.Array, alg_temp: jax.Array, key: jax.Array
 ) -> jax.Array:
-    """[B, N] bool: the masked positions Dream's step unmasks, counted per row.
-
-    Ranked algorithms take the int(num_mask * ratio) highest confidences (with
-    alg_temp > 0, Gumbel top-k: sampling from softmax(confidence / alg_temp)
-    without replacement); origin takes each masked position with probability ratio.
-    """
+    """[B, N] bool: the masked positions Dream's step unmasks, per row: the int(num_mask * ratio)
+    highest confidences (Gumbel top-k with alg_temp > 0), or for origin each with probability ratio."""
     rank_key, origin_key = jax.random.split(key)
     count = (jnp.sum(masked, axis=1).astype(jnp.float32) * ratio).astype(jnp.int32)
     confidence = jnp.stack([pred.confidence, pred.margin, pred.neg_entropy])[jnp.minimum(alg, 2)]
@@ -263,9 +221,7 @@ def dream_transfer(
     return jnp.where(alg == _ORIGIN, by_chance, by_rank)
 
 
-# ---------------------------------------------------------------------------
 # Dream's fixed-step sampler
-# ---------------------------------------------------------------------------
 
 
 @jax.tree_util.register_dataclass
@@ -356,12 +312,8 @@ def diffusion_generate(
     config: DiffusionConfig = DiffusionConfig(),
     key: jax.Array | None = None,
 ) -> GenerationResult:
-    """Dream's `diffusion_generate` (its `_sample`) for a batch of ragged prompts, one compiled call.
-
-    `accepted[b, i]` counts the positions step i unmasked (a position that
-    predicts the mask token stays masked, as in Dream); a row with nothing left
-    to decode before its first eos stops early, which changes none of its tokens.
-    """
+    """Dream's `diffusion_generate` (its `_sample`) for a batch of ragged prompts, one compiled call;
+    `accepted[b, i]` counts the positions step i unmasked (one predicting the mask stays masked)."""
     config = check_config(config, DiffusionConfig)
     key = default_key(key)
     padded, lengths, eos, pad = prepare_prompts(model, prompts, config.max_new_tokens, config.max_len,
@@ -379,9 +331,7 @@ def diffusion_generate(
     return finish(gen, lens, np.asarray(accepted)[:, : config.steps], hit, passes, pad_id=pad)
 
 
-# ---------------------------------------------------------------------------
 # Parallel decoding with a keep rule (threshold here, Learn2PD's filter elsewhere)
-# ---------------------------------------------------------------------------
 
 
 class ConfidenceRule(nnx.Module):
@@ -449,13 +399,9 @@ def parallel_decode(
     config: ParallelConfig,
     key: jax.Array | None = None,
 ) -> GenerationResult:
-    """Decode the whole canvas in passes; each pass commits the masked positions `rule` keeps.
-
-    `rule(prediction, masked) -> bool [B, N]`; the most confident
-    masked position is committed whatever it says, so each pass commits at least
-    one token and a row needs at most max_new_tokens passes. The mask token is
-    never predicted. A rule's variables are traced: changing them never recompiles.
-    """
+    """Decode the whole canvas in passes, each committing the masked positions `rule(prediction,
+    masked) -> bool [B, N]` keeps, and the most confident one whatever it says (so at most
+    max_new_tokens passes). The rule's variables are traced; the mask is never predicted."""
     config = check_config(config, ParallelConfig)
     key = default_key(key)
     padded, lengths, eos, pad = prepare_prompts(model, prompts, config.max_new_tokens, config.max_len,
@@ -474,10 +420,7 @@ def threshold_generate(
     config: ThresholdConfig = ThresholdConfig(),
     key: jax.Array | None = None,
 ) -> GenerationResult:
-    """Confidence-threshold parallel decoding over the whole canvas (block-free).
-
-    threshold 1.0 commits exactly the most confident position per pass: the
-    one-token-per-step greedy order (Dream maskgit_plus at one token a step).
-    """
+    """Confidence-threshold parallel decoding over the whole canvas (block-free); threshold 1.0 is
+    one token per pass, most confident first (Dream maskgit_plus at one token a step)."""
     config = check_config(config, ThresholdConfig)
     return parallel_decode(model, ConfidenceRule(config.threshold), prompts, config, key)

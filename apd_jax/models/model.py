@@ -1,14 +1,9 @@
-"""The Qwen2 decoder family in Flax NNX: Qwen2.5 (causal) and Dream (bidirectional).
+"""The Qwen2 decoder family in Flax NNX: Qwen2.5 (causal) and Dream (bidirectional), one
+implementation differing only in the attention mask (`ModelConfig.causal`).
 
-One implementation serves both: the attention mask is the only difference
-(`ModelConfig.causal`). Module and parameter names follow Hugging Face's, except
-that q/k/v and gate/up are each one fused projection (`qkv_proj`, `gate_up_proj`:
-fewer, larger matmuls); the converter's table (apd_jax/checkpoints/checkpoint.py) says which
-Hugging Face tensors each parameter holds.
-
-`Qwen2.__call__` runs a window of S tokens per row at absolute positions
-[start, start + S) and, given a KVCache, attends to the cache plus the window:
-causally for Qwen, fully (up to the window's right edge) for Dream.
+Names follow Hugging Face's, but q/k/v and gate/up are each one fused projection (fewer, larger
+matmuls; apd_jax.models.params maps them to HF tensors). A call runs a window of tokens per row
+at absolute positions and, given a KVCache, attends to the cache plus the window.
 """
 
 from __future__ import annotations
@@ -68,13 +63,9 @@ def _einsum(
 
 
 class Attention(nnx.Module):
-    """Grouped-query attention with q, k and v in one projection.
-
-    `qkv_proj.kernel` is [hidden, kv_heads, g + 2, head_dim], g = heads / kv_heads: per KV head
-    its g query heads (Hugging Face's query head j belongs to KV head j // g), then its key,
-    then its value. One matmul reads all three (at batch 1, 0.3 ms less per Dream-7B window
-    than three, measured on an H100), and splitting kv_heads over a mesh keeps each group,
-    and the cache heads it reads, on one device.
+    """Grouped-query attention, q, k and v in one projection: `qkv_proj.kernel` is [hidden, kv_heads,
+    g + 2, head_dim], per KV head its g query heads (HF's query head j is KV head j // g), its key
+    and its value, so a mesh splitting kv_heads keeps each group and its cache heads on one device.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -116,13 +107,9 @@ def _dot_operands(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention: q [B,S,H,D], k/v [B,KVH,T,D] (the cache's layout), mask [B,S,T].
-
-    Softmax in float32. The queries are moved head-major ([B, KVH, g*S, D]) before the
-    scores, so both matmuls take their operands and give their results in the layout
-    the next op reads; left to XLA, it transposes the float32 scores and the
-    probabilities instead (0.6 ms per Dream-7B window at batch 1, measured on an H100).
-    """
+    """Grouped-query attention, softmax in float32: q [B,S,H,D], k/v [B,KVH,T,D] (the cache's
+    layout), mask [B,S,T]. The queries go head-major ([B, KVH, g*S, D]) first, so neither matmul
+    needs its float32 result transposed (BENCHMARKS.md, "head-major attention")."""
     b, s, h, d = q.shape
     kvh, t = k.shape[1], k.shape[2]
     g = h // kvh
@@ -138,11 +125,8 @@ def _gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) ->
 
 
 def _cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """cuDNN's fused flash attention: the same inputs and result as `_gqa_attention`.
-
-    jax.nn.dot_product_attention reads K/V as [B, T, KVH, D], hence the swap from the
-    cache's [B, KVH, T, D]; the mask becomes an additive bias inside it.
-    """
+    """cuDNN's fused flash attention, inputs and result as `_gqa_attention` (K/V swapped to the
+    [B, T, KVH, D] jax.nn.dot_product_attention reads)."""
     if jax.default_backend() != "gpu" or q.dtype not in (jnp.bfloat16, jnp.float16):
         raise ValueError(
             f"attention='cudnn' needs a CUDA GPU and bf16/fp16 compute (backend {jax.default_backend()}, "
@@ -201,12 +185,8 @@ class Qwen2(nnx.Module):
         valid: jax.Array | None = None,
         cache: KVCache | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
-        """Final hidden states [B, S, H] of a window, and the updated cache.
-
-        tokens [B, S] sit at positions start[b] + [0, S); only the first valid[b]
-        of them are real, the rest padding. With a cache, the window's K/V are
-        written at those positions and the row's length becomes start + valid.
-        """
+        """Final hidden states [B, S, H] of tokens [B, S] at positions start[b] + [0, S), the first
+        valid[b] real; with a cache, their K/V written there and the row's length start + valid."""
         b, s = tokens.shape
         start = jnp.zeros((b,), jnp.int32) if start is None else start.astype(jnp.int32)
         valid = jnp.full((b,), s, jnp.int32) if valid is None else valid.astype(jnp.int32)
@@ -220,23 +200,16 @@ class Qwen2(nnx.Module):
         return self.norm(x), cache
 
     def logits(self, hidden: jax.Array, vocab: int | None = None) -> jax.Array:
-        """Output head with float32 accumulation: [..., H] -> [..., vocab] float32.
-
-        `vocab` keeps only the first ids.
-        """
+        """Output head with float32 accumulation: [..., H] -> [..., vocab] float32, the first `vocab` ids."""
         w = self.embed_tokens.embedding[...].T if self.lm_head is None else self.lm_head[...]
         logits = jnp.matmul(*_dot_operands(hidden, w.astype(hidden.dtype)), preferred_element_type=jnp.float32)
-        # Slicing the output, not the [hidden, vocab] weight: a column slice of the weight
-        # is a strided copy of the whole head every call (measured 0.6 ms per APD pass).
+        # Slice the output: a column slice of the weight copies the whole head every call.
         return logits if vocab is None else logits[..., :vocab]
 
 
 def shift_right(hidden: jax.Array) -> jax.Array:
-    """Dream's prediction for position i is read at output i - 1 (output 0 stands in for itself).
-
-    The one place apd_jax applies Dream's right shift; applied to hidden states it
-    equals the reference's `cat([logits[:, :1], logits[:, :-1]])` on logits.
-    """
+    """Dream's right shift: its prediction for position i is output i - 1 (output 0 stands for
+    itself), the reference's `cat([logits[:, :1], logits[:, :-1]])` applied to hidden states."""
     return jnp.concatenate([hidden[:, :1], hidden[:, :-1]], axis=1)
 
 
@@ -271,10 +244,8 @@ def abstract_model(cfg: ModelConfig) -> Qwen2:
 
 @nnx.jit
 def token_logprobs(model: Qwen2, inputs: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """log p(targets[b, s] | inputs[b, :s + 1]) [B, S] and whether each target is the argmax.
-
-    Gathered on the device: the [B, S, vocab] log-probabilities never leave it.
-    """
+    """log p(targets[b, s] | inputs[b, :s + 1]) [B, S] and whether each target is the argmax,
+    gathered on the device (the [B, S, vocab] log-probabilities never leave it)."""
     hidden, _ = model(inputs)
     logits = model.logits(hidden)
     picked = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), targets[..., None], axis=-1)[..., 0]
