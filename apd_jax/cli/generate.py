@@ -107,8 +107,6 @@ def settings(args: argparse.Namespace) -> DecoderConfig:
     """The chosen decoder's settings: the options given, the settings class's defaults for the rest."""
     values = settings_values(args)
     config = decoder(args.decoder).settings_from(values)
-    if args.decoder == "dream" and "steps" not in values:
-        config = dataclasses.replace(config, steps=config.max_new_tokens)  # one token per step
     config.validate()
     return config
 
