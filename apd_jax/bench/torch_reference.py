@@ -27,8 +27,7 @@ if TYPE_CHECKING:
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 
-# The models here are tiny: intra-op threads only add synchronisation, and on a shared 2-core CPU
-# they thrash (measured: 0.3 s -> 20 s for one APD test when another process holds a core).
+# The models here are tiny: intra-op threads only add synchronisation, and thrash on a shared CPU.
 torch.set_num_threads(1)
 
 _WEIGHT_STD = 0.3  # large enough that logits are far from ties and nothing is ~0

@@ -207,13 +207,9 @@ def sample_windows(stream: jax.Array, key: jax.Array, batch: int, seq_len: int) 
 
 
 class MatmulEmbed(nnx.Module):
-    """nnx.Embed's lookup as a one-hot matmul over the same parameter: identical values.
-
-    The gradient of a gathered embedding is a scatter-add, which on a GPU runs as
-    atomics on the hot rows (spaces, newlines): measured on an H100 it took 140 of
-    the 168 ms of a drafter step (batch 128 x 512), and atomics make it
-    nondeterministic. The one-hot product's gradient is a plain, deterministic matmul.
-    """
+    """nnx.Embed's lookup as a one-hot matmul over the same parameter: identical values, and a
+    gradient that is a deterministic matmul, not a GPU scatter-add of atomics on the hot rows
+    (spaces, newlines), slow and nondeterministic (BENCHMARKS.md, Moved from docstrings)."""
 
     def __init__(self, embed: nnx.Embed):
         self.embedding = embed.embedding  # the same Param: tied heads still read it
@@ -280,8 +276,8 @@ def memory_needed(compiled: Any) -> int | None:
     return m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
 
 
-# Share of the free memory a training step may plan to use: measured on CPU, the process grew
-# by 0.5-1.1 GiB more than XLA's buffer assignment said (allocator, the held-out evaluation).
+# Share of the free memory a training step may plan to use: the process grows past XLA's buffer
+# assignment (allocator, the held-out evaluation; BENCHMARKS.md, Moved from docstrings).
 MEMORY_HEADROOM = 0.8
 
 
