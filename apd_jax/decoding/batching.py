@@ -1,27 +1,16 @@
 """Prompts of any number, decoded in fixed-size batches and written as they finish.
 
-A prompts file of 10,000 lines is not one batch (its caches and logits would not fit
-a device), but `batch_size` rows at a time. Every batch has the same shape, the last
-one filled up with copies of its first prompt whose results are dropped, so a run
-compiles once per prompt-length bucket. With an output file, each prompt's record
-is appended, in input order, as soon as its batch finishes: an interrupted run keeps
-what it finished, and a resumed run continues after the last complete record.
+Every batch has the same shape (the last filled with copies of its first prompt, whose results
+are dropped), so a run compiles once per prompt-length bucket. With an output file F, each
+prompt's record (one JSON object a line) is appended in input order as its batch finishes, so
+an interrupted run keeps what it finished. The run is recorded beside it in F + RUN_SUFFIX
+before any model loads: run id, apd_jax version, the prompts' count and digest, and the
+settings that determine the records.
 
-An output file F holds only records, one JSON object a line (`{"index": N, "prompt": ...}`
-first), so a consumer reads it alone. Its run is recorded beside it, in F + RUN_SUFFIX
-(`answers.jsonl.apd-jax-run.json`), written when the run starts, before any model loads:
-a run id, the apd_jax version, the prompts' count and digest, and the settings that
-determine the records (decoder and its settings, seed, batch size, checkpoints, ...).
-
-- A new run refuses an F or a run record that exists. It creates both before any work
-  (an unwritable place fails at once) and removes them again if it ends before its
-  first record.
-- A resumed run continues only an F with its run record, and only with the same
-  settings: each one that differs is named with both values. It keeps F's complete
-  records of these prompts; bytes after the last newline are dropped only when they
-  are the start of the next expected record (what an interruption cut), and a line
-  that is not the expected record (a user's note, another file) is refused, F left
-  as it is.
+A new run refuses an existing F or run record, creates both before any work and removes them
+if it ends before its first record. A resumed run continues only an F with its run record and
+the same settings (each difference named); it drops bytes after the last newline only when
+they start the next expected record, and refuses any other line, leaving F as it is.
 """
 
 from __future__ import annotations

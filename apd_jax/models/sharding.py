@@ -1,25 +1,15 @@
 """Sharded APD: a (data, model) device mesh and the placement of every array on it
 (parameters: the spec column of apd_jax.models.params.PARAM_TABLE).
 
-`data` splits the batch rows (each device group runs its own rows: no traffic but
-the final gather); `model` is Megatron-style tensor parallelism inside each layer:
-the fused q/k/v projection is split by KV-head group and gate/up on the intermediate
-dim, o_proj and down_proj on their input dim, so each layer costs one all-reduce after attention
-and one after the MLP, and attention itself is local (a device holds whole heads
-and the KV heads they read). The embedding and the output head are split on the
-vocabulary: the head is the largest matmul per drafted token and the largest
-tensor of a 0.5B model, and a vocab-split embedding is the head itself when tied
-(Qwen2.5-0.5B); the lookup becomes a masked local gather plus an all-reduce.
-Norm weights are tiny and replicated. The KV caches split batch over `data` and
-KV heads over `model`, matching the k/v projections.
+`data` splits the batch rows; `model` is Megatron-style tensor parallelism: q/k/v split by
+KV-head group, gate/up on the intermediate dim, o_proj and down_proj on their input dim (one
+all-reduce after attention and one after the MLP; attention stays local), and the embedding
+and head on the vocabulary (the largest matmul per drafted token). Norms are replicated; the
+KV caches split batch over `data` and KV heads over `model`. A dimension the mesh does not
+divide is an error naming it, never a silent replication.
 
-A dimension the mesh does not divide is an error naming it, never a silent
-replication: e.g. Qwen2.5-0.5B (14 heads, 2 KV heads) allows model=1 or 2 and
-Dream-7B (28 heads, 4 KV heads) model=1, 2 or 4.
-
-The APD loop is unchanged: the same jitted program runs on one device or a mesh,
-and GSPMD partitions it from the shardings of the parameters, the prompts and the
-caches (apd._generate constrains the caches it creates to `cache_sharding`).
+The APD loop is the same jitted program on one device or a mesh: GSPMD partitions it from the
+shardings of the parameters, the prompts and the caches (`constrain_cache`).
 """
 
 from __future__ import annotations
@@ -93,17 +83,6 @@ def check_batch(batch: int, mesh: Mesh) -> None:
 def param_spec(path: str) -> P:
     """The PartitionSpec of a parameter from its dotted path (e.g. 'layers.0.mlp.gate_up_proj.kernel')."""
     return param_entry(path).spec
-
-
-def sharded_shapes(
-    shapes: dict[str, jax.ShapeDtypeStruct], cfg: ModelConfig, mesh: Mesh
-) -> dict[str, jax.ShapeDtypeStruct]:
-    """Flat parameter shapes with their shardings: a restore target that each device reads its shard into."""
-    check_model(cfg, mesh)
-    return {
-        path: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=NamedSharding(mesh, param_spec(path)))
-        for path, s in shapes.items()
-    }
 
 
 def shard_model(model: Qwen2, mesh: Mesh) -> Qwen2:

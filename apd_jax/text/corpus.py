@@ -1,30 +1,16 @@
-"""The training corpus every machine has offline: the Python standard library's own source,
-and optionally the installed source of other packages (apd_jax's own dependencies, say).
+"""The training corpus every machine has offline: the Python standard library's source, and
+optionally the installed source of other packages (`apd-jax train --packages`).
 
-Files are the `.py` files under `sysconfig.get_paths()["stdlib"]` (installed
-third-party packages under site-packages/dist-packages are excluded), read in
-sorted order of their POSIX path relative to that root, so the corpus is the same
-on every run of one Python installation. A file is held out when the hash of its
-relative path falls below `heldout_fraction`: the split depends on the path alone,
-so a held-out path stays held out on other Python versions too.
+Stdlib `.py` files (site-packages excluded) in sorted order of their relative path, so the corpus
+is the same on every run; a file is held out when its path's hash falls below
+`heldout_fraction`, so the split depends on the path alone. Package files are found without
+importing them and never held out (held-out figures stay the stdlib's); one sharing at least
+half its long lines with held-out files (a vendored copy) is dropped.
 
-`packages` adds the `.py` files of installed packages (`apd-jax train --packages`; none by
-default, as the embedded pair was trained; DEPENDENCY_PACKAGES is what apd_jax itself
-requires, so those are wherever apd_jax is installed), found without importing them, as
-training documents named `packages/NAME/...` with source "packages". They are
-never held out, so held-out figures stay those of the stdlib's held-out files, and a
-package file that shares at least half of its long lines with the held-out files (a
-vendored copy) is dropped.
-
-Cleaning is light: files that are not UTF-8, generated data tables (the charmap
-codecs, stringprep), the 750 KB pydoc topic dump and mostly non-ASCII files are
-dropped; line endings become "\n", trailing whitespace and form feeds go, runs of
-blank lines shrink to two. Documents are tokenized, each followed by the eos
-token, concatenated into one stream, and cut into fixed-length windows.
-
-Prompts for the APD check and for `apd-jax compare` / `train-filter` come from the
-same files: a `def` line and the few lines before it (heldout_prompts, apd_eval_prompts,
-stdlib_prompts).
+Cleaning is light: non-UTF-8 files, generated tables, the pydoc topic dump and mostly non-ASCII
+files are dropped; line endings, trailing whitespace and blank-line runs are normalised.
+Documents are tokenized, each followed by eos, into one stream cut into fixed-length windows.
+Prompts for the APD check, `compare` and `train-filter` are a `def` line and the lines before it.
 """
 
 from __future__ import annotations

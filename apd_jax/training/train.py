@@ -1,32 +1,19 @@
 """Training a small APD pair from scratch on the Python standard library (apd_jax.text.corpus).
 
-Three products, each a directory:
-  tokenizer/  byte-level BPE with `<|endoftext|>` (eos and pad, id 0) and `<|mask|>`
-              (id 1), apd_jax.text.tokenizer; loads with AutoTokenizer.from_pretrained.
-  drafter/    a Dream-style bidirectional `Qwen2` (causal=False, model_type "Dream",
-              untied head) trained as a masked diffusion LM, as Dream is.
-  verifier/   a causal `Qwen2` (model_type "qwen2", tied embeddings) trained on next-token
-              prediction.
-Their sizes are apd_jax.models.config.DRAFTER_SIZE / VERIFIER_SIZE. Both models are saved in the
-Hugging Face layout (config.json and generation_config.json from ModelConfig.to_hf_dict,
-model.safetensors, tokenizer files) through `apd_jax.checkpoints.checkpoint.export_hf`, so they
-load by the same path as real checkpoints (`apd_jax.checkpoints.checkpoint.load_model`). With both
-saved, the pipeline runs APD on held-out prompts (apd_jax.evaluation.evaluate.evaluate_apd).
+Three directories: tokenizer/ (byte-level BPE with `<|endoftext|>` = 0 as eos and pad and
+`<|mask|>` = 1, apd_jax.text.tokenizer), drafter/ (a Dream-style bidirectional model trained as
+a masked diffusion LM) and verifier/ (a causal Qwen2 trained on next-token prediction), saved in
+the Hugging Face layout so they load as real checkpoints do; with both, APD runs on held-out
+prompts (apd_jax.evaluation.evaluate.evaluate_apd). Settings: apd_jax.training.settings.
 
-The drafter objective (Dream / LLaDA / MDLM): per sequence t ~ U(eps, 1); every
-position but the first is replaced by the mask token with probability t; the loss is
-the cross-entropy of the masked positions weighted by 1/t, summed and divided by the
-number of tokens. Dream predicts position i at output i - 1, so predictions are read
-through `apd_jax.models.model.shift_right`. With probability `suffix_prob` only a suffix is
-noised (a clean prefix of random length, then each position masked with probability
-t): prompt-conditioned completion, the way APD uses the drafter.
+The drafter objective (Dream / LLaDA / MDLM): t ~ U(eps, 1) per sequence; every position but
+the first is masked with probability t (with probability `suffix_prob` only after a clean prefix
+of random length, as APD prompts the drafter); the loss is the masked positions' cross-entropy
+weighted by 1/t, over the number of tokens, read through Dream's right shift.
 
-Everything runs in one jitted program for any chunk of steps (a `fori_loop`); the token
-stream lives on the device and windows are sampled there, so the same command is
-fast on a GPU and merely slow on a CPU. A step whose batch does not fit the device's
-free memory (XLA's estimate of the compiled program) is computed in micro-batches
-whose gradients add up to the batch's (`micro_batches`): the same loss and update, in
-less memory, at the price of more, smaller kernels. All randomness derives from `seed`.
+Any chunk of steps is one jitted `fori_loop` over a token stream on the device; a step whose
+batch does not fit the free memory runs in micro-batches whose gradients add up to the batch's.
+All randomness derives from `seed`.
 """
 
 from __future__ import annotations
@@ -160,11 +147,6 @@ AR_OBJECTIVE = Objective(
 )
 
 
-def ar_loss(model: Qwen2, tokens: jax.Array, key: jax.Array | None = None) -> tuple[jax.Array, dict]:
-    """Next-token cross-entropy (nats per token): AR_OBJECTIVE on one batch."""
-    return AR_OBJECTIVE(model, tokens, key)
-
-
 def completion_metrics(model: Qwen2, tokens: jax.Array, cut: int, span: int = 8) -> dict:
     """The drafter as APD uses it: prefix [0, cut) clean, everything after masked.
 
@@ -180,8 +162,6 @@ def completion_metrics(model: Qwen2, tokens: jax.Array, cut: int, span: int = 8)
 
 
 # ----------------------------------------------------------------------------- training
-
-
 
 
 def make_optimizer(s: TrainSettings) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -510,8 +490,6 @@ def save_model(
 
 
 # ----------------------------------------------------------------------------- the whole pipeline
-
-
 
 
 def compute_dtype(name: str) -> Any:
