@@ -1,6 +1,5 @@
-"""Token sampling with traced knobs (never recompiling): temperature, then top-p, then top-k, as
-Dream and HF apply them. Gumbel-max, so APD's paper rule can share one noise draw between draft
-and mixture; temperature 0 is greedy."""
+"""Token sampling with traced knobs: temperature, top-p, then top-k (Dream's and HF's order), by
+Gumbel-max so APD's paper rule can share one noise draw between draft and mixture."""
 
 from __future__ import annotations
 
@@ -53,7 +52,7 @@ def filter_logits(logits: jax.Array, top_p: jax.Array, top_k: jax.Array) -> jax.
         probs = jax.nn.softmax(x.astype(jnp.float32), axis=-1)
         keys = jax.lax.bitcast_convert_type(probs, jnp.int32)  # >= 0: integer order is float order
 
-        def by_p(v: jax.Array) -> jax.Array:  # [..., 1]: tokens at or above v hold more than top_p
+        def by_p(v: jax.Array) -> jax.Array:
             return jnp.sum(jnp.where(keys >= v, probs, 0.0), -1, keepdims=True) > top_p
 
         def by_p_or_k(v: jax.Array) -> jax.Array:  # min(nucleus, top_k): the higher of the two cuts
@@ -63,7 +62,7 @@ def filter_logits(logits: jax.Array, top_p: jax.Array, top_k: jax.Array) -> jax.
         def cut(kept: Callable[[jax.Array], jax.Array]) -> jax.Array:
             def step(_, bounds):  # kept(lo) (or lo is the smallest key), not kept(hi)
                 lo, hi = bounds
-                mid = lo + (hi - lo) // 2  # keys are in [0, 2^30]: no overflow
+                mid = lo + (hi - lo) // 2
                 ok = kept(mid)
                 return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
 

@@ -1,8 +1,5 @@
-"""A fixed-shape KV cache with one valid length per row, and the attention masks over it.
-
-A pass writes its window's K/V at absolute positions and sets each row's length; entries past
-a length are invisible, so cropping changes `lengths` only and no shape ever changes.
-"""
+"""A fixed-shape KV cache with one valid length per row (entries past it are invisible, so a crop
+changes only `lengths` and no shape ever changes), and the attention masks over it."""
 
 from __future__ import annotations
 
@@ -48,9 +45,8 @@ def write_window(buf: jax.Array, layer: int, new: jax.Array, positions: jax.Arra
 
 
 def attention_mask(q_pos: jax.Array, k_pos: jax.Array, kv_end: jax.Array, causal: bool) -> jax.Array:
-    """Which keys each query sees, bool [B, S, T], from absolute positions q_pos [B, S], k_pos [B, T]:
-    those before the row's end `kv_end` [B] (for Dream the window's right edge, the reference's M
-    limit) and, if causal, at or before the query."""
+    """bool [B, S, T]: keys (positions k_pos [B, T]) before the row's end `kv_end` [B] (Dream: the
+    window's right edge) and, if causal, at or before the query (q_pos [B, S])."""
     shape = (q_pos.shape[0], q_pos.shape[1], k_pos.shape[1])
     visible = jnp.broadcast_to(k_pos[:, None, :] < kv_end[:, None, None], shape)
     if causal:
