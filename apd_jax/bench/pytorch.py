@@ -1,22 +1,16 @@
 """PyTorch side by side: the published APD loop and HF `generate` at the real shapes, random bf16 weights.
 
-`apd-jax bench --torch` runs this in its own process (so PyTorch and JAX never share the
-GPU's memory), on the same prompts, settings and weight distribution as `apd-jax bench`
-(normal(0.02) matrices, unit norm scales; prompts from `bench.random_prompts`):
+`apd-jax bench --torch` runs this in its own process (PyTorch and JAX never share the GPU's
+memory), on the prompts, settings and weight distribution of `apd-jax bench`:
 
-- **PyTorch APD**: `apd_jax.bench.torch_reference.torch_apd_generate`, the port of the published
-  `apd_sample` loop that the parity tests hold apd_jax to, token for token. Batch 1 (the
-  only size the published code supports), greedy, with the drafter's KV cache on, and with
-  it off: the published code's shipped default (Dream's config has use_cache false), where
-  every pass recomputes the drafter over [0, right) and W has no effect; that is the same
-  loop with W past the sequence length.
+- **PyTorch APD**: `torch_reference.torch_apd_generate`, the port of the published `apd_sample`
+  loop the parity tests hold apd_jax to; batch 1, greedy, with the drafter's KV cache on and
+  off (the published default, Dream's use_cache false: the same loop with W past the length).
 - **PyTorch Dream left-to-right K**: `torch_leftright_generate`, the "Dream K=k" baseline.
 - **HF `generate`**: greedy decoding of a Qwen2.5-7B-shaped `Qwen2ForCausalLM`.
 
-Figures are medians of timed calls after a warm-up, with `torch.cuda.synchronize` around
-each; ms per pass is a call's time over its passes. `--against JAX.json` (the JSON of an
-`apd-jax bench` run in the same session) prints PyTorch's ms per pass over apd_jax's for
-every matching row.
+Medians of timed calls after a warm-up, synchronised; `--against JAX.json` (an `apd-jax bench`
+run of the same session) prints PyTorch's ms per pass over apd_jax's for each matching row.
 """
 
 from __future__ import annotations

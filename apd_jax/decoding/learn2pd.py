@@ -1,19 +1,10 @@
 """Learn2PD's decoder for a Dream drafter: a learned filter picks, each pass, the predictions to commit.
 
-Bao et al., "Learning to Parallel: Accelerating Diffusion LLMs via Learnable Parallel
-Decoding" (2025). A small filter f_theta (a 2-layer MLP of about 2k parameters) reads
-per-position features of each pass's prediction and estimates the chance that it is
-already the model's final answer; the decoder commits, each pass, the predictions whose
-keep probability exceeds a threshold (0.9, the paper's; at least the most confident
-one), in diffusion.parallel_decode's compiled loop, with End-of-Text prediction: once a
-masked position predicts an eos with probability above `eot_threshold`, every later
-position is dropped (padding, hidden from attention by the row's valid length; shapes
-never change). The filter is saved and restored with orbax here (save_filter,
-load_filter).
-
-Training the filter lives apart: the Extremely Greedy Parallel oracle that labels its
-training data in apd_jax.training.learn2pd_oracle, the fit and its statistics in
-apd_jax.training.learn2pd_train.
+Bao et al., "Learning to Parallel" (2025): a 2-layer MLP reads per-position features of a pass's
+prediction and estimates the chance it is already the final answer; each pass commits those
+above a keep threshold (at least the most confident) in diffusion.parallel_decode's loop, with
+End-of-Text prediction. The filter is saved and restored with orbax here; its training data
+(apd_jax.training.learn2pd_oracle) and fit (apd_jax.training.learn2pd_train) live apart.
 """
 
 from __future__ import annotations
