@@ -35,7 +35,7 @@ def no_work(monkeypatch):
     """Any model load, random model, corpus read or oracle run fails the test: errors come first."""
     import apd_jax.bench.decoders
     import apd_jax.text.corpus
-    from apd_jax.cli.common import bench, compare, eval as eval_command, train_filter
+    from apd_jax.cli import bench, compare, eval as eval_command, train_filter
 
     for module in (bench, compare, eval_command, train_filter):
         monkeypatch.setattr(module, "load_model", fail)
@@ -244,7 +244,7 @@ def interrupt(*args, **kwargs):
 
 
 def test_train_filter_interrupted_leaves_nothing(tmp_path, monkeypatch, capsys):
-    from apd_jax.cli.common import train_filter
+    from apd_jax.cli import train_filter
 
     monkeypatch.setattr(train_filter, "collect_traces", interrupt)
     prompts = tmp_path / "p.txt"
@@ -258,7 +258,7 @@ def test_train_filter_interrupted_leaves_nothing(tmp_path, monkeypatch, capsys):
 
 
 def test_eval_interrupted_says_nothing_was_kept(tmp_path, monkeypatch, capsys):
-    from apd_jax.cli.common import eval as eval_command
+    from apd_jax.cli import eval as eval_command
 
     monkeypatch.setattr(eval_command, "evaluate", interrupt)
     data = tmp_path / "data.jsonl"
@@ -338,7 +338,7 @@ def test_eval_names_an_item_too_long_before_decoding_any(tmp_path, monkeypatch, 
 
 
 def test_train_filter_names_the_line_too_long_before_any_trace(tmp_path, monkeypatch, capsys):
-    from apd_jax.cli.common import train_filter
+    from apd_jax.cli import train_filter
 
     monkeypatch.setattr(train_filter, "collect_traces", fail)
     prompts = tmp_path / "p.txt"

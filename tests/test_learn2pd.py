@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from apd_jax import ASSETS_DIR
-from apd_jax.cli.common import train_filter as train_filter_cmd
+from apd_jax.cli import train_filter as train_filter_cmd
 from apd_jax.decoding.diffusion import Prediction, ThresholdConfig, threshold_generate
 from apd_jax.decoding.learn2pd import FEATURES, FILTER_FILE, Filter, Learn2PDConfig, learn2pd_generate, load_filter, save_filter
 from apd_jax.training.learn2pd_oracle import Traces, collect_traces, oracle_step, oracle_traces
