@@ -11,7 +11,7 @@ The modules, each importing only those above it in this list:
   orbax        apd_jax's checkpoints (config.json + orbax params/): written, converted from HF, read
   export       HF safetensors export, sharded as the hub ships them
   loading      load_model (either kind), load_hf, load_tokenizer
-Importing any of them starts no thread and opens no library: the reader threads and the C library
+Importing any of them starts no thread and opens no C library: the reader threads and the libc handle
 (malloc_trim) are made on first use.
 """
 
