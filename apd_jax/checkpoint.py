@@ -930,14 +930,24 @@ _RECONVERT = "convert the checkpoint again from its Hugging Face directory (apd-
 _UNFUSED = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # names of apd_jax's layout before the fusion
 
 
+def _gone(ckpt_dir: Path) -> str | None:
+    """The files apd_jax wrote in a checkpoint (its manifest) that are missing, for a message; None if none are."""
+    gone = {name for name in _listed(ckpt_dir) or set() if not (ckpt_dir / name).exists()}
+    return f"files apd_jax wrote there are missing: {_outermost(gone, 2)}" if gone else None
+
+
 def _damage(ckpt_dir: Path) -> str:
     """What is known to be wrong with a checkpoint whose data cannot be read: the files apd_jax wrote
-    there (its manifest) that are gone, else that a data file is damaged."""
-    listed = _listed(ckpt_dir) or set()
-    gone = sorted(name for name in listed if not (ckpt_dir / name).exists())
+    there that are gone, else that a data file is damaged."""
+    return _gone(ckpt_dir) or "a data file is damaged (truncated or overwritten)"
+
+
+def _check_written_files(ckpt_dir: Path) -> None:
+    """Every file apd_jax wrote in the checkpoint is there: checked before orbax reads it, whose reading
+    threads, given a folder with parts missing, print tracebacks past the error."""
+    gone = _gone(ckpt_dir)
     if gone:
-        return f"files apd_jax wrote there are missing: {_outermost(set(gone), 2)}"
-    return "a data file is damaged (truncated or overwritten)"
+        raise CheckpointError(f"{ckpt_dir} is damaged: {gone}; {_RECONVERT}")
 
 
 def _check_metadata_file(ckpt_dir: Path) -> None:
@@ -955,6 +965,7 @@ def _check_metadata_file(ckpt_dir: Path) -> None:
 def _saved_shapes(ckpt_dir: Path, shapes: Mapping[str, Any]) -> dict[str, Any]:
     """The orbax checkpoint's array metadata, checked to hold exactly this model's parameters."""
     _check_metadata_file(ckpt_dir)
+    _check_written_files(ckpt_dir)
     with ocp.StandardCheckpointer() as ckptr:
         metadata = ckptr.metadata((ckpt_dir / "params").absolute()).item_metadata
     if metadata is None:
@@ -1179,13 +1190,18 @@ def convert_orbax_to_hf(
                      max_shard_size=max_shard_size)
 
 
+def _directory_argument(function: str, path: Any) -> Path:
+    """The checkpoint directory given to `function`, `~` expanded; not a str or Path: a TypeError naming it."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{function}(path={path!r}): expected a checkpoint directory as a str or Path, "
+                        f"not {type(path).__name__}")
+    return Path(path).expanduser()
+
+
 def load_model(path: str | Path, *, param_dtype: Any = None, dtype: Any = None, mesh: Mesh | None = None) -> Qwen2:
     """An apd_jax (orbax) directory or a Hugging Face directory, whichever `path` is, streamed onto
     the default device or into each device's shard of `mesh`."""
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"load_model(path={path!r}): expected a checkpoint directory as a str or Path, "
-                        f"not {type(path).__name__}")
-    path = Path(path).expanduser()
+    path = _directory_argument("load_model", path)
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(
             f"load_model: {path} is a file; expected a checkpoint directory (a Hugging Face one: config.json and "
@@ -1208,7 +1224,7 @@ def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer, PretrainedConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    path = Path(path).expanduser()
+    path = _directory_argument("load_tokenizer", path)
     if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
         raise FileNotFoundError(
             f"no tokenizer in {path} (tokenizer.json / tokenizer_config.json); copy the model's tokenizer files "
@@ -1218,4 +1234,8 @@ def load_tokenizer(path: str | Path):
     if (path / "config.json").is_file():
         fields = _read_json(path / "config.json")
         config = None if fields.get("model_type") in CONFIG_MAPPING else PretrainedConfig.from_dict(fields)
-    return AutoTokenizer.from_pretrained(path, config=config)
+    tokenizer = AutoTokenizer.from_pretrained(path, config=config)
+    # Its warning about a text longer than model_max_length, marked as given already: apd_jax checks every
+    # prompt against the caches' capacity itself and names the prompt (generation.capacity).
+    tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
+    return tokenizer
