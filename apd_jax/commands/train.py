@@ -21,7 +21,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from apd_jax import corpus
-from apd_jax.commands import check_writable, finite_float, nonnegative_int, positive_int, user_path
+from apd_jax.commands import check_writable, finite_float, nonnegative_int, positive_int, seed, user_path
 from apd_jax.config import DRAFTER_SIZE, DRAFTER_STEPS, VERIFIER_DROPOUT, VERIFIER_SIZE, VERIFIER_STEPS, ModelSize
 
 if TYPE_CHECKING:
@@ -35,7 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--which", choices=("both", "tokenizer", "drafter", "verifier"), default="both",
                    help="what to train; the tokenizer is trained first whenever OUT/tokenizer is missing")
     p.add_argument("--retrain-tokenizer", action="store_true", help="retrain OUT/tokenizer even if present")
-    p.add_argument("--seed", type=nonnegative_int, default=0, help="drafter seed; the verifier takes seed + 1")
+    p.add_argument("--seed", type=seed, default=0, help="drafter seed; the verifier takes seed + 1")
     g = p.add_argument_group("optimisation (drafter and verifier alike, unless --verifier-* says otherwise)")
     g.add_argument("--steps", type=positive_int, default=DRAFTER_STEPS, help="drafter optimiser steps")
     g.add_argument("--verifier-steps", type=positive_int, default=VERIFIER_STEPS, help="verifier optimiser steps")
