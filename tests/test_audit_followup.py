@@ -74,6 +74,14 @@ def test_generate_refuses_a_filter_its_decoder_does_not_take(no_work, prompts, c
                                   "--decoder learn2pd)")
 
 
+def test_generate_refuses_verbose_with_an_output_file(no_work, prompts, tmp_path, capsys):
+    out = tmp_path / "o.jsonl"
+    assert run(["generate", "--verbose", "--prompts-file", str(prompts), "--output", str(out)]) == 2
+    assert error_line(capsys).startswith("apd-jax generate: error: --verbose prints each prompt's tokens accepted per "
+                                         "pass beside its text; with --output each record holds them")
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("argv", [
     ["generate", "--random-tiny", "--ids", "1 2 3"],
     ["compare", "--random-tiny", "--prompts-file", "ids.txt"],

@@ -203,6 +203,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--mesh is supported with --decoder apd only, not {args.decoder}")
     if args.resume and args.output is None:
         raise ValueError("--resume continues an --output FILE.jsonl: give the file")
+    if args.verbose and args.output is not None:
+        raise ValueError("--verbose prints each prompt's tokens accepted per pass beside its text; with --output each "
+                         "record holds them (accepted_per_pass): drop --verbose")
     texts, sources = _prompts(args)  # before loading: a bad prompts file fails at once
     if args.live and len(texts) != 1:
         raise ValueError("--live shows one prompt (give one prompt, not a file of several)")
