@@ -65,6 +65,15 @@ def test_a_seed_a_jax_key_cannot_take_is_an_option_error(argv, expected, no_work
     assert line.startswith(f"apd-jax {argv[0]}: error: argument --seed: invalid value") and expected in line
 
 
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--max-len", "abc", "an integer or 'none'"), ("--M-min", "4.5", "an integer or 'none'"),
+    ("--eot-threshold", "x", "a number or 'none'"),
+])
+def test_an_option_that_may_be_none_names_what_it_takes(flag, value, expected, no_work, capsys):
+    assert run(["generate", flag, value, "hi"]) == 2
+    assert error_line(capsys) == f"apd-jax generate: error: argument {flag}: invalid value {value!r}: expected {expected}"
+
+
 # ----------------------------------------------------------------------------- options that would be ignored
 
 
