@@ -63,3 +63,37 @@ def torch_qwen(qwen_dir):
 @pytest.fixture(scope="session")
 def torch_dream(dream_dir):
     return TorchDream.from_pretrained(dream_dir).eval()
+
+
+# ----------------------------------------------------------------------------- the command line, in process
+
+
+def run_cli(argv: list[str]) -> int:
+    """apd_jax.cli.main(argv)'s exit status, argparse's refusals (SystemExit) included."""
+    from apd_jax.cli import main
+
+    try:
+        return main(argv)
+    except SystemExit as exit_:
+        return exit_.code
+
+
+def last_error_line(capsys) -> str:
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def work_started(*args, **kwargs):
+    raise AssertionError("work started before the options were checked")
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Any model load, random model, corpus read or oracle run fails the test: errors come first."""
+    import apd_jax.text.corpus
+    from apd_jax.cli import bench, compare, eval as eval_command, generate, train_filter
+
+    for module in (generate, bench, compare, eval_command, train_filter):
+        monkeypatch.setattr(module, "load_model", work_started)
+    monkeypatch.setattr(bench.bench, "random_model", work_started)
+    monkeypatch.setattr(compare, "init_model", work_started)
+    monkeypatch.setattr(apd_jax.text.corpus, "load_corpus", work_started)

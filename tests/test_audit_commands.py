@@ -12,35 +12,7 @@ import pytest
 
 from apd_jax import ASSETS_DIR
 from apd_jax.cli import main
-
-
-def run(argv: list[str]) -> int:
-    """main(argv)'s exit status, argparse's refusals (SystemExit) included."""
-    try:
-        return main(argv)
-    except SystemExit as exit_:
-        return exit_.code
-
-
-def last_error_line(capsys) -> str:
-    return capsys.readouterr().err.strip().splitlines()[-1]
-
-
-def fail(*args, **kwargs):
-    raise AssertionError("work started before the options were checked")
-
-
-@pytest.fixture
-def no_work(monkeypatch):
-    """Any model load, random model, corpus read or oracle run fails the test: errors come first."""
-    import apd_jax.bench.decoders
-    import apd_jax.text.corpus
-    from apd_jax.cli import bench, compare, eval as eval_command, train_filter
-
-    for module in (bench, compare, eval_command, train_filter):
-        monkeypatch.setattr(module, "load_model", fail)
-    monkeypatch.setattr(apd_jax.bench.decoders, "random_model", fail)
-    monkeypatch.setattr(apd_jax.text.corpus, "load_corpus", fail)
+from conftest import last_error_line, run_cli as run, work_started as fail
 
 
 @pytest.fixture

@@ -56,13 +56,18 @@ def load_hf(path: str | Path, *, param_dtype: Any = None, dtype: Any = None, mes
     return model_from_params(cfg, load_hf_params(path, cfg, mesh))
 
 
+def _directory_argument(function: str, path: Any) -> Path:
+    """The checkpoint directory given to `function`, `~` expanded; not a str or Path: a TypeError naming it."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{function}(path={path!r}): expected a checkpoint directory as a str or Path, "
+                        f"not {type(path).__name__}")
+    return Path(path).expanduser()
+
+
 def load_model(path: str | Path, *, param_dtype: Any = None, dtype: Any = None, mesh: Mesh | None = None) -> Qwen2:
     """An apd_jax (orbax) directory or a Hugging Face directory, whichever `path` is, streamed onto
     the default device or into each device's shard of `mesh`."""
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"load_model(path={path!r}): expected a checkpoint directory as a str or Path, "
-                        f"not {type(path).__name__}")
-    path = Path(path).expanduser()
+    path = _directory_argument("load_model", path)
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(
             f"load_model: {path} is a file; expected a checkpoint directory (a Hugging Face one: config.json and "
@@ -85,7 +90,7 @@ def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer, PretrainedConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    path = Path(path).expanduser()
+    path = _directory_argument("load_tokenizer", path)
     if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
         raise FileNotFoundError(
             f"no tokenizer in {path} (tokenizer.json / tokenizer_config.json); copy the model's tokenizer files "
@@ -95,4 +100,8 @@ def load_tokenizer(path: str | Path):
     if (path / "config.json").is_file():
         fields = _read_json(path / "config.json")
         config = None if fields.get("model_type") in CONFIG_MAPPING else PretrainedConfig.from_dict(fields)
-    return AutoTokenizer.from_pretrained(path, config=config)
+    tokenizer = AutoTokenizer.from_pretrained(path, config=config)
+    # Its warning about a text longer than model_max_length, marked as given already: apd_jax checks every
+    # prompt against the caches' capacity itself and names the prompt (generation.capacity).
+    tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
+    return tokenizer

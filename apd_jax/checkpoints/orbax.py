@@ -170,14 +170,24 @@ _RECONVERT = "convert the checkpoint again from its Hugging Face directory (apd-
 _UNFUSED = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # names of apd_jax's layout before the fusion
 
 
+def _gone(ckpt_dir: Path) -> str | None:
+    """The files apd_jax wrote in a checkpoint (its manifest) that are missing, for a message; None if none are."""
+    gone = {name for name in _listed(ckpt_dir) or set() if not (ckpt_dir / name).exists()}
+    return f"files apd_jax wrote there are missing: {_outermost(gone, 2)}" if gone else None
+
+
 def _damage(ckpt_dir: Path) -> str:
     """What is known to be wrong with a checkpoint whose data cannot be read: the files apd_jax wrote
-    there (its manifest) that are gone, else that a data file is damaged."""
-    listed = _listed(ckpt_dir) or set()
-    gone = sorted(name for name in listed if not (ckpt_dir / name).exists())
+    there that are gone, else that a data file is damaged."""
+    return _gone(ckpt_dir) or "a data file is damaged (truncated or overwritten)"
+
+
+def _check_written_files(ckpt_dir: Path) -> None:
+    """Every file apd_jax wrote in the checkpoint is there: checked before orbax reads it, whose reading
+    threads, given a folder with parts missing, print tracebacks past the error."""
+    gone = _gone(ckpt_dir)
     if gone:
-        return f"files apd_jax wrote there are missing: {_outermost(set(gone), 2)}"
-    return "a data file is damaged (truncated or overwritten)"
+        raise CheckpointError(f"{ckpt_dir} is damaged: {gone}; {_RECONVERT}")
 
 
 def _check_metadata_file(ckpt_dir: Path) -> None:
@@ -195,6 +205,7 @@ def _check_metadata_file(ckpt_dir: Path) -> None:
 def _saved_shapes(ckpt_dir: Path, shapes: Mapping[str, Any]) -> dict[str, Any]:
     """The orbax checkpoint's array metadata, checked to hold exactly this model's parameters."""
     _check_metadata_file(ckpt_dir)
+    _check_written_files(ckpt_dir)
     with ocp.StandardCheckpointer() as ckptr:
         metadata = ckptr.metadata((ckpt_dir / "params").absolute()).item_metadata
     if metadata is None:

@@ -154,6 +154,8 @@ def interrupted(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     _check_paths(args)
+    if args.against is not None and not args.torch:
+        raise ValueError("--against gives the PyTorch/apd_jax ratios of a --torch run: add --torch, or drop --against")
     sampling = dict(temperature=args.temperature, top_p=args.top_p)
     settings = _parse_settings(args.settings, args.max_new_tokens, **sampling)
     if args.torch:

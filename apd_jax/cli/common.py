@@ -45,6 +45,17 @@ def nonnegative_int(text: str) -> int:
     return _integer(text, 0)
 
 
+SEED_MAX = 2**63 - 2  # a jax key takes a signed 64-bit seed, and train's verifier takes seed + 1
+
+
+def seed(text: str) -> int:
+    """A PRNG seed: an integer from 0 to SEED_MAX."""
+    value = nonnegative_int(text)
+    if value > SEED_MAX:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected an integer from 0 to {SEED_MAX}")
+    return value
+
+
 def positive_int_list(text: str) -> list[int]:
     """Comma-separated integers >= 1, at least one ("1,4,16")."""
     try:

@@ -125,6 +125,11 @@ def _check_options(args: argparse.Namespace) -> tuple[APDConfig, float, list[APD
     --lookahead study's settings and the --completions items (each None when not given)."""
     if args.random_tiny and args.prompts_file is None:
         raise ValueError("--random-tiny has no tokenizer: give token ids with --prompts-file")
+    if args.random_tiny and (args.drafter or args.verifier):
+        raise ValueError("--random-tiny makes a tiny random pair instead of loading one: drop --drafter and "
+                         "--verifier, or --random-tiny")
+    if args.stdlib is not None and args.heldout_prompts is None:
+        raise ValueError("--stdlib is the corpus of --heldout-prompts: give --heldout-prompts N too, or drop --stdlib")
     values = settings_values(args)
     apd = decoder("apd").settings_from({k: v for k, v in values.items() if k in ("R", "W", "M")}
                                        | {"max_new_tokens": args.max_new_tokens})

@@ -23,7 +23,7 @@ from apd_jax.decoding.batching import DEFAULT_BATCH_SIZE, RUN_SUFFIX, RunOutput,
 from apd_jax.text.chat import chat_prompt_ids, has_chat_template, stop_token_ids
 from apd_jax.text.chat import messages as chat_messages
 from apd_jax.checkpoints import load_model, load_tokenizer
-from apd_jax.cli.common import DefaultsHelpFormatter, embedded_filter, positive_int, user_path
+from apd_jax.cli.common import DefaultsHelpFormatter, embedded_filter, positive_int, seed, user_path
 from apd_jax.cli.options import (
     add_pair_options,
     optional_float,
@@ -75,7 +75,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "confidence, 'none' disables it", type=optional_float)
     p.add_argument("--filter", type=user_path,
                    help="learn2pd: the trained filter directory (default with the embedded drafter: its own filter)")
-    p.add_argument("--seed", type=int, default=0, help="PRNG seed of sampling")
+    p.add_argument("--seed", type=seed, default=0, help="PRNG seed of sampling")
     settings_option(p, "--M-min", "apd: adaptive lookahead (beyond the paper): the smallest lookahead; "
                     "'none' keeps the paper's fixed M", ["apd"], type=optional_int)
     settings_option(p, "--M-scale", "apd: adaptive lookahead's next M per accepted token", ["apd"], type=float)
@@ -201,13 +201,21 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--mesh is supported with --decoder apd only, not {args.decoder}")
     if args.resume and args.output is None:
         raise ValueError("--resume continues an --output FILE.jsonl: give the file")
+    if args.verbose and args.output is not None:
+        raise ValueError("--verbose prints each prompt's tokens accepted per pass beside its text; with --output each "
+                         "record holds them (accepted_per_pass): drop --verbose")
     texts, sources = _prompts(args)  # before loading: a bad prompts file fails at once
     if args.live and len(texts) != 1:
         raise ValueError("--live shows one prompt (give one prompt, not a file of several)")
     if args.random_tiny and not args.ids:
         raise ValueError("--random-tiny has no tokenizer: give the prompt as token ids with --ids")
+    if args.random_tiny and (args.drafter or args.verifier):
+        raise ValueError("--random-tiny makes a tiny random pair instead of loading one: drop --drafter and "
+                         "--verifier, or --random-tiny")
     if not args.random_tiny:
         args.drafter, args.verifier = pair_paths(args.drafter, args.verifier)
+    if args.filter is not None and "filter" not in chosen.uses:
+        raise ValueError(f"--decoder {args.decoder} does not take --filter (a Learn2PD filter: --decoder learn2pd)")
     filter_path = _filter_path(args) if "filter" in chosen.uses else None
     if args.output is None:
         return _generate(args, chosen, config, texts, sources, mesh, filter_path, None)

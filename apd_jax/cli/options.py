@@ -27,12 +27,22 @@ def describe_defaults(by_decoder: dict[str, Any]) -> str:
 
 def optional_float(text: str) -> float | None:
     """A float, or None for 'none' (a setting switched off)."""
-    return None if text.lower() == "none" else float(text)
+    return _optional(text, float, "a number")
 
 
 def optional_int(text: str) -> int | None:
     """An integer, or None for 'none' (a setting switched off)."""
-    return None if text.lower() == "none" else int(text)
+    return _optional(text, int, "an integer")
+
+
+def _optional(text: str, kind: type, what: str) -> Any:
+    """`kind(text)`, None for 'none'; else argparse's error names the flag, the value and what it takes."""
+    if text.lower() == "none":
+        return None
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected {what} or 'none'") from None
 
 
 def settings_option(parser: argparse.ArgumentParser, flag: str, text: str, decoders: Sequence[str] | None = None,

@@ -16,7 +16,7 @@ import dataclasses
 import json
 
 from apd_jax.text import corpus
-from apd_jax.cli.common import check_writable, finite_float, nonnegative_int, positive_int, user_path
+from apd_jax.cli.common import check_writable, finite_float, nonnegative_int, positive_int, seed, user_path
 from apd_jax.models.config import ModelSize
 from apd_jax.training.settings import PipelineSettings, TrainSettings
 
@@ -31,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--which", choices=("both", "tokenizer", "drafter", "verifier"), default=PipelineSettings.which,
                    help="what to train; the tokenizer is trained first whenever OUT/tokenizer is missing")
     p.add_argument("--retrain-tokenizer", action="store_true", help="retrain OUT/tokenizer even if present")
-    p.add_argument("--seed", type=nonnegative_int, default=DRAFTER.seed, help="drafter seed; the verifier takes seed + 1")
+    p.add_argument("--seed", type=seed, default=DRAFTER.seed, help="drafter seed; the verifier takes seed + 1")
     g = p.add_argument_group("optimisation (drafter and verifier alike, unless --verifier-* says otherwise)")
     g.add_argument("--steps", type=positive_int, default=DRAFTER.steps, help="drafter optimiser steps")
     g.add_argument("--verifier-steps", type=positive_int, default=VERIFIER.steps, help="verifier optimiser steps")

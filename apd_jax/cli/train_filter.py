@@ -17,7 +17,7 @@ import numpy as np
 
 from apd_jax.checkpoints import check_output, load_model, load_tokenizer
 from apd_jax.cli.common import (
-    DefaultsHelpFormatter, corpus_prompts, finite_float, nonnegative_int, positive_int, user_path,
+    DefaultsHelpFormatter, corpus_prompts, finite_float, positive_int, seed, user_path,
 )
 from apd_jax.decoding.learn2pd import save_filter
 from apd_jax.training.learn2pd_oracle import collect_traces
@@ -51,7 +51,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="Adam's learning rate")
     p.add_argument("--train-batch", type=positive_int, default=FilterTrainConfig.batch_size,
                    help="trace samples per optimiser step")
-    p.add_argument("--seed", type=nonnegative_int, default=FilterTrainConfig.seed,
+    p.add_argument("--seed", type=seed, default=FilterTrainConfig.seed,
                    help="seed of the initialisation, minibatches and held-out split")
     p.set_defaults(func=run)
 
@@ -101,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--holdout {args.holdout} must lie in [0, 1)")
     if args.train_prompts is not None and args.ids:
         raise ValueError("--train-prompts makes text prompts: no --ids")
+    if args.stdlib is not None and args.train_prompts is None:
+        raise ValueError("--stdlib is the corpus of --train-prompts: give --train-prompts N too, or drop --stdlib")
     check_output(args.out, args.overwrite)
     model = load_model(args.drafter, param_dtype=args.dtype)
     if model.cfg.causal:

@@ -146,12 +146,18 @@ def open_output(output: Path, prompts: Sequence[str], settings: dict[str, Any], 
     if resume:
         return _reopen(output, prompts, identity)
     if output.exists():
-        fix = "pass --resume to continue it" if recorded_at.exists() else "it was not written by apd-jax generate"
-        raise FileExistsError(f"--output {output} exists: {fix}, or choose another file")
+        if recorded_at.exists():
+            raise FileExistsError(f"--output {output} exists: pass --resume to continue it, or choose another file")
+        raise FileExistsError(f"--output {output} exists, and it was not written by apd-jax generate: choose "
+                              "another file")
     if recorded_at.exists():
         raise FileExistsError(f"--output {output}: {recorded_at} exists (the record of a run whose output was "
                               "removed): remove it, or choose another file")
-    _create(output, "")  # an unwritable place fails here, before any work
+    try:
+        _create(output, "")  # an unwritable place fails here, before any work
+    except OSError as err:
+        raise PermissionError(f"--output {output} cannot be created ({err.strerror or err}); choose another "
+                              "place") from None
     try:
         _create(recorded_at, json.dumps({"run": uuid.uuid4().hex, **identity}, indent=1) + "\n")
     except BaseException:

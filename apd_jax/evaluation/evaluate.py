@@ -2,7 +2,7 @@
 
 `evaluate`: from a local JSONL file, generate, extract the final answer, exact match.
 Each line is {"question": ..., "answer": ...}; a GSM8K answer ends in "#### <number>",
-otherwise the whole answer is the reference. Predictions are the number after "####"
+otherwise the answer's last number is the reference (an answer without one is an error). Predictions are the number after "####"
 when the model writes one, else the last number in the generation.
 
 `evaluate_apd`: greedy APD with a saved pair over text prompts (the APD check that
@@ -41,7 +41,7 @@ def load_jsonl(path: str | Path) -> list[dict]:
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"evaluation file {path} is a directory; expected a file of {EXPECTED}")
-    if not path.is_file():
+    if not path.exists():  # a pipe (`<(cmd)`) or a device is read like a file
         raise FileNotFoundError(f"evaluation file {path} not found")
     try:
         text = path.read_bytes().decode("utf-8")
@@ -59,10 +59,22 @@ def load_jsonl(path: str | Path) -> list[dict]:
             raise ValueError(f"{path}:{n} is not JSON ({err.msg}); expected {EXPECTED}") from None
         if not isinstance(item, dict) or not {"question", "answer"} <= item.keys():
             raise ValueError(f"{path}:{n} needs the keys 'question' and 'answer'")
+        _check_item(item, f"{path}:{n}")
         items.append(item)
     if not items:
         raise ValueError(f"{path} holds no items; expected {EXPECTED}")
     return items
+
+
+def _check_item(item: dict, where: str) -> None:
+    """A question to ask (text) and an answer with a number to match: an item that cannot be scored is an
+    error, not an item counted wrong."""
+    question, answer = item["question"], item["answer"]
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError(f"{where}: 'question' must be non-empty text, got {json.dumps(question)[:40]}")
+    if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or extract_answer(str(answer)) is None:
+        raise ValueError(f"{where}: 'answer' {json.dumps(answer)[:40]} holds no number to match (GSM8K style: "
+                         "'... #### 42')")
 
 
 def _normalise(number: str) -> str:

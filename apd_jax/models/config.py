@@ -17,7 +17,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from apd_jax.text.tokenizer import EOS_ID, MASK_ID
+from apd_jax.text.tokenizer import EOS_ID, MASK_ID, merge_ids
 
 SUPPORTED_MODEL_TYPES = {"qwen2": True, "dream": False}  # model_type -> causal
 
@@ -289,12 +289,6 @@ def _shape_problems(cfg: dict) -> list[str]:
     if heads % kv_heads:
         problems.append(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
     return problems
-
-
-def merge_ids(*declared: int | Sequence[int] | None) -> tuple[int, ...]:
-    """Token ids (each an id, a list of ids or None) as one tuple, in order, each once."""
-    flat = (i for ids in declared if ids is not None for i in (ids if isinstance(ids, (list, tuple)) else [ids]))
-    return tuple(dict.fromkeys(int(i) for i in flat))
 
 
 def dream_7b_config(**kw: Any) -> ModelConfig:

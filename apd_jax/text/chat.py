@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from apd_jax.models.config import merge_ids
+from apd_jax.text.tokenizer import merge_ids
 
 Message = dict[str, str]
 

@@ -25,7 +25,7 @@ def read_prompt_lines(path: Path) -> list[tuple[int, str]]:
     """
     if path.is_dir():
         raise ValueError(f"prompts file {path} is a directory; give a text file with one prompt per line")
-    if not path.is_file():
+    if not path.exists():  # a pipe (`--prompts-file <(cmd)`) or a device is read like a file
         raise FileNotFoundError(f"prompts file {path} not found")
     try:
         text = path.read_bytes().decode("utf-8")  # not read_text: its universal newlines end a line at "\r"

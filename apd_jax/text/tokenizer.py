@@ -82,3 +82,9 @@ def load_tokenizer_file(path: str | Path):
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def merge_ids(*declared: int | Sequence[int] | None) -> tuple[int, ...]:
+    """Token ids (each an id, a list of ids or None) as one tuple, in order, each once."""
+    flat = (i for ids in declared if ids is not None for i in (ids if isinstance(ids, (list, tuple)) else [ids]))
+    return tuple(dict.fromkeys(int(i) for i in flat))
