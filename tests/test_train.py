@@ -282,7 +282,7 @@ def test_train_command_end_to_end(tmp_path):
     # The stdlib's tokens twice in the stream: the stream exceeds the unique tokens by them once.
     stdlib_tokens = info["stream_tokens"] - info["train_tokens"]
     assert 0 < stdlib_tokens < info["train_tokens"] and info["stdlib_repeats"] == 2
-    assert main(argv[:2] + ["--drafter-hidden", "30", "--drafter-heads", "4"]) == 2  # a clear error, no traceback
+    assert main(argv[:3] + ["--drafter-hidden", "30", "--drafter-heads", "4"]) == 2  # a clear error, no traceback
 
 
 def test_stdlib_prompts_come_from_one_side_of_the_split(tmp_path):
