@@ -28,7 +28,8 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from apd_jax import apd, cli  # noqa: E402
+from apd_jax import cli  # noqa: E402
+from apd_jax.decoding import apd  # noqa: E402
 from apd_jax.models.cache import KVCache  # noqa: E402
 from apd_jax.checkpoints import export_hf, load_hf, load_orbax, model_params, save_orbax  # noqa: E402
 from apd_jax.models.config import tiny_config  # noqa: E402

@@ -203,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _torch(args: argparse.Namespace, settings: list[APDConfig]) -> int:
-    from apd_jax import bench_torch
+    from apd_jax.bench import pytorch as bench_torch
 
     def report(rows: list[bench_torch.TorchRow]) -> None:
         if args.json:  # after every row, so a run cut short keeps what it measured
