@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import importlib.metadata
 import json
 import os
 import secrets
@@ -15,6 +14,8 @@ import shutil
 import socket
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+from apd_jax.utils.runtime import package_version
 
 PARTIAL_MARKER = ".apd_jax_partial"  # in a temporary output directory while it is being written
 # In every directory apd_jax writes (atomic_dir): what it wrote there, so that overwrite replaces a
@@ -34,15 +35,8 @@ def _entries(root: Path) -> set[str]:
 
 def _write_manifest(directory: Path) -> None:
     files = sorted(_entries(directory) - _OURS)
-    manifest = {"writer": "apd_jax", "version": _version(), "files": files}
+    manifest = {"writer": "apd_jax", "version": package_version() or "unknown", "files": files}
     (directory / WRITTEN_MANIFEST).write_text(json.dumps(manifest, indent=1))
-
-
-def _version() -> str:
-    try:
-        return importlib.metadata.version("apd_jax")
-    except importlib.metadata.PackageNotFoundError:  # a source checkout that is not pip-installed
-        return "unknown"
 
 
 def _listed(directory: Path) -> set[str] | None:

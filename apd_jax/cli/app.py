@@ -22,11 +22,10 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator, Sequence
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from apd_jax.utils.runtime import runtime_defaults
+from apd_jax.utils.runtime import package_version, runtime_defaults
 
 # Subcommand modules, in the order `apd-jax --help` lists them; each registers the
 # command named like its module, with "-" for "_" (train_filter: train-filter).
@@ -69,18 +68,11 @@ def enable_compile_cache() -> Path | None:
     return path
 
 
-def _version() -> str:
-    try:
-        return version("apd_jax")
-    except PackageNotFoundError:  # a source checkout that is not pip-installed
-        return "unknown (not installed)"
-
-
 def build_parser(modules: Sequence[str] = SUBCOMMANDS) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="apd-jax", description="Adaptive Parallel Decoding in JAX: a diffusion drafter and an autoregressive verifier."
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version() or 'unknown (not installed)'}")
     parser.add_argument("--no-compile-cache", action="store_true",
                         help="do not keep compiled programs between runs (default: kept in "
                              "$XDG_CACHE_HOME/apd_jax/jax, so a repeated run skips its compilation)")

@@ -22,7 +22,6 @@ import json
 import os
 import uuid
 from collections.abc import Callable, Sequence
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ import numpy as np
 
 from apd_jax.decoding.generation import GenerationResult
 from apd_jax.utils.progress import terminal_progress
+from apd_jax.utils.runtime import package_version
 
 DEFAULT_BATCH_SIZE = 32  # past batch 16-32 a 7B drafter's pass is compute-bound: larger batches gain nothing
 RUN_SUFFIX = ".apd-jax-run.json"  # the run record beside an output file
@@ -54,17 +54,10 @@ def run_record_path(output: Path) -> Path:
     return output.with_name(output.name + RUN_SUFFIX)
 
 
-def _apd_jax_version() -> str:
-    try:
-        return version("apd_jax")
-    except PackageNotFoundError:  # a source checkout that is not pip-installed
-        return "unknown"
-
-
 def run_identity(prompts: Sequence[str], settings: dict[str, Any]) -> dict[str, Any]:
     """What a resumed run must share with the run it continues, as JSON values."""
     digest = hashlib.sha256(json.dumps(list(prompts)).encode()).hexdigest()
-    return json.loads(json.dumps({"apd_jax": _apd_jax_version(), "prompts": len(prompts), "prompts_sha256": digest,
+    return json.loads(json.dumps({"apd_jax": package_version() or "unknown", "prompts": len(prompts), "prompts_sha256": digest,
                                   **settings}))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from importlib.metadata import PackageNotFoundError, version
 
 
 def runtime_defaults() -> None:
@@ -14,3 +15,11 @@ def runtime_defaults() -> None:
     the pool as it is needed holds none. Set it to true to reserve up front.
     """
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+
+def package_version() -> str | None:
+    """apd_jax's installed version; None in a source checkout that is not pip-installed."""
+    try:
+        return version("apd_jax")
+    except PackageNotFoundError:
+        return None
