@@ -118,7 +118,7 @@ def test_train_never_replaces_a_users_apd_eval_json(no_work, tmp_path, capsys):
 
 
 def test_train_replaces_its_own_output_whole_or_not_at_all(tmp_path):
-    from apd_jax.training.train import RECORD, replacing
+    from apd_jax.training.outputs import RECORD, replacing
 
     own = tmp_path / "drafter"
     own.mkdir()
@@ -272,9 +272,9 @@ def tiny_stdlib(tmp_path) -> Path:
 
 
 def test_train_interrupted_says_what_is_complete_and_leaves_no_partial(tiny_stdlib, tmp_path, monkeypatch, capsys):
-    import apd_jax.training.train
+    import apd_jax.training.pipeline
 
-    monkeypatch.setattr(apd_jax.training.train, "train_model", interrupt)
+    monkeypatch.setattr(apd_jax.training.pipeline, "train_model", interrupt)
     out = tmp_path / "run"
     assert main(["train", "--out", str(out), "--stdlib", str(tiny_stdlib), "--vocab-size", "300"]) == 130
     assert capsys.readouterr().err == (f"apd-jax train: interrupted; complete: {out / 'tokenizer'}; no half-written "

@@ -36,11 +36,11 @@ def modules_after(argv: list[str]) -> set[str]:
     "argv, forbidden",
     [
         (["convert", "hf-to-flax", "/nonexistent/src", "/nonexistent/dst"],
-         {"apd_jax.training.train", "apd_jax.decoding.learn2pd", "apd_jax.cli.generate", *HEAVY}),
-        (["bench", "--help"], {"apd_jax.training.train", "apd_jax.decoding.learn2pd", *HEAVY}),
-        (["generate", "--help"], {"apd_jax.training.train", *HEAVY}),
-        (["train", "--help"], {"apd_jax.training.train", *HEAVY}),
-        (["--help"], {"apd_jax.training.train", *HEAVY}),  # every subcommand's parser
+         {"apd_jax.training.loop", "apd_jax.decoding.learn2pd", "apd_jax.cli.generate", *HEAVY}),
+        (["bench", "--help"], {"apd_jax.training.loop", "apd_jax.decoding.learn2pd", *HEAVY}),
+        (["generate", "--help"], {"apd_jax.training.loop", *HEAVY}),
+        (["train", "--help"], {"apd_jax.training.loop", *HEAVY}),
+        (["--help"], {"apd_jax.training.loop", *HEAVY}),  # every subcommand's parser
     ],
     ids=["convert", "bench", "generate", "train-parser", "help"],
 )
@@ -52,4 +52,4 @@ def test_commands_import_no_training_code(argv, forbidden):
 
 def test_the_check_sees_a_lazy_import():
     # `train` imports the training code when it runs (here: up to its settings check).
-    assert "apd_jax.training.train" in modules_after(["train", "--out", "/nonexistent/out", "--max-files", "1"])
+    assert "apd_jax.training.loop" in modules_after(["train", "--out", "/nonexistent/out", "--max-files", "1"])

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from apd_jax.text import corpus
-from apd_jax.training import train as T
+import apd_jax.training as T
 from apd_jax.decoding.apd import APDConfig, apd_generate, shared_vocab_size
 from apd_jax.checkpoints import load_model, load_tokenizer
 from apd_jax.models.config import ModelSize, tiny_config
@@ -245,7 +245,7 @@ def test_saved_models_match_the_pytorch_implementations(pair):
     import torch
     from transformers import Qwen2ForCausalLM
 
-    from apd_jax.bench.torch_reference import TorchDream
+    from apd_jax.bench.torch_reference.dream import TorchDream
 
     tokens = np.random.default_rng(2).integers(2, 300, size=(2, 20))
     ours = forward_logits(load_model(pair / "verifier"), jnp.asarray(tokens))

@@ -129,7 +129,7 @@ def settings_from_args(args: argparse.Namespace) -> PipelineSettings:
 
 
 def run(args: argparse.Namespace) -> int:
-    from apd_jax.training.train import run_pipeline
+    from apd_jax.training.pipeline import run_pipeline
 
     check_writable("--out", args.out, directory=True)
     settings = settings_from_args(args)
@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
 
 def interrupted(args: argparse.Namespace) -> str:
     """Which of OUT/tokenizer, OUT/drafter, OUT/verifier are complete, and the command that continues."""
-    from apd_jax.training.train import EVAL_FILE, RECORD
+    from apd_jax.training.outputs import EVAL_FILE, RECORD
 
     out = args.out
     complete = [name for name, file in (("tokenizer", "tokenizer.json"), ("drafter", RECORD), ("verifier", RECORD))

@@ -1,0 +1,41 @@
+"""Training: the embedded pair from scratch (`apd-jax train`) and Learn2PD's filter (`apd-jax train-filter`).
+
+The modules, each importing only those above it in this list:
+  settings         the settings of `apd-jax train` and their defaults (no training code: the CLI reads them)
+  objectives       the drafter's masked diffusion loss, the verifier's next-token loss, completion metrics
+  loop             train_model: the optimizer, the model as trained, steps fitted to the free memory
+  outputs          what train writes (the RECORD, save_model) and that it replaces only its own outputs
+  pipeline         run_pipeline: corpus, tokenizer, drafter, verifier, then the APD check
+  learn2pd_oracle  the Extremely Greedy Parallel oracle's traces, Learn2PD's training data
+  learn2pd_train   fitting Learn2PD's filter to those traces
+
+The names below are importable from here (`from apd_jax.training import train_model`), each imported
+on first use, so that reading the settings loads no training code (optax, the model).
+"""
+
+import importlib
+from typing import Any
+
+_PUBLIC = {
+    "apd_jax.training.settings": ("PipelineSettings", "TrainSettings"),
+    "apd_jax.training.objectives": ("AR_OBJECTIVE", "Objective", "completion_metrics", "diffusion_loss",
+                                    "diffusion_mask", "diffusion_objective", "objective_for"),
+    "apd_jax.training.loop": ("MatmulEmbed", "fit_micro_batches", "for_training", "make_optimizer", "train_model"),
+    "apd_jax.training.outputs": ("EVAL_FILE", "RECORD", "replacing", "save_model"),
+    "apd_jax.training.pipeline": ("check_settings", "run_pipeline"),
+}
+_MODULE_OF = {name: module for module, names in _PUBLIC.items() for name in names}
+
+__all__ = list(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'apd_jax.training' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_MODULE_OF[name]), name)
+    globals()[name] = value  # looked up once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
