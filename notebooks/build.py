@@ -45,7 +45,7 @@ PARITY = [
            "layout, run by transformers (PyTorch, float32) and by apd_jax in float32 and bfloat16; the largest "
            "difference of each layer's output."),
     ("code", "import tempfile\nimport numpy as np, torch, jax.numpy as jnp\n"
-             "from transformers import Qwen2ForCausalLM\nfrom apd_jax.bench.torch_reference import save_tiny_qwen2\n"
+             "from transformers import Qwen2ForCausalLM\nfrom apd_jax.bench.torch_reference.checkpoints import save_tiny_qwen2\n"
              "from apd_jax.checkpoints import load_hf\n\n"
              "path = save_tiny_qwen2(tempfile.mkdtemp(), seed=1)\n"
              "ref = Qwen2ForCausalLM.from_pretrained(path, attn_implementation='eager', dtype=torch.float32).eval()\n"

@@ -16,7 +16,8 @@ import torch  # noqa: E402
 from transformers import Qwen2ForCausalLM  # noqa: E402
 
 from apd_jax.checkpoints import load_hf  # noqa: E402
-from apd_jax.bench.torch_reference import TorchDream, save_tiny_dream, save_tiny_qwen2  # noqa: E402
+from apd_jax.bench.torch_reference.checkpoints import save_tiny_dream, save_tiny_qwen2  # noqa: E402
+from apd_jax.bench.torch_reference.dream import TorchDream  # noqa: E402
 
 # Shared by the decoder tests (imported with `from conftest import ...`): three prompts of
 # different lengths, so batches need padding, and the tiny Dream checkpoint's mask id.

@@ -16,7 +16,7 @@ from apd_jax.checkpoints import (
 )
 from apd_jax.checkpoints.safetensors import iter_hf_tensors
 from apd_jax.models.model import forward_logits
-from apd_jax.bench.torch_reference import save_tiny_dream, save_tiny_qwen2
+from apd_jax.bench.torch_reference.checkpoints import save_tiny_dream, save_tiny_qwen2
 
 TOKENS = jnp.asarray(np.random.default_rng(1).integers(0, 320, size=(1, 50)))
 

@@ -14,7 +14,7 @@ from apd_jax import checkpoints as checkpoint
 from apd_jax.checkpoints import (
     CheckpointError, convert_hf_to_orbax, load_hf, load_model, load_tokenizer, model_params,
 )
-from apd_jax.bench.torch_reference import save_tiny_dream
+from apd_jax.bench.torch_reference.checkpoints import save_tiny_dream
 
 
 @pytest.fixture

@@ -16,7 +16,8 @@ from apd_jax.decoding.diffusion import (
     threshold_generate,
 )
 from conftest import MASK, PROMPTS
-from apd_jax.bench.torch_reference import shift_logits, torch_dream_diffusion_generate
+from apd_jax.bench.torch_reference.decoders import torch_dream_diffusion_generate
+from apd_jax.bench.torch_reference.dream import shift_logits
 
 N = 16
 WHOLE = dict(max_new_tokens=N, eos_token_ids=())  # no eos: the whole canvas, as the reference returns it

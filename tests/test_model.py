@@ -9,7 +9,7 @@ from apd_jax.decoding.autoregressive import ARConfig, ar_generate
 from apd_jax.models.cache import KVCache
 from apd_jax.checkpoints import load_hf
 from apd_jax.models.model import forward_logits, shift_right, with_config
-from apd_jax.bench.torch_reference import TorchDream, crop, shift_logits
+from apd_jax.bench.torch_reference.dream import TorchDream, crop, shift_logits
 
 # A long prompt: RoPE is the identity at position 0, short prompts hide RoPE bugs.
 TOKENS = np.random.default_rng(0).integers(0, 320, size=(2, 200))

@@ -9,17 +9,9 @@ import pytest
 import torch
 
 from conftest import MASK
-from apd_jax.bench.torch_reference import (
-    TorchDream,
-    crop,
-    load_safetensors_dir,
-    save_tiny_dream,
-    save_tiny_qwen2,
-    shift_logits,
-    torch_apd_generate,
-    torch_dream_diffusion_generate,
-    torch_leftright_generate,
-)
+from apd_jax.bench.torch_reference.checkpoints import load_safetensors_dir, save_tiny_dream, save_tiny_qwen2
+from apd_jax.bench.torch_reference.decoders import torch_apd_generate, torch_dream_diffusion_generate, torch_leftright_generate
+from apd_jax.bench.torch_reference.dream import TorchDream, crop, shift_logits
 
 transformers = pytest.importorskip("transformers")
 

@@ -101,7 +101,7 @@ def _build(make: Callable[[], Any]) -> Any:
 
 
 def torch_dream(c: ModelConfig) -> Any:
-    from apd_jax.bench.torch_reference import DreamConfig, TorchDream
+    from apd_jax.bench.torch_reference.dream import DreamConfig, TorchDream
 
     cfg = DreamConfig(
         vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
@@ -127,7 +127,7 @@ def bench_apd(drafter: Any, verifier: Any, d_cfg: ModelConfig, v_cfg: ModelConfi
               R: float, W: int, M: int, max_new_tokens: int, repeats: int, drafter_cache: bool) -> TorchRow:
     import torch
 
-    from apd_jax.bench.torch_reference import torch_apd_generate
+    from apd_jax.bench.torch_reference.decoders import torch_apd_generate
 
     def run() -> tuple[list[int], list[int]]:
         # eos -1: never stop early, so every call decodes max_new_tokens (as `apd-jax bench` does).
@@ -148,7 +148,7 @@ def bench_leftright(drafter: Any, d_cfg: ModelConfig, prompt: list[int], K: int,
                     max_new_tokens: int, repeats: int) -> TorchRow:
     import torch
 
-    from apd_jax.bench.torch_reference import torch_leftright_generate
+    from apd_jax.bench.torch_reference.decoders import torch_leftright_generate
 
     def run() -> tuple[list[int], list[int]]:
         return torch_leftright_generate(drafter, prompt, max_new_tokens=max_new_tokens, K=K, W=W, M=M,
