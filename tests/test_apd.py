@@ -9,7 +9,7 @@ import pytest
 
 from apd_jax.decoding.apd import APDConfig, APDKnobs, accepted_length, apd_generate, apd_generate_eager, shared_vocab_size
 from conftest import MASK, PROMPTS
-from apd_jax.bench.torch_reference import torch_apd_generate
+from apd_jax.bench.torch_reference.decoders import torch_apd_generate
 
 
 def reference(torch_dream, torch_qwen, prompt, cfg, eos):
@@ -189,7 +189,7 @@ def test_model_roles_and_vocabularies_are_checked(dream, qwen):
 @pytest.mark.parametrize("K, W, M", [(1, 4, 12), (3, 2, 6), (5, 8, 40)])
 def test_leftright_K_matches_pytorch_loop(K, W, M, dream, torch_dream):
     from apd_jax.decoding.apd import leftright_generate
-    from apd_jax.bench.torch_reference import torch_leftright_generate
+    from apd_jax.bench.torch_reference.decoders import torch_leftright_generate
 
     cfg = APDConfig(W=W, M=M, max_new_tokens=30, eos_token_ids=(2,))
     result = leftright_generate(dream, PROMPTS, K, cfg)
