@@ -3,8 +3,8 @@ safely written.
 
 The modules, each importing only those above it in this list:
   errors       CheckpointError; config.json read with errors naming the file
-  layouts      how a Flax parameter is stored as HF tensors (apd_jax.models.params.PARAM_TABLE's layouts)
-  flat         a model as flat parameters: the shapes a checkpoint must hold, the model built from them
+  flat         a model as flat parameters: the shapes a checkpoint must hold, each one's HF tensors and
+               layout (its family's table, apd_jax.models.family), the model built from them
   streaming    the block reader: blocks read on a few threads and placed onto devices; shardings
   safetensors  a HF directory's index from the headers, checked before any weight is read; slices read
   writes       output directories written whole or not at all, with a manifest (atomic_dir)

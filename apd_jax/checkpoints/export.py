@@ -14,12 +14,12 @@ import jax
 import numpy as np
 
 from apd_jax.checkpoints.errors import CheckpointError, read_config
-from apd_jax.checkpoints.flat import _nbytes, expected_shapes
-from apd_jax.checkpoints.layouts import _entry
+from apd_jax.checkpoints.flat import _entry, _nbytes, expected_shapes
 from apd_jax.checkpoints.orbax import _orbax_dir, _orbax_host_arrays, _saved_shapes
 from apd_jax.checkpoints.safetensors import _DTYPE_NAMES
 from apd_jax.checkpoints.writes import _copy_configs, atomic_dir, check_output
 from apd_jax.models.config import ModelConfig
+from apd_jax.models.family import Family
 
 MAX_SHARD_SIZE = 5 * 10**9  # bytes per exported safetensors file, Hugging Face's save_pretrained default
 
@@ -38,13 +38,15 @@ def _shard_plan(specs: Mapping[str, Any], max_shard_size: int) -> list[list[str]
     return shards
 
 
-def _write_safetensors(file: Path, specs: Mapping[str, Any], arrays: Iterator[tuple[str, Any]]) -> None:
+def _write_safetensors(
+    file: Path, family: Family, specs: Mapping[str, Any], arrays: Iterator[tuple[str, Any]]
+) -> None:
     """A safetensors file written tensor by tensor: the header first (every shape is known), then
     each Flax parameter's HF tensors as `arrays` yields it, so only one parameter is in memory."""
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for path, s in specs.items():
-        names, layout = _entry(path)
+        names, layout = _entry(family, path)
         for name, part in zip(names, jax.eval_shape(layout.to_hf, s)):
             n = _nbytes(jax.ShapeDtypeStruct(part.shape, s.dtype))
             header[name] = {"dtype": _DTYPE_NAMES[np.dtype(s.dtype)], "shape": list(part.shape),
@@ -57,7 +59,7 @@ def _write_safetensors(file: Path, specs: Mapping[str, Any], arrays: Iterator[tu
         for path in specs:
             got, array = next(arrays)
             assert got == path, (got, path)  # the caller yields in the plan's order
-            for part in _entry(path)[1].to_hf(np.asarray(array)):
+            for part in _entry(family, path)[1].to_hf(np.asarray(array)):
                 f.write(np.ascontiguousarray(part).reshape(-1).view(np.uint8).data)  # bytes, any dtype
 
 
@@ -66,7 +68,9 @@ def write_hf(
     overwrite: bool, max_shard_size: int,
 ) -> Path:
     """Flax parameters (yielded in `specs` order) -> a HF directory: one model.safetensors when it
-    fits in max_shard_size, else model-0000k-of-0000n.safetensors and model.safetensors.index.json."""
+    fits in max_shard_size, else model-0000k-of-0000n.safetensors and model.safetensors.index.json;
+    the tensors named by the family of config_dir's config.json."""
+    family = read_config(config_dir).family
     plan = _shard_plan(specs, max_shard_size)
     files = ["model.safetensors"] if len(plan) == 1 else [
         f"model-{k + 1:05d}-of-{len(plan):05d}.safetensors" for k in range(len(plan))
@@ -75,8 +79,8 @@ def write_hf(
     with atomic_dir(out_dir, overwrite, sources=(config_dir,)) as tmp:
         _copy_configs(config_dir, tmp)
         for file, paths in zip(files, plan):
-            _write_safetensors(tmp / file, {p: specs[p] for p in paths}, arrays)
-            weight_map.update({name: file for p in paths for name in _entry(p)[0]})
+            _write_safetensors(tmp / file, family, {p: specs[p] for p in paths}, arrays)
+            weight_map.update({name: file for p in paths for name in _entry(family, p)[0]})
         if len(plan) > 1:
             total = sum(_nbytes(s) for s in specs.values())
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}

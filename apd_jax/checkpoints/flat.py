@@ -1,5 +1,6 @@
 """A model as flat parameters ('layers.0.mlp.down_proj.kernel' -> array): the shapes a checkpoint
-must hold, taken from the model itself, and the model built from such parameters."""
+must hold, taken from the model itself, the Hugging Face tensors and layout of each (its family's
+table), and the model built from such parameters."""
 
 from __future__ import annotations
 
@@ -10,14 +11,25 @@ import jax
 import numpy as np
 from flax import nnx, traverse_util
 
-from apd_jax.checkpoints.layouts import _entry
+from apd_jax.checkpoints.errors import CheckpointError
 from apd_jax.models.config import ModelConfig
+from apd_jax.models.family import Family
+from apd_jax.models.layouts import Layout
 from apd_jax.models.model import Qwen2, abstract_model
 
 
 def _nbytes(spec: Any) -> int:
     """Bytes of an array or ShapeDtypeStruct."""
     return math.prod(spec.shape) * np.dtype(spec.dtype).itemsize
+
+
+def _entry(family: Family, path: str) -> tuple[tuple[str, ...], Layout]:
+    """The Hugging Face names and layout of one Flax parameter, from its family's table."""
+    try:
+        entry = family.param(path)
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
+    return entry.hf, entry.layout
 
 
 def _flat_values(model: Qwen2) -> dict[str, Any]:
@@ -35,7 +47,7 @@ def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every Hugging Face tensor name of the model -> the shape config.json implies for it."""
     shapes = {}
     for path, want in expected_shapes(cfg).items():
-        names, layout = _entry(path)
+        names, layout = _entry(cfg.family, path)
         parts = jax.eval_shape(layout.to_hf, want)
         shapes.update({name: tuple(part.shape) for name, part in zip(names, parts)})
     return shapes

@@ -12,8 +12,7 @@ import jax
 from jax.sharding import Mesh
 
 from apd_jax.checkpoints.errors import _read_json, read_config
-from apd_jax.checkpoints.flat import expected_shapes, model_from_params
-from apd_jax.checkpoints.layouts import _entry
+from apd_jax.checkpoints.flat import _entry, expected_shapes, model_from_params
 from apd_jax.checkpoints.orbax import load_orbax
 from apd_jax.checkpoints.safetensors import _checked_index, _hf_placement, _param_bytes
 from apd_jax.checkpoints.streaming import (
@@ -29,13 +28,13 @@ def load_hf_params(
     path = Path(path).expanduser()
     tensors, place = _checked_index(path, cfg), _shardings(cfg, mesh)
     shapes = expected_shapes(cfg)
-    entries = {p: _entry(p) for p in shapes}
+    entries = {p: _entry(cfg.family, p) for p in shapes}
     parts = _device_arrays(
         _hf_placement(name, tensors[name], _hf_sharding(layout, place(p), len(shapes[p].shape)))
         for p, (names, layout) in entries.items() for name in names)
     params = {}
     with contextlib.closing(parts), _progress(
-            f"loading {path.name}", sum(_param_bytes(tensors, p) for p in shapes)) as advance:
+            f"loading {path.name}", sum(_param_bytes(tensors, cfg.family, p) for p in shapes)) as advance:
         for p, want in shapes.items():
             names, layout = entries[p]
             hf = [next(parts) for _ in names]
@@ -45,7 +44,7 @@ def load_hf_params(
                 params[p] = _converter(layout, tuple(want.shape), want.dtype, place(p))(*hf)
             del hf  # freed on the device once converted
             _release_host_memory()
-            advance(_param_bytes(tensors, p))
+            advance(_param_bytes(tensors, cfg.family, p))
     return params
 
 

@@ -152,11 +152,12 @@ def convert_hf_to_orbax(hf_dir: str | Path, out_dir: str | Path, *, overwrite: b
     cfg = read_config(hf_dir)
     tensors = _checked_index(hf_dir, cfg)
     shapes = expected_shapes(cfg)
-    with _progress(f"converting {hf_dir.name}", sum(_param_bytes(tensors, p) for p in shapes)) as advance:
+    family = cfg.family
+    with _progress(f"converting {hf_dir.name}", sum(_param_bytes(tensors, family, p) for p in shapes)) as advance:
 
         def read(path: str) -> np.ndarray:
-            array = _host_param(tensors, path, shapes[path])
-            advance(_param_bytes(tensors, path))
+            array = _host_param(tensors, family, path, shapes[path])
+            advance(_param_bytes(tensors, family, path))
             return array
 
         lazy = {p: _LazyParam(tuple(s.shape), np.dtype(s.dtype), functools.partial(read, p)) for p, s in shapes.items()}

@@ -20,10 +20,10 @@ from safetensors import SafetensorError, safe_open
 
 from apd_jax.checkpoints import streaming
 from apd_jax.checkpoints.errors import CheckpointError, _read_json
-from apd_jax.checkpoints.flat import _nbytes, hf_shapes
-from apd_jax.checkpoints.layouts import _entry
+from apd_jax.checkpoints.flat import _entry, _nbytes, hf_shapes
 from apd_jax.checkpoints.streaming import _blocks, _even_blocks, _gather, _Placement
 from apd_jax.models.config import ModelConfig
+from apd_jax.models.family import Family
 
 # safetensors dtype names of the float dtypes a checkpoint may hold.
 _DTYPES = {"F32": np.dtype(np.float32), "BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype(np.float16)}
@@ -117,8 +117,9 @@ def iter_hf_tensors(path: str | Path) -> Iterator[tuple[str, np.ndarray]]:
 def _checked_index(path: Path, cfg: ModelConfig) -> dict[str, _Tensor]:
     """The checkpoint's tensors, each checked against the model's names, shapes and dtypes."""
     wanted, tensors = hf_shapes(cfg), _tensor_index(path)
-    if cfg.tie_word_embeddings:
-        tensors.pop("lm_head.weight", None)  # tied: the head is the embedding; some exports store it anyway
+    if cfg.tie_word_embeddings:  # tied: the head is the embedding; some exports store it anyway
+        for name in cfg.family.param("lm_head").hf:
+            tensors.pop(name, None)
     for name, t in tensors.items():
         if name not in wanted:
             raise CheckpointError(f"unexpected tensor {name!r} in {path}: not a parameter of this {cfg.model_type} model")
@@ -182,13 +183,15 @@ def _host_tensor(name: str, t: _Tensor) -> np.ndarray:
     return out
 
 
-def _host_param(tensors: Mapping[str, _Tensor], path: str, want: jax.ShapeDtypeStruct) -> np.ndarray:
+def _host_param(
+    tensors: Mapping[str, _Tensor], family: Family, path: str, want: jax.ShapeDtypeStruct
+) -> np.ndarray:
     """One Flax parameter from its HF tensors, in host memory with numpy: no device is involved (a
     transposed tensor stays a view; tensorstore copies it a chunk at a time as it writes)."""
-    names, layout = _entry(path)
+    names, layout = _entry(family, path)
     return layout.to_flax([_host_tensor(name, tensors[name]) for name in names], tuple(want.shape)).astype(
         want.dtype, copy=False)
 
 
-def _param_bytes(tensors: Mapping[str, _Tensor], path: str) -> int:
-    return sum(tensors[name].nbytes for name in _entry(path)[0])
+def _param_bytes(tensors: Mapping[str, _Tensor], family: Family, path: str) -> int:
+    return sum(tensors[name].nbytes for name in _entry(family, path)[0])

@@ -32,8 +32,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, Sharding, SingleDeviceSharding
 
-from apd_jax.checkpoints.layouts import Layout
 from apd_jax.models.config import ModelConfig
+from apd_jax.models.layouts import Layout
 from apd_jax.models.sharding import check_model, param_spec
 from apd_jax.utils.progress import terminal_progress
 
@@ -219,12 +219,12 @@ def _hf_sharding(layout: Layout, sharding: Sharding, ndim: int) -> Sharding:
 
 
 def _shardings(cfg: ModelConfig, mesh: Mesh | None) -> Callable[[str], Sharding]:
-    """Where each parameter goes: its PARAM_TABLE spec on `mesh`, or the default device."""
+    """Where each parameter goes: its family's spec on `mesh`, or the default device."""
     if mesh is None:
         device = SingleDeviceSharding(jax.devices()[0])
         return lambda path: device
     check_model(cfg, mesh)
-    return lambda path: NamedSharding(mesh, param_spec(path))
+    return lambda path: NamedSharding(mesh, param_spec(path, cfg.family))
 
 
 def _progress(description: str, total: int) -> contextlib.AbstractContextManager[Callable[[int], None]]:

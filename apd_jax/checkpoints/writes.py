@@ -216,6 +216,11 @@ SIDE_FILES = (
 
 
 def _copy_configs(src: Path, dst: Path) -> None:
+    """The SIDE_FILES and the model's own Python code (LLaDA's and Dream's modeling and configuration
+    modules, which config.json's auto_map names for transformers' trust_remote_code) of `src`."""
     for name in SIDE_FILES:
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)
+    for code in sorted(src.glob("*.py")):
+        if code.is_file():
+            shutil.copy2(code, dst / code.name)

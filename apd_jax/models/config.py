@@ -1,25 +1,27 @@
-"""Model configuration for the Qwen2 family: Qwen2.5 (causal) and Dream (bidirectional).
+"""Model configuration: shapes and numerics of one model of a registered family (families.py:
+Qwen2.5, Dream, LLaDA).
 
-Read from a Hugging Face `config.json` (from_hf_dict) and written back (to_hf_dict);
-Dream uses the same field names with model_type "Dream" plus a mask token id (in
-config.json or generation_config.json). Presets: the real checkpoints' shapes, a tiny
-pair for smoke runs, and the embedded pair's sizes (ModelSize, `apd-jax train`).
+Read from a Hugging Face `config.json` and `generation_config.json` (from_hf_dict: the token ids
+and dtype here, the rest by the family's reader) and written back (to_hf_dict, by the family's
+writer). Presets: the real checkpoints' shapes, a tiny pair for smoke runs, and the embedded pair's
+sizes (ModelSize, `apd-jax train`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
 
+from apd_jax.models.families import FAMILIES
+from apd_jax.models.family import Family, is_int
+from apd_jax.models.llada import LLADA
+from apd_jax.models.qwen2 import DREAM, QWEN2
 from apd_jax.text.tokenizer import EOS_ID, MASK_ID, merge_ids
-
-SUPPORTED_MODEL_TYPES = {"qwen2": True, "dream": False}  # model_type -> causal
 
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
 
@@ -49,10 +51,8 @@ def raise_problems(what: str, problems: list[str]) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Shapes and numerics of one Qwen2-family decoder.
-
-    `causal=True` is Qwen2.5 (verifier, AR baseline); `causal=False` is Dream,
-    whose prediction for position i is read at output i - 1 (see model.shift_right).
+    """Shapes and numerics of one decoder of a registered family (`family`: Qwen2.5, the causal
+    verifier and AR baseline; Dream or LLaDA, bidirectional drafters; see family.Family's quirks).
     """
 
     vocab_size: int
@@ -65,9 +65,8 @@ class ModelConfig:
     rope_theta: float = 1_000_000.0
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
-    causal: bool = True
+    family: Family = QWEN2
     max_position_embeddings: int = 32768
-    model_type: str = "qwen2"
     mask_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
@@ -89,11 +88,21 @@ class ModelConfig:
         if self.attention not in ATTENTION_IMPLEMENTATIONS:
             raise ValueError(f"attention={self.attention!r}: use one of {ATTENTION_IMPLEMENTATIONS}")
         if not self.causal and self.mask_token_id is None:
-            raise ValueError("a bidirectional (Dream) model needs mask_token_id in its config")
+            raise ValueError(f"a bidirectional ({self.model_type}) model needs mask_token_id in its config")
+
+    @property
+    def causal(self) -> bool:
+        """Attention to earlier positions only (Qwen2.5); else bidirectional, a diffusion model."""
+        return self.family.causal
 
     @property
     def is_diffusion(self) -> bool:
-        return not self.causal
+        return not self.family.causal
+
+    @property
+    def model_type(self) -> str:
+        """The family's name: config.json's model_type, lower-cased."""
+        return self.family.name
 
     def replace(self, **kw: Any) -> "ModelConfig":
         return dataclasses.replace(self, **kw)
@@ -124,28 +133,16 @@ class ModelConfig:
 
     @classmethod
     def _from_checked(cls, cfg: dict, generation: dict, *, param_dtype: Any, dtype: Any) -> "ModelConfig":
-        """from_hf_dict once config_problems found none."""
-        model_type = cfg["model_type"].lower()
-        heads = cfg["num_attention_heads"]
+        """from_hf_dict once config_problems found none: the token ids and dtype here (every family
+        names them alike), the shapes by the family's reader."""
+        family = FAMILIES[cfg["model_type"].lower()]
         # Every eos either file declares (an instruct checkpoint lists <|endoftext|> and <|im_end|>).
         eos_ids = merge_ids(generation.get("eos_token_id"), cfg.get("eos_token_id"))
         mask = generation.get("mask_token_id", cfg.get("mask_token_id"))
-        rope = cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))
         stored = parse_dtype(cfg.get("torch_dtype", cfg.get("dtype", "float32")) or "float32")
         return cls(
-            vocab_size=cfg["vocab_size"],
-            hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"],
-            num_layers=cfg["num_hidden_layers"],
-            num_heads=heads,
-            num_kv_heads=cfg.get("num_key_value_heads", heads),
-            head_dim=cfg.get("head_dim", cfg["hidden_size"] // heads),
-            rope_theta=float(rope),
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            causal=SUPPORTED_MODEL_TYPES[model_type],
-            max_position_embeddings=cfg.get("max_position_embeddings", 32768),
-            model_type=model_type,
+            **family.read(cfg),
+            family=family,
             mask_token_id=None if mask is None else int(mask),
             eos_token_ids=tuple(int(e) for e in eos_ids),
             pad_token_id=generation.get("pad_token_id", cfg.get("pad_token_id")),
@@ -154,51 +151,17 @@ class ModelConfig:
         )
 
     def to_hf_dict(self, storage_dtype: str | None = None) -> tuple[dict, dict]:
-        """(config.json, generation_config.json) dicts: Qwen2's fields, or Dream's for a drafter.
+        """(config.json, generation_config.json) dicts in the family's fields.
 
         The inverse of `from_hf_dict`; `storage_dtype` is the dtype the weights are saved in
         (default: param_dtype's), which from_hf_dict reads back as the parameter dtype.
         """
-        storage_dtype = storage_dtype or jnp.dtype(self.param_dtype).name
-        eos = self.eos_token_ids[0] if len(self.eos_token_ids) == 1 else (list(self.eos_token_ids) or None)
-        first_eos = self.eos_token_ids[0] if self.eos_token_ids else None  # Qwen2 checkpoints' bos is their eos
-        common = {
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_heads,
-            "num_key_value_heads": self.num_kv_heads,
-            "hidden_act": "silu",
-            "max_position_embeddings": self.max_position_embeddings,
-            "rms_norm_eps": self.rms_norm_eps,
-            "rope_theta": self.rope_theta,  # legacy field (Qwen2.5 / Dream checkpoints), and transformers 5's:
-            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "attention_dropout": 0.0,
-            "use_cache": True,
-            "use_sliding_window": False,
-            "sliding_window": None,
-            "bos_token_id": first_eos,
-            "eos_token_id": eos,
-            "pad_token_id": self.pad_token_id,
-            "torch_dtype": storage_dtype,
-        }
-        if self.causal:
-            config = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], **common,
-                      "max_window_layers": self.num_layers, "initializer_range": 0.02}
-            generation = {"bos_token_id": first_eos, "eos_token_id": eos, "pad_token_id": self.pad_token_id}
-        else:
-            config = {"model_type": "Dream", "architectures": ["DreamModel"], **common,
-                      "mask_token_id": self.mask_token_id}
-            generation = {"mask_token_id": self.mask_token_id, "eos_token_id": eos, "pad_token_id": self.pad_token_id,
-                          "bos_token_id": first_eos}
-        return config, generation
+        return self.family.write(self, storage_dtype or jnp.dtype(self.param_dtype).name)
 
     def param_count(self) -> int:
-        """Parameters of the model these shapes describe (q/k/v biases included; the head if untied)."""
+        """Parameters of the model these shapes describe (q/k/v biases if the family has them; the head if untied)."""
         h, i, d, q, kv = self.hidden_size, self.intermediate_size, self.head_dim, self.num_heads, self.num_kv_heads
-        attn = h * q * d * 2 + 2 * h * kv * d + q * d + 2 * kv * d
+        attn = h * q * d * 2 + 2 * h * kv * d + (q * d + 2 * kv * d if self.family.qkv_bias else 0)
         layer = attn + 3 * h * i + 2 * h
         head = 0 if self.tie_word_embeddings else h * self.vocab_size
         return self.vocab_size * h + self.num_layers * layer + h + head
@@ -218,15 +181,7 @@ class ModelConfig:
         return cls.from_hf_dict(cfg, gen, source=str(cfg_file), generation_source=str(gen_file), **kw)
 
 
-_REQUIRED_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-_OPTIONAL_INTS = ("num_key_value_heads", "head_dim", "max_position_embeddings")
-_OPTIONAL_FLOATS = ("rope_theta", "rms_norm_eps")
-_OPTIONAL_BOOLS = ("tie_word_embeddings", "use_sliding_window")
 _TOKEN_IDS = ("eos_token_id", "mask_token_id", "pad_token_id")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _id_problems(fields: dict) -> list[str]:
@@ -235,59 +190,25 @@ def _id_problems(fields: dict) -> list[str]:
     for name in _TOKEN_IDS:
         value = fields.get(name)
         ids = value if name == "eos_token_id" and isinstance(value, list) else [value]
-        if value is not None and not all(_is_int(i) and i >= 0 for i in ids):
+        if value is not None and not all(is_int(i) and i >= 0 for i in ids):
             what = "a token id (an integer >= 0)" + (" or a list of them" if name == "eos_token_id" else "")
             problems.append(f"{name} {value!r} must be {what}")
     return problems
 
 
 def config_problems(cfg: dict) -> list[str]:
-    """What keeps a config.json dict from describing a model apd_jax runs: each missing field, each
-    field of the wrong type or range (integers are JSON integers, not strings or booleans), shapes
-    that do not divide, and unsupported features. Empty when there is none."""
+    """What keeps a config.json dict from describing a model apd_jax runs: a model_type of no
+    registered family, then the family's own checks (each missing field, each field of the wrong type
+    or range: integers are JSON integers, not strings or booleans; unsupported features; shapes that
+    do not divide), the token ids and the dtype. Empty when there is none."""
     model_type = cfg.get("model_type")
-    if not isinstance(model_type, str) or model_type.lower() not in SUPPORTED_MODEL_TYPES:
-        return [f"unsupported model_type {model_type!r}: apd_jax reads Qwen2-family checkpoints "
-                f"(model_type one of {sorted(SUPPORTED_MODEL_TYPES)})"]
-    missing = [name for name in _REQUIRED_INTS if name not in cfg]
-    problems = [f"required field {name!r} is missing" for name in missing]
-    for name in _REQUIRED_INTS + _OPTIONAL_INTS:
-        if name in cfg and name not in missing and not (_is_int(cfg[name]) and cfg[name] >= 1):
-            problems.append(f"{name} {cfg[name]!r} must be an integer >= 1")
-    for name in _OPTIONAL_FLOATS:
-        value = cfg.get(name)
-        if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
-                                      and math.isfinite(value) and value > 0):
-            problems.append(f"{name} {value!r} must be a number > 0")
-    for name in _OPTIONAL_BOOLS:
-        if cfg.get(name) is not None and not isinstance(cfg[name], bool):
-            problems.append(f"{name} {cfg[name]!r} must be true or false")
-    problems += _id_problems(cfg)
+    if not isinstance(model_type, str) or model_type.lower() not in FAMILIES:
+        return [f"unsupported model_type {model_type!r}: apd_jax reads the families "
+                f"{sorted(FAMILIES)} (config.json's model_type, any case)"]
+    problems = FAMILIES[model_type.lower()].problems(cfg) + _id_problems(cfg)
     for name in ("torch_dtype", "dtype"):
         if cfg.get(name) is not None and cfg[name] not in _DTYPES:
             problems.append(f"{name} {cfg[name]!r} must be one of {sorted(_DTYPES)}")
-    for name in ("rope_scaling", "rope_parameters"):
-        rope = cfg.get(name)
-        if rope is not None and not isinstance(rope, dict):
-            problems.append(f"{name} {rope!r} must be an object")
-        elif rope and rope.get("rope_type", rope.get("type", "default")) != "default":
-            problems.append(f"{name} {rope!r} is not supported (only the default RoPE)")
-    if cfg.get("use_sliding_window") is True:
-        problems.append("use_sliding_window=true is not supported")
-    return problems or _shape_problems(cfg)
-
-
-def _shape_problems(cfg: dict) -> list[str]:
-    """Attention shapes that do not divide (config_problems, once every field is a positive integer)."""
-    hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
-    kv_heads, head_dim = cfg.get("num_key_value_heads", heads), cfg.get("head_dim")
-    problems = []
-    if head_dim is None and hidden % heads:
-        problems.append(f"hidden_size {hidden} is not a multiple of num_attention_heads {heads}")
-    elif head_dim is not None and hidden != heads * head_dim:
-        problems.append(f"hidden_size {hidden} != num_attention_heads {heads} x head_dim {head_dim}")
-    if heads % kv_heads:
-        problems.append(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
     return problems
 
 
@@ -299,8 +220,8 @@ def dream_7b_config(**kw: Any) -> ModelConfig:
     """
     base = dict(
         vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
-        num_kv_heads=4, head_dim=128, rope_theta=1e6, causal=False, tie_word_embeddings=False,
-        model_type="dream", mask_token_id=151666, eos_token_ids=(151643,), pad_token_id=151643,
+        num_kv_heads=4, head_dim=128, rope_theta=1e6, family=DREAM, tie_word_embeddings=False,
+        mask_token_id=151666, eos_token_ids=(151643,), pad_token_id=151643,
         max_position_embeddings=131072,
     )
     return ModelConfig(**(base | kw))
@@ -308,15 +229,28 @@ def dream_7b_config(**kw: Any) -> ModelConfig:
 
 def qwen25_7b_config(**kw: Any) -> ModelConfig:
     """Qwen2.5-7B shapes: Dream's, causal (the paper's AR baseline)."""
-    return dream_7b_config(causal=True, model_type="qwen2", mask_token_id=None, **kw)
+    return dream_7b_config(family=QWEN2, mask_token_id=None, **kw)
 
 
 def qwen25_05b_config(**kw: Any) -> ModelConfig:
     """Qwen2.5-0.5B shapes (the verifier)."""
     base = dict(
         vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
-        num_kv_heads=2, head_dim=64, rope_theta=1e6, causal=True, tie_word_embeddings=True,
-        model_type="qwen2", eos_token_ids=(151643,), pad_token_id=151643, max_position_embeddings=32768,
+        num_kv_heads=2, head_dim=64, rope_theta=1e6, family=QWEN2, tie_word_embeddings=True,
+        eos_token_ids=(151643,), pad_token_id=151643, max_position_embeddings=32768,
+    )
+    return ModelConfig(**(base | kw))
+
+
+def llada_8b_config(**kw: Any) -> ModelConfig:
+    """LLaDA-8B-Instruct shapes, as its Hugging Face config.json gives them (GSAI-ML/LLaDA-8B-Instruct):
+    bidirectional, no q/k/v bias, untied head, the mask token `<|mdm_mask|>` = 126336 and the eos
+    `<|endoftext|>` = 126081 (also its pad)."""
+    base = dict(
+        vocab_size=126464, hidden_size=4096, intermediate_size=12288, num_layers=32, num_heads=32,
+        num_kv_heads=32, head_dim=128, rope_theta=500000.0, rms_norm_eps=1e-5, family=LLADA,
+        tie_word_embeddings=False, mask_token_id=126336, eos_token_ids=(126081,), pad_token_id=126081,
+        max_position_embeddings=4096,
     )
     return ModelConfig(**(base | kw))
 
@@ -325,8 +259,8 @@ def tiny_config(causal: bool, **kw: Any) -> ModelConfig:
     """A tiny random-initialisable pair member (smoke runs, CPU benchmarks): Dream-style if not causal."""
     base = dict(
         vocab_size=336 if not causal else 320, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-        num_kv_heads=2, head_dim=16, rope_theta=10000.0, causal=causal, tie_word_embeddings=causal,
-        model_type="qwen2" if causal else "dream", mask_token_id=None if causal else 330, eos_token_ids=(2,),
+        num_kv_heads=2, head_dim=16, rope_theta=10000.0, family=QWEN2 if causal else DREAM,
+        tie_word_embeddings=causal, mask_token_id=None if causal else 330, eos_token_ids=(2,),
         pad_token_id=2, max_position_embeddings=4096,
     )
     return ModelConfig(**(base | kw))
@@ -350,8 +284,8 @@ class ModelSize:
             vocab_size=vocab_size, hidden_size=self.hidden, intermediate_size=self.intermediate,
             num_layers=self.layers, num_heads=self.heads, num_kv_heads=self.kv_heads,
             head_dim=self.hidden // self.heads, rope_theta=10000.0, rms_norm_eps=1e-6,
-            tie_word_embeddings=causal, causal=causal, max_position_embeddings=max_len,
-            model_type="qwen2" if causal else "dream", mask_token_id=None if causal else MASK_ID,
+            tie_word_embeddings=causal, family=QWEN2 if causal else DREAM, max_position_embeddings=max_len,
+            mask_token_id=None if causal else MASK_ID,
             eos_token_ids=(EOS_ID,), pad_token_id=EOS_ID, param_dtype=param_dtype, dtype=dtype,
         )
 

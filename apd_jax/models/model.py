@@ -1,9 +1,11 @@
-"""The Qwen2 decoder family in Flax NNX: Qwen2.5 (causal) and Dream (bidirectional), one
-implementation differing only in the attention mask (`ModelConfig.causal`).
+"""The decoder in Flax NNX that runs every registered family (Qwen2.5, Dream, LLaDA: pre-norm
+RMSNorm blocks, RoPE, grouped-query attention, SwiGLU); a family's quirks (attention mask, q/k/v
+bias, RoPE precision, logit shift) are read from `ModelConfig.family`.
 
-Names follow Hugging Face's, but q/k/v and gate/up are each one fused projection (fewer, larger
-matmuls; apd_jax.models.params maps them to HF tensors). A call runs a window of tokens per row
-at absolute positions and, given a KVCache, attends to the cache plus the window.
+Names follow Qwen2's Hugging Face names, but q/k/v and gate/up are each one fused projection
+(fewer, larger matmuls; each family's parameter table maps them to its HF tensors). A call runs a
+window of tokens per row at absolute positions and, given a KVCache, attends to the cache plus the
+window.
 """
 
 from __future__ import annotations
@@ -70,7 +72,9 @@ class Attention(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         h, d, kvh = cfg.hidden_size, cfg.head_dim, cfg.num_kv_heads
-        self.qkv_proj = _einsum("bsh,hkcd->bskcd", (h, kvh, cfg.num_heads // kvh + 2, d), cfg, rngs, bias=True)
+        self.qkv_proj = _einsum(
+            "bsh,hkcd->bskcd", (h, kvh, cfg.num_heads // kvh + 2, d), cfg, rngs, bias=cfg.family.qkv_bias
+        )
         self.o_proj = _linear(cfg.num_heads * d, h, cfg, rngs)
         self.cfg = cfg
 
@@ -81,7 +85,11 @@ class Attention(nnx.Module):
         g = qkv.shape[3] - 2
         q = qkv[:, :, :, :g].reshape(b, s, cfg.num_heads, cfg.head_dim)
         k, v = qkv[:, :, :, g], qkv[:, :, :, g + 1]
-        q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+        if cfg.family.rope_float32:  # rotated in float32, then back to the compute dtype
+            q = rope(q.astype(jnp.float32), positions, cfg.rope_theta).astype(q.dtype)
+            k = rope(k.astype(jnp.float32), positions, cfg.rope_theta).astype(k.dtype)
+        else:
+            q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
         if cache is None:
             keys, values, k_pos = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions
         else:
@@ -163,7 +171,7 @@ class DecoderLayer(nnx.Module):
 
 
 class Qwen2(nnx.Module):
-    """Qwen2-family decoder: embeddings, decoder layers, final norm and output head."""
+    """The decoder of every family: embeddings, decoder layers, final norm and output head."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -206,6 +214,12 @@ class Qwen2(nnx.Module):
         # Slice the output: a column slice of the weight copies the whole head every call.
         return logits if vocab is None else logits[..., :vocab]
 
+    def aligned(self, hidden: jax.Array) -> jax.Array:
+        """Hidden states [B, S, H] of a whole window read as the family predicts: a diffusion
+        model's output i is then its prediction for position i (Dream's shifted right by one,
+        LLaDA's as they are); a causal model's, as they are, predict position i + 1."""
+        return shift_right(hidden) if self.cfg.family.shift else hidden
+
 
 def shift_right(hidden: jax.Array) -> jax.Array:
     """Dream's right shift: its prediction for position i is output i - 1 (output 0 stands for
@@ -215,11 +229,9 @@ def shift_right(hidden: jax.Array) -> jax.Array:
 
 @nnx.jit
 def forward_logits(model: Qwen2, tokens: jax.Array) -> jax.Array:
-    """Logits of a whole sequence without a cache; Dream's are shifted to predict in place."""
+    """Logits of a whole sequence without a cache, read as the family predicts (Qwen2.aligned)."""
     hidden, _ = model(tokens)
-    if model.cfg.is_diffusion:
-        hidden = shift_right(hidden)
-    return model.logits(hidden)
+    return model.logits(model.aligned(hidden))
 
 
 def init_model(cfg: ModelConfig, seed: int = 0) -> Qwen2:
@@ -244,9 +256,10 @@ def abstract_model(cfg: ModelConfig) -> Qwen2:
 
 @nnx.jit
 def token_logprobs(model: Qwen2, inputs: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """log p(targets[b, s] | inputs[b, :s + 1]) [B, S] and whether each target is the argmax,
-    gathered on the device (the [B, S, vocab] log-probabilities never leave it)."""
+    """log p(targets[b, s]) [B, S] as the model predicts it at output s (Qwen2.aligned: a causal
+    model's next token after inputs[b, :s + 1]) and whether each target is the argmax, gathered on
+    the device (the [B, S, vocab] log-probabilities never leave it)."""
     hidden, _ = model(inputs)
-    logits = model.logits(hidden)
+    logits = model.logits(model.aligned(hidden))
     picked = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), targets[..., None], axis=-1)[..., 0]
     return picked, jnp.argmax(logits, axis=-1) == targets

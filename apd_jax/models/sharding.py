@@ -1,5 +1,5 @@
 """Sharded APD: a (data, model) device mesh and the placement of every array on it
-(parameters: the spec column of apd_jax.models.params.PARAM_TABLE).
+(parameters: the spec column of the model's family's parameter table, family.Param.spec).
 
 `data` splits the batch rows; `model` is Megatron-style tensor parallelism: q/k/v split by
 KV-head group, gate/up on the intermediate dim, o_proj and down_proj on their input dim (one
@@ -25,9 +25,10 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from apd_jax.models.cache import KVCache
 from apd_jax.models.config import ModelConfig
 from apd_jax.models.model import Qwen2
-from apd_jax.models.params import MODEL, PARAM_TABLE, param_entry
+from apd_jax.models.family import MODEL, Family
+from apd_jax.models.qwen2 import QWEN2
 
-DATA = "data"  # the mesh axis of batch rows; MODEL, of tensor parallelism, is params.py's
+DATA = "data"  # the mesh axis of batch rows; MODEL, of tensor parallelism, is family.py's
 
 CACHE_SPEC = P(None, DATA, MODEL, None, None)  # KVCache.k/v: [layers, batch, kv_heads, max_len, head_dim]
 BATCH_SPEC = P(DATA)  # prompts, prompt lengths, cache lengths: rows over `data`
@@ -67,7 +68,7 @@ def _check_divides(what: str, size: int, mesh: Mesh, axis: str) -> None:
 
 def check_model(cfg: ModelConfig, mesh: Mesh) -> None:
     """Every dimension split over `model` (the table's, and the KV cache's heads) must divide evenly."""
-    for field in dict.fromkeys(p.split for p in PARAM_TABLE.values() if p.split):
+    for field in cfg.family.splits():
         _check_divides(field, getattr(cfg, field), mesh, MODEL)
 
 
@@ -80,18 +81,19 @@ def check_batch(batch: int, mesh: Mesh) -> None:
         )
 
 
-def param_spec(path: str) -> P:
-    """The PartitionSpec of a parameter from its dotted path (e.g. 'layers.0.mlp.gate_up_proj.kernel')."""
-    return param_entry(path).spec
+def param_spec(path: str, family: Family = QWEN2) -> P:
+    """The PartitionSpec of a parameter from its dotted path (e.g. 'layers.0.mlp.gate_up_proj.kernel')
+    in `family`'s table (Qwen2's, which Dream shares, unless given)."""
+    return family.param(path).spec
 
 
 def shard_model(model: Qwen2, mesh: Mesh) -> Qwen2:
-    """A copy of `model` with every parameter placed by PARAM_TABLE's specs on `mesh` (the input is left as is)."""
+    """A copy of `model` with every parameter placed by its family's specs on `mesh` (the input is left as is)."""
     check_model(model.cfg, mesh)
     graphdef, state = nnx.split(model)
     placed = {}
     for key, var in nnx.to_flat_state(state):
-        sharding = NamedSharding(mesh, param_spec(".".join(map(str, key))))
+        sharding = NamedSharding(mesh, param_spec(".".join(map(str, key)), model.cfg.family))
         placed[key] = var.replace(jax.device_put(var.get_value(), sharding))
     return nnx.merge(graphdef, nnx.from_flat_state(placed))
 

@@ -1,6 +1,6 @@
-"""How one Flax parameter is stored as Hugging Face tensors: a layout object per name of
-apd_jax.models.params.LAYOUTS, each converting both ways and partitioning the HF tensors so that
-the conversion is local to every device. Only slicing, reshapes and .T: the same code serves numpy
+"""How one Flax parameter is stored as Hugging Face tensors: a layout object (a family's parameter
+table names one per parameter), converting both ways and partitioning the HF tensors so that the
+conversion is local to every device. Only slicing, reshapes and .T: the same code serves numpy
 arrays, jax arrays and, under jax.eval_shape, abstract shapes."""
 
 from __future__ import annotations
@@ -9,9 +9,6 @@ import dataclasses
 from typing import Any
 
 from jax.sharding import PartitionSpec
-
-from apd_jax.checkpoints.errors import CheckpointError
-from apd_jax.models.params import param_entry
 
 
 def _full(spec: PartitionSpec, ndim: int) -> tuple[Any, ...]:
@@ -91,13 +88,4 @@ class QKV:
 
 
 Layout = Same | Transposed | Stacked | QKV
-LAYOUTS: dict[str, Layout] = {"same": Same(), "T": Transposed(), "stack": Stacked(), "qkv": QKV()}
-
-
-def _entry(path: str) -> tuple[tuple[str, ...], Layout]:
-    """The Hugging Face names and layout of one Flax parameter (params.PARAM_TABLE)."""
-    try:
-        entry = param_entry(path)
-    except ValueError as err:
-        raise CheckpointError(str(err)) from None
-    return entry.hf, LAYOUTS[entry.layout]
+SAME, TRANSPOSED, STACKED, QKV_FUSED = Same(), Transposed(), Stacked(), QKV()
