@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from apd_jax.decoding.apd import APDConfig, APDKnobs, accepted_length, apd_generate, apd_generate_eager, shared_vocab_size
+from apd_jax.decoding.apd import APDConfig, APDKnobs, accepted_length, apd_generate, shared_vocab_size
+from apd_jax.decoding.apd_eager import apd_generate_eager
 from conftest import MASK, PROMPTS
 from apd_jax.bench.torch_reference.decoders import torch_apd_generate
 

@@ -13,7 +13,8 @@ from conftest import PROMPTS
 from flax import nnx
 
 import apd_jax.cli.generate as generate_command
-from apd_jax.decoding.apd import APDConfig, apd_generate, apd_generate_eager, leftright_generate
+from apd_jax.decoding.apd import APDConfig, apd_generate, leftright_generate
+from apd_jax.decoding.apd_eager import apd_generate_eager
 from apd_jax.decoding.autoregressive import ARConfig, ar_generate
 from apd_jax.cli import main
 from apd_jax.evaluation.compare import compared_runs

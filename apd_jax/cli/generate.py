@@ -35,7 +35,7 @@ from apd_jax.cli.options import (
 from apd_jax.models.config import tiny_config
 from apd_jax.decoding.registry import DECODERS, Decoder, Models, decoder
 from apd_jax.decoding.diffusion import ALGORITHMS
-from apd_jax.decoding.generation import CompileTimer, DecoderConfig, prompt_bucket
+from apd_jax.decoding.generation import CompileTimer, DecoderConfig, check_prompts
 from apd_jax.decoding.learn2pd import load_filter
 from apd_jax.models.model import Qwen2, init_model
 from apd_jax.text.prompts import parse_ids, read_prompt_lines
@@ -169,21 +169,6 @@ def prompt_limits(config: DecoderConfig, models: Models, chosen: Decoder) -> tup
     return chosen.capacity(models, config), vocab
 
 
-def check_prompts_fit(prompts: list[list[int]], sources: list[str], max_new_tokens: int, capacity: int,
-                      vocab: int) -> None:
-    """Every prompt is checked before any is decoded, so a bad line is named at once, not when its batch runs."""
-    for ids, source in zip(prompts, sources):
-        if not ids:
-            raise ValueError(f"{source} is empty: generation needs at least one prompt token")
-        bad = [i for i in ids if not 0 <= i < vocab]
-        if bad:
-            raise ValueError(f"{source} holds ids {bad[:5]} outside the vocabulary [0, {vocab}) of these models")
-        try:
-            prompt_bucket(len(ids), max_new_tokens, capacity)
-        except ValueError as err:
-            raise ValueError(f"{source}: {err}") from None
-
-
 def _with_stop_ids(config: DecoderConfig, drafter: Qwen2, tokenizer) -> DecoderConfig:
     """Stop at every eos the checkpoint declares and at the tokenizer's (an instruct model's <|im_end|>)."""
     if config.eos_token_ids is not None or tokenizer is None:
@@ -242,7 +227,9 @@ def _generate(args: argparse.Namespace, chosen: Decoder, config: DecoderConfig, 
     prompts = _encode(args, texts, sources, tok_d)
     config = _with_stop_ids(config, drafter, None if args.ids else tok_d)
     models = Models(drafter, verifier, None if filter_path is None else load_filter(filter_path), vocab, mesh)
-    check_prompts_fit(prompts, sources, config.max_new_tokens, *prompt_limits(config, models, chosen))
+    capacity, vocab = prompt_limits(config, models, chosen)
+    # Every prompt checked before any is decoded: a bad line is named at once, not when its batch runs.
+    check_prompts(prompts, vocab, fits=(config.max_new_tokens, capacity), sources=sources)
     load_s = time.perf_counter() - start
 
     def decode(ids: list[int]) -> str:  # a continuation of the prompt's text

@@ -22,7 +22,7 @@ from apd_jax.cli.common import (
 from apd_jax.decoding.learn2pd import save_filter
 from apd_jax.training.learn2pd_oracle import collect_traces
 from apd_jax.training.learn2pd_train import FilterTrainConfig, compare_with_confidence_rule, filter_loss, train_filter
-from apd_jax.decoding.generation import capacity, prompt_bucket
+from apd_jax.decoding.generation import capacity, check_prompts
 from apd_jax.text.prompts import parse_ids, read_prompt_lines
 
 
@@ -72,15 +72,6 @@ def _read_prompts(args: argparse.Namespace, seq_len: int) -> tuple[list[list[int
     return [tokenizer.encode(line) for line in lines], where
 
 
-def _check_lengths(prompts: list[list[int]], where: list[str], max_new_tokens: int, context: int) -> None:
-    """Every prompt and its canvas fit the drafter's context, checked before the first is decoded."""
-    for ids, source in zip(prompts, where):
-        try:
-            prompt_bucket(len(ids), max_new_tokens, context)
-        except ValueError as err:
-            raise ValueError(f"{source}: {err}") from None
-
-
 # Keep thresholds of the held-out report (the decoder's default is 0.9).
 REPORT_THRESHOLDS = (0.5, 0.7, 0.9)
 
@@ -108,7 +99,9 @@ def run(args: argparse.Namespace) -> int:
     if model.cfg.causal:
         raise ValueError(f"{args.drafter} is a causal model: the filter is trained for a Dream (diffusion) drafter")
     prompts, where = _read_prompts(args, model.cfg.max_position_embeddings)
-    _check_lengths(prompts, where, args.max_new_tokens, capacity(None, model.cfg))
+    # Every prompt checked before the first is decoded, named by its file and line.
+    check_prompts(prompts, model.cfg.vocab_size, mask_id=model.cfg.mask_token_id,
+                  fits=(args.max_new_tokens, capacity(None, model.cfg)), sources=where)
 
     start = time.perf_counter()
     traces = collect_traces(model, prompts, args.max_new_tokens, args.batch_size)

@@ -16,8 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from apd_jax.models.cache import KVCache
-from apd_jax.decoding.generation import DecoderConfig, GenerationResult, capacity, check_config, check_prompts, default_key
-from apd_jax.decoding.generation import finish, pad_id, pad_prompts, prompt_bucket, resolve_eos
+from apd_jax.decoding.generation import DecoderConfig, GenerationResult, check_config, prepare
 from apd_jax.models.model import Qwen2
 from apd_jax.decoding.sampling import Knobs
 
@@ -40,11 +39,10 @@ class _State:
     key: jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("graph", "max_new", "eos_ids"))
-def _decode(graph, params, prompts, prompt_lens, knobs: Knobs, key, max_new: int, eos_ids: tuple[int, ...]):
+@functools.partial(jax.jit, static_argnames=("graph", "max_new"))
+def _decode(graph, params, prompts, prompt_lens, eos, knobs: Knobs, key, max_new: int):
     model = nnx.merge(graph, params)
     b, p = prompts.shape
-    eos = jnp.asarray(eos_ids, jnp.int32)
     hidden, cache = model(prompts, valid=prompt_lens, cache=KVCache.zeros(model.cfg, b, p + max_new))
     last = jnp.take_along_axis(hidden, (prompt_lens - 1)[:, None, None], axis=1)[:, 0]
     key, step_key = jax.random.split(key)
@@ -79,15 +77,10 @@ def ar_generate(
 ) -> GenerationResult:
     """Decode a batch of ragged prompts with a causal model, one token per pass."""
     config = check_config(config, ARConfig)
-    key = default_key(key)
     if not model.cfg.causal:
         raise ValueError("autoregressive decoding needs a causal (Qwen2) model; Dream models use the diffusion decoders")
-    rows = check_prompts(prompts, model.cfg.vocab_size)
-    room = capacity(config.max_len, model.cfg)
-    padded, lengths = pad_prompts(rows, prompt_bucket(max(map(len, rows)), config.max_new_tokens, room))
-    eos = resolve_eos(config.eos_token_ids, model.cfg)
+    batch = prepare(config, prompts, key, model.cfg)
     graph, params = nnx.split(model)
-    outputs = _decode(
-        graph, params, jnp.asarray(padded), jnp.asarray(lengths), Knobs.of(config), key, config.max_new_tokens, eos,
-    )
-    return finish(*outputs, pad_id=pad_id(model.cfg, eos))
+    outputs = _decode(graph, params, jnp.asarray(batch.ids), jnp.asarray(batch.lengths), batch.eos, Knobs.of(config),
+                      batch.key, config.max_new_tokens)
+    return batch.finish(*outputs)

@@ -23,7 +23,7 @@ import os
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -33,6 +33,7 @@ from apd_jax.utils.runtime import package_version
 
 DEFAULT_BATCH_SIZE = 32  # past batch 16-32 a 7B drafter's pass is compute-bound: larger batches gain nothing
 RUN_SUFFIX = ".apd-jax-run.json"  # the run record beside an output file
+T = TypeVar("T")
 
 
 def record(index: int, prompt: str, result: GenerationResult, row: int, decode: Callable[[list[int]], str]) -> dict:
@@ -205,18 +206,24 @@ def kept_records(output: Path) -> tuple[int, int] | None:
         return None
 
 
-def padded_batches(prompt_ids: Sequence[Sequence[int]], batch_size: int, start: int = 0
-                   ) -> list[tuple[range, list[list[int]]]]:
-    """(prompt indices, rows) of each batch from prompt `start` on, every batch of one shape: the rows
-    of the last one filled up with copies of its first prompt (their results are to be dropped)."""
+def padded_batches(items: Sequence[T], batch_size: int, start: int = 0, *, lengths: Sequence[int] | None = None
+                   ) -> list[tuple[list[int], list[T]]]:
+    """(item indices, items) of each batch from item `start` on, every batch of one size (batch_size, or
+    the items left when fewer): the last one filled up with copies of its first item, whose results are
+    to be dropped. With `lengths`, items go longest first, so a batch's rows pad to similar lengths.
+
+    The one fixed-shape batching of apd_jax: one compiled shape serves every batch of a call.
+    """
     if batch_size < 1:
         raise ValueError(f"--batch-size {batch_size} must be >= 1")
-    n = len(prompt_ids)
-    size = min(batch_size, max(n - start, 1))
+    order = list(range(start, len(items)))
+    if lengths is not None:
+        order.sort(key=lambda i: -lengths[i])
+    size = min(batch_size, max(len(order), 1))
     out = []
-    for first in range(start, n, size):
-        idx = range(first, min(first + size, n))
-        rows = [list(prompt_ids[i]) for i in idx]
+    for first in range(0, len(order), size):
+        idx = order[first : first + size]
+        rows = [items[i] for i in idx]
         out.append((idx, rows + [rows[0]] * (size - len(rows))))
     return out
 
@@ -245,7 +252,7 @@ def generate_in_batches(
     records: list[dict] = []
     with _progress(len(prompts), start, enabled=progress) as advance:
         for idx, rows in padded_batches(prompt_ids, batch_size, start):
-            result = generate(rows, idx[0])
+            result = generate([list(r) for r in rows], idx[0])
             new = [record(i, prompts[i], result, r, decode) for r, i in enumerate(idx)]
             if output is not None:
                 output.append(new)

@@ -22,10 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from apd_jax.decoding.generation import DecoderConfig, GenerationResult, capacity, check_config, check_prompts, default_key
-from apd_jax.decoding.generation import finish, pad_id, pad_prompts, prompt_bucket, resolve_eos
+from apd_jax.decoding.generation import Batch, DecoderConfig, GenerationResult, check_config, prepare
 from apd_jax.models.model import Qwen2, shift_right
 from apd_jax.decoding.sampling import Knobs, exclude_token, filter_logits, gumbel_argmax, gumbel_noise
+from apd_jax.utils.shapes import pow2_bucket
 
 # Index order is the traced `alg` switch; the first three select a confidence.
 ALGORITHMS = ("maskgit_plus", "topk_margin", "entropy", "origin")
@@ -123,11 +123,6 @@ def dream_transfer_ratios(steps: int, eps: float) -> np.ndarray:
     ratios = np.float32(1.0) - ts[1:] / ts[:-1]
     ratios[-1] = 1.0
     return ratios.astype(np.float32)
-
-
-def _steps_bucket(steps: int) -> int:
-    """Schedule table length: a power of two (>= 16), so new step counts rarely recompile."""
-    return max(16, 1 << (steps - 1).bit_length())
 
 
 # Pure per-pass pieces
@@ -283,27 +278,12 @@ def _dream_sample(graph, params, prompts, prompt_lens, eos, knobs: _DreamKnobs, 
     return _canvas_outputs(jax.lax.while_loop(cond, body, state), eos)
 
 
-def prepare_prompts(
-    model: Qwen2,
-    prompts: Sequence[Sequence[int]],
-    max_new_tokens: int,
-    max_len: int | None,
-    eos_token_ids: tuple[int, ...] | None,
-) -> tuple[jax.Array, jax.Array, jax.Array, int]:
-    """Checked, padded prompts, the eos ids (an array: only their number is compiled in) and the pad id."""
+def prepare_canvas(model: Qwen2, config: DecoderConfig, prompts: Sequence[Sequence[int]], key) -> Batch:
+    """The shared set-up (generation.prepare) for a Dream model, whose prompts may not hold its mask."""
     cfg = model.cfg
     if cfg.causal or cfg.mask_token_id is None:
         raise ValueError("diffusion decoding needs a bidirectional (Dream) model with a mask token")
-    rows = check_prompts(prompts, cfg.vocab_size)
-    for i, p in enumerate(rows):
-        if cfg.mask_token_id in p:
-            raise ValueError(
-                f"prompt {i} holds the mask token id {cfg.mask_token_id}: it would be decoded as a masked position"
-            )
-    room = capacity(max_len, cfg)
-    padded, lengths = pad_prompts(rows, prompt_bucket(max(map(len, rows)), max_new_tokens, room))
-    eos = resolve_eos(eos_token_ids, cfg)
-    return jnp.asarray(padded), jnp.asarray(lengths), jnp.asarray(eos, jnp.int32), pad_id(cfg, eos)
+    return prepare(config, prompts, key, cfg, mask_id=cfg.mask_token_id)
 
 
 def diffusion_generate(
@@ -315,10 +295,8 @@ def diffusion_generate(
     """Dream's `diffusion_generate` (its `_sample`) for a batch of ragged prompts, one compiled call;
     `accepted[b, i]` counts the positions step i unmasked (one predicting the mask stays masked)."""
     config = check_config(config, DiffusionConfig)
-    key = default_key(key)
-    padded, lengths, eos, pad = prepare_prompts(model, prompts, config.max_new_tokens, config.max_len,
-                                                config.eos_token_ids)
-    ratios = np.zeros(_steps_bucket(config.steps), np.float32)
+    batch = prepare_canvas(model, config, prompts, key)
+    ratios = np.zeros(pow2_bucket(config.steps), np.float32)
     ratios[: config.steps] = dream_transfer_ratios(config.steps, config.eps)
     knobs = _DreamKnobs(
         Knobs.of(config), jnp.int32(config.steps), jnp.asarray(ratios),
@@ -326,9 +304,10 @@ def diffusion_generate(
     )
     graph, params = nnx.split(model)
     gen, lens, accepted, hit, passes = _dream_sample(
-        graph, params, padded, lengths, eos, knobs, key, config.max_new_tokens, model.cfg.mask_token_id,
+        graph, params, jnp.asarray(batch.ids), jnp.asarray(batch.lengths), batch.eos, knobs, batch.key,
+        config.max_new_tokens, model.cfg.mask_token_id,
     )
-    return finish(gen, lens, np.asarray(accepted)[:, : config.steps], hit, passes, pad_id=pad)
+    return batch.finish(gen, lens, np.asarray(accepted)[:, : config.steps], hit, passes)
 
 
 # Parallel decoding with a keep rule (threshold here, Learn2PD's filter elsewhere)
@@ -403,15 +382,14 @@ def parallel_decode(
     masked) -> bool [B, N]` keeps, and the most confident one whatever it says (so at most
     max_new_tokens passes). The rule's variables are traced; the mask is never predicted."""
     config = check_config(config, ParallelConfig)
-    key = default_key(key)
-    padded, lengths, eos, pad = prepare_prompts(model, prompts, config.max_new_tokens, config.max_len,
-                                                config.eos_token_ids)
+    batch = prepare_canvas(model, config, prompts, key)
     knobs = _ParallelKnobs(Knobs.of(config), jnp.float32(2.0 if config.eot_threshold is None else config.eot_threshold))
     graphs, params = zip(nnx.split(model), nnx.split(rule))
     outputs = _parallel(
-        graphs, params, padded, lengths, eos, knobs, key, config.max_new_tokens, model.cfg.mask_token_id, pad,
+        graphs, params, jnp.asarray(batch.ids), jnp.asarray(batch.lengths), batch.eos, knobs, batch.key,
+        config.max_new_tokens, model.cfg.mask_token_id, batch.pad_id,
     )
-    return finish(*outputs, pad_id=pad)
+    return batch.finish(*outputs)
 
 
 def threshold_generate(

@@ -11,9 +11,11 @@ from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar, TypeVar
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from apd_jax.models.config import ModelConfig, raise_problems
+from apd_jax.utils.shapes import pow2_bucket
 
 
 class InputTypeError(TypeError, ValueError):
@@ -237,11 +239,32 @@ def _prompt_ids(i: int, prompt: Any) -> list[int]:
     return [int(x) for x in ids]
 
 
-def check_prompts(prompts: Sequence[Sequence[int]], vocab: int) -> list[list[int]]:
-    """Prompts as lists of Python ints, each non-empty and inside [0, vocab).
+def _prompt_problem(ids: list[int], vocab: int, mask_id: int | None) -> str | None:
+    """What keeps one prompt from being decoded (None: nothing), as the rest of a sentence naming it."""
+    if not ids:
+        return "is empty: generation needs at least one prompt token to condition on"
+    bad = [x for x in ids if not 0 <= x < vocab]
+    if bad:
+        return f"holds ids {bad[:5]} outside the vocabulary [0, {vocab})"
+    if mask_id is not None and mask_id in ids:
+        return f"holds the mask token id {mask_id}: it would be decoded as a masked position"
+    return None
+
+
+def check_prompts(
+    prompts: Sequence[Sequence[int]],
+    vocab: int,
+    *,
+    mask_id: int | None = None,
+    fits: tuple[int, int] | None = None,
+    sources: Sequence[str] | None = None,
+) -> list[list[int]]:
+    """Prompts as lists of Python ints, each non-empty, inside [0, vocab) and free of `mask_id`;
+    with fits=(max_new_tokens, capacity), each also fits the cache with its generation.
 
     Takes a sequence of prompts, each a sequence (or 1-d array) of integer ids; a string, a flat
-    list of ids or a non-integer id is an error naming the prompt.
+    list of ids or a non-integer id is an error naming the prompt: 'prompt i', or sources[i]
+    (a file and line) when given. Every prompt is checked, so a batch job fails before it decodes.
     """
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Iterable):
         raise InputTypeError(f"prompts is {prompts!r:.40} ({_a(type(prompts))}): {_PROMPTS_SHAPE}")
@@ -252,12 +275,16 @@ def check_prompts(prompts: Sequence[Sequence[int]], vocab: int) -> list[list[int
         raise InputTypeError(f"prompts is a flat list of ids: {_PROMPTS_SHAPE} ([[1, 2, 3]] for one prompt, "
                              "not [1, 2, 3])")
     rows = [_prompt_ids(i, p) for i, p in enumerate(prompts)]
-    for i, p in enumerate(rows):
-        if not p:
-            raise ValueError(f"prompt {i} is empty: generation needs at least one prompt token to condition on")
-        bad = [x for x in p if not 0 <= x < vocab]
-        if bad:
-            raise ValueError(f"prompt {i} holds ids {bad[:5]} outside the vocabulary [0, {vocab})")
+    names = [f"prompt {i}" for i in range(len(rows))] if sources is None else list(sources)
+    for ids, name in zip(rows, names):
+        problem = _prompt_problem(ids, vocab, mask_id)
+        if problem is not None:
+            raise ValueError(f"{name} {problem}")
+        if fits is not None:
+            try:
+                prompt_bucket(len(ids), *fits)
+            except ValueError as err:
+                raise ValueError(f"{name}: {err}") from None
     return rows
 
 
@@ -272,7 +299,7 @@ def prompt_bucket(longest: int, max_new_tokens: int, capacity: int) -> int:
             f"{capacity}; shorten the prompt or lower max_new_tokens (a max_len set below the models' context, "
             "generate's --max-len, may be raised up to it)"
         )
-    return min(max(16, 1 << (longest - 1).bit_length()), capacity - max_new_tokens)
+    return min(pow2_bucket(longest), capacity - max_new_tokens)
 
 
 def pad_prompts(rows: list[list[int]], length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -288,6 +315,46 @@ def finish(out, lengths, accepted, eos_hit, passes, pad_id: int) -> GenerationRe
     out, lengths = np.asarray(out), np.asarray(lengths)
     out = np.where(np.arange(out.shape[1]) < lengths[:, None], out, pad_id)
     return GenerationResult(out, lengths, np.asarray(accepted), np.asarray(eos_hit), int(passes))
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """One decoding call's inputs at a fixed shape: what every decoder's compiled loop starts from."""
+
+    ids: np.ndarray  # [B, P] int32, right-padded with 0; P a power-of-two bucket (prompt_bucket)
+    lengths: np.ndarray  # [B] int32: each prompt's own length
+    eos_ids: tuple[int, ...]  # the ids a row stops at (resolve_eos)
+    pad_id: int  # fills each row's result after its end
+    key: jax.Array
+    capacity: int  # positions the caches and sequences hold
+
+    @property
+    def eos(self) -> jax.Array:
+        """The eos ids as a traced [E] array: only their number is compiled in."""
+        return jnp.asarray(self.eos_ids, jnp.int32).reshape(-1)
+
+    def finish(self, out, lengths, accepted, eos_hit, passes) -> GenerationResult:
+        return finish(out, lengths, accepted, eos_hit, passes, self.pad_id)
+
+
+def prepare(
+    config: DecoderConfig,
+    prompts: Sequence[Sequence[int]],
+    key: jax.Array | None,
+    *model_cfgs: ModelConfig,
+    vocab: int | None = None,
+    mask_id: int | None = None,
+) -> Batch:
+    """The set-up every decoder shares, for validated settings: the key, the prompts checked against the
+    vocabulary (default the first model's) and the mask, the capacity of the models run, the prompts
+    padded to their bucket, and the eos and pad ids (from the first model's config)."""
+    key = default_key(key)
+    vocab = model_cfgs[0].vocab_size if vocab is None else vocab
+    rows = check_prompts(prompts, vocab, mask_id=mask_id)
+    room = capacity(config.max_len, *model_cfgs)
+    ids, lengths = pad_prompts(rows, prompt_bucket(max(map(len, rows)), config.max_new_tokens, room))
+    eos = resolve_eos(config.eos_token_ids, model_cfgs[0], vocab)
+    return Batch(ids, lengths, eos, pad_id(model_cfgs[0], eos), key, room)
 
 
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_to_mlir_module_duration", "/jax/core/compile/backend_compile_duration")

@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TimeRemainingColumn
 from apd_jax.decoding.apd import APDConfig, apd_generate, shared_vocab_size
 from apd_jax.decoding.batching import DEFAULT_BATCH_SIZE, generate_batched, padded_batches
 from apd_jax.checkpoints import load_model, load_tokenizer
-from apd_jax.decoding.generation import capacity, prompt_bucket
+from apd_jax.decoding.generation import capacity, check_prompts
 from apd_jax.models.model import Qwen2
 from apd_jax.utils.progress import terminal_progress
 
@@ -108,11 +108,9 @@ def evaluate(
     seconds = 0.0
     ids = [tokenizer.encode(prompt.format(question=item["question"])) for item in items]
     context = capacity(config.max_len, drafter.cfg, verifier.cfg)
-    for n, row in enumerate(ids, 1):  # every item fits before the first is decoded
-        try:
-            prompt_bucket(len(row), config.max_new_tokens, context)
-        except ValueError as err:
-            raise ValueError(f"evaluation item {n} ({str(items[n - 1]['question'])[:40]!r}): {err}") from None
+    # Every item checked before the first is decoded.
+    check_prompts(ids, shared_vocab_size(drafter.cfg, verifier.cfg), fits=(config.max_new_tokens, context),
+                  sources=[f"evaluation item {n} ({str(item['question'])[:40]!r})" for n, item in enumerate(items, 1)])
     columns = ("items", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with terminal_progress(columns, "evaluate", len(items)) as advance:
         for idx, rows in padded_batches(ids, batch_size):

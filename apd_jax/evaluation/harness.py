@@ -32,6 +32,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from apd_jax import ASSETS_DIR
 from apd_jax.decoding.apd import shared_vocab_size
+from apd_jax.decoding.batching import padded_batches
 from apd_jax.checkpoints import load_model, load_tokenizer
 from apd_jax.decoding.registry import DECODERS as REGISTRY
 from apd_jax.decoding.registry import Models
@@ -80,12 +81,6 @@ def scoring_window(context: list[int], continuation: list[int], max_length: int)
         raise ValueError(f"a continuation of {len(continuation)} tokens exceeds max_length {max_length}")
     whole = (context + continuation)[-(max_length + 1) :]
     return whole[:-1], whole[1:]
-
-
-def batches(lengths: Sequence[int], size: int) -> list[list[int]]:
-    """Indices grouped `size` at a time, longest first, so a batch pads to similar lengths."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[i : i + size] for i in range(0, len(order), size)]
 
 
 def truncate_at_stop(text: str, until: Sequence[str]) -> str:
@@ -196,13 +191,12 @@ class APDLM(TemplateLM):
             if len(context) + len(continuation) > self.max_length + 1:
                 log.warning("context of %d tokens cut to its last %d", len(context), len(windows[-1][0]))
         results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
-        for batch in batches([len(inputs) for inputs, _ in windows], self.batch_size):
-            rows = [windows[i] for i in batch]
-            # Fixed batch rows and power-of-two lengths keep the compiled shapes few.
+        lengths = [len(inputs) for inputs, _ in windows]
+        for batch, rows in padded_batches(windows, self.batch_size, lengths=lengths):
+            # Power-of-two lengths (and one batch size) keep the compiled shapes few.
             length = prompt_bucket(max(len(inputs) for inputs, _ in rows), 0, self.max_length)
-            filler = [[self.eot_token_id]] * (self.batch_size - len(rows))
-            inputs, _ = pad_prompts([r[0] for r in rows] + filler, length)
-            targets, _ = pad_prompts([r[1] for r in rows] + filler, length)
+            inputs, _ = pad_prompts([r[0] for r in rows], length)
+            targets, _ = pad_prompts([r[1] for r in rows], length)
             logp, greedy = map(np.asarray, token_logprobs(self.verifier, jnp.asarray(inputs), jnp.asarray(targets)))
             for row, i in enumerate(batch):
                 end, span = len(windows[i][0]), len(requests[i][2])
@@ -258,11 +252,7 @@ class APDLM(TemplateLM):
             log.warning("contexts longer than max_length - max_gen_toks = %d tokens keep their last %d", room, room)
         prompts = [ids[-room:] for ids in encoded]
         texts = [""] * len(contexts)
-        groups = batches([len(p) for p in prompts], self.batch_size)
-        for batch in groups:
-            rows = [prompts[i] for i in batch]
-            # Repeat the last prompt so the group's batches share one compiled batch size.
-            rows += [rows[-1]] * (len(groups[0]) - len(rows))
+        for batch, rows in padded_batches(prompts, self.batch_size, lengths=[len(p) for p in prompts]):
             self.key, key = jax.random.split(self.key)
             start = time.perf_counter()
             result = self.chosen.generate(self.models, rows, config, key)

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from apd_jax.text.tokenizer import SPECIAL_TOKENS
+from apd_jax.utils.shapes import pow2_bucket
 
 EXCLUDED_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 MAX_FILE_BYTES = 400_000  # drops pydoc_data/topics.py (a 750 KB string literal)
@@ -228,7 +229,7 @@ def apd_eval_prompts(
     longest = seq_len // 4
     candidates = heldout_prompts(heldout_docs, 4 * n) + heldout_prompts(heldout_docs, 4 * n, context_lines=0)
     prompts = [q for q in candidates if len(tok.encode(q).ids) <= longest][:n]
-    return prompts, min(max_new_tokens, seq_len - max(16, 1 << (longest - 1).bit_length()))
+    return prompts, min(max_new_tokens, seq_len - pow2_bucket(longest))
 
 
 def stdlib_prompts(

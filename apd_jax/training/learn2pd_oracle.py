@@ -25,9 +25,11 @@ from apd_jax.decoding.diffusion import (
     generation_logits,
     most_confident,
     predict,
-    prepare_prompts,
+    prepare_canvas,
     threshold_generate,
 )
+from apd_jax.decoding.batching import padded_batches
+from apd_jax.decoding.generation import DecoderConfig
 from apd_jax.decoding.learn2pd import FEATURES, pass_features
 from apd_jax.models.model import Qwen2
 from apd_jax.decoding.sampling import Knobs, exclude_token
@@ -127,11 +129,10 @@ def oracle_traces(
     mask_id = model.cfg.mask_token_id
     if (answers == mask_id).any() or (answers < 0).any() or (answers >= model.cfg.vocab_size).any():
         raise ValueError(f"answers must be ids of the vocabulary [0, {model.cfg.vocab_size}) other than the mask")
-    padded, lengths, _, _ = prepare_prompts(model, prompts, n, max_len, ())
+    batch = prepare_canvas(model, DecoderConfig(max_new_tokens=n, max_len=max_len, eos_token_ids=()), prompts, None)
     graph, params = nnx.split(model)
-    features, labels, recorded = map(
-        np.asarray, _oracle(graph, params, padded, lengths, jnp.asarray(answers), n, mask_id)
-    )
+    features, labels, recorded = map(np.asarray, _oracle(
+        graph, params, jnp.asarray(batch.ids), jnp.asarray(batch.lengths), jnp.asarray(answers), n, mask_id))
     passes, rows, _ = np.nonzero(recorded)
     return Traces(features[recorded], labels[recorded], rows + first_row, passes)
 
@@ -151,14 +152,12 @@ def collect_traces(
     batch_size: int = 8,
     max_len: int | None = None,
 ) -> Traces:
-    """Final answers, then oracle traces, for prompts in batches of `batch_size`."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    """Final answers, then oracle traces, for prompts in batches of `batch_size` (one compiled shape)."""
     parts = []
-    for start in range(0, len(prompts), batch_size):
-        batch = prompts[start : start + batch_size]
-        answers = final_answers(model, batch, max_new_tokens, max_len)
-        parts.append(oracle_traces(model, batch, answers, max_len, first_row=start))
+    for idx, rows in padded_batches(prompts, batch_size):
+        answers = final_answers(model, rows, max_new_tokens, max_len)
+        # The rows filling up the last batch (numbered past it) are dropped.
+        parts.append(oracle_traces(model, rows, answers, max_len, first_row=idx[0]).select(np.asarray(idx)))
     if not parts:
         raise ValueError("no prompts given")
     return Traces.concatenate(parts)
