@@ -12,6 +12,7 @@ from pathlib import Path
 
 from apd_jax import ASSETS_DIR
 from apd_jax.text.corpus import stdlib_prompts
+from apd_jax.text.prompts import SEED_MAX
 from apd_jax.text.tokenizer import load_tokenizer_file
 
 
@@ -45,7 +46,6 @@ def nonnegative_int(text: str) -> int:
     return _integer(text, 0)
 
 
-SEED_MAX = 2**63 - 2  # a jax key takes a signed 64-bit seed, and train's verifier takes seed + 1
 
 
 def seed(text: str) -> int:
