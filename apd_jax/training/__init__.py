@@ -18,11 +18,11 @@ from typing import Any
 
 _PUBLIC = {
     "apd_jax.training.settings": ("PipelineSettings", "TrainSettings"),
-    "apd_jax.training.objectives": ("AR_OBJECTIVE", "Objective", "completion_metrics", "diffusion_loss",
-                                    "diffusion_mask", "diffusion_objective", "objective_for"),
-    "apd_jax.training.loop": ("MatmulEmbed", "fit_micro_batches", "for_training", "make_optimizer", "train_model"),
-    "apd_jax.training.outputs": ("EVAL_FILE", "RECORD", "replacing", "save_model"),
-    "apd_jax.training.pipeline": ("check_settings", "run_pipeline"),
+    "apd_jax.training.objectives": ("AR_OBJECTIVE", "Objective", "diffusion_loss", "diffusion_mask",
+                                    "diffusion_objective"),
+    "apd_jax.training.loop": ("MatmulEmbed", "fit_micro_batches", "for_training", "train_model"),
+    "apd_jax.training.outputs": ("save_model",),
+    "apd_jax.training.pipeline": ("run_pipeline",),
 }
 _MODULE_OF = {name: module for module, names in _PUBLIC.items() for name in names}
 
