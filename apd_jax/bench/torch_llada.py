@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from apd_jax.bench.llada_published import LLaDAConfig, LLaDAModelLM
+from apd_jax.bench.llada_published.configuration_llada import LLaDAConfig
+from apd_jax.bench.llada_published.modeling_llada import LLaDAModelLM
 
 # Large enough that nothing is ~0; smaller than the Qwen2/Dream fixtures' 0.3: with LLaDA's
 # rope_theta 500000 most rotary frequencies barely turn over a few hundred positions, and larger

@@ -1,21 +1,3 @@
-# Copyright 2025 NVIDIA CORPORATION & AFFILIATES
-#
-# Licensed under the Apache License, Version 2.0 (the "License");
-# you may not use this file except in compliance with the License.
-# You may obtain a copy of the License at
-#
-#     http://www.apache.org/licenses/LICENSE-2.0
-#
-# Unless required by applicable law or agreed to in writing, software
-# distributed under the License is distributed on an "AS IS" BASIS,
-# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
-# See the License for the specific language governing permissions and
-# limitations under the License.
-#
-# SPDX-License-Identifier: Apache-2.0
-# Modified from LLaDA repos: https://github.com/ML-GSAI/LLaDA
-
-from .configuration_llada import LLaDAConfig
-from .modeling_llada import LLaDAModelLM
-
-__all__ = ['LLaDAConfig', 'LLaDAModelLM']
+"""The published LLaDA modeling code (NVlabs/Fast-dLLM's llada/model/, Apache-2.0, changes listed at
+the top of each file): import configuration_llada and modeling_llada themselves. Fast-dLLM's
+package __init__ imports both; this one imports nothing, so walking apd_jax's packages loads no torch."""
