@@ -5,6 +5,7 @@ sharded loading, and clear errors for configs apd_jax does not run."""
 import json
 import math
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -16,8 +17,10 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from apd_jax.bench.torch_llada import load_torch_llada, save_tiny_llada  # noqa: E402
+from safetensors.numpy import save_file  # noqa: E402
+
 from apd_jax.checkpoints import (  # noqa: E402
-    convert_hf_to_orbax, convert_orbax_to_hf, expected_shapes, export_hf, load_hf, load_model, model_params,
+    CheckpointError, convert_hf_to_orbax, convert_orbax_to_hf, expected_shapes, export_hf, load_hf, load_model, model_params,
     read_config,
 )
 from apd_jax.checkpoints.safetensors import iter_hf_tensors  # noqa: E402
@@ -115,6 +118,26 @@ def test_hf_orbax_hf_round_trip_is_bit_exact_in_bf16(sharded, tmp_path):
     np.testing.assert_array_equal(forward_logits(load_hf(src), jnp.asarray(TOKENS)),
                                   forward_logits(load_hf(tmp_path / "back"), jnp.asarray(TOKENS)))
     np.testing.assert_array_equal(published_logits(src), published_logits(tmp_path / "back"))
+
+
+@pytest.mark.parametrize("edit, error", [
+    (lambda t: t.pop("model.transformer.blocks.1.up_proj.weight"),
+     r"is missing tensors \['model.transformer.blocks.1.up_proj.weight'\]"),
+    (lambda t: t.update({"model.transformer.ln_f.weight": np.ones(63, np.float32)}),
+     r"tensor 'model.transformer.ln_f.weight' in .* has shape \(63,\), but config.json implies \(64,\)"),
+])
+def test_a_damaged_checkpoint_names_the_tensor(edit, error, llada_dirs, tmp_path):
+    # The same checks and errors as every family's: the converter reads LLaDA's names from its table.
+    bad = tmp_path / "bad"
+    shutil.copytree(llada_dirs["gqa"], bad)
+    state = tensors(bad)
+    edit(state)
+    save_file(state, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=error):
+        load_model(bad)
+    with pytest.raises(CheckpointError, match=error):
+        convert_hf_to_orbax(bad, tmp_path / "flax")
+    assert not (tmp_path / "flax").exists()
 
 
 def test_bfloat16_load_runs_in_bfloat16(llada_dirs):

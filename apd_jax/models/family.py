@@ -33,7 +33,7 @@ class Param:
     split: str | None = None
 
 
-@dataclasses.dataclass(frozen=True, eq=False)  # one object per family: compared and hashed by identity
+@dataclasses.dataclass(frozen=True, eq=False)  # compared and hashed by name (its table is a dict)
 class Family:
     """One family of checkpoints apd_jax runs with model.Qwen2's module.
 
@@ -60,6 +60,12 @@ class Family:
 
     def __repr__(self) -> str:
         return f"Family({self.name!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Family) and other.name == self.name
+
+    def __hash__(self) -> int:
+        return hash(self.name)
 
     def param(self, path: str) -> Param:
         """The description of one Flax parameter (e.g. 'layers.3.mlp.down_proj.kernel'), layer index filled in."""
