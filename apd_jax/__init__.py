@@ -6,10 +6,10 @@ decoder registry, the result type and the chat helpers. Names are imported on fi
 `import apd_jax` stays cheap and a command that needs no decoder loads none.
 """
 
-import importlib
 import os
 from pathlib import Path
-from typing import Any
+
+from apd_jax.utils.lazy import lazy_names
 
 # transformers prints advice on import (e.g. "PyTorch was not found", where torch is absent: apd_jax
 # uses transformers only for tokenizers and configs); it is not for apd_jax's users. A value the user
@@ -28,21 +28,9 @@ _PUBLIC = {
     "apd_jax.decoding.autoregressive": ("ARConfig", "ar_generate"),
     "apd_jax.decoding.diffusion": ("DiffusionConfig", "diffusion_generate", "ThresholdConfig", "threshold_generate"),
     "apd_jax.decoding.learn2pd": ("Learn2PDConfig", "learn2pd_generate", "load_filter"),
+    "apd_jax.decoding.blocks": ("LLaDAConfig", "llada_generate"),
     "apd_jax.decoding.registry": ("DECODERS", "Models", "decoder"),
     "apd_jax.text.chat": ("chat_prompt_ids", "messages", "stop_token_ids"),
 }
-_MODULE_OF = {name: module for module, names in _PUBLIC.items() for name in names}
-
-__all__ = ["ASSETS_DIR", *_MODULE_OF]
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _MODULE_OF:
-        raise AttributeError(f"module 'apd_jax' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_MODULE_OF[name]), name)
-    globals()[name] = value  # looked up once
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+_names, __getattr__, __dir__ = lazy_names(__name__, _PUBLIC, globals())
+__all__ = ["ASSETS_DIR", *_names]

@@ -1,4 +1,4 @@
-"""Checks of the PyTorch reference itself (apd_jax/bench/torch_reference.py), before the JAX code is compared to it."""
+"""Checks of the PyTorch reference itself (apd_jax/bench/torch_reference/), before the JAX code is compared to it."""
 
 from __future__ import annotations
 

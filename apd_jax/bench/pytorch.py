@@ -3,7 +3,7 @@
 `apd-jax bench --torch` runs this in its own process (PyTorch and JAX never share the GPU's
 memory), on the prompts, settings and weight distribution of `apd-jax bench`:
 
-- **PyTorch APD**: `torch_reference.torch_apd_generate`, the port of the published `apd_sample`
+- **PyTorch APD**: `torch_reference.decoders.torch_apd_generate`, the port of the published `apd_sample`
   loop the parity tests hold apd_jax to; batch 1, greedy, with the drafter's KV cache on and
   off (the published default, Dream's use_cache false: the same loop with W past the length).
 - **PyTorch Dream left-to-right K**: `torch_leftright_generate`, the "Dream K=k" baseline.

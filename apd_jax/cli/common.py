@@ -1,7 +1,7 @@
 """The `apd-jax` subcommands (registered in apd_jax/cli/app.py) and what they share.
 
 `apd-jax --help` imports every subcommand module to build its parser, so they and this
-package import no training code (apd_jax.training.train, optax) at module level: `apd-jax train`
+package import no training code (apd_jax.training's loop and objectives, optax) at module level: `apd-jax train`
 imports it when it runs.
 """
 

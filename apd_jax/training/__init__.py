@@ -13,8 +13,7 @@ The names below are importable from here (`from apd_jax.training import train_mo
 on first use, so that reading the settings loads no training code (optax, the model).
 """
 
-import importlib
-from typing import Any
+from apd_jax.utils.lazy import lazy_names
 
 _PUBLIC = {
     "apd_jax.training.settings": ("PipelineSettings", "TrainSettings"),
@@ -24,18 +23,4 @@ _PUBLIC = {
     "apd_jax.training.outputs": ("save_model",),
     "apd_jax.training.pipeline": ("run_pipeline",),
 }
-_MODULE_OF = {name: module for module, names in _PUBLIC.items() for name in names}
-
-__all__ = list(_MODULE_OF)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _MODULE_OF:
-        raise AttributeError(f"module 'apd_jax.training' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_MODULE_OF[name]), name)
-    globals()[name] = value  # looked up once
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__all__, __getattr__, __dir__ = lazy_names(__name__, _PUBLIC, globals())
