@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from apd_jax.decoding.generation import Batch, DecoderConfig, GenerationResult, check_config, prepare
-from apd_jax.models.model import Qwen2, shift_right
+from apd_jax.models.model import Qwen2
 from apd_jax.decoding.sampling import Knobs, exclude_token, filter_logits, gumbel_argmax, gumbel_noise
 from apd_jax.utils.shapes import pow2_bucket
 
@@ -151,7 +151,7 @@ def build_canvas(prompts: jax.Array, prompt_lens: jax.Array, gen: jax.Array) -> 
 def generation_logits(model: Qwen2, canvas: jax.Array, prompt_lens: jax.Array, end: jax.Array, n: int) -> jax.Array:
     """Float32 logits [B, N, V] for each row's N generated positions, attending up to `end` [B]."""
     hidden, _ = model(canvas, valid=end)
-    hidden = shift_right(hidden)
+    hidden = model.aligned(hidden)
     idx = prompt_lens[:, None] + jnp.arange(n)
     return model.logits(jnp.take_along_axis(hidden, idx[:, :, None], axis=1))
 
@@ -245,7 +245,7 @@ class CanvasState:
         return cls(jnp.int32(0), jnp.full((b, n), mask_id, jnp.int32), jnp.zeros((b, bound), jnp.int32), key)
 
 
-def _canvas_outputs(state: CanvasState, eos: jax.Array):
+def canvas_outputs(state: CanvasState, eos: jax.Array):
     """(tokens, lengths, accepted, stopped at eos, passes): what `finish` takes. A row's
     length runs through its first eos, else over the whole canvas."""
     n = state.gen.shape[1]
@@ -275,14 +275,16 @@ def _dream_sample(graph, params, prompts, prompt_lens, eos, knobs: _DreamKnobs, 
         return CanvasState(i + 1, jnp.where(transfer, pred.tokens, gen), accepted, key)
 
     state = CanvasState.start(b, max_new, knobs.ratios.shape[0], mask_id, key)
-    return _canvas_outputs(jax.lax.while_loop(cond, body, state), eos)
+    return canvas_outputs(jax.lax.while_loop(cond, body, state), eos)
 
 
 def prepare_canvas(model: Qwen2, config: DecoderConfig, prompts: Sequence[Sequence[int]], key) -> Batch:
-    """The shared set-up (generation.prepare) for a Dream model, whose prompts may not hold its mask."""
+    """The shared set-up (generation.prepare) for a diffusion model (Dream, LLaDA), whose prompts may
+    not hold its mask."""
     cfg = model.cfg
     if cfg.causal or cfg.mask_token_id is None:
-        raise ValueError("diffusion decoding needs a bidirectional (Dream) model with a mask token")
+        raise ValueError(f"diffusion decoding needs a bidirectional model (Dream or LLaDA) with a mask token, "
+                         f"not a {cfg.model_type} model")
     return prepare(config, prompts, key, cfg, mask_id=cfg.mask_token_id)
 
 
@@ -368,7 +370,7 @@ def _parallel(graphs, params, prompts, prompt_lens, eos, knobs: _ParallelKnobs, 
 
     start = CanvasState.start(b, max_new, max_new, mask_id, key)
     state = _ParallelState(**vars(start), limit=jnp.full((b,), max_new, jnp.int32))
-    return _canvas_outputs(jax.lax.while_loop(cond, body, state), eos)
+    return canvas_outputs(jax.lax.while_loop(cond, body, state), eos)
 
 
 def parallel_decode(

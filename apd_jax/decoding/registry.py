@@ -15,6 +15,7 @@ from jax.sharding import Mesh
 
 from apd_jax.decoding.apd import APDConfig, LeftRightConfig, apd_generate, leftright_generate
 from apd_jax.decoding.autoregressive import ARConfig, ar_generate
+from apd_jax.decoding.blocks import LLaDAConfig, llada_generate
 from apd_jax.decoding.diffusion import DiffusionConfig, ThresholdConfig, diffusion_generate, threshold_generate
 from apd_jax.decoding.generation import DecoderConfig, GenerationResult, capacity, check_config
 from apd_jax.decoding.learn2pd import Filter, Learn2PDConfig, learn2pd_generate
@@ -25,7 +26,7 @@ from apd_jax.models.model import Qwen2
 class Models:
     """What a decoder may run on; each decoder reads only the members it `uses`."""
 
-    drafter: Qwen2 | None = None  # Dream (bidirectional)
+    drafter: Qwen2 | None = None  # a diffusion model (bidirectional): Dream, or LLaDA
     verifier: Qwen2 | None = None  # Qwen2 (causal)
     filter: Filter | None = None  # Learn2PD's trained filter
     shared_vocab: int | None = None  # APD: the ids both models score (apd.shared_vocab_size), if checked already
@@ -101,6 +102,8 @@ DECODERS: dict[str, Decoder] = {d.name: d for d in (
     Decoder("learn2pd", "commit the predictions a trained filter judges right (Learn2PD)", Learn2PDConfig,
             lambda m, p, s, key: learn2pd_generate(m.drafter, m.filter, p, s, key), ("drafter", "filter"),
             aliases={"threshold": "keep_threshold"}),
+    Decoder("llada", "LLaDA's generate: blocks left to right, each step a fixed count of the most confident "
+            "(or random) masks", LLaDAConfig, lambda m, p, s, key: llada_generate(m.drafter, p, s, key), ("drafter",)),
 )}
 
 

@@ -1,0 +1,304 @@
+"""One compiled decoder over blocks of the answer, for a bidirectional model (LLaDA or Dream).
+
+The answer (max_new_tokens positions after each row's prompt, all masked at first) is cut into
+blocks of `block_length`, decoded left to right. Each pass predicts the whole canvas (every block
+stays in the attention, later ones masked) and a *rule* commits masked positions up to the end of
+the row's current block (`candidates`); the rule also says when the row's block is done. Two
+parts make the decoder:
+
+- the forward (`canvas_logits`): the model over prompt + canvas, optionally with classifier-free
+  guidance against the prompt fully masked. A KV cache of the blocks before the current one
+  (Fast-dLLM's prefix and dual caches) is another forward, carried in the loop state beside the
+  canvas;
+- the rule: `LLaDARule`, the published LLaDA `generate` (a fixed count per step, by confidence or
+  at random).
+
+Rows are right-padded with their own valid lengths, so each row of a ragged batch decodes as it
+would alone. A row stops once nothing before its first eos is masked: committed tokens never
+change, so what it returns equals the filled answer up to that eos (eos_token_ids=() fills the
+whole answer, as the published code does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from apd_jax.decoding.diffusion import CanvasState, canvas_outputs, build_canvas, decoded, descending_rank, prepare_canvas
+from apd_jax.decoding.generation import DecoderConfig, GenerationResult, check_config
+from apd_jax.models.model import Qwen2
+
+REMASKING = ("low_confidence", "random")
+
+
+@dataclasses.dataclass(frozen=True)
+class LLaDAConfig(DecoderConfig):
+    """The published LLaDA `generate`'s settings (gen_length is max_new_tokens), all traced but
+    max_new_tokens, steps, block_length and whether cfg_scale > 0.
+
+    steps: passes in all (None: max_new_tokens), steps / (max_new_tokens / block_length) per block,
+    each committing a precomputed count of the block's masks. block_length None: one block.
+    remasking: which masked positions a step commits: the most confident predictions
+    ("low_confidence") or random ones. cfg_scale > 0: classifier-free guidance against the prompt
+    fully masked (two rows per row). logits_eos_inf: never predict eos_id;
+    confidence_eos_eot_inf: a prediction of eos_id or eot_id has confidence 0 (committed last).
+    eos_id and eot_id are the ids the published code hard-codes (LLaDA-8B's <|endoftext|> and
+    <|eot_id|>); they are not the stop ids (eos_token_ids).
+    """
+
+    steps: int | None = None
+    block_length: int | None = None
+    remasking: str = "low_confidence"
+    cfg_scale: float = 0.0
+    logits_eos_inf: bool = False
+    confidence_eos_eot_inf: bool = False
+    eos_id: int = 126081
+    eot_id: int = 126348
+
+    what = "LLaDA"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("steps", "block_length"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, self.max_new_tokens)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.max_new_tokens // self.block_length
+
+    def problems(self) -> list[str]:
+        problems = super().problems()
+        if self.top_p != 1.0 or self.top_k != 0:
+            problems.append(f"top_p={self.top_p}, top_k={self.top_k}: LLaDA's generate samples from the whole "
+                            "vocabulary; leave top_p 1 and top_k 0")
+        if self.steps < 1 or self.block_length < 1:
+            problems.append(f"steps={self.steps} and block_length={self.block_length} must be >= 1")
+        elif self.max_new_tokens % self.block_length:
+            problems.append(f"block_length={self.block_length} must divide max_new_tokens={self.max_new_tokens} "
+                            "(the answer is cut into whole blocks)")
+        elif self.steps % self.num_blocks:
+            problems.append(f"steps={self.steps} must be a multiple of the number of blocks {self.num_blocks} "
+                            f"(max_new_tokens / block_length): each block gets steps / blocks passes")
+        if self.remasking not in REMASKING:
+            problems.append(f"remasking={self.remasking!r}: use one of {REMASKING}")
+        if self.cfg_scale < 0:
+            problems.append(f"cfg_scale={self.cfg_scale} must be >= 0 (0 disables guidance)")
+        if self.eos_id < 0 or self.eot_id < 0:
+            problems.append(f"eos_id={self.eos_id} and eot_id={self.eot_id} must be token ids (>= 0)")
+        return problems
+
+
+def transfer_counts(block_length: int, steps: int) -> np.ndarray:
+    """[steps] int32: tokens each step of a block commits, the published `get_num_transfer_tokens` for
+    a block of `block_length` masks: block_length // steps each, the first block_length % steps one more."""
+    counts = np.full(steps, block_length // steps, np.int32)
+    counts[: block_length % steps] += 1
+    return counts
+
+
+# Noise
+
+
+def exponential_from_bits(hi: jax.Array, lo: jax.Array) -> jax.Array:
+    """-log(u) in float32 for u = 1 - (hi * 2^32 + lo + 1/2) / 2^64, uniform on a 2^-64 grid: the
+    small values come from v = 1 - u and the large from u, each formed with its own relative
+    precision, so both tails reach as far as float64's (-log of a 53-bit uniform lies in
+    [1e-16, 36.7]; here [3e-20, 44.4]), where a float32 uniform stops at [6e-8, 16.6]."""
+
+    def fraction(h: jax.Array, l: jax.Array) -> jax.Array:
+        return h.astype(jnp.float32) * 2.0**-32 + (l.astype(jnp.float32) + 0.5) * 2.0**-64
+
+    v, u = fraction(hi, lo), fraction(~hi, ~lo)  # v + u == 1 exactly in the reals
+    return jnp.where(v < 0.5, -jnp.log1p(-v), -jnp.log(u))
+
+
+def exponential64(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Exp(1) noise, float32, with float64's range (exponential_from_bits of 64 random bits)."""
+    bits = jax.random.bits(key, (2, *shape), jnp.uint32)
+    return exponential_from_bits(bits[0], bits[1])
+
+
+def gumbel_max(logits: jax.Array, temperature: jax.Array, key: jax.Array) -> jax.Array:
+    """A sample of softmax(logits / temperature) over the last axis: the published
+    argmax(exp(logits) / E^temperature) with E ~ Exp(1), as argmax(logits - temperature * log E)."""
+    return jnp.argmax(logits - temperature * jnp.log(exponential64(key, logits.shape)), axis=-1)
+
+
+# The forward
+
+
+def canvas_logits(
+    model: Qwen2, prompts: jax.Array, prompt_lens: jax.Array, gen: jax.Array, end: jax.Array, mask_id: int,
+    cfg_scale: jax.Array | None,
+) -> jax.Array:
+    """Float32 logits [B, N, V] for each row's N answer positions (read as the family predicts),
+    attending up to `end` [B]. With cfg_scale (not None), the published guidance:
+    un + (cfg_scale + 1) * (cond - un), un the logits with the prompt replaced by masks."""
+    n = gen.shape[1]
+    canvas = build_canvas(prompts, prompt_lens, gen)
+    if cfg_scale is not None:
+        unconditional = build_canvas(jnp.full_like(prompts, mask_id), prompt_lens, gen)
+        canvas, end = jnp.concatenate([canvas, unconditional]), jnp.concatenate([end, end])
+        prompt_lens = jnp.concatenate([prompt_lens, prompt_lens])
+    hidden, _ = model(canvas, valid=end)
+    idx = prompt_lens[:, None] + jnp.arange(n)
+    logits = model.logits(jnp.take_along_axis(model.aligned(hidden), idx[:, :, None], axis=1))
+    if cfg_scale is None:
+        return logits
+    cond, un = jnp.split(logits, 2)
+    return un + (cfg_scale + 1) * (cond - un)
+
+
+# The rule
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class View:
+    """What a rule sees of a row's progress in a pass."""
+
+    gen: jax.Array  # [B, N]: the answer so far, masks where not committed
+    candidates: jax.Array  # [B, N] bool: masked positions up to the end of the row's current block
+    step: jax.Array  # [B] int: passes the row has run in its current block
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Commit:
+    """A rule's decision: `tokens` where `transfer`, and whether the row's block is done."""
+
+    tokens: jax.Array  # [B, N]
+    transfer: jax.Array  # [B, N] bool, within the candidates
+    block_done: jax.Array  # [B] bool
+
+
+def _without(logits: jax.Array, ids: jax.Array, banned: jax.Array) -> jax.Array:
+    """`logits` with each id in `ids` [K] whose `banned` [K] flag is set at -inf."""
+    hit = jnp.any((jnp.arange(logits.shape[-1])[:, None] == ids) & banned, axis=-1)
+    return jnp.where(hit, -jnp.inf, logits)
+
+
+class LLaDARule(nnx.Module):
+    """The published LLaDA step: predict every position (argmax, or a Gumbel-max sample at
+    temperature > 0), then commit the counts[step] candidates of highest confidence (the predicted
+    token's probability, ties to the lower position) or random ones; a block is done after
+    block_steps steps. Every setting is a traced variable but the number of steps."""
+
+    def __init__(self, config: LLaDAConfig):
+        # Sized by all the steps, not a block's, so settings of equal steps share one compiled program.
+        block_steps = config.steps // config.num_blocks
+        counts = np.zeros(config.steps, np.int32)
+        counts[:block_steps] = transfer_counts(config.block_length, block_steps)
+        self.counts = nnx.Variable(jnp.asarray(counts))
+        self.block_steps = nnx.Variable(jnp.int32(block_steps))
+        self.temperature = nnx.Variable(jnp.float32(config.temperature))
+        self.random = nnx.Variable(jnp.bool_(config.remasking == "random"))
+        self.ids = nnx.Variable(jnp.asarray([config.eos_id, config.eot_id], jnp.int32))
+        eos_inf, eot_inf = config.logits_eos_inf, config.confidence_eos_eot_inf
+        self.banned_logits = nnx.Variable(jnp.asarray([eos_inf, False]))
+        self.banned_confidence = nnx.Variable(jnp.asarray([eos_inf or eot_inf, eot_inf]))
+
+    def __call__(self, logits: jax.Array, key: jax.Array, view: View) -> Commit:
+        token_key, order_key = jax.random.split(key)
+        t = self.temperature[...]
+        logits = _without(logits, self.ids[...], self.banned_logits[...])
+        tokens = jax.lax.cond(t > 0, lambda: gumbel_max(logits, t, token_key), lambda: jnp.argmax(logits, -1))
+        probs = jax.nn.softmax(_without(logits, self.ids[...], self.banned_confidence[...]), axis=-1)
+        confidence = jnp.take_along_axis(probs, tokens[..., None], axis=-1)[..., 0]
+        score = jnp.where(self.random[...], jax.random.uniform(order_key, confidence.shape), confidence)
+        count = self.counts[...][view.step]
+        rank = descending_rank(jnp.where(view.candidates, score, -jnp.inf))
+        transfer = view.candidates & (rank < count[:, None])
+        return Commit(tokens.astype(jnp.int32), transfer, view.step + 1 == self.block_steps[...])
+
+
+# The loop
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class BlockState(CanvasState):
+    block: jax.Array  # [B]: the row's current block
+    step: jax.Array  # [B]: passes the row has run in it
+
+
+@functools.partial(jax.jit, static_argnames=("graphs", "max_new", "mask_id", "bound", "guided"))
+def _decode(graphs, params, prompts, prompt_lens, eos, key, block_length, cfg_scale, *, max_new: int, mask_id: int,
+            bound: int, guided: bool):
+    model, rule = nnx.merge(graphs[0], params[0]), nnx.merge(graphs[1], params[1])
+    b = prompts.shape[0]
+    j = jnp.arange(max_new)
+    end = prompt_lens + max_new
+    num_blocks = max_new // block_length
+
+    def active(state: BlockState) -> jax.Array:
+        return (state.block < num_blocks) & ~decoded(state.gen, mask_id, eos)
+
+    def cond(state: BlockState) -> jax.Array:
+        return (state.passes < bound) & jnp.any(active(state))
+
+    def body(state: BlockState) -> BlockState:
+        i, gen = state.passes, state.gen
+        key, rule_key = jax.random.split(state.key)
+        logits = canvas_logits(model, prompts, prompt_lens, gen, end, mask_id, cfg_scale if guided else None)
+        block_end = (state.block + 1) * block_length
+        candidates = (gen == mask_id) & (j < block_end[:, None]) & active(state)[:, None]
+        commit = rule(logits, rule_key, View(gen, candidates, state.step))
+        transfer = commit.transfer & candidates
+        # A position predicting the mask stays masked, as in the published code.
+        accepted = state.accepted.at[:, i].set(jnp.sum(transfer & (commit.tokens != mask_id), axis=1))
+        done = commit.block_done & active(state)
+        return BlockState(i + 1, jnp.where(transfer, commit.tokens, gen), accepted, key,
+                          state.block + done, jnp.where(done, 0, state.step + active(state)))
+
+    start = CanvasState.start(b, max_new, bound, mask_id, key)
+    zeros = jnp.zeros((b,), jnp.int32)
+    return canvas_outputs(jax.lax.while_loop(cond, body, BlockState(**vars(start), block=zeros, step=zeros)), eos)
+
+
+def decode_blocks(
+    model: Qwen2,
+    rule: nnx.Module,
+    prompts: Sequence[Sequence[int]],
+    config: DecoderConfig,
+    key: jax.Array | None,
+    *,
+    block_length: int,
+    bound: int,
+    cfg_scale: float = 0.0,
+) -> GenerationResult:
+    """Decode `prompts` block by block with `rule(logits, key, View) -> Commit`, one compiled call of
+    at most `bound` passes; `accepted[b, i]` counts the tokens row b committed in pass i."""
+    batch = prepare_canvas(model, config, prompts, key)
+    graphs, params = zip(nnx.split(model), nnx.split(rule))
+    gen, lens, accepted, hit, passes = _decode(
+        graphs, params, jnp.asarray(batch.ids), jnp.asarray(batch.lengths), batch.eos, batch.key,
+        jnp.int32(block_length), jnp.float32(cfg_scale), max_new=config.max_new_tokens,
+        mask_id=model.cfg.mask_token_id, bound=bound, guided=cfg_scale > 0,
+    )
+    return batch.finish(gen, lens, accepted, hit, passes)
+
+
+def llada_generate(
+    model: Qwen2,
+    prompts: Sequence[Sequence[int]],
+    config: LLaDAConfig = LLaDAConfig(),
+    key: jax.Array | None = None,
+) -> GenerationResult:
+    """The published LLaDA `generate` for a batch of ragged prompts (each row as if alone), one
+    compiled call: semi-autoregressive blocks, a fixed count of tokens per step. A row returns its
+    tokens through its first eos (eos_token_ids) once all before it are committed."""
+    config = check_config(config, LLaDAConfig)
+    vocab = model.cfg.vocab_size
+    if (config.logits_eos_inf or config.confidence_eos_eot_inf) and max(config.eos_id, config.eot_id) >= vocab:
+        raise ValueError(f"eos_id={config.eos_id} or eot_id={config.eot_id} lies outside the model's vocabulary "
+                         f"[0, {vocab}): give the model's own ids (its tokenizer's eos and <|eot_id|>)")
+    return decode_blocks(model, LLaDARule(config), prompts, config, key, block_length=config.block_length,
+                         bound=config.steps, cfg_scale=config.cfg_scale)
