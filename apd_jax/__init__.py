@@ -29,7 +29,6 @@ _PUBLIC = {
     "apd_jax.decoding.diffusion": ("DiffusionConfig", "diffusion_generate", "ThresholdConfig", "threshold_generate"),
     "apd_jax.decoding.learn2pd": ("Learn2PDConfig", "learn2pd_generate", "load_filter"),
     "apd_jax.decoding.blocks": ("LLaDAConfig", "llada_generate"),
-    "apd_jax.decoding.blocks": ("LLaDAConfig", "llada_generate"),
     "apd_jax.decoding.registry": ("DECODERS", "Models", "decoder"),
     "apd_jax.text.chat": ("chat_prompt_ids", "messages", "stop_token_ids"),
 }
