@@ -6,220 +6,57 @@ min(t + M, L), left = t_prev - W + 1 (0 at first), and drafts positions t .. rig
 verifier (Qwen) scores the draft; the prefix of k >= 1 tokens agreeing with a sample of the
 mixture R * logits_D + (1 - R) * logits_AR is accepted; t += k, until the first eos or L.
 
-One `jax.jit` call per generation (fixed-shape windows and caches, a `lax.while_loop`);
+One `jax.jit` call per generation (fixed-shape windows and caches, a `lax.while_loop` over
+`apd_steps.step`, the pass of per-row state that continuous batching shares);
 `apd_eager.apd_generate_eager` is the same algorithm as a Python loop over one row, for reading and tests.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.experimental import io_callback
 from jax.sharding import Mesh
 
-from apd_jax.models.cache import KVCache
-from apd_jax.models.config import ModelConfig
-from apd_jax.decoding.apd_rule import APDConfig, APDKnobs, accepted_length, draft_tokens, right_edge, shared_vocab_size
-from apd_jax.decoding.apd_rule import verifier_predictions
+from apd_jax.decoding import apd_steps as steps
+from apd_jax.decoding.apd_rule import APDConfig, APDKnobs, accepted_length, draft_tokens, shared_vocab_size  # noqa: F401
+from apd_jax.decoding.apd_steps import Spec, _Level, _level_index, live_view  # noqa: F401
 from apd_jax.decoding.generation import GenerationResult, InputTypeError, check_config, prepare
-from apd_jax.models.model import Qwen2, shift_right
-from apd_jax.models.sharding import constrain_cache, replicate, shard_rows
-
-@dataclasses.dataclass(frozen=True)
-class _Level:
-    """One compiled draft width and the drafter window sizes that serve it."""
-
-    draft: int  # masked positions drafted and scored per pass
-    windows: tuple[int, ...]  # compiled drafter window sizes, ascending (see _levels)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Static:
-    """Everything that fixes the compiled program's shapes."""
-
-    W: int
-    lookahead: APDConfig  # the lookahead settings (M, and M_min / M_scale / M_margin when adaptive)
-    levels: tuple[_Level, ...]  # ascending draft widths; one, min(M, max_new_tokens), for the fixed M
-    prompt_len: int  # padded prompt length
-    max_new: int
-    total: int  # sequence buffer and cache length
-    vocab: int  # shared vocabulary
-    mask_id: int
-    rule: str
-    fixed_k: int = 0  # > 0: accept exactly min(fixed_k, drafted) per pass, no verifier (left-to-right K)
-    live: bool = False  # report each pass's accepted tokens to the host as it happens (see `live_view`)
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class _State:
-    tokens: jax.Array  # [B, total]: prompt, accepted tokens, mask tokens
-    limit: jax.Array  # [B]: L = prompt length + max_new_tokens
-    t: jax.Array  # [B]: first masked position
-    t_prev: jax.Array  # [B]: t before the last pass (the window's left edge follows it)
-    lookahead: jax.Array  # [B]: masked positions past t the next pass drafts (M unless adaptive)
-    done: jax.Array  # [B] bool
-    eos_at: jax.Array  # [B]: position of the first generated eos, or -1
-    eos: jax.Array  # [E]: the ids a row stops at
-    accepted: jax.Array  # [B, max_new]
-    passes: jax.Array  # scalar
-    dcache: KVCache
-    vcache: KVCache
-    key: jax.Array
-
-
-def _draft_logits(drafter: Qwen2, hidden: jax.Array, start: jax.Array, t: jax.Array, draft: int,
-                  spec: _Static) -> jax.Array:
-    """Drafter logits for positions t .. t + draft - 1, read from a window starting at `start`."""
-    hidden = shift_right(hidden)
-    idx = jnp.clip(t[:, None] - start[:, None] + jnp.arange(draft), 0, hidden.shape[1] - 1)
-    picked = jnp.take_along_axis(hidden, idx[:, :, None], axis=1)
-    return drafter.logits(picked, vocab=spec.vocab)
-
-
-# `live_view`'s listener; module level, so one compiled loop serves every listener.
-_listener: Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None = None
-
-
-def _emit(draft: np.ndarray, kept: np.ndarray, eos_at: np.ndarray) -> None:
-    if _listener is not None:
-        _listener(np.asarray(draft), np.asarray(kept), np.asarray(eos_at))
-
-
-@contextlib.contextmanager
-def live_view(listener: Callable[[np.ndarray, np.ndarray, np.ndarray], None]):
-    """Within the block, `apd_generate(..., live=True)` calls listener(draft [B, n], kept [B], eos_at [B])
-    after every pass, in order: row b grew by draft[b, :kept[b]] (through its first eos, at
-    absolute position eos_at[b] >= 0)."""
-    global _listener
-    previous, _listener = _listener, listener
-    try:
-        yield
-    finally:
-        _listener = previous
-
-
-def _accept(
-    verifier: Qwen2, state: _State, logits_d: jax.Array, right: jax.Array, knobs: APDKnobs, spec: _Static
-) -> _State:
-    """Draft, verify, accept and write one pass for every active row (the window ends at `right`)."""
-    b = state.t.shape[0]
-    j = jnp.arange(logits_d.shape[1])
-    n = right - state.t  # drafted positions per row
-    active = ~state.done
-    key, noise_key = jax.random.split(state.key)
-
-    draft = draft_tokens(logits_d, noise_key, knobs, spec.mask_id)
-    if spec.fixed_k:
-        k, vcache = jnp.minimum(spec.fixed_k, n), None
-    else:
-        hidden, vcache = verifier(draft, start=state.t, valid=n, cache=state.vcache)
-        logits_v = verifier_predictions(verifier, hidden, spec.vocab)
-        k = accepted_length(draft, logits_d, logits_v, n, noise_key, knobs, spec.rule, spec.mask_id)
-    k = jnp.where(active, k, 0)
-
-    take = j < k[:, None]
-    pos = jnp.where(take, state.t[:, None] + j, spec.total)  # out of range: dropped
-    tokens = state.tokens.at[jnp.arange(b)[:, None], pos].set(draft, mode="drop")
-    is_eos = jnp.isin(draft, state.eos) & take
-    hit = jnp.any(is_eos, axis=1) & (state.eos_at < 0)
-    first_eos = jnp.argmax(is_eos, axis=1)  # offset in this pass's draft
-    eos_at = jnp.where(hit, state.t + first_eos, state.eos_at)
-    t = state.t + k
-    if spec.live:  # ordered: the host sees the passes in the loop's order
-        kept = jnp.where(hit, first_eos + 1, k)  # up to and including a first eos
-        io_callback(_emit, None, draft, kept, eos_at, ordered=True)
-    return dataclasses.replace(
-        state,
-        tokens=tokens,
-        t=t,
-        t_prev=jnp.where(active, state.t, state.t_prev),
-        lookahead=jnp.where(active, spec.lookahead.next_lookahead(k), state.lookahead),
-        done=state.done | (t >= state.limit) | (eos_at >= 0),
-        eos_at=eos_at,
-        accepted=state.accepted.at[:, state.passes].set(k),
-        passes=state.passes + 1,
-        # A rejected draft's verifier K/V are stale: crop to the accepted prefix.
-        vcache=None if vcache is None else vcache.crop(t),
-        key=key,
-    )
-
-
-def _level_index(levels: tuple[_Level, ...], width: jax.Array, window: jax.Array) -> jax.Array:
-    """The first level whose draft width holds `width` and whose widest window holds `window`
-    (both ascend over the levels): the smallest compiled level that every active row fits."""
-    return jnp.maximum(jnp.sum(jnp.asarray([lv.draft for lv in levels]) < width),
-                       jnp.sum(jnp.asarray([lv.windows[-1] for lv in levels]) < window))
-
-
-def _window(tokens: jax.Array, left: jax.Array, size: int) -> jax.Array:
-    idx = jnp.clip(left[:, None] + jnp.arange(size), 0, tokens.shape[1] - 1)
-    return jnp.take_along_axis(tokens, idx, axis=1)
+from apd_jax.models.config import ModelConfig
+from apd_jax.models.model import Qwen2
+from apd_jax.models.sharding import replicate, shard_rows
 
 
 @functools.partial(jax.jit, static_argnames=("graphs", "spec", "mesh"))
 def _generate(
-    graphs, params, prompts: jax.Array, prompt_lens: jax.Array, eos: jax.Array, knobs: APDKnobs, key, spec: _Static,
-    mesh: Mesh | None,
+    graphs, params, prompts: jax.Array, prompt_lens: jax.Array, budgets: jax.Array, eos: jax.Array, knobs: APDKnobs,
+    keys: jax.Array, spec: Spec, mesh: Mesh | None,
 ):
+    """One fixed batch: every row in its own slot from the start, stepped until all are done."""
     drafter = nnx.merge(graphs[0], params[0])
     verifier = None if spec.fixed_k else nnx.merge(graphs[1], params[1])
     b = prompts.shape[0]
-    tokens = jnp.full((b, spec.total), spec.mask_id, jnp.int32).at[:, : spec.prompt_len].set(prompts)
-    # Padding slots of shorter prompts are masks too, so every position >= t is masked.
-    tokens = jnp.where(jnp.arange(spec.total) < prompt_lens[:, None], tokens, spec.mask_id)
-    limit = prompt_lens + spec.max_new
+    state = steps.empty(spec, drafter.cfg, None if verifier is None else verifier.cfg, b, eos, mesh)
+    state = steps.refill(verifier, state, jnp.arange(b), prompts, prompt_lens, budgets, knobs, keys, spec)
+    state = steps.run(drafter, verifier, state, spec, until=jnp.int32(b))
+    return replicate((*steps.outputs(state, spec), state.steps), mesh)
 
-    vcache = None
-    if verifier is not None:
-        vcache = constrain_cache(KVCache.zeros(verifier.cfg, b, spec.total), mesh)
-        _, vcache = verifier(prompts, valid=prompt_lens, cache=vcache)
-    state = _State(
-        tokens=tokens, limit=limit, t=prompt_lens, t_prev=prompt_lens,
-        lookahead=jnp.full((b,), spec.lookahead.M, jnp.int32), done=jnp.zeros((b,), bool),
-        eos_at=jnp.full((b,), -1, jnp.int32), eos=eos, accepted=jnp.zeros((b, spec.max_new), jnp.int32),
-        passes=jnp.int32(0), dcache=constrain_cache(KVCache.zeros(drafter.cfg, b, spec.total), mesh),
-        vcache=vcache, key=key,
-    )
 
-    def drafter_pass(state: _State, left: jax.Array, right: jax.Array, size: int,
-                     draft: int) -> tuple[_State, jax.Array]:
-        hidden, dcache = drafter(_window(state.tokens, left, size), start=left, valid=right - left, cache=state.dcache)
-        return dataclasses.replace(state, dcache=dcache), _draft_logits(drafter, hidden, left, state.t, draft, spec)
-
-    def level_pass(state: _State, left: jax.Array, right: jax.Array, window: jax.Array, level: _Level) -> _State:
-        # The smallest compiled window of this draft width that holds every active row's [left, right).
-        branch = jnp.sum(jnp.asarray(level.windows) < window)
-        passes = [functools.partial(drafter_pass, size=size, draft=level.draft) for size in level.windows]
-        state, logits_d = jax.lax.switch(branch, passes, state, left, right)
-        return _accept(verifier, state, logits_d, right, knobs, spec)
-
-    def cond(state: _State) -> jax.Array:
-        return jnp.any(~state.done) & (state.passes < spec.max_new)
-
-    def body(state: _State) -> _State:
-        # The first pass sees the whole prompt plus M masks (left = 0, nothing cached yet).
-        left = jnp.where(state.passes == 0, 0, jnp.maximum(state.t_prev - spec.W + 1, 0))
-        right = right_edge(state.t, state.lookahead, state.limit)
-        width = jnp.max(jnp.where(state.done, 0, right - state.t))
-        window = jnp.max(jnp.where(state.done, 0, right - left))
-        passes = [functools.partial(level_pass, level=lv) for lv in spec.levels]
-        level = _level_index(spec.levels, width, window)
-        return jax.lax.switch(level, passes, state, left, right, window)
-
-    state = jax.lax.while_loop(cond, body, state)
-    end = jnp.where(state.eos_at >= 0, state.eos_at + 1, jnp.minimum(state.t, limit))
-    gen_pos = prompt_lens[:, None] + jnp.arange(spec.max_new)
-    out = jnp.take_along_axis(state.tokens, jnp.clip(gen_pos, 0, spec.total - 1), axis=1)
-    return replicate((out, end - prompt_lens, state.accepted, state.eos_at >= 0, state.passes), mesh)
+def _spec(config: APDConfig, prompt_len: int, vocab: int, mask_id: int, fixed_k: int, live: bool = False) -> Spec:
+    """The compiled program's shapes for prompts padded to `prompt_len` and budgets up to max_new_tokens."""
+    total = prompt_len + config.max_new_tokens
+    # Only what the compiled loop reads: a fixed M ignores M_scale / M_margin, so they must not recompile it.
+    lookahead = (APDConfig(M=config.M) if config.M_min is None else
+                 APDConfig(M=config.M, M_min=config.M_min, M_scale=config.M_scale, M_margin=config.M_margin))
+    return Spec(W=config.W, lookahead=lookahead, levels=_levels(config, prompt_len, total), prompt_len=prompt_len,
+                max_new=config.max_new_tokens, total=total, vocab=vocab, mask_id=mask_id, rule=config.rule,
+                fixed_k=fixed_k, live=live)
 
 
 def _run(
@@ -227,21 +64,14 @@ def _run(
     mesh: Mesh | None = None, live: bool = False,
 ):
     batch = prepare(config, prompts, key, *(m.cfg for m in (drafter, verifier) if m is not None), vocab=vocab)
-    prompt_len = batch.ids.shape[1]
-    total = prompt_len + config.max_new_tokens
-    levels = _levels(config, prompt_len, total)
-    # Only what the compiled loop reads: a fixed M ignores M_scale / M_margin, so they must not recompile it.
-    lookahead = (APDConfig(M=config.M) if config.M_min is None else
-                 APDConfig(M=config.M, M_min=config.M_min, M_scale=config.M_scale, M_margin=config.M_margin))
-    spec = _Static(
-        W=config.W, lookahead=lookahead, levels=levels, prompt_len=prompt_len, max_new=config.max_new_tokens,
-        total=total, vocab=vocab, mask_id=drafter.cfg.mask_token_id, rule=config.rule, fixed_k=fixed_k, live=live,
-    )
+    spec = _spec(config, batch.ids.shape[1], vocab, drafter.cfg.mask_token_id, fixed_k, live)
+    b = len(batch.lengths)
+    budgets = np.full((b,), config.max_new_tokens, np.int32)
     # On a mesh the rows go over `data`; params carry their own shardings (sharding.shard_model).
-    inputs = ((jnp.asarray(batch.ids), jnp.asarray(batch.lengths)) if mesh is None
-              else shard_rows(mesh, batch.ids, batch.lengths))
+    inputs = ((jnp.asarray(batch.ids), jnp.asarray(batch.lengths), jnp.asarray(budgets)) if mesh is None
+              else shard_rows(mesh, batch.ids, batch.lengths, budgets))
     graphs, params = zip(*(nnx.split(m) for m in (drafter, verifier) if m is not None))
-    outputs = _generate(graphs, params, *inputs, batch.eos, APDKnobs.of(config), batch.key, spec, mesh)
+    outputs = _generate(graphs, params, *inputs, batch.eos, APDKnobs.of(config).rows(b), batch.keys, spec, mesh)
     return batch.finish(*outputs)
 
 

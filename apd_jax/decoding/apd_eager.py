@@ -44,7 +44,7 @@ def apd_generate_eager(
     config = check_config(config, APDConfig)
     vocab = shared_vocab_size(drafter.cfg, verifier.cfg)
     batch = prepare(config, [prompt], key, drafter.cfg, verifier.cfg, vocab=vocab)
-    prompt, eos, key = batch.ids[0, : batch.lengths[0]].tolist(), batch.eos_ids, batch.key
+    prompt, eos, key = batch.ids[0, : batch.lengths[0]].tolist(), batch.eos_ids, batch.keys[0]  # row 0's key
     mask_id = drafter.cfg.mask_token_id
     knobs = APDKnobs.of(config)
     length = len(prompt) + config.max_new_tokens

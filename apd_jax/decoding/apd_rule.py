@@ -127,7 +127,8 @@ class APDKnobs(Knobs):
 
 @functools.partial(jax.jit, static_argnames=("mask_id",))
 def draft_tokens(logits_d: jax.Array, key: jax.Array, knobs: Knobs, mask_id: int) -> jax.Array:
-    """Sample the draft [B, n] from the drafter's logits [B, n, V]; never the mask token."""
+    """Sample the draft [B, n] from the drafter's logits [B, n, V]; never the mask token. Knobs are
+    scalars (one key) or per-row [B] vectors (one key per row), as `Knobs.sample` takes them."""
     return knobs.sample(logits_d, key, exclude=mask_id)
 
 
@@ -144,8 +145,10 @@ def accepted_length(
 ) -> jax.Array:
     """k [B] in [1, n]: the draft prefix agreeing with the mixture. logits_v[:, j] predicts draft
     position j; position 0 is always accepted. The paper rule samples the mixture with the draft's
-    noise (same `key`), the reference rule takes its argmax."""
-    mixture = knobs.R * logits_d + (1.0 - knobs.R) * logits_v
+    noise (same `key`), the reference rule takes its argmax. Knobs are scalars (one key) or per-row [B]
+    vectors (one key per row), as `Knobs.sample` takes them."""
+    R = jnp.reshape(knobs.R, jnp.shape(knobs.R) + (1, 1))  # a row's weight over its [n, V]
+    mixture = R * logits_d + (1.0 - R) * logits_v
     if rule == "paper":
         target = knobs.sample(mixture, key, exclude=mask_id)
     else:

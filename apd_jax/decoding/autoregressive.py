@@ -2,7 +2,9 @@
 
 Prefill and the KV-cached decode loop are one `jax.jit` call with a
 `lax.while_loop`; a batch of ragged prompts decodes together, each row at its
-own position, stopping at its first eos.
+own position, stopping at its first eos. The loop is built from steps over
+per-row state (`empty`, `refill`, `step`, `run`, `outputs`), which continuous
+batching (`continuous.py`) drives with refills.
 """
 
 from __future__ import annotations
@@ -28,48 +30,107 @@ class ARConfig(DecoderConfig):
     what = "AR"
 
 
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """What fixes the compiled AR program's shapes."""
+
+    prompt_len: int  # padded prompt length
+    max_new: int  # the largest budget of a row
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class _State:
-    out: jax.Array  # [B, max_new]: generated tokens
-    n: jax.Array  # [B]: tokens generated per row
-    done: jax.Array  # [B] bool
-    token: jax.Array  # [B]: the last token of each row, the next pass's input
+class ARState:
+    """Per-row state of S slots; a free slot is a done row."""
+
+    out: jax.Array  # [S, max_new]: generated tokens
+    start: jax.Array  # [S]: prompt length
+    n: jax.Array  # [S]: tokens generated per row
+    budget: jax.Array  # [S]: the row's max_new_tokens
+    done: jax.Array  # [S] bool
+    token: jax.Array  # [S]: the last token of each row, the next pass's input
     cache: KVCache
-    key: jax.Array
+    keys: jax.Array  # [S] typed PRNG keys, one per row
+    knobs: Knobs  # [S] each
+    eos: jax.Array  # [E]
+    steps: jax.Array  # scalar: passes run, for the result and occupancy only
+    committed: jax.Array  # scalar: rows that committed a token, summed over the passes (occupancy)
 
 
-@functools.partial(jax.jit, static_argnames=("graph", "max_new"))
-def _decode(graph, params, prompts, prompt_lens, eos, knobs: Knobs, key, max_new: int):
-    model = nnx.merge(graph, params)
-    b, p = prompts.shape
-    hidden, cache = model(prompts, valid=prompt_lens, cache=KVCache.zeros(model.cfg, b, p + max_new))
-    last = jnp.take_along_axis(hidden, (prompt_lens - 1)[:, None, None], axis=1)[:, 0]
-    key, step_key = jax.random.split(key)
-    token = knobs.sample(model.logits(last), step_key)
-    state = _State(
-        out=jnp.zeros((b, max_new), jnp.int32).at[:, 0].set(token), n=jnp.ones((b,), jnp.int32),
-        done=jnp.isin(token, eos) | (max_new == 1), token=token, cache=cache, key=key,
+def _split_rows(keys: jax.Array) -> tuple[jax.Array, jax.Array]:
+    both = jax.vmap(jax.random.split)(keys)
+    return both[:, 0], both[:, 1]
+
+
+def empty(model: Qwen2, spec: Spec, slots: int, eos: jax.Array) -> ARState:
+    """S free slots (done rows), their cache allocated."""
+    zeros = jnp.zeros((slots,), jnp.int32)
+    return ARState(
+        out=jnp.zeros((slots, spec.max_new), jnp.int32), start=zeros, n=zeros + 1, budget=zeros + 1,
+        done=jnp.ones((slots,), bool), token=zeros, cache=KVCache.zeros(model.cfg, slots, spec.prompt_len + spec.max_new),
+        keys=jax.random.split(jax.random.key(0), slots), knobs=Knobs(jnp.zeros((slots,)), jnp.ones((slots,)), zeros),
+        eos=eos, steps=jnp.int32(0), committed=jnp.int32(0),
     )
 
-    def cond(state: _State) -> jax.Array:
-        return jnp.any(~state.done)
 
-    def body(state: _State) -> _State:
-        n, done = state.n, state.done
-        hidden, cache = model(state.token[:, None], start=prompt_lens + n - 1, valid=jnp.ones_like(n), cache=state.cache)
-        key, step_key = jax.random.split(state.key)
-        nxt = jnp.where(done, state.token, knobs.sample(model.logits(hidden[:, 0]), step_key))
-        out = state.out.at[jnp.arange(b), jnp.where(done, max_new, n)].set(nxt, mode="drop")
-        n_new = jnp.where(done, n, n + 1)
-        done = done | jnp.isin(nxt, eos) | (n_new >= max_new)
-        return _State(out=out, n=n_new, done=done, token=nxt, cache=cache, key=key)
+def refill(model: Qwen2, state: ARState, slots: jax.Array, ids: jax.Array, lengths: jax.Array, budgets: jax.Array,
+           knobs: Knobs, keys: jax.Array) -> ARState:
+    """Slots `slots` [G] take new prompts ids [G, P] (lengths [G]) with their budgets, knobs and keys (a slot
+    index >= S is padding, dropped): the prompts are prefilled and each row's first token sampled."""
+    put = lambda buf, new: buf.at[slots].set(new, mode="drop")  # noqa: E731
+    g, p = ids.shape
+    hidden, part = model(ids, valid=lengths, cache=KVCache.zeros(model.cfg, g, p))
+    last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    keys, noise = _split_rows(keys)
+    token = knobs.sample(model.logits(last), noise)
+    return dataclasses.replace(
+        state, out=put(state.out, jnp.zeros((g, state.out.shape[1]), jnp.int32).at[:, 0].set(token)),
+        start=put(state.start, lengths), n=put(state.n, jnp.ones((g,), jnp.int32)), budget=put(state.budget, budgets),
+        done=put(state.done, jnp.isin(token, state.eos) | (budgets == 1)), token=put(state.token, token),
+        cache=state.cache.put_rows(slots, part), keys=put(state.keys, keys),
+        knobs=jax.tree.map(put, state.knobs, knobs),
+    )
 
-    state = jax.lax.while_loop(cond, body, state)
+
+def step(model: Qwen2, state: ARState) -> ARState:
+    """One token for every active row."""
+    b, max_new = state.out.shape
+    n, done = state.n, state.done
+    hidden, cache = model(state.token[:, None], start=state.start + n - 1, valid=jnp.ones_like(n), cache=state.cache)
+    keys, noise = _split_rows(state.keys)
+    nxt = jnp.where(done, state.token, state.knobs.sample(model.logits(hidden[:, 0]), noise))
+    out = state.out.at[jnp.arange(b), jnp.where(done, max_new, n)].set(nxt, mode="drop")
+    n_new = jnp.where(done, n, n + 1)
+    return dataclasses.replace(
+        state, out=out, n=n_new, done=done | jnp.isin(nxt, state.eos) | (n_new >= state.budget), token=nxt,
+        cache=cache, keys=keys, steps=state.steps + 1, committed=state.committed + jnp.sum(~done),
+    )
+
+
+def run(model: Qwen2, state: ARState, until: jax.Array) -> ARState:
+    """Step until at least `until` rows (free slots included) are done, or every row is."""
+
+    def cond(state: ARState) -> jax.Array:
+        return jnp.any(~state.done) & (jnp.sum(state.done) < until)
+
+    return jax.lax.while_loop(cond, lambda s: step(model, s), state)
+
+
+def outputs(state: ARState) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Each row's tokens, length, tokens per pass (ones: the prefill's token is its first pass) and eos flag."""
     out, n = state.out, state.n
-    eos_hit = jnp.isin(jnp.take_along_axis(out, (n - 1)[:, None], axis=1)[:, 0], eos)
-    accepted = (jnp.arange(max_new) < n[:, None]).astype(jnp.int32)
-    return out, n, accepted, eos_hit, jnp.max(n)
+    eos_hit = jnp.isin(jnp.take_along_axis(out, (n - 1)[:, None], axis=1)[:, 0], state.eos)
+    accepted = (jnp.arange(out.shape[1]) < n[:, None]).astype(jnp.int32)
+    return out, n, accepted, eos_hit
+
+
+@functools.partial(jax.jit, static_argnames=("graph", "spec"))
+def _decode(graph, params, prompts, prompt_lens, budgets, eos, knobs: Knobs, keys, spec: Spec):
+    model = nnx.merge(graph, params)
+    b = prompts.shape[0]
+    state = refill(model, empty(model, spec, b, eos), jnp.arange(b), prompts, prompt_lens, budgets, knobs, keys)
+    state = run(model, state, jnp.int32(b))
+    return *outputs(state), jnp.max(state.n)
 
 
 def ar_generate(
@@ -81,6 +142,8 @@ def ar_generate(
         raise ValueError("autoregressive decoding needs a causal (Qwen2) model; Dream models use the diffusion decoders")
     batch = prepare(config, prompts, key, model.cfg)
     graph, params = nnx.split(model)
-    outputs = _decode(graph, params, jnp.asarray(batch.ids), jnp.asarray(batch.lengths), batch.eos, Knobs.of(config),
-                      batch.key, config.max_new_tokens)
+    b = len(batch.lengths)
+    outputs = _decode(graph, params, jnp.asarray(batch.ids), jnp.asarray(batch.lengths),
+                      jnp.full((b,), config.max_new_tokens, jnp.int32), batch.eos, Knobs.of(config).rows(b), batch.keys,
+                      Spec(batch.ids.shape[1], config.max_new_tokens))
     return batch.finish(*outputs)

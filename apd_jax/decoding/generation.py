@@ -175,6 +175,14 @@ def default_key(key: jax.Array | None) -> jax.Array:
     raise InputTypeError(f"{got} is not one jax PRNG key; pass jax.random.key({seed})")
 
 
+def row_keys(key: jax.Array, indices: Sequence[int] | jax.Array) -> jax.Array:
+    """Typed keys [B], fold_in(key, indices[b]): each row's noise from the run's key and its prompt's
+    index alone, so a row samples the same in any batch, in any slot, and after a resume."""
+    if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(key)  # a legacy uint32[2] key: the same threefry bits, typed
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(indices, jnp.uint32))
+
+
 @dataclasses.dataclass
 class GenerationResult:
     """tokens[b, :lengths[b]] is row b's generation (eos included), the rest padding.
@@ -332,6 +340,11 @@ class Batch:
     def eos(self) -> jax.Array:
         """The eos ids as a traced [E] array: only their number is compiled in."""
         return jnp.asarray(self.eos_ids, jnp.int32).reshape(-1)
+
+    @property
+    def keys(self) -> jax.Array:
+        """Each row's key (`row_keys`: row b is prompt b of the call)."""
+        return row_keys(self.key, np.arange(len(self.lengths)))
 
     def finish(self, out, lengths, accepted, eos_hit, passes) -> GenerationResult:
         return finish(out, lengths, accepted, eos_hit, passes, self.pad_id)

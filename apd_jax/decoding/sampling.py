@@ -35,8 +35,16 @@ class Knobs:
     def greedy(cls) -> Knobs:
         return cls(jnp.float32(0.0), jnp.float32(1.0), jnp.int32(0))
 
+    def rows(self, b: int) -> Knobs:
+        """Scalar knobs as per-row [b] vectors (the form `sample_rows` takes)."""
+        return jax.tree.map(lambda x: jnp.broadcast_to(x, (b,)), self)
+
     def sample(self, logits: jax.Array, key: jax.Array, exclude: int | None = None) -> jax.Array:
-        return sample(logits, key, self.temperature, self.top_p, self.top_k, exclude)
+        """Scalar knobs: one key for the whole of `logits`. Per-row knobs ([B] vectors): `key` holds one
+        key per row, and row b's sample depends only on its own logits, key and knobs (`sample_rows`)."""
+        if jnp.ndim(self.temperature) == 0:
+            return sample(logits, key, self.temperature, self.top_p, self.top_k, exclude)
+        return sample_rows(logits, key, self.temperature, self.top_p, self.top_k, exclude)
 
 
 def filter_logits(logits: jax.Array, top_p: jax.Array, top_k: jax.Array) -> jax.Array:
@@ -115,3 +123,32 @@ def sample(
         return jnp.argmax(allowed(x), axis=-1)
 
     return jax.lax.cond(temperature > 0, stochastic, greedy, logits.astype(jnp.float32)).astype(jnp.int32)
+
+
+def sample_rows(
+    logits: jax.Array,
+    keys: jax.Array,
+    temperature: jax.Array,
+    top_p: jax.Array,
+    top_k: jax.Array,
+    exclude: int | None = None,
+) -> jax.Array:
+    """One sample per position of `logits` [B, ..., V], row b with its own key keys[b] and knobs
+    temperature[b], top_p[b], top_k[b] ([B] each): its noise is drawn over its own positions only, so a
+    row samples the same in any batch, in any slot. When no row samples the batch takes plain argmax,
+    with no noise or filter work (one batch-level branch around the per-row rule)."""
+
+    def allowed(x: jax.Array) -> jax.Array:
+        return x if exclude is None else exclude_token(x, exclude)
+
+    def greedy(x: jax.Array) -> jax.Array:
+        return jnp.argmax(allowed(x), axis=-1).astype(jnp.int32)
+
+    def row(x: jax.Array, key: jax.Array, t: jax.Array, p: jax.Array, k: jax.Array) -> jax.Array:
+        noisy = gumbel_argmax(filter_logits(allowed(x) / jnp.where(t > 0, t, 1.0), p, k), key)
+        return jnp.where(t > 0, noisy, greedy(x))
+
+    def mixed(x: jax.Array) -> jax.Array:
+        return jax.vmap(row)(x, keys, temperature, top_p, top_k).astype(jnp.int32)
+
+    return jax.lax.cond(jnp.any(temperature > 0), mixed, greedy, logits.astype(jnp.float32))

@@ -36,6 +36,14 @@ class KVCache:
         """Keep only the first `lengths[b]` positions of each row (never grows a row)."""
         return dataclasses.replace(self, lengths=jnp.minimum(self.lengths, lengths.astype(jnp.int32)))
 
+    def put_rows(self, rows: jax.Array, part: "KVCache") -> "KVCache":
+        """Reset rows `rows` [G] to `part`, a G-row cache: its K/V at positions [0, part.max_len) and its
+        lengths (a slot taking a new sequence; later positions stay, invisible past the length). A row
+        index >= batch is dropped: the padding of a fixed-size group of rows."""
+        n = part.max_len
+        put = lambda buf, new: buf.at[:, rows, :, :n].set(new.astype(buf.dtype), mode="drop")  # noqa: E731
+        return KVCache(put(self.k, part.k), put(self.v, part.v), self.lengths.at[rows].set(part.lengths, mode="drop"))
+
 
 def write_window(buf: jax.Array, layer: int, new: jax.Array, positions: jax.Array) -> jax.Array:
     """Scatter `new` [B, S, H, D] into `buf[layer]` [B, H, T, D] at per-row `positions` [B, S].
