@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from apd_jax.decoding.blocks import (
+from apd_jax.decoding.blocks.llada import (
     LLaDAConfig,
     exponential64,
     exponential_from_bits,

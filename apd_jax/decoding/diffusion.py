@@ -1,9 +1,7 @@
-"""Whole-canvas decoders of a Dream model: Dream's own sampler, and parallel decoding by a keep rule.
-
-Full attention over prompt + max_new_tokens masks (no cache: every position can change every
-prediction), one `jax.jit` call with a `lax.while_loop` over passes. Ragged rows are batched
-through the model's `valid` length, so each decodes exactly as alone; a row stops once nothing
-before its first eos is masked.
+"""Whole-canvas decoders of a diffusion model (Dream, LLaDA): Dream's own sampler, and parallel
+decoding by a keep rule. Each is a rule of the block decoder (blocks.loop) with one block spanning
+the answer: full attention over prompt + max_new_tokens masks, one compiled call, ragged rows each
+decoded exactly as alone; a row stops once nothing before its first eos is masked.
 
 - `diffusion_generate`: Dream's `_sample`, its transfer counts per row (Dream at batch size 1).
 - `threshold_generate`: each pass commits every masked position above a threshold, and at least
@@ -14,7 +12,6 @@ before its first eos is masked.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Sequence
 
 import jax
@@ -22,7 +19,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from apd_jax.decoding.generation import Batch, DecoderConfig, GenerationResult, check_config, prepare
+from apd_jax.decoding.blocks.loop import (
+    Commit,
+    View,
+    block_emptied,
+    decode_blocks,
+    descending_rank,
+    first_index,
+    most_confident,
+)
+from apd_jax.decoding.generation import DecoderConfig, GenerationResult, check_config
 from apd_jax.models.model import Qwen2
 from apd_jax.decoding.sampling import Knobs, exclude_token, filter_logits, gumbel_argmax, gumbel_noise
 from apd_jax.utils.shapes import pow2_bucket
@@ -139,23 +145,6 @@ class Prediction:
     neg_entropy: jax.Array  # sum p log(p + 1e-10), <= 0
 
 
-def build_canvas(prompts: jax.Array, prompt_lens: jax.Array, gen: jax.Array) -> jax.Array:
-    """[B, P + N]: each row's prompt followed directly by its generation `gen` [B, N]."""
-    b, p = prompts.shape
-    n = gen.shape[1]
-    canvas = jnp.concatenate([prompts, jnp.zeros((b, n), prompts.dtype)], axis=1)
-    idx = prompt_lens[:, None] + jnp.arange(n)
-    return canvas.at[jnp.arange(b)[:, None], idx].set(gen)
-
-
-def generation_logits(model: Qwen2, canvas: jax.Array, prompt_lens: jax.Array, end: jax.Array, n: int) -> jax.Array:
-    """Float32 logits [B, N, V] for each row's N generated positions, attending up to `end` [B]."""
-    hidden, _ = model(canvas, valid=end)
-    hidden = model.aligned(hidden)
-    idx = prompt_lens[:, None] + jnp.arange(n)
-    return model.logits(jnp.take_along_axis(hidden, idx[:, :, None], axis=1))
-
-
 def predict(logits: jax.Array, key: jax.Array, knobs: Knobs) -> Prediction:
     """Dream's `sample_tokens` on [..., V] logits: temperature, top-p, top-k, then the argmax (T = 0)
     or a Gumbel-max sample, with confidences from the same probabilities."""
@@ -177,115 +166,44 @@ def predict(logits: jax.Array, key: jax.Array, knobs: Knobs) -> Prediction:
     )
 
 
-def descending_rank(score: jax.Array) -> jax.Array:
-    """[B, N] int: each entry's rank in its row, 0 = largest; ties go to the lower index."""
-    b, n = score.shape
-    order = jnp.argsort(-score, axis=1, stable=True)
-    return jnp.zeros((b, n), jnp.int32).at[jnp.arange(b)[:, None], order].set(jnp.arange(n, dtype=jnp.int32))
-
-
-def most_confident(confidence: jax.Array, masked: jax.Array) -> jax.Array:
-    """[B, N] bool: the single most confident masked position of each row with any."""
-    return masked & (descending_rank(jnp.where(masked, confidence, -jnp.inf)) == 0)
-
-
-def first_index(flags: jax.Array) -> jax.Array:
-    """[B]: the first True column of each row, or the row width when none."""
-    return jnp.where(jnp.any(flags, axis=1), jnp.argmax(flags, axis=1), flags.shape[1])
-
-
-def decoded(gen: jax.Array, mask_id: int, eos: jax.Array) -> jax.Array:
-    """[B] bool: no mask is left before the row's first eos (or anywhere, without eos)."""
-    first_eos = first_index(jnp.isin(gen, eos))
-    before = jnp.arange(gen.shape[1]) < first_eos[:, None]
-    return ~jnp.any((gen == mask_id) & before, axis=1)
-
-
 def dream_transfer(
     pred: Prediction, masked: jax.Array, ratio: jax.Array, alg: jax.Array, alg_temp: jax.Array, key: jax.Array
 ) -> jax.Array:
-    """[B, N] bool: the masked positions Dream's step unmasks, per row: the int(num_mask * ratio)
-    highest confidences (Gumbel top-k with alg_temp > 0), or for origin each with probability ratio."""
+    """[B, N] bool: the masked positions Dream's step unmasks, per row at its `ratio` [B]: the
+    int(num_mask * ratio) highest confidences (Gumbel top-k with alg_temp > 0), or for origin each
+    with probability ratio."""
     rank_key, origin_key = jax.random.split(key)
     count = (jnp.sum(masked, axis=1).astype(jnp.float32) * ratio).astype(jnp.int32)
     confidence = jnp.stack([pred.confidence, pred.margin, pred.neg_entropy])[jnp.minimum(alg, 2)]
     noisy = confidence / jnp.where(alg_temp > 0, alg_temp, 1.0) + gumbel_noise(rank_key, confidence.shape)
     score = jnp.where(masked, jnp.where(alg_temp > 0, noisy, confidence), -jnp.inf)
     by_rank = masked & (descending_rank(score) < count[:, None])
-    by_chance = masked & (jax.random.uniform(origin_key, masked.shape) < ratio)
+    by_chance = masked & (jax.random.uniform(origin_key, masked.shape) < ratio[:, None])
     return jnp.where(alg == _ORIGIN, by_chance, by_rank)
 
 
 # Dream's fixed-step sampler
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class _DreamKnobs:
-    sampling: Knobs
-    steps: jax.Array
-    ratios: jax.Array  # [bucket] float32 (dream_transfer_ratios, zero-padded)
-    alg: jax.Array
-    alg_temp: jax.Array
+class DreamRule(nnx.Module):
+    """Dream's `_sample` step: predict (Dream's sample_tokens; the mask is not excluded, and a
+    position predicting it stays masked), then unmask as dream_transfer does at the row's step."""
 
+    def __init__(self, config: DiffusionConfig):
+        ratios = np.zeros(pow2_bucket(config.steps), np.float32)
+        ratios[: config.steps] = dream_transfer_ratios(config.steps, config.eps)
+        self.sampling = nnx.Variable(Knobs.of(config))
+        self.steps = nnx.Variable(jnp.int32(config.steps))
+        self.ratios = nnx.Variable(jnp.asarray(ratios))  # zero-padded to a bucket: steps share programs
+        self.alg = nnx.Variable(jnp.int32(ALGORITHMS.index(config.alg)))
+        self.alg_temp = nnx.Variable(jnp.float32(config.alg_temp))
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class CanvasState:
-    """The loop state of the whole-canvas decoders."""
-
-    passes: jax.Array  # scalar: passes run
-    gen: jax.Array  # [B, N]: the generated positions, masks where not decoded yet
-    accepted: jax.Array  # [B, passes bound]: tokens committed per row and pass
-    key: jax.Array
-
-    @classmethod
-    def start(cls, b: int, n: int, bound: int, mask_id: int, key: jax.Array) -> CanvasState:
-        """Every position masked, nothing committed yet."""
-        return cls(jnp.int32(0), jnp.full((b, n), mask_id, jnp.int32), jnp.zeros((b, bound), jnp.int32), key)
-
-
-def canvas_outputs(state: CanvasState, eos: jax.Array):
-    """(tokens, lengths, accepted, stopped at eos, passes): what `finish` takes. A row's
-    length runs through its first eos, else over the whole canvas."""
-    n = state.gen.shape[1]
-    first_eos = first_index(jnp.isin(state.gen, eos))
-    hit = first_eos < n
-    return state.gen, jnp.where(hit, first_eos + 1, n), state.accepted, hit, state.passes
-
-
-@functools.partial(jax.jit, static_argnames=("graph", "max_new", "mask_id"))
-def _dream_sample(graph, params, prompts, prompt_lens, eos, knobs: _DreamKnobs, key, max_new: int, mask_id: int):
-    model = nnx.merge(graph, params)
-    b = prompts.shape[0]
-    end = prompt_lens + max_new
-
-    def cond(state: CanvasState) -> jax.Array:
-        return (state.passes < knobs.steps) & jnp.any(~decoded(state.gen, mask_id, eos))
-
-    def body(state: CanvasState) -> CanvasState:
-        i, gen = state.passes, state.gen
-        key, token_key, transfer_key = jax.random.split(state.key, 3)
-        logits = generation_logits(model, build_canvas(prompts, prompt_lens, gen), prompt_lens, end, max_new)
-        pred = predict(logits, token_key, knobs.sampling)
-        masked = (gen == mask_id) & ~decoded(gen, mask_id, eos)[:, None]
-        transfer = dream_transfer(pred, masked, knobs.ratios[i], knobs.alg, knobs.alg_temp, transfer_key)
-        # As Dream, the mask token is not excluded: a position that predicts it stays masked.
-        accepted = state.accepted.at[:, i].set(jnp.sum(transfer & (pred.tokens != mask_id), axis=1))
-        return CanvasState(i + 1, jnp.where(transfer, pred.tokens, gen), accepted, key)
-
-    state = CanvasState.start(b, max_new, knobs.ratios.shape[0], mask_id, key)
-    return canvas_outputs(jax.lax.while_loop(cond, body, state), eos)
-
-
-def prepare_canvas(model: Qwen2, config: DecoderConfig, prompts: Sequence[Sequence[int]], key) -> Batch:
-    """The shared set-up (generation.prepare) for a diffusion model (Dream, LLaDA), whose prompts may
-    not hold its mask."""
-    cfg = model.cfg
-    if cfg.causal or cfg.mask_token_id is None:
-        raise ValueError(f"diffusion decoding needs a bidirectional model (Dream or LLaDA) with a mask token, "
-                         f"not a {cfg.model_type} model")
-    return prepare(config, prompts, key, cfg, mask_id=cfg.mask_token_id)
+    def __call__(self, logits: jax.Array, key: jax.Array, view: View) -> Commit:
+        token_key, transfer_key = jax.random.split(key)
+        pred = predict(logits, token_key, self.sampling.get_value())
+        ratio = self.ratios[...][view.step]
+        transfer = dream_transfer(pred, view.candidates, ratio, self.alg[...], self.alg_temp[...], transfer_key)
+        return Commit(pred.tokens, transfer, view.step + 1 == self.steps[...], view.limit)
 
 
 def diffusion_generate(
@@ -297,19 +215,11 @@ def diffusion_generate(
     """Dream's `diffusion_generate` (its `_sample`) for a batch of ragged prompts, one compiled call;
     `accepted[b, i]` counts the positions step i unmasked (one predicting the mask stays masked)."""
     config = check_config(config, DiffusionConfig)
-    batch = prepare_canvas(model, config, prompts, key)
-    ratios = np.zeros(pow2_bucket(config.steps), np.float32)
-    ratios[: config.steps] = dream_transfer_ratios(config.steps, config.eps)
-    knobs = _DreamKnobs(
-        Knobs.of(config), jnp.int32(config.steps), jnp.asarray(ratios),
-        jnp.int32(ALGORITHMS.index(config.alg)), jnp.float32(config.alg_temp),
-    )
-    graph, params = nnx.split(model)
-    gen, lens, accepted, hit, passes = _dream_sample(
-        graph, params, jnp.asarray(batch.ids), jnp.asarray(batch.lengths), batch.eos, knobs, batch.key,
-        config.max_new_tokens, model.cfg.mask_token_id,
-    )
-    return batch.finish(gen, lens, np.asarray(accepted)[:, : config.steps], hit, passes)
+    rule = DreamRule(config)
+    result, _ = decode_blocks(model, rule, prompts, config, key, block_length=config.max_new_tokens,
+                              bound=rule.ratios.shape[0])
+    result.accepted = result.accepted[:, : config.steps]
+    return result
 
 
 # Parallel decoding with a keep rule (threshold here, Learn2PD's filter elsewhere)
@@ -325,52 +235,28 @@ class ConfidenceRule(nnx.Module):
         return pred.confidence > self.threshold[...]
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class _ParallelKnobs:
-    sampling: Knobs
-    eot_threshold: jax.Array  # > 1 disables End-of-Text prediction
+class ParallelRule(nnx.Module):
+    """A pass of parallel decoding: predict (never the mask), commit the candidates `keep(prediction,
+    candidates)` keeps and the most confident one whatever it says; with End-of-Text prediction,
+    commit the first candidate predicting an eos above eot_threshold and drop every later position.
+    The row's block is done when it has no candidate left."""
 
+    def __init__(self, keep: nnx.Module, config: ParallelConfig, mask_id: int):
+        self.keep = keep
+        self.sampling = nnx.Variable(Knobs.of(config))
+        # > 1 disables End-of-Text prediction.
+        self.eot_threshold = nnx.Variable(jnp.float32(2.0 if config.eot_threshold is None else config.eot_threshold))
+        self.mask_id = mask_id
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class _ParallelState(CanvasState):
-    limit: jax.Array  # [B]: positions a row still decodes (End-of-Text lowers it)
-
-
-@functools.partial(jax.jit, static_argnames=("graphs", "max_new", "mask_id", "pad_id"))
-def _parallel(graphs, params, prompts, prompt_lens, eos, knobs: _ParallelKnobs, key, max_new: int, mask_id: int,
-              pad_id: int):
-    model, rule = nnx.merge(graphs[0], params[0]), nnx.merge(graphs[1], params[1])
-    b = prompts.shape[0]
-    j = jnp.arange(max_new)
-
-    def cond(state: _ParallelState) -> jax.Array:
-        return (state.passes < max_new) & jnp.any(~decoded(state.gen, mask_id, eos))
-
-    def body(state: _ParallelState) -> _ParallelState:
-        i, gen, limit = state.passes, state.gen, state.limit
-        key, token_key = jax.random.split(state.key)
-        canvas = build_canvas(prompts, prompt_lens, gen)
-        logits = generation_logits(model, canvas, prompt_lens, prompt_lens + limit, max_new)
-        pred = predict(exclude_token(logits, mask_id), token_key, knobs.sampling)
-        # Positions past a row's limit hold padding, never the mask.
-        masked = (gen == mask_id) & ~decoded(gen, mask_id, eos)[:, None]
-        keep = masked & (rule(pred, masked) | most_confident(pred.confidence, masked))
-        new = jnp.where(keep, pred.tokens, gen)
-        # End-of-Text: commit the first confident eos and drop everything after it.
-        eot = masked & jnp.isin(pred.tokens, eos) & (pred.confidence > knobs.eot_threshold)
+    def __call__(self, logits: jax.Array, key: jax.Array, view: View) -> Commit:
+        pred = predict(exclude_token(logits, self.mask_id), key, self.sampling.get_value())
+        masked = view.candidates
+        keep = masked & (self.keep(pred, masked) | most_confident(pred.confidence, masked))
+        eot = masked & jnp.isin(pred.tokens, view.eos) & (pred.confidence > self.eot_threshold[...])
         at = first_index(eot)
-        new = jnp.where(j == at[:, None], pred.tokens, new)
-        limit = jnp.minimum(limit, at + 1)
-        new = jnp.where(j < limit[:, None], new, pad_id)
-        committed = (gen == mask_id) & (new != mask_id) & (j < limit[:, None])
-        accepted = state.accepted.at[:, i].set(jnp.sum(committed, axis=1))
-        return _ParallelState(i + 1, new, accepted, key, limit)
-
-    start = CanvasState.start(b, max_new, max_new, mask_id, key)
-    state = _ParallelState(**vars(start), limit=jnp.full((b,), max_new, jnp.int32))
-    return canvas_outputs(jax.lax.while_loop(cond, body, state), eos)
+        transfer = keep | (jnp.arange(masked.shape[1]) == at[:, None])
+        limit = jnp.minimum(view.limit, at + 1)
+        return Commit(pred.tokens, transfer, block_emptied(view, transfer, limit), limit)
 
 
 def parallel_decode(
@@ -384,14 +270,10 @@ def parallel_decode(
     masked) -> bool [B, N]` keeps, and the most confident one whatever it says (so at most
     max_new_tokens passes). The rule's variables are traced; the mask is never predicted."""
     config = check_config(config, ParallelConfig)
-    batch = prepare_canvas(model, config, prompts, key)
-    knobs = _ParallelKnobs(Knobs.of(config), jnp.float32(2.0 if config.eot_threshold is None else config.eot_threshold))
-    graphs, params = zip(nnx.split(model), nnx.split(rule))
-    outputs = _parallel(
-        graphs, params, jnp.asarray(batch.ids), jnp.asarray(batch.lengths), batch.eos, knobs, batch.key,
-        config.max_new_tokens, model.cfg.mask_token_id, batch.pad_id,
-    )
-    return batch.finish(*outputs)
+    parallel = ParallelRule(rule, config, model.cfg.mask_token_id)
+    result, _ = decode_blocks(model, parallel, prompts, config, key, block_length=config.max_new_tokens,
+                              bound=config.max_new_tokens)
+    return result
 
 
 def threshold_generate(

@@ -2,7 +2,7 @@
 
 Bao et al., "Learning to Parallel" (2025): a 2-layer MLP reads per-position features of a pass's
 prediction and estimates the chance it is already the final answer; each pass commits those
-above a keep threshold (at least the most confident) in diffusion.parallel_decode's loop, with
+above a keep threshold (at least the most confident) through diffusion.parallel_decode, with
 End-of-Text prediction. The filter is saved and restored with orbax here; its training data
 (apd_jax.training.learn2pd_oracle) and fit (apd_jax.training.learn2pd_train) live apart.
 """
@@ -20,7 +20,8 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from apd_jax.checkpoints import atomic_dir
-from apd_jax.decoding.diffusion import ParallelConfig, Prediction, first_index, parallel_decode
+from apd_jax.decoding.blocks.loop import first_index
+from apd_jax.decoding.diffusion import ParallelConfig, Prediction, parallel_decode
 from apd_jax.decoding.generation import GenerationResult, check_config
 from apd_jax.models.model import Qwen2
 

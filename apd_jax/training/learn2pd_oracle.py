@@ -10,7 +10,6 @@ the oracle's keep label.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Sequence
 
 import jax
@@ -18,21 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from apd_jax.decoding.diffusion import (
-    Prediction,
-    ThresholdConfig,
-    build_canvas,
-    generation_logits,
-    most_confident,
-    predict,
-    prepare_canvas,
-    threshold_generate,
-)
 from apd_jax.decoding.batching import padded_batches
+from apd_jax.decoding.blocks.loop import Commit, View, block_emptied, decode_blocks, most_confident
+from apd_jax.decoding.diffusion import Prediction, ThresholdConfig, predict, threshold_generate
 from apd_jax.decoding.generation import DecoderConfig
 from apd_jax.decoding.learn2pd import FEATURES, pass_features
-from apd_jax.models.model import Qwen2
 from apd_jax.decoding.sampling import Knobs, exclude_token
+from apd_jax.models.model import Qwen2
 
 
 @dataclasses.dataclass
@@ -71,46 +62,30 @@ def oracle_step(pred: Prediction, gen: jax.Array, answers: jax.Array, mask_id: i
     return jnp.where(keep, answers, gen), match
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class _OracleState:
-    passes: jax.Array  # scalar
-    gen: jax.Array  # [B, N]
-    features: jax.Array  # [max passes, B, N, len(FEATURES)]: each pass's features
-    labels: jax.Array  # [max passes, B, N] bool: the oracle keeps this prediction
-    recorded: jax.Array  # [max passes, B, N] bool: the position was masked in that pass
+class OracleRule(nnx.Module):
+    """The oracle as a rule of the block decoder (one block spanning the answer): greedy predictions
+    (never the mask), oracle_step's commits towards `answers` [B, N], and each pass's features, keep
+    labels and masked positions recorded in its variables ([passes, B, N, ...])."""
 
+    def __init__(self, answers: jax.Array, mask_id: int, vocab: int):
+        b, n = answers.shape
+        self.answers = nnx.Variable(answers)
+        flags = jnp.zeros((n, b, n), bool)
+        self.features = nnx.Variable(jnp.zeros((n, b, n, len(FEATURES)), jnp.float32))
+        self.labels = nnx.Variable(flags)
+        self.recorded = nnx.Variable(flags)
+        self.mask_id, self.vocab = mask_id, vocab
 
-@functools.partial(jax.jit, static_argnames=("graph", "max_new", "mask_id"))
-def _oracle(graph, params, prompts, prompt_lens, answers, max_new: int, mask_id: int):
-    model = nnx.merge(graph, params)
-    b = prompts.shape[0]
-    end = prompt_lens + max_new
-
-    def cond(state: _OracleState) -> jax.Array:
-        return (state.passes < max_new) & jnp.any(state.gen == mask_id)
-
-    def body(state: _OracleState) -> _OracleState:
-        i, gen = state.passes, state.gen
-        logits = generation_logits(model, build_canvas(prompts, prompt_lens, gen), prompt_lens, end, max_new)
-        pred = predict(exclude_token(logits, mask_id), jax.random.key(0), Knobs.greedy())
-        masked = gen == mask_id
-        new, match = oracle_step(pred, gen, answers, mask_id)
-        return _OracleState(
-            passes=i + 1,
-            gen=new,
-            features=state.features.at[i].set(pass_features(pred, masked, model.cfg.vocab_size)),
-            labels=state.labels.at[i].set(match),
-            recorded=state.recorded.at[i].set(masked),
-        )
-
-    flags = jnp.zeros((max_new, b, max_new), bool)
-    state = _OracleState(
-        passes=jnp.int32(0), gen=jnp.full((b, max_new), mask_id, jnp.int32),
-        features=jnp.zeros((max_new, b, max_new, len(FEATURES)), jnp.float32), labels=flags, recorded=flags,
-    )
-    state = jax.lax.while_loop(cond, body, state)
-    return state.features, state.labels, state.recorded
+    def __call__(self, logits: jax.Array, key: jax.Array, view: View) -> Commit:
+        pred = predict(exclude_token(logits, self.mask_id), key, Knobs.greedy())
+        masked = view.candidates
+        new, match = oracle_step(pred, view.gen, self.answers[...], self.mask_id)  # masked: the candidates
+        i = view.passes
+        self.features[...] = self.features[...].at[i].set(pass_features(pred, masked, self.vocab))
+        self.labels[...] = self.labels[...].at[i].set(match)
+        self.recorded[...] = self.recorded[...].at[i].set(masked)
+        transfer = new != view.gen
+        return Commit(new, transfer, block_emptied(view, transfer, view.limit), view.limit)
 
 
 def oracle_traces(
@@ -129,10 +104,10 @@ def oracle_traces(
     mask_id = model.cfg.mask_token_id
     if (answers == mask_id).any() or (answers < 0).any() or (answers >= model.cfg.vocab_size).any():
         raise ValueError(f"answers must be ids of the vocabulary [0, {model.cfg.vocab_size}) other than the mask")
-    batch = prepare_canvas(model, DecoderConfig(max_new_tokens=n, max_len=max_len, eos_token_ids=()), prompts, None)
-    graph, params = nnx.split(model)
-    features, labels, recorded = map(np.asarray, _oracle(
-        graph, params, jnp.asarray(batch.ids), jnp.asarray(batch.lengths), jnp.asarray(answers), n, mask_id))
+    config = DecoderConfig(max_new_tokens=n, max_len=max_len, eos_token_ids=())
+    _, rule = decode_blocks(model, OracleRule(jnp.asarray(answers), mask_id, model.cfg.vocab_size), prompts, config,
+                            None, block_length=n, bound=n)
+    features, labels, recorded = (np.asarray(v[...]) for v in (rule.features, rule.labels, rule.recorded))
     passes, rows, _ = np.nonzero(recorded)
     return Traces(features[recorded], labels[recorded], rows + first_row, passes)
 

@@ -1,28 +1,18 @@
-"""One compiled decoder over blocks of the answer, for a bidirectional model (LLaDA or Dream).
+"""LLaDA's own decoding: the published `generate` (ML-GSAI/LLaDA generate.py) as a rule of the
+block decoder (blocks.loop): the answer in blocks left to right, each block over steps / blocks
+passes, each pass committing a precomputed count of the block's masks, the most confident
+predictions (probability of the argmax) or random ones; a Gumbel-max sample at temperature > 0;
+classifier-free guidance, logits_eos_inf and confidence_eos_eot_inf as published.
 
-The answer (max_new_tokens positions after each row's prompt, all masked at first) is cut into
-blocks of `block_length`, decoded left to right. Each pass predicts the whole canvas (every block
-stays in the attention, later ones masked) and a *rule* commits masked positions up to the end of
-the row's current block (`candidates`); the rule also says when the row's block is done. Two
-parts make the decoder:
-
-- the forward (`canvas_logits`): the model over prompt + canvas, optionally with classifier-free
-  guidance against the prompt fully masked. A KV cache of the blocks before the current one
-  (Fast-dLLM's prefix and dual caches) is another forward, carried in the loop state beside the
-  canvas;
-- the rule: `LLaDARule`, the published LLaDA `generate` (a fixed count per step, by confidence or
-  at random).
-
-Rows are right-padded with their own valid lengths, so each row of a ragged batch decodes as it
-would alone. A row stops once nothing before its first eos is masked: committed tokens never
-change, so what it returns equals the filled answer up to that eos (eos_token_ids=() fills the
-whole answer, as the published code does).
+Stopping: a row returns its answer through its first eos (the stop ids, eos_token_ids) once every
+position before it is committed, which is the published (filled) answer up to that eos, since a
+committed token never changes; eos_token_ids=() runs every step and fills the answer, as the
+published code does.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Sequence
 
 import jax
@@ -30,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from apd_jax.decoding.diffusion import CanvasState, canvas_outputs, build_canvas, decoded, descending_rank, prepare_canvas
+from apd_jax.decoding.blocks.loop import Commit, View, decode_blocks, descending_rank
 from apd_jax.decoding.generation import DecoderConfig, GenerationResult, check_config
 from apd_jax.models.model import Qwen2
 
@@ -40,7 +30,7 @@ REMASKING = ("low_confidence", "random")
 @dataclasses.dataclass(frozen=True)
 class LLaDAConfig(DecoderConfig):
     """The published LLaDA `generate`'s settings (gen_length is max_new_tokens), all traced but
-    max_new_tokens, steps, block_length and whether cfg_scale > 0.
+    max_new_tokens, steps and whether cfg_scale > 0.
 
     steps: passes in all (None: max_new_tokens), steps / (max_new_tokens / block_length) per block,
     each committing a precomputed count of the block's masks. block_length None: one block.
@@ -131,52 +121,7 @@ def gumbel_max(logits: jax.Array, temperature: jax.Array, key: jax.Array) -> jax
     return jnp.argmax(logits - temperature * jnp.log(exponential64(key, logits.shape)), axis=-1)
 
 
-# The forward
-
-
-def canvas_logits(
-    model: Qwen2, prompts: jax.Array, prompt_lens: jax.Array, gen: jax.Array, end: jax.Array, mask_id: int,
-    cfg_scale: jax.Array | None,
-) -> jax.Array:
-    """Float32 logits [B, N, V] for each row's N answer positions (read as the family predicts),
-    attending up to `end` [B]. With cfg_scale (not None), the published guidance:
-    un + (cfg_scale + 1) * (cond - un), un the logits with the prompt replaced by masks."""
-    n = gen.shape[1]
-    canvas = build_canvas(prompts, prompt_lens, gen)
-    if cfg_scale is not None:
-        unconditional = build_canvas(jnp.full_like(prompts, mask_id), prompt_lens, gen)
-        canvas, end = jnp.concatenate([canvas, unconditional]), jnp.concatenate([end, end])
-        prompt_lens = jnp.concatenate([prompt_lens, prompt_lens])
-    hidden, _ = model(canvas, valid=end)
-    idx = prompt_lens[:, None] + jnp.arange(n)
-    logits = model.logits(jnp.take_along_axis(model.aligned(hidden), idx[:, :, None], axis=1))
-    if cfg_scale is None:
-        return logits
-    cond, un = jnp.split(logits, 2)
-    return un + (cfg_scale + 1) * (cond - un)
-
-
-# The rule
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class View:
-    """What a rule sees of a row's progress in a pass."""
-
-    gen: jax.Array  # [B, N]: the answer so far, masks where not committed
-    candidates: jax.Array  # [B, N] bool: masked positions up to the end of the row's current block
-    step: jax.Array  # [B] int: passes the row has run in its current block
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class Commit:
-    """A rule's decision: `tokens` where `transfer`, and whether the row's block is done."""
-
-    tokens: jax.Array  # [B, N]
-    transfer: jax.Array  # [B, N] bool, within the candidates
-    block_done: jax.Array  # [B] bool
+# The step
 
 
 def _without(logits: jax.Array, ids: jax.Array, banned: jax.Array) -> jax.Array:
@@ -216,74 +161,7 @@ class LLaDARule(nnx.Module):
         count = self.counts[...][view.step]
         rank = descending_rank(jnp.where(view.candidates, score, -jnp.inf))
         transfer = view.candidates & (rank < count[:, None])
-        return Commit(tokens.astype(jnp.int32), transfer, view.step + 1 == self.block_steps[...])
-
-
-# The loop
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class BlockState(CanvasState):
-    block: jax.Array  # [B]: the row's current block
-    step: jax.Array  # [B]: passes the row has run in it
-
-
-@functools.partial(jax.jit, static_argnames=("graphs", "max_new", "mask_id", "bound", "guided"))
-def _decode(graphs, params, prompts, prompt_lens, eos, key, block_length, cfg_scale, *, max_new: int, mask_id: int,
-            bound: int, guided: bool):
-    model, rule = nnx.merge(graphs[0], params[0]), nnx.merge(graphs[1], params[1])
-    b = prompts.shape[0]
-    j = jnp.arange(max_new)
-    end = prompt_lens + max_new
-    num_blocks = max_new // block_length
-
-    def active(state: BlockState) -> jax.Array:
-        return (state.block < num_blocks) & ~decoded(state.gen, mask_id, eos)
-
-    def cond(state: BlockState) -> jax.Array:
-        return (state.passes < bound) & jnp.any(active(state))
-
-    def body(state: BlockState) -> BlockState:
-        i, gen = state.passes, state.gen
-        key, rule_key = jax.random.split(state.key)
-        logits = canvas_logits(model, prompts, prompt_lens, gen, end, mask_id, cfg_scale if guided else None)
-        block_end = (state.block + 1) * block_length
-        candidates = (gen == mask_id) & (j < block_end[:, None]) & active(state)[:, None]
-        commit = rule(logits, rule_key, View(gen, candidates, state.step))
-        transfer = commit.transfer & candidates
-        # A position predicting the mask stays masked, as in the published code.
-        accepted = state.accepted.at[:, i].set(jnp.sum(transfer & (commit.tokens != mask_id), axis=1))
-        done = commit.block_done & active(state)
-        return BlockState(i + 1, jnp.where(transfer, commit.tokens, gen), accepted, key,
-                          state.block + done, jnp.where(done, 0, state.step + active(state)))
-
-    start = CanvasState.start(b, max_new, bound, mask_id, key)
-    zeros = jnp.zeros((b,), jnp.int32)
-    return canvas_outputs(jax.lax.while_loop(cond, body, BlockState(**vars(start), block=zeros, step=zeros)), eos)
-
-
-def decode_blocks(
-    model: Qwen2,
-    rule: nnx.Module,
-    prompts: Sequence[Sequence[int]],
-    config: DecoderConfig,
-    key: jax.Array | None,
-    *,
-    block_length: int,
-    bound: int,
-    cfg_scale: float = 0.0,
-) -> GenerationResult:
-    """Decode `prompts` block by block with `rule(logits, key, View) -> Commit`, one compiled call of
-    at most `bound` passes; `accepted[b, i]` counts the tokens row b committed in pass i."""
-    batch = prepare_canvas(model, config, prompts, key)
-    graphs, params = zip(nnx.split(model), nnx.split(rule))
-    gen, lens, accepted, hit, passes = _decode(
-        graphs, params, jnp.asarray(batch.ids), jnp.asarray(batch.lengths), batch.eos, batch.key,
-        jnp.int32(block_length), jnp.float32(cfg_scale), max_new=config.max_new_tokens,
-        mask_id=model.cfg.mask_token_id, bound=bound, guided=cfg_scale > 0,
-    )
-    return batch.finish(gen, lens, accepted, hit, passes)
+        return Commit(tokens.astype(jnp.int32), transfer, view.step + 1 == self.block_steps[...], view.limit)
 
 
 def llada_generate(
@@ -300,5 +178,6 @@ def llada_generate(
     if (config.logits_eos_inf or config.confidence_eos_eot_inf) and max(config.eos_id, config.eot_id) >= vocab:
         raise ValueError(f"eos_id={config.eos_id} or eot_id={config.eot_id} lies outside the model's vocabulary "
                          f"[0, {vocab}): give the model's own ids (its tokenizer's eos and <|eot_id|>)")
-    return decode_blocks(model, LLaDARule(config), prompts, config, key, block_length=config.block_length,
-                         bound=config.steps, cfg_scale=config.cfg_scale)
+    result, _ = decode_blocks(model, LLaDARule(config), prompts, config, key, block_length=config.block_length,
+                              bound=config.steps, cfg_scale=config.cfg_scale)
+    return result

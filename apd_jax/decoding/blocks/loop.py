@@ -1,0 +1,230 @@
+"""The compiled loop of every canvas decoder: the answer in blocks, a forward and a rule per pass.
+
+The answer (max_new_tokens positions after each row's prompt, all masked at first) is cut into
+blocks of `block_length`, decoded left to right; a whole-canvas decoder is one block spanning the
+answer. Each pass runs the *forward* (`canvas_logits`: the model over prompt + answer, every block
+in the attention, later ones still masked; optionally with classifier-free guidance) and asks the
+*rule* which masked positions up to the end of the row's current block (`View.candidates`) to
+commit, with which tokens, and whether the row's block is done. A rule is an `nnx.Module` whose
+variables are traced; the loop carries its state, so a rule may record what it saw (the Learn2PD
+oracle does). A KV cache of the blocks before the current one (Fast-dLLM's prefix and dual caches)
+is another forward, carried in the loop state beside the canvas.
+
+Rows are right-padded with their own valid lengths, so each row of a ragged batch decodes as it
+would alone. A row stops once nothing before its first eos is masked (committed tokens never
+change, so its answer up to that eos is final), once its last block is done, or when the loop
+reaches its bound of passes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from apd_jax.decoding.generation import Batch, DecoderConfig, GenerationResult, prepare
+from apd_jax.models.model import Qwen2
+
+# Canvas pieces
+
+
+def build_canvas(prompts: jax.Array, prompt_lens: jax.Array, gen: jax.Array) -> jax.Array:
+    """[B, P + N]: each row's prompt followed directly by its generation `gen` [B, N]."""
+    b, p = prompts.shape
+    n = gen.shape[1]
+    canvas = jnp.concatenate([prompts, jnp.zeros((b, n), prompts.dtype)], axis=1)
+    idx = prompt_lens[:, None] + jnp.arange(n)
+    return canvas.at[jnp.arange(b)[:, None], idx].set(gen)
+
+
+def generation_logits(model: Qwen2, canvas: jax.Array, prompt_lens: jax.Array, end: jax.Array, n: int) -> jax.Array:
+    """Float32 logits [B, N, V] for each row's N generated positions, attending up to `end` [B],
+    read as the model's family predicts (Qwen2.aligned: Dream's shifted by one, LLaDA's not)."""
+    hidden, _ = model(canvas, valid=end)
+    hidden = model.aligned(hidden)
+    idx = prompt_lens[:, None] + jnp.arange(n)
+    return model.logits(jnp.take_along_axis(hidden, idx[:, :, None], axis=1))
+
+
+def canvas_logits(
+    model: Qwen2, prompts: jax.Array, prompt_lens: jax.Array, gen: jax.Array, end: jax.Array, mask_id: int,
+    cfg_scale: jax.Array | None,
+) -> jax.Array:
+    """The forward of a pass: generation_logits of prompt + answer `gen`. With cfg_scale (not None),
+    LLaDA's classifier-free guidance: un + (cfg_scale + 1) * (cond - un), `un` the logits with the
+    prompt replaced by masks (both halves in one call)."""
+    n = gen.shape[1]
+    canvas = build_canvas(prompts, prompt_lens, gen)
+    if cfg_scale is None:
+        return generation_logits(model, canvas, prompt_lens, end, n)
+    unconditional = build_canvas(jnp.full_like(prompts, mask_id), prompt_lens, gen)
+    both = generation_logits(model, jnp.concatenate([canvas, unconditional]), jnp.concatenate([prompt_lens] * 2),
+                             jnp.concatenate([end, end]), n)
+    cond, un = jnp.split(both, 2)
+    return un + (cfg_scale + 1) * (cond - un)
+
+
+def descending_rank(score: jax.Array) -> jax.Array:
+    """[B, N] int: each entry's rank in its row, 0 = largest; ties go to the lower index."""
+    b, n = score.shape
+    order = jnp.argsort(-score, axis=1, stable=True)
+    return jnp.zeros((b, n), jnp.int32).at[jnp.arange(b)[:, None], order].set(jnp.arange(n, dtype=jnp.int32))
+
+
+def most_confident(confidence: jax.Array, masked: jax.Array) -> jax.Array:
+    """[B, N] bool: the single most confident masked position of each row with any."""
+    return masked & (descending_rank(jnp.where(masked, confidence, -jnp.inf)) == 0)
+
+
+def first_index(flags: jax.Array) -> jax.Array:
+    """[B]: the first True column of each row, or the row width when none."""
+    return jnp.where(jnp.any(flags, axis=1), jnp.argmax(flags, axis=1), flags.shape[1])
+
+
+def decoded(gen: jax.Array, mask_id: int, eos: jax.Array) -> jax.Array:
+    """[B] bool: no mask is left before the row's first eos (or anywhere, without eos)."""
+    first_eos = first_index(jnp.isin(gen, eos))
+    before = jnp.arange(gen.shape[1]) < first_eos[:, None]
+    return ~jnp.any((gen == mask_id) & before, axis=1)
+
+
+def prepare_canvas(model: Qwen2, config: DecoderConfig, prompts: Sequence[Sequence[int]], key) -> Batch:
+    """The shared set-up (generation.prepare) for a diffusion model (Dream, LLaDA), whose prompts may
+    not hold its mask."""
+    cfg = model.cfg
+    if cfg.causal or cfg.mask_token_id is None:
+        raise ValueError(f"diffusion decoding needs a bidirectional model (Dream or LLaDA) with a mask token, "
+                         f"not a {cfg.model_type} model")
+    return prepare(config, prompts, key, cfg, mask_id=cfg.mask_token_id)
+
+
+# What a rule sees and decides
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class View:
+    """What a rule sees of the loop in a pass."""
+
+    passes: jax.Array  # scalar: passes run before this one
+    gen: jax.Array  # [B, N]: the answer so far, masks where not committed
+    candidates: jax.Array  # [B, N] bool: masked positions up to the end of the row's current block
+    step: jax.Array  # [B] int: passes the row has run in its current block
+    limit: jax.Array  # [B] int: positions the row decodes (padding after)
+    eos: jax.Array  # [E]: the stop ids
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Commit:
+    """A rule's decision: `tokens` where `transfer` (the loop keeps only candidates), whether the row's
+    block is done, and the row's new limit (End-of-Text lowers it; the positions after it become
+    padding, hidden from attention)."""
+
+    tokens: jax.Array  # [B, N]
+    transfer: jax.Array  # [B, N] bool
+    block_done: jax.Array  # [B] bool
+    limit: jax.Array  # [B] int
+
+
+def block_emptied(view: View, transfer: jax.Array, limit: jax.Array) -> jax.Array:
+    """[B] bool: `transfer` commits every candidate before `limit` (the block is done when it empties)."""
+    return ~jnp.any(view.candidates & ~transfer & (jnp.arange(transfer.shape[1]) < limit[:, None]), axis=1)
+
+
+# The loop
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class CanvasState:
+    """The loop state: the answer so far and each row's progress."""
+
+    passes: jax.Array  # scalar: passes run
+    gen: jax.Array  # [B, N]: the generated positions, masks where not decoded yet
+    accepted: jax.Array  # [B, passes bound]: tokens committed per row and pass
+    key: jax.Array
+    block: jax.Array  # [B]: the row's current block
+    step: jax.Array  # [B]: passes the row has run in it
+    limit: jax.Array  # [B]: positions the row decodes
+    rule: nnx.State  # the rule's variables, as it leaves them
+
+    @classmethod
+    def start(cls, b: int, n: int, bound: int, mask_id: int, key: jax.Array, rule: nnx.State) -> CanvasState:
+        """Every position masked, nothing committed yet, each row in its first block."""
+        zeros = jnp.zeros((b,), jnp.int32)
+        return cls(jnp.int32(0), jnp.full((b, n), mask_id, jnp.int32), jnp.zeros((b, bound), jnp.int32), key,
+                   zeros, zeros, jnp.full((b,), n, jnp.int32), rule)
+
+
+def canvas_outputs(state: CanvasState, eos: jax.Array):
+    """(tokens, lengths, accepted, stopped at eos, passes): what `finish` takes. A row's
+    length runs through its first eos, else over the whole canvas."""
+    n = state.gen.shape[1]
+    first_eos = first_index(jnp.isin(state.gen, eos))
+    hit = first_eos < n
+    return state.gen, jnp.where(hit, first_eos + 1, n), state.accepted, hit, state.passes
+
+
+@functools.partial(jax.jit, static_argnames=("graphs", "max_new", "mask_id", "pad_id", "bound", "guided"))
+def _decode(graphs, params, prompts, prompt_lens, eos, key, block_length, cfg_scale, *, max_new: int, mask_id: int,
+            pad_id: int, bound: int, guided: bool):
+    model = nnx.merge(graphs[0], params[0])
+    j = jnp.arange(max_new)
+    num_blocks = max_new // block_length
+
+    def active(state: CanvasState) -> jax.Array:
+        return (state.block < num_blocks) & ~decoded(state.gen, mask_id, eos)
+
+    def cond(state: CanvasState) -> jax.Array:
+        return (state.passes < bound) & jnp.any(active(state))
+
+    def body(state: CanvasState) -> CanvasState:
+        i, gen, running = state.passes, state.gen, active(state)
+        key, rule_key = jax.random.split(state.key)
+        end = prompt_lens + state.limit
+        logits = canvas_logits(model, prompts, prompt_lens, gen, end, mask_id, cfg_scale if guided else None)
+        candidates = (gen == mask_id) & (j < (state.block[:, None] + 1) * block_length) & running[:, None]
+        rule = nnx.merge(graphs[1], state.rule)
+        commit = rule(logits, rule_key, View(i, gen, candidates, state.step, state.limit, eos))
+        new = jnp.where(commit.transfer & candidates, commit.tokens, gen)
+        new = jnp.where(j < commit.limit[:, None], new, pad_id)
+        # A position predicting the mask stays masked (Dream's and LLaDA's published loops allow it).
+        committed = (gen == mask_id) & (new != mask_id) & (j < commit.limit[:, None])
+        done = commit.block_done & running
+        return CanvasState(
+            i + 1, new, state.accepted.at[:, i].set(jnp.sum(committed, axis=1)), key, state.block + done,
+            jnp.where(done, 0, state.step + running), commit.limit, nnx.state(rule),
+        )
+
+    start = CanvasState.start(prompts.shape[0], max_new, bound, mask_id, key, params[1])
+    state = jax.lax.while_loop(cond, body, start)
+    return canvas_outputs(state, eos), state.rule
+
+
+def decode_blocks(
+    model: Qwen2,
+    rule: nnx.Module,
+    prompts: Sequence[Sequence[int]],
+    config: DecoderConfig,
+    key: jax.Array | None,
+    *,
+    block_length: int,
+    bound: int,
+    cfg_scale: float = 0.0,
+) -> tuple[GenerationResult, nnx.Module]:
+    """Decode `prompts` block by block with `rule(logits, key, View) -> Commit`, one compiled call of
+    at most `bound` passes: the result (`accepted[b, i]` counts the tokens row b committed in pass
+    i) and the rule as the loop left it. cfg_scale > 0 adds LLaDA's guidance (two rows per row)."""
+    batch = prepare_canvas(model, config, prompts, key)
+    graphs, params = zip(nnx.split(model), nnx.split(rule))
+    outputs, rule_state = _decode(
+        graphs, params, jnp.asarray(batch.ids), jnp.asarray(batch.lengths), batch.eos, batch.key,
+        jnp.int32(block_length), jnp.float32(cfg_scale), max_new=config.max_new_tokens,
+        mask_id=model.cfg.mask_token_id, pad_id=batch.pad_id, bound=bound, guided=cfg_scale > 0,
+    )
+    return batch.finish(*outputs), nnx.merge(graphs[1], rule_state)
