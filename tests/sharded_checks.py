@@ -75,7 +75,7 @@ def _assert_placed(arr: jax.Array, spec: P, mesh, what: str) -> None:
 
 def _assert_model_placed(model, mesh) -> None:
     for path, arr in _flat_params(model).items():
-        _assert_placed(arr, param_spec(path), mesh, path)
+        _assert_placed(arr, param_spec(path, model.cfg.family), mesh, path)
 
 
 def apd_matches_single_device():

@@ -26,7 +26,6 @@ from apd_jax.models.cache import KVCache
 from apd_jax.models.config import ModelConfig
 from apd_jax.models.model import Qwen2
 from apd_jax.models.family import MODEL, Family
-from apd_jax.models.qwen2 import QWEN2
 
 DATA = "data"  # the mesh axis of batch rows; MODEL, of tensor parallelism, is family.py's
 
@@ -81,9 +80,9 @@ def check_batch(batch: int, mesh: Mesh) -> None:
         )
 
 
-def param_spec(path: str, family: Family = QWEN2) -> P:
+def param_spec(path: str, family: Family) -> P:
     """The PartitionSpec of a parameter from its dotted path (e.g. 'layers.0.mlp.gate_up_proj.kernel')
-    in `family`'s table (Qwen2's, which Dream shares, unless given)."""
+    in `family`'s table."""
     return family.param(path).spec
 
 
