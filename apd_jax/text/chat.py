@@ -1,9 +1,11 @@
-"""Chat prompts for instruct checkpoints (Dream-v0-Instruct, Qwen2.5-*-Instruct).
+"""Chat prompts for instruct checkpoints (Dream-v0-Instruct, Qwen2.5-*-Instruct, LLaDA-8B-Instruct).
 
 Instruct models expect their chat template around a request, as the published APD demo
 applies it (`tokenizer.apply_chat_template(messages, add_generation_prompt=True)`): a
 bare question fed to them reads as text to continue. The template is the tokenizer's
-own (transformers renders it); apd_jax adds nothing to it.
+own (transformers renders it); apd_jax adds nothing to it. A reply ends at the special token
+that closes a turn in that template (ChatML's <|im_end|>, LLaDA's and Llama 3's <|eot_id|>),
+which is not always the tokenizer's eos (LLaDA-8B-Instruct's is <|endoftext|>).
 """
 
 from __future__ import annotations
@@ -37,10 +39,35 @@ def chat_prompt_ids(tokenizer: Any, conversation: Sequence[Message]) -> list[int
                                               return_dict=False))
 
 
-def stop_token_ids(declared: Sequence[int], tokenizer: Any) -> tuple[int, ...]:
-    """Every id a generation stops at: those the checkpoint declares, then the tokenizer's eos.
+def turn_end_id(tokenizer: Any) -> int | None:
+    """The special token that closes the assistant's turn in the tokenizer's chat template, or None
+    (no template, or a turn that ends in plain text).
 
-    An instruct tokenizer's eos (Qwen2.5-Instruct's <|im_end|>) closes the assistant's turn,
-    and a checkpoint's configs may list several (<|endoftext|> and <|im_end|>).
+    Read from the template itself: an exchange rendered as text, and the first token after the
+    assistant's words, when it is a special token (ChatML's <|im_end|>, LLaDA's <|eot_id|>).
     """
-    return merge_ids(tuple(declared), getattr(tokenizer, "eos_token_id", None))
+    from jinja2.exceptions import TemplateError
+
+    if not has_chat_template(tokenizer):
+        return None
+    reply = "apd_jax reply"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": reply}],
+                                             tokenize=False)
+    except TemplateError:  # a template that cannot render a plain exchange names no turn end
+        return None
+    end = text.rfind(reply)
+    after = tokenizer.encode(text[end + len(reply):], add_special_tokens=False) if end >= 0 else []
+    special = getattr(tokenizer, "added_tokens_decoder", {})
+    return after[0] if after and after[0] in special and special[after[0]].special else None
+
+
+def stop_token_ids(declared: Sequence[int], tokenizer: Any) -> tuple[int, ...]:
+    """Every id a generation stops at: those the checkpoint declares, the tokenizer's eos, then the
+    token that ends an assistant turn in its chat template (turn_end_id).
+
+    An instruct model closes its reply with that token: Qwen2.5-Instruct's eos is it already
+    (<|im_end|>); LLaDA-8B-Instruct declares <|endoftext|> (126081) in config.json and as its
+    tokenizer's eos, and ends a turn with <|eot_id|> (126348).
+    """
+    return merge_ids(tuple(declared), getattr(tokenizer, "eos_token_id", None), turn_end_id(tokenizer))
