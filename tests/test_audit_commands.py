@@ -30,7 +30,7 @@ def a_file(tmp_path) -> Path:
     (["bench", "--settings", ""], "--settings '' names no setting: expected ';'-separated 'R,W,M' entries"),
     (["bench", "--settings", ";"], "--settings ';' names no setting"),
     (["bench", "--baselines", "foo"], "argument --baselines: invalid value 'foo': unknown baseline 'foo'; "
-                                      "expected comma-separated ar, leftright, or none"),
+                                      "expected comma-separated ar, leftright, llada, or none"),
     (["bench", "--baselines", "ar,lr"], "unknown baseline 'lr'"),
     (["bench", "--batch", "0"], "argument --batch: invalid value '0': expected comma-separated integers >= 1"),
     (["bench", "--batch", "1,x"], "argument --batch: invalid value '1,x': expected comma-separated integers >= 1"),

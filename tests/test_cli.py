@@ -58,6 +58,21 @@ def test_bench_runs_on_tiny_shapes(tmp_path, capsys):
     assert [r["batch"] for r in rows] == [1, 1, 1] and all(r["profile"] is not None for r in rows)
 
 
+def test_bench_llada_baseline_runs_in_jax_and_in_the_published_pytorch_code(tmp_path, capsys):
+    common = ["--shapes", "tiny", "--settings", "0.7,4,8", "--prompt-len", "8", "--max-new-tokens", "16",
+              "--repeats", "1", "--baselines", "llada"]
+    assert main(["bench", "--batch", "1", *common, "--json", str(tmp_path / "jax.json")]) == 0
+    rows = json.loads((tmp_path / "jax.json").read_text())["rows"]
+    assert [r["name"] for r in rows] == ["APD R=0.7 W=4 M=8", "LLaDA steps=16 block=16", "llada threshold=0.9"]
+    assert rows[1]["passes"] == 16 and rows[1]["tokens_per_pass"] == 1.0  # steps = answer length
+    capsys.readouterr()
+    assert main(["bench", "--torch", *common, "--json", str(tmp_path / "torch.json"),
+                 "--against", str(tmp_path / "jax.json")]) == 0
+    torch_rows = json.loads((tmp_path / "torch.json").read_text())["rows"]
+    assert [r["decoder"] for r in torch_rows] == ["apd", "apd", "llada"] and torch_rows[2]["passes"] == 16
+    assert "PyTorch LLaDA generate steps=16 block=16 (published): " in capsys.readouterr().out  # its ratio line
+
+
 def test_bench_samples_at_its_temperature_and_top_p(tmp_path, capsys):
     assert main(["bench", "--shapes", "tiny", "--batch", "2", "--settings", "0.7,4,8", "--prompt-len", "8",
                  "--max-new-tokens", "16", "--repeats", "1", "--temperature", "0.6", "--top-p", "0.95",

@@ -28,6 +28,8 @@ from flax import nnx
 
 from apd_jax.decoding.apd import APDConfig, apd_generate, leftright_generate
 from apd_jax.decoding.autoregressive import ARConfig, ar_generate
+from apd_jax.decoding.blocks.llada import LLaDAConfig, llada_generate
+from apd_jax.decoding.diffusion import ThresholdConfig, threshold_generate
 from apd_jax.models.config import ModelConfig
 from apd_jax.decoding.generation import DecoderConfig, GenerationResult
 from apd_jax.models.model import Qwen2, abstract_model, forward_logits
@@ -217,7 +219,30 @@ def bench_ar(model: Qwen2, cfg: ARConfig, batch: int, prompt_len: int, ceilings:
     return _measure(f"AR decode{sampling_label(cfg)}", batch, run, bound, repeats, profile)
 
 
+def bench_canvas(model: Qwen2, cfg: LLaDAConfig | ThresholdConfig, batch: int, prompt_len: int,
+                 ceilings: dict[str, float], repeats: int, profile: bool = False) -> Row:
+    """LLaDA's block decoder (LLaDAConfig) or threshold decoding (ThresholdConfig) of a diffusion model,
+    no cache: every pass runs the whole sequence, prompt and answer, through the model."""
+    prompts = random_prompts([model.cfg], batch, prompt_len)
+    layers, head = matmul_params(model.cfg)
+    guided = 2 if getattr(cfg, "cfg_scale", 0) > 0 else 1  # guidance runs a second, prompt-masked row
+
+    def bound(result: GenerationResult) -> tuple[float, float]:
+        flops = 2 * batch * guided * (layers * (prompt_len + cfg.max_new_tokens) + head * cfg.max_new_tokens)
+        return _roofline(flops, param_bytes(model), ceilings)
+
+    if isinstance(cfg, LLaDAConfig):
+        name = f"LLaDA steps={cfg.step_count} block={cfg.block_size}"
+        run = lambda: llada_generate(model, prompts, cfg)  # noqa: E731
+    else:
+        name = f"{model.cfg.model_type} threshold={cfg.threshold:g}"
+        run = lambda: threshold_generate(model, prompts, cfg)  # noqa: E731
+    return _measure(name + sampling_label(cfg), batch, run, bound, repeats, profile)
+
+
 LEFTRIGHT_WM = (16, 100)  # the left-to-right baseline's (W, M), in JAX and in PyTorch alike
+LLADA_BLOCK = 32  # the LLaDA baseline's block_length (the published generate's default), steps = answer length
+THRESHOLD = 0.9  # the threshold baseline's (Fast-dLLM's default)
 
 
 HEADER = (

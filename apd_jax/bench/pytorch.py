@@ -8,6 +8,8 @@ memory), on the prompts, settings and weight distribution of `apd-jax bench`:
   off (the published default, Dream's use_cache false: the same loop with W past the length).
 - **PyTorch Dream left-to-right K**: `torch_leftright_generate`, the "Dream K=k" baseline.
 - **HF `generate`**: greedy decoding of a Qwen2.5-7B-shaped `Qwen2ForCausalLM`.
+- **LLaDA `generate`**: the published LLaDA `generate` (bench/llada_generate_published.py) on the published
+  modeling code (bench/llada_published/) at LLaDA-8B shapes, steps = answer length.
 
 Medians of timed calls after a warm-up, synchronised; `--against JAX.json` (an `apd-jax bench`
 run of the same session) prints PyTorch's ms per pass over apd_jax's for each matching row.
@@ -80,7 +82,7 @@ def _randomise(model: Any) -> Any:
 
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name or "ln_f" in name:  # LLaDA's final norm is `ln_f`
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, 0.02)
@@ -121,6 +123,28 @@ def torch_qwen2(c: ModelConfig) -> Any:
         rope_theta=c.rope_theta, rms_norm_eps=c.rms_norm_eps,
     )
     return _build(lambda: Qwen2ForCausalLM(config))
+
+
+def torch_llada(c: ModelConfig) -> Any:
+    from apd_jax.bench.llada_published.configuration_llada import LLaDAConfig
+    from apd_jax.bench.llada_published.modeling_llada import LLaDAModelLM
+
+    config = LLaDAConfig(**c.to_hf_dict()[0])  # the LLaDA family's config.json fields
+    return _build(lambda: LLaDAModelLM(config, init_params=False))
+
+
+def bench_llada_generate(model: Any, c: ModelConfig, prompt: list[int], gen_length: int, block_length: int,
+                         repeats: int) -> TorchRow:
+    import torch
+
+    from apd_jax.bench.llada_generate_published import generate
+
+    ids = torch.tensor([prompt], device=_device())
+    with torch.no_grad():
+        t, _ = _time_calls(lambda: generate(model, ids, steps=gen_length, gen_length=gen_length,
+                                            block_length=block_length, mask_id=c.mask_token_id), repeats)
+    return TorchRow(f"PyTorch LLaDA generate steps={gen_length} block={block_length} (published)", "llada", None,
+                    None, None, None, 1, 1e3 * t / gen_length, 1.0, gen_length, gen_length / t)
 
 
 def bench_apd(drafter: Any, verifier: Any, d_cfg: ModelConfig, v_cfg: ModelConfig, prompt: list[int],
@@ -191,6 +215,8 @@ def _jax_key(row: dict) -> tuple | None:
         return ("leftright", None, int(fields["W"]), int(fields["M"]))
     if row["name"].startswith("AR decode"):
         return ("ar", None, None, None)
+    if row["name"].startswith("LLaDA steps="):
+        return ("llada", None, None, None)
     return None
 
 
@@ -206,19 +232,20 @@ def ratios(rows: list[TorchRow], jax_json: Path) -> list[str]:
     return lines
 
 
-def run(shapes: tuple[ModelConfig, ModelConfig, ModelConfig], settings: list[tuple[float, int, int]],
+def run(shapes: tuple[ModelConfig, ModelConfig, ModelConfig, ModelConfig], settings: list[tuple[float, int, int]],
         prompt_len: int, max_new_tokens: int, repeats: int, baselines: list[str],
         log: Callable[[str], None] = print,
         on_row: Callable[[list[TorchRow]], None] = lambda rows: None) -> list[TorchRow]:
-    """Every PyTorch row: HF generate (if asked for), APD per setting (drafter cache on and off), left-to-right.
+    """Every PyTorch row: HF generate (if asked for), APD per setting (drafter cache on and off), left-to-right,
+    LLaDA's generate (if asked for).
 
     `on_row` receives the rows so far after each one (bench writes its JSON there)."""
     import torch
     import transformers
 
-    from apd_jax.bench.decoders import LEFTRIGHT_WM, random_prompts
+    from apd_jax.bench.decoders import LEFTRIGHT_WM, LLADA_BLOCK, random_prompts
 
-    d_cfg, v_cfg, ar_cfg = shapes
+    d_cfg, v_cfg, ar_cfg, llada_cfg = shapes
     if not torch.cuda.is_available() and d_cfg.hidden_size > 1024:
         raise ValueError("apd-jax bench --torch at the real shapes needs a CUDA GPU (--shapes tiny runs on CPU)")
     log(f"PyTorch {torch.__version__}, transformers {transformers.__version__}, {_device_name()}")
@@ -241,6 +268,12 @@ def run(shapes: tuple[ModelConfig, ModelConfig, ModelConfig], settings: list[tup
             report(bench_apd(drafter, verifier, d_cfg, v_cfg, prompt, R, W, M, max_new_tokens, repeats, cache))
     if "leftright" in baselines:
         report(bench_leftright(drafter, d_cfg, prompt, 1, *LEFTRIGHT_WM, max_new_tokens, repeats))
+    if "llada" in baselines:
+        del drafter, verifier  # make room for the 8B model
+        llada = torch_llada(llada_cfg)
+        llada_prompt = random_prompts([llada_cfg], 1, prompt_len)[0]
+        report(bench_llada_generate(llada, llada_cfg, llada_prompt, max_new_tokens,
+                                    min(LLADA_BLOCK, max_new_tokens), repeats))
     return rows
 
 

@@ -1,10 +1,11 @@
-"""`apd-jax bench`: APD, left-to-right and autoregressive decoding at real shapes, against hardware bounds.
+"""`apd-jax bench`: APD, left-to-right, autoregressive and LLaDA decoding at real shapes, against hardware bounds.
 
 Default shapes: Dream-v0-Instruct-7B drafter, Qwen2.5-0.5B verifier, Qwen2.5-7B for
-the AR baseline, random bf16 weights made on the device. `--shapes tiny` runs the
+the AR baseline, LLaDA-8B for the LLaDA baseline (its block decoder, steps = answer length,
+and threshold decoding), random bf16 weights made on the device. `--shapes tiny` runs the
 same code path on tiny models (CPU, CI). `--torch` runs the PyTorch side instead
-(apd_jax/bench/pytorch.py: the published APD loop, Dream left-to-right and HF `generate`
-at the same shapes), in its own process so the two frameworks never share the GPU's
+(apd_jax/bench/pytorch.py: the published APD loop, Dream left-to-right, HF `generate` and
+LLaDA's published `generate` at the same shapes), in its own process so the two frameworks never share the GPU's
 memory; run it after `apd-jax bench --json J.json` with `--against J.json` for the ratios.
 """
 
@@ -17,13 +18,17 @@ from pathlib import Path
 from apd_jax.bench import decoders as bench
 from apd_jax.decoding.apd import APDConfig
 from apd_jax.decoding.autoregressive import ARConfig
+from apd_jax.decoding.blocks.llada import LLaDAConfig
+from apd_jax.decoding.diffusion import ThresholdConfig
 from apd_jax.checkpoints import load_model
 from apd_jax.cli.common import (
     DefaultsHelpFormatter, check_writable, finite_float, positive_int, positive_int_list, user_path,
 )
 from apd_jax.models.config import (
-    ATTENTION_IMPLEMENTATIONS, ModelConfig, dream_7b_config, qwen25_05b_config, qwen25_7b_config, tiny_config,
+    ATTENTION_IMPLEMENTATIONS, ModelConfig, dream_7b_config, llada_8b_config, qwen25_05b_config, qwen25_7b_config,
+    tiny_config,
 )
+from apd_jax.models.llada import LLADA
 from apd_jax.utils.files import written_atomically
 from apd_jax.models.model import with_config
 
@@ -47,7 +52,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="every decoder's sampling temperature (0: greedy, as the published code's default)")
     p.add_argument("--top-p", type=finite_float, default=1.0, help="every decoder's nucleus filter (1: off)")
     p.add_argument("--baselines", type=_baselines, default="ar,leftright",
-                   help="comma-separated: ar, leftright (batch 1), or none")
+                   help="comma-separated: ar, leftright, llada (LLaDA-8B: its block decoder and threshold decoding; batch 1), or none")
     p.add_argument("--profile", action="store_true",
                    help="profile one more call of every benchmark and print its top device ops per pass")
     p.add_argument("--torch", action="store_true",
@@ -63,7 +68,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-BASELINES = ("ar", "leftright")
+BASELINES = ("ar", "leftright", "llada")
 
 
 def _baselines(text: str) -> list[str]:
@@ -101,11 +106,13 @@ def _parse_settings(text: str, max_new_tokens: int, **sampling: float) -> list[A
     return settings
 
 
-def _configs(shapes: str) -> tuple[ModelConfig, ModelConfig, ModelConfig]:
+def _configs(shapes: str) -> tuple[ModelConfig, ModelConfig, ModelConfig, ModelConfig]:
+    """(drafter, verifier, AR baseline, LLaDA baseline) configs."""
     if shapes == "tiny":
-        return tiny_config(causal=False), tiny_config(causal=True), tiny_config(causal=True, num_layers=3)
+        return (tiny_config(causal=False), tiny_config(causal=True), tiny_config(causal=True, num_layers=3),
+                tiny_config(causal=False, family=LLADA, num_kv_heads=4))
     bf16 = dict(param_dtype=bench.jnp.bfloat16, dtype=bench.jnp.bfloat16)
-    return dream_7b_config(**bf16), qwen25_05b_config(**bf16), qwen25_7b_config(**bf16)
+    return dream_7b_config(**bf16), qwen25_05b_config(**bf16), qwen25_7b_config(**bf16), llada_8b_config(**bf16)
 
 
 def _bench_json(path: Path) -> dict | None:
@@ -163,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--torch times greedy decoding only: drop --temperature and --top-p")
         return _torch(args, settings)
     batches = args.batch
-    d_cfg, v_cfg, ar_cfg = _configs(args.shapes)
+    d_cfg, v_cfg, ar_cfg, llada_cfg = _configs(args.shapes)
     drafter = load_model(args.drafter) if args.drafter else bench.random_model(d_cfg, 1)
     verifier = load_model(args.verifier) if args.verifier else bench.random_model(v_cfg, 2)
     if args.attention != "xla":
@@ -199,6 +206,15 @@ def run(args: argparse.Namespace) -> int:
         ar = bench.random_model(ar_cfg.replace(attention=args.attention), 3)
         report(bench.bench_ar(ar, ARConfig(max_new_tokens=args.max_new_tokens, eos_token_ids=(), **sampling), 1,
                               args.prompt_len, ceilings, args.repeats, profile=args.profile))
+        del ar
+    if "llada" in baselines:
+        drafter = verifier = None  # make room for the 8B model
+        llada = bench.random_model(llada_cfg.replace(attention=args.attention), 4)
+        block = min(bench.LLADA_BLOCK, args.max_new_tokens)
+        for cfg in (LLaDAConfig(max_new_tokens=args.max_new_tokens, block_length=block, eos_token_ids=(), **sampling),
+                    ThresholdConfig(threshold=bench.THRESHOLD, max_new_tokens=args.max_new_tokens, eos_token_ids=(),
+                                    **sampling)):
+            report(bench.bench_canvas(llada, cfg, 1, args.prompt_len, ceilings, args.repeats, profile=args.profile))
     return 0
 
 
