@@ -26,6 +26,7 @@ from apd_jax.decoding.blocks.llada import (
     llada_generate,
     transfer_counts,
 )
+from apd_jax.decoding.diffusion import ThresholdConfig, threshold_generate
 from apd_jax.models.config import ModelConfig
 from apd_jax.models.llada import LLADA
 from apd_jax.models.model import abstract_model, forward_logits
@@ -96,8 +97,8 @@ def published_answer(model, prompt, config: LLaDAConfig, monkeypatch) -> list[in
     # The published guidance reads attention_mask (its unguided path does not need one).
     mask = torch.ones_like(x) if config.cfg_scale > 0 else None
     out = published.generate(
-        JaxLogits(model), x, mask, steps=config.steps, gen_length=config.max_new_tokens,
-        block_length=config.block_length, temperature=0.0, cfg_scale=config.cfg_scale, remasking=config.remasking,
+        JaxLogits(model), x, mask, steps=config.step_count, gen_length=config.max_new_tokens,
+        block_length=config.block_size, temperature=0.0, cfg_scale=config.cfg_scale, remasking=config.remasking,
         mask_id=MASK, logits_eos_inf=config.logits_eos_inf, confidence_eos_eot_inf=config.confidence_eos_eot_inf,
     )
     return out[0, len(prompt):].tolist()
@@ -232,7 +233,53 @@ def test_llada_checkpoint_decodes_as_the_published_model(tmp_path, settings, mon
     monkeypatch.setattr(torch, "topk", _stable_topk)
     for row, prompt in zip(got.tokens, rows):
         x = torch.tensor([prompt])
-        out = published.generate(reference, x, torch.ones_like(x), steps=config.steps,
-                                 gen_length=config.max_new_tokens, block_length=config.block_length,
+        out = published.generate(reference, x, torch.ones_like(x), steps=config.step_count,
+                                 gen_length=config.max_new_tokens, block_length=config.block_size,
                                  cfg_scale=config.cfg_scale, mask_id=ours.cfg.mask_token_id)
         assert row.tolist() == out[0, len(prompt):].tolist()
+
+
+def eager_threshold(model, prompt, config: ThresholdConfig) -> tuple[list[int], int]:
+    """Threshold decoding in blocks as a plain Python loop over one row (the answer through its first
+    eos, and the passes it took): each pass commits the current block's masked positions above the
+    threshold and the most confident one; End-of-Text commits the first confident eos and drops
+    the positions after it."""
+    n, size = config.max_new_tokens, config.block_length
+    eos = model.cfg.eos_token_ids if config.eos_token_ids is None else config.eos_token_ids
+    gen, limit, passes = [MASK] * n, n, 0
+    for block_end in range(size, n + 1, size):
+        while True:
+            first_eos = next((j for j, t in enumerate(gen) if t in eos), n)
+            cand = [j for j in range(min(block_end, limit)) if gen[j] == MASK]
+            if not cand or MASK not in gen[:first_eos]:
+                break
+            logits = np.array(forward_logits(model, jnp.asarray([prompt + gen[:limit]])))[0, len(prompt):]
+            logits[:, MASK] = -np.inf
+            probs = np.exp(logits - logits.max(-1, keepdims=True))
+            probs /= probs.sum(-1, keepdims=True)
+            tokens, confidence = probs.argmax(-1), probs.max(-1)
+            keep = {j for j in cand if confidence[j] > config.threshold} | {max(cand, key=lambda j: (confidence[j], -j))}
+            if config.eot_threshold is not None:
+                eot = [j for j in cand if tokens[j] in eos and confidence[j] > config.eot_threshold]
+                if eot:
+                    keep.add(eot[0])
+                    limit = eot[0] + 1
+            gen = [int(tokens[j]) if j in keep else t for j, t in enumerate(gen)][:limit] + [EOS] * (n - limit)
+            passes += 1
+    first_eos = next((j for j, t in enumerate(gen) if t in eos), n - 1)
+    return gen[: first_eos + 1], passes
+
+
+@pytest.mark.parametrize("seed, settings", [(1, dict(threshold=0.5, block_length=4, eos_token_ids=())),
+                                            (3, dict(threshold=0.9, block_length=6, eot_threshold=0.7))])
+def test_threshold_in_blocks_equals_a_python_loop(model, seed, settings):
+    """Threshold decoding (Fast-dLLM's rule without its cache) on LLaDA in blocks, with and without
+    End-of-Text: each row of a ragged batch equals a plain Python loop over that row."""
+    config = ThresholdConfig(max_new_tokens=12, **settings)
+    rows = prompts([5, 11], seed=seed)
+    got = threshold_generate(model, rows, config)
+    for b, prompt in enumerate(rows):
+        want, passes = eager_threshold(model, prompt, config)
+        assert got.sequences()[b] == want and got.row_passes()[b] == passes
+    assert got.row_passes().max() > 12 // settings["block_length"]  # more than one pass per block
+    assert got.stopped_at_eos.any() == ("eot_threshold" in settings)  # End-of-Text cut a row

@@ -1,12 +1,13 @@
-"""Whole-canvas decoders of a diffusion model (Dream, LLaDA): Dream's own sampler, and parallel
-decoding by a keep rule. Each is a rule of the block decoder (blocks.loop) with one block spanning
-the answer: full attention over prompt + max_new_tokens masks, one compiled call, ragged rows each
-decoded exactly as alone; a row stops once nothing before its first eos is masked.
+"""Canvas decoders of a diffusion model (Dream, LLaDA): Dream's own sampler, and parallel decoding
+by a keep rule. Each is a rule of the block decoder (blocks.loop), by default with one block
+spanning the answer: full attention over prompt + max_new_tokens masks, one compiled call, ragged
+rows each decoded exactly as alone; a row stops once nothing before its first eos is masked.
 
 - `diffusion_generate`: Dream's `_sample`, its transfer counts per row (Dream at batch size 1).
 - `threshold_generate`: each pass commits every masked position above a threshold, and at least
-  the most confident (Fast-dLLM's rule, block-free); `parallel_decode` takes the keep rule as an
-  `nnx.Module`, so Learn2PD's filter runs in the same loop.
+  the most confident (Fast-dLLM's rule, without its cache; in blocks with block_length);
+  `parallel_decode` takes the keep rule as an `nnx.Module`, so Learn2PD's filter runs in the same
+  loop.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from apd_jax.decoding.blocks.loop import (
     Commit,
     View,
     block_emptied,
+    block_problems,
+    block_size,
     decode_blocks,
     descending_rank,
     first_index,
@@ -79,14 +82,18 @@ class DiffusionConfig(DecoderConfig):
 class ParallelConfig(DecoderConfig):
     """Knobs of the parallel decoders (threshold, Learn2PD), all traced but max_new_tokens.
     eot_threshold: once a masked position predicts an eos above it, that eos is committed and
-    every later position dropped (padding, hidden from attention); None disables it."""
+    every later position dropped (padding, hidden from attention); None disables it.
+    block_length: decode the answer in blocks of this many positions, left to right, each pass
+    committing only within the current block (semi-autoregressive, as LLaDA and Fast-dLLM decode);
+    None: one block, the whole answer."""
 
     eot_threshold: float | None = None
+    block_length: int | None = dataclasses.field(default=None, kw_only=True)
 
     what = "parallel decoding"
 
     def problems(self) -> list[str]:
-        problems = super().problems()
+        problems = super().problems() + block_problems(self.block_length, self.max_new_tokens)
         if self.eot_threshold is not None and not 0.0 <= self.eot_threshold < 1.0:
             problems.append(f"eot_threshold={self.eot_threshold} must lie in [0, 1) (None disables it)")
         return problems
@@ -266,12 +273,14 @@ def parallel_decode(
     config: ParallelConfig,
     key: jax.Array | None = None,
 ) -> GenerationResult:
-    """Decode the whole canvas in passes, each committing the masked positions `rule(prediction,
-    masked) -> bool [B, N]` keeps, and the most confident one whatever it says (so at most
-    max_new_tokens passes). The rule's variables are traced; the mask is never predicted."""
+    """Decode the answer in passes (in blocks of config.block_length, or all at once), each
+    committing the masked positions of the current block that `rule(prediction, masked) -> bool
+    [B, N]` keeps, and the most confident one whatever it says (so at most max_new_tokens passes).
+    The rule's variables are traced; the mask is never predicted."""
     config = check_config(config, ParallelConfig)
     parallel = ParallelRule(rule, config, model.cfg.mask_token_id)
-    result, _ = decode_blocks(model, parallel, prompts, config, key, block_length=config.max_new_tokens,
+    result, _ = decode_blocks(model, parallel, prompts, config, key,
+                              block_length=block_size(config.block_length, config.max_new_tokens),
                               bound=config.max_new_tokens)
     return result
 
@@ -282,7 +291,8 @@ def threshold_generate(
     config: ThresholdConfig = ThresholdConfig(),
     key: jax.Array | None = None,
 ) -> GenerationResult:
-    """Confidence-threshold parallel decoding over the whole canvas (block-free); threshold 1.0 is
-    one token per pass, most confident first (Dream maskgit_plus at one token a step)."""
+    """Confidence-threshold parallel decoding, over the whole canvas or in blocks (Fast-dLLM's rule
+    without its cache); threshold 1.0 is one token per pass, most confident first (Dream
+    maskgit_plus at one token a step)."""
     config = check_config(config, ThresholdConfig)
     return parallel_decode(model, ConfidenceRule(config.threshold), prompts, config, key)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from apd_jax.decoding.blocks.loop import Commit, View, decode_blocks, descending_rank
+from apd_jax.decoding.blocks.loop import Commit, View, block_problems, block_size, decode_blocks, descending_rank
 from apd_jax.decoding.generation import DecoderConfig, GenerationResult, check_config
 from apd_jax.models.model import Qwen2
 
@@ -33,7 +33,8 @@ class LLaDAConfig(DecoderConfig):
     max_new_tokens, steps and whether cfg_scale > 0.
 
     steps: passes in all (None: max_new_tokens), steps / (max_new_tokens / block_length) per block,
-    each committing a precomputed count of the block's masks. block_length None: one block.
+    each committing a precomputed count of the block's masks. block_length None: one block. None
+    stays None, so a copy with another max_new_tokens (dataclasses.replace) follows it.
     remasking: which masked positions a step commits: the most confident predictions
     ("low_confidence") or random ones. cfg_scale > 0: classifier-free guidance against the prompt
     fully masked (two rows per row). logits_eos_inf: never predict eos_id;
@@ -53,29 +54,31 @@ class LLaDAConfig(DecoderConfig):
 
     what = "LLaDA"
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for name in ("steps", "block_length"):
-            if getattr(self, name) is None:
-                object.__setattr__(self, name, self.max_new_tokens)
+    @property
+    def step_count(self) -> int:
+        """steps, or max_new_tokens when None (one token per step)."""
+        return self.max_new_tokens if self.steps is None else self.steps
+
+    @property
+    def block_size(self) -> int:
+        return block_size(self.block_length, self.max_new_tokens)
 
     @property
     def num_blocks(self) -> int:
-        return self.max_new_tokens // self.block_length
+        return self.max_new_tokens // self.block_size
 
     def problems(self) -> list[str]:
         problems = super().problems()
         if self.top_p != 1.0 or self.top_k != 0:
             problems.append(f"top_p={self.top_p}, top_k={self.top_k}: LLaDA's generate samples from the whole "
                             "vocabulary; leave top_p 1 and top_k 0")
-        if self.steps < 1 or self.block_length < 1:
-            problems.append(f"steps={self.steps} and block_length={self.block_length} must be >= 1")
-        elif self.max_new_tokens % self.block_length:
-            problems.append(f"block_length={self.block_length} must divide max_new_tokens={self.max_new_tokens} "
-                            "(the answer is cut into whole blocks)")
-        elif self.steps % self.num_blocks:
+        blocks = block_problems(self.block_length, self.max_new_tokens)
+        if self.step_count < 1:
+            problems.append(f"steps={self.steps} must be >= 1 (None: max_new_tokens)")
+        elif not blocks and self.max_new_tokens >= 1 and self.step_count % self.num_blocks:
             problems.append(f"steps={self.steps} must be a multiple of the number of blocks {self.num_blocks} "
                             f"(max_new_tokens / block_length): each block gets steps / blocks passes")
+        problems += blocks
         if self.remasking not in REMASKING:
             problems.append(f"remasking={self.remasking!r}: use one of {REMASKING}")
         if self.cfg_scale < 0:
@@ -138,9 +141,9 @@ class LLaDARule(nnx.Module):
 
     def __init__(self, config: LLaDAConfig):
         # Sized by all the steps, not a block's, so settings of equal steps share one compiled program.
-        block_steps = config.steps // config.num_blocks
-        counts = np.zeros(config.steps, np.int32)
-        counts[:block_steps] = transfer_counts(config.block_length, block_steps)
+        block_steps = config.step_count // config.num_blocks
+        counts = np.zeros(config.step_count, np.int32)
+        counts[:block_steps] = transfer_counts(config.block_size, block_steps)
         self.counts = nnx.Variable(jnp.asarray(counts))
         self.block_steps = nnx.Variable(jnp.int32(block_steps))
         self.temperature = nnx.Variable(jnp.float32(config.temperature))
@@ -178,6 +181,6 @@ def llada_generate(
     if (config.logits_eos_inf or config.confidence_eos_eot_inf) and max(config.eos_id, config.eot_id) >= vocab:
         raise ValueError(f"eos_id={config.eos_id} or eot_id={config.eot_id} lies outside the model's vocabulary "
                          f"[0, {vocab}): give the model's own ids (its tokenizer's eos and <|eot_id|>)")
-    result, _ = decode_blocks(model, LLaDARule(config), prompts, config, key, block_length=config.block_length,
-                              bound=config.steps, cfg_scale=config.cfg_scale)
+    result, _ = decode_blocks(model, LLaDARule(config), prompts, config, key, block_length=config.block_size,
+                              bound=config.step_count, cfg_scale=config.cfg_scale)
     return result

@@ -102,6 +102,23 @@ def prepare_canvas(model: Qwen2, config: DecoderConfig, prompts: Sequence[Sequen
     return prepare(config, prompts, key, cfg, mask_id=cfg.mask_token_id)
 
 
+def block_size(block_length: int | None, max_new_tokens: int) -> int:
+    """The positions of a block: block_length, or the whole answer when None."""
+    return max_new_tokens if block_length is None else block_length
+
+
+def block_problems(block_length: int | None, max_new_tokens: int) -> list[str]:
+    """What is wrong with a block_length setting (None, one block, is always right)."""
+    if block_length is None:
+        return []
+    if block_length < 1:
+        return [f"block_length={block_length} must be >= 1 (None: one block)"]
+    if max_new_tokens % block_length:
+        return [f"block_length={block_length} must divide max_new_tokens={max_new_tokens} (the answer is cut into "
+                "whole blocks)"]
+    return []
+
+
 # What a rule sees and decides
 
 
