@@ -283,3 +283,29 @@ def test_threshold_in_blocks_equals_a_python_loop(model, seed, settings):
         assert got.sequences()[b] == want and got.row_passes()[b] == passes
     assert got.row_passes().max() > 12 // settings["block_length"]  # more than one pass per block
     assert got.stopped_at_eos.any() == ("eot_threshold" in settings)  # End-of-Text cut a row
+
+
+def test_learn2pd_oracle_in_blocks_reaches_the_answer_block_by_block(model):
+    """The oracle as a block-decoder rule: it ends at the answers, each pass records (and commits)
+    masks of the row's current block only, blocks in order, and oracle_traces keeps those records."""
+    from apd_jax.decoding.blocks.loop import decode_blocks
+    from apd_jax.decoding.generation import DecoderConfig
+    from apd_jax.training.learn2pd_oracle import OracleRule, final_answers, oracle_traces
+
+    rows = prompts([5, 11], seed=1)
+    answers = final_answers(model, rows, 12, block_length=4)
+    config = DecoderConfig(max_new_tokens=12, eos_token_ids=())
+    result, rule = decode_blocks(model, OracleRule(jnp.asarray(answers), MASK, VOCAB), rows, config, None,
+                                 block_length=4, bound=12)
+    assert (result.tokens == answers).all()
+    recorded, labels = np.asarray(rule.recorded[...]), np.asarray(rule.labels[...])  # [passes, B, N]
+    assert not (labels & ~recorded).any()
+    for b in range(len(rows)):
+        blocks = [set(np.nonzero(recorded[i, b])[0] // 4) for i in range(result.passes) if recorded[i, b].any()]
+        assert all(len(seen) == 1 for seen in blocks)
+        order = [min(seen) for seen in blocks]
+        assert order == sorted(order) and set(order) == {0, 1, 2}
+    traces = oracle_traces(model, rows, answers, block_length=4)
+    assert len(traces) == recorded.sum() and traces.labels.sum() == labels.sum()
+    with pytest.raises(ValueError, match="block_length=5 must divide max_new_tokens=12"):
+        oracle_traces(model, rows, answers, block_length=5)
