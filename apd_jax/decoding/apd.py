@@ -27,6 +27,7 @@ from jax.sharding import Mesh
 from apd_jax.decoding import apd_steps as steps
 from apd_jax.decoding.apd_rule import APDConfig, APDKnobs, accepted_length, draft_tokens, shared_vocab_size  # noqa: F401
 from apd_jax.decoding.apd_steps import Spec, _Level, _level_index, live_view  # noqa: F401
+from apd_jax.decoding.continuous import DEFAULT_GROUP, Slots
 from apd_jax.decoding.generation import GenerationResult, InputTypeError, check_config, prepare
 from apd_jax.models.config import ModelConfig
 from apd_jax.models.model import Qwen2
@@ -73,6 +74,75 @@ def _run(
     graphs, params = zip(*(nnx.split(m) for m in (drafter, verifier) if m is not None))
     outputs = _generate(graphs, params, *inputs, batch.eos, APDKnobs.of(config).rows(b), batch.keys, spec, mesh)
     return batch.finish(*outputs)
+
+
+def _models(graphs, params, spec: Spec) -> tuple[Qwen2, Qwen2 | None]:
+    drafter = nnx.merge(graphs[0], params[0])
+    return drafter, None if spec.fixed_k else nnx.merge(graphs[1], params[1])
+
+
+@functools.partial(jax.jit, static_argnames=("graphs", "spec", "size"))
+def _slots_empty(graphs, params, eos: jax.Array, spec: Spec, size: int) -> steps.APDState:
+    drafter, verifier = _models(graphs, params, spec)
+    return steps.empty(spec, drafter.cfg, None if verifier is None else verifier.cfg, size, eos)
+
+
+@functools.partial(jax.jit, static_argnames=("graphs", "spec"), donate_argnames=("state",))
+def _slots_refill(graphs, params, state, slots, ids, lengths, budgets, knobs, keys, spec: Spec) -> steps.APDState:
+    return steps.refill(_models(graphs, params, spec)[1], state, slots, ids, lengths, budgets, knobs, keys, spec)
+
+
+@functools.partial(jax.jit, static_argnames=("graphs", "spec"), donate_argnames=("state",))
+def _slots_run(graphs, params, state, until, spec: Spec) -> steps.APDState:
+    return steps.run(*_models(graphs, params, spec), state, spec, until)
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _slots_read(state: steps.APDState, spec: Spec):
+    return *steps.outputs(state, spec), state.done
+
+
+def _slots(drafter, verifier, prompts, config: APDConfig, size: int, group: int, vocab: int, fixed_k: int) -> Slots:
+    models = [m for m in (drafter, verifier) if m is not None]
+    batch = prepare(config, prompts, None, *(m.cfg for m in models), vocab=vocab)
+    spec = _spec(config, batch.ids.shape[1], vocab, drafter.cfg.mask_token_id, fixed_k)
+    graphs, params = zip(*(nnx.split(m) for m in models))
+    size = min(size, len(batch.lengths))
+
+    def knobs(temperature, top_p, top_k) -> APDKnobs:
+        return APDKnobs(jnp.asarray(temperature), jnp.asarray(top_p), jnp.asarray(top_k),
+                        jnp.full(temperature.shape, config.R, jnp.float32))
+
+    return Slots(
+        size=size, group=min(group, size), prompt_len=spec.prompt_len, max_new=spec.max_new, defaults=config,
+        knobs=knobs, pad_id=batch.pad_id,
+        empty=lambda: _slots_empty(graphs, params, batch.eos, spec, size),
+        refill=lambda state, *args: _slots_refill(graphs, params, state, *args, spec),
+        run=lambda state, until: _slots_run(graphs, params, state, jnp.int32(until), spec),
+        read=lambda state: jax.device_get(_slots_read(state, spec)),
+        counts=lambda state: (int(state.steps), int(state.committed)),
+    )
+
+
+def apd_slots(drafter: Qwen2, verifier: Qwen2, prompts: Sequence[Sequence[int]], config: APDConfig = APDConfig(),
+              size: int = 32, group: int = DEFAULT_GROUP, *, shared_vocab: int | None = None) -> Slots:
+    """APD's compiled steps over `size` slots for continuous batching (`continuous.decode`), shaped for
+    `prompts` (every prompt checked; padded to their longest's bucket) and budgets up to max_new_tokens.
+    A refilled row starts at lookahead M, so with adaptive lookahead the pass holding its first pass runs
+    the top level (the other rows still draft only their own lookahead: padding, not other tokens)."""
+    config = check_config(config, APDConfig)
+    vocab = shared_vocab_size(drafter.cfg, verifier.cfg) if shared_vocab is None else _checked_shared_vocab(
+        shared_vocab, drafter.cfg, verifier.cfg)
+    return _slots(drafter, verifier, prompts, config, size, group, vocab, fixed_k=0)
+
+
+def leftright_slots(drafter: Qwen2, prompts: Sequence[Sequence[int]], config: LeftRightConfig, size: int = 32,
+                    group: int = DEFAULT_GROUP) -> Slots:
+    """Left-to-right K's compiled steps over `size` slots for continuous batching (as `apd_slots`)."""
+    config = check_config(config, LeftRightConfig)
+    if drafter.cfg.causal:
+        raise ValueError("left-to-right K decoding needs a bidirectional (Dream) drafter")
+    return _slots(drafter, None, prompts, config, size, group, drafter.cfg.vocab_size, fixed_k=config.K)
 
 
 def apd_generate(

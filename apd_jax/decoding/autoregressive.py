@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from apd_jax.models.cache import KVCache
+from apd_jax.decoding.continuous import DEFAULT_GROUP, Slots
 from apd_jax.decoding.generation import DecoderConfig, GenerationResult, check_config, prepare
 from apd_jax.models.model import Qwen2
 from apd_jax.decoding.sampling import Knobs
@@ -147,3 +148,45 @@ def ar_generate(
                       jnp.full((b,), config.max_new_tokens, jnp.int32), batch.eos, Knobs.of(config).rows(b), batch.keys,
                       Spec(batch.ids.shape[1], config.max_new_tokens))
     return batch.finish(*outputs)
+
+
+@functools.partial(jax.jit, static_argnames=("graph", "spec", "size"))
+def _slots_empty(graph, params, eos, spec: Spec, size: int) -> ARState:
+    return empty(nnx.merge(graph, params), spec, size, eos)
+
+
+@functools.partial(jax.jit, static_argnames=("graph",), donate_argnames=("state",))
+def _slots_refill(graph, params, state, slots, ids, lengths, budgets, knobs, keys) -> ARState:
+    return refill(nnx.merge(graph, params), state, slots, ids, lengths, budgets, knobs, keys)
+
+
+@functools.partial(jax.jit, static_argnames=("graph",), donate_argnames=("state",))
+def _slots_run(graph, params, state, until) -> ARState:
+    return run(nnx.merge(graph, params), state, until)
+
+
+@jax.jit
+def _slots_read(state: ARState):
+    return *outputs(state), state.done
+
+
+def ar_slots(model: Qwen2, prompts: Sequence[Sequence[int]], config: ARConfig = ARConfig(), size: int = 32,
+             group: int = DEFAULT_GROUP) -> Slots:
+    """AR's compiled steps over `size` slots for continuous batching (`continuous.decode`), shaped for
+    `prompts` (every prompt checked; padded to their longest's bucket) and budgets up to max_new_tokens."""
+    config = check_config(config, ARConfig)
+    if not model.cfg.causal:
+        raise ValueError("autoregressive decoding needs a causal (Qwen2) model; Dream models use the diffusion decoders")
+    batch = prepare(config, prompts, None, model.cfg)
+    spec = Spec(batch.ids.shape[1], config.max_new_tokens)
+    graph, params = nnx.split(model)
+    size = min(size, len(batch.lengths))
+    return Slots(
+        size=size, group=min(group, size), prompt_len=spec.prompt_len, max_new=spec.max_new, defaults=config,
+        knobs=lambda t, p, k: Knobs(jnp.asarray(t), jnp.asarray(p), jnp.asarray(k)), pad_id=batch.pad_id,
+        empty=lambda: _slots_empty(graph, params, batch.eos, spec, size),
+        refill=lambda state, *args: _slots_refill(graph, params, state, *args),
+        run=lambda state, until: _slots_run(graph, params, state, jnp.int32(until)),
+        read=lambda state: jax.device_get(_slots_read(state)),
+        counts=lambda state: (int(state.steps), int(state.committed)),
+    )

@@ -1,0 +1,179 @@
+"""Continuous batching: a generation holds S slots; when a row ends (its eos, or its own budget) its
+result goes out by prompt index and the slot takes the next prompt.
+
+The host calls a decoder's compiled loop until at least G rows are done, hands each finished row's
+result to the caller, and refills free slots G at a time with one compiled `refill` (a fixed-size
+group, padding entries dropped): it resets their tokens, budgets, knobs and keys and their cache rows,
+and prefills their prompts; the next pass runs their first pass. Rows never see each other (each
+decodes from its own state, `apd_steps`), so at temperature 0 a prompt's output equals its output
+decoded alone, and its noise comes from its own key (`request_keys`), so a sampled output is the same
+at any slot count, in any slot, and after a resume.
+
+Decoders give their compiled steps as `Slots` (`apd.apd_slots`, `apd.leftright_slots`,
+`autoregressive.ar_slots`).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from apd_jax.decoding.generation import GenerationResult, knob_problems, row_keys
+from apd_jax.decoding.sampling import Knobs
+
+DEFAULT_GROUP = 8  # slots refilled at once: their prefill and first pass are shared (`Slots.group`)
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One prompt to decode: its ids, its index in the run (results carry it; its noise key is
+    fold_in(run key, index) unless it gives a seed) and its own settings (None: the run's)."""
+
+    ids: Sequence[int]
+    index: int
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Finished:
+    """A finished row: its prompt's index, its generated ids (through its first eos), its tokens
+    committed per pass and whether it stopped at an eos."""
+
+    index: int
+    ids: list[int]
+    accepted: list[int]
+    stopped_at_eos: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Slots:
+    """A decoder's compiled steps over `size` slots, for `decode`.
+
+    `empty()` makes the free slots; `refill(state, slots [group], ids [group, prompt_len], lengths,
+    budgets, knobs, keys)` fills slots (an index >= size is padding); `run(state, until)` steps until at
+    least `until` rows are done; `read(state)` gives host arrays (tokens [S, max_new], lengths,
+    accepted [S, max_new], stopped at eos, done) and `counts(state)` (passes run, rows that committed
+    tokens summed over the passes).
+    """
+
+    size: int
+    group: int
+    prompt_len: int
+    max_new: int  # the largest budget a request may have (the caches' static capacity)
+    defaults: Any  # the run's settings (a DecoderConfig): what a request does not set
+    knobs: Callable[[np.ndarray, np.ndarray, np.ndarray], Knobs]  # (temperature, top_p, top_k) [G] -> Knobs
+    pad_id: int
+    empty: Callable[[], Any]
+    refill: Callable[..., Any]
+    run: Callable[[Any, int], Any]
+    read: Callable[[Any], tuple[np.ndarray, ...]]
+    counts: Callable[[Any], tuple[int, int]]
+
+
+@dataclasses.dataclass
+class Usage:
+    """What a continuous run did: passes (loop iterations) over `slots` slots, and rows that committed
+    tokens summed over the passes; occupancy = committed / (passes x slots)."""
+
+    slots: int
+    passes: int = 0
+    committed: int = 0
+
+    @property
+    def occupancy(self) -> float:
+        return self.committed / max(self.passes * self.slots, 1)
+
+
+def request_keys(key: jax.Array, requests: Sequence[Request]) -> jax.Array:
+    """Each request's typed key: jax.random.key(seed) when it gives a seed, else fold_in(key, index)."""
+    keys = np.array(jax.random.key_data(row_keys(key, [r.index for r in requests])))
+    for i, r in enumerate(requests):
+        if r.seed is not None:
+            keys[i] = np.asarray(jax.random.key_data(jax.random.key(r.seed)))
+    return jax.random.wrap_key_data(jnp.asarray(keys))
+
+
+def check_request(request: Request, slots: Slots, where: str) -> None:
+    """A request's own settings in range, its budget within the run's capacity (`where` names it)."""
+    d = slots.defaults
+    s = {f: getattr(d, f) if getattr(request, f) is None else getattr(request, f)
+         for f in ("max_new_tokens", "temperature", "top_p", "top_k")}
+    problems = knob_problems(**s)
+    if s["max_new_tokens"] > slots.max_new:
+        problems.append(f"max_new_tokens={s['max_new_tokens']} exceeds the run's capacity {slots.max_new} "
+                        "(--max-new-tokens bounds every request's)")
+    if problems:
+        raise ValueError(f"{where}: " + "; ".join(problems))
+
+
+def decode(slots: Slots, requests: Sequence[Request], key: jax.Array,
+           on_finished: Callable[[Finished], None]) -> Usage:
+    """Decode every request through the slots, calling `on_finished` for each as its row ends (in the
+    order rows end, not the order of `requests`)."""
+    queue = collections.deque(range(len(requests)))
+    keys = request_keys(key, requests) if requests else None
+    holder = [-1] * slots.size  # the request each slot decodes, -1 when free
+    usage = Usage(slots.size)
+    state = slots.empty()
+    while True:
+        free = [s for s in range(slots.size) if holder[s] < 0]
+        while queue and free:
+            group = [queue.popleft() for _ in range(min(slots.group, len(queue), len(free)))]
+            chosen, free = free[: len(group)], free[len(group):]
+            state = slots.refill(state, *_group(slots, requests, group, chosen, keys))
+            for s, r in zip(chosen, group):
+                holder[s] = r
+        if len(free) == slots.size:
+            break
+        state = slots.run(state, min(len(free) + slots.group, slots.size))
+        tokens, lengths, accepted, eos_hit, done = slots.read(state)
+        for s in np.flatnonzero(done):
+            if holder[s] >= 0:
+                counts = accepted[s][accepted[s] > 0].tolist()
+                on_finished(Finished(requests[holder[s]].index, tokens[s, : lengths[s]].tolist(), counts,
+                                     bool(eos_hit[s])))
+                holder[s] = -1
+    usage.passes, usage.committed = slots.counts(state)
+    return usage
+
+
+def _group(slots: Slots, requests: Sequence[Request], group: list[int], chosen: list[int], keys: jax.Array):
+    """One refill's arguments, padded to the group size with copies of its first request into slot S (dropped)."""
+    pad = slots.group - len(group)
+    rows = group + [group[0]] * pad
+    target = np.asarray(chosen + [slots.size] * pad, np.int32)
+    ids = np.zeros((slots.group, slots.prompt_len), np.int32)
+    for i, r in enumerate(rows):
+        ids[i, : len(requests[r].ids)] = requests[r].ids
+    setting = lambda name, dtype: np.asarray(  # noqa: E731
+        [getattr(slots.defaults, name) if getattr(requests[r], name) is None else getattr(requests[r], name)
+         for r in rows], dtype)
+    lengths = np.asarray([len(requests[r].ids) for r in rows], np.int32)
+    knobs = slots.knobs(setting("temperature", np.float32), setting("top_p", np.float32), setting("top_k", np.int32))
+    return target, ids, lengths, setting("max_new_tokens", np.int32), knobs, keys[np.asarray(rows)]
+
+
+def generate(slots: Slots, requests: Sequence[Request], key: jax.Array) -> tuple[GenerationResult, Usage]:
+    """Every request decoded through the slots, as one GenerationResult in the order of `requests`
+    (passes: the loop iterations of the whole run)."""
+    found: dict[int, Finished] = {}
+    usage = decode(slots, requests, key, lambda f: found.__setitem__(f.index, f))
+    n = len(requests)
+    tokens = np.full((n, slots.max_new), slots.pad_id, np.int32)
+    accepted = np.zeros((n, slots.max_new), np.int32)
+    lengths, eos = np.zeros((n,), np.int32), np.zeros((n,), bool)
+    for i, r in enumerate(requests):
+        f = found[r.index]
+        tokens[i, : len(f.ids)], accepted[i, : len(f.accepted)] = f.ids, f.accepted
+        lengths[i], eos[i] = len(f.ids), f.stopped_at_eos
+    return GenerationResult(tokens, lengths, accepted, eos, usage.passes), usage
