@@ -1,10 +1,13 @@
-"""`apd-jax train`: train a small APD pair (tokenizer, Dream-style drafter, Qwen2 verifier) from scratch.
+"""`apd-jax train`: train a small APD pair (tokenizer, Dream-style drafter, Qwen2 verifier) from scratch,
+or (--which llada) a small model in LLaDA's layout for LLaDA's block decoder.
 
 The corpus is this Python's standard library source, and with --packages the installed source
 of other packages, so it runs offline on a GPU or (slowly) on CPU. Writes OUT/tokenizer,
 OUT/drafter and OUT/verifier (Hugging Face layout, for `apd-jax generate --drafter OUT/drafter
 --verifier OUT/verifier`) and, when both models exist, OUT/apd_eval.json with APD tokens per
-pass on held-out prompts. Each directory holds a training.json (settings, corpus); train
+pass on held-out prompts; --which llada writes OUT/llada instead (a LLaDA checkpoint, for
+`apd-jax generate --drafter OUT/llada --decoder llada`), with the same tokenizer and the
+drafter's objective. Each directory holds a training.json (settings, corpus); train
 replaces only directories that hold one, each whole, so a run stopped midway leaves the
 earlier ones as they were.
 """
@@ -18,23 +21,29 @@ import json
 from apd_jax.text import corpus
 from apd_jax.cli.common import check_writable, finite_float, nonnegative_int, positive_int, seed, user_path
 from apd_jax.models.config import ModelSize
-from apd_jax.training.settings import PipelineSettings, TrainSettings
+from apd_jax.training.settings import JOBS, PipelineSettings, TrainSettings, models_trained
 
 # Every default below is the settings classes' own.
-DRAFTER, VERIFIER = PipelineSettings.drafter_train, PipelineSettings.verifier_train
+DRAFTER, VERIFIER, LLADA = PipelineSettings.drafter_train, PipelineSettings.verifier_train, PipelineSettings.llada_train
+MODELS = (("drafter", PipelineSettings.drafter), ("verifier", PipelineSettings.verifier), ("llada", PipelineSettings.llada))
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a small drafter/verifier pair on the Python stdlib",
                        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", type=user_path, required=True, help="output directory (tokenizer/, drafter/, verifier/)")
-    p.add_argument("--which", choices=("both", "tokenizer", "drafter", "verifier"), default=PipelineSettings.which,
-                   help="what to train; the tokenizer is trained first whenever OUT/tokenizer is missing")
+    p.add_argument("--out", type=user_path, required=True,
+                   help="output directory (tokenizer/, drafter/, verifier/; llada/)")
+    p.add_argument("--which", choices=JOBS, default=PipelineSettings.which,
+                   help="what to train: the pair (both), one of it, the tokenizer alone, or the LLaDA-shaped model "
+                        "(llada); the tokenizer is trained first whenever OUT/tokenizer is missing")
     p.add_argument("--retrain-tokenizer", action="store_true", help="retrain OUT/tokenizer even if present")
-    p.add_argument("--seed", type=seed, default=DRAFTER.seed, help="drafter seed; the verifier takes seed + 1")
-    g = p.add_argument_group("optimisation (drafter and verifier alike, unless --verifier-* says otherwise)")
+    p.add_argument("--seed", type=seed, default=DRAFTER.seed,
+                   help="drafter seed; the verifier takes seed + 1, the LLaDA model seed + 2")
+    g = p.add_argument_group("optimisation (every model alike, unless --verifier-* or --llada-* says otherwise; "
+                             "the LLaDA model takes the drafter's --dropout)")
     g.add_argument("--steps", type=positive_int, default=DRAFTER.steps, help="drafter optimiser steps")
     g.add_argument("--verifier-steps", type=positive_int, default=VERIFIER.steps, help="verifier optimiser steps")
+    g.add_argument("--llada-steps", type=positive_int, default=LLADA.steps, help="LLaDA model optimiser steps")
     g.add_argument("--batch-size", type=positive_int, default=TrainSettings.batch_size, help="sequences per step")
     g.add_argument("--seq-len", type=positive_int, default=TrainSettings.seq_len, help="training window; also max_position_embeddings")
     g.add_argument("--lr", type=finite_float, default=TrainSettings.lr, help="peak learning rate (AdamW)")
@@ -46,7 +55,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--verifier-dropout", type=finite_float, default=VERIFIER.dropout,
                    help="the verifier's residual dropout (it overfits the stdlib without it)")
     g.add_argument("--suffix-prob", type=finite_float, default=TrainSettings.suffix_prob,
-                   help="drafter: share of rows noised only after a clean prefix")
+                   help="drafter and LLaDA model: share of rows noised only after a clean prefix")
     g.add_argument("--log-every", type=positive_int, default=TrainSettings.log_every, help="steps per log line (and the first step's)")
     g.add_argument("--micro-batches", type=nonnegative_int, default=TrainSettings.micro_batches,
                    help="split each step's batch in this many slices and add their gradients (the same update, "
@@ -55,7 +64,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--eval-windows", type=positive_int, default=TrainSettings.eval_windows, help="held-out windows per evaluation")
     s = p.add_argument_group("model sizes")
     s.add_argument("--vocab-size", type=positive_int, default=PipelineSettings.vocab_size, help="BPE vocabulary, special tokens included")
-    for name, size in (("drafter", PipelineSettings.drafter), ("verifier", PipelineSettings.verifier)):
+    for name, size in MODELS:
         s.add_argument(f"--{name}-hidden", type=positive_int, default=size.hidden, help=f"{name} hidden size")
         s.add_argument(f"--{name}-layers", type=positive_int, default=size.layers, help=f"{name} decoder layers")
         s.add_argument(f"--{name}-heads", type=positive_int, default=size.heads, help="head dim = hidden / heads")
@@ -104,7 +113,9 @@ def settings_from_args(args: argparse.Namespace) -> PipelineSettings:
     verifier_lr = args.lr if args.verifier_lr is None else args.verifier_lr
     verifier_train = TrainSettings(steps=args.verifier_steps, lr=verifier_lr, dropout=args.verifier_dropout,
                                    **(common | {"seed": args.seed + 1}))
-    for name, t in (("drafter", drafter_train), ("verifier", verifier_train)):
+    llada_train = TrainSettings(steps=args.llada_steps, lr=args.lr, dropout=args.dropout,
+                                **(common | {"seed": args.seed + 2}))
+    for name, t in (("drafter", drafter_train), ("verifier", verifier_train), ("LLaDA model", llada_train)):
         try:
             t.validate()
         except ValueError as err:
@@ -121,6 +132,7 @@ def settings_from_args(args: argparse.Namespace) -> PipelineSettings:
     return PipelineSettings(
         out=args.out, which=args.which, vocab_size=args.vocab_size, drafter=size("drafter"),
         verifier=size("verifier"), drafter_train=drafter_train, verifier_train=verifier_train,
+        llada=size("llada"), llada_train=llada_train,
         param_dtype=args.param_dtype, dtype=args.dtype, storage_dtype=args.storage_dtype, stdlib=args.stdlib,
         packages=args.packages, stdlib_repeats=args.stdlib_repeats, max_files=args.max_files,
         retrain_tokenizer=args.retrain_tokenizer, eval_prompts=args.eval_prompts,
@@ -139,17 +151,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def interrupted(args: argparse.Namespace) -> str:
-    """Which of OUT/tokenizer, OUT/drafter, OUT/verifier are complete, and the command that continues."""
+    """Which of OUT/tokenizer and the model directories asked for are complete, and the command that continues."""
     from apd_jax.training.outputs import EVAL_FILE, RECORD
 
     out = args.out
-    complete = [name for name, file in (("tokenizer", "tokenizer.json"), ("drafter", RECORD), ("verifier", RECORD))
-                if (out / name / file).is_file()]
-    wanted = ["tokenizer"] if args.which == "tokenizer" else [
-        name for name in ("drafter", "verifier") if args.which in (name, "both")]
+    wanted = ["tokenizer"] if args.which == "tokenizer" else models_trained(args.which)
+    complete = [name for name in ["tokenizer", *wanted]
+                if (out / name / ("tokenizer.json" if name == "tokenizer" else RECORD)).is_file()]
     rest = [name for name in wanted if name not in complete]
     if not rest:
-        step = f"everything asked for is complete but the APD check, {out / EVAL_FILE}"
+        step = ("everything asked for is complete" if args.which == "llada"
+                else f"everything asked for is complete but the APD check, {out / EVAL_FILE}")
     elif len(rest) == 1:
         step = f"to continue, run the same command with --which {rest[0]} (an existing OUT/tokenizer is reused)"
     else:

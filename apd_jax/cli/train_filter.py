@@ -1,4 +1,4 @@
-"""`apd-jax train-filter`: train a Learn2PD filter on oracle traces of a Dream drafter.
+"""`apd-jax train-filter`: train a Learn2PD filter on oracle traces of a diffusion model (Dream or LLaDA).
 
 For each prompt: the drafter's own greedy answer (one token per pass), then the
 Extremely Greedy Parallel oracle towards it, recording per-position features and
@@ -27,9 +27,10 @@ from apd_jax.text.prompts import parse_ids, read_prompt_lines
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train-filter", help="train a Learn2PD filter for a Dream drafter", description=__doc__,
+    p = sub.add_parser("train-filter", help="train a Learn2PD filter for a Dream or LLaDA model", description=__doc__,
                        formatter_class=DefaultsHelpFormatter)
-    p.add_argument("--drafter", type=user_path, required=True, help="Dream checkpoint: HF or apd_jax (orbax) directory")
+    p.add_argument("--drafter", type=user_path, required=True,
+                   help="Dream or LLaDA checkpoint: HF or apd_jax (orbax) directory")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompts-file", type=user_path, help="one prompt per line, `\\n` for a newline")
     source.add_argument("--train-prompts", type=positive_int, metavar="N",
@@ -96,8 +97,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--stdlib is the corpus of --train-prompts: give --train-prompts N too, or drop --stdlib")
     check_output(args.out, args.overwrite)
     model = load_model(args.drafter, param_dtype=args.dtype)
-    if model.cfg.causal:
-        raise ValueError(f"{args.drafter} is a causal model: the filter is trained for a Dream (diffusion) drafter")
+    if not model.cfg.is_diffusion:
+        raise ValueError(f"--drafter {args.drafter} is a causal {model.cfg.model_type} model: the filter is trained for "
+                         "a diffusion model (Dream or LLaDA); give its checkpoint")
     prompts, where = _read_prompts(args, model.cfg.max_position_embeddings)
     # Every prompt checked before the first is decoded, named by its file and line.
     check_prompts(prompts, model.cfg.vocab_size, mask_id=model.cfg.mask_token_id,

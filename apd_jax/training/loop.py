@@ -227,7 +227,7 @@ def train_model(
         model = for_training(nnx.merge(graphdef, params))
         loss, aux = objective(model, batch, key)
         out = {"loss": loss, **aux}
-        if not cfg.causal:
+        if cfg.is_diffusion:  # Dream or LLaDA: also the drafter as APD prompts it
             out |= completion_metrics(model, batch, cut)
         return out
 

@@ -4,7 +4,8 @@ next-token loss, and the drafter's completion metrics.
 The drafter objective (Dream / LLaDA / MDLM): t ~ U(eps, 1) per sequence; every position but
 the first is masked with probability t (with probability `suffix_prob` only after a clean prefix
 of random length, as APD prompts the drafter); the loss is the masked positions' cross-entropy
-weighted by 1/t, over the number of tokens, read through Dream's right shift. Each objective is
+weighted by 1/t, over the number of tokens, each read where the model's family predicts it
+(Qwen2.aligned: Dream's output i - 1, LLaDA's output i). Each objective is
 an `Objective` in parts, so that the training loop (apd_jax.training.loop) can split a batch into
 micro-batches and still compute the batch's loss.
 """
@@ -20,14 +21,14 @@ import jax.numpy as jnp
 import optax
 
 from apd_jax.models.config import ModelConfig
-from apd_jax.models.model import Qwen2, shift_right
+from apd_jax.models.model import Qwen2
 from apd_jax.training.settings import TrainSettings
 
 
 def diffusion_mask(
     key: jax.Array, tokens: jax.Array, mask_id: int, *, eps: float = 1e-3, suffix_prob: float = 0.5
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Dream's forward process: (noisy tokens, masked [B, L] bool, t [B]).
+    """The masked-diffusion forward process of Dream and LLaDA: (noisy tokens, masked [B, L] bool, t [B]).
 
     t = eps + (1 - eps) * u, u ~ U(0, 1) per row; position 0 is never masked (it is
     the first prompt token at inference, and Dream's shifted output 0 predicts it from
@@ -69,7 +70,7 @@ class Objective:
 
 def _diffusion_sums(model: Qwen2, x: dict) -> dict:
     hidden, _ = model(x["noisy"])
-    logits = model.logits(shift_right(hidden))  # [B, L, V]: position i's prediction at i
+    logits = model.logits(model.aligned(hidden))  # [B, L, V]: position i's prediction at i
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, x["tokens"])
     masked = x["masked"]
     hit = (jnp.argmax(logits, -1) == x["tokens"]) & masked
@@ -127,12 +128,13 @@ def completion_metrics(model: Qwen2, tokens: jax.Array, cut: int, span: int = 8)
     n = tokens.shape[1]
     noisy = jnp.where(jnp.arange(n)[None, :] >= cut, model.cfg.mask_token_id, tokens)
     hidden, _ = model(noisy)
-    logits = model.logits(shift_right(hidden)[:, cut : cut + span])
+    logits = model.logits(model.aligned(hidden)[:, cut : cut + span])
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, cut : cut + span])
     return {"ce@1": jnp.mean(ce[:, 0]), f"ce@1-{span}": jnp.mean(ce)}
 
 
 def objective_for(cfg: ModelConfig, s: TrainSettings) -> Objective:
-    if cfg.causal:
-        return AR_OBJECTIVE
-    return diffusion_objective(cfg.mask_token_id, eps=s.eps, suffix_prob=s.suffix_prob)
+    """A diffusion family's (Dream, LLaDA) masked-diffusion loss, a causal model's next-token loss."""
+    if cfg.is_diffusion:
+        return diffusion_objective(cfg.mask_token_id, eps=s.eps, suffix_prob=s.suffix_prob)
+    return AR_OBJECTIVE

@@ -5,7 +5,10 @@ Three directories: tokenizer/ (byte-level BPE with `<|endoftext|>` = 0 as eos an
 `<|mask|>` = 1, apd_jax.text.tokenizer), drafter/ (a Dream-style bidirectional model trained as
 a masked diffusion LM, apd_jax.training.objectives) and verifier/ (a causal Qwen2 trained on
 next-token prediction), saved in the Hugging Face layout (apd_jax.training.outputs); with both,
-APD runs on held-out prompts (apd_jax.evaluation.evaluate.evaluate_apd). Settings:
+APD runs on held-out prompts (apd_jax.evaluation.evaluate.evaluate_apd). The `llada` job instead
+writes llada/: a small model in LLaDA's layout (a LLaDA checkpoint: config.json in OLMo's fields,
+the same tokenizer) trained with the drafter's masked-diffusion objective, read without Dream's
+shift, for LLaDA's block decoder (`apd-jax generate --decoder llada`). Settings:
 apd_jax.training.settings.
 """
 
@@ -24,12 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from apd_jax.evaluation.evaluate import evaluate_apd
-from apd_jax.models.config import parse_dtype
+from apd_jax.models.config import ModelConfig, ModelSize, parse_dtype
+from apd_jax.models.llada import LLADA
 from apd_jax.text import corpus
 from apd_jax.text.tokenizer import EOS_ID, SPECIAL_TOKENS, load_tokenizer_file, save_tokenizer, train_tokenizer
 from apd_jax.training.loop import print_flushed, train_model
 from apd_jax.training.outputs import EVAL_FILE, RECORD, is_eval_report, refuse_foreign, replacing, save_model
-from apd_jax.training.settings import PipelineSettings
+from apd_jax.training.settings import JOBS, PipelineSettings, models_trained
 from apd_jax.utils.files import write_text_atomically
 
 
@@ -47,8 +51,8 @@ def trains_tokenizer(p: PipelineSettings) -> bool:
 
 def check_settings(p: PipelineSettings) -> None:
     """Before any work: the settings, and that every output this run writes is absent or train's own."""
-    if p.which not in ("tokenizer", "drafter", "verifier", "both"):
-        raise ValueError(f"--which {p.which!r} must be one of tokenizer, drafter, verifier, both")
+    if p.which not in JOBS:
+        raise ValueError(f"--which {p.which!r} must be one of {', '.join(JOBS)}")
     if p.stdlib_repeats < 1:
         raise ValueError(f"--stdlib-repeats {p.stdlib_repeats} must be >= 1")
     least_vocab = 256 + len(SPECIAL_TOKENS)  # train_tokenizer's bytes and special tokens
@@ -57,8 +61,7 @@ def check_settings(p: PipelineSettings) -> None:
     if p.eval_prompts > 0 and p.eval_max_new_tokens < 1:
         raise ValueError(f"--eval-max-new-tokens {p.eval_max_new_tokens} must be >= 1 (or --eval-prompts 0)")
     out = Path(p.out)
-    models = [name for name in ("drafter", "verifier") if p.which in (name, "both")]
-    for name in (["tokenizer"] if trains_tokenizer(p) else []) + models:
+    for name in (["tokenizer"] if trains_tokenizer(p) else []) + models_trained(p.which):
         refuse_foreign(out / name)
     report = out / EVAL_FILE
     if p.eval_prompts > 0 and report.exists() and not is_eval_report(report):
@@ -66,8 +69,16 @@ def check_settings(p: PipelineSettings) -> None:
                               "another --out, or pass --eval-prompts 0")
 
 
+def job_config(name: str, size: ModelSize, **kw: Any) -> ModelConfig:
+    """The config a job trains: the verifier a causal Qwen2, the drafter a Dream model, llada a LLaDA
+    model (bidirectional, untied head, no q/k/v bias, read without a shift), with the tokenizer's ids."""
+    cfg = size.config(causal=name == "verifier", **kw)
+    return cfg.replace(family=LLADA) if name == "llada" else cfg
+
+
 def run_pipeline(p: PipelineSettings, log: Callable[..., None] = print_flushed) -> dict:
-    """Tokenizer (if absent or asked for), then the drafter and/or the verifier, then APD acceptance."""
+    """Tokenizer (if absent or asked for), then the drafter and/or the verifier and APD acceptance, or the
+    LLaDA-shaped model."""
     check_settings(p)
     out = Path(p.out)
     t0 = time.perf_counter()
@@ -87,7 +98,7 @@ def run_pipeline(p: PipelineSettings, log: Callable[..., None] = print_flushed) 
         f"({len(from_packages)} from packages) / {len(heldout_docs)} held-out files, "
         f"{info['train_chars'] / 1e6:.1f}M characters, fingerprint {info['fingerprint']} "
         f"({time.perf_counter() - t0:.1f}s)")
-    seq_len = max(p.drafter_train.seq_len, p.verifier_train.seq_len)
+    seq_len = max(p.drafter_train.seq_len, p.verifier_train.seq_len)  # the pair's context
     out.mkdir(parents=True, exist_ok=True)
     tok_dir = out / "tokenizer"
     if trains_tokenizer(p):
@@ -113,11 +124,12 @@ def run_pipeline(p: PipelineSettings, log: Callable[..., None] = print_flushed) 
         f"{len(train_stream) / 1e6:.2f}M), {len(heldout_stream) / 1e3:.0f}k held-out "
         f"({info['chars_per_token']} characters per token; {time.perf_counter() - t0:.1f}s)")
     param_dtype, dtype = parse_dtype(p.param_dtype), compute_dtype(p.dtype)
-    jobs = [("drafter", False, p.drafter, p.drafter_train), ("verifier", True, p.verifier, p.verifier_train)]
-    for name, causal, size, settings in jobs:
-        if p.which not in (name, "both"):
-            continue
-        cfg = size.config(causal=causal, vocab_size=vocab, max_len=seq_len, param_dtype=param_dtype, dtype=dtype)
+    jobs = {"drafter": (p.drafter, p.drafter_train), "verifier": (p.verifier, p.verifier_train),
+            "llada": (p.llada, p.llada_train)}
+    for name in models_trained(p.which):
+        size, settings = jobs[name]
+        max_len = settings.seq_len if name == "llada" else seq_len  # the LLaDA model's context is its window
+        cfg = job_config(name, size, vocab_size=vocab, max_len=max_len, param_dtype=param_dtype, dtype=dtype)
         model, history = train_model(cfg, train_stream, corpus.chunk(heldout_stream, settings.seq_len), settings,
                                      log=log, name=name)
         extra = {"settings": dataclasses.asdict(settings), "size": dataclasses.asdict(size),
@@ -127,7 +139,7 @@ def run_pipeline(p: PipelineSettings, log: Callable[..., None] = print_flushed) 
         size_mb = (path / "model.safetensors").stat().st_size / 1e6
         log(f"[{name}] saved {path} ({size_mb:.1f} MB; {time.perf_counter() - t0:.0f}s since start)")
         report[name] = {"path": str(path), "mb": round(size_mb, 2), "heldout": history["heldout"][-1:]}
-    if p.eval_prompts > 0 and (out / "drafter").is_dir() and (out / "verifier").is_dir():
+    if p.which != "llada" and p.eval_prompts > 0 and (out / "drafter").is_dir() and (out / "verifier").is_dir():
         prompts, max_new = corpus.apd_eval_prompts(heldout_docs, tok, p.eval_prompts, seq_len, p.eval_max_new_tokens)
         if not prompts:
             log("APD check skipped: no held-out prompt fits")

@@ -1,4 +1,5 @@
-"""The settings of `apd-jax train` and their defaults, the embedded pair's recipe.
+"""The settings of `apd-jax train` and their defaults: the embedded pair's recipe, and the small
+LLaDA-shaped model's (the `llada` job).
 
 Kept apart from the training code so that the command line reads its defaults here without
 importing the training stack.
@@ -11,6 +12,17 @@ from pathlib import Path
 
 from apd_jax.models.config import DRAFTER_SIZE, VERIFIER_SIZE, ModelSize, below_problems, raise_problems
 from apd_jax.text import corpus
+
+# The `llada` job's model: LLaDA's layout (untied head, no q/k/v bias) at a size CPU trains
+# (apd_jax/assets/llada).
+LLADA_SIZE = ModelSize(hidden=128, layers=4, heads=4, kv_heads=4, intermediate=384)
+# What `--which` trains: the tokenizer alone, a member of the pair or both, or the LLaDA-shaped model.
+JOBS = ("both", "tokenizer", "drafter", "verifier", "llada")
+
+
+def models_trained(which: str) -> list[str]:
+    """The model directories a --which job writes: the pair's (both), one model's, or none (tokenizer)."""
+    return ["drafter", "verifier"] if which == "both" else [] if which == "tokenizer" else [which]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,13 +70,15 @@ class TrainSettings:
 @dataclasses.dataclass(frozen=True)
 class PipelineSettings:
     out: Path
-    which: str = "both"  # tokenizer | drafter | verifier | both
+    which: str = "both"  # one of JOBS
     vocab_size: int = 4096
     drafter: ModelSize = DRAFTER_SIZE
     verifier: ModelSize = VERIFIER_SIZE
     drafter_train: TrainSettings = TrainSettings(steps=15000)
     # The verifier overfits the stdlib without dropout; the drafter's masking is its noise.
     verifier_train: TrainSettings = TrainSettings(steps=8000, seed=1, dropout=0.15)
+    llada: ModelSize = LLADA_SIZE
+    llada_train: TrainSettings = TrainSettings(steps=3000, seed=2)
     param_dtype: str = "float32"
     dtype: str = "auto"  # compute dtype; auto: bfloat16 on accelerators, float32 on CPU
     storage_dtype: str = "bfloat16"
