@@ -4,10 +4,19 @@ passes, each pass committing a precomputed count of the block's masks, the most 
 predictions (probability of the argmax) or random ones; a Gumbel-max sample at temperature > 0;
 classifier-free guidance, logits_eos_inf and confidence_eos_eot_inf as published.
 
-Stopping: a row returns its answer through its first eos (the stop ids, eos_token_ids) once every
-position before it is committed, which is the published (filled) answer up to that eos, since a
-committed token never changes; eos_token_ids=() runs every step and fills the answer, as the
-published code does.
+Numerics: confidences are float32 softmax probabilities, as the published code's are for a float32
+model (its float64 is the Gumbel branch only); tied confidences go to the lower position (torch's
+topk leaves their order unspecified). The Gumbel noise is -log of a uniform drawn from 64 random
+bits, in float32 arithmetic, so its tails reach as far as the published float64 draw's (a float32
+uniform would cut them at 15.9: exponential_from_bits). confidence_eos_eot_inf gives eos and eot
+predictions confidence 0 at every temperature (the published code does so at temperature 0; above
+it, its chained assignment reaches only eot's).
+
+Batches: each row is right-padded and decodes as the published code on that row alone (the
+published code's own left-padded batches shift RoPE positions). A row stops once every position
+before its first eos (the stop ids, eos_token_ids) is committed: a committed token never changes,
+so that is the published (filled) answer up to that eos; its tokens are counted through the eos
+and its passes until then. eos_token_ids=() runs every step and fills the answer, as published.
 """
 
 from __future__ import annotations
@@ -103,7 +112,8 @@ def exponential_from_bits(hi: jax.Array, lo: jax.Array) -> jax.Array:
     """-log(u) in float32 for u = 1 - (hi * 2^32 + lo + 1/2) / 2^64, uniform on a 2^-64 grid: the
     small values come from v = 1 - u and the large from u, each formed with its own relative
     precision, so both tails reach as far as float64's (-log of a 53-bit uniform lies in
-    [1e-16, 36.7]; here [3e-20, 44.4]), where a float32 uniform stops at [6e-8, 16.6]."""
+    [1e-16, 36.7]; here [3e-20, 45.1]), where a float32 uniform (JAX's, on a 2^-23 grid) stops at
+    [1.2e-7, 15.9]."""
 
     def fraction(h: jax.Array, l: jax.Array) -> jax.Array:
         return h.astype(jnp.float32) * 2.0**-32 + (l.astype(jnp.float32) + 0.5) * 2.0**-64
@@ -149,9 +159,9 @@ class LLaDARule(nnx.Module):
         self.temperature = nnx.Variable(jnp.float32(config.temperature))
         self.random = nnx.Variable(jnp.bool_(config.remasking == "random"))
         self.ids = nnx.Variable(jnp.asarray([config.eos_id, config.eot_id], jnp.int32))
-        eos_inf, eot_inf = config.logits_eos_inf, config.confidence_eos_eot_inf
-        self.banned_logits = nnx.Variable(jnp.asarray([eos_inf, False]))
-        self.banned_confidence = nnx.Variable(jnp.asarray([eos_inf or eot_inf, eot_inf]))
+        # The ids at -inf in the logits predicted from, and on top of those in the confidences' softmax.
+        self.banned_logits = nnx.Variable(jnp.asarray([config.logits_eos_inf, False]))
+        self.banned_confidence = nnx.Variable(jnp.asarray([config.confidence_eos_eot_inf] * 2))
 
     def __call__(self, logits: jax.Array, key: jax.Array, view: View) -> Commit:
         token_key, order_key = jax.random.split(key)
