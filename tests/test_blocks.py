@@ -312,3 +312,16 @@ def test_learn2pd_oracle_in_blocks_reaches_the_answer_block_by_block(model):
     assert len(traces) == recorded.sum() and traces.labels.sum() == labels.sum()
     with pytest.raises(ValueError, match="block_length=5 must divide max_new_tokens=12"):
         oracle_traces(model, rows, answers, block_length=5)
+
+
+def test_the_registry_runs_llada_on_the_drafter_slot(model):
+    """`--decoder llada`: the bidirectional model in the drafter slot, settings by field name."""
+    from apd_jax.decoding.registry import Models, decoder
+
+    llada = decoder("llada")
+    settings = llada.settings_from({"max_new_tokens": 12, "steps": 8, "block_length": 6, "eos_token_ids": ()})
+    rows = prompts([9], seed=1)
+    got = llada.generate(Models(drafter=model), rows, settings)
+    assert got.tokens.tolist() == llada_generate(model, rows, settings).tokens.tolist()
+    with pytest.raises(ValueError, match="decoder 'llada' needs a drafter"):
+        llada.generate(Models(), rows, settings)
