@@ -130,7 +130,9 @@ def torch_llada(c: ModelConfig) -> Any:
     from apd_jax.bench.llada_published.modeling_llada import LLaDAModelLM
 
     config = LLaDAConfig(**c.to_hf_dict()[0])  # the LLaDA family's config.json fields
-    return _build(lambda: LLaDAModelLM(config, init_params=False))
+    # The published LLaDAModelLM builds its modules on the CPU whatever the default device (it sets
+    # init_device "cpu"): moved to the device before its weights are drawn.
+    return _build(lambda: LLaDAModelLM(config, init_params=False).to(_device()))
 
 
 def bench_llada_generate(model: Any, c: ModelConfig, prompt: list[int], gen_length: int, block_length: int,
