@@ -85,17 +85,20 @@ def test_train_llada_writes_a_llada_checkpoint_the_published_code_runs(trained):
     np.testing.assert_allclose(np.asarray(forward_logits(model, jnp.asarray(tokens, jnp.int32))), theirs, atol=1e-4)
 
 
-def test_train_filter_trains_on_a_llada_model_and_refuses_a_causal_one(trained, tmp_path, capsys):
+def test_train_filter_trains_in_blocks_on_a_llada_model_and_refuses_a_causal_one(trained, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("def f1(x):\nclass C2:\ndef f3(x):\n    return\n")
-    args = ["train-filter", "--prompts-file", str(prompts), "--max-new-tokens", "8", "--batch-size", "2",
-            "--steps", "3", "--holdout", "0.25"]
+    args = ["train-filter", "--prompts-file", str(prompts), "--max-new-tokens", "8", "--block-length", "4",
+            "--batch-size", "2", "--steps", "3", "--holdout", "0.25"]
     assert main([*args, "--drafter", str(trained / "llada"), "--out", str(tmp_path / "filter")]) == 0
     assert "oracle traces:" in capsys.readouterr().out and (tmp_path / "filter" / "filter.json").is_file()
     assert main([*args, "--drafter", str(ASSETS_DIR / "verifier"), "--out", str(tmp_path / "f2")]) == 2
     assert "is a causal qwen2 model: the filter is trained for a diffusion model (Dream or LLaDA)" in (
         capsys.readouterr().err)
     assert not (tmp_path / "f2").exists()
+    bad = ["--block-length", "3", "--drafter", str(trained / "llada"), "--out", str(tmp_path / "f3")]
+    assert main([*args, *bad]) == 2  # the last --block-length counts; refused before the model loads
+    assert "--block-length and --max-new-tokens: block_length=3 must divide max_new_tokens=8" in capsys.readouterr().err
 
 
 def test_train_llada_interrupted_says_how_to_continue(tmp_path):

@@ -19,6 +19,7 @@ from apd_jax.checkpoints import check_output, load_model, load_tokenizer
 from apd_jax.cli.common import (
     DefaultsHelpFormatter, corpus_prompts, finite_float, positive_int, seed, user_path,
 )
+from apd_jax.decoding.blocks.loop import block_problems
 from apd_jax.decoding.learn2pd import save_filter
 from apd_jax.training.learn2pd_oracle import collect_traces
 from apd_jax.training.learn2pd_train import FilterTrainConfig, compare_with_confidence_rule, filter_loss, train_filter
@@ -44,6 +45,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default=None, help="bfloat16 or float32 (default: as stored)")
     p.add_argument("--max-new-tokens", type=positive_int, default=256, help="canvas length: tokens decoded per prompt")
     p.add_argument("--batch-size", type=positive_int, default=8, help="prompts decoded together")
+    p.add_argument("--block-length", type=positive_int, default=None,
+                   help="decode the canvas in blocks of this many tokens, left to right, as LLaDA's block decoder "
+                        "does (the Learn2PD paper's LLaDA setting: 32); it must divide --max-new-tokens "
+                        "(default: one block, the whole canvas)")
     p.add_argument("--holdout", type=finite_float, default=0.2, help="share of prompts held out for the report")
     p.add_argument("--width", type=positive_int, default=FilterTrainConfig.width,
                    help="hidden width of the MLP (256: 1793 parameters)")
@@ -89,6 +94,9 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     config.validate()
+    blocks = block_problems(args.block_length, args.max_new_tokens)
+    if blocks:
+        raise ValueError("--block-length and --max-new-tokens: " + "; ".join(blocks))
     if not 0.0 <= args.holdout < 1.0:
         raise ValueError(f"--holdout {args.holdout} must lie in [0, 1)")
     if args.train_prompts is not None and args.ids:
@@ -106,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
                   fits=(args.max_new_tokens, capacity(None, model.cfg)), sources=where)
 
     start = time.perf_counter()
-    traces = collect_traces(model, prompts, args.max_new_tokens, args.batch_size)
+    traces = collect_traces(model, prompts, args.max_new_tokens, args.batch_size, block_length=args.block_length)
     n_held = min(int(round(args.holdout * len(prompts))), len(prompts) - 1)  # keep one prompt to train on
     held = np.random.default_rng(args.seed).permutation(len(prompts))[:n_held]
     train_rows = np.setdiff1d(np.arange(len(prompts)), held)
