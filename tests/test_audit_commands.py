@@ -32,6 +32,8 @@ def a_file(tmp_path) -> Path:
     (["bench", "--baselines", "foo"], "argument --baselines: invalid value 'foo': unknown baseline 'foo'; "
                                       "expected comma-separated ar, leftright, llada, or none"),
     (["bench", "--baselines", "ar,lr"], "unknown baseline 'lr'"),
+    (["bench", "--budgets", "512-32"], "argument --budgets: --budgets '512-32': need 1 <= LOW <= HIGH"),
+    (["bench", "--budgets", "many"], "argument --budgets: --budgets 'many': expected LOW-HIGH, e.g. 32-512"),
     (["bench", "--batch", "0"], "argument --batch: invalid value '0': expected comma-separated integers >= 1"),
     (["bench", "--batch", "1,x"], "argument --batch: invalid value '1,x': expected comma-separated integers >= 1"),
     (["bench", "--batch", ""], "argument --batch: invalid value '': expected comma-separated integers >= 1"),

@@ -73,6 +73,20 @@ def test_bench_llada_baseline_runs_in_jax_and_in_the_published_pytorch_code(tmp_
     assert "PyTorch LLaDA generate steps=16 block=16 (published): " in capsys.readouterr().out  # its ratio line
 
 
+def test_bench_workload_compares_fixed_batches_with_continuous_batching(tmp_path, capsys):
+    assert main(["bench", "--shapes", "tiny", "--batch", "3", "--settings", "0.7,4,8", "--workload", "7",
+                 "--budgets", "2-12", "--prompt-len", "8", "--json", str(tmp_path / "w.json")]) == 0
+    assert "continuous / fixed tokens/s: " in capsys.readouterr().out
+    report = json.loads((tmp_path / "w.json").read_text())
+    fixed, continuous = report["rows"]
+    assert fixed["name"].startswith("fixed ") and continuous["name"].startswith("continuous ")
+    assert (fixed["group"], continuous["group"]) == (3, 1) and report["budgets"]["low"] == 2
+    # The same prompts and budgets, so the same tokens; refilling a slot as soon as its row ends never
+    # needs more passes than waiting for the whole batch.
+    assert fixed["tokens"] == continuous["tokens"] and 7 * 2 <= fixed["tokens"] <= 7 * 12
+    assert continuous["passes"] <= fixed["passes"] and 0 < fixed["occupancy"] <= continuous["occupancy"] <= 1
+
+
 def test_bench_samples_at_its_temperature_and_top_p(tmp_path, capsys):
     assert main(["bench", "--shapes", "tiny", "--batch", "2", "--settings", "0.7,4,8", "--prompt-len", "8",
                  "--max-new-tokens", "16", "--repeats", "1", "--temperature", "0.6", "--top-p", "0.95",

@@ -12,10 +12,12 @@ memory; run it after `apd-jax bench --json J.json` with `--against J.json` for t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
 from apd_jax.bench import decoders as bench
+from apd_jax.bench import workload
 from apd_jax.decoding.apd import APDConfig
 from apd_jax.decoding.autoregressive import ARConfig
 from apd_jax.decoding.blocks.llada import LLaDAConfig
@@ -64,6 +66,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--attention", choices=ATTENTION_IMPLEMENTATIONS, default="xla",
                    help="attention implementation of every model (cudnn: CUDA GPUs; its logits are "
                         "compared with xla's first)")
+    p.add_argument("--workload", type=positive_int, metavar="N",
+                   help="instead of the rows above: N prompts with budgets drawn from --budgets, decoded by APD "
+                        "(the first --settings entry) in fixed batches and with continuous batching over the first "
+                        "--batch slots; prints tokens/s and slot occupancy")
+    p.add_argument("--budgets", type=_budgets, default="32-512",
+                   help="with --workload: each prompt's max_new_tokens, uniform in LOW-HIGH")
     p.add_argument("--json", type=user_path, help="write the results as JSON here (default: print only)")
     p.set_defaults(func=run)
 
@@ -81,6 +89,13 @@ def _baselines(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(f"invalid value {text!r}: unknown baseline {unknown[0]!r}; expected "
                                          f"comma-separated {', '.join(BASELINES)}, or none")
     return names
+
+
+def _budgets(text: str) -> tuple[int, int]:
+    try:
+        return workload.parse_budgets(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _parse_settings(text: str, max_new_tokens: int, **sampling: float) -> list[APDConfig]:
@@ -179,6 +194,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"{model.cfg.model_type} logits, {args.attention} vs xla attention: relative difference "
                   f"{bench.logits_difference(model, other, args.prompt_len):.2e}", flush=True)
         drafter, verifier = switched
+    if args.workload is not None:
+        return _workload(args, drafter, verifier, settings[0])
     ceilings = bench.device_ceilings(64 if args.shapes == "tiny" else 2048)
     print(f"device {bench.jax.devices()[0].device_kind}: copy {ceilings['bandwidth'] / 1e9:.0f} GB/s, "
           f"bf16 matmul {ceilings['matmul_flops'] / 1e12:.0f} TFLOP/s", flush=True)
@@ -215,6 +232,25 @@ def run(args: argparse.Namespace) -> int:
                     ThresholdConfig(threshold=bench.THRESHOLD, max_new_tokens=args.max_new_tokens, eos_token_ids=(),
                                     **sampling)):
             report(bench.bench_canvas(llada, cfg, 1, args.prompt_len, ceilings, args.repeats, profile=args.profile))
+    return 0
+
+
+def _workload(args: argparse.Namespace, drafter, verifier, config: APDConfig) -> int:
+    """--workload: fixed batches against continuous batching of the same prompts and budgets."""
+    low, high = args.budgets
+    budgets = workload.draw_budgets(args.workload, low, high)
+    prompts = bench.random_prompts([drafter.cfg, verifier.cfg], args.workload, args.prompt_len)
+    config = dataclasses.replace(config, max_new_tokens=max(budgets))
+    print(f"device {bench.jax.devices()[0].device_kind}: {args.workload} prompts of {args.prompt_len} tokens, "
+          f"budgets uniform in {low}-{high}", flush=True)
+    print(workload.HEADER, flush=True)
+    rows = workload.bench_workload(drafter, verifier, prompts, budgets, config, args.batch[0])
+    for row in rows:
+        print(workload.format_row(row), flush=True)
+    speedup = rows[1].tokens_per_s / rows[0].tokens_per_s
+    print(f"continuous / fixed tokens/s: {speedup:.2f}x", flush=True)
+    if args.json:
+        _write_json(args, workload.to_json(rows, {"distribution": "uniform", "low": low, "high": high}), len(rows))
     return 0
 
 

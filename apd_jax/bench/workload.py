@@ -1,0 +1,99 @@
+"""Many prompts, each with its own budget: fixed batches against continuous batching over the same slots.
+
+A workload is N prompts whose budgets (max_new_tokens) are drawn from a stated distribution (uniform
+between two bounds, or a list of lengths). Both runs decode it through the same compiled APD steps
+(`decoding.continuous`) over S slots:
+- **fixed**: S prompts at a time, the next S only once all of them are done (each row stops at its own
+  budget or eos and then idles): a fixed batch;
+- **continuous**: a finished row's slot takes the next prompt, refilled a group at a time.
+
+Tokens count only what each row generates within its budget or through its eos. Occupancy is rows that
+committed a token over passes x S. Each run is timed after a warm-up run of its first S prompts (the
+compilation of its programs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+from apd_jax.decoding.apd import APDConfig, apd_slots
+from apd_jax.decoding.continuous import Finished, Request, decode, default_group
+from apd_jax.models.model import Qwen2
+
+
+@dataclasses.dataclass
+class WorkloadRow:
+    name: str  # "fixed ..." or "continuous ..."
+    slots: int
+    group: int  # slots refilled at once
+    prompts: int
+    tokens: int  # generated within each row's budget or through its eos
+    seconds: float
+    tokens_per_s: float
+    passes: int
+    ms_per_pass: float
+    occupancy: float  # rows that committed a token / (passes x slots)
+    compile_s: float  # the warm-up run's time
+
+
+def parse_budgets(text: str) -> tuple[int, int]:
+    """'LOW-HIGH': budgets drawn uniformly from [LOW, HIGH]."""
+    try:
+        low, high = (int(x) for x in text.split("-"))
+    except ValueError:
+        raise ValueError(f"--budgets {text!r}: expected LOW-HIGH, e.g. 32-512") from None
+    if not 1 <= low <= high:
+        raise ValueError(f"--budgets {text!r}: need 1 <= LOW <= HIGH")
+    return low, high
+
+
+def draw_budgets(n: int, low: int, high: int, seed: int = 0) -> list[int]:
+    """n budgets drawn uniformly from [low, high] (a fixed seed: both runs decode the same workload)."""
+    return np.random.default_rng(seed).integers(low, high, size=n, endpoint=True).tolist()
+
+
+def _timed_run(drafter: Qwen2, verifier: Qwen2, prompts: Sequence[Sequence[int]], budgets: Sequence[int],
+               config: APDConfig, size: int, group: int, label: str) -> WorkloadRow:
+    slots = apd_slots(drafter, verifier, prompts, config, size, group)
+    requests = [Request(ids, i, max_new_tokens=b) for i, (ids, b) in enumerate(zip(prompts, budgets))]
+    key = jax.random.key(0)
+    finished: list[Finished] = []
+    start = time.perf_counter()
+    decode(slots, requests[: slots.size], key, lambda rows: None)  # compiles this run's programs
+    compile_s = time.perf_counter() - start
+    start = time.perf_counter()
+    usage = decode(slots, requests, key, finished.extend)
+    seconds = time.perf_counter() - start
+    tokens = sum(len(f.ids) for f in finished)
+    name = f"{label} APD R={config.R} W={config.W} M={config.M}, {slots.size} slots"
+    return WorkloadRow(name, slots.size, slots.group, len(requests), tokens, seconds, tokens / seconds, usage.passes,
+                       1e3 * seconds / max(usage.passes, 1), usage.occupancy, compile_s)
+
+
+def bench_workload(drafter: Qwen2, verifier: Qwen2, prompts: Sequence[Sequence[int]], budgets: Sequence[int],
+                   config: APDConfig, size: int) -> list[WorkloadRow]:
+    """The fixed-batch run, then the continuous one, of the same prompts and budgets over `size` slots
+    (config.max_new_tokens: at least the largest budget)."""
+    return [_timed_run(drafter, verifier, prompts, budgets, config, size, size, "fixed"),
+            _timed_run(drafter, verifier, prompts, budgets, config, size, default_group(size), "continuous")]
+
+
+HEADER = (f"{'workload':<46} {'slots':>5} {'group':>5} {'prompts':>7} {'tokens':>7} {'tok/s':>8} {'passes':>6} "
+          f"{'ms/pass':>8} {'occupancy':>9} {'compile s':>9}")
+
+
+def format_row(r: WorkloadRow) -> str:
+    return (f"{r.name:<46} {r.slots:>5} {r.group:>5} {r.prompts:>7} {r.tokens:>7} {r.tokens_per_s:>8.1f} "
+            f"{r.passes:>6} {r.ms_per_pass:>8.2f} {r.occupancy:>9.1%} {r.compile_s:>9.1f}")
+
+
+def to_json(rows: list[WorkloadRow], budgets: dict) -> str:
+    return json.dumps({"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
+                       "jax": jax.__version__, "budgets": budgets,
+                       "rows": [dataclasses.asdict(r) for r in rows]}, indent=2)
