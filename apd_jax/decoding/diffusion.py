@@ -5,7 +5,7 @@ rows each decoded exactly as alone; a row stops once nothing before its first eo
 
 - `diffusion_generate`: Dream's `_sample`, its transfer counts per row (Dream at batch size 1).
 - `threshold_generate`: each pass commits every masked position above a threshold, and at least
-  the most confident (Fast-dLLM's rule, without its cache; in blocks with block_length);
+  the most confident (Fast-dLLM's rule; in blocks with block_length, and with its KV cache);
   `parallel_decode` takes the keep rule as an `nnx.Module`, so Learn2PD's filter runs in the same
   loop.
 """
@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from apd_jax.decoding.blocks.cached import cache_problems
 from apd_jax.decoding.blocks.loop import (
     Commit,
     View,
@@ -85,15 +86,19 @@ class ParallelConfig(DecoderConfig):
     every later position dropped (padding, hidden from attention); None disables it.
     block_length: decode the answer in blocks of this many positions, left to right, each pass
     committing only within the current block (semi-autoregressive, as LLaDA and Fast-dLLM decode);
-    None: one block, the whole answer."""
+    None: one block, the whole answer.
+    cache: "none", or Fast-dLLM's "prefix" or "dual" KV cache (blocks.cached) on a LLaDA model: a
+    block's first pass refreshes it, its later passes run a window of the canvas on it."""
 
     eot_threshold: float | None = None
     block_length: int | None = dataclasses.field(default=None, kw_only=True)
+    cache: str = dataclasses.field(default="none", kw_only=True)
 
     what = "parallel decoding"
 
     def problems(self) -> list[str]:
         problems = super().problems() + block_problems(self.block_length, self.max_new_tokens)
+        problems += cache_problems(self.cache)
         if self.eot_threshold is not None and not 0.0 <= self.eot_threshold < 1.0:
             problems.append(f"eot_threshold={self.eot_threshold} must lie in [0, 1) (None disables it)")
         return problems
@@ -281,7 +286,7 @@ def parallel_decode(
     parallel = ParallelRule(rule, config, model.cfg.mask_token_id)
     result, _ = decode_blocks(model, parallel, prompts, config, key,
                               block_length=block_size(config.block_length, config.max_new_tokens),
-                              bound=config.max_new_tokens)
+                              bound=config.max_new_tokens, cache=config.cache)
     return result
 
 

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from apd_jax.decoding.blocks.cached import cache_problems
 from apd_jax.decoding.blocks.loop import Commit, View, block_problems, block_size, decode_blocks, descending_rank
 from apd_jax.decoding.generation import DecoderConfig, GenerationResult, check_config
 from apd_jax.models.model import Qwen2
@@ -50,6 +51,8 @@ class LLaDAConfig(DecoderConfig):
     confidence_eos_eot_inf: a prediction of eos_id or eot_id has confidence 0 (committed last).
     eos_id and eot_id are the ids the published code hard-codes (LLaDA-8B's <|endoftext|> and
     <|eot_id|>); they are not the stop ids (eos_token_ids).
+    cache: "none", or Fast-dLLM's "prefix" or "dual" KV cache (blocks.cached; its
+    generate_with_prefix_cache and generate_with_dual_cache), without guidance.
     """
 
     steps: int | None = None
@@ -60,6 +63,7 @@ class LLaDAConfig(DecoderConfig):
     confidence_eos_eot_inf: bool = False
     eos_id: int = 126081
     eot_id: int = 126348
+    cache: str = "none"
 
     what = "LLaDA"
 
@@ -92,6 +96,10 @@ class LLaDAConfig(DecoderConfig):
             problems.append(f"remasking={self.remasking!r}: use one of {REMASKING}")
         if self.cfg_scale < 0:
             problems.append(f"cfg_scale={self.cfg_scale} must be >= 0 (0 disables guidance)")
+        problems += cache_problems(self.cache)
+        if self.cache != "none" and self.cfg_scale > 0:
+            problems.append(f"cache={self.cache!r} runs without guidance (as Fast-dLLM's cached samplers): use "
+                            "cfg_scale=0 or cache='none'")
         if self.eos_id < 0 or self.eot_id < 0:
             problems.append(f"eos_id={self.eos_id} and eot_id={self.eot_id} must be token ids (>= 0)")
         return problems
@@ -192,5 +200,5 @@ def llada_generate(
         raise ValueError(f"eos_id={config.eos_id} or eot_id={config.eot_id} lies outside the model's vocabulary "
                          f"[0, {vocab}): give the model's own ids (its tokenizer's eos and <|eot_id|>)")
     result, _ = decode_blocks(model, LLaDARule(config), prompts, config, key, block_length=config.block_size,
-                              bound=config.step_count, cfg_scale=config.cfg_scale)
+                              bound=config.step_count, cfg_scale=config.cfg_scale, cache=config.cache)
     return result

@@ -7,8 +7,10 @@ in the attention, later ones still masked; optionally with classifier-free guida
 *rule* which masked positions up to the end of the row's current block (`View.candidates`) to
 commit, with which tokens, and whether the row's block is done. A rule is an `nnx.Module` whose
 variables are traced; the loop carries its state, so a rule may record what it saw (the Learn2PD
-oracle does). A KV cache of the blocks before the current one (Fast-dLLM's prefix and dual caches)
-is another forward, carried in the loop state beside the canvas.
+oracle does). With a KV cache (Fast-dLLM's prefix and dual caches, blocks.cached), the forward of a
+row's later passes in a block runs a window of the canvas on the cache its first pass wrote; the
+cache is carried in the loop state beside the canvas, and those passes' candidates are the masked
+positions of the row's current block only (the window's).
 
 Rows are right-padded with their own valid lengths, so each row of a ragged batch decodes as it
 would alone. A row stops once nothing before its first eos is masked (committed tokens never
@@ -26,7 +28,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from apd_jax.decoding.blocks.cached import cached_logits, check_cacheable, window_width
 from apd_jax.decoding.generation import Batch, DecoderConfig, GenerationResult, prepare
+from apd_jax.models.cache import KVCache
 from apd_jax.models.model import Qwen2
 
 # Canvas pieces
@@ -169,13 +173,15 @@ class CanvasState:
     step: jax.Array  # [B]: passes the row has run in it
     limit: jax.Array  # [B]: positions the row decodes
     rule: nnx.State  # the rule's variables, as it leaves them
+    cache: KVCache | None  # the K/V of each row's canvas (blocks.cached), None without a cache
 
     @classmethod
-    def start(cls, b: int, n: int, bound: int, mask_id: int, key: jax.Array, rule: nnx.State) -> CanvasState:
+    def start(cls, b: int, n: int, bound: int, mask_id: int, key: jax.Array, rule: nnx.State,
+              cache: KVCache | None) -> CanvasState:
         """Every position masked, nothing committed yet, each row in its first block."""
         zeros = jnp.zeros((b,), jnp.int32)
         return cls(jnp.int32(0), jnp.full((b, n), mask_id, jnp.int32), jnp.zeros((b, bound), jnp.int32), key,
-                   zeros, zeros, jnp.full((b,), n, jnp.int32), rule)
+                   zeros, zeros, jnp.full((b,), n, jnp.int32), rule, cache)
 
 
 def canvas_outputs(state: CanvasState, eos: jax.Array):
@@ -187,9 +193,10 @@ def canvas_outputs(state: CanvasState, eos: jax.Array):
     return state.gen, jnp.where(hit, first_eos + 1, n), state.accepted, hit, state.passes
 
 
-@functools.partial(jax.jit, static_argnames=("graphs", "max_new", "mask_id", "pad_id", "bound", "guided"))
+@functools.partial(jax.jit, static_argnames=("graphs", "max_new", "mask_id", "pad_id", "bound", "guided", "window"))
 def _decode(graphs, params, prompts, prompt_lens, eos, key, block_length, cfg_scale, *, max_new: int, mask_id: int,
-            pad_id: int, bound: int, guided: bool):
+            pad_id: int, bound: int, guided: bool, window: int | None):
+    """The loop; `window`: the width of a cached pass's window (blocks.cached), None without a cache."""
     model = nnx.merge(graphs[0], params[0])
     j = jnp.arange(max_new)
     num_blocks = max_new // block_length
@@ -204,8 +211,17 @@ def _decode(graphs, params, prompts, prompt_lens, eos, key, block_length, cfg_sc
         i, gen, running = state.passes, state.gen, active(state)
         key, rule_key = jax.random.split(state.key)
         end = prompt_lens + state.limit
-        logits = canvas_logits(model, prompts, prompt_lens, gen, end, mask_id, cfg_scale if guided else None)
-        candidates = (gen == mask_id) & (j < (state.block[:, None] + 1) * block_length) & running[:, None]
+        block_start = state.block * block_length
+        candidates = (gen == mask_id) & (j < block_start[:, None] + block_length) & running[:, None]
+        cache = state.cache
+        if window is None:
+            logits = canvas_logits(model, prompts, prompt_lens, gen, end, mask_id, cfg_scale if guided else None)
+        else:
+            refresh = running & (state.step == 0)
+            canvas = build_canvas(prompts, prompt_lens, gen)
+            logits, cache = cached_logits(model, canvas, cache, prompt_lens, end, block_start, refresh,
+                                          running & ~refresh, window, max_new)
+            candidates &= refresh[:, None] | (j >= block_start[:, None])
         rule = nnx.merge(graphs[1], state.rule)
         commit = rule(logits, rule_key, View(i, gen, candidates, state.step, state.limit, eos))
         new = jnp.where(commit.transfer & candidates, commit.tokens, gen)
@@ -215,10 +231,12 @@ def _decode(graphs, params, prompts, prompt_lens, eos, key, block_length, cfg_sc
         done = commit.block_done & running
         return CanvasState(
             i + 1, new, state.accepted.at[:, i].set(jnp.sum(committed, axis=1)), key, state.block + done,
-            jnp.where(done, 0, state.step + running), commit.limit, nnx.state(rule),
+            jnp.where(done, 0, state.step + running), commit.limit, nnx.state(rule), cache,
         )
 
-    start = CanvasState.start(prompts.shape[0], max_new, bound, mask_id, key, params[1])
+    b = prompts.shape[0]
+    cache = None if window is None else KVCache.zeros(model.cfg, b, prompts.shape[1] + max_new)
+    start = CanvasState.start(b, max_new, bound, mask_id, key, params[1], cache)
     state = jax.lax.while_loop(cond, body, start)
     return canvas_outputs(state, eos), state.rule
 
@@ -233,15 +251,19 @@ def decode_blocks(
     block_length: int,
     bound: int,
     cfg_scale: float = 0.0,
+    cache: str = "none",
 ) -> tuple[GenerationResult, nnx.Module]:
     """Decode `prompts` block by block with `rule(logits, key, View) -> Commit`, one compiled call of
     at most `bound` passes: the result (`accepted[b, i]` counts the tokens row b committed in pass
-    i) and the rule as the loop left it. cfg_scale > 0 adds LLaDA's guidance (two rows per row)."""
+    i) and the rule as the loop left it. cfg_scale > 0 adds LLaDA's guidance (two rows per row).
+    cache: "none" (every pass over the whole canvas), "prefix" or "dual" (blocks.cached)."""
+    check_cacheable(model, cache, cfg_scale > 0)
     batch = prepare_canvas(model, config, prompts, key)
     graphs, params = zip(nnx.split(model), nnx.split(rule))
     outputs, rule_state = _decode(
         graphs, params, jnp.asarray(batch.ids), jnp.asarray(batch.lengths), batch.eos, batch.key,
         jnp.int32(block_length), jnp.float32(cfg_scale), max_new=config.max_new_tokens,
         mask_id=model.cfg.mask_token_id, pad_id=batch.pad_id, bound=bound, guided=cfg_scale > 0,
+        window=None if cache == "none" else window_width(cache, block_length, config.max_new_tokens),
     )
     return batch.finish(*outputs), nnx.merge(graphs[1], rule_state)

@@ -1,0 +1,116 @@
+"""The block decoder's KV caches (apd_jax.decoding.blocks.cached) against Fast-dLLM's published
+cached LLaDA samplers (apd_jax.bench.fastdllm_generate_published, verbatim): token for token at
+temperature 0, on a tiny random LLaDA checkpoint written by the published modeling code and run by
+it (its past_key_values and replace_position), in float32.
+
+Each row of a ragged batch equals the published sampler on that row alone (rows reach block
+boundaries at different passes under the threshold rule, so refreshes and window passes share
+passes), and a batch of one equals it too. The published answers with a cache differ from those
+without, so the comparison tells the modes apart.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from apd_jax.decoding.blocks.llada import LLaDAConfig, llada_generate
+from apd_jax.decoding.diffusion import ThresholdConfig, threshold_generate
+from apd_jax.models.config import ModelConfig
+from apd_jax.models.model import abstract_model
+from apd_jax.models.qwen2 import DREAM
+
+torch = pytest.importorskip("torch")
+published = pytest.importorskip("apd_jax.bench.fastdllm_generate_published")
+torch_llada = pytest.importorskip("apd_jax.bench.torch_llada")
+
+SAMPLERS = {"prefix": "generate_with_prefix_cache", "dual": "generate_with_dual_cache", "none": "generate"}
+N, STEPS, BLOCK = 16, 8, 8
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """(the published LLaDAModelLM, apd_jax's model) of one tiny random checkpoint."""
+    from apd_jax.checkpoints import load_model
+
+    path = torch_llada.save_tiny_llada(tmp_path_factory.mktemp("ckpt") / "llada", seed=0)
+    return torch_llada.load_torch_llada(path), load_model(path)
+
+
+def rows(lengths=(7, 13, 20)):
+    return [np.random.default_rng(5).integers(0, 280, n).tolist() for n in lengths]
+
+
+def config(rule: str, cache: str):
+    """LLaDA's fixed count per step, or the threshold rule, in two blocks of the 16-token answer."""
+    if rule == "llada":
+        return LLaDAConfig(max_new_tokens=N, steps=STEPS, block_length=BLOCK, eos_token_ids=(), cache=cache)
+    return ThresholdConfig(max_new_tokens=N, threshold=0.05, block_length=BLOCK, eos_token_ids=(), cache=cache)
+
+
+def fastdllm(reference, prompt, rule: str, cache: str) -> tuple[list[int], int]:
+    """The published sampler's answer to one prompt alone, and its forward passes."""
+    run = getattr(published, SAMPLERS[cache])
+    out, nfe = run(reference, torch.tensor([prompt]), steps=STEPS, gen_length=N, block_length=BLOCK,
+                   mask_id=290, threshold=None if rule == "llada" else 0.05)
+    return out[0, len(prompt):].tolist(), nfe
+
+
+def generate(model, prompts, rule: str, cache: str):
+    run = llada_generate if rule == "llada" else threshold_generate
+    return run(model, prompts, config(rule, cache))
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+@pytest.mark.parametrize("rule", ["llada", "threshold"])
+def test_ragged_rows_equal_fastdllm_rows_alone(models, rule, cache):
+    reference, model = models
+    prompts = rows()
+    got = generate(model, prompts, rule, cache)
+    differs = []
+    for b, prompt in enumerate(prompts):
+        want, nfe = fastdllm(reference, prompt, rule, cache)
+        assert got.tokens[b].tolist() == want
+        # The published loop runs one more pass in a block its refresh emptied; apd_jax moves on.
+        assert got.row_passes()[b] <= nfe
+        differs.append(want != fastdllm(reference, prompt, rule, "none")[0])
+    assert any(differs)  # the cache changed an answer: the comparison tells cached from uncached decoding
+    if rule == "threshold":
+        assert len(set(got.row_passes().tolist())) > 1  # rows changed blocks at different passes
+
+
+@pytest.mark.parametrize("rule, cache", [("llada", "dual"), ("threshold", "prefix")])
+def test_a_batch_of_one_equals_fastdllm(models, rule, cache):
+    reference, model = models
+    (prompt,) = rows((11,))
+    assert generate(model, [prompt], rule, cache).tokens[0].tolist() == fastdllm(reference, prompt, rule, cache)[0]
+
+
+def test_the_registry_takes_the_cache_by_field_name(models):
+    from apd_jax.decoding.registry import Models, decoder
+
+    _, model = models
+    llada = decoder("llada")
+    settings = llada.settings_from({"max_new_tokens": N, "steps": STEPS, "block_length": BLOCK,
+                                    "eos_token_ids": (), "cache": "dual"})
+    prompts = rows((11,))
+    got = llada.generate(Models(drafter=model), prompts, settings)
+    assert got.tokens.tolist() == generate(model, prompts, "llada", "dual").tokens.tolist()
+
+
+@pytest.mark.parametrize("settings, message", [
+    (LLaDAConfig(cache="full"), "cache='full': use one of ('none', 'prefix', 'dual')"),
+    (LLaDAConfig(cache="dual", cfg_scale=1.0), "cache='dual' runs without guidance"),
+    (ThresholdConfig(cache="prefixed"), "cache='prefixed': use one of"),
+])
+def test_bad_cache_settings_are_named(settings, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        settings.validate()
+
+
+def test_a_shifted_family_is_refused_a_cache():
+    """Dream predicts position i from output i - 1, outside a window that starts at i."""
+    cfg = ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
+                      num_kv_heads=1, head_dim=8, family=DREAM, mask_token_id=63, eos_token_ids=(1,))
+    with pytest.raises(ValueError, match="cache='prefix' runs LLaDA"):
+        threshold_generate(abstract_model(cfg), [[1, 2]], ThresholdConfig(max_new_tokens=4, cache="prefix"))
