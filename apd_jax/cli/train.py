@@ -25,7 +25,8 @@ from apd_jax.training.settings import JOBS, PipelineSettings, TrainSettings, mod
 
 # Every default below is the settings classes' own.
 DRAFTER, VERIFIER, LLADA = PipelineSettings.drafter_train, PipelineSettings.verifier_train, PipelineSettings.llada_train
-MODELS = (("drafter", PipelineSettings.drafter), ("verifier", PipelineSettings.verifier), ("llada", PipelineSettings.llada))
+MODELS = (("drafter", PipelineSettings.drafter), ("verifier", PipelineSettings.verifier),
+          ("llada", PipelineSettings.llada))
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

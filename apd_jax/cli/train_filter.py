@@ -106,8 +106,8 @@ def run(args: argparse.Namespace) -> int:
     check_output(args.out, args.overwrite)
     model = load_model(args.drafter, param_dtype=args.dtype)
     if not model.cfg.is_diffusion:
-        raise ValueError(f"--drafter {args.drafter} is a causal {model.cfg.model_type} model: the filter is trained for "
-                         "a diffusion model (Dream or LLaDA); give its checkpoint")
+        raise ValueError(f"--drafter {args.drafter} is a causal {model.cfg.model_type} model: the filter is trained "
+                         "for a diffusion model (Dream or LLaDA); give its checkpoint")
     prompts, where = _read_prompts(args, model.cfg.max_position_embeddings)
     # Every prompt checked before the first is decoded, named by its file and line.
     check_prompts(prompts, model.cfg.vocab_size, mask_id=model.cfg.mask_token_id,

@@ -52,8 +52,8 @@ def turn_end_id(tokenizer: Any) -> int | None:
         return None
     reply = "apd_jax reply"
     try:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": reply}],
-                                             tokenize=False)
+        exchange = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": reply}]
+        text = tokenizer.apply_chat_template(exchange, tokenize=False)
     except TemplateError:  # a template that cannot render a plain exchange names no turn end
         return None
     end = text.rfind(reply)
