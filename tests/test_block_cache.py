@@ -114,3 +114,28 @@ def test_a_shifted_family_is_refused_a_cache():
                       num_kv_heads=1, head_dim=8, family=DREAM, mask_token_id=63, eos_token_ids=(1,))
     with pytest.raises(ValueError, match="cache='prefix' runs LLaDA"):
         threshold_generate(abstract_model(cfg), [[1, 2]], ThresholdConfig(max_new_tokens=4, cache="prefix"))
+
+
+def test_bench_times_the_cached_modes_beside_fastdllm(models, tmp_path):
+    """`apd-jax bench --baselines llada`'s pieces on CPU: the block decoder's cached rows, named by
+    their cache, a bound between a window pass's and a refresh pass's, and Fast-dLLM's rows of the
+    same cache and rule matched to them (--against)."""
+    from apd_jax.bench import decoders as bench
+    from apd_jax.bench import pytorch as bench_torch
+
+    reference, model = models
+    ceilings = {"bandwidth": 1e15, "matmul_flops": 1e9}  # compute-bound: the bound follows the tokens run
+    steps_n = LLaDAConfig(max_new_tokens=N, block_length=BLOCK, eos_token_ids=(), cache="dual")  # as bench runs it
+    jax_rows = [bench.bench_canvas(model, c, 1, 11, ceilings, 1) for c in (steps_n, config("threshold", "dual"))]
+    assert [r.name for r in jax_rows] == [f"LLaDA steps={N} block={BLOCK} cache=dual",
+                                          f"llada threshold=0.05 block={BLOCK} cache=dual"]
+    layers, head = bench.matmul_params(model.cfg)
+    refresh, window = (2e3 * (layers * tokens + head * answer) / 1e9 for tokens, answer in ((11 + N, N), (BLOCK, BLOCK)))
+    assert all(window < r.bound_ms < refresh for r in jax_rows)
+    (tmp_path / "jax.json").write_text(bench.to_json(jax_rows, ceilings))
+    prompt = bench.random_prompts([model.cfg], 1, 11)[0]
+    torch_rows = [bench_torch.bench_fastdllm(reference, model.cfg, prompt, N, BLOCK, "dual", threshold, 1)
+                  for threshold in (None, 0.05)]
+    lines = bench_torch.ratios(torch_rows, tmp_path / "jax.json")
+    assert [line.split(":")[0] for line in lines] == [r.name for r in torch_rows]
+    assert torch_rows[0].passes == jax_rows[0].passes == N

@@ -29,6 +29,7 @@ from flax import nnx
 from apd_jax.decoding.apd import APDConfig, apd_generate, leftright_generate
 from apd_jax.decoding.autoregressive import ARConfig, ar_generate
 from apd_jax.decoding.blocks.llada import LLaDAConfig, llada_generate
+from apd_jax.decoding.blocks.loop import block_size
 from apd_jax.decoding.diffusion import ThresholdConfig, threshold_generate
 from apd_jax.models.config import ModelConfig
 from apd_jax.decoding.generation import DecoderConfig, GenerationResult
@@ -221,21 +222,34 @@ def bench_ar(model: Qwen2, cfg: ARConfig, batch: int, prompt_len: int, ceilings:
 
 def bench_canvas(model: Qwen2, cfg: LLaDAConfig | ThresholdConfig, batch: int, prompt_len: int,
                  ceilings: dict[str, float], repeats: int, profile: bool = False) -> Row:
-    """LLaDA's block decoder (LLaDAConfig) or threshold decoding (ThresholdConfig) of a diffusion model,
-    no cache: every pass runs the whole sequence, prompt and answer, through the model."""
+    """LLaDA's block decoder (LLaDAConfig) or threshold decoding (ThresholdConfig) of a diffusion model.
+    Without a cache every pass runs the whole sequence, prompt and answer, through the model; with
+    one (cfg.cache) a block's first pass does (a refresh) and its later passes run a window: the
+    block (dual), or on average half the answer past the block's start, (N + block) / 2 positions
+    (prefix, what Fast-dLLM's shrinking window needs). The bound is the passes' mean, one refresh per
+    block and row in step."""
     prompts = random_prompts([model.cfg], batch, prompt_len)
     layers, head = matmul_params(model.cfg)
     guided = 2 if getattr(cfg, "cfg_scale", 0) > 0 else 1  # guidance runs a second, prompt-masked row
+    n, block = cfg.max_new_tokens, block_size(cfg.block_length, cfg.max_new_tokens)
+    window = {"none": prompt_len + n, "prefix": (n + block) / 2, "dual": block}[cfg.cache]
 
     def bound(result: GenerationResult) -> tuple[float, float]:
-        flops = 2 * batch * guided * (layers * (prompt_len + cfg.max_new_tokens) + head * cfg.max_new_tokens)
-        return _roofline(flops, param_bytes(model), ceilings)
+        def pass_ms(tokens: float, answer: float) -> float:
+            return _roofline(2 * batch * guided * (layers * tokens + head * answer), param_bytes(model), ceilings)[0]
 
+        refreshes = n // block if cfg.cache != "none" else 0
+        refresh_ms = refreshes * pass_ms(prompt_len + n, n)
+        window_ms = (result.passes - refreshes) * pass_ms(window, n if cfg.cache == "none" else window)
+        return (refresh_ms + window_ms) / result.passes, _roofline(0, param_bytes(model), ceilings)[1]
+
+    cache = "" if cfg.cache == "none" else f" cache={cfg.cache}"
     if isinstance(cfg, LLaDAConfig):
-        name = f"LLaDA steps={cfg.step_count} block={cfg.block_size}"
+        name = f"LLaDA steps={cfg.step_count} block={cfg.block_size}{cache}"
         run = lambda: llada_generate(model, prompts, cfg)  # noqa: E731
     else:
-        name = f"{model.cfg.model_type} threshold={cfg.threshold:g}"
+        blocks = "" if cfg.block_length is None else f" block={cfg.block_length}"
+        name = f"{model.cfg.model_type} threshold={cfg.threshold:g}{blocks}{cache}"
         run = lambda: threshold_generate(model, prompts, cfg)  # noqa: E731
     return _measure(name + sampling_label(cfg), batch, run, bound, repeats, profile)
 

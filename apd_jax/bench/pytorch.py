@@ -9,7 +9,9 @@ memory), on the prompts, settings and weight distribution of `apd-jax bench`:
 - **PyTorch Dream left-to-right K**: `torch_leftright_generate`, the "Dream K=k" baseline.
 - **HF `generate`**: greedy decoding of a Qwen2.5-7B-shaped `Qwen2ForCausalLM`.
 - **LLaDA `generate`**: the published LLaDA `generate` (bench/llada_generate_published.py) on the published
-  modeling code (bench/llada_published/) at LLaDA-8B shapes, steps = answer length.
+  modeling code (bench/llada_published/) at LLaDA-8B shapes, steps = answer length; beside it
+  Fast-dLLM's cached samplers (bench/fastdllm_generate_published.py): the same rule with the prefix
+  and the dual cache, and its threshold rule with the dual cache (its headline setting).
 
 Medians of timed calls after a warm-up, synchronised; `--against JAX.json` (an `apd-jax bench`
 run of the same session) prints PyTorch's ms per pass over apd_jax's for each matching row.
@@ -38,7 +40,7 @@ NO_CACHE_W = 1 << 30  # a window past any sequence: the drafter recomputes [0, r
 @dataclasses.dataclass(frozen=True)
 class TorchRow:
     name: str
-    decoder: str  # apd | leftright | ar: matched against `apd-jax bench` rows with --against
+    decoder: str  # apd | leftright | ar | llada[ CACHE] | threshold CACHE: matched against `apd-jax bench` rows
     R: float | None
     W: int | None
     M: int | None
@@ -149,6 +151,29 @@ def bench_llada_generate(model: Any, c: ModelConfig, prompt: list[int], gen_leng
                     None, None, None, 1, 1e3 * t / gen_length, 1.0, gen_length, gen_length / t)
 
 
+FASTDLLM_SAMPLERS = {"none": "generate", "prefix": "generate_with_prefix_cache", "dual": "generate_with_dual_cache"}
+
+
+def bench_fastdllm(model: Any, c: ModelConfig, prompt: list[int], gen_length: int, block_length: int, cache: str,
+                   threshold: float | None, repeats: int) -> TorchRow:
+    """Fast-dLLM's LLaDA sampler with `cache`: LLaDA's rule at steps = answer length (threshold None),
+    or its threshold rule; its passes are the forward calls it counts (nfe)."""
+    import torch
+
+    from apd_jax.bench import fastdllm_generate_published as published
+
+    sampler = getattr(published, FASTDLLM_SAMPLERS[cache])
+    ids = torch.tensor([prompt], device=_device())
+    with torch.no_grad():
+        t, (_, nfe) = _time_calls(lambda: sampler(model, ids, steps=gen_length, gen_length=gen_length,
+                                                  block_length=block_length, mask_id=c.mask_token_id,
+                                                  threshold=threshold), repeats)
+    rule, decoder = ("LLaDA", "llada") if threshold is None else (f"threshold={threshold:g}", "threshold")
+    return TorchRow(f"PyTorch Fast-dLLM {rule} steps={gen_length} block={block_length} {cache} cache (published)",
+                    f"{decoder} {cache}", None, None, None, None, 1, 1e3 * t / nfe, gen_length / nfe, nfe,
+                    gen_length / t)
+
+
 def bench_apd(drafter: Any, verifier: Any, d_cfg: ModelConfig, v_cfg: ModelConfig, prompt: list[int],
               R: float, W: int, M: int, max_new_tokens: int, repeats: int, drafter_cache: bool) -> TorchRow:
     import torch
@@ -217,8 +242,11 @@ def _jax_key(row: dict) -> tuple | None:
         return ("leftright", None, int(fields["W"]), int(fields["M"]))
     if row["name"].startswith("AR decode"):
         return ("ar", None, None, None)
+    cache = fields.get("cache")
     if row["name"].startswith("LLaDA steps="):
-        return ("llada", None, None, None)
+        return ("llada" if cache is None else f"llada {cache}", None, None, None)
+    if "threshold" in fields and cache is not None:  # Fast-dLLM's threshold rule decodes with a cache only
+        return (f"threshold {cache}", None, None, None)
     return None
 
 
@@ -239,13 +267,13 @@ def run(shapes: tuple[ModelConfig, ModelConfig, ModelConfig, ModelConfig], setti
         log: Callable[[str], None] = print,
         on_row: Callable[[list[TorchRow]], None] = lambda rows: None) -> list[TorchRow]:
     """Every PyTorch row: HF generate (if asked for), APD per setting (drafter cache on and off), left-to-right,
-    LLaDA's generate (if asked for).
+    LLaDA's generate and Fast-dLLM's cached samplers (if asked for).
 
     `on_row` receives the rows so far after each one (bench writes its JSON there)."""
     import torch
     import transformers
 
-    from apd_jax.bench.decoders import LEFTRIGHT_WM, LLADA_BLOCK, random_prompts
+    from apd_jax.bench.decoders import LEFTRIGHT_WM, LLADA_BLOCK, THRESHOLD, random_prompts
 
     d_cfg, v_cfg, ar_cfg, llada_cfg = shapes
     if not torch.cuda.is_available() and d_cfg.hidden_size > 1024:
@@ -274,8 +302,10 @@ def run(shapes: tuple[ModelConfig, ModelConfig, ModelConfig, ModelConfig], setti
         del drafter, verifier  # make room for the 8B model
         llada = torch_llada(llada_cfg)
         llada_prompt = random_prompts([llada_cfg], 1, prompt_len)[0]
-        report(bench_llada_generate(llada, llada_cfg, llada_prompt, max_new_tokens,
-                                    min(LLADA_BLOCK, max_new_tokens), repeats))
+        block = min(LLADA_BLOCK, max_new_tokens)
+        report(bench_llada_generate(llada, llada_cfg, llada_prompt, max_new_tokens, block, repeats))
+        for cache, threshold in (("prefix", None), ("dual", None), ("dual", THRESHOLD)):
+            report(bench_fastdllm(llada, llada_cfg, llada_prompt, max_new_tokens, block, cache, threshold, repeats))
     return rows
 
 

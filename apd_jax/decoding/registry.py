@@ -97,13 +97,14 @@ DECODERS: dict[str, Decoder] = {d.name: d for d in (
             lambda m, p, s, key: ar_generate(m.verifier, p, s, key), ("verifier",)),
     Decoder("dream", "Dream's own diffusion sampler over a fixed number of steps", DiffusionConfig,
             lambda m, p, s, key: diffusion_generate(m.drafter, p, s, key), ("drafter",)),
-    Decoder("threshold", "commit every prediction whose probability exceeds a threshold", ThresholdConfig,
+    Decoder("threshold", "commit every prediction whose probability exceeds a threshold (in blocks, with "
+            "Fast-dLLM's prefix or dual KV cache on LLaDA)", ThresholdConfig,
             lambda m, p, s, key: threshold_generate(m.drafter, p, s, key), ("drafter",)),
     Decoder("learn2pd", "commit the predictions a trained filter judges right (Learn2PD)", Learn2PDConfig,
             lambda m, p, s, key: learn2pd_generate(m.drafter, m.filter, p, s, key), ("drafter", "filter"),
             aliases={"threshold": "keep_threshold"}),
     Decoder("llada", "LLaDA's generate: blocks left to right, each step a fixed count of the most confident "
-            "(or random) masks", LLaDAConfig, lambda m, p, s, key: llada_generate(m.drafter, p, s, key), ("drafter",)),
+            "(or random) masks; with Fast-dLLM's prefix or dual KV cache", LLaDAConfig, lambda m, p, s, key: llada_generate(m.drafter, p, s, key), ("drafter",)),
 )}
 
 
