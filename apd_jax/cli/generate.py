@@ -18,8 +18,11 @@ from typing import Any
 
 import jax
 
-from apd_jax.decoding.apd import APDConfig, apd_generate, live_view, shared_vocab_size
-from apd_jax.decoding.batching import DEFAULT_BATCH_SIZE, RUN_SUFFIX, RunOutput, generate_in_batches, kept_records, open_output
+from apd_jax.decoding.apd import APDConfig, apd_generate, apd_slots, leftright_slots, live_view, shared_vocab_size
+from apd_jax.decoding.autoregressive import ar_slots
+from apd_jax.decoding.batching import DEFAULT_BATCH_SIZE, RUN_SUFFIX, RunOutput, generate_continuously
+from apd_jax.decoding.batching import generate_in_batches, kept_records, open_output
+from apd_jax.decoding.continuous import Request, Slots
 from apd_jax.text.chat import chat_prompt_ids, has_chat_template, stop_token_ids
 from apd_jax.text.chat import messages as chat_messages
 from apd_jax.checkpoints import load_model, load_tokenizer
@@ -85,13 +88,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "expect (default: when the tokenizer has one and the prompt is text)")
     p.add_argument("--system", default=None, help="a system message before the prompt (with --chat; default: none)")
     p.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE,
-                   help="prompts decoded at once; a longer prompts file runs in batches of this size")
+                   help="prompts decoded at once: with apd, leftright and ar the slots of continuous batching (a "
+                        "finished row's slot takes the next prompt), with the other decoders the batch size")
     p.add_argument("--output", type=user_path,
                    help="write one JSON object per prompt (text, ids, passes, accepted per pass) to this JSONL "
-                        "file as each batch finishes, in input order; the run's settings are recorded beside it in "
+                        "file as each finishes, each carrying its prompt's index (apd, leftright, ar: in the order "
+                        "they finish; other decoders: in input order); the run's settings are recorded beside it in "
                         f"FILE{RUN_SUFFIX} (default: print the text)")
     p.add_argument("--resume", action="store_true",
-                   help="with --output: continue an interrupted run after the last record it finished; only a "
+                   help="with --output: continue an interrupted run, decoding the prompts whose records it lacks; only a "
                         f"file with its {RUN_SUFFIX} beside it and only with the same settings (a differing one "
                         "is named); a cut last record is written again, anything else in the file is refused")
     p.add_argument("--verbose", action="store_true", help="print each prompt's tokens accepted per pass")
@@ -236,24 +241,65 @@ def _generate(args: argparse.Namespace, chosen: Decoder, config: DecoderConfig, 
         return "".join(f" {i}" for i in ids) if args.ids or tok_d is None else tok_d.decode(ids)
 
     key = jax.random.key(args.seed)
-    if args.live:
-        generate, on_batch = _live_generate(models, config, key, texts[0], decode), None
-    else:
-        # Each batch's noise from its first prompt's index: a resumed run samples as an uninterrupted one.
-        generate = lambda rows, first: chosen.generate(models, rows, config, jax.random.fold_in(key, first))  # noqa: E731
-        on_batch = None if output is not None else functools.partial(_print_batch, verbose=args.verbose)
+    slots = None if args.live or mesh is not None else _slots(args.decoder, models, config, prompts, args.batch_size)
+    usage = None
     with CompileTimer() as compiled:
         start = time.perf_counter()
-        records = generate_in_batches(texts, prompts, generate, decode, batch_size=args.batch_size, output=output,
-                                      on_batch=on_batch)
+        if slots is not None:
+            # Each prompt's noise from its own index: the same at any --batch-size and after --resume.
+            requests = [Request(ids, i) for i, ids in enumerate(prompts)]
+            on_records = None if output is not None else _InOrder(args.verbose)
+            records, usage = generate_continuously(texts, requests, slots, key, decode, output=output,
+                                                   on_records=on_records)
+        else:
+            if args.live:
+                generate, on_batch = _live_generate(models, config, key, texts[0], decode), None
+            else:
+                # Each batch's noise from its first prompt's index: a resumed run samples as an uninterrupted one.
+                generate = lambda rows, first: chosen.generate(models, rows, config,  # noqa: E731
+                                                               jax.random.fold_in(key, first))
+                on_batch = None if output is not None else functools.partial(_print_batch, verbose=args.verbose)
+            records = generate_in_batches(texts, prompts, generate, decode, batch_size=args.batch_size,
+                                          output=output, on_batch=on_batch)
         elapsed = time.perf_counter() - start
     tokens = sum(len(r["ids"]) for r in records)
     passes = sum(r["passes"] for r in records)
     decoding = max(elapsed - compiled.seconds, 1e-9)
     where = f" -> {args.output}" if args.output is not None else ""
+    occupancy = "" if usage is None else f", slot occupancy {usage.occupancy:.0%}"
     print(f"{tokens} tokens, {passes} passes, {tokens / max(passes, 1):.2f} tokens/pass, {tokens / decoding:.1f} "
-          f"tokens/s; load {load_s:.1f} s, compile {compiled.seconds:.1f} s, generate {decoding:.1f} s{where}")
+          f"tokens/s{occupancy}; load {load_s:.1f} s, compile {compiled.seconds:.1f} s, generate {decoding:.1f} s"
+          f"{where}")
     return 0
+
+
+def _slots(name: str, models: Models, config: DecoderConfig, prompts: list[list[int]], size: int) -> Slots | None:
+    """The decoder's compiled steps over `size` slots (continuous batching), or None for a decoder
+    decoded in fixed batches (dream, threshold, learn2pd)."""
+    if name == "apd":
+        return apd_slots(models.drafter, models.verifier, prompts, config, size, shared_vocab=models.shared_vocab)
+    if name == "leftright":
+        return leftright_slots(models.drafter, prompts, config, size)
+    if name == "ar":
+        return ar_slots(models.verifier, prompts, config, size)
+    return None
+
+
+class _InOrder:
+    """Prints finished records in input order: each as soon as every earlier prompt's has been printed."""
+
+    def __init__(self, verbose: bool) -> None:
+        self.waiting: dict[int, dict] = {}
+        self.next = 0
+        self.verbose = verbose
+
+    def __call__(self, records: list[dict]) -> None:
+        self.waiting.update((r["index"], r) for r in records)
+        ready = []
+        while self.next in self.waiting:
+            ready.append(self.waiting.pop(self.next))
+            self.next += 1
+        _print_batch(ready, None, verbose=self.verbose)
 
 
 def interrupted(args: argparse.Namespace) -> str:

@@ -27,7 +27,7 @@ from jax.sharding import Mesh
 from apd_jax.decoding import apd_steps as steps
 from apd_jax.decoding.apd_rule import APDConfig, APDKnobs, accepted_length, draft_tokens, shared_vocab_size  # noqa: F401
 from apd_jax.decoding.apd_steps import Spec, _Level, _level_index, live_view  # noqa: F401
-from apd_jax.decoding.continuous import DEFAULT_GROUP, Slots
+from apd_jax.decoding.continuous import Slots, default_group
 from apd_jax.decoding.generation import GenerationResult, InputTypeError, check_config, prepare
 from apd_jax.models.config import ModelConfig
 from apd_jax.models.model import Qwen2
@@ -93,7 +93,7 @@ def _slots_refill(graphs, params, state, slots, ids, lengths, budgets, knobs, ke
 
 
 @functools.partial(jax.jit, static_argnames=("graphs", "spec"), donate_argnames=("state",))
-def _slots_run(graphs, params, state, until, spec: Spec) -> steps.APDState:
+def _generate_slots(graphs, params, state, until, spec: Spec) -> steps.APDState:
     return steps.run(*_models(graphs, params, spec), state, spec, until)
 
 
@@ -102,30 +102,32 @@ def _slots_read(state: steps.APDState, spec: Spec):
     return *steps.outputs(state, spec), state.done
 
 
-def _slots(drafter, verifier, prompts, config: APDConfig, size: int, group: int, vocab: int, fixed_k: int) -> Slots:
+def _slots(drafter, verifier, prompts, config: APDConfig, size: int, group: int | None, vocab: int,
+           fixed_k: int) -> Slots:
     models = [m for m in (drafter, verifier) if m is not None]
     batch = prepare(config, prompts, None, *(m.cfg for m in models), vocab=vocab)
     spec = _spec(config, batch.ids.shape[1], vocab, drafter.cfg.mask_token_id, fixed_k)
     graphs, params = zip(*(nnx.split(m) for m in models))
     size = min(size, len(batch.lengths))
+    group = default_group(size) if group is None else min(group, size)
 
     def knobs(temperature, top_p, top_k) -> APDKnobs:
         return APDKnobs(jnp.asarray(temperature), jnp.asarray(top_p), jnp.asarray(top_k),
                         jnp.full(temperature.shape, config.R, jnp.float32))
 
     return Slots(
-        size=size, group=min(group, size), prompt_len=spec.prompt_len, max_new=spec.max_new, defaults=config,
+        size=size, group=group, prompt_len=spec.prompt_len, max_new=spec.max_new, defaults=config,
         knobs=knobs, pad_id=batch.pad_id,
         empty=lambda: _slots_empty(graphs, params, batch.eos, spec, size),
         refill=lambda state, *args: _slots_refill(graphs, params, state, *args, spec),
-        run=lambda state, until: _slots_run(graphs, params, state, jnp.int32(until), spec),
+        run=lambda state, until: _generate_slots(graphs, params, state, jnp.int32(until), spec),
         read=lambda state: jax.device_get(_slots_read(state, spec)),
         counts=lambda state: (int(state.steps), int(state.committed)),
     )
 
 
 def apd_slots(drafter: Qwen2, verifier: Qwen2, prompts: Sequence[Sequence[int]], config: APDConfig = APDConfig(),
-              size: int = 32, group: int = DEFAULT_GROUP, *, shared_vocab: int | None = None) -> Slots:
+              size: int = 32, group: int | None = None, *, shared_vocab: int | None = None) -> Slots:
     """APD's compiled steps over `size` slots for continuous batching (`continuous.decode`), shaped for
     `prompts` (every prompt checked; padded to their longest's bucket) and budgets up to max_new_tokens.
     A refilled row starts at lookahead M, so with adaptive lookahead the pass holding its first pass runs
@@ -137,7 +139,7 @@ def apd_slots(drafter: Qwen2, verifier: Qwen2, prompts: Sequence[Sequence[int]],
 
 
 def leftright_slots(drafter: Qwen2, prompts: Sequence[Sequence[int]], config: LeftRightConfig, size: int = 32,
-                    group: int = DEFAULT_GROUP) -> Slots:
+                    group: int | None = None) -> Slots:
     """Left-to-right K's compiled steps over `size` slots for continuous batching (as `apd_slots`)."""
     config = check_config(config, LeftRightConfig)
     if drafter.cfg.causal:

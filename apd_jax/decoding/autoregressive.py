@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from apd_jax.models.cache import KVCache
-from apd_jax.decoding.continuous import DEFAULT_GROUP, Slots
+from apd_jax.decoding.continuous import Slots, default_group
 from apd_jax.decoding.generation import DecoderConfig, GenerationResult, check_config, prepare
 from apd_jax.models.model import Qwen2
 from apd_jax.decoding.sampling import Knobs
@@ -161,7 +161,7 @@ def _slots_refill(graph, params, state, slots, ids, lengths, budgets, knobs, key
 
 
 @functools.partial(jax.jit, static_argnames=("graph",), donate_argnames=("state",))
-def _slots_run(graph, params, state, until) -> ARState:
+def _generate_slots(graph, params, state, until) -> ARState:
     return run(nnx.merge(graph, params), state, until)
 
 
@@ -171,7 +171,7 @@ def _slots_read(state: ARState):
 
 
 def ar_slots(model: Qwen2, prompts: Sequence[Sequence[int]], config: ARConfig = ARConfig(), size: int = 32,
-             group: int = DEFAULT_GROUP) -> Slots:
+             group: int | None = None) -> Slots:
     """AR's compiled steps over `size` slots for continuous batching (`continuous.decode`), shaped for
     `prompts` (every prompt checked; padded to their longest's bucket) and budgets up to max_new_tokens."""
     config = check_config(config, ARConfig)
@@ -181,12 +181,13 @@ def ar_slots(model: Qwen2, prompts: Sequence[Sequence[int]], config: ARConfig = 
     spec = Spec(batch.ids.shape[1], config.max_new_tokens)
     graph, params = nnx.split(model)
     size = min(size, len(batch.lengths))
+    group = default_group(size) if group is None else min(group, size)
     return Slots(
-        size=size, group=min(group, size), prompt_len=spec.prompt_len, max_new=spec.max_new, defaults=config,
+        size=size, group=group, prompt_len=spec.prompt_len, max_new=spec.max_new, defaults=config,
         knobs=lambda t, p, k: Knobs(jnp.asarray(t), jnp.asarray(p), jnp.asarray(k)), pad_id=batch.pad_id,
         empty=lambda: _slots_empty(graph, params, batch.eos, spec, size),
         refill=lambda state, *args: _slots_refill(graph, params, state, *args),
-        run=lambda state, until: _slots_run(graph, params, state, jnp.int32(until)),
+        run=lambda state, until: _generate_slots(graph, params, state, jnp.int32(until)),
         read=lambda state: jax.device_get(_slots_read(state)),
         counts=lambda state: (int(state.steps), int(state.committed)),
     )

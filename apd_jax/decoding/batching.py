@@ -1,16 +1,21 @@
-"""Prompts of any number, decoded in fixed-size batches and written as they finish.
+"""Prompts of any number, decoded and written as they finish.
 
-Every batch has the same shape (the last filled with copies of its first prompt, whose results
-are dropped), so a run compiles once per prompt-length bucket. With an output file F, each
-prompt's record (one JSON object a line) is appended in input order as its batch finishes, so
-an interrupted run keeps what it finished. The run is recorded beside it in F + RUN_SUFFIX
-before any model loads: run id, apd_jax version, the prompts' count and digest, and the
-settings that determine the records.
+Two ways to run them: continuous batching (`generate_continuously`: S slots, each taking the next
+prompt as its row ends, for the decoders with steps over per-row state) and fixed-size batches
+(`generate_in_batches`: every batch of one shape, the last filled with copies of its first prompt,
+whose results are dropped, so a run compiles once per prompt-length bucket). With an output file F,
+each prompt's record (one JSON object a line, carrying its prompt's index) is appended as it
+finishes: in the order rows end under continuous batching, in input order in batches. An
+interrupted run keeps what it finished. The run is recorded beside F in F + RUN_SUFFIX before any
+model loads: run id, apd_jax version, the prompts' count and digest, and the settings that
+determine the records.
 
-A new run refuses an existing F or run record, creates both before any work and removes them
-if it ends before its first record. A resumed run continues only an F with its run record and
-the same settings (each difference named); it drops bytes after the last newline only when
-they start the next expected record, and refuses any other line, leaving F as it is.
+A new run refuses an existing F or run record, creates both before any work and removes them if it
+ends before its first record. A resumed run continues only an F with its run record and the same
+settings (each difference named), and decodes the prompts whose records F does not hold (the set
+of indices it holds, in any order); it drops bytes after the last newline only when they start a
+record still to come, and refuses any other line (one that is no record of this input, or a
+record twice), leaving F as it is.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from apd_jax.decoding import continuous
+from apd_jax.decoding.continuous import Finished, Request, Slots, Usage
 from apd_jax.decoding.generation import GenerationResult
 from apd_jax.utils.progress import terminal_progress
 from apd_jax.utils.runtime import package_version
@@ -38,10 +45,16 @@ T = TypeVar("T")
 
 def record(index: int, prompt: str, result: GenerationResult, row: int, decode: Callable[[list[int]], str]) -> dict:
     """One output line: the prompt, its text and ids, and what the decoder did for it."""
-    ids = result.sequences()[row]
-    counts = result.accepted_per_pass(row)
-    return {"index": index, "prompt": prompt, "text": decode(ids), "ids": ids, "passes": len(counts),
-            "accepted_per_pass": counts, "stopped_at_eos": bool(result.stopped_at_eos[row])}
+    ids = result.tokens[row, : result.lengths[row]].tolist()
+    return finished_record(Finished(index, ids, result.accepted_per_pass(row), bool(result.stopped_at_eos[row])),
+                           prompt, decode)
+
+
+def finished_record(f: Finished, prompt: str, decode: Callable[[list[int]], str]) -> dict:
+    """One output line of a finished row: index and prompt first (`record_start`), its text and ids, and
+    what the decoder did for it."""
+    return {"index": f.index, "prompt": prompt, "text": decode(f.ids), "ids": f.ids, "passes": len(f.accepted),
+            "accepted_per_pass": f.accepted, "stopped_at_eos": f.stopped_at_eos}
 
 
 def record_start(index: int, prompt: str) -> bytes:
@@ -69,34 +82,46 @@ def differences(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:
             if recorded.get(k, ...) != now.get(k, ...)]
 
 
-def completed_records(output: Path, prompts: Sequence[str]) -> tuple[int, int]:
-    """(records, bytes): how many leading prompts `output` already holds, and the bytes those lines take.
+def completed_records(output: Path, prompts: Sequence[str]) -> tuple[frozenset[int], int]:
+    """(indices, bytes): the prompts whose records `output` already holds, and the bytes those lines take.
 
-    Bytes after the last newline count as the next record cut by an interruption only when they are the
-    start of that record or begin with it; anything else, and a complete line that is not the expected
-    record, is an error: the file holds what this run did not write.
+    Bytes after the last newline count as a record cut by an interruption only when they are the start of
+    a record still to come or begin with one; anything else, and a complete line that is not a record of
+    these prompts (or repeats one), is an error: the file holds what this run did not write.
     """
-    done, keep = 0, 0
+    done: set[int] = set()
+    keep = 0
     with output.open("rb") as f:
-        for line in f:
+        for number, line in enumerate(f, 1):
             if not line.endswith(b"\n"):
-                head = record_start(done, prompts[done]) if done < len(prompts) else None
-                if head is not None and (head.startswith(line) or line.startswith(head)):
-                    break  # the record an interruption cut short (or cut its newline off): written again
-                raise ValueError(f"{output}: line {done + 1} ({line[:40].decode(errors='replace')!r}) is not "
-                                 f"{'record ' + str(done) if head else 'a record'} of this run; apd-jax leaves the "
-                                 "file as it is: remove that line to resume, or choose another --output")
+                if any(_starts_record(line, i, prompts[i]) for i in range(len(prompts)) if i not in done):
+                    break  # a record an interruption cut short (or cut its newline off): written again
+                raise ValueError(f"{output}: line {number} ({line[:40].decode(errors='replace')!r}) is not a record "
+                                 "of this run; apd-jax leaves the file as it is: remove that line to resume, or "
+                                 "choose another --output")
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
-                raise ValueError(f"{output}: line {done + 1} is not JSON; it is not an apd-jax output file, "
+                raise ValueError(f"{output}: line {number} is not JSON; it is not an apd-jax output file, "
                                  "or was edited: pass another --output") from None
-            if (done >= len(prompts) or not isinstance(rec, dict) or rec.get("index") != done
-                    or rec.get("prompt") != prompts[done]):
-                raise ValueError(f"{output}: record {done} does not match prompt {done} of this input; it was "
-                                 "written for other prompts or edited: choose another --output")
-            done, keep = done + 1, keep + len(line)
-    return done, keep
+            index = rec.get("index") if isinstance(rec, dict) else None
+            if type(index) is not int or not 0 <= index < len(prompts) or rec.get("prompt") != prompts[index]:
+                shown = f"record {index} does not match prompt {index}" if type(index) is int else \
+                    "is not a record"
+                raise ValueError(f"{output}: line {number}: {shown} of this input; it was written for other "
+                                 "prompts or edited: choose another --output")
+            if index in done:
+                raise ValueError(f"{output}: line {number} repeats record {index}; the file was edited: choose "
+                                 "another --output")
+            done.add(index)
+            keep += len(line)
+    return frozenset(done), keep
+
+
+def _starts_record(line: bytes, index: int, prompt: str) -> bool:
+    """Whether `line` is the start of record `index`, or a record that begins as it does (its newline cut)."""
+    head = record_start(index, prompt)
+    return head.startswith(line) or line.startswith(head)
 
 
 @dataclasses.dataclass
@@ -105,7 +130,7 @@ class RunOutput:
     ends by an exception before its first record removes the files it created."""
 
     path: Path
-    start: int  # records the file held when the run opened it
+    done: frozenset[int]  # the prompts whose records the file held when the run opened it
     created: bool  # this run created the file and its run record
     written: int = 0  # records this run appended
 
@@ -157,7 +182,7 @@ def open_output(output: Path, prompts: Sequence[str], settings: dict[str, Any], 
     except BaseException:
         output.unlink()
         raise
-    return RunOutput(output, start=0, created=True)
+    return RunOutput(output, done=frozenset(), created=True)
 
 
 def _create(path: Path, text: str) -> None:
@@ -192,7 +217,7 @@ def _reopen(output: Path, prompts: Sequence[str], identity: dict[str, Any]) -> R
     done, keep = completed_records(output, prompts)
     with output.open("r+b") as f:  # opened for writing before any work, even when there is nothing to cut
         f.truncate(keep)
-    return RunOutput(output, start=done, created=False)
+    return RunOutput(output, done=done, created=False)
 
 
 def kept_records(output: Path) -> tuple[int, int] | None:
@@ -244,14 +269,16 @@ def generate_in_batches(
     `generate(rows, first)` maps a list of batch_size id lists, the first of them prompt number
     `first`, to a GenerationResult (a sampling decoder can derive the batch's key from `first`,
     so a resumed run draws what an uninterrupted one would). With `output` (from open_output),
-    the prompts after those it holds are decoded and their records appended to it.
+    the prompts whose records it does not hold are decoded and their records appended to it.
     """
     if len(prompts) != len(prompt_ids):
         raise ValueError(f"{len(prompts)} prompts but {len(prompt_ids)} id lists")
-    start = 0 if output is None else output.start
+    done = frozenset() if output is None else output.done
+    pending = [i for i in range(len(prompts)) if i not in done]
     records: list[dict] = []
-    with _progress(len(prompts), start, enabled=progress) as advance:
-        for idx, rows in padded_batches(prompt_ids, batch_size, start):
+    with _progress(len(prompts), len(done), enabled=progress) as advance:
+        for places, rows in padded_batches([prompt_ids[i] for i in pending], batch_size):
+            idx = [pending[p] for p in places]
             result = generate([list(r) for r in rows], idx[0])
             new = [record(i, prompts[i], result, r, decode) for r, i in enumerate(idx)]
             if output is not None:
@@ -261,6 +288,42 @@ def generate_in_batches(
                 on_batch(new, result)
             advance(len(new))
     return records
+
+
+def generate_continuously(
+    prompts: Sequence[str],
+    requests: Sequence[Request],
+    slots: Slots,
+    key: Any,
+    decode: Callable[[list[int]], str],
+    *,
+    output: RunOutput | None = None,
+    progress: bool = True,
+    on_records: Callable[[list[dict]], Any] | None = None,
+) -> tuple[list[dict], Usage]:
+    """Decode every request through the slots (continuous batching, `continuous.decode`); the records of
+    the prompts decoded in this call, in the order they finished, and the run's slot usage.
+
+    requests[i] is prompt i (`index` i); each request's noise comes from its seed or from fold_in(key, i),
+    so a resumed run draws what an uninterrupted one would. With `output`, the prompts whose records it
+    does not hold are decoded and each round's records appended to it as they finish.
+    """
+    if len(prompts) != len(requests):
+        raise ValueError(f"{len(prompts)} prompts but {len(requests)} requests")
+    done = frozenset() if output is None else output.done
+    records: list[dict] = []
+    with _progress(len(prompts), len(done), enabled=progress) as advance:
+        def finished(ended: list[Finished]) -> None:
+            new = [finished_record(f, prompts[f.index], decode) for f in ended]
+            if output is not None and new:
+                output.append(new)
+            records.extend(new)
+            if on_records is not None:
+                on_records(new)
+            advance(len(new))
+
+        usage = continuous.decode(slots, [r for r in requests if r.index not in done], key, finished)
+    return records, usage
 
 
 def _progress(total: int, done: int, enabled: bool) -> contextlib.AbstractContextManager[Callable[[int], None]]:

@@ -27,7 +27,12 @@ import numpy as np
 from apd_jax.decoding.generation import GenerationResult, knob_problems, row_keys
 from apd_jax.decoding.sampling import Knobs
 
-DEFAULT_GROUP = 8  # slots refilled at once: their prefill and first pass are shared (`Slots.group`)
+
+
+def default_group(size: int) -> int:
+    """Slots refilled at once (`Slots.group`), a quarter of them: a group's prefill and first pass are
+    shared, and the loop returns to the host only once that many rows are done."""
+    return max(1, size // 4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,9 +122,9 @@ def check_request(request: Request, slots: Slots, where: str) -> None:
 
 
 def decode(slots: Slots, requests: Sequence[Request], key: jax.Array,
-           on_finished: Callable[[Finished], None]) -> Usage:
-    """Decode every request through the slots, calling `on_finished` for each as its row ends (in the
-    order rows end, not the order of `requests`)."""
+           on_finished: Callable[[list[Finished]], None]) -> Usage:
+    """Decode every request through the slots, calling `on_finished` with the rows that ended at each
+    return of the compiled loop (in the order rows end, not the order of `requests`)."""
     queue = collections.deque(range(len(requests)))
     keys = request_keys(key, requests) if requests else None
     holder = [-1] * slots.size  # the request each slot decodes, -1 when free
@@ -137,12 +142,11 @@ def decode(slots: Slots, requests: Sequence[Request], key: jax.Array,
             break
         state = slots.run(state, min(len(free) + slots.group, slots.size))
         tokens, lengths, accepted, eos_hit, done = slots.read(state)
-        for s in np.flatnonzero(done):
-            if holder[s] >= 0:
-                counts = accepted[s][accepted[s] > 0].tolist()
-                on_finished(Finished(requests[holder[s]].index, tokens[s, : lengths[s]].tolist(), counts,
-                                     bool(eos_hit[s])))
-                holder[s] = -1
+        ended = [s for s in np.flatnonzero(done) if holder[s] >= 0]
+        on_finished([Finished(requests[holder[s]].index, tokens[s, : lengths[s]].tolist(),
+                              accepted[s][accepted[s] > 0].tolist(), bool(eos_hit[s])) for s in ended])
+        for s in ended:
+            holder[s] = -1
     usage.passes, usage.committed = slots.counts(state)
     return usage
 
@@ -167,7 +171,7 @@ def generate(slots: Slots, requests: Sequence[Request], key: jax.Array) -> tuple
     """Every request decoded through the slots, as one GenerationResult in the order of `requests`
     (passes: the loop iterations of the whole run)."""
     found: dict[int, Finished] = {}
-    usage = decode(slots, requests, key, lambda f: found.__setitem__(f.index, f))
+    usage = decode(slots, requests, key, lambda ended: found.update((f.index, f) for f in ended))
     n = len(requests)
     tokens = np.full((n, slots.max_new), slots.pad_id, np.int32)
     accepted = np.zeros((n, slots.max_new), np.int32)
