@@ -39,7 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "(llada); the tokenizer is trained first whenever OUT/tokenizer is missing")
     p.add_argument("--retrain-tokenizer", action="store_true", help="retrain OUT/tokenizer even if present")
     p.add_argument("--seed", type=seed, default=DRAFTER.seed,
-                   help="drafter seed; the verifier takes seed + 1, the LLaDA model seed + 2")
+                   help="drafter and LLaDA model seed; the verifier takes seed + 1")
     g = p.add_argument_group("optimisation (every model alike, unless --verifier-* or --llada-* says otherwise; "
                              "the LLaDA model takes the drafter's --dropout)")
     g.add_argument("--steps", type=positive_int, default=DRAFTER.steps, help="drafter optimiser steps")
@@ -114,8 +114,7 @@ def settings_from_args(args: argparse.Namespace) -> PipelineSettings:
     verifier_lr = args.lr if args.verifier_lr is None else args.verifier_lr
     verifier_train = TrainSettings(steps=args.verifier_steps, lr=verifier_lr, dropout=args.verifier_dropout,
                                    **(common | {"seed": args.seed + 1}))
-    llada_train = TrainSettings(steps=args.llada_steps, lr=args.lr, dropout=args.dropout,
-                                **(common | {"seed": args.seed + 2}))
+    llada_train = TrainSettings(steps=args.llada_steps, lr=args.lr, dropout=args.dropout, **common)
     for name, t in (("drafter", drafter_train), ("verifier", verifier_train), ("LLaDA model", llada_train)):
         try:
             t.validate()

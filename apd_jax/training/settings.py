@@ -78,7 +78,7 @@ class PipelineSettings:
     # The verifier overfits the stdlib without dropout; the drafter's masking is its noise.
     verifier_train: TrainSettings = TrainSettings(steps=8000, seed=1, dropout=0.15)
     llada: ModelSize = LLADA_SIZE
-    llada_train: TrainSettings = TrainSettings(steps=2000, seed=2)
+    llada_train: TrainSettings = TrainSettings(steps=2000)
     param_dtype: str = "float32"
     dtype: str = "auto"  # compute dtype; auto: bfloat16 on accelerators, float32 on CPU
     storage_dtype: str = "bfloat16"
