@@ -108,11 +108,42 @@ def test_bad_cache_settings_are_named(settings, message):
         settings.validate()
 
 
+def dream_answers(torch_dream, prompt, threshold, cache):
+    from apd_jax.bench.torch_reference.fastdllm_dream import fastdllm_dream_generate
+
+    return fastdllm_dream_generate(torch_dream, prompt, max_new_tokens=N, steps=STEPS, block_length=BLOCK,
+                                   threshold=threshold, dual_cache=cache == "dual", mask_token_id=330)
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+@pytest.mark.parametrize("threshold", [None, 0.1])
+def test_dream_ragged_rows_equal_fastdllm_dream_rows_alone(dream, torch_dream, threshold, cache):
+    """Fast-dLLM's Dream block decoding (the block's first pass commits its first position; then the
+    entropy schedule or the threshold; top_k 50), each row of a ragged batch as the reference alone."""
+    from apd_jax.decoding.blocks.dream import DreamBlockConfig, dream_block_generate
+
+    prompts = [np.random.default_rng(5).integers(0, 300, n).tolist() for n in (7, 13, 20)]
+    settings = DreamBlockConfig(max_new_tokens=N, steps=STEPS, block_length=BLOCK, threshold=threshold, cache=cache,
+                                eos_token_ids=())
+    got = dream_block_generate(dream, prompts, settings)
+    other = "dual" if cache == "prefix" else "prefix"
+    for b, prompt in enumerate(prompts):
+        assert got.tokens[b].tolist() == dream_answers(torch_dream, prompt, threshold, cache)
+    # The two caches give different answers somewhere: the comparison tells them apart.
+    assert any(dream_answers(torch_dream, p, threshold, cache) != dream_answers(torch_dream, p, threshold, other)
+               for p in prompts)
+    if threshold is None:
+        assert got.row_passes().tolist() == [STEPS] * 3
+    else:
+        assert got.row_passes().max() < N // 2  # several tokens a pass
+
+
 def test_a_shifted_family_is_refused_a_cache():
-    """Dream predicts position i from output i - 1, outside a window that starts at i."""
+    """Dream predicts position i from output i - 1, outside a window that starts at i: only the rule
+    that commits each block's first position in its refresh decodes Dream on a cache."""
     cfg = ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
                       num_kv_heads=1, head_dim=8, family=DREAM, mask_token_id=63, eos_token_ids=(1,))
-    with pytest.raises(ValueError, match="cache='prefix' runs LLaDA"):
+    with pytest.raises(ValueError, match="cache=.prefix. runs a dream model only with Fast-dLLM.s Dream rule"):
         threshold_generate(abstract_model(cfg), [[1, 2]], ThresholdConfig(max_new_tokens=4, cache="prefix"))
 
 

@@ -225,9 +225,8 @@ def bench_canvas(model: Qwen2, cfg: LLaDAConfig | ThresholdConfig, batch: int, p
     """LLaDA's block decoder (LLaDAConfig) or threshold decoding (ThresholdConfig) of a diffusion model.
     Without a cache every pass runs the whole sequence, prompt and answer, through the model; with
     one (cfg.cache) a block's first pass does (a refresh) and its later passes run a window: the
-    block (dual), or on average half the answer past the block's start, (N + block) / 2 positions
-    (prefix, what Fast-dLLM's shrinking window needs). The bound is the passes' mean, one refresh per
-    block and row in step."""
+    block (dual), or the answer from the block's start, (N + block) / 2 positions on average
+    (prefix). The bound is the passes' mean, with one refresh per block and the rows in step."""
     prompts = random_prompts([model.cfg], batch, prompt_len)
     layers, head = matmul_params(model.cfg)
     guided = 2 if getattr(cfg, "cfg_scale", 0) > 0 else 1  # guidance runs a second, prompt-masked row

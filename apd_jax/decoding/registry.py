@@ -16,6 +16,7 @@ from jax.sharding import Mesh
 from apd_jax.decoding.apd import APDConfig, LeftRightConfig, apd_generate, leftright_generate
 from apd_jax.decoding.autoregressive import ARConfig, ar_generate
 from apd_jax.decoding.blocks import LLaDAConfig, llada_generate
+from apd_jax.decoding.blocks.dream import DreamBlockConfig, dream_block_generate
 from apd_jax.decoding.diffusion import DiffusionConfig, ThresholdConfig, diffusion_generate, threshold_generate
 from apd_jax.decoding.generation import DecoderConfig, GenerationResult, capacity, check_config
 from apd_jax.decoding.learn2pd import Filter, Learn2PDConfig, learn2pd_generate
@@ -97,6 +98,9 @@ DECODERS: dict[str, Decoder] = {d.name: d for d in (
             lambda m, p, s, key: ar_generate(m.verifier, p, s, key), ("verifier",)),
     Decoder("dream", "Dream's own diffusion sampler over a fixed number of steps", DiffusionConfig,
             lambda m, p, s, key: diffusion_generate(m.drafter, p, s, key), ("drafter",)),
+    Decoder("dream-block", "Fast-dLLM's Dream: blocks left to right on its dual (or prefix) KV cache, a block's "
+            "first pass its first token, then a threshold or Dream's schedule", DreamBlockConfig,
+            lambda m, p, s, key: dream_block_generate(m.drafter, p, s, key), ("drafter",)),
     Decoder("threshold", "commit every prediction whose probability exceeds a threshold (in blocks, with "
             "Fast-dLLM's prefix or dual KV cache on LLaDA)", ThresholdConfig,
             lambda m, p, s, key: threshold_generate(m.drafter, p, s, key), ("drafter",)),

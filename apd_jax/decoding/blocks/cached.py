@@ -9,9 +9,21 @@ on that cache.
   and to its own K/V, written over the block's in the cache each pass (Fast-dLLM's
   generate_with_dual_cache and its replace_position), a fixed-shape update.
 
+The rules are the loop's own, as without a cache; the window passes' candidates are the masked
+positions of the row's current block only. Against Fast-dLLM's samplers (equal token for token in
+tests/test_block_cache.py): its threshold rule keeps confidence >= threshold, apd_jax's >
+(ThresholdConfig: 1.0 stays one token per pass); they differ only where a float32 probability
+equals the threshold exactly. apd_jax's threshold rule never predicts the mask token, Fast-dLLM's
+may (a position predicting it stays masked, and its loop stays in that block until the position
+predicts another token; with LLaDA's rule, past the block's steps it fails). Confidences are
+float32 probabilities, Fast-dLLM's float64 (from the same float32 logits). A block whose first pass
+commits all of it is done; Fast-dLLM runs one more (empty) pass there. Fast-dLLM's dynamic threshold
+(`factor`) is not in the published code these tests run (NVlabs/Fast-dLLM 24cc59e), so not here.
+
 Fixed shapes: the cache holds the whole canvas for every row ([B, P + N] positions), each row's
-window starts at its own block; the prefix window is max_new_tokens wide for every row (the part
-past a row's end is padding, its K/V written beyond the row's end or dropped, never attended to).
+window starts at its own block. The prefix window has one compiled width per block, N - k * block,
+the pass taking the widest its rows need (k the lowest block of a row in a window pass); what lies
+past a row's end is padding, its K/V written beyond the row's end or dropped, never attended to.
 Rows refresh at different passes: a pass runs the window forward when any running row is past its
 block's first pass and the full forward when any running row is at it, each row keeping its own
 (one forward in most passes; both only where rows of a ragged batch are at different steps).
@@ -33,25 +45,30 @@ def cache_problems(cache: str) -> list[str]:
     return [] if cache in CACHE_MODES else [f"cache={cache!r}: use one of {CACHE_MODES}"]
 
 
-def check_cacheable(model: Qwen2, cache: str, guided: bool) -> None:
-    """Refuse what the cached forwards do not run: a shifted family (Dream predicts position i from
-    output i - 1, outside a window starting at i) and classifier-free guidance (Fast-dLLM's cached
-    samplers have none)."""
+def check_cacheable(model: Qwen2, cache: str, guided: bool, block_start_first: bool) -> None:
+    """Refuse what the cached forwards do not run: classifier-free guidance (Fast-dLLM's cached
+    samplers have none), and a shifted family (Dream) under a rule that does not commit each block's
+    first position in the block's first pass (`block_start_first`): a window reads Dream's outputs
+    shifted within itself, as Fast-dLLM's Dream code does, so its first position's prediction there
+    is its own output, not the one before it."""
     if cache_problems(cache):
         raise ValueError(cache_problems(cache)[0])
     if cache == "none":
         return
-    if model.cfg.family.shift:
-        raise ValueError(f"cache={cache!r} runs LLaDA (unshifted) models; a {model.cfg.model_type} model decodes "
-                         "with cache='none'")
+    if model.cfg.family.shift and not block_start_first:
+        raise ValueError(f"cache={cache!r} runs a {model.cfg.model_type} model only with Fast-dLLM's Dream rule "
+                         "(--decoder dream-block, DreamBlockConfig); this rule decodes it with cache='none'")
     if guided:
         raise ValueError(f"cache={cache!r} does not run classifier-free guidance (as Fast-dLLM's cached samplers); "
                          "use cfg_scale=0 or cache='none'")
 
 
-def window_width(cache: str, block_length: int, max_new: int) -> int:
-    """Positions of a cached pass's window: the block (dual), or the answer's width (prefix)."""
-    return block_length if cache == "dual" else max_new
+def window_widths(cache: str, block_length: int, max_new: int) -> tuple[int, ...]:
+    """The widths a cached pass's window is compiled at: the block (dual); the answer from block k's
+    start, N - k * block_length for each block k (prefix)."""
+    if cache == "dual":
+        return (block_length,)
+    return tuple(max_new - k * block_length for k in range(max_new // block_length))
 
 
 def _window(model: Qwen2, canvas: jax.Array, cache: KVCache, prompt_lens: jax.Array, block_start: jax.Array,
@@ -64,7 +81,7 @@ def _window(model: Qwen2, canvas: jax.Array, cache: KVCache, prompt_lens: jax.Ar
     cols = start[:, None] + jnp.arange(width)
     tokens = jnp.take_along_axis(canvas, jnp.minimum(cols, canvas.shape[1] - 1), axis=1)
     hidden, cache = model(tokens, start=start, valid=jnp.maximum(end - start, 0), cache=cache)
-    logits = model.logits(hidden)
+    logits = model.logits(model.aligned(hidden))
     rows = jnp.arange(b)[:, None]
     placed = jnp.zeros((b, n, logits.shape[-1]), logits.dtype)
     return placed.at[rows, block_start[:, None] + jnp.arange(width)].set(logits, mode="drop"), cache
@@ -78,20 +95,22 @@ def _keep_rows(rows: jax.Array, new: KVCache, old: KVCache) -> KVCache:
 
 
 def cached_logits(model: Qwen2, canvas: jax.Array, cache: KVCache, prompt_lens: jax.Array, end: jax.Array,
-                  block_start: jax.Array, refresh: jax.Array, reuse: jax.Array, width: int,
-                  n: int) -> tuple[jax.Array, KVCache]:
+                  block: jax.Array, block_start: jax.Array, refresh: jax.Array, reuse: jax.Array,
+                  widths: tuple[int, ...], n: int) -> tuple[jax.Array, KVCache]:
     """One pass's logits [B, N, V] of the generated positions and the cache after it: rows flagged in
     `refresh` [B] from the whole canvas, their cache rewritten; rows in `reuse` [B] from their
-    window of `width` positions (window_width) on their cache."""
+    window on their cache, as wide as the lowest `block` [B] among them needs (window_widths)."""
     b, vocab = canvas.shape[0], model.cfg.vocab_size
-
-    def window(c: KVCache):
-        return _window(model, canvas, c, prompt_lens, block_start, end, width, n)
 
     def skip(c: KVCache):
         return jnp.zeros((b, n, vocab), jnp.float32), c
 
-    logits, cache = jax.lax.cond(jnp.any(reuse), window, skip, cache)
+    def window(width: int):
+        return lambda c: _window(model, canvas, c, prompt_lens, block_start, end, width, n)
+
+    lowest = jnp.min(jnp.where(reuse, block, len(widths) - 1))
+    branch = jnp.where(jnp.any(reuse), 1 + jnp.minimum(lowest, len(widths) - 1), 0)
+    logits, cache = jax.lax.switch(branch, [skip, *map(window, widths)], cache)
 
     def full(c: KVCache):
         hidden, fresh = model(canvas, valid=end, cache=c)

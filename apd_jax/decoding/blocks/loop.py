@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from apd_jax.decoding.blocks.cached import cached_logits, check_cacheable, window_width
+from apd_jax.decoding.blocks.cached import cached_logits, check_cacheable, window_widths
 from apd_jax.decoding.generation import Batch, DecoderConfig, GenerationResult, prepare
 from apd_jax.models.cache import KVCache
 from apd_jax.models.model import Qwen2
@@ -134,6 +134,7 @@ class View:
     passes: jax.Array  # scalar: passes run before this one
     gen: jax.Array  # [B, N]: the answer so far, masks where not committed
     candidates: jax.Array  # [B, N] bool: masked positions up to the end of the row's current block
+    block_start: jax.Array  # [B] int: the first position of the row's current block
     step: jax.Array  # [B] int: passes the row has run in its current block
     limit: jax.Array  # [B] int: positions the row decodes (padding after)
     eos: jax.Array  # [E]: the stop ids
@@ -193,10 +194,10 @@ def canvas_outputs(state: CanvasState, eos: jax.Array):
     return state.gen, jnp.where(hit, first_eos + 1, n), state.accepted, hit, state.passes
 
 
-@functools.partial(jax.jit, static_argnames=("graphs", "max_new", "mask_id", "pad_id", "bound", "guided", "window"))
+@functools.partial(jax.jit, static_argnames=("graphs", "max_new", "mask_id", "pad_id", "bound", "guided", "widths"))
 def _decode(graphs, params, prompts, prompt_lens, eos, key, block_length, cfg_scale, *, max_new: int, mask_id: int,
-            pad_id: int, bound: int, guided: bool, window: int | None):
-    """The loop; `window`: the width of a cached pass's window (blocks.cached), None without a cache."""
+            pad_id: int, bound: int, guided: bool, widths: tuple[int, ...] | None):
+    """The loop; `widths`: those of a cached pass's window (blocks.cached), None without a cache."""
     model = nnx.merge(graphs[0], params[0])
     j = jnp.arange(max_new)
     num_blocks = max_new // block_length
@@ -214,16 +215,16 @@ def _decode(graphs, params, prompts, prompt_lens, eos, key, block_length, cfg_sc
         block_start = state.block * block_length
         candidates = (gen == mask_id) & (j < block_start[:, None] + block_length) & running[:, None]
         cache = state.cache
-        if window is None:
+        if widths is None:
             logits = canvas_logits(model, prompts, prompt_lens, gen, end, mask_id, cfg_scale if guided else None)
         else:
             refresh = running & (state.step == 0)
             canvas = build_canvas(prompts, prompt_lens, gen)
-            logits, cache = cached_logits(model, canvas, cache, prompt_lens, end, block_start, refresh,
-                                          running & ~refresh, window, max_new)
+            logits, cache = cached_logits(model, canvas, cache, prompt_lens, end, state.block, block_start, refresh,
+                                          running & ~refresh, widths, max_new)
             candidates &= refresh[:, None] | (j >= block_start[:, None])
         rule = nnx.merge(graphs[1], state.rule)
-        commit = rule(logits, rule_key, View(i, gen, candidates, state.step, state.limit, eos))
+        commit = rule(logits, rule_key, View(i, gen, candidates, block_start, state.step, state.limit, eos))
         new = jnp.where(commit.transfer & candidates, commit.tokens, gen)
         new = jnp.where(j < commit.limit[:, None], new, pad_id)
         # A position predicting the mask stays masked (Dream's and LLaDA's published loops allow it).
@@ -235,7 +236,7 @@ def _decode(graphs, params, prompts, prompt_lens, eos, key, block_length, cfg_sc
         )
 
     b = prompts.shape[0]
-    cache = None if window is None else KVCache.zeros(model.cfg, b, prompts.shape[1] + max_new)
+    cache = None if widths is None else KVCache.zeros(model.cfg, b, prompts.shape[1] + max_new)
     start = CanvasState.start(b, max_new, bound, mask_id, key, params[1], cache)
     state = jax.lax.while_loop(cond, body, start)
     return canvas_outputs(state, eos), state.rule
@@ -257,13 +258,13 @@ def decode_blocks(
     at most `bound` passes: the result (`accepted[b, i]` counts the tokens row b committed in pass
     i) and the rule as the loop left it. cfg_scale > 0 adds LLaDA's guidance (two rows per row).
     cache: "none" (every pass over the whole canvas), "prefix" or "dual" (blocks.cached)."""
-    check_cacheable(model, cache, cfg_scale > 0)
+    check_cacheable(model, cache, cfg_scale > 0, getattr(rule, "commits_block_start_first", False))
     batch = prepare_canvas(model, config, prompts, key)
     graphs, params = zip(nnx.split(model), nnx.split(rule))
     outputs, rule_state = _decode(
         graphs, params, jnp.asarray(batch.ids), jnp.asarray(batch.lengths), batch.eos, batch.key,
         jnp.int32(block_length), jnp.float32(cfg_scale), max_new=config.max_new_tokens,
         mask_id=model.cfg.mask_token_id, pad_id=batch.pad_id, bound=bound, guided=cfg_scale > 0,
-        window=None if cache == "none" else window_width(cache, block_length, config.max_new_tokens),
+        widths=None if cache == "none" else window_widths(cache, block_length, config.max_new_tokens),
     )
     return batch.finish(*outputs), nnx.merge(graphs[1], rule_state)
