@@ -106,10 +106,9 @@ def completed_records(output: Path, prompts: Sequence[str]) -> tuple[frozenset[i
                                  "or was edited: pass another --output") from None
             index = rec.get("index") if isinstance(rec, dict) else None
             if type(index) is not int or not 0 <= index < len(prompts) or rec.get("prompt") != prompts[index]:
-                shown = f"record {index} does not match prompt {index}" if type(index) is int else \
-                    "is not a record"
-                raise ValueError(f"{output}: line {number}: {shown} of this input; it was written for other "
-                                 "prompts or edited: choose another --output")
+                what = f": record {index} does not match prompt {index}" if type(index) is int else " is not a record"
+                raise ValueError(f"{output}: line {number}{what} of this input; it was written for other prompts or "
+                                 "edited: choose another --output")
             if index in done:
                 raise ValueError(f"{output}: line {number} repeats record {index}; the file was edited: choose "
                                  "another --output")
