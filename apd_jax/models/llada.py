@@ -119,12 +119,11 @@ def read(cfg: dict) -> dict[str, Any]:
 
 def write(cfg: Any, storage_dtype: str) -> tuple[dict, dict]:
     """LLaDA's config.json (every field the published code reads that apd_jax fixes, written out)
-    and generation_config.json."""
+    and generation_config.json. No auto_map: a directory apd_jax writes holds no modeling code for
+    transformers' trust_remote_code to import (a converted one copies its source's config and code)."""
     config = {
         "model_type": "llada",
         "architectures": ["LLaDAModelLM"],
-        "auto_map": {"AutoConfig": "configuration_llada.LLaDAConfig", "AutoModel": "modeling_llada.LLaDAModelLM",
-                     "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM"},
         "d_model": cfg.hidden_size,
         "n_heads": cfg.num_heads,
         "n_kv_heads": cfg.num_kv_heads,
