@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import hashlib
+import json
 import sys
 import time
 from pathlib import Path
@@ -22,7 +24,7 @@ from apd_jax.decoding.apd import APDConfig, apd_generate, apd_slots, leftright_s
 from apd_jax.decoding.autoregressive import ar_slots
 from apd_jax.decoding.batching import DEFAULT_BATCH_SIZE, RUN_SUFFIX, RunOutput, generate_continuously
 from apd_jax.decoding.batching import generate_in_batches, kept_records, open_output
-from apd_jax.decoding.continuous import Request, Slots
+from apd_jax.decoding.continuous import Request, Slots, check_request
 from apd_jax.text.chat import chat_prompt_ids, has_chat_template, stop_token_ids
 from apd_jax.text.chat import messages as chat_messages
 from apd_jax.checkpoints import load_model, load_tokenizer
@@ -41,7 +43,7 @@ from apd_jax.decoding.diffusion import ALGORITHMS
 from apd_jax.decoding.generation import CompileTimer, DecoderConfig, check_prompts
 from apd_jax.decoding.learn2pd import load_filter
 from apd_jax.models.model import Qwen2, init_model
-from apd_jax.text.prompts import parse_ids, read_prompt_lines
+from apd_jax.text.prompts import is_request_file, parse_ids, read_prompt_lines, read_requests
 from apd_jax.models.sharding import make_mesh, parse_mesh, shard_model
 
 
@@ -51,7 +53,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("prompt", nargs="?",
                    help="prompt text; with --ids, space-separated ids (default: read stdin)")
     p.add_argument("--prompts-file", type=user_path,
-                   help="one prompt per line, `\\n` for a newline; decoded --batch-size at a time (default: none)")
+                   help="one prompt per line, `\\n` for a newline; or a .jsonl request file, one JSON object a line: "
+                        '{"prompt": ..., and any of its own "max_new_tokens" (up to --max-new-tokens), "temperature", '
+                        '"top_p", "top_k", "seed"}; decoded --batch-size at a time (default: none)')
     p.add_argument("--ids", action="store_true", help="prompts are token ids, not text")
     add_pair_options(p)
     p.add_argument("--random-tiny", action="store_true",
@@ -116,20 +120,26 @@ def settings(args: argparse.Namespace) -> DecoderConfig:
     return config
 
 
-def _prompts(args: argparse.Namespace) -> tuple[list[str], list[str]]:
-    """(prompt texts, where each came from: 'prompts file F line N', for errors found later)."""
+def _prompts(args: argparse.Namespace) -> tuple[list[str], list[str], list[dict[str, Any]]]:
+    """(prompt texts, where each came from: 'prompts file F line N', for errors found later, and each
+    prompt's own settings: those a request file's line sets, else none)."""
     if args.prompts_file is not None:
         if args.prompt is not None:
             raise ValueError(f"give a prompt or --prompts-file, not both (the prompt {args.prompt[:40]!r} and "
                              f"--prompts-file {args.prompts_file})")
+        if is_request_file(args.prompts_file):
+            requests = read_requests(args.prompts_file)
+            return ([r.prompt for r in requests], [f"prompts file {args.prompts_file} line {r.line}" for r in requests],
+                    [r.settings for r in requests])
         lines = read_prompt_lines(args.prompts_file)
-        return [text for _, text in lines], [f"prompts file {args.prompts_file} line {n}" for n, _ in lines]
+        return ([text for _, text in lines], [f"prompts file {args.prompts_file} line {n}" for n, _ in lines],
+                [{} for _ in lines])
     if args.prompt is not None:
-        return [args.prompt], ["the prompt"]
+        return [args.prompt], ["the prompt"], [{}]
     if sys.stdin.isatty():
         print("apd-jax generate: reading the prompt from stdin (end it with Ctrl-D; or give it as an argument)",
               file=sys.stderr)
-    return [sys.stdin.read()], ["the prompt read from stdin"]
+    return [sys.stdin.read()], ["the prompt read from stdin"], [{}]
 
 
 def _filter_path(args: argparse.Namespace) -> Path:
@@ -194,7 +204,11 @@ def run(args: argparse.Namespace) -> int:
     if args.verbose and args.output is not None:
         raise ValueError("--verbose prints each prompt's tokens accepted per pass beside its text; with --output each "
                          "record holds them (accepted_per_pass): drop --verbose")
-    texts, sources = _prompts(args)  # before loading: a bad prompts file fails at once
+    texts, sources, own = _prompts(args)  # before loading: a bad prompts file fails at once
+    if any(own) and (args.decoder not in CONTINUOUS or mesh is not None or args.live):
+        first = next(i for i, o in enumerate(own) if o)
+        raise ValueError(f"{sources[first]} sets {', '.join(own[first])}: a request's own settings need continuous "
+                         f"batching (--decoder {', '.join(CONTINUOUS)}, one device); give them on the command line")
     if args.live and len(texts) != 1:
         raise ValueError("--live shows one prompt (give one prompt, not a file of several)")
     if args.random_tiny and not args.ids:
@@ -208,14 +222,17 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--decoder {args.decoder} does not take --filter (a Learn2PD filter: --decoder learn2pd)")
     filter_path = _filter_path(args) if "filter" in chosen.uses else None
     if args.output is None:
-        return _generate(args, chosen, config, texts, sources, mesh, filter_path, None)
+        return _generate(args, chosen, config, texts, sources, own, mesh, filter_path, None)
     # Checked (a new run: created) before any model loads; removed again if the run ends before its first record.
-    with open_output(args.output, texts, run_settings(args, config, filter_path), resume=args.resume) as output:
-        return _generate(args, chosen, config, texts, sources, mesh, filter_path, output)
+    recorded = run_settings(args, config, filter_path)
+    if any(own):  # the requests' own settings determine their records too
+        recorded["requests_sha256"] = hashlib.sha256(json.dumps(own).encode()).hexdigest()
+    with open_output(args.output, texts, recorded, resume=args.resume) as output:
+        return _generate(args, chosen, config, texts, sources, own, mesh, filter_path, output)
 
 
 def _generate(args: argparse.Namespace, chosen: Decoder, config: DecoderConfig, texts: list[str], sources: list[str],
-              mesh, filter_path: Path | None, output: RunOutput | None) -> int:
+              own: list[dict[str, Any]], mesh, filter_path: Path | None, output: RunOutput | None) -> int:
     """Load the pair, check every prompt, decode them in batches into `output` (or print them)."""
     start = time.perf_counter()
     tok_d = tok_v = None
@@ -247,7 +264,9 @@ def _generate(args: argparse.Namespace, chosen: Decoder, config: DecoderConfig, 
         start = time.perf_counter()
         if slots is not None:
             # Each prompt's noise from its own index: the same at any --batch-size and after --resume.
-            requests = [Request(ids, i) for i, ids in enumerate(prompts)]
+            requests = [Request(ids, i, **settings) for i, (ids, settings) in enumerate(zip(prompts, own))]
+            for request, source in zip(requests, sources):  # every request checked before any is decoded
+                check_request(request, slots, source)
             on_records = None if output is not None else _InOrder(args.verbose)
             records, usage = generate_continuously(texts, requests, slots, key, decode, output=output,
                                                    on_records=on_records)
@@ -271,6 +290,9 @@ def _generate(args: argparse.Namespace, chosen: Decoder, config: DecoderConfig, 
           f"tokens/s{occupancy}; load {load_s:.1f} s, compile {compiled.seconds:.1f} s, generate {decoding:.1f} s"
           f"{where}")
     return 0
+
+
+CONTINUOUS = ("apd", "leftright", "ar")  # the decoders with steps over per-row state: continuous batching
 
 
 def _slots(name: str, models: Models, config: DecoderConfig, prompts: list[list[int]], size: int) -> Slots | None:
