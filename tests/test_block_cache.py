@@ -86,6 +86,21 @@ def test_a_batch_of_one_equals_fastdllm(models, rule, cache):
     assert generate(model, [prompt], rule, cache).tokens[0].tolist() == fastdllm(reference, prompt, rule, cache)[0]
 
 
+def test_end_of_text_on_a_cache_keeps_rows_apart(models):
+    """End-of-Text (no published counterpart with a cache): a row that commits an eos drops the
+    positions after it, hidden from the window passes' attention too; each row of a batch equals its
+    run alone (rows one prompt bucket apart would compile anew)."""
+    _, model = models
+    settings = ThresholdConfig(max_new_tokens=N, threshold=0.05, block_length=BLOCK, eot_threshold=0.01,
+                               eos_token_ids=(180,), cache="dual")  # 180: a token some rows predict
+    prompts = [np.random.default_rng(6).integers(0, 280, n).tolist() for n in (13, 14, 15)]
+    got = threshold_generate(model, prompts, settings)
+    assert got.stopped_at_eos.any() and not got.stopped_at_eos.all()
+    for b, prompt in enumerate(prompts):
+        alone = threshold_generate(model, [prompt], settings)
+        assert got.sequences()[b] == alone.sequences()[0] and got.row_passes()[b] == alone.row_passes()[0]
+
+
 def test_the_registry_takes_the_cache_by_field_name(models):
     from apd_jax.decoding.registry import Models, decoder
 
