@@ -28,7 +28,8 @@ from apd_jax.decoding import apd_steps as steps
 from apd_jax.decoding.apd_rule import APDConfig, APDKnobs, accepted_length, draft_tokens, shared_vocab_size  # noqa: F401
 from apd_jax.decoding.apd_steps import Spec, _Level, _level_index, live_view  # noqa: F401
 from apd_jax.decoding.continuous import Slots, default_group
-from apd_jax.decoding.generation import GenerationResult, InputTypeError, check_config, prepare
+from apd_jax.decoding.generation import GenerationResult, InputTypeError, capacity, check_config, prepare, resolve_eos
+from apd_jax.decoding.generation import row_keys
 from apd_jax.models.config import ModelConfig
 from apd_jax.models.model import Qwen2
 from apd_jax.models.sharding import replicate, shard_rows
@@ -179,6 +180,57 @@ def _checked_shared_vocab(shared_vocab: int, drafter: ModelConfig, verifier: Mod
                          f"(drafter vocabulary {drafter.vocab_size}, verifier {verifier.vocab_size}): pass "
                          "shared_vocab_size(drafter.cfg, verifier.cfg), or None to compute it")
     return int(shared_vocab)
+
+
+@dataclasses.dataclass(frozen=True)
+class APDCore:
+    """APD over arrays, to call inside a user's own `jax.jit` (an RL step generating with the current
+    params): `core(params, ids, lengths, key)` with the models' state as an argument, so new params of the
+    same shapes reuse the compiled program. Built by `apd_core`, which checks the settings and models once.
+
+    params: (drafter state, verifier state) as `nnx.split` gives them (`apd_core` returns the current ones).
+    ids [B, prompt_len] int32, right-padded; lengths [B] (1 <= length <= prompt_len; ids in the shared
+    vocabulary, never the mask: not checked inside jit). key: one typed PRNG key; row b draws its noise
+    from fold_in(key, b), as `apd_generate` does. Each per-row setting ([B] arrays, or None for the
+    settings' value): budgets (max new tokens, <= max_new_tokens), temperature, top_p, top_k.
+    Returns (tokens [B, max_new_tokens], lengths [B], accepted [B, max_new_tokens] per pass, stopped at eos [B]).
+    """
+
+    graphs: tuple
+    spec: Spec
+    eos: tuple[int, ...]
+    config: APDConfig
+
+    def __call__(self, params, ids: jax.Array, lengths: jax.Array, key: jax.Array, *, budgets: jax.Array | None = None,
+                 temperature: jax.Array | None = None, top_p: jax.Array | None = None,
+                 top_k: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+        drafter, verifier = _models(self.graphs, params, self.spec)
+        b = ids.shape[0]
+        row = lambda value, default, dtype: jnp.broadcast_to(  # noqa: E731
+            jnp.asarray(default if value is None else value, dtype), (b,))
+        knobs = APDKnobs(row(temperature, self.config.temperature, jnp.float32), row(top_p, self.config.top_p, jnp.float32),
+                         row(top_k, self.config.top_k, jnp.int32), row(None, self.config.R, jnp.float32))
+        eos = jnp.asarray(self.eos, jnp.int32).reshape(-1)
+        state = steps.empty(self.spec, drafter.cfg, None if verifier is None else verifier.cfg, b, eos)
+        state = steps.refill(verifier, state, jnp.arange(b), ids.astype(jnp.int32), lengths.astype(jnp.int32),
+                             row(budgets, self.spec.max_new, jnp.int32), knobs, row_keys(key, jnp.arange(b)), self.spec)
+        return steps.outputs(steps.run(drafter, verifier, state, self.spec, jnp.int32(b)), self.spec)
+
+
+def apd_core(drafter: Qwen2, verifier: Qwen2, config: APDConfig, prompt_len: int, *,
+             shared_vocab: int | None = None) -> tuple[APDCore, tuple]:
+    """(APDCore for prompts padded to `prompt_len`, the models' current params): settings, models and shapes
+    checked here, once, outside jit."""
+    config = check_config(config, APDConfig)
+    vocab = shared_vocab_size(drafter.cfg, verifier.cfg) if shared_vocab is None else _checked_shared_vocab(
+        shared_vocab, drafter.cfg, verifier.cfg)
+    room = capacity(config.max_len, drafter.cfg, verifier.cfg)
+    if not isinstance(prompt_len, int) or prompt_len < 1 or prompt_len + config.max_new_tokens > room:
+        raise ValueError(f"prompt_len={prompt_len!r} must be an int >= 1 with prompt_len + max_new_tokens "
+                         f"({config.max_new_tokens}) <= the capacity {room}")
+    graphs, params = zip(*(nnx.split(m) for m in (drafter, verifier)))
+    eos = resolve_eos(config.eos_token_ids, drafter.cfg, vocab)
+    return APDCore(graphs, _spec(config, prompt_len, vocab, drafter.cfg.mask_token_id, 0), eos, config), params
 
 
 @dataclasses.dataclass(frozen=True)
