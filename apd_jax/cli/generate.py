@@ -100,8 +100,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "they finish; other decoders: in input order); the run's settings are recorded beside it in "
                         f"FILE{RUN_SUFFIX} (default: print the text)")
     p.add_argument("--resume", action="store_true",
-                   help="with --output: continue an interrupted run, decoding the prompts whose records it lacks; only a "
-                        f"file with its {RUN_SUFFIX} beside it and only with the same settings (a differing one "
+                   help="with --output: continue an interrupted run, decoding the prompts whose records it lacks; "
+                        f"only a file with its {RUN_SUFFIX} beside it and only with the same settings (a differing one "
                         "is named); a cut last record is written again, anything else in the file is refused")
     p.add_argument("--verbose", action="store_true", help="print each prompt's tokens accepted per pass")
     p.add_argument("--live", action="store_true",

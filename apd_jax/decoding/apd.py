@@ -25,7 +25,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from apd_jax.decoding import apd_steps as steps
-from apd_jax.decoding.apd_rule import APDConfig, APDKnobs, accepted_length, draft_tokens, shared_vocab_size  # noqa: F401
+from apd_jax.decoding.apd_rule import APDConfig, APDKnobs, shared_vocab_size
+from apd_jax.decoding.apd_rule import accepted_length, draft_tokens  # noqa: F401
 from apd_jax.decoding.apd_steps import Spec, _Level, _level_index, live_view  # noqa: F401
 from apd_jax.decoding.continuous import Slots, default_group
 from apd_jax.decoding.generation import GenerationResult, InputTypeError, capacity, check_config, prepare, resolve_eos
@@ -208,8 +209,9 @@ class APDCore:
         b = ids.shape[0]
         row = lambda value, default, dtype: jnp.broadcast_to(  # noqa: E731
             jnp.asarray(default if value is None else value, dtype), (b,))
-        knobs = APDKnobs(row(temperature, self.config.temperature, jnp.float32), row(top_p, self.config.top_p, jnp.float32),
-                         row(top_k, self.config.top_k, jnp.int32), row(None, self.config.R, jnp.float32))
+        c = self.config
+        knobs = APDKnobs(row(temperature, c.temperature, jnp.float32), row(top_p, c.top_p, jnp.float32),
+                         row(top_k, c.top_k, jnp.int32), row(None, c.R, jnp.float32))
         eos = jnp.asarray(self.eos, jnp.int32).reshape(-1)
         state = steps.empty(self.spec, drafter.cfg, None if verifier is None else verifier.cfg, b, eos)
         state = steps.refill(verifier, state, jnp.arange(b), ids.astype(jnp.int32), lengths.astype(jnp.int32),

@@ -68,7 +68,8 @@ def empty(model: Qwen2, spec: Spec, slots: int, eos: jax.Array) -> ARState:
     zeros = jnp.zeros((slots,), jnp.int32)
     return ARState(
         out=jnp.zeros((slots, spec.max_new), jnp.int32), start=zeros, n=zeros + 1, budget=zeros + 1,
-        done=jnp.ones((slots,), bool), token=zeros, cache=KVCache.zeros(model.cfg, slots, spec.prompt_len + spec.max_new),
+        done=jnp.ones((slots,), bool), token=zeros,
+        cache=KVCache.zeros(model.cfg, slots, spec.prompt_len + spec.max_new),
         keys=jax.random.split(jax.random.key(0), slots), knobs=Knobs(jnp.zeros((slots,)), jnp.ones((slots,)), zeros),
         eos=eos, steps=jnp.int32(0), committed=jnp.int32(0),
     )
@@ -134,13 +135,17 @@ def _decode(graph, params, prompts, prompt_lens, budgets, eos, knobs: Knobs, key
     return *outputs(state), jnp.max(state.n)
 
 
+def _check_causal(model: Qwen2) -> None:
+    if not model.cfg.causal:
+        raise ValueError("autoregressive decoding needs a causal (Qwen2) model; Dream models use the diffusion decoders")
+
+
 def ar_generate(
     model: Qwen2, prompts: Sequence[Sequence[int]], config: ARConfig = ARConfig(), key: jax.Array | None = None
 ) -> GenerationResult:
     """Decode a batch of ragged prompts with a causal model, one token per pass."""
     config = check_config(config, ARConfig)
-    if not model.cfg.causal:
-        raise ValueError("autoregressive decoding needs a causal (Qwen2) model; Dream models use the diffusion decoders")
+    _check_causal(model)
     batch = prepare(config, prompts, key, model.cfg)
     graph, params = nnx.split(model)
     b = len(batch.lengths)
@@ -175,8 +180,7 @@ def ar_slots(model: Qwen2, prompts: Sequence[Sequence[int]], config: ARConfig = 
     """AR's compiled steps over `size` slots for continuous batching (`continuous.decode`), shaped for
     `prompts` (every prompt checked; padded to their longest's bucket) and budgets up to max_new_tokens."""
     config = check_config(config, ARConfig)
-    if not model.cfg.causal:
-        raise ValueError("autoregressive decoding needs a causal (Qwen2) model; Dream models use the diffusion decoders")
+    _check_causal(model)
     batch = prepare(config, prompts, None, model.cfg)
     spec = Spec(batch.ids.shape[1], config.max_new_tokens)
     graph, params = nnx.split(model)
