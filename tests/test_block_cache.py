@@ -153,6 +153,16 @@ def test_dream_ragged_rows_equal_fastdllm_dream_rows_alone(dream, torch_dream, t
         assert got.row_passes().max() < N // 2  # several tokens a pass
 
 
+def test_bench_times_dream_block_decoding(dream):
+    """bench_canvas runs Fast-dLLM's Dream block decoding, named by its rule and cache."""
+    from apd_jax.bench import decoders as bench
+    from apd_jax.decoding.blocks.dream import DreamBlockConfig
+
+    settings = DreamBlockConfig(max_new_tokens=N, steps=STEPS, block_length=BLOCK, eos_token_ids=(), cache="dual")
+    row = bench.bench_canvas(dream, settings, 1, 7, {"bandwidth": 1e15, "matmul_flops": 1e9}, 1)
+    assert row.name == f"Dream block steps={STEPS} block={BLOCK} schedule cache=dual" and row.passes == STEPS
+
+
 def test_a_shifted_family_is_refused_a_cache():
     """Dream predicts position i from output i - 1, outside a window that starts at i: only the rule
     that commits each block's first position in its refresh decodes Dream on a cache."""

@@ -28,6 +28,7 @@ from flax import nnx
 
 from apd_jax.decoding.apd import APDConfig, apd_generate, leftright_generate
 from apd_jax.decoding.autoregressive import ARConfig, ar_generate
+from apd_jax.decoding.blocks.dream import DreamBlockConfig, dream_block_generate
 from apd_jax.decoding.blocks.llada import LLaDAConfig, llada_generate
 from apd_jax.decoding.blocks.loop import block_size
 from apd_jax.decoding.diffusion import ThresholdConfig, threshold_generate
@@ -220,9 +221,10 @@ def bench_ar(model: Qwen2, cfg: ARConfig, batch: int, prompt_len: int, ceilings:
     return _measure(f"AR decode{sampling_label(cfg)}", batch, run, bound, repeats, profile)
 
 
-def bench_canvas(model: Qwen2, cfg: LLaDAConfig | ThresholdConfig, batch: int, prompt_len: int,
+def bench_canvas(model: Qwen2, cfg: LLaDAConfig | ThresholdConfig | DreamBlockConfig, batch: int, prompt_len: int,
                  ceilings: dict[str, float], repeats: int, profile: bool = False) -> Row:
-    """LLaDA's block decoder (LLaDAConfig) or threshold decoding (ThresholdConfig) of a diffusion model.
+    """LLaDA's block decoder (LLaDAConfig), threshold decoding (ThresholdConfig) or Fast-dLLM's Dream
+    block decoding (DreamBlockConfig) of a diffusion model.
     Without a cache every pass runs the whole sequence, prompt and answer, through the model; with
     one (cfg.cache) a block's first pass does (a refresh) and its later passes run a window: the
     block (dual), or the answer from the block's start, (N + block) / 2 positions on average
@@ -246,6 +248,10 @@ def bench_canvas(model: Qwen2, cfg: LLaDAConfig | ThresholdConfig, batch: int, p
     if isinstance(cfg, LLaDAConfig):
         name = f"LLaDA steps={cfg.step_count} block={cfg.block_size}{cache}"
         run = lambda: llada_generate(model, prompts, cfg)  # noqa: E731
+    elif isinstance(cfg, DreamBlockConfig):
+        rule = "schedule" if cfg.threshold is None else f"threshold={cfg.threshold:g}"
+        name = f"Dream block steps={cfg.step_count} block={block} {rule}{cache}"
+        run = lambda: dream_block_generate(model, prompts, cfg)  # noqa: E731
     else:
         blocks = "" if cfg.block_length is None else f" block={cfg.block_length}"
         name = f"{model.cfg.model_type} threshold={cfg.threshold:g}{blocks}{cache}"
