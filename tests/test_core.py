@@ -42,3 +42,14 @@ def test_the_core_runs_inside_a_users_jit_and_new_params_reuse_its_program(dream
 def test_the_core_checks_its_shapes_outside_jit(dream, qwen):
     with pytest.raises(ValueError, match=r"prompt_len=600 must be an int >= 1 with prompt_len \+ max_new_tokens"):
         apd_core(dream, qwen, CFG, prompt_len=600)
+
+
+def test_a_call_of_more_prompts_than_max_rows_runs_through_the_slots(dream, qwen, monkeypatch):
+    from apd_jax.decoding import apd
+
+    cfg = dataclasses.replace(CFG, temperature=0.8)  # each row keyed by its index: the same samples either way
+    whole = apd_generate(dream, qwen, PROMPTS, cfg, jax.random.key(2))
+    monkeypatch.setattr(apd, "MAX_ROWS", 2)
+    slotted = apd_generate(dream, qwen, PROMPTS, cfg, jax.random.key(2))
+    assert slotted.sequences() == whole.sequences()
+    assert all(slotted.accepted_per_pass(i) == whole.accepted_per_pass(i) for i in range(len(PROMPTS)))

@@ -28,12 +28,16 @@ from apd_jax.decoding import apd_steps as steps
 from apd_jax.decoding.apd_rule import APDConfig, APDKnobs, shared_vocab_size
 from apd_jax.decoding.apd_rule import accepted_length, draft_tokens  # noqa: F401
 from apd_jax.decoding.apd_steps import Spec, _Level, _level_index, live_view  # noqa: F401
-from apd_jax.decoding.continuous import Slots, default_group
+from apd_jax.decoding import continuous
+from apd_jax.decoding.continuous import Request, Slots, default_group
 from apd_jax.decoding.generation import GenerationResult, InputTypeError, capacity, check_config, prepare, resolve_eos
 from apd_jax.decoding.generation import row_keys
 from apd_jax.models.config import ModelConfig
 from apd_jax.models.model import Qwen2
 from apd_jax.models.sharding import replicate, shard_rows
+
+
+MAX_ROWS = 256  # a call with more prompts decodes them through this many slots (continuous batching)
 
 
 @functools.partial(jax.jit, static_argnames=("graphs", "spec", "mesh"))
@@ -67,8 +71,13 @@ def _run(
     mesh: Mesh | None = None, live: bool = False,
 ):
     batch = prepare(config, prompts, key, *(m.cfg for m in (drafter, verifier) if m is not None), vocab=vocab)
-    spec = _spec(config, batch.ids.shape[1], vocab, drafter.cfg.mask_token_id, fixed_k, live)
     b = len(batch.lengths)
+    if b > MAX_ROWS and mesh is None and not live:
+        # Through MAX_ROWS slots: the same rows (each keyed by its index), in memory bounded by the slots.
+        rows = [batch.ids[i, : batch.lengths[i]].tolist() for i in range(b)]
+        slots = _slots(drafter, verifier, rows, config, MAX_ROWS, None, vocab, fixed_k)
+        return continuous.generate(slots, [Request(r, i) for i, r in enumerate(rows)], batch.key)[0]
+    spec = _spec(config, batch.ids.shape[1], vocab, drafter.cfg.mask_token_id, fixed_k, live)
     budgets = np.full((b,), config.max_new_tokens, np.int32)
     # On a mesh the rows go over `data`; params carry their own shardings (sharding.shard_model).
     inputs = ((jnp.asarray(batch.ids), jnp.asarray(batch.lengths), jnp.asarray(budgets)) if mesh is None
@@ -160,7 +169,9 @@ def apd_generate(
     mesh: Mesh | None = None,
     live: bool = False,
 ) -> GenerationResult:
-    """Generate for a batch of ragged prompts (lists of token ids) in one compiled call.
+    """Generate for a batch of ragged prompts (lists of token ids) in one compiled call; more than MAX_ROWS
+    prompts go through MAX_ROWS slots (continuous batching: the same outputs, `passes` its loop iterations),
+    so a call of thousands of prompts needs the memory of MAX_ROWS rows.
 
     With a mesh (models placed by sharding.shard_model), rows split over its `data` axis, whose
     size must divide the batch. live=True reports each pass to `live_view`'s listener.
