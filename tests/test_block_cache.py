@@ -186,7 +186,8 @@ def test_bench_times_the_cached_modes_beside_fastdllm(models, tmp_path):
     assert [r.name for r in jax_rows] == [f"LLaDA steps={N} block={BLOCK} cache=dual",
                                           f"llada threshold=0.05 block={BLOCK} cache=dual"]
     layers, head = bench.matmul_params(model.cfg)
-    refresh, window = (2e3 * (layers * tokens + head * answer) / 1e9 for tokens, answer in ((11 + N, N), (BLOCK, BLOCK)))
+    refresh, window = (2e3 * (layers * tokens + head * answer) / 1e9
+                       for tokens, answer in ((11 + N, N), (BLOCK, BLOCK)))
     assert all(window < r.bound_ms < refresh for r in jax_rows)
     (tmp_path / "jax.json").write_text(bench.to_json(jax_rows, ceilings))
     prompt = bench.random_prompts([model.cfg], 1, 11)[0]

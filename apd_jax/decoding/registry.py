@@ -108,7 +108,8 @@ DECODERS: dict[str, Decoder] = {d.name: d for d in (
             lambda m, p, s, key: learn2pd_generate(m.drafter, m.filter, p, s, key), ("drafter", "filter"),
             aliases={"threshold": "keep_threshold"}),
     Decoder("llada", "LLaDA's generate: blocks left to right, each step a fixed count of the most confident "
-            "(or random) masks; with Fast-dLLM's prefix or dual KV cache", LLaDAConfig, lambda m, p, s, key: llada_generate(m.drafter, p, s, key), ("drafter",)),
+            "(or random) masks; with Fast-dLLM's prefix or dual KV cache", LLaDAConfig,
+            lambda m, p, s, key: llada_generate(m.drafter, p, s, key), ("drafter",)),
 )}
 
 
