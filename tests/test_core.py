@@ -53,3 +53,16 @@ def test_a_call_of_more_prompts_than_max_rows_runs_through_the_slots(dream, qwen
     slotted = apd_generate(dream, qwen, PROMPTS, cfg, jax.random.key(2))
     assert slotted.sequences() == whole.sequences()
     assert all(slotted.accepted_per_pass(i) == whole.accepted_per_pass(i) for i in range(len(PROMPTS)))
+
+
+def test_the_core_gives_each_generated_tokens_log_probability_under_the_verifier(dream, qwen):
+    core, params = apd_core(dream, qwen, CFG, prompt_len=16, logprobs=True)
+    ids, lengths = pad_prompts(PROMPTS, 16)
+    tokens, n, _, _, logprob = jax.jit(core)(params, ids, lengths, jax.random.key(0))
+    for row, prompt in enumerate(PROMPTS):
+        generated = tokens[row, : n[row]].tolist()
+        seq = jax.numpy.asarray([prompt + generated])
+        hidden, _ = qwen(seq)  # the verifier over the whole sequence at once
+        lsm = jax.nn.log_softmax(qwen.logits(hidden[:, len(prompt) - 1 : -1], vocab=320), axis=-1)[0]
+        expected = lsm[np.arange(len(generated)), generated]
+        np.testing.assert_allclose(logprob[row, : n[row]], expected, rtol=0, atol=2e-5)

@@ -205,7 +205,9 @@ class APDCore:
     vocabulary, never the mask: not checked inside jit). key: one typed PRNG key; row b draws its noise
     from fold_in(key, b), as `apd_generate` does. Each per-row setting ([B] arrays, or None for the
     settings' value): budgets (max new tokens, <= max_new_tokens), temperature, top_p, top_k.
-    Returns (tokens [B, max_new_tokens], lengths [B], accepted [B, max_new_tokens] per pass, stopped at eos [B]).
+    Returns (tokens [B, max_new_tokens], lengths [B], accepted [B, max_new_tokens] per pass, stopped at eos [B]),
+    and with `apd_core(..., logprobs=True)` also each generated token's log-probability under the verifier
+    [B, max_new_tokens] (over the shared vocabulary; what an RL objective scores).
     """
 
     graphs: tuple
@@ -227,11 +229,12 @@ class APDCore:
         state = steps.empty(self.spec, drafter.cfg, None if verifier is None else verifier.cfg, b, eos)
         state = steps.refill(verifier, state, jnp.arange(b), ids.astype(jnp.int32), lengths.astype(jnp.int32),
                              row(budgets, self.spec.max_new, jnp.int32), knobs, row_keys(key, jnp.arange(b)), self.spec)
-        return steps.outputs(steps.run(drafter, verifier, state, self.spec, jnp.int32(b)), self.spec)
+        state = steps.run(drafter, verifier, state, self.spec, jnp.int32(b))
+        return (*steps.outputs(state, self.spec), *((state.logprob,) if self.spec.logprobs else ()))
 
 
 def apd_core(drafter: Qwen2, verifier: Qwen2, config: APDConfig, prompt_len: int, *,
-             shared_vocab: int | None = None) -> tuple[APDCore, tuple]:
+             shared_vocab: int | None = None, logprobs: bool = False) -> tuple[APDCore, tuple]:
     """(APDCore for prompts padded to `prompt_len`, the models' current params): settings, models and shapes
     checked here, once, outside jit."""
     config = check_config(config, APDConfig)
@@ -243,7 +246,8 @@ def apd_core(drafter: Qwen2, verifier: Qwen2, config: APDConfig, prompt_len: int
                          f"({config.max_new_tokens}) <= the capacity {room}")
     graphs, params = zip(*(nnx.split(m) for m in (drafter, verifier)))
     eos = resolve_eos(config.eos_token_ids, drafter.cfg, vocab)
-    return APDCore(graphs, _spec(config, prompt_len, vocab, drafter.cfg.mask_token_id, 0), eos, config), params
+    spec = dataclasses.replace(_spec(config, prompt_len, vocab, drafter.cfg.mask_token_id, 0), logprobs=logprobs)
+    return APDCore(graphs, spec, eos, config), params
 
 
 @dataclasses.dataclass(frozen=True)

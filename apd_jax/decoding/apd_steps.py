@@ -53,6 +53,7 @@ class Spec:
     rule: str
     fixed_k: int = 0  # > 0: accept exactly min(fixed_k, drafted) per pass, no verifier (left-to-right K)
     live: bool = False  # report each pass's accepted tokens to the host as it happens (see `live_view`)
+    logprobs: bool = False  # keep each generated token's log-probability under the verifier (`APDCore`)
 
 
 @jax.tree_util.register_dataclass
@@ -76,6 +77,8 @@ class APDState:
     eos: jax.Array  # [E]: the ids a row stops at
     dcache: KVCache
     vcache: KVCache | None  # None for left-to-right K (no verifier)
+    logprob: jax.Array | None  # [S, max_new]: each generated token's verifier log-probability (spec.logprobs)
+    carry: jax.Array | None  # [S, vocab]: the verifier's log-probabilities for position t (spec.logprobs)
     steps: jax.Array  # scalar: passes run (loop iterations), for the result and occupancy only
     committed: jax.Array  # scalar: rows that committed tokens, summed over the passes (occupancy)
 
@@ -92,14 +95,27 @@ def empty(spec: Spec, drafter: ModelConfig, verifier: ModelConfig | None, slots:
         knobs=APDKnobs(jnp.zeros((slots,)), jnp.ones((slots,)), zeros, jnp.zeros((slots,))), eos=eos,
         dcache=constrain_cache(KVCache.zeros(drafter, slots, spec.total), mesh),
         vcache=None if verifier is None else constrain_cache(KVCache.zeros(verifier, slots, spec.total), mesh),
+        logprob=jnp.zeros((slots, spec.max_new)) if spec.logprobs else None,
+        carry=jnp.zeros((slots, spec.vocab)) if spec.logprobs else None,
         steps=jnp.int32(0), committed=jnp.int32(0),
     )
 
 
-def prefill(verifier: Qwen2, cache: KVCache, slots: jax.Array, ids: jax.Array, lengths: jax.Array) -> KVCache:
-    """The verifier's K/V of the prompts ids [G, P] (true lengths [G]) written into rows `slots` of its cache."""
-    _, part = verifier(ids, valid=lengths, cache=KVCache.zeros(verifier.cfg, ids.shape[0], ids.shape[1]))
-    return cache.put_rows(slots, part)
+def prefill(verifier: Qwen2, cache: KVCache, slots: jax.Array, ids: jax.Array,
+            lengths: jax.Array) -> tuple[KVCache, jax.Array]:
+    """The verifier's K/V of the prompts ids [G, P] (true lengths [G]) written into rows `slots` of its cache,
+    and its hidden state [G, H] at each prompt's last token (what predicts the first generated one)."""
+    hidden, part = verifier(ids, valid=lengths, cache=KVCache.zeros(verifier.cfg, ids.shape[0], ids.shape[1]))
+    return cache.put_rows(slots, part), _at(hidden, lengths - 1)
+
+
+def _at(hidden: jax.Array, index: jax.Array) -> jax.Array:
+    """hidden[b, index[b]]: [B, H]."""
+    return jnp.take_along_axis(hidden, jnp.clip(index, 0, hidden.shape[1] - 1)[:, None, None], axis=1)[:, 0]
+
+
+def _log_softmax(verifier: Qwen2, hidden: jax.Array, spec: Spec) -> jax.Array:
+    return jax.nn.log_softmax(verifier.logits(hidden, vocab=spec.vocab).astype(jnp.float32), axis=-1)
 
 
 def refill(verifier: Qwen2 | None, state: APDState, slots: jax.Array, ids: jax.Array, lengths: jax.Array,
@@ -113,6 +129,10 @@ def refill(verifier: Qwen2 | None, state: APDState, slots: jax.Array, ids: jax.A
     # Padding past each prompt is masks too, so every position >= t is masked.
     row = jnp.where(jnp.arange(spec.total) < lengths[:, None], row, spec.mask_id)
     ones = jnp.ones((g,), bool)
+    vcache, carry = (None, None) if verifier is None else prefill(verifier, state.vcache, slots, ids, lengths)
+    if spec.logprobs:
+        state = dataclasses.replace(state, logprob=put(state.logprob, jnp.zeros((g, spec.max_new))),
+                                    carry=put(state.carry, _log_softmax(verifier, carry, spec)))
     return dataclasses.replace(
         state,
         tokens=put(state.tokens, row), start=put(state.start, lengths), limit=put(state.limit, lengths + budgets),
@@ -122,7 +142,7 @@ def refill(verifier: Qwen2 | None, state: APDState, slots: jax.Array, ids: jax.A
         passes=put(state.passes, jnp.zeros((g,), jnp.int32)),
         accepted=put(state.accepted, jnp.zeros((g, spec.max_new), jnp.int32)), keys=put(state.keys, keys),
         knobs=jax.tree.map(put, state.knobs, knobs),
-        vcache=None if verifier is None else prefill(verifier, state.vcache, slots, ids, lengths),
+        vcache=vcache,
     )
 
 
@@ -179,6 +199,8 @@ def _accept(verifier: Qwen2 | None, state: APDState, logits_d: jax.Array, right:
         logits_v = verifier_predictions(verifier, hidden, spec.vocab)
         k = accepted_length(draft, logits_d, logits_v, n, noise, state.knobs, spec.rule, spec.mask_id)
     k = jnp.where(active, k, 0)
+    if spec.logprobs:
+        state = _keep_logprobs(verifier, state, logits_v, hidden, draft, k, spec)
 
     take = j < k[:, None]
     pos = jnp.where(take, state.t[:, None] + j, spec.total)  # out of range: dropped
@@ -208,6 +230,21 @@ def _accept(verifier: Qwen2 | None, state: APDState, logits_d: jax.Array, right:
         steps=state.steps + 1,
         committed=state.committed + jnp.sum(active),
     )
+
+
+def _keep_logprobs(verifier: Qwen2, state: APDState, logits_v: jax.Array, hidden: jax.Array, draft: jax.Array,
+                   k: jax.Array, spec: Spec) -> APDState:
+    """Each accepted token's verifier log-probability: draft position 0 from the carried distribution (the
+    output before t), position j from output j - 1; then the carry becomes the last accepted output's."""
+    b, n = draft.shape
+    j = jnp.arange(n)
+    lsm = jax.nn.log_softmax(logits_v.astype(jnp.float32), axis=-1)
+    lp = jnp.take_along_axis(lsm, draft[..., None], axis=-1)[..., 0]
+    lp = jnp.where(j == 0, jnp.take_along_axis(state.carry, draft[:, :1], axis=-1), lp)
+    col = jnp.where(j < k[:, None], state.t[:, None] - state.start[:, None] + j, spec.max_new)  # out of range: dropped
+    carry = _log_softmax(verifier, _at(hidden, k - 1), spec)
+    return dataclasses.replace(state, logprob=state.logprob.at[jnp.arange(b)[:, None], col].set(lp, mode="drop"),
+                               carry=jnp.where((k > 0)[:, None], carry, state.carry))
 
 
 def _level_index(levels: tuple[_Level, ...], width: jax.Array, window: jax.Array) -> jax.Array:
