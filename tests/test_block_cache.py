@@ -86,6 +86,25 @@ def test_a_batch_of_one_equals_fastdllm(models, rule, cache):
     assert generate(model, [prompt], rule, cache).tokens[0].tolist() == fastdllm(reference, prompt, rule, cache)[0]
 
 
+def test_a_rule_reading_answer_positions_sees_the_whole_answer_alike(models):
+    """A keep rule other than the threshold (as Learn2PD's filter, which reads positions in the
+    answer) is shown the whole answer in every cached pass; one deciding as the threshold does
+    decodes as the threshold, which window passes show the blocks alone."""
+    from flax import nnx
+
+    from apd_jax.decoding.diffusion import parallel_decode
+
+    class Above(nnx.Module):
+        def __call__(self, pred, masked):
+            return pred.confidence > 0.05
+
+    _, model = models
+    prompts = rows()
+    want = threshold_generate(model, prompts, config("threshold", "prefix"))
+    got = parallel_decode(model, Above(), prompts, config("threshold", "prefix"))
+    assert got.tokens.tolist() == want.tokens.tolist() and got.row_passes().tolist() == want.row_passes().tolist()
+
+
 def test_end_of_text_on_a_cache_keeps_rows_apart(models):
     """End-of-Text (no published counterpart with a cache): a row that commits an eos drops the
     positions after it, hidden from the window passes' attention too; each row of a batch equals its

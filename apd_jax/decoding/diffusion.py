@@ -259,6 +259,9 @@ class ParallelRule(nnx.Module):
         # > 1 disables End-of-Text prediction.
         self.eot_threshold = nnx.Variable(jnp.float32(2.0 if config.eot_threshold is None else config.eot_threshold))
         self.mask_id = mask_id
+        # The threshold reads no position, so a cached pass may show it the blocks alone (blocks.loop
+        # block_view); Learn2PD's filter reads positions over the whole answer.
+        self.reads_positions_in_block = isinstance(keep, ConfidenceRule)
 
     def __call__(self, logits: jax.Array, key: jax.Array, view: View) -> Commit:
         pred = predict(exclude_token(logits, self.mask_id), key, self.sampling.get_value())
@@ -267,7 +270,7 @@ class ParallelRule(nnx.Module):
         eot = masked & jnp.isin(pred.tokens, view.eos) & (pred.confidence > self.eot_threshold[...])
         at = first_index(eot)
         transfer = keep | (jnp.arange(masked.shape[1]) == at[:, None])
-        limit = jnp.minimum(view.limit, at + 1)
+        limit = jnp.where(at < masked.shape[1], jnp.minimum(view.limit, at + 1), view.limit)
         return Commit(pred.tokens, transfer, block_emptied(view, transfer, limit), limit)
 
 

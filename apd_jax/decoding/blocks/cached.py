@@ -27,6 +27,11 @@ past a row's end is padding, its K/V written beyond the row's end or dropped, ne
 Rows refresh at different passes: a pass runs the window forward when any running row is past its
 block's first pass and the full forward when any running row is at it, each row keeping its own
 (one forward in most passes; both only where rows of a ragged batch are at different steps).
+In a pass where no row refreshes, a rule that reads positions only relative to the block
+(`reads_positions_in_block`: LLaDA's, the threshold, Fast-dLLM's Dream; not Learn2PD's filter,
+whose features hold the position in the answer) sees each row's block alone (blocks.loop
+block_view): the head and the rule run on [B, block, V] logits, not [B, N, V]; in a pass with a
+refresh the rule sees the whole answer, the window rows' logits placed at their positions.
 """
 
 from __future__ import annotations
@@ -72,19 +77,42 @@ def window_widths(cache: str, block_length: int, max_new: int) -> tuple[int, ...
 
 
 def _window(model: Qwen2, canvas: jax.Array, cache: KVCache, prompt_lens: jax.Array, block_start: jax.Array,
-            end: jax.Array, width: int, n: int) -> tuple[jax.Array, KVCache]:
-    """Logits [B, N, V] of the answer positions [block_start, block_start + width) of each row (zero
-    elsewhere), the window attending to the cache up to the row's `end`; the cache with the window's
-    K/V written in."""
-    b = canvas.shape[0]
+            end: jax.Array, width: int) -> tuple[jax.Array, KVCache]:
+    """Hidden states [B, width, H] of the answer positions [block_start, block_start + width) of each
+    row, read as the family predicts within the window (Dream's shifted inside it, as Fast-dLLM's
+    Dream code reads them), attending to the cache up to the row's `end`; the cache with the
+    window's K/V written in."""
     start = prompt_lens + block_start
     cols = start[:, None] + jnp.arange(width)
     tokens = jnp.take_along_axis(canvas, jnp.minimum(cols, canvas.shape[1] - 1), axis=1)
     hidden, cache = model(tokens, start=start, valid=jnp.maximum(end - start, 0), cache=cache)
-    logits = model.logits(model.aligned(hidden))
-    rows = jnp.arange(b)[:, None]
-    placed = jnp.zeros((b, n, logits.shape[-1]), logits.dtype)
-    return placed.at[rows, block_start[:, None] + jnp.arange(width)].set(logits, mode="drop"), cache
+    return model.aligned(hidden), cache
+
+
+def _window_branches(model: Qwen2, canvas: jax.Array, prompt_lens: jax.Array, block: jax.Array,
+                     block_start: jax.Array, end: jax.Array, reuse: jax.Array, widths: tuple[int, ...], read):
+    """(branch index, branches) for lax.switch: branch 1 + k runs the window of width widths[k] and
+    returns read(hidden, cache), k the lowest block among the rows in `reuse` (the widest window
+    they need); branch 0 is left to the caller (no row reuses its cache)."""
+    lowest = jnp.min(jnp.where(reuse, block, len(widths) - 1))
+    branch = jnp.where(jnp.any(reuse), 1 + jnp.minimum(lowest, len(widths) - 1), 0)
+
+    def window(width: int):
+        return lambda c: read(*_window(model, canvas, c, prompt_lens, block_start, end, width))
+
+    return branch, [window(w) for w in widths]
+
+
+def block_logits(model: Qwen2, canvas: jax.Array, cache: KVCache, prompt_lens: jax.Array, end: jax.Array,
+                 block: jax.Array, block_start: jax.Array, running: jax.Array, widths: tuple[int, ...],
+                 block_length: int) -> tuple[jax.Array, KVCache]:
+    """A pass in which no row refreshes: logits [B, block_length, V] of each row's current block
+    only (the window passes' candidates), from its window on its cache."""
+    def read(hidden: jax.Array, c: KVCache):
+        return model.logits(hidden[:, :block_length]), c
+
+    branch, windows = _window_branches(model, canvas, prompt_lens, block, block_start, end, running, widths, read)
+    return jax.lax.switch(jnp.maximum(branch - 1, 0), windows, cache)
 
 
 def _keep_rows(rows: jax.Array, new: KVCache, old: KVCache) -> KVCache:
@@ -101,16 +129,18 @@ def cached_logits(model: Qwen2, canvas: jax.Array, cache: KVCache, prompt_lens: 
     `refresh` [B] from the whole canvas, their cache rewritten; rows in `reuse` [B] from their
     window on their cache, as wide as the lowest `block` [B] among them needs (window_widths)."""
     b, vocab = canvas.shape[0], model.cfg.vocab_size
+    rows = jnp.arange(b)[:, None]
 
     def skip(c: KVCache):
         return jnp.zeros((b, n, vocab), jnp.float32), c
 
-    def window(width: int):
-        return lambda c: _window(model, canvas, c, prompt_lens, block_start, end, width, n)
+    def placed(hidden: jax.Array, c: KVCache):
+        logits = model.logits(hidden)
+        idx = block_start[:, None] + jnp.arange(hidden.shape[1])
+        return jnp.zeros((b, n, vocab), logits.dtype).at[rows, idx].set(logits, mode="drop"), c
 
-    lowest = jnp.min(jnp.where(reuse, block, len(widths) - 1))
-    branch = jnp.where(jnp.any(reuse), 1 + jnp.minimum(lowest, len(widths) - 1), 0)
-    logits, cache = jax.lax.switch(branch, [skip, *map(window, widths)], cache)
+    branch, windows = _window_branches(model, canvas, prompt_lens, block, block_start, end, reuse, widths, placed)
+    logits, cache = jax.lax.switch(branch, [skip, *windows], cache)
 
     def full(c: KVCache):
         hidden, fresh = model(canvas, valid=end, cache=c)

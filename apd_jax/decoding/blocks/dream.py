@@ -80,6 +80,7 @@ class DreamBlockRule(nnx.Module):
     variable but the schedule's length."""
 
     commits_block_start_first = True  # what lets the loop run a shifted family on a cache window
+    reads_positions_in_block = True  # a cached pass may show it the blocks alone (blocks.loop block_view)
 
     def __init__(self, config: DreamBlockConfig):
         block_steps = config.step_count // config.num_blocks

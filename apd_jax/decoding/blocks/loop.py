@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from apd_jax.decoding.blocks.cached import cached_logits, check_cacheable, window_widths
+from apd_jax.decoding.blocks.cached import block_logits, cached_logits, check_cacheable, window_widths
 from apd_jax.decoding.generation import Batch, DecoderConfig, GenerationResult, prepare
 from apd_jax.models.cache import KVCache
 from apd_jax.models.model import Qwen2
@@ -158,6 +158,24 @@ def block_emptied(view: View, transfer: jax.Array, limit: jax.Array) -> jax.Arra
     return ~jnp.any(view.candidates & ~transfer & (jnp.arange(transfer.shape[1]) < limit[:, None]), axis=1)
 
 
+def block_view(view: View, candidates: jax.Array, size: int) -> View:
+    """`view` over each row's current block alone ([B, size] from its block_start), positions
+    relative to the block: what a rule that reads positions only relative to the block sees in a
+    pass where every row runs a cached window (blocks.cached)."""
+    idx = view.block_start[:, None] + jnp.arange(size)
+    take = lambda x: jnp.take_along_axis(x, idx, axis=1)  # noqa: E731
+    return View(view.passes, take(view.gen), take(candidates), jnp.zeros_like(view.block_start), view.step,
+                view.limit - view.block_start, view.eos)
+
+
+def placed_commit(commit: Commit, gen: jax.Array, block_start: jax.Array) -> Commit:
+    """A Commit made on block_view, back at the answer's positions (nothing transferred elsewhere)."""
+    rows = jnp.arange(gen.shape[0])[:, None]
+    idx = block_start[:, None] + jnp.arange(commit.tokens.shape[1])
+    return Commit(gen.at[rows, idx].set(commit.tokens), jnp.zeros(gen.shape, bool).at[rows, idx].set(commit.transfer),
+                  commit.block_done, commit.limit + block_start)
+
+
 # The loop
 
 
@@ -194,10 +212,12 @@ def canvas_outputs(state: CanvasState, eos: jax.Array):
     return state.gen, jnp.where(hit, first_eos + 1, n), state.accepted, hit, state.passes
 
 
-@functools.partial(jax.jit, static_argnames=("graphs", "max_new", "mask_id", "pad_id", "bound", "guided", "widths"))
+@functools.partial(jax.jit, static_argnames=("graphs", "max_new", "mask_id", "pad_id", "bound", "guided", "widths",
+                                                   "windowed"))
 def _decode(graphs, params, prompts, prompt_lens, eos, key, block_length, cfg_scale, *, max_new: int, mask_id: int,
-            pad_id: int, bound: int, guided: bool, widths: tuple[int, ...] | None):
-    """The loop; `widths`: those of a cached pass's window (blocks.cached), None without a cache."""
+            pad_id: int, bound: int, guided: bool, widths: tuple[int, ...] | None, windowed: bool):
+    """The loop; `widths`: those of a cached pass's window (blocks.cached), None without a cache;
+    `windowed`: a pass in which no row refreshes shows the rule its rows' blocks alone."""
     model = nnx.merge(graphs[0], params[0])
     j = jnp.arange(max_new)
     num_blocks = max_new // block_length
@@ -214,17 +234,35 @@ def _decode(graphs, params, prompts, prompt_lens, eos, key, block_length, cfg_sc
         end = prompt_lens + state.limit
         block_start = state.block * block_length
         candidates = (gen == mask_id) & (j < block_start[:, None] + block_length) & running[:, None]
-        cache = state.cache
+        view = View(i, gen, candidates, block_start, state.step, state.limit, eos)
+
+        def decide(logits: jax.Array, view: View) -> tuple[Commit, nnx.State]:
+            rule = nnx.merge(graphs[1], state.rule)
+            return rule(logits, rule_key, view), nnx.state(rule)
+
         if widths is None:
             logits = canvas_logits(model, prompts, prompt_lens, gen, end, mask_id, cfg_scale if guided else None)
+            (commit, rule_state), cache = decide(logits, view), None
         else:
             refresh = running & (state.step == 0)
             canvas = build_canvas(prompts, prompt_lens, gen)
-            logits, cache = cached_logits(model, canvas, cache, prompt_lens, end, state.block, block_start, refresh,
-                                          running & ~refresh, widths, max_new)
             candidates &= refresh[:, None] | (j >= block_start[:, None])
-        rule = nnx.merge(graphs[1], state.rule)
-        commit = rule(logits, rule_key, View(i, gen, candidates, block_start, state.step, state.limit, eos))
+
+            def whole(cache: KVCache):
+                logits, cache = cached_logits(model, canvas, cache, prompt_lens, end, state.block, block_start,
+                                              refresh, running & ~refresh, widths, max_new)
+                return decide(logits, dataclasses.replace(view, candidates=candidates)), cache
+
+            def blocks(cache: KVCache):
+                logits, cache = block_logits(model, canvas, cache, prompt_lens, end, state.block, block_start,
+                                             running, widths, widths[-1])
+                commit, rule_state = decide(logits, block_view(view, candidates, widths[-1]))
+                return (placed_commit(commit, gen, block_start), rule_state), cache
+
+            if windowed:
+                (commit, rule_state), cache = jax.lax.cond(jnp.any(refresh), whole, blocks, state.cache)
+            else:
+                (commit, rule_state), cache = whole(state.cache)
         new = jnp.where(commit.transfer & candidates, commit.tokens, gen)
         new = jnp.where(j < commit.limit[:, None], new, pad_id)
         # A position predicting the mask stays masked (Dream's and LLaDA's published loops allow it).
@@ -232,7 +270,7 @@ def _decode(graphs, params, prompts, prompt_lens, eos, key, block_length, cfg_sc
         done = commit.block_done & running
         return CanvasState(
             i + 1, new, state.accepted.at[:, i].set(jnp.sum(committed, axis=1)), key, state.block + done,
-            jnp.where(done, 0, state.step + running), commit.limit, nnx.state(rule), cache,
+            jnp.where(done, 0, state.step + running), commit.limit, rule_state, cache,
         )
 
     b = prompts.shape[0]
@@ -266,5 +304,6 @@ def decode_blocks(
         jnp.int32(block_length), jnp.float32(cfg_scale), max_new=config.max_new_tokens,
         mask_id=model.cfg.mask_token_id, pad_id=batch.pad_id, bound=bound, guided=cfg_scale > 0,
         widths=None if cache == "none" else window_widths(cache, block_length, config.max_new_tokens),
+        windowed=getattr(rule, "reads_positions_in_block", False),
     )
     return batch.finish(*outputs), nnx.merge(graphs[1], rule_state)
