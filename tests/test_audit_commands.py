@@ -30,7 +30,7 @@ def a_file(tmp_path) -> Path:
     (["bench", "--settings", ""], "--settings '' names no setting: expected ';'-separated 'R,W,M' entries"),
     (["bench", "--settings", ";"], "--settings ';' names no setting"),
     (["bench", "--baselines", "foo"], "argument --baselines: invalid value 'foo': unknown baseline 'foo'; "
-                                      "expected comma-separated ar, leftright, llada, or none"),
+                                      "expected comma-separated ar, leftright, llada, dream-block, or none"),
     (["bench", "--baselines", "ar,lr"], "unknown baseline 'lr'"),
     (["bench", "--budgets", "512-32"], "argument --budgets: --budgets '512-32': need 1 <= LOW <= HIGH"),
     (["bench", "--budgets", "many"], "argument --budgets: --budgets 'many': expected LOW-HIGH, e.g. 32-512"),

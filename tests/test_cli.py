@@ -60,11 +60,15 @@ def test_bench_runs_on_tiny_shapes(tmp_path, capsys):
 
 def test_bench_llada_baseline_runs_in_jax_and_in_the_published_pytorch_code(tmp_path, capsys):
     common = ["--shapes", "tiny", "--settings", "0.7,4,8", "--prompt-len", "8", "--max-new-tokens", "16",
-              "--repeats", "1", "--baselines", "llada"]
+              "--repeats", "1", "--baselines", "llada,dream-block"]
     assert main(["bench", "--batch", "1", *common, "--json", str(tmp_path / "jax.json")]) == 0
     rows = json.loads((tmp_path / "jax.json").read_text())["rows"]
-    assert [r["name"] for r in rows] == ["APD R=0.7 W=4 M=8", "LLaDA steps=16 block=16", "llada threshold=0.9"]
-    assert rows[1]["passes"] == 16 and rows[1]["tokens_per_pass"] == 1.0  # steps = answer length
+    assert [r["name"] for r in rows] == [
+        "APD R=0.7 W=4 M=8", "Dream block steps=16 block=16 schedule cache=dual",
+        "Dream block steps=16 block=16 threshold=0.9 cache=dual", "LLaDA steps=16 block=16",
+        "LLaDA steps=16 block=16 cache=prefix", "LLaDA steps=16 block=16 cache=dual", "llada threshold=0.9",
+        "llada threshold=0.9 block=16 cache=dual"]
+    assert all(r["passes"] == 16 and r["tokens_per_pass"] == 1.0 for r in rows[3:6])  # steps = answer length
     capsys.readouterr()
     assert main(["bench", "--torch", *common, "--json", str(tmp_path / "torch.json"),
                  "--against", str(tmp_path / "jax.json")]) == 0

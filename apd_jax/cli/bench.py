@@ -20,6 +20,7 @@ from apd_jax.bench import decoders as bench
 from apd_jax.bench import workload
 from apd_jax.decoding.apd import APDConfig
 from apd_jax.decoding.autoregressive import ARConfig
+from apd_jax.decoding.blocks.dream import DreamBlockConfig
 from apd_jax.decoding.blocks.llada import LLaDAConfig
 from apd_jax.decoding.diffusion import ThresholdConfig
 from apd_jax.checkpoints import load_model
@@ -54,7 +55,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="every decoder's sampling temperature (0: greedy, as the published code's default)")
     p.add_argument("--top-p", type=finite_float, default=1.0, help="every decoder's nucleus filter (1: off)")
     p.add_argument("--baselines", type=_baselines, default="ar,leftright",
-                   help="comma-separated: ar, leftright, llada (LLaDA-8B: its block decoder and threshold decoding; batch 1), or none")
+                   help="comma-separated: ar, leftright, llada (LLaDA-8B: its block decoder without and with Fast-dLLM's "
+                        "prefix and dual caches, and threshold decoding), dream-block (Fast-dLLM's Dream block decoding, "
+                        "dual cache); batch 1; or none")
     p.add_argument("--profile", action="store_true",
                    help="profile one more call of every benchmark and print its top device ops per pass")
     p.add_argument("--torch", action="store_true",
@@ -76,7 +79,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-BASELINES = ("ar", "leftright", "llada")
+BASELINES = ("ar", "leftright", "llada", "dream-block")
 
 
 def _baselines(text: str) -> list[str]:
@@ -218,6 +221,12 @@ def run(args: argparse.Namespace) -> int:
         cfg = APDConfig(W=W, M=M, max_new_tokens=args.max_new_tokens, eos_token_ids=(), **sampling)
         report(bench.bench_leftright(drafter, 1, cfg, 1, args.prompt_len, ceilings, args.repeats,
                                      profile=args.profile))
+    n, block = args.max_new_tokens, min(bench.LLADA_BLOCK, args.max_new_tokens)
+    if "dream-block" in baselines:  # Fast-dLLM's Dream block decoding: the schedule and the threshold, dual cache
+        for threshold in (None, bench.THRESHOLD):
+            cfg = DreamBlockConfig(max_new_tokens=n, block_length=block, threshold=threshold, eos_token_ids=(),
+                                   **sampling)
+            report(bench.bench_canvas(drafter, cfg, 1, args.prompt_len, ceilings, args.repeats, profile=args.profile))
     if "ar" in baselines:
         del drafter, verifier  # make room for the 7B AR model
         ar = bench.random_model(ar_cfg.replace(attention=args.attention), 3)
@@ -227,10 +236,12 @@ def run(args: argparse.Namespace) -> int:
     if "llada" in baselines:
         drafter = verifier = None  # make room for the 8B model
         llada = bench.random_model(llada_cfg.replace(attention=args.attention), 4)
-        block = min(bench.LLADA_BLOCK, args.max_new_tokens)
-        for cfg in (LLaDAConfig(max_new_tokens=args.max_new_tokens, block_length=block, eos_token_ids=(), **sampling),
-                    ThresholdConfig(threshold=bench.THRESHOLD, max_new_tokens=args.max_new_tokens, eos_token_ids=(),
-                                    **sampling)):
+        configs = [LLaDAConfig(max_new_tokens=n, block_length=block, cache=cache, eos_token_ids=(), **sampling)
+                   for cache in ("none", "prefix", "dual")]
+        configs += [ThresholdConfig(threshold=bench.THRESHOLD, max_new_tokens=n, eos_token_ids=(), **sampling),
+                    ThresholdConfig(threshold=bench.THRESHOLD, max_new_tokens=n, block_length=block, cache="dual",
+                                    eos_token_ids=(), **sampling)]
+        for cfg in configs:
             report(bench.bench_canvas(llada, cfg, 1, args.prompt_len, ceilings, args.repeats, profile=args.profile))
     return 0
 
