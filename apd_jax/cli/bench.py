@@ -55,9 +55,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="every decoder's sampling temperature (0: greedy, as the published code's default)")
     p.add_argument("--top-p", type=finite_float, default=1.0, help="every decoder's nucleus filter (1: off)")
     p.add_argument("--baselines", type=_baselines, default="ar,leftright",
-                   help="comma-separated: ar, leftright, llada (LLaDA-8B: its block decoder without and with Fast-dLLM's "
-                        "prefix and dual caches, and threshold decoding), dream-block (Fast-dLLM's Dream block decoding, "
-                        "dual cache); batch 1; or none")
+                   help="comma-separated: ar, leftright, llada (LLaDA-8B: its block decoder without and with "
+                        "Fast-dLLM's prefix and dual caches, and threshold decoding), dream-block (Fast-dLLM's Dream "
+                        "block decoding, dual cache); batch 1; or none")
     p.add_argument("--profile", action="store_true",
                    help="profile one more call of every benchmark and print its top device ops per pass")
     p.add_argument("--torch", action="store_true",
@@ -72,7 +72,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workload", type=positive_int, metavar="N",
                    help="instead of the rows above: N prompts with budgets drawn from --budgets, decoded by APD "
                         "(the first --settings entry) in fixed batches and with continuous batching over the first "
-                        "--batch slots; prints tokens/s and slot occupancy")
+                        "--batch slots; prints tokens/s and slot occupancy (default: off)")
     p.add_argument("--budgets", type=_budgets, default="32-512",
                    help="with --workload: each prompt's max_new_tokens, uniform in LOW-HIGH")
     p.add_argument("--json", type=user_path, help="write the results as JSON here (default: print only)")
