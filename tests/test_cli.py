@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from apd_jax import ASSETS_DIR
 from apd_jax.cli import main
 
 
@@ -124,6 +125,19 @@ def test_every_decoder_runs_from_generate(decoder, capsys):
     argv = ["generate", "--random-tiny", "--ids", "5 6 7 8", "--max-new-tokens", "8", "--decoder", decoder, *own]
     assert main(argv) == 0
     assert "tokens/pass" in capsys.readouterr().out
+
+
+def test_llada_runs_from_generate_on_the_shipped_llada_model_alone(capsys):
+    llada = str(ASSETS_DIR / "llada")
+    common = ["generate", "--drafter", llada, "--decoder", "llada", "--max-new-tokens", "16", "--steps", "16",
+              "--block-length", "8", "--no-chat", "def add(a, b):"]
+    assert main(common) == 0
+    plain = capsys.readouterr().out
+    assert "16 tokens, 16 passes, 1.00 tokens/pass" in plain
+    assert main([*common, "--cache", "dual", "--confidence-eos-eot-inf", "--eos-id", "0", "--eot-id", "0"]) == 0
+    assert "16 tokens, 16 passes" in capsys.readouterr().out
+    assert main([*common, "--verifier", str(ASSETS_DIR / "verifier")]) == 2
+    assert "--decoder llada runs the diffusion model alone (--drafter DIR): drop --verifier" in capsys.readouterr().err
 
 
 def test_learn2pd_without_a_filter_is_a_clear_error(capsys):

@@ -27,6 +27,7 @@ from apd_jax.decoding.batching import generate_in_batches, kept_records, open_ou
 from apd_jax.decoding.continuous import Request, Slots, check_request
 from apd_jax.text.chat import chat_prompt_ids, has_chat_template, stop_token_ids
 from apd_jax.text.chat import messages as chat_messages
+from apd_jax import ASSETS_DIR
 from apd_jax.checkpoints import load_model, load_tokenizer
 from apd_jax.cli.common import DefaultsHelpFormatter, embedded_filter, positive_int, seed, user_path
 from apd_jax.cli.options import (
@@ -39,6 +40,8 @@ from apd_jax.cli.options import (
 )
 from apd_jax.models.config import tiny_config
 from apd_jax.decoding.registry import DECODERS, Decoder, Models, decoder
+from apd_jax.decoding.blocks.cached import CACHE_MODES
+from apd_jax.decoding.blocks.llada import REMASKING
 from apd_jax.decoding.diffusion import ALGORITHMS
 from apd_jax.decoding.generation import CompileTimer, DecoderConfig, check_prompts
 from apd_jax.decoding.learn2pd import load_filter
@@ -75,9 +78,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     settings_option(p, "--K", "leftright: tokens committed per pass", type=int)
     settings_option(p, "--alg", "dream: unmasking order", choices=ALGORITHMS)
     p.add_argument("--steps", type=int, default=argparse.SUPPRESS,
-                   help="dream: diffusion steps, >= 1 (default: --max-new-tokens, one token per step)")
-    settings_option(p, "--threshold", "threshold: confidence to commit a token; learn2pd: the filter's keep "
-                    "probability", type=float)
+                   help="dream, dream-block, llada: passes in all, >= 1 (default: --max-new-tokens, one token per "
+                        "step)")
+    settings_option(p, "--block-length", "llada, dream-block, threshold, learn2pd: answer positions per block, "
+                    "decoded left to right; 'none': one block", type=optional_int)
+    settings_option(p, "--cache", "llada, dream-block, threshold, learn2pd: Fast-dLLM's KV cache over blocks",
+                    choices=CACHE_MODES)
+    settings_option(p, "--remasking", "llada: which masked positions a step commits", choices=REMASKING)
+    settings_option(p, "--cfg-scale", "llada: classifier-free guidance against the prompt fully masked, 0 off",
+                    type=float)
+    settings_option(p, "--logits-eos-inf", "llada: never predict its eos_id", action="store_true")
+    settings_option(p, "--confidence-eos-eot-inf", "llada: commit predictions of eos_id and eot_id last",
+                    action="store_true")
+    settings_option(p, "--eos-id", "llada: the eos of --logits-eos-inf and --confidence-eos-eot-inf (LLaDA-8B's)",
+                    type=int)
+    settings_option(p, "--eot-id", "llada: the <|eot_id|> of --confidence-eos-eot-inf (LLaDA-8B's)", type=int)
+    settings_option(p, "--threshold", "threshold, dream-block: confidence to commit a token ('none' with "
+                    "dream-block: its step schedule); learn2pd: the filter's keep probability", type=optional_float)
     settings_option(p, "--eot-threshold", "threshold/learn2pd: drop positions after an eos predicted with this "
                     "confidence, 'none' disables it", type=optional_float)
     p.add_argument("--filter", type=user_path,
@@ -216,8 +233,15 @@ def run(args: argparse.Namespace) -> int:
     if args.random_tiny and (args.drafter or args.verifier):
         raise ValueError("--random-tiny makes a tiny random pair instead of loading one: drop --drafter and "
                          "--verifier, or --random-tiny")
-    if not args.random_tiny:
+    if args.random_tiny:
+        pass
+    elif "verifier" in chosen.uses:
         args.drafter, args.verifier = pair_paths(args.drafter, args.verifier)
+    else:  # a decoder of the diffusion model alone (dream, dream-block, threshold, learn2pd, llada)
+        if args.verifier is not None:
+            raise ValueError(f"--decoder {args.decoder} runs the diffusion model alone (--drafter DIR): drop "
+                             "--verifier")
+        args.drafter = ASSETS_DIR / "drafter" if args.drafter is None else args.drafter
     if args.filter is not None and "filter" not in chosen.uses:
         raise ValueError(f"--decoder {args.decoder} does not take --filter (a Learn2PD filter: --decoder learn2pd)")
     filter_path = _filter_path(args) if "filter" in chosen.uses else None
@@ -243,9 +267,14 @@ def _generate(args: argparse.Namespace, chosen: Decoder, config: DecoderConfig, 
     else:
         # Streamed onto the device, or straight into each device's shard of the mesh.
         drafter = load_model(args.drafter, param_dtype=args.dtype, mesh=mesh)
-        verifier = load_model(args.verifier, param_dtype=args.dtype, mesh=mesh)
-        tok_d, tok_v = load_tokenizer(args.drafter), load_tokenizer(args.verifier)
-    vocab = shared_vocab_size(drafter.cfg, verifier.cfg, tok_d, tok_v)
+        tok_d = load_tokenizer(args.drafter)
+        if args.verifier is not None:
+            verifier = load_model(args.verifier, param_dtype=args.dtype, mesh=mesh)
+            tok_v = load_tokenizer(args.verifier)
+        else:
+            verifier = None
+    # The ids both models score, where a decoder runs both (checked against their tokenizers).
+    vocab = None if verifier is None else shared_vocab_size(drafter.cfg, verifier.cfg, tok_d, tok_v)
     prompts = _encode(args, texts, sources, tok_d)
     config = _with_stop_ids(config, drafter, None if args.ids else tok_d)
     models = Models(drafter, verifier, None if filter_path is None else load_filter(filter_path), vocab, mesh)
