@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from apd_jax.decoding.apd import APDConfig, APDKnobs, accepted_length, apd_generate, shared_vocab_size
+from apd_jax.decoding.apd import APDConfig, APDKnobs, apd_generate, shared_vocab_size
+from apd_jax.decoding.apd_rule import accepted_length
 from apd_jax.decoding.apd_eager import apd_generate_eager
 from conftest import MASK, PROMPTS
 from apd_jax.bench.torch_reference.decoders import torch_apd_generate
@@ -117,7 +118,7 @@ def test_paper_rule_accepts_everything_when_both_models_agree():
     logits = jax.random.normal(jax.random.key(0), (3, 6, 40)) * 3
     draft = jax.random.randint(jax.random.key(1), (3, 6), 0, 40)  # any draft: the noise decides both
     key = jax.random.key(2)
-    from apd_jax.decoding.apd import draft_tokens
+    from apd_jax.decoding.apd_rule import draft_tokens
 
     draft = draft_tokens(logits, key, KNOBS, mask_id=40)
     k = accepted_length(draft, logits, logits, jnp.array([6, 6, 4]), key, KNOBS, "paper", mask_id=40)

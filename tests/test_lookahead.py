@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from apd_jax.decoding import apd
-from apd_jax.decoding.apd import APDConfig, _Level, _level_index, _levels, apd_generate, live_view
+from apd_jax.decoding.apd import APDConfig, _levels, apd_generate
+from apd_jax.decoding.apd_steps import _Level, _level_index, live_view
 from apd_jax.decoding.apd_eager import apd_generate_eager
 from apd_jax.cli import main
 from conftest import PROMPTS

@@ -34,7 +34,7 @@ from apd_jax.decoding.blocks.loop import block_size
 from apd_jax.decoding.diffusion import ThresholdConfig, threshold_generate
 from apd_jax.models.config import ModelConfig
 from apd_jax.decoding.generation import DecoderConfig, GenerationResult
-from apd_jax.models.model import Qwen2, abstract_model, forward_logits
+from apd_jax.models.model import Transformer, abstract_model, forward_logits
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
@@ -42,7 +42,7 @@ def _normal(key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
     return 0.02 * jax.random.normal(key, shape, dtype)
 
 
-def random_model(cfg: ModelConfig, seed: int = 0) -> Qwen2:
+def random_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
     """A model with random weights made on the default device: normal(0.02), norm scales 1.
 
     Leaf by leaf, so that XLA compiles one small generator per distinct weight shape
@@ -58,7 +58,7 @@ def random_model(cfg: ModelConfig, seed: int = 0) -> Qwen2:
     return nnx.merge(graph, jax.tree.unflatten(treedef, values))
 
 
-def param_bytes(model: Qwen2) -> int:
+def param_bytes(model: Transformer) -> int:
     return sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
@@ -77,7 +77,7 @@ def random_prompts(configs: list[ModelConfig], batch: int, prompt_len: int) -> l
     return np.random.default_rng(0).integers(0, limit, size=(batch, prompt_len)).tolist()
 
 
-def logits_difference(model: Qwen2, other: Qwen2, length: int) -> float:
+def logits_difference(model: Transformer, other: Transformer, length: int) -> float:
     """||logits(other) - logits(model)|| / ||logits(model)|| on one random sequence."""
     tokens = jnp.asarray(random_prompts([model.cfg], 1, length))
     ref = forward_logits(model, tokens)
@@ -172,7 +172,7 @@ def _roofline(flops: float, nbytes: float, ceilings: dict[str, float]) -> tuple[
     return max(floor, 1e3 * flops / ceilings["matmul_flops"]), floor
 
 
-def bench_apd(drafter: Qwen2, verifier: Qwen2, cfg: APDConfig, batch: int, prompt_len: int,
+def bench_apd(drafter: Transformer, verifier: Transformer, cfg: APDConfig, batch: int, prompt_len: int,
               ceilings: dict[str, float], repeats: int, name: str = "APD", profile: bool = False) -> Row:
     prompts = random_prompts([drafter.cfg, verifier.cfg], batch, prompt_len)
     nbytes = param_bytes(drafter) + param_bytes(verifier)
@@ -194,7 +194,7 @@ def bench_apd(drafter: Qwen2, verifier: Qwen2, cfg: APDConfig, batch: int, promp
                     repeats, profile)
 
 
-def bench_leftright(drafter: Qwen2, K: int, cfg: APDConfig, batch: int, prompt_len: int,
+def bench_leftright(drafter: Transformer, K: int, cfg: APDConfig, batch: int, prompt_len: int,
                     ceilings: dict[str, float], repeats: int, profile: bool = False) -> Row:
     prompts = random_prompts([drafter.cfg], batch, prompt_len)
     layers_d, head_d = matmul_params(drafter.cfg)
@@ -209,7 +209,7 @@ def bench_leftright(drafter: Qwen2, K: int, cfg: APDConfig, batch: int, prompt_l
                     repeats, profile)
 
 
-def bench_ar(model: Qwen2, cfg: ARConfig, batch: int, prompt_len: int, ceilings: dict[str, float],
+def bench_ar(model: Transformer, cfg: ARConfig, batch: int, prompt_len: int, ceilings: dict[str, float],
              repeats: int, profile: bool = False) -> Row:
     prompts = random_prompts([model.cfg], batch, prompt_len)
     layers, head = matmul_params(model.cfg)
@@ -221,7 +221,7 @@ def bench_ar(model: Qwen2, cfg: ARConfig, batch: int, prompt_len: int, ceilings:
     return _measure(f"AR decode{sampling_label(cfg)}", batch, run, bound, repeats, profile)
 
 
-def bench_canvas(model: Qwen2, cfg: LLaDAConfig | ThresholdConfig | DreamBlockConfig, batch: int, prompt_len: int,
+def bench_canvas(model: Transformer, cfg: LLaDAConfig | ThresholdConfig | DreamBlockConfig, batch: int, prompt_len: int,
                  ceilings: dict[str, float], repeats: int, profile: bool = False) -> Row:
     """LLaDA's block decoder (LLaDAConfig), threshold decoding (ThresholdConfig) or Fast-dLLM's Dream
     block decoding (DreamBlockConfig) of a diffusion model.

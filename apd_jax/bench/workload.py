@@ -24,7 +24,7 @@ import numpy as np
 
 from apd_jax.decoding.apd import APDConfig, apd_slots
 from apd_jax.decoding.continuous import Finished, Request, decode, default_group
-from apd_jax.models.model import Qwen2
+from apd_jax.models.model import Transformer
 
 
 @dataclasses.dataclass
@@ -58,7 +58,7 @@ def draw_budgets(n: int, low: int, high: int, seed: int = 0) -> list[int]:
     return np.random.default_rng(seed).integers(low, high, size=n, endpoint=True).tolist()
 
 
-def _timed_run(drafter: Qwen2, verifier: Qwen2, prompts: Sequence[Sequence[int]], budgets: Sequence[int],
+def _timed_run(drafter: Transformer, verifier: Transformer, prompts: Sequence[Sequence[int]], budgets: Sequence[int],
                config: APDConfig, size: int, group: int, label: str) -> WorkloadRow:
     slots = apd_slots(drafter, verifier, prompts, config, size, group)
     requests = [Request(ids, i, max_new_tokens=b) for i, (ids, b) in enumerate(zip(prompts, budgets))]
@@ -76,7 +76,7 @@ def _timed_run(drafter: Qwen2, verifier: Qwen2, prompts: Sequence[Sequence[int]]
                        1e3 * seconds / max(usage.passes, 1), usage.occupancy, compile_s)
 
 
-def bench_workload(drafter: Qwen2, verifier: Qwen2, prompts: Sequence[Sequence[int]], budgets: Sequence[int],
+def bench_workload(drafter: Transformer, verifier: Transformer, prompts: Sequence[Sequence[int]], budgets: Sequence[int],
                    config: APDConfig, size: int) -> list[WorkloadRow]:
     """The fixed-batch run, then the continuous one, of the same prompts and budgets over `size` slots
     (config.max_new_tokens: at least the largest budget)."""

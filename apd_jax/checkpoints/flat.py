@@ -15,7 +15,7 @@ from apd_jax.checkpoints.errors import CheckpointError
 from apd_jax.models.config import ModelConfig
 from apd_jax.models.family import Family
 from apd_jax.models.layouts import Layout
-from apd_jax.models.model import Qwen2, abstract_model
+from apd_jax.models.model import Transformer, abstract_model
 
 
 def _nbytes(spec: Any) -> int:
@@ -32,7 +32,7 @@ def _entry(family: Family, path: str) -> tuple[tuple[str, ...], Layout]:
     return entry.hf, entry.layout
 
 
-def _flat_values(model: Qwen2) -> dict[str, Any]:
+def _flat_values(model: Transformer) -> dict[str, Any]:
     """'layers.0.mlp.down_proj.kernel' -> value of every parameter (nnx's own flat state, keys joined)."""
     _, state = nnx.split(model)
     return {".".join(map(str, k)): v.get_value() for k, v in nnx.to_flat_state(state)}
@@ -53,7 +53,7 @@ def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def model_from_params(cfg: ModelConfig, params: dict[str, Any]) -> Qwen2:
+def model_from_params(cfg: ModelConfig, params: dict[str, Any]) -> Transformer:
     """Build a model whose parameters are `params` (flat Flax paths), placed on the default device
     unless they are jax arrays already."""
     graphdef, state = nnx.split(abstract_model(cfg))
@@ -67,6 +67,6 @@ def _keys(path: str) -> list[str | int]:
     return [int(k) if k.isdigit() else k for k in path.split(".")]
 
 
-def model_params(model: Qwen2) -> dict[str, np.ndarray]:
+def model_params(model: Transformer) -> dict[str, np.ndarray]:
     """Flat Flax parameters of a model, as host numpy arrays."""
     return {path: np.asarray(value) for path, value in _flat_values(model).items()}

@@ -19,7 +19,7 @@ from apd_jax.checkpoints.streaming import (
     _converter, _device_arrays, _hf_sharding, _progress, _release_host_memory, _shardings,
 )
 from apd_jax.models.config import ModelConfig
-from apd_jax.models.model import Qwen2
+from apd_jax.models.model import Transformer
 
 def load_hf_params(
     path: str | Path, cfg: ModelConfig, mesh: Mesh | None = None
@@ -48,7 +48,7 @@ def load_hf_params(
     return params
 
 
-def load_hf(path: str | Path, *, param_dtype: Any = None, dtype: Any = None, mesh: Mesh | None = None) -> Qwen2:
+def load_hf(path: str | Path, *, param_dtype: Any = None, dtype: Any = None, mesh: Mesh | None = None) -> Transformer:
     """A Flax model from a Hugging Face checkpoint directory (config.json + safetensors),
     streamed tensor by tensor onto the default device or, given a mesh, into each device's shard."""
     cfg = read_config(path, param_dtype=param_dtype, dtype=dtype)
@@ -63,7 +63,7 @@ def _directory_argument(function: str, path: Any) -> Path:
     return Path(path).expanduser()
 
 
-def load_model(path: str | Path, *, param_dtype: Any = None, dtype: Any = None, mesh: Mesh | None = None) -> Qwen2:
+def load_model(path: str | Path, *, param_dtype: Any = None, dtype: Any = None, mesh: Mesh | None = None) -> Transformer:
     """An apd_jax (orbax) directory or a Hugging Face directory, whichever `path` is, streamed onto
     the default device or into each device's shard of `mesh`."""
     path = _directory_argument("load_model", path)

@@ -33,7 +33,7 @@ from apd_jax.checkpoints.streaming import (
     _block_plan, _blocks, _device_arrays, _even_blocks, _Placement, _progress, _release_host_memory, _shardings,
 )
 from apd_jax.checkpoints.writes import _copy_configs, _listed, _outermost, atomic_dir, check_output
-from apd_jax.models.model import Qwen2
+from apd_jax.models.model import Transformer
 
 @dataclasses.dataclass(frozen=True)
 class _LazyParam:
@@ -290,7 +290,7 @@ def _orbax_dir(ckpt_dir: str | Path) -> Path:
 
 def load_orbax(
     ckpt_dir: str | Path, *, param_dtype: Any = None, dtype: Any = None, mesh: Mesh | None = None
-) -> Qwen2:
+) -> Transformer:
     """Restore a model saved by convert_hf_to_orbax (or save_orbax) straight onto the default device
     or, given a mesh, into each device's shard of each parameter (apd_jax.models.sharding's rules): no full
     copy of the model on the host, nor on one device of a mesh.
@@ -313,7 +313,7 @@ def load_orbax(
     return model_from_params(cfg, params)
 
 
-def save_orbax(model: Qwen2, out_dir: str | Path, hf_config: dict, *, overwrite: bool = False) -> Path:
+def save_orbax(model: Transformer, out_dir: str | Path, hf_config: dict, *, overwrite: bool = False) -> Path:
     """Save a model's parameters with orbax beside its HF config.json."""
     with atomic_dir(Path(out_dir).expanduser(), overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))

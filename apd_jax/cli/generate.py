@@ -20,7 +20,8 @@ from typing import Any
 
 import jax
 
-from apd_jax.decoding.apd import APDConfig, apd_generate, apd_slots, leftright_slots, live_view, shared_vocab_size
+from apd_jax.decoding.apd import APDConfig, apd_generate, apd_slots, leftright_slots, shared_vocab_size
+from apd_jax.decoding.apd_steps import live_view
 from apd_jax.decoding.autoregressive import ar_slots
 from apd_jax.decoding.batching import DEFAULT_BATCH_SIZE, RUN_SUFFIX, RunOutput, generate_continuously
 from apd_jax.decoding.batching import generate_in_batches, kept_records, open_output
@@ -45,7 +46,7 @@ from apd_jax.decoding.blocks.llada import REMASKING
 from apd_jax.decoding.diffusion import ALGORITHMS
 from apd_jax.decoding.generation import CompileTimer, DecoderConfig, check_prompts
 from apd_jax.decoding.learn2pd import load_filter
-from apd_jax.models.model import Qwen2, init_model
+from apd_jax.models.model import Transformer, init_model
 from apd_jax.text.prompts import is_request_file, parse_ids, read_prompt_lines, read_requests
 from apd_jax.models.sharding import make_mesh, parse_mesh, shard_model
 
@@ -201,7 +202,7 @@ def prompt_limits(config: DecoderConfig, models: Models, chosen: Decoder) -> tup
     return chosen.capacity(models, config), vocab
 
 
-def _with_stop_ids(config: DecoderConfig, drafter: Qwen2, tokenizer) -> DecoderConfig:
+def _with_stop_ids(config: DecoderConfig, drafter: Transformer, tokenizer) -> DecoderConfig:
     """Stop at every eos the checkpoint declares and at the tokenizer's (an instruct model's <|im_end|>)."""
     if config.eos_token_ids is not None or tokenizer is None:
         return config

@@ -26,14 +26,13 @@ from jax.sharding import Mesh
 
 from apd_jax.decoding import apd_steps as steps
 from apd_jax.decoding.apd_rule import APDConfig, APDKnobs, shared_vocab_size
-from apd_jax.decoding.apd_rule import accepted_length, draft_tokens  # noqa: F401
-from apd_jax.decoding.apd_steps import Spec, _Level, _level_index, live_view  # noqa: F401
+from apd_jax.decoding.apd_steps import Spec, _Level
 from apd_jax.decoding import continuous
 from apd_jax.decoding.continuous import Request, Slots, default_group
 from apd_jax.decoding.generation import GenerationResult, InputTypeError, capacity, check_config, prepare, resolve_eos
 from apd_jax.decoding.generation import row_keys
 from apd_jax.models.config import ModelConfig
-from apd_jax.models.model import Qwen2
+from apd_jax.models.model import Transformer
 from apd_jax.models.sharding import replicate, shard_rows
 
 
@@ -87,7 +86,7 @@ def _run(
     return batch.finish(*outputs)
 
 
-def _models(graphs, params, spec: Spec) -> tuple[Qwen2, Qwen2 | None]:
+def _models(graphs, params, spec: Spec) -> tuple[Transformer, Transformer | None]:
     drafter = nnx.merge(graphs[0], params[0])
     return drafter, None if spec.fixed_k else nnx.merge(graphs[1], params[1])
 
@@ -137,7 +136,7 @@ def _slots(drafter, verifier, prompts, config: APDConfig, size: int, group: int 
     )
 
 
-def apd_slots(drafter: Qwen2, verifier: Qwen2, prompts: Sequence[Sequence[int]], config: APDConfig = APDConfig(),
+def apd_slots(drafter: Transformer, verifier: Transformer, prompts: Sequence[Sequence[int]], config: APDConfig = APDConfig(),
               size: int = 32, group: int | None = None, *, shared_vocab: int | None = None) -> Slots:
     """APD's compiled steps over `size` slots for continuous batching (`continuous.decode`), shaped for
     `prompts` (every prompt checked; padded to their longest's bucket) and budgets up to max_new_tokens.
@@ -149,7 +148,7 @@ def apd_slots(drafter: Qwen2, verifier: Qwen2, prompts: Sequence[Sequence[int]],
     return _slots(drafter, verifier, prompts, config, size, group, vocab, fixed_k=0)
 
 
-def leftright_slots(drafter: Qwen2, prompts: Sequence[Sequence[int]], config: LeftRightConfig, size: int = 32,
+def leftright_slots(drafter: Transformer, prompts: Sequence[Sequence[int]], config: LeftRightConfig, size: int = 32,
                     group: int | None = None) -> Slots:
     """Left-to-right K's compiled steps over `size` slots for continuous batching (as `apd_slots`)."""
     config = check_config(config, LeftRightConfig)
@@ -159,8 +158,8 @@ def leftright_slots(drafter: Qwen2, prompts: Sequence[Sequence[int]], config: Le
 
 
 def apd_generate(
-    drafter: Qwen2,
-    verifier: Qwen2,
+    drafter: Transformer,
+    verifier: Transformer,
     prompts: Sequence[Sequence[int]],
     config: APDConfig = APDConfig(),
     key: jax.Array | None = None,
@@ -233,7 +232,7 @@ class APDCore:
         return (*steps.outputs(state, self.spec), *((state.logprob,) if self.spec.logprobs else ()))
 
 
-def apd_core(drafter: Qwen2, verifier: Qwen2, config: APDConfig, prompt_len: int, *,
+def apd_core(drafter: Transformer, verifier: Transformer, config: APDConfig, prompt_len: int, *,
              shared_vocab: int | None = None, logprobs: bool = False) -> tuple[APDCore, tuple]:
     """(APDCore for prompts padded to `prompt_len`, the models' current params): settings, models and shapes
     checked here, once, outside jit."""
@@ -262,7 +261,7 @@ class LeftRightConfig(APDConfig):
 
 
 def leftright_generate(
-    drafter: Qwen2,
+    drafter: Transformer,
     prompts: Sequence[Sequence[int]],
     K: int,
     config: APDConfig = APDConfig(),

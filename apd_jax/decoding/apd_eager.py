@@ -22,17 +22,17 @@ from apd_jax.decoding.apd_rule import (
 )
 from apd_jax.decoding.generation import check_config, prepare
 from apd_jax.models.cache import KVCache
-from apd_jax.models.model import Qwen2, shift_right
+from apd_jax.models.model import Transformer, shift_right
 
 
 @nnx.jit
-def _window_forward(model: Qwen2, tokens: jax.Array, start: jax.Array, cache: KVCache):
+def _window_forward(model: Transformer, tokens: jax.Array, start: jax.Array, cache: KVCache):
     return model(tokens, start=start, cache=cache)
 
 
 def apd_generate_eager(
-    drafter: Qwen2,
-    verifier: Qwen2,
+    drafter: Transformer,
+    verifier: Transformer,
     prompt: Sequence[int],
     config: APDConfig = APDConfig(),
     key: jax.Array | None = None,

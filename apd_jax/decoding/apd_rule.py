@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from apd_jax.decoding.generation import DecoderConfig
 from apd_jax.decoding.sampling import Knobs, exclude_token
 from apd_jax.models.config import ModelConfig
-from apd_jax.models.model import Qwen2
+from apd_jax.models.model import Transformer
 
 
 RULES = ("paper", "reference")
@@ -158,7 +158,7 @@ def accepted_length(
     return jnp.sum(jnp.cumprod(match, axis=1), axis=1).astype(jnp.int32)
 
 
-def verifier_predictions(verifier: Qwen2, hidden: jax.Array, vocab: int) -> jax.Array:
+def verifier_predictions(verifier: Transformer, hidden: jax.Array, vocab: int) -> jax.Array:
     """[B, n, vocab]: the verifier's prediction for each draft position j, its output j - 1; zeros
     at position 0, always accepted (the reference carries a logit over from the last pass)."""
     b, n, _ = hidden.shape

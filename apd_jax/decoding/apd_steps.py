@@ -26,7 +26,7 @@ from apd_jax.decoding.apd_rule import APDConfig, APDKnobs, accepted_length, draf
 from apd_jax.decoding.apd_rule import verifier_predictions
 from apd_jax.models.cache import KVCache
 from apd_jax.models.config import ModelConfig
-from apd_jax.models.model import Qwen2, shift_right
+from apd_jax.models.model import Transformer, shift_right
 from apd_jax.models.sharding import constrain_cache
 
 
@@ -101,7 +101,7 @@ def empty(spec: Spec, drafter: ModelConfig, verifier: ModelConfig | None, slots:
     )
 
 
-def prefill(verifier: Qwen2, cache: KVCache, slots: jax.Array, ids: jax.Array,
+def prefill(verifier: Transformer, cache: KVCache, slots: jax.Array, ids: jax.Array,
             lengths: jax.Array) -> tuple[KVCache, jax.Array]:
     """The verifier's K/V of the prompts ids [G, P] (true lengths [G]) written into rows `slots` of its cache,
     and its hidden state [G, H] at each prompt's last token (what predicts the first generated one)."""
@@ -114,11 +114,11 @@ def _at(hidden: jax.Array, index: jax.Array) -> jax.Array:
     return jnp.take_along_axis(hidden, jnp.clip(index, 0, hidden.shape[1] - 1)[:, None, None], axis=1)[:, 0]
 
 
-def _log_softmax(verifier: Qwen2, hidden: jax.Array, spec: Spec) -> jax.Array:
+def _log_softmax(verifier: Transformer, hidden: jax.Array, spec: Spec) -> jax.Array:
     return jax.nn.log_softmax(verifier.logits(hidden, vocab=spec.vocab).astype(jnp.float32), axis=-1)
 
 
-def refill(verifier: Qwen2 | None, state: APDState, slots: jax.Array, ids: jax.Array, lengths: jax.Array,
+def refill(verifier: Transformer | None, state: APDState, slots: jax.Array, ids: jax.Array, lengths: jax.Array,
            budgets: jax.Array, knobs: APDKnobs, keys: jax.Array, spec: Spec) -> APDState:
     """Slots `slots` [G] take new prompts ids [G, P] (lengths [G]), each with its budget (<= spec.max_new),
     knobs and key; a slot index >= S is padding of the group and dropped. The verifier prefills their
@@ -146,7 +146,7 @@ def refill(verifier: Qwen2 | None, state: APDState, slots: jax.Array, ids: jax.A
     )
 
 
-def _draft_logits(drafter: Qwen2, hidden: jax.Array, start: jax.Array, t: jax.Array, draft: int,
+def _draft_logits(drafter: Transformer, hidden: jax.Array, start: jax.Array, t: jax.Array, draft: int,
                   spec: Spec) -> jax.Array:
     """Drafter logits for positions t .. t + draft - 1, read from a window starting at `start`."""
     hidden = shift_right(hidden)
@@ -183,7 +183,7 @@ def _split_rows(keys: jax.Array) -> tuple[jax.Array, jax.Array]:
     return both[:, 0], both[:, 1]
 
 
-def _accept(verifier: Qwen2 | None, state: APDState, logits_d: jax.Array, right: jax.Array, spec: Spec) -> APDState:
+def _accept(verifier: Transformer | None, state: APDState, logits_d: jax.Array, right: jax.Array, spec: Spec) -> APDState:
     """Draft, verify, accept and write one pass for every active row (the window ends at `right`)."""
     b = state.t.shape[0]
     j = jnp.arange(logits_d.shape[1])
@@ -232,7 +232,7 @@ def _accept(verifier: Qwen2 | None, state: APDState, logits_d: jax.Array, right:
     )
 
 
-def _keep_logprobs(verifier: Qwen2, state: APDState, logits_v: jax.Array, hidden: jax.Array, draft: jax.Array,
+def _keep_logprobs(verifier: Transformer, state: APDState, logits_v: jax.Array, hidden: jax.Array, draft: jax.Array,
                    k: jax.Array, spec: Spec) -> APDState:
     """Each accepted token's verifier log-probability: draft position 0 from the carried distribution (the
     output before t), position j from output j - 1; then the carry becomes the last accepted output's."""
@@ -259,7 +259,7 @@ def _window(tokens: jax.Array, left: jax.Array, size: int) -> jax.Array:
     return jnp.take_along_axis(tokens, idx, axis=1)
 
 
-def step(drafter: Qwen2, verifier: Qwen2 | None, state: APDState, spec: Spec) -> APDState:
+def step(drafter: Transformer, verifier: Transformer | None, state: APDState, spec: Spec) -> APDState:
     """One pass of every active row: the drafter over its window, a draft, the verifier's check, acceptance.
 
     A row's window is [left, right): left = 0 on its first pass, else t_prev - W + 1; right = min(t +
@@ -286,7 +286,7 @@ def step(drafter: Qwen2, verifier: Qwen2 | None, state: APDState, spec: Spec) ->
     return jax.lax.switch(_level_index(spec.levels, width, window), passes, state, left, right, window)
 
 
-def run(drafter: Qwen2, verifier: Qwen2 | None, state: APDState, spec: Spec, until: jax.Array) -> APDState:
+def run(drafter: Transformer, verifier: Transformer | None, state: APDState, spec: Spec, until: jax.Array) -> APDState:
     """Step until at least `until` rows (free slots included) are done, or every row is."""
 
     def cond(state: APDState) -> jax.Array:

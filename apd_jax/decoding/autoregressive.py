@@ -20,7 +20,7 @@ from flax import nnx
 from apd_jax.models.cache import KVCache
 from apd_jax.decoding.continuous import Slots, default_group
 from apd_jax.decoding.generation import DecoderConfig, GenerationResult, check_config, prepare
-from apd_jax.models.model import Qwen2
+from apd_jax.models.model import Transformer
 from apd_jax.decoding.sampling import Knobs
 
 
@@ -63,7 +63,7 @@ def _split_rows(keys: jax.Array) -> tuple[jax.Array, jax.Array]:
     return both[:, 0], both[:, 1]
 
 
-def empty(model: Qwen2, spec: Spec, slots: int, eos: jax.Array) -> ARState:
+def empty(model: Transformer, spec: Spec, slots: int, eos: jax.Array) -> ARState:
     """S free slots (done rows), their cache allocated."""
     zeros = jnp.zeros((slots,), jnp.int32)
     return ARState(
@@ -75,7 +75,7 @@ def empty(model: Qwen2, spec: Spec, slots: int, eos: jax.Array) -> ARState:
     )
 
 
-def refill(model: Qwen2, state: ARState, slots: jax.Array, ids: jax.Array, lengths: jax.Array, budgets: jax.Array,
+def refill(model: Transformer, state: ARState, slots: jax.Array, ids: jax.Array, lengths: jax.Array, budgets: jax.Array,
            knobs: Knobs, keys: jax.Array) -> ARState:
     """Slots `slots` [G] take new prompts ids [G, P] (lengths [G]) with their budgets, knobs and keys (a slot
     index >= S is padding, dropped): the prompts are prefilled and each row's first token sampled."""
@@ -94,7 +94,7 @@ def refill(model: Qwen2, state: ARState, slots: jax.Array, ids: jax.Array, lengt
     )
 
 
-def step(model: Qwen2, state: ARState) -> ARState:
+def step(model: Transformer, state: ARState) -> ARState:
     """One token for every active row."""
     b, max_new = state.out.shape
     n, done = state.n, state.done
@@ -109,7 +109,7 @@ def step(model: Qwen2, state: ARState) -> ARState:
     )
 
 
-def run(model: Qwen2, state: ARState, until: jax.Array) -> ARState:
+def run(model: Transformer, state: ARState, until: jax.Array) -> ARState:
     """Step until at least `until` rows (free slots included) are done, or every row is."""
 
     def cond(state: ARState) -> jax.Array:
@@ -135,13 +135,13 @@ def _decode(graph, params, prompts, prompt_lens, budgets, eos, knobs: Knobs, key
     return *outputs(state), jnp.max(state.n)
 
 
-def _check_causal(model: Qwen2) -> None:
+def _check_causal(model: Transformer) -> None:
     if not model.cfg.causal:
         raise ValueError("autoregressive decoding needs a causal (Qwen2) model; Dream models use the diffusion decoders")
 
 
 def ar_generate(
-    model: Qwen2, prompts: Sequence[Sequence[int]], config: ARConfig = ARConfig(), key: jax.Array | None = None
+    model: Transformer, prompts: Sequence[Sequence[int]], config: ARConfig = ARConfig(), key: jax.Array | None = None
 ) -> GenerationResult:
     """Decode a batch of ragged prompts with a causal model, one token per pass."""
     config = check_config(config, ARConfig)
@@ -175,7 +175,7 @@ def _slots_read(state: ARState):
     return *outputs(state), state.done
 
 
-def ar_slots(model: Qwen2, prompts: Sequence[Sequence[int]], config: ARConfig = ARConfig(), size: int = 32,
+def ar_slots(model: Transformer, prompts: Sequence[Sequence[int]], config: ARConfig = ARConfig(), size: int = 32,
              group: int | None = None) -> Slots:
     """AR's compiled steps over `size` slots for continuous batching (`continuous.decode`), shaped for
     `prompts` (every prompt checked; padded to their longest's bucket) and budgets up to max_new_tokens."""

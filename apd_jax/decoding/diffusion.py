@@ -33,7 +33,7 @@ from apd_jax.decoding.blocks.loop import (
     most_confident,
 )
 from apd_jax.decoding.generation import DecoderConfig, GenerationResult, check_config
-from apd_jax.models.model import Qwen2
+from apd_jax.models.model import Transformer
 from apd_jax.decoding.sampling import Knobs, exclude_token, filter_logits, gumbel_argmax, gumbel_noise
 from apd_jax.utils.shapes import pow2_bucket
 
@@ -219,7 +219,7 @@ class DreamRule(nnx.Module):
 
 
 def diffusion_generate(
-    model: Qwen2,
+    model: Transformer,
     prompts: Sequence[Sequence[int]],
     config: DiffusionConfig = DiffusionConfig(),
     key: jax.Array | None = None,
@@ -275,7 +275,7 @@ class ParallelRule(nnx.Module):
 
 
 def parallel_decode(
-    model: Qwen2,
+    model: Transformer,
     rule: nnx.Module,
     prompts: Sequence[Sequence[int]],
     config: ParallelConfig,
@@ -294,7 +294,7 @@ def parallel_decode(
 
 
 def threshold_generate(
-    model: Qwen2,
+    model: Transformer,
     prompts: Sequence[Sequence[int]],
     config: ThresholdConfig = ThresholdConfig(),
     key: jax.Array | None = None,

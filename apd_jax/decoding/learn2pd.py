@@ -23,7 +23,7 @@ from apd_jax.checkpoints import atomic_dir
 from apd_jax.decoding.blocks.loop import first_index
 from apd_jax.decoding.diffusion import ParallelConfig, Prediction, parallel_decode
 from apd_jax.decoding.generation import GenerationResult, check_config
-from apd_jax.models.model import Qwen2
+from apd_jax.models.model import Transformer
 
 # Per masked position and pass, each in about [0, 1]. No pass index: the oracle finishes in a
 # few passes, a decoder takes many, so a pass-index feature only encodes the oracle's schedule
@@ -122,7 +122,7 @@ class FilterRule(nnx.Module):
 
 
 def learn2pd_generate(
-    model: Qwen2,
+    model: Transformer,
     learned: Filter,
     prompts: Sequence[Sequence[int]],
     config: Learn2PDConfig = Learn2PDConfig(),

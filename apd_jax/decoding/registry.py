@@ -20,15 +20,15 @@ from apd_jax.decoding.blocks.dream import DreamBlockConfig, dream_block_generate
 from apd_jax.decoding.diffusion import DiffusionConfig, ThresholdConfig, diffusion_generate, threshold_generate
 from apd_jax.decoding.generation import DecoderConfig, GenerationResult, capacity, check_config
 from apd_jax.decoding.learn2pd import Filter, Learn2PDConfig, learn2pd_generate
-from apd_jax.models.model import Qwen2
+from apd_jax.models.model import Transformer
 
 
 @dataclasses.dataclass(frozen=True)
 class Models:
     """What a decoder may run on; each decoder reads only the members it `uses`."""
 
-    drafter: Qwen2 | None = None  # a diffusion model (bidirectional): Dream, or LLaDA
-    verifier: Qwen2 | None = None  # Qwen2 (causal)
+    drafter: Transformer | None = None  # a diffusion model (bidirectional): Dream, or LLaDA
+    verifier: Transformer | None = None  # Qwen2 (causal)
     filter: Filter | None = None  # Learn2PD's trained filter
     shared_vocab: int | None = None  # APD: the ids both models score (apd.shared_vocab_size), if checked already
     mesh: Mesh | None = None  # APD: the device mesh the models are sharded over

@@ -24,7 +24,7 @@ from apd_jax.decoding.registry import Models, decoder
 from apd_jax.decoding.diffusion import ThresholdConfig
 from apd_jax.decoding.generation import GenerationResult
 from apd_jax.decoding.learn2pd import Filter, Learn2PDConfig
-from apd_jax.models.model import Qwen2, token_logprobs
+from apd_jax.models.model import Transformer, token_logprobs
 
 
 @dataclasses.dataclass
@@ -83,8 +83,8 @@ def compared_runs(n: int, apd: APDConfig, threshold: float, learn2pd: bool) -> l
 
 
 def compare_decoders(
-    drafter: Qwen2,
-    verifier: Qwen2,
+    drafter: Transformer,
+    verifier: Transformer,
     prompts: list[list[int]],
     max_new_tokens: int,
     apd: APDConfig,
@@ -142,7 +142,7 @@ class LookaheadRow:
     tokens: int
 
 
-def verifier_logprob(verifier: Qwen2, prompts: list[list[int]], result: GenerationResult) -> float:
+def verifier_logprob(verifier: Transformer, prompts: list[list[int]], result: GenerationResult) -> float:
     """Mean log p_verifier(token | prompt, tokens before it) over every generated token.
 
     A quality measure that, unlike position-wise agreement, does not punish a shifted but
@@ -161,8 +161,8 @@ def verifier_logprob(verifier: Qwen2, prompts: list[list[int]], result: Generati
 
 
 def lookahead_study(
-    drafter: Qwen2,
-    verifier: Qwen2,
+    drafter: Transformer,
+    verifier: Transformer,
     prompts: list[list[int]],
     settings: list[APDConfig],
     completions: tuple[list[list[int]], list[str], Callable[[list[int]], str]] | None = None,

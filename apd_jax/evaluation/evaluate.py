@@ -25,7 +25,7 @@ from apd_jax.decoding.apd import APDConfig, apd_generate, shared_vocab_size
 from apd_jax.decoding.batching import DEFAULT_BATCH_SIZE, generate_batched, padded_batches
 from apd_jax.checkpoints import load_model, load_tokenizer
 from apd_jax.decoding.generation import capacity, check_prompts
-from apd_jax.models.model import Qwen2
+from apd_jax.models.model import Transformer
 from apd_jax.utils.progress import terminal_progress
 
 PROMPT = "Question: {question}\nAnswer:"
@@ -100,7 +100,7 @@ class EvalReport:
 
 
 def evaluate(
-    drafter: Qwen2, verifier: Qwen2, tokenizer, items: list[dict], config: APDConfig,
+    drafter: Transformer, verifier: Transformer, tokenizer, items: list[dict], config: APDConfig,
     batch_size: int = DEFAULT_BATCH_SIZE, prompt: str = PROMPT,
 ) -> EvalReport:
     """Exact match of the extracted answers; items decoded batch_size at a time, in one shape."""

@@ -25,7 +25,7 @@ def _block(names: str) -> tuple[str, ...]:
     return tuple(f"model.transformer.blocks.{{i}}.{n}.weight" for n in names.split())
 
 
-# The Flax paths of model.Qwen2 (the same module runs every family) -> LLaDA's tensors.
+# The Flax paths of model.Transformer (the same module runs every family) -> LLaDA's tensors.
 PARAMS: dict[str, Param] = {
     "embed_tokens.embedding": Param(("model.transformer.wte.weight",), SAME, P(MODEL, None), "vocab_size"),
     "layers.{i}.input_layernorm.weight": Param(_block("attn_norm"), SAME),

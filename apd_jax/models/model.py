@@ -170,7 +170,7 @@ class DecoderLayer(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), cache
 
 
-class Qwen2(nnx.Module):
+class Transformer(nnx.Module):
     """The decoder of every family: embeddings, decoder layers, final norm and output head."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -228,18 +228,18 @@ def shift_right(hidden: jax.Array) -> jax.Array:
 
 
 @nnx.jit
-def forward_logits(model: Qwen2, tokens: jax.Array) -> jax.Array:
-    """Logits of a whole sequence without a cache, read as the family predicts (Qwen2.aligned)."""
+def forward_logits(model: Transformer, tokens: jax.Array) -> jax.Array:
+    """Logits of a whole sequence without a cache, read as the family predicts (Transformer.aligned)."""
     hidden, _ = model(tokens)
     return model.logits(model.aligned(hidden))
 
 
-def init_model(cfg: ModelConfig, seed: int = 0) -> Qwen2:
+def init_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
     """A randomly initialised model (Hugging Face's normal(0.02) initialiser)."""
-    return Qwen2(cfg, rngs=nnx.Rngs(seed))
+    return Transformer(cfg, rngs=nnx.Rngs(seed))
 
 
-def with_config(model: Qwen2, cfg: ModelConfig) -> Qwen2:
+def with_config(model: Transformer, cfg: ModelConfig) -> Transformer:
     """The same weights under another config of identical parameter shapes and dtypes,
     e.g. `model.cfg.replace(attention="cudnn")`; nothing is copied."""
     target = abstract_model(cfg)
@@ -249,14 +249,14 @@ def with_config(model: Qwen2, cfg: ModelConfig) -> Qwen2:
     return nnx.merge(nnx.graphdef(target), nnx.state(model))
 
 
-def abstract_model(cfg: ModelConfig) -> Qwen2:
+def abstract_model(cfg: ModelConfig) -> Transformer:
     """The model's structure with shapes and dtypes only: nothing allocated."""
-    return nnx.eval_shape(lambda: Qwen2(cfg, rngs=nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
 
 
 @nnx.jit
-def token_logprobs(model: Qwen2, inputs: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """log p(targets[b, s]) [B, S] as the model predicts it at output s (Qwen2.aligned: a causal
+def token_logprobs(model: Transformer, inputs: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """log p(targets[b, s]) [B, S] as the model predicts it at output s (Transformer.aligned: a causal
     model's next token after inputs[b, :s + 1]) and whether each target is the argmax, gathered on
     the device (the [B, S, vocab] log-probabilities never leave it)."""
     hidden, _ = model(inputs)

@@ -24,7 +24,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from apd_jax.models.cache import KVCache
 from apd_jax.models.config import ModelConfig
-from apd_jax.models.model import Qwen2
+from apd_jax.models.model import Transformer
 from apd_jax.models.family import MODEL, Family
 
 DATA = "data"  # the mesh axis of batch rows; MODEL, of tensor parallelism, is family.py's
@@ -86,7 +86,7 @@ def param_spec(path: str, family: Family) -> P:
     return family.param(path).spec
 
 
-def shard_model(model: Qwen2, mesh: Mesh) -> Qwen2:
+def shard_model(model: Transformer, mesh: Mesh) -> Transformer:
     """A copy of `model` with every parameter placed by its family's specs on `mesh` (the input is left as is)."""
     check_model(model.cfg, mesh)
     graphdef, state = nnx.split(model)

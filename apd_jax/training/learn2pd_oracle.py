@@ -32,7 +32,7 @@ from apd_jax.decoding.generation import DecoderConfig
 from apd_jax.decoding.learn2pd import FEATURES, pass_features
 from apd_jax.decoding.sampling import Knobs, exclude_token
 from apd_jax.models.config import raise_problems
-from apd_jax.models.model import Qwen2
+from apd_jax.models.model import Transformer
 
 
 @dataclasses.dataclass
@@ -102,7 +102,7 @@ class OracleRule(nnx.Module):
 
 
 def oracle_traces(
-    model: Qwen2,
+    model: Transformer,
     prompts: Sequence[Sequence[int]],
     answers: np.ndarray,
     max_len: int | None = None,
@@ -131,7 +131,7 @@ def oracle_traces(
 
 
 def final_answers(
-    model: Qwen2, prompts: Sequence[Sequence[int]], max_new_tokens: int, max_len: int | None = None, *,
+    model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, max_len: int | None = None, *,
     block_length: int | None = None,
 ) -> np.ndarray:
     """[B, N]: the model's own greedy answer, one token per pass (the most confident), over the
@@ -142,7 +142,7 @@ def final_answers(
 
 
 def collect_traces(
-    model: Qwen2,
+    model: Transformer,
     prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
     batch_size: int = 8,

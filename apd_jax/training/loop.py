@@ -24,7 +24,7 @@ import optax
 from flax import nnx
 
 from apd_jax.models.config import ModelConfig
-from apd_jax.models.model import Qwen2, init_model
+from apd_jax.models.model import Transformer, init_model
 from apd_jax.training.objectives import completion_metrics, objective_for
 from apd_jax.training.settings import TrainSettings
 
@@ -74,7 +74,7 @@ def _dropped_out(branch: Callable, rate: float, key: jax.Array, x: jax.Array, *a
     return (y, *out[1:]) if isinstance(out, tuple) else y
 
 
-def for_training(model: Qwen2, dropout: float = 0.0, key: jax.Array | None = None) -> Qwen2:
+def for_training(model: Transformer, dropout: float = 0.0, key: jax.Array | None = None) -> Transformer:
     """The model with its embedding lookup done as a matmul (see MatmulEmbed); same parameters.
 
     With `dropout` > 0 and a `key`, every layer's attention and MLP output is also dropped
@@ -151,7 +151,7 @@ def train_model(
     *,
     log: Callable[..., None] = print_flushed,
     name: str = "model",
-) -> tuple[Qwen2, dict]:
+) -> tuple[Transformer, dict]:
     """Train one model from scratch; returns it and a history of train/held-out metrics.
 
     heldout: [N, seq_len] windows, evaluated every eval_every steps (at most eval_windows

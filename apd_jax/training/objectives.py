@@ -5,7 +5,7 @@ The drafter objective (Dream / LLaDA / MDLM): t ~ U(eps, 1) per sequence; every 
 the first is masked with probability t (with probability `suffix_prob` only after a clean prefix
 of random length, as APD prompts the drafter); the loss is the masked positions' cross-entropy
 weighted by 1/t, over the number of tokens, each read where the model's family predicts it
-(Qwen2.aligned: Dream's output i - 1, LLaDA's output i). Each objective is
+(Transformer.aligned: Dream's output i - 1, LLaDA's output i). Each objective is
 an `Objective` in parts, so that the training loop (apd_jax.training.loop) can split a batch into
 micro-batches and still compute the batch's loss.
 """
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from apd_jax.models.config import ModelConfig
-from apd_jax.models.model import Qwen2
+from apd_jax.models.model import Transformer
 from apd_jax.training.settings import TrainSettings
 
 
@@ -57,18 +57,18 @@ class Objective:
     """
 
     noise: Callable[[jax.Array, jax.Array], dict]  # (key, tokens [B, L]) -> per-row inputs
-    sums: Callable[[Qwen2, dict], dict]  # (model, some rows' inputs) -> {name: summed term}
+    sums: Callable[[Transformer, dict], dict]  # (model, some rows' inputs) -> {name: summed term}
     denominator: Callable[[tuple[int, ...]], int]
     metrics: Callable[[dict, tuple[int, ...]], dict]  # (the batch's sums, [B, L]) -> metrics
 
     def finish(self, sums: dict, shape: tuple[int, ...]) -> tuple[jax.Array, dict]:
         return sums["loss"] / self.denominator(shape), self.metrics(sums, shape)
 
-    def __call__(self, model: Qwen2, tokens: jax.Array, key: jax.Array) -> tuple[jax.Array, dict]:
+    def __call__(self, model: Transformer, tokens: jax.Array, key: jax.Array) -> tuple[jax.Array, dict]:
         return self.finish(self.sums(model, self.noise(key, tokens)), tokens.shape)
 
 
-def _diffusion_sums(model: Qwen2, x: dict) -> dict:
+def _diffusion_sums(model: Transformer, x: dict) -> dict:
     hidden, _ = model(x["noisy"])
     logits = model.logits(model.aligned(hidden))  # [B, L, V]: position i's prediction at i
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, x["tokens"])
@@ -94,13 +94,13 @@ def diffusion_objective(mask_id: int, *, eps: float = 1e-3, suffix_prob: float =
 
 
 def diffusion_loss(
-    model: Qwen2, tokens: jax.Array, key: jax.Array, *, eps: float = 1e-3, suffix_prob: float = 0.5
+    model: Transformer, tokens: jax.Array, key: jax.Array, *, eps: float = 1e-3, suffix_prob: float = 0.5
 ) -> tuple[jax.Array, dict]:
     """`diffusion_objective` of the model's mask token on one batch: (loss, metrics)."""
     return diffusion_objective(model.cfg.mask_token_id, eps=eps, suffix_prob=suffix_prob)(model, tokens, key)
 
 
-def _ar_sums(model: Qwen2, x: dict) -> dict:
+def _ar_sums(model: Transformer, x: dict) -> dict:
     tokens = x["tokens"]
     hidden, _ = model(tokens)
     logits = model.logits(hidden[:, :-1])
@@ -119,7 +119,7 @@ AR_OBJECTIVE = Objective(
 )
 
 
-def completion_metrics(model: Qwen2, tokens: jax.Array, cut: int, span: int = 8) -> dict:
+def completion_metrics(model: Transformer, tokens: jax.Array, cut: int, span: int = 8) -> dict:
     """The drafter as APD uses it: prefix [0, cut) clean, everything after masked.
 
     ce@1 is the cross-entropy of the first masked position (comparable to the

@@ -19,7 +19,7 @@ import ml_dtypes
 import numpy as np
 
 from apd_jax.checkpoints import export_hf, model_params
-from apd_jax.models.model import Qwen2
+from apd_jax.models.model import Transformer
 from apd_jax.text.tokenizer import TOKENIZER_FILES
 
 
@@ -70,7 +70,7 @@ _STORAGE = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
 
 
 def save_model(
-    model: Qwen2, out_dir: str | Path, tokenizer_dir: str | Path, *, storage_dtype: str = "bfloat16",
+    model: Transformer, out_dir: str | Path, tokenizer_dir: str | Path, *, storage_dtype: str = "bfloat16",
     extra: dict | None = None,
 ) -> Path:
     """The model as a Hugging Face directory (config.json, generation_config.json,

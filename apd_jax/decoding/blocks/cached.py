@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from apd_jax.models.cache import KVCache
-from apd_jax.models.model import Qwen2
+from apd_jax.models.model import Transformer
 
 CACHE_MODES = ("none", "prefix", "dual")
 
@@ -50,7 +50,7 @@ def cache_problems(cache: str) -> list[str]:
     return [] if cache in CACHE_MODES else [f"cache={cache!r}: use one of {CACHE_MODES}"]
 
 
-def check_cacheable(model: Qwen2, cache: str, guided: bool, block_start_first: bool) -> None:
+def check_cacheable(model: Transformer, cache: str, guided: bool, block_start_first: bool) -> None:
     """Refuse what the cached forwards do not run: classifier-free guidance (Fast-dLLM's cached
     samplers have none), and a shifted family (Dream) under a rule that does not commit each block's
     first position in the block's first pass (`block_start_first`): a window reads Dream's outputs
@@ -76,7 +76,7 @@ def window_widths(cache: str, block_length: int, max_new: int) -> tuple[int, ...
     return tuple(max_new - k * block_length for k in range(max_new // block_length))
 
 
-def _window(model: Qwen2, canvas: jax.Array, cache: KVCache, prompt_lens: jax.Array, block_start: jax.Array,
+def _window(model: Transformer, canvas: jax.Array, cache: KVCache, prompt_lens: jax.Array, block_start: jax.Array,
             end: jax.Array, width: int) -> tuple[jax.Array, KVCache]:
     """Hidden states [B, width, H] of the answer positions [block_start, block_start + width) of each
     row, read as the family predicts within the window (Dream's shifted inside it, as Fast-dLLM's
@@ -89,7 +89,7 @@ def _window(model: Qwen2, canvas: jax.Array, cache: KVCache, prompt_lens: jax.Ar
     return model.aligned(hidden), cache
 
 
-def _window_branches(model: Qwen2, canvas: jax.Array, prompt_lens: jax.Array, block: jax.Array,
+def _window_branches(model: Transformer, canvas: jax.Array, prompt_lens: jax.Array, block: jax.Array,
                      block_start: jax.Array, end: jax.Array, reuse: jax.Array, widths: tuple[int, ...], read):
     """(branch index, branches) for lax.switch: branch 1 + k runs the window of width widths[k] and
     returns read(hidden, cache), k the lowest block among the rows in `reuse` (the widest window
@@ -103,7 +103,7 @@ def _window_branches(model: Qwen2, canvas: jax.Array, prompt_lens: jax.Array, bl
     return branch, [window(w) for w in widths]
 
 
-def block_logits(model: Qwen2, canvas: jax.Array, cache: KVCache, prompt_lens: jax.Array, end: jax.Array,
+def block_logits(model: Transformer, canvas: jax.Array, cache: KVCache, prompt_lens: jax.Array, end: jax.Array,
                  block: jax.Array, block_start: jax.Array, running: jax.Array, widths: tuple[int, ...],
                  block_length: int) -> tuple[jax.Array, KVCache]:
     """A pass in which no row refreshes: logits [B, block_length, V] of each row's current block
@@ -122,7 +122,7 @@ def _keep_rows(rows: jax.Array, new: KVCache, old: KVCache) -> KVCache:
                                                                                              old.lengths))
 
 
-def cached_logits(model: Qwen2, canvas: jax.Array, cache: KVCache, prompt_lens: jax.Array, end: jax.Array,
+def cached_logits(model: Transformer, canvas: jax.Array, cache: KVCache, prompt_lens: jax.Array, end: jax.Array,
                   block: jax.Array, block_start: jax.Array, refresh: jax.Array, reuse: jax.Array,
                   widths: tuple[int, ...], n: int) -> tuple[jax.Array, KVCache]:
     """One pass's logits [B, N, V] of the generated positions and the cache after it: rows flagged in

@@ -30,7 +30,7 @@ from apd_jax.decoding.blocks.loop import Commit, View, block_emptied, block_prob
 from apd_jax.decoding.diffusion import ALGORITHMS, dream_transfer, dream_transfer_ratios, most_confident, predict
 from apd_jax.decoding.generation import DecoderConfig, GenerationResult, check_config
 from apd_jax.decoding.sampling import Knobs
-from apd_jax.models.model import Qwen2
+from apd_jax.models.model import Transformer
 
 _ENTROPY = ALGORITHMS.index("entropy")
 
@@ -107,7 +107,7 @@ class DreamBlockRule(nnx.Module):
 
 
 def dream_block_generate(
-    model: Qwen2,
+    model: Transformer,
     prompts: Sequence[Sequence[int]],
     config: DreamBlockConfig = DreamBlockConfig(),
     key: jax.Array | None = None,

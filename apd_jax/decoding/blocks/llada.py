@@ -32,7 +32,7 @@ from flax import nnx
 from apd_jax.decoding.blocks.cached import cache_problems
 from apd_jax.decoding.blocks.loop import Commit, View, block_problems, block_size, decode_blocks, descending_rank
 from apd_jax.decoding.generation import DecoderConfig, GenerationResult, check_config
-from apd_jax.models.model import Qwen2
+from apd_jax.models.model import Transformer
 
 REMASKING = ("low_confidence", "random")
 
@@ -188,7 +188,7 @@ class LLaDARule(nnx.Module):
 
 
 def llada_generate(
-    model: Qwen2,
+    model: Transformer,
     prompts: Sequence[Sequence[int]],
     config: LLaDAConfig = LLaDAConfig(),
     key: jax.Array | None = None,

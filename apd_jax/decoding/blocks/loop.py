@@ -31,7 +31,7 @@ from flax import nnx
 from apd_jax.decoding.blocks.cached import block_logits, cached_logits, check_cacheable, window_widths
 from apd_jax.decoding.generation import Batch, DecoderConfig, GenerationResult, prepare
 from apd_jax.models.cache import KVCache
-from apd_jax.models.model import Qwen2
+from apd_jax.models.model import Transformer
 
 # Canvas pieces
 
@@ -45,9 +45,9 @@ def build_canvas(prompts: jax.Array, prompt_lens: jax.Array, gen: jax.Array) -> 
     return canvas.at[jnp.arange(b)[:, None], idx].set(gen)
 
 
-def generation_logits(model: Qwen2, canvas: jax.Array, prompt_lens: jax.Array, end: jax.Array, n: int) -> jax.Array:
+def generation_logits(model: Transformer, canvas: jax.Array, prompt_lens: jax.Array, end: jax.Array, n: int) -> jax.Array:
     """Float32 logits [B, N, V] for each row's N generated positions, attending up to `end` [B],
-    read as the model's family predicts (Qwen2.aligned: Dream's shifted by one, LLaDA's not)."""
+    read as the model's family predicts (Transformer.aligned: Dream's shifted by one, LLaDA's not)."""
     hidden, _ = model(canvas, valid=end)
     hidden = model.aligned(hidden)
     idx = prompt_lens[:, None] + jnp.arange(n)
@@ -55,7 +55,7 @@ def generation_logits(model: Qwen2, canvas: jax.Array, prompt_lens: jax.Array, e
 
 
 def canvas_logits(
-    model: Qwen2, prompts: jax.Array, prompt_lens: jax.Array, gen: jax.Array, end: jax.Array, mask_id: int,
+    model: Transformer, prompts: jax.Array, prompt_lens: jax.Array, gen: jax.Array, end: jax.Array, mask_id: int,
     cfg_scale: jax.Array | None,
 ) -> jax.Array:
     """The forward of a pass: generation_logits of prompt + answer `gen`. With cfg_scale (not None),
@@ -96,7 +96,7 @@ def decoded(gen: jax.Array, mask_id: int, eos: jax.Array) -> jax.Array:
     return ~jnp.any((gen == mask_id) & before, axis=1)
 
 
-def prepare_canvas(model: Qwen2, config: DecoderConfig, prompts: Sequence[Sequence[int]], key) -> Batch:
+def prepare_canvas(model: Transformer, config: DecoderConfig, prompts: Sequence[Sequence[int]], key) -> Batch:
     """The shared set-up (generation.prepare) for a diffusion model (Dream, LLaDA), whose prompts may
     not hold its mask."""
     cfg = model.cfg
@@ -281,7 +281,7 @@ def _decode(graphs, params, prompts, prompt_lens, eos, key, block_length, cfg_sc
 
 
 def decode_blocks(
-    model: Qwen2,
+    model: Transformer,
     rule: nnx.Module,
     prompts: Sequence[Sequence[int]],
     config: DecoderConfig,
