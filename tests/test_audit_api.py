@@ -4,6 +4,7 @@ non-key, a shared vocabulary too large, options a decoder does not take. Each fa
 input and the fix, before anything compiles."""
 
 import dataclasses
+import re
 import typing
 
 import jax
@@ -267,6 +268,21 @@ def test_shared_vocab_beyond_the_models_is_an_error(dream, qwen):
         apd_generate(dream, qwen, PROMPTS, APDConfig(**SMALL), shared_vocab=0)
     with pytest.raises(InputTypeError, match="shared_vocab='320' must be an int"):
         apd_generate(dream, qwen, PROMPTS, APDConfig(**SMALL), shared_vocab="320")
+
+
+def test_a_llada_drafter_with_a_qwen_verifier_is_refused(qwen):
+    from apd_jax.decoding.apd_rule import shared_vocab_size
+    from apd_jax.models.config import tiny_config
+    from apd_jax.models.llada import LLADA
+    from apd_jax.models.model import init_model
+
+    llada = init_model(tiny_config(causal=False, family=LLADA), 3)
+    message = ("a llada drafter and a qwen2 verifier do not share a tokenizer (llada's and qwen2's): APD needs one "
+               "tokenizer for both models")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        shared_vocab_size(llada.cfg, qwen.cfg)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        apd_generate(llada, qwen, PROMPTS, APDConfig(**SMALL))
 
 
 # Case 9: the cache-capacity message names the command-line flag --------------------------------------------

@@ -22,7 +22,7 @@ from apd_jax.decoding.apd_rule import (
 )
 from apd_jax.decoding.generation import check_config, prepare
 from apd_jax.models.cache import KVCache
-from apd_jax.models.model import Transformer, shift_right
+from apd_jax.models.model import Transformer
 
 
 @nnx.jit
@@ -57,7 +57,7 @@ def apd_generate_eager(
         left = 0 if first else max(t - config.W - counts[-1] + 1, 0)
         dcache = dcache.crop(jnp.array([left]))
         hidden, dcache = _window_forward(drafter, jnp.array([x[left:right]]), jnp.array([left]), dcache)
-        logits_d = drafter.logits(shift_right(hidden)[:, t - left :], vocab=vocab)
+        logits_d = drafter.logits(drafter.aligned(hidden)[:, t - left :], vocab=vocab)
         key, noise_key = jax.random.split(key)
         draft = draft_tokens(logits_d, noise_key, knobs, mask_id)
         v_start = 0 if first else t

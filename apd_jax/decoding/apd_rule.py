@@ -96,6 +96,10 @@ def shared_vocab_size(
         raise ValueError("the drafter must be a bidirectional (Dream, model_type 'Dream') model")
     if not verifier.causal:
         raise ValueError("the verifier must be a causal (Qwen2, model_type 'qwen2') model")
+    if drafter.family.vocabulary != verifier.family.vocabulary:
+        raise ValueError(f"a {drafter.model_type} drafter and a {verifier.model_type} verifier do not share a "
+                         f"tokenizer ({drafter.family.vocabulary}'s and {verifier.family.vocabulary}'s): APD needs one "
+                         "tokenizer for both models; pair the drafter with a verifier trained on its tokenizer")
     shared = min(drafter.vocab_size, verifier.vocab_size)
     if drafter_tokenizer is not None and verifier_tokenizer is not None:
         d_vocab, v_vocab = drafter_tokenizer.get_vocab(), verifier_tokenizer.get_vocab()

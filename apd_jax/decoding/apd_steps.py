@@ -26,7 +26,7 @@ from apd_jax.decoding.apd_rule import APDConfig, APDKnobs, accepted_length, draf
 from apd_jax.decoding.apd_rule import verifier_predictions
 from apd_jax.models.cache import KVCache
 from apd_jax.models.config import ModelConfig
-from apd_jax.models.model import Transformer, shift_right
+from apd_jax.models.model import Transformer
 from apd_jax.models.sharding import constrain_cache
 
 
@@ -149,7 +149,7 @@ def refill(verifier: Transformer | None, state: APDState, slots: jax.Array, ids:
 def _draft_logits(drafter: Transformer, hidden: jax.Array, start: jax.Array, t: jax.Array, draft: int,
                   spec: Spec) -> jax.Array:
     """Drafter logits for positions t .. t + draft - 1, read from a window starting at `start`."""
-    hidden = shift_right(hidden)
+    hidden = drafter.aligned(hidden)
     idx = jnp.clip(t[:, None] - start[:, None] + jnp.arange(draft), 0, hidden.shape[1] - 1)
     picked = jnp.take_along_axis(hidden, idx[:, :, None], axis=1)
     return drafter.logits(picked, vocab=spec.vocab)

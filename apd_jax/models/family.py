@@ -45,7 +45,8 @@ class Family:
                   read only this table;
     problems:     config.json dict -> what keeps it from describing a model of this family;
     read:         a checked config.json dict -> ModelConfig's shape and numerics fields;
-    write:        (ModelConfig, storage dtype name) -> (config.json, generation_config.json) dicts.
+    write:        (ModelConfig, storage dtype name) -> (config.json, generation_config.json) dicts;
+    vocabulary:   the tokenizer the family's checkpoints share (Qwen2.5 and Dream one, LLaDA its own).
     """
 
     name: str  # ModelConfig.model_type: config.json's model_type, lower-cased
@@ -57,6 +58,7 @@ class Family:
     problems: Callable[[dict], list[str]]
     read: Callable[[dict], dict[str, Any]]
     write: Callable[[Any, str], tuple[dict, dict]]
+    vocabulary: str  # the tokenizer its checkpoints share: APD pairs a drafter and a verifier of one
 
     def __repr__(self) -> str:
         return f"Family({self.name!r})"

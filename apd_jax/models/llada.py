@@ -152,4 +152,4 @@ def write(cfg: Any, storage_dtype: str) -> tuple[dict, dict]:
 
 
 LLADA = Family("llada", causal=False, shift=False, qkv_bias=False, rope_float32=True, params=PARAMS,
-               problems=problems, read=read, write=write)
+               problems=problems, read=read, write=write, vocabulary="llada")

@@ -138,6 +138,6 @@ def write_dream(cfg: Any, storage_dtype: str) -> tuple[dict, dict]:
 
 
 QWEN2 = Family("qwen2", causal=True, shift=False, qkv_bias=True, rope_float32=False, params=PARAMS,
-               problems=problems, read=read, write=write_qwen2)
+               problems=problems, read=read, write=write_qwen2, vocabulary="qwen2")
 DREAM = Family("dream", causal=False, shift=True, qkv_bias=True, rope_float32=False, params=PARAMS,
-               problems=problems, read=read, write=write_dream)
+               problems=problems, read=read, write=write_dream, vocabulary="qwen2")
