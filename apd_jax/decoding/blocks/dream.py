@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from apd_jax.decoding.blocks.cached import cache_problems
-from apd_jax.decoding.blocks.loop import Commit, View, block_emptied, block_problems, block_size, decode_blocks
+from apd_jax.decoding.blocks.loop import BlockSteps, Commit, View, block_emptied, decode_blocks
 from apd_jax.decoding.diffusion import ALGORITHMS, dream_transfer, dream_transfer_ratios, most_confident, predict
 from apd_jax.decoding.generation import DecoderConfig, GenerationResult, check_config
 from apd_jax.decoding.sampling import Knobs
@@ -36,7 +36,7 @@ _ENTROPY = ALGORITHMS.index("entropy")
 
 
 @dataclasses.dataclass(frozen=True)
-class DreamBlockConfig(DecoderConfig):
+class DreamBlockConfig(BlockSteps, DecoderConfig):
     """Fast-dLLM's Dream `diffusion_generate` settings: steps in all (None: max_new_tokens), a
     multiple of the number of blocks; block_length (None: one block); threshold (None: the step
     schedule); eps, the schedule's last timestep; cache: "dual" (Fast-dLLM's dual_cache), "prefix",
@@ -52,27 +52,13 @@ class DreamBlockConfig(DecoderConfig):
 
     what = "Fast-dLLM Dream decoding"
 
-    @property
-    def step_count(self) -> int:
-        return self.max_new_tokens if self.steps is None else self.steps
-
-    @property
-    def num_blocks(self) -> int:
-        return self.max_new_tokens // block_size(self.block_length, self.max_new_tokens)
-
     def problems(self) -> list[str]:
-        problems = super().problems() + cache_problems(self.cache)
-        blocks = block_problems(self.block_length, self.max_new_tokens)
-        if self.step_count < 1:
-            problems.append(f"steps={self.steps} must be >= 1 (None: max_new_tokens)")
-        elif not blocks and self.max_new_tokens >= 1 and self.step_count % self.num_blocks:
-            problems.append(f"steps={self.steps} must be a multiple of the number of blocks {self.num_blocks} "
-                            "(max_new_tokens / block_length)")
+        problems = super().problems() + cache_problems(self.cache) + self.step_problems()
         if self.threshold is not None and not 0.0 < self.threshold <= 1.0:
             problems.append(f"threshold={self.threshold} must lie in (0, 1] (None: the step schedule)")
         if not 0.0 < self.eps < 1.0:
             problems.append(f"eps={self.eps} must lie in (0, 1) (the last timestep of linspace(1, eps))")
-        return problems + blocks
+        return problems
 
 
 class DreamBlockRule(nnx.Module):
@@ -116,7 +102,7 @@ def dream_block_generate(
     compiled call, with its prefix or dual KV cache."""
     config = check_config(config, DreamBlockConfig)
     result, _ = decode_blocks(model, DreamBlockRule(config), prompts, config, key,
-                              block_length=block_size(config.block_length, config.max_new_tokens),
+                              block_length=config.block_size,
                               bound=config.max_new_tokens if config.threshold is not None else config.step_count,
                               cache=config.cache)
     return result

@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from apd_jax.decoding.blocks.cached import cache_problems
-from apd_jax.decoding.blocks.loop import Commit, View, block_problems, block_size, decode_blocks, descending_rank
+from apd_jax.decoding.blocks.loop import BlockSteps, Commit, View, decode_blocks, descending_rank
 from apd_jax.decoding.generation import DecoderConfig, GenerationResult, check_config
 from apd_jax.models.model import Transformer
 
@@ -38,7 +38,7 @@ REMASKING = ("low_confidence", "random")
 
 
 @dataclasses.dataclass(frozen=True)
-class LLaDAConfig(DecoderConfig):
+class LLaDAConfig(BlockSteps, DecoderConfig):
     """The published LLaDA `generate`'s settings (gen_length is max_new_tokens), all traced but
     max_new_tokens, steps and whether cfg_scale > 0.
 
@@ -67,31 +67,12 @@ class LLaDAConfig(DecoderConfig):
 
     what = "LLaDA"
 
-    @property
-    def step_count(self) -> int:
-        """steps, or max_new_tokens when None (one token per step)."""
-        return self.max_new_tokens if self.steps is None else self.steps
-
-    @property
-    def block_size(self) -> int:
-        return block_size(self.block_length, self.max_new_tokens)
-
-    @property
-    def num_blocks(self) -> int:
-        return self.max_new_tokens // self.block_size
-
     def problems(self) -> list[str]:
         problems = super().problems()
         if self.top_p != 1.0 or self.top_k != 0:
             problems.append(f"top_p={self.top_p}, top_k={self.top_k}: LLaDA's generate samples from the whole "
                             "vocabulary; leave top_p 1 and top_k 0")
-        blocks = block_problems(self.block_length, self.max_new_tokens)
-        if self.step_count < 1:
-            problems.append(f"steps={self.steps} must be >= 1 (None: max_new_tokens)")
-        elif not blocks and self.max_new_tokens >= 1 and self.step_count % self.num_blocks:
-            problems.append(f"steps={self.steps} must be a multiple of the number of blocks {self.num_blocks} "
-                            f"(max_new_tokens / block_length): each block gets steps / blocks passes")
-        problems += blocks
+        problems += self.step_problems()
         if self.remasking not in REMASKING:
             problems.append(f"remasking={self.remasking!r}: use one of {REMASKING}")
         if self.cfg_scale < 0:

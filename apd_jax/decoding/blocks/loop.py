@@ -123,6 +123,34 @@ def block_problems(block_length: int | None, max_new_tokens: int) -> list[str]:
     return []
 
 
+class BlockSteps:
+    """The passes and blocks of a block decoder's settings, for a settings class with the fields
+    steps (None: max_new_tokens, one token per step) and block_length (None: one block): each block
+    gets steps / blocks passes."""
+
+    @property
+    def step_count(self) -> int:
+        return self.max_new_tokens if self.steps is None else self.steps
+
+    @property
+    def block_size(self) -> int:
+        return block_size(self.block_length, self.max_new_tokens)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.max_new_tokens // self.block_size
+
+    def step_problems(self) -> list[str]:
+        """What is wrong with steps and block_length (none: an empty list)."""
+        blocks = block_problems(self.block_length, self.max_new_tokens)
+        if self.step_count < 1:
+            return [f"steps={self.steps} must be >= 1 (None: max_new_tokens)"] + blocks
+        if not blocks and self.max_new_tokens >= 1 and self.step_count % self.num_blocks:
+            return [f"steps={self.steps} must be a multiple of the number of blocks {self.num_blocks} "
+                    "(max_new_tokens / block_length): each block gets steps / blocks passes"]
+        return blocks
+
+
 # What a rule sees and decides
 
 
