@@ -8,8 +8,9 @@ between two bounds, or a list of lengths). Both runs decode it through the same 
 - **continuous**: a finished row's slot takes the next prompt, refilled a group at a time.
 
 Tokens count only what each row generates within its budget or through its eos. Occupancy is rows that
-committed a token over passes x S. Each run is timed after a warm-up run of its first S prompts (the
-compilation of its programs).
+committed a token over passes x S. Each run is timed after a warm-up run of its first S prompts with
+their budgets cut to a few tokens (budgets are traced: this compiles every program the run uses without
+decoding a whole batch).
 """
 
 from __future__ import annotations
@@ -58,6 +59,10 @@ def draw_budgets(n: int, low: int, high: int, seed: int = 0) -> list[int]:
     return np.random.default_rng(seed).integers(low, high, size=n, endpoint=True).tolist()
 
 
+WARMUP_TOKENS = 4  # the warm-up run's budget per row
+RUNS = ("fixed", "continuous")
+
+
 def _timed_run(drafter: Transformer, verifier: Transformer, prompts: Sequence[Sequence[int]], budgets: Sequence[int],
                config: APDConfig, size: int, group: int, label: str) -> WorkloadRow:
     slots = apd_slots(drafter, verifier, prompts, config, size, group)
@@ -65,7 +70,8 @@ def _timed_run(drafter: Transformer, verifier: Transformer, prompts: Sequence[Se
     key = jax.random.key(0)
     finished: list[Finished] = []
     start = time.perf_counter()
-    decode(slots, requests[: slots.size], key, lambda rows: None)  # compiles this run's programs
+    warmup = [dataclasses.replace(r, max_new_tokens=min(r.max_new_tokens, WARMUP_TOKENS)) for r in requests[: slots.size]]
+    decode(slots, warmup, key, lambda rows: None)  # compiles this run's programs
     compile_s = time.perf_counter() - start
     start = time.perf_counter()
     usage = decode(slots, requests, key, finished.extend)
@@ -77,11 +83,11 @@ def _timed_run(drafter: Transformer, verifier: Transformer, prompts: Sequence[Se
 
 
 def bench_workload(drafter: Transformer, verifier: Transformer, prompts: Sequence[Sequence[int]], budgets: Sequence[int],
-                   config: APDConfig, size: int) -> list[WorkloadRow]:
-    """The fixed-batch run, then the continuous one, of the same prompts and budgets over `size` slots
+                   config: APDConfig, size: int, run: str) -> WorkloadRow:
+    """One run ("fixed" or "continuous", `RUNS`) of the prompts and their budgets over `size` slots
     (config.max_new_tokens: at least the largest budget)."""
-    return [_timed_run(drafter, verifier, prompts, budgets, config, size, size, "fixed"),
-            _timed_run(drafter, verifier, prompts, budgets, config, size, default_group(size), "continuous")]
+    group = size if run == "fixed" else default_group(size)
+    return _timed_run(drafter, verifier, prompts, budgets, config, size, group, run)
 
 
 HEADER = (f"{'workload':<46} {'slots':>5} {'group':>5} {'prompts':>7} {'tokens':>7} {'tok/s':>8} {'passes':>6} "

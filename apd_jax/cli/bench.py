@@ -75,6 +75,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "--batch slots; prints tokens/s and slot occupancy (default: off)")
     p.add_argument("--budgets", type=_budgets, default="32-512",
                    help="with --workload: each prompt's max_new_tokens, uniform in LOW-HIGH")
+    p.add_argument("--runs", type=_runs, default="fixed,continuous",
+                   help="with --workload: the runs to time, comma-separated (one per call keeps each call short; "
+                        "the workload is the same in every call)")
     p.add_argument("--json", type=user_path, help="write the results as JSON here (default: print only)")
     p.set_defaults(func=run)
 
@@ -91,6 +94,14 @@ def _baselines(text: str) -> list[str]:
     if unknown:
         raise argparse.ArgumentTypeError(f"invalid value {text!r}: unknown baseline {unknown[0]!r}; expected "
                                          f"comma-separated {', '.join(BASELINES)}, or none")
+    return names
+
+
+def _runs(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",")]
+    unknown = [name for name in names if name not in workload.RUNS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected comma-separated {', '.join(workload.RUNS)}")
     return names
 
 
@@ -255,13 +266,14 @@ def _workload(args: argparse.Namespace, drafter, verifier, config: APDConfig) ->
     print(f"device {bench.jax.devices()[0].device_kind}: {args.workload} prompts of {args.prompt_len} tokens, "
           f"budgets uniform in {low}-{high}", flush=True)
     print(workload.HEADER, flush=True)
-    rows = workload.bench_workload(drafter, verifier, prompts, budgets, config, args.batch[0])
-    for row in rows:
-        print(workload.format_row(row), flush=True)
-    speedup = rows[1].tokens_per_s / rows[0].tokens_per_s
-    print(f"continuous / fixed tokens/s: {speedup:.2f}x", flush=True)
-    if args.json:
-        _write_json(args, workload.to_json(rows, {"distribution": "uniform", "low": low, "high": high}), len(rows))
+    rows = []
+    for run in args.runs:
+        rows.append(workload.bench_workload(drafter, verifier, prompts, budgets, config, args.batch[0], run))
+        print(workload.format_row(rows[-1]), flush=True)
+        if args.json:  # after every row, so a run cut short keeps what it measured
+            _write_json(args, workload.to_json(rows, {"distribution": "uniform", "low": low, "high": high}), len(rows))
+    if len(rows) == 2:
+        print(f"continuous / fixed tokens/s: {rows[1].tokens_per_s / rows[0].tokens_per_s:.2f}x", flush=True)
     return 0
 
 
