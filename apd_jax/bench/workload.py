@@ -74,12 +74,20 @@ def _timed_run(drafter: Transformer, verifier: Transformer, prompts: Sequence[Se
     decode(slots, warmup, key, lambda rows: None)  # compiles this run's programs
     compile_s = time.perf_counter() - start
     start = time.perf_counter()
-    usage = decode(slots, requests, key, finished.extend)
+    usage = decode(slots, requests, key, lambda rows: _progress(finished, rows, len(requests), start, label))
     seconds = time.perf_counter() - start
     tokens = sum(len(f.ids) for f in finished)
     name = f"{label} APD R={config.R} W={config.W} M={config.M}, {slots.size} slots"
     return WorkloadRow(name, slots.size, slots.group, len(requests), tokens, seconds, tokens / seconds, usage.passes,
                        1e3 * seconds / max(usage.passes, 1), usage.occupancy, compile_s)
+
+
+def _progress(finished: list[Finished], rows: list[Finished], total: int, start: float, label: str) -> None:
+    """Collect finished rows; print a line at each tenth of the prompts done (a long run shows its pace)."""
+    before = len(finished) * 10 // total
+    finished.extend(rows)
+    if len(finished) * 10 // total > before:
+        print(f"  {label}: {len(finished)}/{total} prompts done, {time.perf_counter() - start:.0f} s", flush=True)
 
 
 def bench_workload(drafter: Transformer, verifier: Transformer, prompts: Sequence[Sequence[int]], budgets: Sequence[int],
