@@ -28,15 +28,12 @@ from apd_jax.decoding import apd_steps as steps
 from apd_jax.decoding.apd_rule import APDConfig, APDKnobs, shared_vocab_size
 from apd_jax.decoding.apd_steps import Spec, _Level
 from apd_jax.decoding import continuous
-from apd_jax.decoding.continuous import Request, Slots, default_group
+from apd_jax.decoding.continuous import Slots, default_group
 from apd_jax.decoding.generation import GenerationResult, InputTypeError, capacity, check_config, prepare, resolve_eos
 from apd_jax.decoding.generation import row_keys
 from apd_jax.models.config import ModelConfig
 from apd_jax.models.model import Transformer
 from apd_jax.models.sharding import replicate, shard_rows
-
-
-MAX_ROWS = 256  # a call with more prompts decodes them through this many slots (continuous batching)
 
 
 @functools.partial(jax.jit, static_argnames=("graphs", "spec", "mesh"))
@@ -70,12 +67,12 @@ def _run(
     mesh: Mesh | None = None, live: bool = False,
 ):
     batch = prepare(config, prompts, key, *(m.cfg for m in (drafter, verifier) if m is not None), vocab=vocab)
+    if mesh is None and not live:
+        slotted = continuous.large_call(
+            batch, lambda rows, size: _slots(drafter, verifier, rows, config, size, None, vocab, fixed_k))
+        if slotted is not None:
+            return slotted
     b = len(batch.lengths)
-    if b > MAX_ROWS and mesh is None and not live:
-        # Through MAX_ROWS slots: the same rows (each keyed by its index), in memory bounded by the slots.
-        rows = [batch.ids[i, : batch.lengths[i]].tolist() for i in range(b)]
-        slots = _slots(drafter, verifier, rows, config, MAX_ROWS, None, vocab, fixed_k)
-        return continuous.generate(slots, [Request(r, i) for i, r in enumerate(rows)], batch.key)[0]
     spec = _spec(config, batch.ids.shape[1], vocab, drafter.cfg.mask_token_id, fixed_k, live)
     budgets = np.full((b,), config.max_new_tokens, np.int32)
     # On a mesh the rows go over `data`; params carry their own shardings (sharding.shard_model).
@@ -168,8 +165,8 @@ def apd_generate(
     mesh: Mesh | None = None,
     live: bool = False,
 ) -> GenerationResult:
-    """Generate for a batch of ragged prompts (lists of token ids) in one compiled call; more than MAX_ROWS
-    prompts go through MAX_ROWS slots (continuous batching: the same outputs, `passes` its loop iterations),
+    """Generate for a batch of ragged prompts (lists of token ids) in one compiled call; more than
+    continuous.MAX_ROWS prompts go through that many slots (`continuous.large_call`: the same outputs),
     so a call of thousands of prompts needs the memory of MAX_ROWS rows.
 
     With a mesh (models placed by sharding.shard_model), rows split over its `data` axis, whose
@@ -268,7 +265,8 @@ def leftright_generate(
     key: jax.Array | None = None,
 ) -> GenerationResult:
     """Left-to-right K tokens per pass (the paper's "Dream K=k" baseline): APD's loop and W/M caching
-    with acceptance fixed to K and no verifier. R and the rule are unused."""
+    with acceptance fixed to K and no verifier. R and the rule are unused. More than
+    continuous.MAX_ROWS prompts go through that many slots, as in `apd_generate`."""
     config = check_config(config, APDConfig)
     config = LeftRightConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(APDConfig)}, K=K)
     config.validate()

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from apd_jax.models.cache import KVCache
+from apd_jax.decoding import continuous
 from apd_jax.decoding.continuous import Slots, default_group
 from apd_jax.decoding.generation import DecoderConfig, GenerationResult, check_config, prepare
 from apd_jax.models.model import Transformer
@@ -143,10 +144,15 @@ def _check_causal(model: Transformer) -> None:
 def ar_generate(
     model: Transformer, prompts: Sequence[Sequence[int]], config: ARConfig = ARConfig(), key: jax.Array | None = None
 ) -> GenerationResult:
-    """Decode a batch of ragged prompts with a causal model, one token per pass."""
+    """Decode a batch of ragged prompts with a causal model, one token per pass, in one compiled call;
+    more than continuous.MAX_ROWS prompts go through that many slots (`continuous.large_call`: the same
+    outputs, in the memory of MAX_ROWS rows)."""
     config = check_config(config, ARConfig)
     _check_causal(model)
     batch = prepare(config, prompts, key, model.cfg)
+    slotted = continuous.large_call(batch, lambda rows, size: ar_slots(model, rows, config, size))
+    if slotted is not None:
+        return slotted
     graph, params = nnx.split(model)
     b = len(batch.lengths)
     outputs = _decode(graph, params, jnp.asarray(batch.ids), jnp.asarray(batch.lengths),

@@ -24,9 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from apd_jax.decoding.generation import GenerationResult, knob_problems, row_keys
+from apd_jax.decoding.generation import Batch, GenerationResult, knob_problems, row_keys
 from apd_jax.decoding.sampling import Knobs
 
+MAX_ROWS = 256  # a decoding call of more prompts runs them through this many slots (`large_call`)
 
 
 def default_group(size: int) -> int:
@@ -181,3 +182,14 @@ def generate(slots: Slots, requests: Sequence[Request], key: jax.Array) -> tuple
         tokens[i, : len(f.ids)], accepted[i, : len(f.accepted)] = f.ids, f.accepted
         lengths[i], eos[i] = len(f.ids), f.stopped_at_eos
     return GenerationResult(tokens, lengths, accepted, eos, usage.passes), usage
+
+
+def large_call(batch: Batch, slots_of: Callable[[list[list[int]], int], Slots]) -> GenerationResult | None:
+    """A decoding call of more than MAX_ROWS prompts, decoded through MAX_ROWS slots built by
+    `slots_of(prompts, size)`: its memory that of MAX_ROWS rows, its outputs those of one fixed batch
+    (each row keyed by its index, `row_keys`), `passes` the loop iterations of the whole run.
+    None when the call fits one fixed batch."""
+    if len(batch.lengths) <= MAX_ROWS:
+        return None
+    rows = [batch.ids[i, :n].tolist() for i, n in enumerate(batch.lengths)]
+    return generate(slots_of(rows, MAX_ROWS), [Request(r, i) for i, r in enumerate(rows)], batch.key)[0]
