@@ -15,7 +15,7 @@ import numpy as np
 
 from apd_jax.checkpoints.errors import CheckpointError, read_config
 from apd_jax.checkpoints.flat import _entry, _nbytes, expected_shapes
-from apd_jax.checkpoints.orbax import _orbax_dir, _orbax_host_arrays, _saved_shapes
+from apd_jax.checkpoints.orbax import _orbax_dir, _orbax_host_arrays, _saved_shapes, stored_quantization
 from apd_jax.checkpoints.safetensors import _DTYPE_NAMES
 from apd_jax.checkpoints.writes import _copy_configs, atomic_dir, check_output
 from apd_jax.models.config import ModelConfig
@@ -119,6 +119,10 @@ def convert_orbax_to_hf(
     out_dir = Path(out_dir).expanduser()
     check_output(out_dir, overwrite, sources=(Path(ckpt_dir).expanduser(),))
     ckpt_dir = _orbax_dir(ckpt_dir)
+    mode = stored_quantization(ckpt_dir)
+    if mode is not None:
+        raise CheckpointError(f"{ckpt_dir} holds {mode} weights (converted with --quantize {mode}); a Hugging Face "
+                              "checkpoint holds unquantized ones: export the checkpoint it was converted from")
     cfg = read_config(ckpt_dir)
     saved = _saved_shapes(ckpt_dir, expected_shapes(cfg))
     specs = {p: jax.ShapeDtypeStruct(tuple(saved[p].shape), saved[p].dtype) for p in expected_shapes(cfg)}

@@ -16,6 +16,7 @@ from apd_jax.models.config import ModelConfig
 from apd_jax.models.family import Family
 from apd_jax.models.layouts import Layout
 from apd_jax.models.model import Transformer, abstract_model
+from apd_jax.models.quantize import abstract_quantized
 
 
 def _nbytes(spec: Any) -> int:
@@ -38,9 +39,15 @@ def _flat_values(model: Transformer) -> dict[str, Any]:
     return {".".join(map(str, k)): v.get_value() for k, v in nnx.to_flat_state(state)}
 
 
-def expected_shapes(cfg: ModelConfig) -> dict[str, jax.ShapeDtypeStruct]:
-    """Flat 'layers.0.mlp.down_proj.kernel' -> shape/dtype of every parameter, from the model itself."""
-    return _flat_values(abstract_model(cfg))
+def _abstract(cfg: ModelConfig, quantize: str | None) -> Transformer:
+    """The model's structure, its weights quantized with `quantize` (apd_jax.models.quantize's modes) unless None."""
+    return abstract_model(cfg) if quantize is None else abstract_quantized(cfg, quantize)
+
+
+def expected_shapes(cfg: ModelConfig, quantize: str | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+    """Flat 'layers.0.mlp.down_proj.kernel' -> shape/dtype of every parameter, from the model itself
+    (quantized with `quantize`: each quantized weight's leaves, e.g. '...down_proj.kernel.array.qvalue')."""
+    return _flat_values(_abstract(cfg, quantize))
 
 
 def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -53,10 +60,10 @@ def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def model_from_params(cfg: ModelConfig, params: dict[str, Any]) -> Transformer:
-    """Build a model whose parameters are `params` (flat Flax paths), placed on the default device
-    unless they are jax arrays already."""
-    graphdef, state = nnx.split(abstract_model(cfg))
+def model_from_params(cfg: ModelConfig, params: dict[str, Any], quantize: str | None = None) -> Transformer:
+    """Build a model whose parameters are `params` (flat Flax paths; a quantized model's leaves with
+    `quantize`, its mode), placed on the default device unless they are jax arrays already."""
+    graphdef, state = nnx.split(_abstract(cfg, quantize))
     tree = traverse_util.unflatten_dict({tuple(_keys(k)): jax.numpy.asarray(v) for k, v in params.items()})
     nnx.replace_by_pure_dict(state, tree)
     return nnx.merge(graphdef, state)

@@ -13,13 +13,15 @@ from jax.sharding import Mesh
 
 from apd_jax.checkpoints.errors import _read_json, read_config
 from apd_jax.checkpoints.flat import _entry, expected_shapes, model_from_params
-from apd_jax.checkpoints.orbax import load_orbax
+from apd_jax.checkpoints.orbax import load_orbax, stored_quantization
 from apd_jax.checkpoints.safetensors import _checked_index, _hf_placement, _param_bytes
 from apd_jax.checkpoints.streaming import (
     _converter, _device_arrays, _hf_sharding, _progress, _release_host_memory, _shardings,
 )
 from apd_jax.models.config import ModelConfig
 from apd_jax.models.model import Transformer
+from apd_jax.models.quantize import check_mode
+from apd_jax.models.quantize import quantize as quantized
 
 def load_hf_params(
     path: str | Path, cfg: ModelConfig, mesh: Mesh | None = None
@@ -63,10 +65,22 @@ def _directory_argument(function: str, path: Any) -> Path:
     return Path(path).expanduser()
 
 
-def load_model(path: str | Path, *, param_dtype: Any = None, dtype: Any = None, mesh: Mesh | None = None) -> Transformer:
+def load_model(
+    path: str | Path, *, param_dtype: Any = None, dtype: Any = None, mesh: Mesh | None = None,
+    quantize: str | None = None,
+) -> Transformer:
     """An apd_jax (orbax) directory or a Hugging Face directory, whichever `path` is, streamed onto
-    the default device or into each device's shard of `mesh`."""
+    the default device or into each device's shard of `mesh`.
+
+    `quantize` ('int8', 'fp8' or 'fp8-weights': apd_jax.models.quantize) gives the model 8-bit
+    weights once loaded, on one device. A checkpoint converted with --quantize loads quantized
+    without it."""
     path = _directory_argument("load_model", path)
+    if quantize is not None:
+        check_mode(quantize)
+        if mesh is not None:
+            raise ValueError(f"load_model(quantize={quantize!r}): a quantized model runs on one device; "
+                             "drop the mesh or quantize")
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(
             f"load_model: {path} is a file; expected a checkpoint directory (a Hugging Face one: config.json and "
@@ -74,9 +88,16 @@ def load_model(path: str | Path, *, param_dtype: Any = None, dtype: Any = None, 
         )
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} not found")
-    if (path / "params").is_dir():
-        return load_orbax(path, param_dtype=param_dtype, dtype=dtype, mesh=mesh)
-    return load_hf(path, param_dtype=param_dtype, dtype=dtype, mesh=mesh)
+    orbax = (path / "params").is_dir()
+    stored = stored_quantization(path) if orbax else None
+    if quantize is not None and stored not in (None, quantize):
+        raise ValueError(f"{path} holds {stored} weights (converted with --quantize {stored}): load it without "
+                         f"quantize, or quantize its unquantized checkpoint with {quantize!r}")
+    if orbax:
+        model = load_orbax(path, param_dtype=param_dtype, dtype=dtype, mesh=mesh)
+    else:
+        model = load_hf(path, param_dtype=param_dtype, dtype=dtype, mesh=mesh)
+    return model if quantize is None or stored is not None else quantized(model, quantize)
 
 
 def load_tokenizer(path: str | Path):

@@ -3,7 +3,8 @@
 
 Writing: save_orbax from a model; convert_hf_to_orbax from lazy leaves, one HF parameter read,
 converted and written at a time on the host alone; both on a thread of their own that Ctrl-C stops
-between leaves. Reading: the leaves are checked against the model's shapes, then read with
+between leaves. A model of 8-bit weights (apd_jax.models.quantize) is saved as its quantized leaves,
+its mode recorded in config.json (QUANTIZATION_FIELD), and loaded back as it was saved. Reading: the leaves are checked against the model's shapes, then read with
 tensorstore a few stored chunks at a time straight into each device's shard (the block reader).
 """
 
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
@@ -26,14 +28,19 @@ from flax import traverse_util
 from jax.sharding import Mesh, Sharding
 
 from apd_jax.checkpoints import streaming
-from apd_jax.checkpoints.errors import CheckpointError, read_config
-from apd_jax.checkpoints.flat import _flat_values, _nbytes, expected_shapes, model_from_params
+from apd_jax.checkpoints.errors import CheckpointError, _read_json, read_config
+from apd_jax.checkpoints.flat import _flat_values, _keys, _nbytes, expected_shapes, model_from_params
 from apd_jax.checkpoints.safetensors import _DTYPE_NAMES, _checked_index, _host_param, _param_bytes
 from apd_jax.checkpoints.streaming import (
     _block_plan, _blocks, _device_arrays, _even_blocks, _Placement, _progress, _release_host_memory, _shardings,
 )
 from apd_jax.checkpoints.writes import _copy_configs, _listed, _outermost, atomic_dir, check_output
+from apd_jax.models.config import ModelConfig
 from apd_jax.models.model import Transformer
+from apd_jax.models.quantize import MODES, abstract_quantized, check_mode, quantization, quantized_params
+
+# config.json's field naming the 8-bit mode of a checkpoint's weights (absent: unquantized).
+QUANTIZATION_FIELD = "apd_jax_quantization"
 
 @dataclasses.dataclass(frozen=True)
 class _LazyParam:
@@ -142,12 +149,58 @@ def _write_until_stopped(write: Callable[[], None], stop: threading.Event) -> No
         raise failed[0]
 
 
-def convert_hf_to_orbax(hf_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> Path:
-    """HF checkpoint directory -> out_dir/{config.json, params/ (orbax)}; dtypes as stored.
+def stored_quantization(ckpt_dir: Path) -> str | None:
+    """The 8-bit mode config.json records for a checkpoint's weights (QUANTIZATION_FIELD), None if none."""
+    file = ckpt_dir / "config.json"
+    mode = _read_json(file).get(QUANTIZATION_FIELD) if file.is_file() else None
+    if mode is not None and mode not in MODES:
+        raise CheckpointError(f"{file}: {QUANTIZATION_FIELD} {mode!r} is none of {', '.join(MODES)}; {_RECONVERT}")
+    return mode
+
+
+def _record_quantization(ckpt_dir: Path, mode: str) -> None:
+    file = ckpt_dir / "config.json"
+    file.write_text(json.dumps(_read_json(file) | {QUANTIZATION_FIELD: mode}, indent=2))
+
+
+def _quantized_leaves(
+    cfg: ModelConfig, mode: str, read: Callable[[str], np.ndarray]
+) -> dict[str, _LazyParam]:
+    """The leaves of the model quantized with `mode`, as lazy parameters: the first leaf written of a
+    weight reads it (`read`, its unquantized path) and quantizes it on the host's CPU device; its
+    other leaves are kept until they are written."""
+    target = abstract_quantized(cfg, mode)
+    sources = list(expected_shapes(cfg))
+    pending: dict[str, np.ndarray] = {}
+
+    def leaf(source: str, path: str) -> np.ndarray:
+        if path not in pending:
+            with jax.default_device(jax.devices("cpu")[0]):
+                tree = quantized_params(
+                    traverse_util.unflatten_dict({tuple(_keys(source)): jnp.asarray(read(source))}), target)
+                pending.update({".".join(map(str, k)): np.asarray(v)
+                                for k, v in traverse_util.flatten_dict(tree).items()})
+        return pending.pop(path)
+
+    def source(path: str) -> str:  # the unquantized parameter a leaf is made of: itself or the weight it quantizes
+        return next(p for p in sources if path == p or path.startswith(p + "."))
+
+    return {path: _LazyParam(tuple(s.shape), np.dtype(s.dtype), functools.partial(leaf, source(path), path))
+            for path, s in _flat_values(target).items()}
+
+
+def convert_hf_to_orbax(
+    hf_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False, quantize: str | None = None
+) -> Path:
+    """HF checkpoint directory -> out_dir/{config.json, params/ (orbax)}; dtypes as stored, or the
+    weights quantized with `quantize` (apd_jax.models.quantize's modes; recorded in config.json).
 
     Each parameter is read, converted and written before the next, on the host alone (numpy): no
-    device array is made and nothing is compiled, so an accelerator's runtime costs it nothing."""
+    device array is made and nothing is compiled, so an accelerator's runtime costs it nothing
+    (quantizing, each weight is quantized by small programs compiled for the host's CPU)."""
     hf_dir, out_dir = Path(hf_dir).expanduser(), Path(out_dir).expanduser()
+    if quantize is not None:
+        check_mode(quantize)
     check_output(out_dir, overwrite, sources=(hf_dir,))
     cfg = read_config(hf_dir)
     tensors = _checked_index(hf_dir, cfg)
@@ -160,9 +213,15 @@ def convert_hf_to_orbax(hf_dir: str | Path, out_dir: str | Path, *, overwrite: b
             advance(_param_bytes(tensors, family, path))
             return array
 
-        lazy = {p: _LazyParam(tuple(s.shape), np.dtype(s.dtype), functools.partial(read, p)) for p, s in shapes.items()}
+        if quantize is None:
+            lazy = {p: _LazyParam(tuple(s.shape), np.dtype(s.dtype), functools.partial(read, p))
+                    for p, s in shapes.items()}
+        else:
+            lazy = _quantized_leaves(cfg, quantize, read)
         with atomic_dir(out_dir, overwrite, sources=(hf_dir,)) as tmp:
             _copy_configs(hf_dir, tmp)
+            if quantize is not None:
+                _record_quantization(tmp, quantize)
             _save_params(tmp / "params", lazy)
     return out_dir
 
@@ -253,7 +312,7 @@ def _open_orbax_leaf(
             ) from None
 
     shape, dtype = tuple(t.shape), np.dtype(t.dtype.numpy_dtype)
-    if shape != tuple(want.shape) or dtype not in _DTYPE_NAMES:
+    if shape != tuple(want.shape) or (dtype not in _DTYPE_NAMES and dtype != np.dtype(want.dtype)):
         raise CheckpointError(
             f"{params_dir.parent}: parameter {path!r} is stored with shape {shape} ({dtype}), but "
             f"{params_dir.parent / 'config.json'} implies {tuple(want.shape)}: the config.json does not match the "
@@ -293,11 +352,15 @@ def load_orbax(
 ) -> Transformer:
     """Restore a model saved by convert_hf_to_orbax (or save_orbax) straight onto the default device
     or, given a mesh, into each device's shard of each parameter (apd_jax.models.sharding's rules): no full
-    copy of the model on the host, nor on one device of a mesh.
+    copy of the model on the host, nor on one device of a mesh. A checkpoint of 8-bit weights loads as
+    that quantized model (its 8-bit leaves as stored, its scales in `param_dtype`), on one device.
     """
     ckpt_dir = _orbax_dir(ckpt_dir)
-    stored = read_config(ckpt_dir)
-    shapes = expected_shapes(stored)
+    stored, mode = read_config(ckpt_dir), stored_quantization(ckpt_dir)
+    if mode is not None and mesh is not None:
+        raise ValueError(f"{ckpt_dir} holds {mode} weights, which load onto one device: drop the mesh, or "
+                         "convert the checkpoint again without --quantize")
+    shapes = expected_shapes(stored, mode)
     _saved_shapes(ckpt_dir, shapes)
     cfg = read_config(ckpt_dir, param_dtype=param_dtype, dtype=dtype)
     place, context = _shardings(cfg, mesh), ts.Context(_TS_CONTEXT)
@@ -307,16 +370,19 @@ def load_orbax(
     with contextlib.closing(leaves), _progress(
             f"loading {ckpt_dir.name}", sum(_nbytes(s) for s in shapes.values())) as advance:
         for path, want in shapes.items():  # cast leaf by leaf: one parameter in two dtypes at a time
-            params[path] = next(leaves).astype(cfg.param_dtype)
+            leaf = next(leaves)  # 8-bit leaves stay as they are
+            params[path] = leaf.astype(cfg.param_dtype) if np.dtype(want.dtype) in _DTYPE_NAMES else leaf
             _release_host_memory()
             advance(_nbytes(want))
-    return model_from_params(cfg, params)
+    return model_from_params(cfg, params, mode)
 
 
 def save_orbax(model: Transformer, out_dir: str | Path, hf_config: dict, *, overwrite: bool = False) -> Path:
-    """Save a model's parameters with orbax beside its HF config.json."""
+    """Save a model's parameters with orbax beside its HF config.json (a quantized model's mode recorded there)."""
+    mode = quantization(model)
     with atomic_dir(Path(out_dir).expanduser(), overwrite) as tmp:
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+        record = {} if mode is None else {QUANTIZATION_FIELD: mode}
+        (tmp / "config.json").write_text(json.dumps(hf_config | record, indent=2))
         _save_params(tmp / "params", _flat_values(model))
     return Path(out_dir)
 
