@@ -4,7 +4,8 @@ Models of the real shapes get random weights created on the device (no
 checkpoint), or real converted checkpoints when given. Every figure is taken
 after a warm-up call, as the median of timed calls, next to the bound measured in
 the same run: device copy bandwidth (bytes read + written) and a large bf16
-matmul's rate. A pass's bound is max(weight bytes / bandwidth, FLOPs / matmul rate).
+matmul's rate. A pass's bound is max(bytes moved / bandwidth, FLOPs / matmul rate), its work
+counted by bench.bounds; the block decoder's refresh and window passes apart by bench.passes.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import collections
 import dataclasses
 import functools
 import json
-import math
 import statistics
 import tempfile
 import time
@@ -26,12 +26,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from apd_jax.bench import bounds, passes
+from apd_jax.bench.bounds import matmul_params  # noqa: F401 (part of this module's interface: tests read it)
+from apd_jax.bench.timing import best_time, median_time
 from apd_jax.decoding.apd import APDConfig, apd_generate, leftright_generate
 from apd_jax.decoding.autoregressive import ARConfig, ar_generate
 from apd_jax.decoding.blocks.dream import DreamBlockConfig, dream_block_generate
 from apd_jax.decoding.blocks.llada import LLaDAConfig, llada_generate
 from apd_jax.decoding.blocks.loop import block_size
-from apd_jax.decoding.diffusion import ThresholdConfig, threshold_generate
+from apd_jax.decoding.diffusion import threshold_generate
 from apd_jax.models.config import ModelConfig
 from apd_jax.decoding.generation import DecoderConfig, GenerationResult
 from apd_jax.models.model import Transformer, abstract_model, forward_logits
@@ -62,14 +65,6 @@ def param_bytes(model: Transformer) -> int:
     return sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
-def matmul_params(cfg: ModelConfig) -> tuple[int, int]:
-    """(parameters in the decoder layers, parameters of the output head): each costs 2 FLOPs per token."""
-    h, d = cfg.hidden_size, cfg.head_dim
-    attn = h * d * (cfg.num_heads * 2 + cfg.num_kv_heads * 2)
-    mlp = 3 * h * cfg.intermediate_size
-    return cfg.num_layers * (attn + mlp), h * cfg.vocab_size
-
-
 def random_prompts(configs: list[ModelConfig], batch: int, prompt_len: int) -> list[list[int]]:
     """Random prompt ids every model can read: below each vocabulary, the mask token and
     Qwen's special-token range (ids from 151643 up)."""
@@ -84,37 +79,15 @@ def logits_difference(model: Transformer, other: Transformer, length: int) -> fl
     return float(jnp.linalg.norm(forward_logits(other, tokens) - ref) / jnp.linalg.norm(ref))
 
 
-def _call_times(fn: Callable[[], Any], repeats: int) -> tuple[list[float], Any]:
-    """Seconds of each of `repeats` calls of fn, waited for, and the last call's output."""
-    times, out = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return times, out
-
-
-def _median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
-    times, out = _call_times(fn, repeats)
-    return statistics.median(times), out
-
-
-def _best_time(fn: Callable[[], Any], repeats: int) -> float:
-    """Fastest of `repeats` calls after as many warm-up calls: a ceiling is the best the device
-    does once its clocks are up (an idle GPU starts at a fraction of its clock)."""
-    _call_times(fn, repeats)
-    return min(_call_times(fn, repeats)[0])
-
-
 def device_ceilings(size_mb: int = 2048) -> dict[str, float]:
     """Measured copy bandwidth (bytes/s, read + write) and bf16 matmul rate (FLOP/s)."""
     x = jax.random.normal(jax.random.key(1), (size_mb * 2**20 // 4,), jnp.float32)
     copy = jax.jit(lambda a: a + 1)
-    t = _best_time(lambda: copy(x), 20)
+    t = best_time(lambda: copy(x), 20)
     n = 8192 if jax.default_backend() != "cpu" else 512
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
     mm = jax.jit(lambda p, q: p @ q)
-    tm = _best_time(lambda: mm(a, a), 20)
+    tm = best_time(lambda: mm(a, a), 20)
     return {"bandwidth": 2 * x.nbytes / t, "matmul_flops": 2 * n**3 / tm}
 
 
@@ -125,7 +98,24 @@ def peak_memory() -> int | None:
 
 @dataclasses.dataclass
 class Row:
-    """One benchmark line."""
+    """One benchmark line.
+
+    bound_ms is the mean over the call's passes of each pass's roofline bound (bench.bounds: the
+    weights, the matmul FLOPs, the float32 logits written and read, the K/V caches read and written
+    and the sampling filter's traffic; `bound_leaves_out` names what it does not count). APD and
+    left-to-right rows replay each pass from the tokens it accepted: bound_ms over the positions the
+    rule asks for, bound_compiled_ms over the compiled widths they are padded to (with adaptive
+    lookahead, the narrowest draft level holding the widest row, for every row of the batch).
+
+    Rows of the block decoder with a cache (prefix, dual) give its two kinds of pass apart
+    (bench.passes): refresh_passes and window_passes (they add up to passes), refresh_ms and
+    window_ms (one pass of each kind, its forward and rule compiled and timed alone at the call's
+    shapes; window_ms the mean over the window passes, the prefix window's width changing with the
+    block), each kind's own bound (refresh_bound_ms, window_bound_ms), kinds_ms_per_pass (the counts'
+    weighted mean of the two times), kinds_ms_per_token (the same per generated token) and
+    kinds_cover (counts x times over the whole call's time: the rest is the loop around the passes).
+    Left None where they do not apply, or where the rows' blocks took different passes.
+    """
 
     name: str
     batch: int
@@ -134,31 +124,52 @@ class Row:
     tokens_per_pass: float
     passes: int
     compile_s: float
-    bound_ms: float  # roofline bound of one pass
-    memory_floor_ms: float
+    bound_ms: float  # roofline bound of one pass, the mean over the call's passes
+    memory_floor_ms: float  # reading every weight once
     peak_memory_gb: float | None
     # with profile=True: the top device ops of one more call, as (name, ms per pass, calls per pass)
     profile: list[tuple[str, float, float]] | None = None
+    bound_leaves_out: str = bounds.LEFT_OUT
+    bound_compiled_ms: float | None = None
+    refresh_passes: int | None = None
+    window_passes: int | None = None
+    refresh_ms: float | None = None
+    window_ms: float | None = None
+    refresh_bound_ms: float | None = None
+    window_bound_ms: float | None = None
+    kinds_ms_per_pass: float | None = None
+    kinds_ms_per_token: float | None = None
+    kinds_cover: float | None = None
 
     @property
     def ratio_to_bound(self) -> float:
         return self.ms_per_pass / self.bound_ms
 
+    def ratios(self) -> dict[str, float | None]:
+        """Each time over its bound: the whole pass (to the asked and the compiled bound) and each kind."""
+        def over(ms: float | None, bound: float | None) -> float | None:
+            return None if ms is None or bound is None else ms / bound
+
+        return {"ratio_to_bound": self.ratio_to_bound,
+                "ratio_to_compiled_bound": over(self.ms_per_pass, self.bound_compiled_ms),
+                "refresh_ratio_to_bound": over(self.refresh_ms, self.refresh_bound_ms),
+                "window_ratio_to_bound": over(self.window_ms, self.window_bound_ms)}
+
 
 def _measure(name: str, batch: int, run: Callable[[], GenerationResult],
-             bound: Callable[[GenerationResult], tuple[float, float]], repeats: int, profile: bool) -> Row:
+             account: Callable[[GenerationResult, float], dict[str, Any]], repeats: int, profile: bool) -> Row:
+    """Time `run` (the median of `repeats` calls after one that compiles) and fill the Row's bound
+    fields with account(result, seconds of a call)."""
     start = time.perf_counter()
     jax.block_until_ready(run().tokens)
     first = time.perf_counter() - start
-    t, result = _median_time(run, repeats)
-    bound_ms, floor_ms = bound(result)
+    t, result = median_time(run, repeats)
     peak = peak_memory()
     return Row(
         name=name, batch=batch, ms_per_pass=1e3 * t / result.passes,
         tokens_per_s=float(result.lengths.sum()) / t, tokens_per_pass=result.tokens_per_pass(),
-        passes=result.passes, compile_s=first - t, bound_ms=bound_ms, memory_floor_ms=floor_ms,
-        peak_memory_gb=None if peak is None else peak / 1e9,
-        profile=per_pass_profile(run) if profile else None,
+        passes=result.passes, compile_s=first - t, peak_memory_gb=None if peak is None else peak / 1e9,
+        profile=per_pass_profile(run) if profile else None, **account(result, t),
     )
 
 
@@ -167,83 +178,114 @@ def sampling_label(cfg: DecoderConfig) -> str:
     return "" if cfg.temperature == 0 and cfg.top_p == 1 else f" T={cfg.temperature:g} p={cfg.top_p:g}"
 
 
-def _roofline(flops: float, nbytes: float, ceilings: dict[str, float]) -> tuple[float, float]:
-    floor = 1e3 * nbytes / ceilings["bandwidth"]
-    return max(floor, 1e3 * flops / ceilings["matmul_flops"]), floor
+def _sampled_filter(cfg: DecoderConfig) -> bool:
+    """APD and AR filter the logits only when they sample (greedy takes the argmax)."""
+    return cfg.temperature > 0 and (cfg.top_p < 1 or cfg.top_k > 0)
+
+
+def _draft_bounds(drafter: Transformer, verifier: Transformer | None, cfg: APDConfig, prompt_len: int,
+                  ceilings: dict[str, float]) -> Callable[[GenerationResult, float], dict[str, Any]]:
+    """APD's (left-to-right's, verifier None) bounds: each pass replayed (bounds.apd_work), asked and compiled."""
+    models = [drafter] + ([] if verifier is None else [verifier])
+    nbytes = sum(param_bytes(m) for m in models)
+
+    def account(result: GenerationResult, seconds: float) -> dict[str, Any]:
+        per_pass = bounds.apd_work(result.accepted, cfg, prompt_len, verifier is not None, _sampled_filter(cfg))
+
+        def mean(which: int) -> float:
+            return statistics.fmean(
+                bounds.pass_ms([(m.cfg, w) for m, w in zip(models, works[which])], nbytes, ceilings)
+                for works in per_pass)
+
+        return {"bound_ms": mean(0), "bound_compiled_ms": mean(1),
+                "memory_floor_ms": bounds.weight_floor_ms(nbytes, ceilings)}
+
+    return account
 
 
 def bench_apd(drafter: Transformer, verifier: Transformer, cfg: APDConfig, batch: int, prompt_len: int,
               ceilings: dict[str, float], repeats: int, name: str = "APD", profile: bool = False) -> Row:
     prompts = random_prompts([drafter.cfg, verifier.cfg], batch, prompt_len)
-    nbytes = param_bytes(drafter) + param_bytes(verifier)
-    layers_d, head_d = matmul_params(drafter.cfg)
-    layers_v, head_v = matmul_params(verifier.cfg)
-    def bound(result: GenerationResult) -> tuple[float, float]:
-        # Drafter: a window of about W - 1 + k + M tokens per row; heads and verifier over the draft. With
-        # adaptive lookahead, M is the rule's lookahead at the mean k (an estimate: the levels round it up).
-        k = result.tokens_per_pass()
-        draft = float(cfg.next_lookahead(jnp.int32(math.ceil(k)))) if cfg.M_min is not None else cfg.M
-        draft = min(draft, cfg.max_new_tokens)
-        window = cfg.W - 1 + k + draft
-        flops = 2 * batch * (layers_d * window + (head_d + layers_v + head_v) * draft)
-        return _roofline(flops, nbytes, ceilings)
-
     adaptive = "" if cfg.M_min is None else f" adaptive {cfg.M_min},{cfg.M_scale:g},{cfg.M_margin}"
     run = lambda: apd_generate(drafter, verifier, prompts, cfg)  # noqa: E731
-    return _measure(f"{name} R={cfg.R} W={cfg.W} M={cfg.M}{adaptive}{sampling_label(cfg)}", batch, run, bound,
-                    repeats, profile)
+    return _measure(f"{name} R={cfg.R} W={cfg.W} M={cfg.M}{adaptive}{sampling_label(cfg)}", batch, run,
+                    _draft_bounds(drafter, verifier, cfg, prompt_len, ceilings), repeats, profile)
 
 
 def bench_leftright(drafter: Transformer, K: int, cfg: APDConfig, batch: int, prompt_len: int,
                     ceilings: dict[str, float], repeats: int, profile: bool = False) -> Row:
     prompts = random_prompts([drafter.cfg], batch, prompt_len)
-    layers_d, head_d = matmul_params(drafter.cfg)
-    draft = min(cfg.M, cfg.max_new_tokens)
-
-    def bound(result: GenerationResult) -> tuple[float, float]:
-        flops = 2 * batch * (layers_d * (cfg.W - 1 + K + draft) + head_d * draft)
-        return _roofline(flops, param_bytes(drafter), ceilings)
-
     run = lambda: leftright_generate(drafter, prompts, K, cfg)  # noqa: E731
-    return _measure(f"Dream left-to-right K={K} W={cfg.W} M={cfg.M}{sampling_label(cfg)}", batch, run, bound,
-                    repeats, profile)
+    return _measure(f"Dream left-to-right K={K} W={cfg.W} M={cfg.M}{sampling_label(cfg)}", batch, run,
+                    _draft_bounds(drafter, None, cfg, prompt_len, ceilings), repeats, profile)
 
 
 def bench_ar(model: Transformer, cfg: ARConfig, batch: int, prompt_len: int, ceilings: dict[str, float],
              repeats: int, profile: bool = False) -> Row:
     prompts = random_prompts([model.cfg], batch, prompt_len)
-    layers, head = matmul_params(model.cfg)
+    nbytes = param_bytes(model)
 
-    def bound(result: GenerationResult) -> tuple[float, float]:
-        return _roofline(2 * batch * (layers + head), param_bytes(model), ceilings)
+    def account(result: GenerationResult, seconds: float) -> dict[str, Any]:
+        # Pass 0 prefills the prompt (its first token); pass i > 0 runs one token on i - 1 + prompt_len cached.
+        works = [bounds.Work(batch * prompt_len, batch, kv_written=batch * prompt_len, filtered=_sampled_filter(cfg))]
+        works += [bounds.Work(batch, batch, kv_read=batch * (prompt_len + i - 1), kv_written=batch,
+                              filtered=_sampled_filter(cfg)) for i in range(1, result.passes)]
+        return {"bound_ms": statistics.fmean(bounds.pass_ms([(model.cfg, w)], nbytes, ceilings) for w in works),
+                "memory_floor_ms": bounds.weight_floor_ms(nbytes, ceilings)}
 
     run = lambda: ar_generate(model, prompts, cfg)  # noqa: E731
-    return _measure(f"AR decode{sampling_label(cfg)}", batch, run, bound, repeats, profile)
+    return _measure(f"AR decode{sampling_label(cfg)}", batch, run, account, repeats, profile)
 
 
-def bench_canvas(model: Transformer, cfg: LLaDAConfig | ThresholdConfig | DreamBlockConfig, batch: int, prompt_len: int,
+def _canvas_account(model: Transformer, cfg: passes.CanvasConfig, prompts: list[list[int]], prompt_len: int,
+                    ceilings: dict[str, float], repeats: int) -> Callable[[GenerationResult, float], dict[str, Any]]:
+    """A block decoder row's bound; with a cache, its refresh and window passes apart (bench.passes)."""
+    batch, nbytes = len(prompts), param_bytes(model)
+    guided = 2 if getattr(cfg, "cfg_scale", 0) > 0 else 1  # guidance runs a second, prompt-masked row
+    filtered = passes.filtered_rule(cfg)
+
+    def bound(block: int | None) -> float:
+        work = passes.kind_work(cfg, batch * guided, prompt_len, block, filtered)
+        return bounds.pass_ms([(model.cfg, work)], nbytes, ceilings)
+
+    def account(result: GenerationResult, seconds: float) -> dict[str, Any]:
+        floor = bounds.weight_floor_ms(nbytes, ceilings)
+        if cfg.cache == "none":
+            return {"bound_ms": bound(None), "memory_floor_ms": floor}
+        blocks = passes.block_passes(result, cfg)
+        if blocks is None:  # rows out of step: one refresh per block, the rest spread evenly (an estimate)
+            count = cfg.max_new_tokens // block_size(cfg.block_length, cfg.max_new_tokens)
+            windows = [(result.passes - count) / count] * count
+            return {"bound_ms": (count * bound(None) + sum(w * bound(k) for k, w in enumerate(windows))) / result.passes,
+                    "memory_floor_ms": floor}
+        windows = [p - 1 for p in blocks]  # each block: one refresh, then its window passes
+        n_windows = sum(windows)
+        # The dual window has one width (block 0's stands for all); the prefix window's narrows block by block.
+        counts = {k: w for k, w in enumerate(windows) if w} if cfg.cache == "prefix" else {0: n_windows}
+        refresh_s, window_s = passes.time_kinds(model, cfg, prompts, len(blocks), counts if n_windows else {}, repeats)
+        window_total = sum(w * window_s.get(k, 0.0) for k, w in counts.items())
+        window_bound = sum(w * bound(k) for k, w in enumerate(windows))
+        total = len(blocks) * refresh_s + window_total
+        return {"bound_ms": (len(blocks) * bound(None) + window_bound) / result.passes, "memory_floor_ms": floor,
+                "refresh_passes": len(blocks), "window_passes": n_windows, "refresh_ms": 1e3 * refresh_s,
+                "window_ms": 1e3 * window_total / n_windows if n_windows else None,
+                "refresh_bound_ms": bound(None), "window_bound_ms": window_bound / n_windows if n_windows else None,
+                "kinds_ms_per_pass": 1e3 * total / result.passes,
+                "kinds_ms_per_token": 1e3 * total / float(result.lengths.sum()), "kinds_cover": total / seconds}
+
+    return account
+
+
+def bench_canvas(model: Transformer, cfg: passes.CanvasConfig, batch: int, prompt_len: int,
                  ceilings: dict[str, float], repeats: int, profile: bool = False) -> Row:
     """LLaDA's block decoder (LLaDAConfig), threshold decoding (ThresholdConfig) or Fast-dLLM's Dream
     block decoding (DreamBlockConfig) of a diffusion model.
     Without a cache every pass runs the whole sequence, prompt and answer, through the model; with
     one (cfg.cache) a block's first pass does (a refresh) and its later passes run a window: the
-    block (dual), or the answer from the block's start, (N + block) / 2 positions on average
-    (prefix). The bound is the passes' mean, with one refresh per block and the rows in step."""
+    block (dual), or the answer from the block's start (prefix). The two kinds are counted, bounded
+    and timed apart (Row; bench.passes)."""
     prompts = random_prompts([model.cfg], batch, prompt_len)
-    layers, head = matmul_params(model.cfg)
-    guided = 2 if getattr(cfg, "cfg_scale", 0) > 0 else 1  # guidance runs a second, prompt-masked row
-    n, block = cfg.max_new_tokens, block_size(cfg.block_length, cfg.max_new_tokens)
-    window = {"none": prompt_len + n, "prefix": (n + block) / 2, "dual": block}[cfg.cache]
-
-    def bound(result: GenerationResult) -> tuple[float, float]:
-        def pass_ms(tokens: float, answer: float) -> float:
-            return _roofline(2 * batch * guided * (layers * tokens + head * answer), param_bytes(model), ceilings)[0]
-
-        refreshes = n // block if cfg.cache != "none" else 0
-        refresh_ms = refreshes * pass_ms(prompt_len + n, n)
-        window_ms = (result.passes - refreshes) * pass_ms(window, n if cfg.cache == "none" else window)
-        return (refresh_ms + window_ms) / result.passes, _roofline(0, param_bytes(model), ceilings)[1]
-
+    block = block_size(cfg.block_length, cfg.max_new_tokens)
     cache = "" if cfg.cache == "none" else f" cache={cfg.cache}"
     if isinstance(cfg, LLaDAConfig):
         name = f"LLaDA steps={cfg.step_count} block={cfg.block_size}{cache}"
@@ -256,7 +298,8 @@ def bench_canvas(model: Transformer, cfg: LLaDAConfig | ThresholdConfig | DreamB
         blocks = "" if cfg.block_length is None else f" block={cfg.block_length}"
         name = f"{model.cfg.model_type} threshold={cfg.threshold:g}{blocks}{cache}"
         run = lambda: threshold_generate(model, prompts, cfg)  # noqa: E731
-    return _measure(name + sampling_label(cfg), batch, run, bound, repeats, profile)
+    return _measure(name + sampling_label(cfg), batch, run,
+                    _canvas_account(model, cfg, prompts, prompt_len, ceilings, repeats), repeats, profile)
 
 
 LEFTRIGHT_WM = (16, 100)  # the left-to-right baseline's (W, M), in JAX and in PyTorch alike
@@ -270,6 +313,26 @@ HEADER = (
 )
 
 
+def _kind_lines(r: Row) -> list[str]:
+    """The extra lines under a row: the compiled width's bound, the two kinds of pass and their check."""
+    lines = []
+    if r.bound_compiled_ms is not None:
+        lines.append(f"    bound over the compiled widths {r.bound_compiled_ms:.2f} ms "
+                     f"({r.ratios()['ratio_to_compiled_bound']:.2f}x); over the positions asked {r.bound_ms:.2f} ms "
+                     f"({r.ratio_to_bound:.2f}x)")
+    if r.refresh_passes is not None:
+        ratios = r.ratios()
+        kinds = [f"{r.refresh_passes} refresh x {r.refresh_ms:.2f} ms (bound {r.refresh_bound_ms:.2f}, "
+                 f"{ratios['refresh_ratio_to_bound']:.2f}x)"]
+        if r.window_passes:
+            kinds.append(f"{r.window_passes} window x {r.window_ms:.2f} ms (bound {r.window_bound_ms:.2f}, "
+                         f"{ratios['window_ratio_to_bound']:.2f}x)")
+        lines.append("    passes: " + " + ".join(kinds) + f" = {r.kinds_ms_per_pass:.2f} ms/pass, "
+                     f"{r.kinds_ms_per_token:.2f} ms/token; counts x times = {100 * r.kinds_cover:.0f} % of the "
+                     "call's time")
+    return lines
+
+
 def format_row(r: Row) -> str:
     peak = "-" if r.peak_memory_gb is None else f"{r.peak_memory_gb:.1f}"
     line = (
@@ -277,13 +340,14 @@ def format_row(r: Row) -> str:
         f"{r.memory_floor_ms:>6.2f} {r.tokens_per_s:>8.1f} {r.tokens_per_pass:>8.2f} {r.passes:>6} "
         f"{r.compile_s:>9.1f} {peak:>7}"
     )
+    lines = [line, *_kind_lines(r)]
     if r.profile is None:
-        return line
+        return "\n".join(lines)
     if not r.profile:
-        return line + "\n    device profile: the trace holds no device ops (the CPU backend records none)"
+        return "\n".join([*lines, "    device profile: the trace holds no device ops (the CPU backend records none)"])
     ops = [f"    {ms:8.3f} ms/pass  x{calls:<6.1f} {name[:90]}" for name, ms, calls in r.profile]
     total = sum(ms for _, ms, _ in r.profile)
-    return "\n".join([line, "    device profile, top ops:", *ops, f"    {total:8.3f} ms/pass in these ops"])
+    return "\n".join([*lines, "    device profile, top ops:", *ops, f"    {total:8.3f} ms/pass in these ops"])
 
 
 def to_json(rows: list[Row], ceilings: dict[str, float], extra: dict | None = None) -> str:
@@ -293,7 +357,7 @@ def to_json(rows: list[Row], ceilings: dict[str, float], extra: dict | None = No
             "backend": jax.default_backend(),
             "jax": jax.__version__,
             "ceilings": ceilings,
-            "rows": [dataclasses.asdict(r) | {"ratio_to_bound": r.ratio_to_bound} for r in rows],
+            "rows": [dataclasses.asdict(r) | r.ratios() for r in rows],
             **(extra or {}),
         },
         indent=2,

@@ -1,0 +1,164 @@
+"""The cached block decoder's two kinds of pass, counted, bounded and timed apart.
+
+With Fast-dLLM's caches (decoding.blocks.cached) a block's first pass is a *refresh* (the whole
+canvas through the model, its K/V written into the cache) and its later passes are *window*
+passes (the block alone, dual; the answer from the block's start, prefix), so a whole call's mean
+per pass mixes two very different costs. Here:
+
+- `block_passes`: the passes each block took, derived from the result's per-pass commits and the
+  rule's end of a block (all its positions committed; LLaDA's rule and Dream's schedule also end it
+  after their steps). At one row, or rows in step, each block has one refresh and the rest windows.
+- `kind_work`: each kind's least work (bounds.Work) at the row's shapes.
+- `time_kinds`: each kind timed alone at the call's own shapes: the loop's own refresh forward
+  (cached_logits) or window forward (block_logits: every rule here reads positions within the block)
+  followed by the rule, as many passes as the call ran of that kind in one compiled loop carrying
+  the cache, as the decoder's loop does. What a whole call spends besides (choosing the kind, the
+  loop state's updates) is what counts x these times leave of its time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from apd_jax.bench.bounds import Work
+from apd_jax.bench.timing import call_times, median_time
+from apd_jax.decoding.blocks.cached import block_logits, cached_logits, window_widths
+from apd_jax.decoding.blocks.dream import DreamBlockConfig, DreamBlockRule
+from apd_jax.decoding.blocks.llada import LLaDAConfig, LLaDARule
+from apd_jax.decoding.blocks.loop import View, block_size, block_view, build_canvas, prepare_canvas
+from apd_jax.decoding.diffusion import ConfidenceRule, ParallelRule, ThresholdConfig
+from apd_jax.decoding.generation import GenerationResult
+from apd_jax.models.cache import KVCache
+from apd_jax.models.model import Transformer
+
+CanvasConfig = LLaDAConfig | ThresholdConfig | DreamBlockConfig
+
+
+def canvas_rule(model: Transformer, cfg: CanvasConfig) -> nnx.Module:
+    """The rule the config's generate function runs (llada_generate, dream_block_generate, threshold_generate)."""
+    if isinstance(cfg, LLaDAConfig):
+        return LLaDARule(cfg)
+    if isinstance(cfg, DreamBlockConfig):
+        return DreamBlockRule(cfg)
+    return ParallelRule(ConfidenceRule(cfg.threshold), cfg, model.cfg.mask_token_id)
+
+
+def _fixed_steps(cfg: CanvasConfig) -> int | None:
+    """Passes after which the rule ends a block whatever is left in it (None: only once it is all committed)."""
+    if isinstance(cfg, LLaDAConfig) or (isinstance(cfg, DreamBlockConfig) and cfg.threshold is None):
+        return cfg.step_count // cfg.num_blocks
+    return None
+
+
+def block_passes(result: GenerationResult, cfg: CanvasConfig) -> list[int] | None:
+    """Passes each block took, the same in every row, from result.accepted; None where rows took
+    different passes in a block (out of step) or the counts do not account for the call's passes
+    (a row that stopped early, or a position that predicted the mask and stayed masked)."""
+    block = block_size(cfg.block_length, cfg.max_new_tokens)
+    fixed = _fixed_steps(cfg)
+    rows = []
+    for accepted in result.accepted[:, : result.passes]:
+        counts, filled, step = [], 0, 0
+        for k in accepted:
+            filled, step = filled + int(k), step + 1
+            if filled >= block or step == fixed:
+                counts.append(step)
+                filled = step = 0
+        rows.append(counts)
+    first = rows[0]
+    if any(r != first for r in rows) or sum(first) != result.passes or len(first) != cfg.max_new_tokens // block:
+        return None
+    return first
+
+
+def kind_work(cfg: CanvasConfig, batch: int, prompt_len: int, block: int | None, filtered: bool) -> Work:
+    """The least work of a pass of `batch` rows: block None, the whole canvas (a refresh writes its
+    K/V into the cache); else the window pass of block `block`, its width per the cache mode, reading
+    the cached K/V outside its window; a rule that reads positions within the block only gets the
+    block's logits (blocks.loop block_view)."""
+    n, size = cfg.max_new_tokens, block_size(cfg.block_length, cfg.max_new_tokens)
+    canvas = prompt_len + n
+    if block is None:
+        written = canvas if cfg.cache != "none" else 0
+        return Work(tokens=batch * canvas, heads=batch * n, kv_written=batch * written, filtered=filtered)
+    start = block * size  # the window's first answer position
+    width = size if cfg.cache == "dual" else n - start
+    read = canvas - size if cfg.cache == "dual" else prompt_len + start
+    return Work(tokens=batch * width, heads=batch * size, kv_read=batch * read, kv_written=batch * width,
+                filtered=filtered)
+
+
+def _pass_program(model: Transformer, rule: nnx.Module, cfg: CanvasConfig, refresh: bool):
+    """A jitted (params, ids, lengths, eos, key, block, reps, cache) -> (checksum, cache): `reps` passes
+    of the given kind in a loop, as the decoder runs them, each for every row in block `block` with
+    every answer position masked (mid-decoding shapes). Each pass's prompt differs (ids + i), so none
+    of its work is loop-invariant, and the rule's commits feed the checksum, so none is dead."""
+    n, size = cfg.max_new_tokens, block_size(cfg.block_length, cfg.max_new_tokens)
+    widths = window_widths(cfg.cache, size, n)
+    mask_id, vocab = model.cfg.mask_token_id, model.cfg.vocab_size
+    graphs, _ = zip(nnx.split(model), nnx.split(rule))
+
+    def passes(params, ids, lengths, eos, key, block, reps, cache):
+        model, rule = nnx.merge(graphs[0], params[0]), nnx.merge(graphs[1], params[1])
+        b = ids.shape[0]
+        gen = jnp.full((b, n), mask_id, jnp.int32)
+        blocks = jnp.full((b,), block, jnp.int32)
+        start = blocks * size
+        j = jnp.arange(n)
+        candidates = (j >= start[:, None]) & (j < start[:, None] + size)
+        yes, no = jnp.ones((b,), bool), jnp.zeros((b,), bool)
+        view = View(jnp.int32(0), gen, candidates, start, jnp.full((b,), 0 if refresh else 1, jnp.int32),
+                    jnp.full((b,), n, jnp.int32), eos)
+
+        def one(i, carry):
+            cache, checksum = carry
+            canvas, end, k = build_canvas((ids + i) % vocab, lengths, gen), lengths + n, jax.random.fold_in(key, i)
+            if refresh:
+                logits, cache = cached_logits(model, canvas, cache, lengths, end, blocks, start, yes, no, widths, n)
+                commit = rule(logits, k, view)
+            else:
+                logits, cache = block_logits(model, canvas, cache, lengths, end, blocks, start, yes, widths, size)
+                commit = rule(logits, k, block_view(view, candidates, size))
+            return cache, checksum + jnp.sum(jnp.where(commit.transfer, commit.tokens, 0))
+
+        cache, checksum = jax.lax.fori_loop(0, reps, one, (cache, jnp.int32(0)))
+        return checksum, cache
+
+    donate = () if jax.default_backend() == "cpu" else (7,)  # XLA:CPU cannot reuse a donated buffer
+    return jax.jit(passes, donate_argnums=donate)
+
+
+def time_kinds(model: Transformer, cfg: CanvasConfig, prompts: Sequence[Sequence[int]], refreshes: int,
+               windows: dict[int, int], repeats: int) -> tuple[float, dict[int, float]]:
+    """(seconds of a refresh pass, {block k: seconds of a window pass of block k}), at the shapes
+    decode_blocks gives `prompts`: `refreshes` passes of one kind (windows[k] of block k's) run in
+    one compiled loop, the median of `repeats` such calls after two (the first compiles), divided
+    by the passes."""
+    rule = canvas_rule(model, cfg)
+    batch = prepare_canvas(model, cfg, prompts, jax.random.key(0))
+    _, params = zip(nnx.split(model), nnx.split(rule))
+    ids, lengths = jnp.asarray(batch.ids), jnp.asarray(batch.lengths)
+    cache = [KVCache.zeros(model.cfg, ids.shape[0], ids.shape[1] + cfg.max_new_tokens)]
+
+    def timed(program, block: int, reps: int) -> float:
+        def call():
+            checksum, cache[0] = program(params, ids, lengths, batch.eos, batch.key, jnp.int32(block),
+                                         jnp.int32(reps), cache[0])
+            return checksum
+
+        call_times(call, 2)
+        return median_time(call, repeats)[0] / reps
+
+    refresh = timed(_pass_program(model, rule, cfg, True), 0, refreshes)
+    window = _pass_program(model, rule, cfg, False)
+    return refresh, {k: timed(window, k, reps) for k, reps in windows.items()}
+
+
+def filtered_rule(cfg: CanvasConfig) -> bool:
+    """The rule filters the logits (top-p or top-k) before its softmax."""
+    return cfg.top_p < 1 or cfg.top_k > 0
+
