@@ -50,6 +50,14 @@ class TorchRow:
     tokens_per_pass: float
     passes: int
     tokens_per_s: float
+    # Fast-dLLM's cached samplers: refresh passes (the whole sequence) and window passes apart, each
+    # pass timed from its forward's start to the next forward's (its forward and the rule after it),
+    # on one more call; kinds_cover: those times' sum over the median call's time.
+    refresh_passes: int | None = None
+    window_passes: int | None = None
+    refresh_ms: float | None = None
+    window_ms: float | None = None
+    kinds_cover: float | None = None
 
 
 def _device() -> str:
@@ -151,6 +159,46 @@ def bench_llada_generate(model: Any, c: ModelConfig, prompt: list[int], gen_leng
                     None, None, None, 1, 1e3 * t / gen_length, 1.0, gen_length, gen_length / t)
 
 
+class PassClock:
+    """A model seen through Fast-dLLM's samplers: each forward call marks its start (a CUDA event on
+    the GPU's stream, so nothing waits; the clock on the CPU) and its kind, a refresh when it runs the
+    whole sequence of `length` positions, a window pass otherwise. Attributes are the model's."""
+
+    def __init__(self, model: Any, length: int):
+        self.model, self.length, self.marks = model, length, []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+    def __call__(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        self.marks.append((x.shape[1] == self.length, _mark()))
+        return self.model(x, *args, **kwargs)
+
+    def kinds(self) -> tuple[list[float], list[float]]:
+        """([ms of each refresh pass], [ms of each window pass]) of the call just run: each from its
+        forward's start to the next forward's, the last to now."""
+        import torch
+
+        marks = [m for _, m in self.marks] + [_mark()]
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            spans = [a.elapsed_time(b) for a, b in zip(marks, marks[1:])]
+        else:
+            spans = [1e3 * (b - a) for a, b in zip(marks, marks[1:])]
+        return ([ms for (refresh, _), ms in zip(self.marks, spans) if refresh],
+                [ms for (refresh, _), ms in zip(self.marks, spans) if not refresh])
+
+
+def _mark() -> Any:
+    import torch
+
+    if not torch.cuda.is_available():
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
 FASTDLLM_SAMPLERS = {"none": "generate", "prefix": "generate_with_prefix_cache", "dual": "generate_with_dual_cache"}
 
 
@@ -164,14 +212,21 @@ def bench_fastdllm(model: Any, c: ModelConfig, prompt: list[int], gen_length: in
 
     sampler = getattr(published, FASTDLLM_SAMPLERS[cache])
     ids = torch.tensor([prompt], device=_device())
+
+    def run(model: Any) -> tuple[Any, int]:
+        return sampler(model, ids, steps=gen_length, gen_length=gen_length, block_length=block_length,
+                       mask_id=c.mask_token_id, threshold=threshold)
+
+    clock = PassClock(model, len(prompt) + gen_length)
     with torch.no_grad():
-        t, (_, nfe) = _time_calls(lambda: sampler(model, ids, steps=gen_length, gen_length=gen_length,
-                                                  block_length=block_length, mask_id=c.mask_token_id,
-                                                  threshold=threshold), repeats)
+        t, (_, nfe) = _time_calls(lambda: run(model), repeats)
+        run(clock)
+    refresh, window = clock.kinds()
     rule, decoder = ("LLaDA", "llada") if threshold is None else (f"threshold={threshold:g}", "threshold")
     return TorchRow(f"PyTorch Fast-dLLM {rule} steps={gen_length} block={block_length} {cache} cache (published)",
                     f"{decoder} {cache}", None, None, None, None, 1, 1e3 * t / nfe, gen_length / nfe, nfe,
-                    gen_length / t)
+                    gen_length / t, len(refresh), len(window), statistics.fmean(refresh),
+                    statistics.fmean(window) if window else None, (sum(refresh) + sum(window)) / (1e3 * t))
 
 
 def bench_apd(drafter: Any, verifier: Any, d_cfg: ModelConfig, v_cfg: ModelConfig, prompt: list[int],
@@ -227,8 +282,13 @@ HEADER = f"{'benchmark':<70} {'batch':>5} {'ms/pass':>8} {'tok/pass':>8} {'passe
 
 
 def format_row(r: TorchRow) -> str:
-    return (f"{r.name:<70} {r.batch:>5} {r.ms_per_pass:>8.2f} {r.tokens_per_pass:>8.2f} {r.passes:>6} "
+    line = (f"{r.name:<70} {r.batch:>5} {r.ms_per_pass:>8.2f} {r.tokens_per_pass:>8.2f} {r.passes:>6} "
             f"{r.tokens_per_s:>7.1f}")
+    if r.refresh_passes is None:
+        return line
+    window = f" + {r.window_passes} window x {r.window_ms:.2f} ms" if r.window_passes else ""
+    return (f"{line}\n    passes: {r.refresh_passes} refresh x {r.refresh_ms:.2f} ms{window}; their sum = "
+            f"{100 * r.kinds_cover:.0f} % of the call's time")
 
 
 def _jax_key(row: dict) -> tuple | None:
@@ -257,8 +317,13 @@ def ratios(rows: list[TorchRow], jax_json: Path) -> list[str]:
     for r in rows:
         j = jax_rows.get((r.decoder, r.R, r.W, r.M))
         if j is not None:
-            lines.append(f"{r.name}: {r.ms_per_pass:.2f} ms against apd_jax's {j['ms_per_pass']:.2f} ms "
-                         f"({r.ms_per_pass / j['ms_per_pass']:.1f}x)")
+            line = (f"{r.name}: {r.ms_per_pass:.2f} ms against apd_jax's {j['ms_per_pass']:.2f} ms "
+                    f"({r.ms_per_pass / j['ms_per_pass']:.1f}x)")
+            for kind in ("refresh", "window"):
+                mine, theirs = getattr(r, f"{kind}_ms"), j.get(f"{kind}_ms")
+                if mine is not None and theirs is not None:
+                    line += f"; {kind} {mine:.2f} ms against {theirs:.2f} ms ({mine / theirs:.1f}x)"
+            lines.append(line)
     return lines
 
 
