@@ -4,8 +4,15 @@ Passes per generated token, agreement with the drafter's two full-step (one toke
 pass) greedy outputs, left to right and most confident first, and tokens/s after
 compilation, for: Dream left-to-right K=1/2/4, the most-confident-first decoder,
 Dream's entropy sampler at half the steps, confidence-threshold decoding, APD, the
-verifier alone, and Learn2PD with and without End-of-Text when a filter is given (or the
-drafter is the embedded one, which ships with its filter).
+verifier alone, Learn2PD with and without End-of-Text when a filter is given (or the
+drafter is the embedded one, which ships with its filter), and the block decoders with
+each of Fast-dLLM's KV caches (--block-length, --cache): Fast-dLLM's Dream, and the
+threshold and Learn2PD in blocks.
+
+--drafter alone (no --verifier) compares the drafter's own decoders; a LLaDA drafter
+(apd_jax has no verifier of its tokenizer, so no APD) gets LLaDA's generate with
+low-confidence remasking, the threshold and Learn2PD in blocks, with each cache,
+agreement measured against the first row (LLaDA's generate, one token per step, no cache).
 """
 
 from __future__ import annotations
@@ -16,18 +23,27 @@ import json
 import sys
 from pathlib import Path
 
-from apd_jax.checkpoints import load_model, load_tokenizer
+from apd_jax.checkpoints import load_model, load_tokenizer, read_config
 from apd_jax.cli.common import DefaultsHelpFormatter, corpus_prompts, embedded_filter, positive_int, user_path
 from apd_jax.cli.options import (
     add_pair_options,
+    optional_int,
     pair_paths,
     settings_option,
     settings_values,
 )
 from apd_jax.decoding.apd import APDConfig
 from apd_jax.decoding.batching import DEFAULT_BATCH_SIZE
-from apd_jax.evaluation.compare import compare_decoders, format_lookahead_table, format_table, lookahead_study
-from apd_jax.models.config import tiny_config
+from apd_jax.decoding.blocks.cached import CACHE_MODES
+from apd_jax.evaluation.compare import (
+    compare_decoders,
+    format_lookahead_table,
+    format_table,
+    lookahead_study,
+    planned_runs,
+)
+from apd_jax.models.config import ModelConfig, tiny_config
+from apd_jax.models.families import FAMILIES
 from apd_jax.decoding.registry import decoder
 from apd_jax.decoding.learn2pd import load_filter
 from apd_jax.models.model import init_model
@@ -50,8 +66,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--filter", type=user_path,
                    help="a Learn2PD filter from `apd-jax train-filter` (default with the embedded drafter: its own)")
     p.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens every decoder generates per prompt")
-    settings_option(p, "--threshold", "the threshold row's confidence and the Learn2PD rows' keep threshold",
-                    ["threshold"], type=float)
+    settings_option(p, "--threshold", "the threshold and Fast-dLLM Dream rows' confidence and the Learn2PD rows' "
+                    "keep threshold", ["threshold"], type=float)
+    settings_option(p, "--block-length", "the block rows' answer positions per block, decoded left to right; "
+                    "'none': one block", ["dream-block", "llada", "threshold", "learn2pd"], type=optional_int)
+    p.add_argument("--cache", choices=CACHE_MODES, default=None,
+                   help="the block rows with this one of Fast-dLLM's KV caches only (LLaDA's uncached reference row "
+                        "stays) (default: a row for each)")
     settings_option(p, "--R", "APD's mixture weight", ["apd"], type=float)
     settings_option(p, "--W", "APD's and Dream K's drafter KV window", ["apd"], type=int)
     settings_option(p, "--M", "APD's and Dream K's max lookahead", ["apd"], type=int)
@@ -147,24 +168,54 @@ def _check_options(args: argparse.Namespace) -> tuple[APDConfig, float, list[APD
     return apd, threshold, settings, None if args.completions is None else _read_completions(args.completions)
 
 
+def _configs(args: argparse.Namespace) -> tuple[ModelConfig, ModelConfig | None]:
+    """The drafter's and the verifier's configs (None: no verifier), read before any weights: --drafter and
+    --verifier both or neither (the embedded pair), or --drafter alone (its own decoders)."""
+    if args.random_tiny:
+        return tiny_config(causal=False), tiny_config(causal=True)
+    if args.drafter is not None and args.verifier is None:
+        return read_config(args.drafter), None
+    args.drafter, args.verifier = pair_paths(args.drafter, args.verifier)
+    return read_config(args.drafter), read_config(args.verifier)
+
+
+def _without_verifier(drafter: ModelConfig) -> str:
+    """The line saying why a drafter compared alone has no APD rows."""
+    if any(f.causal and f.vocabulary == drafter.family.vocabulary for f in FAMILIES.values()):
+        return "(no APD or AR rows: no --verifier given; give one sharing the drafter's tokenizer for them)"
+    return (f"(no APD or AR rows: APD needs a causal verifier sharing the drafter's tokenizer, and apd_jax has none "
+            f"for a {drafter.model_type} drafter)")
+
+
 def run(args: argparse.Namespace) -> int:
     apd, threshold, settings, completion_items = _check_options(args)
+    drafter_cfg, verifier_cfg = _configs(args)
+    if settings is not None and verifier_cfg is None:
+        raise ValueError("--lookahead studies APD, which needs a verifier: give --verifier DIR too")
+    path = args.filter or (None if args.random_tiny else embedded_filter(args.drafter))
+    caches = CACHE_MODES if args.cache is None else (args.cache,)
+    block_length = settings_values(args).get("block_length")
+    if settings is None:  # every row's settings and the pair checked before any model loads
+        planned_runs(drafter_cfg, verifier_cfg, args.max_new_tokens, apd, threshold, path is not None,
+                     block_length=block_length, caches=caches)
     if args.random_tiny:
-        drafter, verifier = init_model(tiny_config(causal=False), 1), init_model(tiny_config(causal=True), 2)
-        prompts = [parse_ids(line, f"prompts file {args.prompts_file}") for line in read_prompts_file(args.prompts_file)]
+        drafter, verifier = init_model(drafter_cfg, 1), init_model(verifier_cfg, 2)
+        prompts = [parse_ids(line, f"prompts file {args.prompts_file}")
+                   for line in read_prompts_file(args.prompts_file)]
     else:
-        args.drafter, args.verifier = pair_paths(args.drafter, args.verifier)
-        drafter, verifier = load_model(args.drafter), load_model(args.verifier)
+        drafter = load_model(args.drafter)
+        verifier = None if verifier_cfg is None else load_model(args.verifier)
         if args.heldout_prompts is not None:
             texts = corpus_prompts("--heldout-prompts", args.heldout_prompts, args.drafter, heldout=True,
-                                   seq_len=drafter.cfg.max_position_embeddings, root=args.stdlib)
+                                   seq_len=drafter_cfg.max_position_embeddings, root=args.stdlib)
         else:
             texts = read_prompts_file(args.prompts_file)
         tokenizer = load_tokenizer(args.drafter)
         prompts = [tokenizer.encode(text) for text in texts]
-    path = args.filter or (None if args.random_tiny else embedded_filter(args.drafter))
     if path is None:
         print("(no Learn2PD rows: give --filter DIR for this drafter)", file=sys.stderr)
+    if verifier is None:
+        print(_without_verifier(drafter_cfg), file=sys.stderr)
     learned = None if path is None else load_filter(path)
     if settings is not None:
         completions = None if completion_items is None else _completions(completion_items, tokenizer)
@@ -173,5 +224,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     progress = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     print(format_table(compare_decoders(drafter, verifier, prompts, args.max_new_tokens, apd, learned, threshold,
-                                        batch_size=args.batch_size, log=progress)))
+                                        block_length=block_length, caches=caches, batch_size=args.batch_size,
+                                        log=progress)))
     return 0

@@ -1,9 +1,14 @@
 """Every decoder on the same models and prompts: passes per token, agreement, speed.
 
-Agreement is measured against the drafter's two full-step greedy outputs, one token
-per pass: left to right (Dream K=1), which APD and Dream K=k approach, and most
-confident first over the whole canvas, which the threshold and Learn2PD decoders
-approach (the Learn2PD oracle's answer). Speeds are taken on a second call, after
+With a verifier (APD's pair), agreement is measured against the drafter's two full-step greedy
+outputs, one token per pass: left to right (Dream K=1), which APD and Dream K=k approach, and
+most confident first over the whole canvas, which the threshold and Learn2PD decoders approach
+(the Learn2PD oracle's answer). Without one, the drafter's own decoders run (a Dream drafter's
+above less APD and the verifier; a LLaDA drafter's: LLaDA's generate, the threshold and
+Learn2PD), against the first row. The block rows decode the answer in blocks left to right with
+each of Fast-dLLM's KV caches (none, prefix, dual): on Dream, Fast-dLLM's Dream rule (the
+threshold and Learn2PD rules take no cache on a shifted family, blocks.cached.check_cacheable);
+on LLaDA, LLaDA's rule, the threshold and Learn2PD. Speeds are taken on a second call, after
 compilation.
 """
 
@@ -11,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -19,11 +24,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from apd_jax.decoding.apd import APDConfig
+from apd_jax.decoding.apd_rule import shared_vocab_size
 from apd_jax.decoding.batching import DEFAULT_BATCH_SIZE, generate_batched
-from apd_jax.decoding.registry import Models, decoder
+from apd_jax.decoding.blocks.cached import CACHE_MODES
+from apd_jax.decoding.registry import Decoder, Models, decoder
 from apd_jax.decoding.diffusion import ThresholdConfig
-from apd_jax.decoding.generation import GenerationResult
+from apd_jax.decoding.generation import DecoderConfig, GenerationResult
 from apd_jax.decoding.learn2pd import Filter, Learn2PDConfig
+from apd_jax.models.config import ModelConfig
+from apd_jax.models.llada import LLADA
 from apd_jax.models.model import Transformer, token_logprobs
 
 
@@ -31,8 +40,7 @@ from apd_jax.models.model import Transformer, token_logprobs
 class Comparison:
     decoder: str
     passes_per_token: float
-    agreement: float  # fraction of Dream K=1's tokens reproduced at the same position
-    agreement_confident: float  # the same against most-confident-first, one token per pass
+    agreements: dict[str, float]  # reference (as the table's header names it) -> fraction of its tokens reproduced
     tokens_per_s: float
     tokens: int
 
@@ -56,10 +64,59 @@ def _timed(run: Callable[[], GenerationResult]) -> tuple[GenerationResult, float
 # The two full-step greedy outputs (one token per pass) that agreement is measured against.
 LEFT_TO_RIGHT = "Dream left-to-right K=1 (reference)"
 CONFIDENT_FIRST = "most confident first, one per pass (reference)"
+PAIR_REFERENCES = {"K=1": LEFT_TO_RIGHT, "most confident first": CONFIDENT_FIRST}
+FIRST_ROW = "the first row"  # the reference of a drafter compared alone
+
+Run = tuple[str, str, dict[str, Any]]  # (row label, decoder name, its settings)
 
 
-def compared_runs(n: int, apd: APDConfig, threshold: float, learn2pd: bool) -> list[tuple[str, str, dict[str, Any]]]:
-    """(row label, decoder name, its settings) of each row; APD and Dream K take `apd`'s settings."""
+def _blocks(block_length: int | None, n: int) -> str:
+    return "one block" if block_length in (None, n) else f"blocks of {block_length}"
+
+
+def _cache(cache: str) -> str:
+    return "no cache" if cache == "none" else f"{cache} cache"
+
+
+def block_runs(n: int, threshold: float, learn2pd: bool, *, llada: bool, block_length: int | None = None,
+               caches: Sequence[str] = CACHE_MODES) -> list[Run]:
+    """The block decoders' rows, one per cache in `caches` (prefix left out beside dual when one block
+    spans the answer: the same passes). On a LLaDA drafter: LLaDA's generate at one token per step
+    (uncached first: the reference), the threshold and Learn2PD with End-of-Text. On a Dream drafter:
+    Fast-dLLM's Dream at `threshold`, and, with blocks shorter than the answer, the threshold and
+    Learn2PD in blocks without a cache (the only cache mode their rules take on Dream)."""
+    blocks = {"max_new_tokens": n, "block_length": block_length}
+    where = _blocks(block_length, n)
+    if block_length in (None, n) and "dual" in caches:  # one block: the prefix window is the block, as dual's
+        caches = [c for c in caches if c != "prefix"]
+    eot = Learn2PDConfig.eot_threshold  # the paper's
+    parallel = [(f"confidence threshold {threshold}", "threshold", {"threshold": threshold})]
+    if learn2pd:
+        parallel.append((f"Learn2PD keep > {threshold} + EoT {eot}", "learn2pd",
+                         {"keep_threshold": threshold, "eot_threshold": eot}))
+    if llada:
+        steps = f"LLaDA low-confidence steps={n}, {where}"
+        runs = [(f"{steps}, no cache (reference)", "llada", blocks | {"steps": n, "cache": "none"})]
+        runs += [(f"{steps}, {_cache(c)}", "llada", blocks | {"steps": n, "cache": c}) for c in caches if c != "none"]
+        return runs + [(f"{label}, {where}, {_cache(c)}", name, blocks | values | {"cache": c})
+                       for label, name, values in parallel for c in caches]
+    runs = [(f"Fast-dLLM Dream threshold {threshold}, {where}, {_cache(c)}", "dream-block",
+             blocks | {"threshold": threshold, "cache": c}) for c in caches]
+    if block_length not in (None, n) and "none" in caches:
+        runs += [(f"{label}, {where}", name, blocks | values) for label, name, values in parallel]
+    return runs
+
+
+def compared_runs(n: int, apd: APDConfig, threshold: float, learn2pd: bool, *, pair: bool = True,
+                  llada: bool = False, block_length: int | None = None,
+                  caches: Sequence[str] = CACHE_MODES) -> list[Run]:
+    """(row label, decoder name, its settings) of every row. On a Dream drafter: Dream K=1/2/4 and APD
+    (both with `apd`'s settings), most confident first, Dream's entropy sampler, the threshold, the
+    verifier alone, Learn2PD (`learn2pd`), then the block rows (block_runs); APD and the verifier
+    only with a verifier (`pair`). On a LLaDA drafter (`llada`): the block rows alone."""
+    blocked = block_runs(n, threshold, learn2pd, llada=llada, block_length=block_length, caches=caches)
+    if llada:
+        return blocked
     same_as_apd = {f.name: getattr(apd, f.name) for f in dataclasses.fields(apd)} | {"max_new_tokens": n}
     whole = {"max_new_tokens": n}
     runs = [
@@ -69,9 +126,9 @@ def compared_runs(n: int, apd: APDConfig, threshold: float, learn2pd: bool) -> l
         (CONFIDENT_FIRST, "threshold", whole | {"threshold": 1.0}),
         (f"Dream steps={n // 2} entropy", "dream", whole | {"steps": n // 2, "alg": "entropy"}),
         (f"confidence threshold {threshold}", "threshold", whole | {"threshold": threshold}),
-        (f"APD R={apd.R} W={apd.W} M={apd.M}", "apd", same_as_apd),
-        ("AR (verifier alone)", "ar", whole),
     ]
+    if pair:
+        runs += [(f"APD R={apd.R} W={apd.W} M={apd.M}", "apd", same_as_apd), ("AR (verifier alone)", "ar", whole)]
     if learn2pd:
         eot = Learn2PDConfig.eot_threshold  # the paper's
         runs += [
@@ -79,56 +136,102 @@ def compared_runs(n: int, apd: APDConfig, threshold: float, learn2pd: bool) -> l
             (f"Learn2PD keep > {threshold} + EoT {eot}", "learn2pd",
              whole | {"keep_threshold": threshold, "eot_threshold": eot}),
         ]
-    return runs
+    return runs + blocked
 
 
-def compare_decoders(
-    drafter: Transformer,
-    verifier: Transformer,
-    prompts: list[list[int]],
-    max_new_tokens: int,
+def planned_runs(
+    drafter: ModelConfig,
+    verifier: ModelConfig | None,
+    n: int,
     apd: APDConfig,
-    learned: Filter | None = None,
-    threshold: float = ThresholdConfig.threshold,
+    threshold: float,
+    learn2pd: bool,
+    *,
+    block_length: int | None = None,
+    caches: Sequence[str] = CACHE_MODES,
+) -> tuple[list[tuple[str, Decoder, DecoderConfig]], dict[str, str]]:
+    """Each row's label, decoder and checked settings (compared_runs), and the rows agreement is
+    measured against (table header -> row label), from the models' configs: every setting and the
+    pair are checked here, before any model loads or decodes. A verifier must share the drafter's
+    tokenizer (APD's check: a LLaDA drafter with a Qwen2 verifier is refused)."""
+    if verifier is not None:
+        shared_vocab_size(drafter, verifier)
+    elif drafter.causal:
+        raise ValueError(f"the drafter is a causal ({drafter.model_type}) model: compare runs a diffusion drafter "
+                         "(Dream or LLaDA)")
+    llada = drafter.family == LLADA
+    runs = compared_runs(n, apd, threshold, learn2pd, pair=verifier is not None, llada=llada,
+                         block_length=block_length, caches=caches)
+    planned = []
+    for label, name, values in runs:
+        chosen = decoder(name)
+        config = chosen.settings_from(values)
+        config.validate()
+        planned.append((label, chosen, config))
+    return planned, ({FIRST_ROW: runs[0][0]} if llada else PAIR_REFERENCES)
+
+
+def measure_runs(
+    models: Models,
+    prompts: list[list[int]],
+    runs: Sequence[tuple[str, Decoder, DecoderConfig]],
+    references: dict[str, str],
     batch_size: int = DEFAULT_BATCH_SIZE,
     log: Callable[[str], None] = lambda line: None,
 ) -> list[Comparison]:
-    """threshold: the confidence threshold decoder's and Learn2PD's keep threshold alike
-    (both commit a prediction judged right with probability above it). Learn2PD's rows
-    need its filter, `learned`."""
-    models = Models(drafter, verifier, learned)
+    """Each of `runs` (planned_runs) on `prompts`, timed on a second call, and its agreement with each
+    of the `references` (table header -> the label of a row among the runs)."""
     results = {}
-    runs = compared_runs(max_new_tokens, apd, threshold, learned is not None)
-    for name, decoder_name, values in runs:
-        chosen = decoder(decoder_name)
-        config = chosen.settings_from(values)
-        results[name] = _timed(lambda: generate_batched(lambda rows: chosen.generate(models, rows, config),
-                                                        prompts, batch_size))
-        log(f"[{len(results)}/{len(runs)}] {name}: {results[name][1]:.1f} s")
-    leftright, confident = results[LEFT_TO_RIGHT][0], results[CONFIDENT_FIRST][0]
+    for label, chosen, config in runs:
+        results[label] = _timed(lambda: generate_batched(lambda rows: chosen.generate(models, rows, config),
+                                                         prompts, batch_size))
+        log(f"[{len(results)}/{len(runs)}] {label}: {results[label][1]:.1f} s")
     rows = []
-    for name, (result, seconds) in results.items():
+    for label, (result, seconds) in results.items():
         tokens = int(result.lengths.sum())
         rows.append(Comparison(
-            decoder=name, passes_per_token=float(result.row_passes().sum()) / max(tokens, 1),
-            agreement=agreement(result, leftright), agreement_confident=agreement(result, confident),
+            decoder=label, passes_per_token=float(result.row_passes().sum()) / max(tokens, 1),
+            agreements={header: agreement(result, results[ref][0]) for header, ref in references.items()},
             tokens_per_s=tokens / seconds, tokens=tokens,
         ))
     return rows
 
 
+def compare_decoders(
+    drafter: Transformer,
+    verifier: Transformer | None,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    apd: APDConfig,
+    learned: Filter | None = None,
+    threshold: float = ThresholdConfig.threshold,
+    *,
+    block_length: int | None = None,
+    caches: Sequence[str] = CACHE_MODES,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    log: Callable[[str], None] = lambda line: None,
+) -> list[Comparison]:
+    """Every row of planned_runs on `prompts` (measure_runs). threshold: the confidence threshold
+    decoders' and Learn2PD's keep threshold alike (both commit a prediction judged right with
+    probability above it). Learn2PD's rows need its filter, `learned`; APD's and the verifier's a
+    verifier."""
+    runs, references = planned_runs(drafter.cfg, None if verifier is None else verifier.cfg, max_new_tokens, apd,
+                                    threshold, learned is not None, block_length=block_length, caches=caches)
+    return measure_runs(Models(drafter, verifier, learned), prompts, runs, references, batch_size, log)
+
+
 def format_table(rows: list[Comparison]) -> str:
+    headers = list(rows[0].agreements) if rows else []
     lines = [
-        "| decoder | passes per token | agreement with K=1 | agreement with most confident first | tokens/s | tokens |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| decoder | passes per token | " + "".join(f"agreement with {h} | " for h in headers) + "tokens/s | tokens |",
+        "| --- " * (4 + len(headers)) + "|",
     ]
     lines += [
-        f"| {r.decoder} | {r.passes_per_token:.3f} | {r.agreement:.3f} | {r.agreement_confident:.3f} "
-        f"| {r.tokens_per_s:.1f} | {r.tokens} |"
+        f"| {r.decoder} | {r.passes_per_token:.3f} | " + "".join(f"{a:.3f} | " for a in r.agreements.values())
+        + f"{r.tokens_per_s:.1f} | {r.tokens} |"
         for r in rows
     ]
     return "\n".join(lines)
-
 
 
 @dataclasses.dataclass
