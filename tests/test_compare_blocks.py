@@ -100,6 +100,7 @@ def test_compare_runs_a_llada_checkpoint_alone_from_the_command_line(tmp_path, c
     (["--drafter", str(LLADA), "--block-length", "3"], "block_length=3 must divide max_new_tokens=64"),
     (["--drafter", str(ASSETS_DIR / "verifier")], "the drafter is a causal (qwen2) model: compare runs a diffusion"),
     (["--cache", "full"], "argument --cache: invalid choice: 'full'"),
+    (["--lookahead", "8", "--cache", "dual"], "--block-length and --cache set the block decoders' rows; --lookahead"),
 ])
 def test_bad_combinations_are_one_line_errors_before_any_model_loads(argv, error, no_work, tmp_path, capsys):
     prompts = tmp_path / "p.txt"

@@ -162,6 +162,9 @@ def _check_options(args: argparse.Namespace) -> tuple[APDConfig, float, list[APD
             raise ValueError("--completions adds a column to the --lookahead study: give --lookahead too")
         if args.random_tiny:
             raise ValueError("--completions needs a tokenizer (not --random-tiny)")
+    if args.lookahead is not None and (args.cache is not None or "block_length" in values):
+        raise ValueError("--block-length and --cache set the block decoders' rows; --lookahead studies APD alone: "
+                         "drop them")
     if args.filter is not None and not args.filter.is_dir():
         raise FileNotFoundError(f"--filter {args.filter} is not a directory: give a filter of `apd-jax train-filter`")
     settings = None if args.lookahead is None else lookahead_settings(args.lookahead, apd)
