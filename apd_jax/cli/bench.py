@@ -25,15 +25,18 @@ from apd_jax.decoding.blocks.llada import LLaDAConfig
 from apd_jax.decoding.diffusion import ThresholdConfig
 from apd_jax.checkpoints import load_model
 from apd_jax.cli.common import (
-    DefaultsHelpFormatter, check_writable, finite_float, positive_int, positive_int_list, user_path,
+    DefaultsHelpFormatter, check_writable, corpus_prompts, finite_float, positive_int, positive_int_list, user_path,
 )
 from apd_jax.models.config import (
     ATTENTION_IMPLEMENTATIONS, ModelConfig, dream_7b_config, llada_8b_config, qwen25_05b_config, qwen25_7b_config,
     tiny_config,
 )
 from apd_jax.models.llada import LLADA
+from apd_jax.models.model import Transformer, with_config
+from apd_jax.models.quantize import MODES, quantize
+from apd_jax.cli.options import pair_paths
+from apd_jax.text.tokenizer import load_tokenizer_file
 from apd_jax.utils.files import written_atomically
-from apd_jax.models.model import with_config
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -69,6 +72,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--attention", choices=ATTENTION_IMPLEMENTATIONS, default="xla",
                    help="attention implementation of every model (cudnn: CUDA GPUs; its logits are "
                         "compared with xla's first)")
+    p.add_argument("--quantize", choices=tuple(MODES),
+                   help="8-bit weights for every model (drafter, verifier, the AR and LLaDA baselines; int8: weight-only; "
+                        "fp8: e4m3 weights and activations; fp8-weights: e4m3 weight-only), each model's logits "
+                        "compared with its unquantized self's first (default: none)")
+    p.add_argument("--quality", type=positive_int, metavar="N",
+                   help="instead of timing: N held-out prompts of the stdlib corpus decoded greedily by APD (the first "
+                        "--settings entry, --max-new-tokens) with the unquantized pair (--drafter and --verifier, "
+                        "default the embedded pair) and with each 8-bit mode (--quantize: that one); prints tokens per "
+                        "pass, the unquantized verifier's mean log-likelihood of the output and the agreement with the "
+                        "unquantized output (default: off)")
     p.add_argument("--workload", type=positive_int, metavar="N",
                    help="instead of the rows above: N prompts with budgets drawn from --budgets, decoded by APD "
                         "(the first --settings entry) in fixed batches and with continuous batching over the first "
@@ -192,12 +205,18 @@ def run(args: argparse.Namespace) -> int:
     _check_paths(args)
     if args.against is not None and not args.torch:
         raise ValueError("--against gives the PyTorch/apd_jax ratios of a --torch run: add --torch, or drop --against")
+    if args.quality is not None and (args.workload is not None or args.torch):
+        raise ValueError("--quality decodes held-out prompts instead of timing: drop --workload and --torch")
     sampling = dict(temperature=args.temperature, top_p=args.top_p)
     settings = _parse_settings(args.settings, args.max_new_tokens, **sampling)
     if args.torch:
         if args.temperature > 0 or args.top_p < 1:
             raise ValueError("--torch times greedy decoding only: drop --temperature and --top-p")
+        if args.quantize is not None:
+            raise ValueError("--torch times the published code's bf16 weights: drop --quantize")
         return _torch(args, settings)
+    if args.quality is not None:
+        return _quality(args, settings[0])
     batches = args.batch
     d_cfg, v_cfg, ar_cfg, llada_cfg = _configs(args.shapes)
     drafter = load_model(args.drafter) if args.drafter else bench.random_model(d_cfg, 1)
@@ -208,6 +227,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"{model.cfg.model_type} logits, {args.attention} vs xla attention: relative difference "
                   f"{bench.logits_difference(model, other, args.prompt_len):.2e}", flush=True)
         drafter, verifier = switched
+    differences: dict[str, float] = {}  # each quantized model's logits against its unquantized self's
+    drafter = _quantized(drafter, "drafter", args, differences)
+    verifier = _quantized(verifier, "verifier", args, differences)
     if args.workload is not None:
         return _workload(args, drafter, verifier, settings[0])
     ceilings = bench.device_ceilings(64 if args.shapes == "tiny" else 2048)
@@ -220,7 +242,8 @@ def run(args: argparse.Namespace) -> int:
         rows.append(row)
         print(bench.format_row(row), flush=True)
         if args.json:  # after every row, so a run cut short keeps what it measured
-            _write_json(args, bench.to_json(rows, ceilings), len(rows))
+            quantized = {} if args.quantize is None else {"quantize": args.quantize, "logits_difference": differences}
+            _write_json(args, bench.to_json(rows, ceilings, quantized), len(rows))
 
     for cfg in settings:
         for b in batches:
@@ -240,13 +263,14 @@ def run(args: argparse.Namespace) -> int:
             report(bench.bench_canvas(drafter, cfg, 1, args.prompt_len, ceilings, args.repeats, profile=args.profile))
     if "ar" in baselines:
         del drafter, verifier  # make room for the 7B AR model
-        ar = bench.random_model(ar_cfg.replace(attention=args.attention), 3)
+        ar = _quantized(bench.random_model(ar_cfg.replace(attention=args.attention), 3), "ar", args, differences)
         report(bench.bench_ar(ar, ARConfig(max_new_tokens=args.max_new_tokens, eos_token_ids=(), **sampling), 1,
                               args.prompt_len, ceilings, args.repeats, profile=args.profile))
         del ar
     if "llada" in baselines:
         drafter = verifier = None  # make room for the 8B model
-        llada = bench.random_model(llada_cfg.replace(attention=args.attention), 4)
+        llada = _quantized(bench.random_model(llada_cfg.replace(attention=args.attention), 4), "llada", args,
+                           differences)
         configs = [LLaDAConfig(max_new_tokens=n, block_length=block, cache=cache, eos_token_ids=(), **sampling)
                    for cache in ("none", "prefix", "dual")]
         configs += [ThresholdConfig(threshold=bench.THRESHOLD, max_new_tokens=n, eos_token_ids=(), **sampling),
@@ -254,6 +278,45 @@ def run(args: argparse.Namespace) -> int:
                                     eos_token_ids=(), **sampling)]
         for cfg in configs:
             report(bench.bench_canvas(llada, cfg, 1, args.prompt_len, ceilings, args.repeats, profile=args.profile))
+    return 0
+
+
+def _quantized(model: Transformer, name: str, args: argparse.Namespace, differences: dict[str, float]) -> Transformer:
+    """With --quantize, `model` with 8-bit weights, the relative difference of its logits from the
+    unquantized model's (bench.logits_difference, --prompt-len tokens) printed and kept in `differences`."""
+    if args.quantize is None:
+        return model
+    quantized = quantize(model, args.quantize)
+    differences[name] = bench.logits_difference(model, quantized, args.prompt_len)
+    print(f"{name} ({model.cfg.model_type}) logits, {args.quantize} vs unquantized weights: relative difference "
+          f"{differences[name]:.2e}", flush=True)
+    return quantized
+
+
+def _quality(args: argparse.Namespace, config: APDConfig) -> int:
+    """--quality: APD's output on held-out prompts with the pair's weights as they are and with 8-bit weights."""
+    from apd_jax.decoding.apd import apd_generate
+    from apd_jax.evaluation.compare import agreement, verifier_logprob
+
+    if args.temperature > 0 or args.top_p < 1:
+        raise ValueError("--quality compares greedy outputs: drop --temperature and --top-p")
+    drafter_dir, verifier_dir = pair_paths(args.drafter, args.verifier)
+    drafter, verifier = load_model(drafter_dir), load_model(verifier_dir)
+    texts = corpus_prompts("--quality", args.quality, drafter_dir, heldout=True,
+                           seq_len=drafter.cfg.max_position_embeddings, root=None)
+    tokenizer = load_tokenizer_file(drafter_dir)
+    prompts = [tokenizer.encode(text).ids for text in texts]
+    reference = apd_generate(drafter, verifier, prompts, config)
+    print(f"APD {config.R}, {config.W}, {config.M} on {len(prompts)} held-out prompts, {config.max_new_tokens} tokens "
+          f"each; weights stored as {drafter.cfg.param_dtype.__name__}", flush=True)
+    print("| weights | tokens per pass | verifier log-likelihood per token | agreement with unquantized |", flush=True)
+    print("| --- | --- | --- | --- |", flush=True)
+    for mode in [None, *([args.quantize] if args.quantize else MODES)]:
+        result = reference if mode is None else apd_generate(quantize(drafter, mode), quantize(verifier, mode),
+                                                              prompts, config)
+        tokens_per_pass = float(result.lengths.sum()) / float(result.row_passes().sum())
+        print(f"| {mode or 'unquantized'} | {tokens_per_pass:.3f} | {verifier_logprob(verifier, prompts, result):.4f} "
+              f"| {agreement(result, reference):.4f} |", flush=True)
     return 0
 
 

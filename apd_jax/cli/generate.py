@@ -47,6 +47,7 @@ from apd_jax.decoding.diffusion import ALGORITHMS
 from apd_jax.decoding.generation import CompileTimer, DecoderConfig, check_prompts
 from apd_jax.decoding.learn2pd import load_filter
 from apd_jax.models.model import Transformer, init_model
+from apd_jax.models.quantize import MODES, quantize
 from apd_jax.text.prompts import is_request_file, parse_ids, read_prompt_lines, read_requests
 from apd_jax.models.sharding import make_mesh, parse_mesh, shard_model
 
@@ -65,6 +66,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--random-tiny", action="store_true",
                    help="use a tiny randomly initialised pair (no checkpoint; output is noise)")
     p.add_argument("--dtype", default=None, help="bfloat16 or float32 (default: as stored)")
+    p.add_argument("--quantize", choices=tuple(MODES),
+                   help="8-bit weights for both models, quantized at load (int8: weight-only; fp8: e4m3 weights and "
+                        "activations; fp8-weights: e4m3 weight-only); a checkpoint converted with --quantize loads "
+                        "quantized without it (default: none)")
     p.add_argument("--decoder", choices=tuple(DECODERS), default="apd", help="decoding strategy")
     settings_option(p, "--max-new-tokens", "tokens to generate per prompt", type=int)
     settings_option(p, "--temperature", "sampling temperature, 0 is greedy", type=float)
@@ -175,7 +180,7 @@ def run_settings(args: argparse.Namespace, config: DecoderConfig, filter_path: P
     return {"decoder": args.decoder, **dataclasses.asdict(config), "seed": args.seed, "batch_size": args.batch_size,
             "drafter": resolved(args.drafter), "verifier": resolved(args.verifier), "filter": resolved(filter_path),
             "random_tiny": args.random_tiny, "dtype": args.dtype, "ids": args.ids, "chat": args.chat,
-            "system": args.system}
+            "system": args.system, **({"quantize": args.quantize} if args.quantize else {})}
 
 
 def _encode(args: argparse.Namespace, texts: list[str], sources: list[str], tokenizer) -> list[list[int]]:
@@ -214,6 +219,8 @@ def run(args: argparse.Namespace) -> int:
     config = settings(args)
     if args.live and (args.decoder != "apd" or args.mesh is not None):
         raise ValueError("--live shows APD's passes (--decoder apd, one device)")
+    if args.quantize is not None and args.mesh is not None:
+        raise ValueError("--quantize runs the models on one device: drop --mesh or --quantize")
     mesh = None if args.mesh is None else make_mesh(**parse_mesh(args.mesh))
     if mesh is not None and not chosen.sharded:
         raise ValueError(f"--mesh is supported with --decoder apd only, not {args.decoder}")
@@ -263,14 +270,16 @@ def _generate(args: argparse.Namespace, chosen: Decoder, config: DecoderConfig, 
     tok_d = tok_v = None
     if args.random_tiny:
         drafter, verifier = init_model(tiny_config(causal=False), 1), init_model(tiny_config(causal=True), 2)
+        if args.quantize is not None:
+            drafter, verifier = quantize(drafter, args.quantize), quantize(verifier, args.quantize)
         if mesh is not None:
             drafter, verifier = shard_model(drafter, mesh), shard_model(verifier, mesh)
     else:
         # Streamed onto the device, or straight into each device's shard of the mesh.
-        drafter = load_model(args.drafter, param_dtype=args.dtype, mesh=mesh)
+        drafter = load_model(args.drafter, param_dtype=args.dtype, mesh=mesh, quantize=args.quantize)
         tok_d = load_tokenizer(args.drafter)
         if args.verifier is not None:
-            verifier = load_model(args.verifier, param_dtype=args.dtype, mesh=mesh)
+            verifier = load_model(args.verifier, param_dtype=args.dtype, mesh=mesh, quantize=args.quantize)
             tok_v = load_tokenizer(args.verifier)
         else:
             verifier = None

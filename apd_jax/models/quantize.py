@@ -169,5 +169,6 @@ def quantize(model: Transformer, mode: str) -> Transformer:
         raise ValueError(f"the model is quantized already ({quantization(model)}); quantize its unquantized weights")
     target = abstract_quantized(model.cfg, mode)
     graphdef, state = nnx.split(target)
+    # Eager, one weight at a time: a weight's temporaries only, and each small op compiled once per shape.
     nnx.replace_by_pure_dict(state, quantized_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), target))
     return nnx.merge(graphdef, state)
