@@ -255,8 +255,8 @@ def _canvas_account(model: Transformer, cfg: passes.CanvasConfig, prompts: list[
         blocks = passes.block_passes(result, cfg)
         if blocks is None:  # rows out of step: one refresh per block, the rest spread evenly (an estimate)
             count = cfg.max_new_tokens // block_size(cfg.block_length, cfg.max_new_tokens)
-            windows = [(result.passes - count) / count] * count
-            return {"bound_ms": (count * bound(None) + sum(w * bound(k) for k, w in enumerate(windows))) / result.passes,
+            spread = (result.passes - count) / count
+            return {"bound_ms": (count * bound(None) + spread * sum(map(bound, range(count)))) / result.passes,
                     "memory_floor_ms": floor}
         windows = [p - 1 for p in blocks]  # each block: one refresh, then its window passes
         n_windows = sum(windows)

@@ -78,8 +78,8 @@ def block_passes(result: GenerationResult, cfg: CanvasConfig) -> list[int] | Non
 def kind_work(cfg: CanvasConfig, batch: int, prompt_len: int, block: int | None, filtered: bool) -> Work:
     """The least work of a pass of `batch` rows: block None, the whole canvas (a refresh writes its
     K/V into the cache); else the window pass of block `block`, its width per the cache mode, reading
-    the cached K/V outside its window; a rule that reads positions within the block only gets the
-    block's logits (blocks.loop block_view)."""
+    the cached K/V outside its window; its head runs on the block alone (every rule here reads
+    positions within the block: blocks.loop block_view)."""
     n, size = cfg.max_new_tokens, block_size(cfg.block_length, cfg.max_new_tokens)
     canvas = prompt_len + n
     if block is None:
@@ -99,6 +99,8 @@ def _pass_program(model: Transformer, rule: nnx.Module, cfg: CanvasConfig, refre
     of its work is loop-invariant, and the rule's commits feed the checksum, so none is dead."""
     n, size = cfg.max_new_tokens, block_size(cfg.block_length, cfg.max_new_tokens)
     widths = window_widths(cfg.cache, size, n)
+    if refresh:  # no row reuses its cache, so the window branches never run: one compiles in place of all
+        widths = widths[-1:]
     mask_id, vocab = model.cfg.mask_token_id, model.cfg.vocab_size
     graphs, _ = zip(nnx.split(model), nnx.split(rule))
 
