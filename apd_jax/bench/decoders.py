@@ -109,12 +109,14 @@ class Row:
 
     Rows of the block decoder with a cache (prefix, dual) give its two kinds of pass apart
     (bench.passes): refresh_passes and window_passes (they add up to passes), refresh_ms and
-    window_ms (one pass of each kind, its forward and rule compiled and timed alone at the call's
-    shapes; window_ms the mean over the window passes, the prefix window's width changing with the
-    block), each kind's own bound (refresh_bound_ms, window_bound_ms), kinds_ms_per_pass (the counts'
-    weighted mean of the two times), kinds_ms_per_token (the same per generated token) and
-    kinds_cover (counts x times over the whole call's time: the rest is the loop around the passes).
+    window_ms (one pass of each kind, its forward and rule timed in a compiled loop of that kind
+    alone at the call's shapes; window_ms the mean over the window passes, the prefix window
+    narrowing block by block), each kind's own bound (refresh_bound_ms, window_bound_ms),
+    kinds_ms_per_pass (the counts' weighted mean of the two times), kinds_ms_per_token (the same per
+    generated token) and kinds_cover (counts x times over the whole call's time: the rest is the
+    loop around the passes).
     Left None where they do not apply, or where the rows' blocks took different passes.
+    Each time's ratio to its bound is Row.ratios(), written beside the fields by to_json.
     """
 
     name: str
