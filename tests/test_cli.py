@@ -62,14 +62,16 @@ def test_bench_runs_on_tiny_shapes(tmp_path, capsys):
 def test_bench_llada_baseline_runs_in_jax_and_in_the_published_pytorch_code(tmp_path, capsys):
     common = ["--shapes", "tiny", "--settings", "0.7,4,8", "--prompt-len", "8", "--max-new-tokens", "16",
               "--repeats", "1", "--baselines", "llada,dream-block"]
-    assert main(["bench", "--batch", "1", *common, "--json", str(tmp_path / "jax.json")]) == 0
+    assert main(["bench", "--batch", "1,2", *common, "--json", str(tmp_path / "jax.json")]) == 0
     rows = json.loads((tmp_path / "jax.json").read_text())["rows"]
-    assert [r["name"] for r in rows] == [
-        "APD R=0.7 W=4 M=8", "Dream block steps=16 block=16 schedule cache=dual",
-        "Dream block steps=16 block=16 threshold=0.9 cache=dual", "LLaDA steps=16 block=16",
-        "LLaDA steps=16 block=16 cache=prefix", "LLaDA steps=16 block=16 cache=dual", "llada threshold=0.9",
-        "llada threshold=0.9 block=16 cache=dual"]
-    assert all(r["passes"] == 16 and r["tokens_per_pass"] == 1.0 for r in rows[3:6])  # steps = answer length
+    assert [(r["name"], r["batch"]) for r in rows] == [
+        ("APD R=0.7 W=4 M=8", 1), ("APD R=0.7 W=4 M=8", 2), ("Dream block steps=16 block=16 schedule cache=dual", 1),
+        ("Dream block steps=16 block=16 threshold=0.9 cache=dual", 1),
+        ("Dream block steps=16 block=16 threshold=0.9 cache=dual", 2), ("LLaDA steps=16 block=16", 1),
+        ("LLaDA steps=16 block=16 cache=prefix", 1), ("LLaDA steps=16 block=16 cache=dual", 1),
+        ("llada threshold=0.9", 1), ("llada threshold=0.9 block=16 cache=dual", 1),
+        ("LLaDA steps=16 block=16 cache=dual", 2)]  # the dual-cache rows at every batch size
+    assert all(r["passes"] == 16 and r["tokens_per_pass"] == 1.0 for r in rows[5:8])  # steps = answer length
     capsys.readouterr()
     assert main(["bench", "--torch", *common, "--json", str(tmp_path / "torch.json"),
                  "--against", str(tmp_path / "jax.json")]) == 0

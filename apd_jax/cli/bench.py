@@ -60,7 +60,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--baselines", type=_baselines, default="ar,leftright",
                    help="comma-separated: ar, leftright, llada (LLaDA-8B: its block decoder without and with "
                         "Fast-dLLM's prefix and dual caches, and threshold decoding), dream-block (Fast-dLLM's Dream "
-                        "block decoding, dual cache); batch 1; or none")
+                        "block decoding, dual cache); batch 1, the dual-cache rows also at every --batch size; or none")
     p.add_argument("--profile", action="store_true",
                    help="profile one more call of every benchmark and print its top device ops per pass")
     p.add_argument("--torch", action="store_true",
@@ -256,11 +256,18 @@ def run(args: argparse.Namespace) -> int:
         report(bench.bench_leftright(drafter, 1, cfg, 1, args.prompt_len, ceilings, args.repeats,
                                      profile=args.profile))
     n, block = args.max_new_tokens, min(bench.LLADA_BLOCK, args.max_new_tokens)
+    wide = [b for b in batches if b > 1]  # the dual-cache block rows run at these batch sizes too
+
+    def canvas(model, cfg, batch: int) -> None:
+        report(bench.bench_canvas(model, cfg, batch, args.prompt_len, ceilings, args.repeats, profile=args.profile))
+
     if "dream-block" in baselines:  # Fast-dLLM's Dream block decoding: the schedule and the threshold, dual cache
         for threshold in (None, bench.THRESHOLD):
             cfg = DreamBlockConfig(max_new_tokens=n, block_length=block, threshold=threshold, eos_token_ids=(),
                                    **sampling)
-            report(bench.bench_canvas(drafter, cfg, 1, args.prompt_len, ceilings, args.repeats, profile=args.profile))
+            canvas(drafter, cfg, 1)
+        for b in wide:
+            canvas(drafter, cfg, b)
     if "ar" in baselines:
         del drafter, verifier  # make room for the 7B AR model
         ar = _quantized(bench.random_model(ar_cfg.replace(attention=args.attention), 3), "ar", args, differences)
@@ -277,7 +284,9 @@ def run(args: argparse.Namespace) -> int:
                     ThresholdConfig(threshold=bench.THRESHOLD, max_new_tokens=n, block_length=block, cache="dual",
                                     eos_token_ids=(), **sampling)]
         for cfg in configs:
-            report(bench.bench_canvas(llada, cfg, 1, args.prompt_len, ceilings, args.repeats, profile=args.profile))
+            canvas(llada, cfg, 1)
+        for b in wide:
+            canvas(llada, configs[2], b)  # the dual cache, LLaDA's rule
     return 0
 
 
