@@ -1,12 +1,17 @@
 """lm-evaluation-harness adapter: the `apd_jax` model for `lm_eval` (EleutherAI's harness, >= 0.4.10).
 
-generate_until runs APD (or the verifier alone, decoder=ar), each batch one compiled call;
-loglikelihood and loglikelihood_rolling are scored by the causal verifier, the model whose
-distribution APD samples at R = 0. lm_eval finds models only in its own registry and 0.4.x
-reads no plugin entry points, so `lm_eval --model apd_jax` cannot find this one; running this
-module is lm_eval's command line with the model registered, taking exactly lm_eval's arguments:
+generate_until runs APD (or the verifier alone, decoder=ar, or a decoder of the diffusion model
+alone: leftright, threshold, dream-block, llada, with Fast-dLLM's caches), each batch one compiled
+call, stopping at the checkpoint's eos and its chat template's turn end; loglikelihood and
+loglikelihood_rolling are scored by the causal verifier, the model whose distribution APD samples
+at R = 0 (a decoder of the diffusion model alone has none: generation tasks only). lm_eval finds
+models only in its own registry and 0.4.x reads no plugin entry points, so `lm_eval --model apd_jax`
+cannot find this one; running this module is lm_eval's command line with the model registered,
+taking exactly lm_eval's arguments:
 
     python -m apd_jax.evaluation.harness --model apd_jax --model_args R=0.5,W=8 --tasks TASK ...
+    python -m apd_jax.evaluation.harness --model apd_jax \\
+        --model_args decoder=llada,drafter=DIR,block_length=32,cache=dual --tasks TASK ...
 
 From Python, `import apd_jax.evaluation.harness` registers it for `lm_eval.simple_evaluate(model="apd_jax", ...)`.
 """
@@ -36,7 +41,8 @@ from apd_jax.decoding.batching import padded_batches
 from apd_jax.checkpoints import load_model, load_tokenizer
 from apd_jax.decoding.registry import DECODERS as REGISTRY
 from apd_jax.decoding.registry import Models
-from apd_jax.decoding.generation import GenerationResult, pad_prompts, prompt_bucket
+from apd_jax.decoding.generation import DecoderConfig, GenerationResult, pad_prompts, prompt_bucket
+from apd_jax.evaluation.evaluate import EVAL_DECODERS, first_model, with_stop_ids
 from apd_jax.models.model import token_logprobs
 
 log = logging.getLogger(__name__)
@@ -44,9 +50,12 @@ log = logging.getLogger(__name__)
 # or `--model hf` would stop resolving in a process that imported this module.
 importlib.import_module("lm_eval.models")
 
-DECODERS = ("apd", "ar")  # of apd_jax.decoding.registry: those that run on the pair (the verifier scores loglikelihood)
 # gen_kwargs keys generate_until understands (after lm_eval's normalize_gen_kwargs).
 GEN_KWARGS = frozenset({"until", "max_gen_toks", "do_sample", "temperature", "top_p", "top_k"})
+# Settings that are not model_args: the task's gen_kwargs set the knobs, the adapter the rest.
+NOT_KNOBS = frozenset(f.name for f in dataclasses.fields(DecoderConfig))
+# model_args naming a decoder setting (R=0.5, block_length=32, cache=dual, ...): each the knob of some decoder.
+KNOBS = tuple(dict.fromkeys(name for d in EVAL_DECODERS for name in REGISTRY[d].fields() if name not in NOT_KNOBS))
 
 
 @dataclasses.dataclass
@@ -90,68 +99,79 @@ def truncate_at_stop(text: str, until: Sequence[str]) -> str:
 
 @register_model("apd_jax")
 class APDLM(TemplateLM):
-    """APD (Dream-style drafter + Qwen2-style verifier) as an lm_eval model.
+    """APD (Dream-style drafter + Qwen2-style verifier), or another decoder, as an lm_eval model.
 
-    model_args: drafter, verifier (checkpoint directories; default the embedded pair),
-    decoder (apd | ar), R, W, M, rule (decoder=apd only; default APDConfig's),
-    dtype (bfloat16 | float32; default as stored),
-    max_length (tokens the verifier scores at once; default the models' context), seed.
-    lm_eval's --batch_size sets the batch; its --device does not apply (JAX picks its devices).
+    model_args: drafter, verifier (checkpoint directories; default the embedded pair; a decoder of
+    the diffusion model alone takes the drafter only, a Dream or LLaDA checkpoint), decoder (one of
+    EVAL_DECODERS), the chosen decoder's knobs (KNOBS: R, W, M, rule for apd; block_length, cache,
+    threshold, steps, remasking, ... for the block decoders; left out: the decoder's defaults),
+    dtype (bfloat16 | float32; default as stored), max_length (tokens the verifier scores at once;
+    default the models' context), seed. lm_eval's --batch_size sets the batch; its --device does not
+    apply (JAX picks its devices).
     """
 
     def __init__(
         self,
-        drafter: str | Path = ASSETS_DIR / "drafter",
-        verifier: str | Path = ASSETS_DIR / "verifier",
+        drafter: str | Path | None = None,
+        verifier: str | Path | None = None,
         decoder: str = "apd",
-        R: float | None = None,
-        W: int | None = None,
-        M: int | None = None,
-        rule: str | None = None,
         dtype: str | None = None,
         max_length: int | None = None,
         seed: int = 0,
         batch_size: int | str = 1,
         max_batch_size: int | None = None,  # lm_eval passes these two: only its 'auto' batching reads the first,
         device: str | None = None,  # and JAX, not lm_eval, places the arrays
-        **unknown: Any,
+        **knobs: Any,
     ) -> None:
         super().__init__()
+        unknown = [k for k in knobs if k not in KNOBS]
         if unknown:
             raise TypeError(
-                f"unknown apd_jax model_args {sorted(unknown)}; known: drafter, verifier, decoder, R, W, M, rule, "
-                "dtype, max_length, seed (the batch size is lm_eval's --batch_size)"
+                f"unknown apd_jax model_args {sorted(unknown)}; known: drafter, verifier, decoder, dtype, max_length, "
+                f"seed and the decoders' knobs {', '.join(KNOBS)} (the batch size is lm_eval's --batch_size)"
             )
-        if decoder not in DECODERS:
-            raise ValueError(f"decoder={decoder!r} must be one of {DECODERS}")
+        if decoder not in EVAL_DECODERS:
+            raise ValueError(f"decoder={decoder!r} must be one of {EVAL_DECODERS}")
         if not str(batch_size).isdigit() or int(batch_size) < 1:
             raise ValueError(f"batch_size={batch_size!r} must be a positive integer (apd_jax has no 'auto')")
         self.decoder = decoder
         self.chosen = REGISTRY[decoder]
-        # The APD knobs given (left out: the decoder's defaults); a decoder that does not take one refuses it.
-        knobs = {k: v for k, v in {"R": R, "W": W, "M": M, "rule": rule}.items() if v is not None}
+        # The knobs given (left out: the decoder's defaults); a decoder that does not take one refuses it.
         unused = [k for k in knobs if k not in self.chosen.fields()]
         if unused:
-            raise ValueError(f"decoder={decoder} does not take {', '.join(unused)} (APD's knobs): leave "
-                             f"{'it' if len(unused) == 1 else 'them'} out, or use decoder=apd")
+            owner = next((d for d in EVAL_DECODERS if set(unused) <= set(REGISTRY[d].fields())), None)
+            whose = "" if owner is None else f" ({REGISTRY[owner].settings.what}'s knobs)"
+            raise ValueError(f"decoder={decoder} does not take {', '.join(unused)}{whose}: leave "
+                             f"{'it' if len(unused) == 1 else 'them'} out"
+                             + ("" if owner is None else f", or use decoder={owner}"))
         self.settings = self.chosen.settings_from(knobs)
         self.settings.validate()
         self.batch_size = int(batch_size)
-        self.verifier = load_model(verifier, param_dtype=dtype)
-        if not self.verifier.cfg.causal:
-            raise ValueError(f"verifier {verifier} is not a causal (Qwen2) model")
-        self.drafter = load_model(drafter, param_dtype=dtype) if "drafter" in self.chosen.uses else None
-        vocab = None if self.drafter is None else shared_vocab_size(self.drafter.cfg, self.verifier.cfg)
+        if verifier is not None and "verifier" not in self.chosen.uses:
+            raise ValueError(f"decoder={decoder} runs the diffusion model alone (drafter=DIR): drop "
+                             f"verifier={verifier} (loglikelihood tasks need a verifier: decoder=apd or ar)")
+        # The checkpoints the decoder runs, each left out the embedded one; the tokenizer the verifier's if it runs.
+        paths = {name: (given or ASSETS_DIR / name) if name in self.chosen.uses else None
+                 for name, given in (("drafter", drafter), ("verifier", verifier))}
+        self.drafter, self.verifier = (None if path is None else load_model(path, param_dtype=dtype)
+                                       for path in paths.values())
+        if self.verifier is not None and not self.verifier.cfg.causal:
+            raise ValueError(f"verifier {paths['verifier']} is not a causal (Qwen2) model")
+        pair = {"drafter", "verifier"} <= set(self.chosen.uses)
+        vocab = shared_vocab_size(self.drafter.cfg, self.verifier.cfg) if pair else None
         self.models = Models(self.drafter, self.verifier, shared_vocab=vocab)
-        self.tokenizer = load_tokenizer(verifier)
+        self.tokenizer = load_tokenizer(paths["verifier"] or paths["drafter"])
+        # Generation stops at the checkpoint's eos, the tokenizer's and its chat template's turn end.
+        self.settings = with_stop_ids(self.settings, first_model(self.chosen, self.models), self.tokenizer)
         context = self.chosen.capacity(self.models, self.settings)
         self.max_length = context if max_length is None else max_length
         if type(self.max_length) is not int or not 1 <= self.max_length <= context:
             raise ValueError(f"max_length={max_length!r} must lie in [1, {context}] (an int: the models' context)")
         self.key = jax.random.key(int(seed))
         self.throughput = Throughput()
-        self.info = {"drafter": str(drafter), "verifier": str(verifier), "decoder": decoder, "dtype": dtype,
-                     **{k: getattr(self.settings, k) for k in ("R", "W", "M", "rule") if k in self.chosen.fields()},
+        self.info = {**{name: None if path is None else str(path) for name, path in paths.items()},
+                     "decoder": decoder, "dtype": dtype,
+                     **{k: getattr(self.settings, k) for k in KNOBS if k in self.chosen.fields()},
                      "max_length": self.max_length}
 
     @property
@@ -182,6 +202,9 @@ class APDLM(TemplateLM):
     def _loglikelihood_tokens(
         self, requests: list[tuple[Any, list[int], list[int]]], disable_tqdm: bool = False, **kwargs: Any
     ) -> list[tuple[float, bool]]:
+        if self.verifier is None:
+            raise ValueError(f"decoder={self.decoder} runs the diffusion model alone, which scores no loglikelihood: "
+                             "run loglikelihood tasks with decoder=apd or decoder=ar (the causal verifier scores them)")
         windows = []
         for text, context, continuation in requests:
             try:
