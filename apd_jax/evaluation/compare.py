@@ -3,9 +3,9 @@
 With a verifier (APD's pair), agreement is measured against the drafter's two full-step greedy
 outputs, one token per pass: left to right (Dream K=1), which APD and Dream K=k approach, and
 most confident first over the whole canvas, which the threshold and Learn2PD decoders approach
-(the Learn2PD oracle's answer). Without one, the drafter's own decoders run (a Dream drafter's
-above less APD and the verifier; a LLaDA drafter's: LLaDA's generate, the threshold and
-Learn2PD), against the first row. The block rows decode the answer in blocks left to right with
+(the Learn2PD oracle's answer). Without one, the drafter's own decoders run: a Dream drafter's
+are those rows but APD and the verifier alone; a LLaDA drafter's are LLaDA's generate, the
+threshold and Learn2PD, measured against the first row. The block rows decode the answer in blocks left to right with
 each of Fast-dLLM's KV caches (none, prefix, dual): on Dream, Fast-dLLM's Dream rule (the
 threshold and Learn2PD rules take no cache on a shifted family, blocks.cached.check_cacheable);
 on LLaDA, LLaDA's rule, the threshold and Learn2PD. Speeds are taken on a second call, after
