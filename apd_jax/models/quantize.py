@@ -1,5 +1,6 @@
 """8-bit weights (opt-in): a Transformer whose matmul weights are held in 8 bits, with one scale per
-output channel (symmetric, scale = the channel's largest |weight| / the 8-bit type's largest value).
+output channel (symmetric, qwix's absmax: scale = the channel's largest |weight| / 127.5 for int8,
+/ 448 for e4m3; the scales in the parameter dtype).
 
 Modes (MODES):
   int8         weight-only: the weights int8, the activations in the compute dtype.
@@ -23,14 +24,15 @@ What is quantized:
   but no time.
 
 How the matmuls run. Weight-only (int8, fp8-weights): the weight is dequantized (converted to the
-compute dtype and multiplied by its scales) as the dot's operand, and the dot runs in the compute
-dtype: XLA upcasts the weight, in the GEMM's operand, not in the GEMM. On CPU the compiled HLO shows
-it as a fusion that converts and scales the s8 weight into a float32 buffer, which a separate dot
-then reads. On a GPU, XLA's GEMM fusion may take the convert and the scaling into the GEMM itself
-(a Triton GEMM reading s8), so that only 8 bits per weight cross memory; whether it does at a shape
-is read off a profile (a loop fusion reading s8 and writing bf16 ahead of the GEMM means it did
-not). fp8: the dot's operands are both f8e4m3fn (the StableHLO dot_general takes fp8 x fp8); on
-GPUs with fp8 tensor cores (H100, H200) XLA runs it as an fp8 GEMM, on CPU it upcasts.
+compute dtype and multiplied by its scales) as the dot's operand, so XLA upcasts: the GEMM itself is
+one of the compute dtype (bf16 x bf16). On CPU the compiled HLO shows a fusion that converts and
+scales the s8 weight into a float32 buffer ahead of a separate dot. On a GPU, XLA's GEMM fusion can
+take the convert and the scaling into the GEMM (a Triton GEMM reading s8), so that only 8 bits per
+weight cross memory; whether it does at a shape is read off a profile (a loop fusion reading s8 and
+writing bf16 ahead of the GEMM means it did not, and the weight crossed memory three times). fp8:
+the dot's operands are both f8e4m3fn (the StableHLO dot_general takes fp8 x fp8, the scales
+multiply its output): on GPUs with fp8 tensor cores (H100, H200) XLA can run it as an fp8 GEMM (a
+profile names the kernel); on CPU it upcasts.
 
 Every decoder runs the quantized model as it is: it is a Transformer (a subclass qwix makes) with
 the same methods. A model is quantized whole on its device (`quantize`), or built abstract
@@ -151,14 +153,17 @@ def abstract_quantized(cfg: ModelConfig, mode: str) -> Transformer:
 def quantized_params(params: dict, target: Transformer) -> dict:
     """Unquantized parameters (a pure dict as nnx.to_pure_dict gives it, the whole model's or any
     part of it) -> those of `target` (abstract_quantized's model): each quantized weight's leaves in
-    place of it, every other parameter as it is. Computed where the arrays are."""
+    place of it, every other parameter as it is. Computed where the arrays are, in float32 (a bf16
+    weight divided by its scale in bf16 would be rounded twice, up to 3/4 of a step off), each leaf
+    then stored in target's dtype (the scales in the parameter dtype)."""
     (head, axis), mode = _head(target), MODES[quantization(target)]
-    flat = traverse_util.flatten_dict(params)
+    flat = {path: value.astype(jnp.float32) for path, value in traverse_util.flatten_dict(params).items()}
     weight = flat.pop(head, None)
     out = traverse_util.flatten_dict(qwix.quantize_params(traverse_util.unflatten_dict(flat), target)) if flat else {}
     if weight is not None:
         out |= {(*head, name): value for name, value in _table_values(weight, mode.weights, axis).items()}
-    return traverse_util.unflatten_dict(out)
+    dtypes = {path: leaf.get_value().dtype for path, leaf in nnx.to_flat_state(nnx.state(target))}
+    return traverse_util.unflatten_dict({path: value.astype(dtypes[path]) for path, value in out.items()})
 
 
 def quantize(model: Transformer, mode: str) -> Transformer:
