@@ -71,8 +71,8 @@ def llada():
 
 @pytest.mark.parametrize("name, config, options", [
     ("llada", LLaDAConfig(max_new_tokens=8, block_length=4, cache="dual"), ["--cache", "dual"]),
-    ("threshold", ThresholdConfig(max_new_tokens=8, block_length=4, cache="prefix", threshold=0.5),
-     ["--cache", "prefix", "--threshold", "0.5"]),
+    ("threshold", ThresholdConfig(max_new_tokens=8, block_length=4, cache="dual", threshold=0.5),
+     ["--cache", "dual", "--threshold", "0.5"]),
 ])
 def test_eval_runs_the_block_decoders_on_llada_alone(llada, tmp_path, capsys, name, config, options):
     """No verifier: each item's output is the decoder's on that item (one batch: one compiled program, which

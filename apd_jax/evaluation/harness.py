@@ -1,8 +1,9 @@
 """lm-evaluation-harness adapter: the `apd_jax` model for `lm_eval` (EleutherAI's harness, >= 0.4.10).
 
 generate_until runs APD (or the verifier alone, decoder=ar, or a decoder of the diffusion model
-alone: leftright, threshold, dream-block, llada, with Fast-dLLM's caches), each batch one compiled
-call, stopping at the checkpoint's eos and its chat template's turn end; loglikelihood and
+alone: leftright, threshold, dream-block, llada, with Fast-dLLM's caches), through --batch_size
+slots of continuous batching for apd, leftright and ar, else --batch_size requests at a time,
+stopping at the checkpoint's eos and its chat template's turn end; loglikelihood and
 loglikelihood_rolling are scored by the causal verifier, the model whose distribution APD samples
 at R = 0 (a decoder of the diffusion model alone has none: generation tasks only). lm_eval finds
 models only in its own registry and 0.4.x reads no plugin entry points, so `lm_eval --model apd_jax`
@@ -41,8 +42,8 @@ from apd_jax.decoding.batching import padded_batches
 from apd_jax.checkpoints import load_model, load_tokenizer
 from apd_jax.decoding.registry import DECODERS as REGISTRY
 from apd_jax.decoding.registry import Models
-from apd_jax.decoding.generation import DecoderConfig, GenerationResult, pad_prompts, prompt_bucket
-from apd_jax.evaluation.evaluate import EVAL_DECODERS, first_model, with_stop_ids
+from apd_jax.decoding.generation import DecoderConfig, pad_prompts, prompt_bucket
+from apd_jax.evaluation.evaluate import EVAL_DECODERS, decode_all, first_model, with_stop_ids
 from apd_jax.models.model import token_logprobs
 
 log = logging.getLogger(__name__)
@@ -66,9 +67,10 @@ class Throughput:
     passes: int = 0
     seconds: float = 0.0
 
-    def add(self, result: GenerationResult, rows: int, seconds: float) -> None:
-        self.tokens += int(result.lengths[:rows].sum())
-        self.passes += int(result.row_passes()[:rows].sum())
+    def add(self, records: list[dict], seconds: float) -> None:
+        """Finished rows' records (batching.finished_record: ids, passes) and the wall seconds they took."""
+        self.tokens += sum(len(r["ids"]) for r in records)
+        self.passes += sum(r["passes"] for r in records)
         self.seconds += seconds
 
     def summary(self) -> dict[str, float]:
@@ -254,7 +256,8 @@ class APDLM(TemplateLM):
         return out
 
     def _generate(self, contexts: list[str], gen_kwargs: dict) -> list[str]:
-        """Generate for contexts that share gen_kwargs, batch by batch; text cut at the stop strings."""
+        """Generate for contexts that share gen_kwargs (evaluate.decode_all: through batch_size slots for a
+        decoder with them, else batch_size at a time); text cut at the stop strings."""
         kwargs = normalize_gen_kwargs(gen_kwargs, 256)
         unsupported = sorted(set(kwargs) - GEN_KWARGS)
         if unsupported:
@@ -274,14 +277,17 @@ class APDLM(TemplateLM):
         if max(map(len, encoded)) > room:
             log.warning("contexts longer than max_length - max_gen_toks = %d tokens keep their last %d", room, room)
         prompts = [ids[-room:] for ids in encoded]
+        # Longest first, so that a fixed batch's rows pad to similar lengths (slots take any order).
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        self.key, key = jax.random.split(self.key)
+        start = time.perf_counter()
+        records = decode_all(self.chosen, self.models, config, [contexts[i] for i in order],
+                             [prompts[i] for i in order], self.batch_size, key,
+                             lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True))
+        self.throughput.add(records, time.perf_counter() - start)
         texts = [""] * len(contexts)
-        for batch, rows in padded_batches(prompts, self.batch_size, lengths=[len(p) for p in prompts]):
-            self.key, key = jax.random.split(self.key)
-            start = time.perf_counter()
-            result = self.chosen.generate(self.models, rows, config, key)
-            self.throughput.add(result, len(batch), time.perf_counter() - start)
-            for i, seq in zip(batch, result.sequences()):
-                texts[i] = truncate_at_stop(self.tokenizer.decode(seq, skip_special_tokens=True), until)
+        for i, r in zip(order, records):
+            texts[i] = truncate_at_stop(r["text"], until)
         return texts
 
     def get_model_info(self) -> dict:
