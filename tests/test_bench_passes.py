@@ -21,8 +21,8 @@ from apd_jax.decoding.diffusion import ThresholdConfig
 from apd_jax.decoding.generation import GenerationResult
 from apd_jax.models.config import tiny_config
 
-KINDS = ("refresh_passes", "window_passes", "refresh_ms", "window_ms", "refresh_bound_ms", "window_bound_ms",
-         "kinds_ms_per_pass", "kinds_ms_per_token", "kinds_cover")
+KINDS = ("refresh_passes", "window_passes", "mixed_passes", "refresh_ms", "window_ms", "refresh_bound_ms",
+         "window_bound_ms", "kinds_ms_per_pass", "kinds_ms_per_token", "kinds_cover")
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,8 @@ def test_cached_rows_give_refresh_and_window_passes_apart(bench_runs):
                                            "llada threshold=0.9 block=32 cache=dual"]
     for r in cached:
         assert all(r[key] is not None for key in KINDS), r["name"]
-        assert r["refresh_passes"] == 2 and r["refresh_passes"] + r["window_passes"] == r["passes"]
+        assert r["refresh_passes"] == 2 and r["mixed_passes"] == 0  # batch 1: every pass of one kind
+        assert r["refresh_passes"] + r["window_passes"] == r["passes"]
         low, high = sorted((r["refresh_ms"], r["window_ms"]))
         assert low <= r["kinds_ms_per_pass"] <= high
         tokens = r["batch"] * 64  # no eos: every row generates the whole answer
@@ -123,14 +124,24 @@ def _result(accepted: list[list[int]]) -> GenerationResult:
     return GenerationResult(np.zeros((len(a), 8), np.int32), np.full(len(a), 8), a, np.zeros(len(a), bool), a.shape[1])
 
 
-def test_block_passes_follow_each_rule_end_of_a_block():
+def test_pass_kinds_follow_each_rule_end_of_a_block():
     threshold = ThresholdConfig(threshold=0.9, max_new_tokens=8, block_length=4, cache="dual")
-    assert passes.block_passes(_result([[1, 3, 2, 1, 1]]), threshold) == [2, 3]  # a block ends once all committed
-    assert passes.block_passes(_result([[1, 3, 2, 1, 1], [4, 2, 2, 0, 0]]), threshold) is None  # rows out of step
-    assert passes.block_passes(_result([[1, 3, 2, 1]]), threshold) is None  # the last block never ended
+    # A block ends once all of it is committed: blocks of 2 and 3 passes, each opened by a refresh.
+    assert passes.pass_kinds(_result([[1, 3, 2, 1, 1]]), threshold) == [(True, None), (False, 0), (True, None),
+                                                                       (False, 1), (False, 1)]
+    # Rows at different steps: passes 1 and 2 run both forwards (pass 1: row 0's window in block 0, row 1's
+    # refresh of block 1; pass 2 the other way round).
+    assert passes.pass_kinds(_result([[1, 3, 2, 1, 1], [4, 2, 2, 0, 0]]), threshold) == [
+        (True, None), (True, 0), (True, 1), (False, 1), (False, 1)]
+    assert passes.pass_kinds(_result([[1, 3, 2, 1]]), threshold) is None  # the last block never ended
     llada = LLaDAConfig(max_new_tokens=8, block_length=4, steps=4, cache="dual")
-    assert passes.block_passes(_result([[2, 2, 2, 2]]), llada) == [2, 2]  # two steps a block
-    assert passes.block_passes(_result([[2, 1, 2, 2]]), llada) == [2, 2]  # a masked prediction: its steps end it
+    two_steps = [(True, None), (False, 0), (True, None), (False, 1)]
+    assert passes.pass_kinds(_result([[2, 2, 2, 2]]), llada) == two_steps  # two steps a block
+    assert passes.pass_kinds(_result([[2, 1, 2, 2]]), llada) == two_steps  # a masked prediction: its steps end it
+    refresh, window = bounds.Work(10, 8), bounds.Work(4, 4, kv_read=6)
+    work = lambda block: refresh if block is None else window  # noqa: E731
+    assert passes.forwards((True, 0), work) == [refresh, window] and passes.forwards((False, 0), work) == [window]
+    assert refresh + window == bounds.Work(14, 12, kv_read=6)
 
 
 def test_apd_replay_asks_what_the_rule_asks_and_pads_to_the_level():

@@ -48,6 +48,11 @@ class Work:
     kv_written: float = 0.0  # positions whose K/V are written into a cache
     filtered: bool = False  # the rule filters the logits (top-p < 1 or top-k > 0)
 
+    def __add__(self, other: Work) -> Work:
+        """Both passes' work in one pass (the weights are read once: pass_ms counts them apart)."""
+        return Work(self.tokens + other.tokens, self.heads + other.heads, self.kv_read + other.kv_read,
+                    self.kv_written + other.kv_written, self.filtered or other.filtered)
+
     def flops(self, cfg: ModelConfig) -> float:
         layers, head = matmul_params(cfg)
         return 2 * (layers * self.tokens + head * self.heads)

@@ -108,14 +108,16 @@ class Row:
     lookahead, the narrowest draft level holding the widest row, for every row of the batch).
 
     Rows of the block decoder with a cache (prefix, dual) give its two kinds of pass apart
-    (bench.passes): refresh_passes and window_passes (they add up to passes), refresh_ms and
+    (bench.passes): refresh_passes and window_passes, mixed_passes of them counted in both (rows of
+    a batch at different steps: the pass runs both forwards, timed as both; at batch 1 none, the
+    counts adding up to passes), refresh_ms and
     window_ms (one pass of each kind, its forward and rule timed in a compiled loop of that kind
     alone at the call's shapes; window_ms the mean over the window passes, the prefix window
     narrowing block by block), each kind's own bound (refresh_bound_ms, window_bound_ms),
     kinds_ms_per_pass (the counts' weighted mean of the two times), kinds_ms_per_token (the same per
     generated token) and kinds_cover (counts x times over the whole call's time: the rest is the
     loop around the passes).
-    Left None where they do not apply, or where the rows' blocks took different passes.
+    Left None where they do not apply, or where a row left a block unfinished.
     Each time's ratio to its bound is Row.ratios(), written beside the fields by to_json.
     """
 
@@ -135,6 +137,7 @@ class Row:
     bound_compiled_ms: float | None = None
     refresh_passes: int | None = None
     window_passes: int | None = None
+    mixed_passes: int | None = None
     refresh_ms: float | None = None
     window_ms: float | None = None
     refresh_bound_ms: float | None = None
@@ -246,32 +249,35 @@ def _canvas_account(model: Transformer, cfg: passes.CanvasConfig, prompts: list[
     guided = 2 if getattr(cfg, "cfg_scale", 0) > 0 else 1  # guidance runs a second, prompt-masked row
     filtered = passes.filtered_rule(cfg)
 
-    def bound(block: int | None) -> float:
-        work = passes.kind_work(cfg, batch * guided, prompt_len, block, filtered)
-        return bounds.pass_ms([(model.cfg, work)], nbytes, ceilings)
+    def work(block: int | None) -> bounds.Work:
+        return passes.kind_work(cfg, batch * guided, prompt_len, block, filtered)
+
+    def bound(works: list[bounds.Work]) -> float:
+        return bounds.pass_ms([(model.cfg, sum(works[1:], works[0]))], nbytes, ceilings)
 
     def account(result: GenerationResult, seconds: float) -> dict[str, Any]:
         floor = bounds.weight_floor_ms(nbytes, ceilings)
         if cfg.cache == "none":
-            return {"bound_ms": bound(None), "memory_floor_ms": floor}
-        blocks = passes.block_passes(result, cfg)
-        if blocks is None:  # rows out of step: one refresh per block, the rest spread evenly (an estimate)
+            return {"bound_ms": bound([work(None)]), "memory_floor_ms": floor}
+        kinds = passes.pass_kinds(result, cfg)
+        if kinds is None:  # a row left a block unfinished: one refresh per block, the rest windows (an estimate)
             count = cfg.max_new_tokens // block_size(cfg.block_length, cfg.max_new_tokens)
-            spread = (result.passes - count) / count
-            return {"bound_ms": (count * bound(None) + spread * sum(map(bound, range(count)))) / result.passes,
+            guess = [(True, None)] * count + [(False, k % count) for k in range(result.passes - count)]
+            return {"bound_ms": statistics.fmean(bound(passes.forwards(kind, work)) for kind in guess),
                     "memory_floor_ms": floor}
-        windows = [p - 1 for p in blocks]  # each block: one refresh, then its window passes
-        n_windows = sum(windows)
-        # The dual window has one width (block 0's stands for all); the prefix window's narrows block by block.
-        counts = {k: w for k, w in enumerate(windows) if w} if cfg.cache == "prefix" else {0: n_windows}
-        refresh_s, window_s = passes.time_kinds(model, cfg, prompts, len(blocks), counts if n_windows else {}, repeats)
-        window_total = sum(w * window_s.get(k, 0.0) for k, w in counts.items())
-        window_bound = sum(w * bound(k) for k, w in enumerate(windows))
-        total = len(blocks) * refresh_s + window_total
-        return {"bound_ms": (len(blocks) * bound(None) + window_bound) / result.passes, "memory_floor_ms": floor,
-                "refresh_passes": len(blocks), "window_passes": n_windows, "refresh_ms": 1e3 * refresh_s,
+        # The dual window has one width (block 0's stands for all); the prefix window's follows its lowest block.
+        windows = collections.Counter(k if cfg.cache == "prefix" else 0 for _, k in kinds if k is not None)
+        refreshes, n_windows = sum(r for r, _ in kinds), sum(windows.values())
+        refresh_s, window_s = passes.time_kinds(model, cfg, prompts, refreshes, dict(windows), repeats)
+        window_total = sum(n * window_s[k] for k, n in windows.items())
+        total = refreshes * refresh_s + window_total
+        return {"bound_ms": statistics.fmean(bound(passes.forwards(kind, work)) for kind in kinds),
+                "memory_floor_ms": floor, "refresh_passes": refreshes, "window_passes": n_windows,
+                "mixed_passes": sum(r and k is not None for r, k in kinds), "refresh_ms": 1e3 * refresh_s,
                 "window_ms": 1e3 * window_total / n_windows if n_windows else None,
-                "refresh_bound_ms": bound(None), "window_bound_ms": window_bound / n_windows if n_windows else None,
+                "refresh_bound_ms": bound([work(None)]),
+                "window_bound_ms": statistics.fmean(bound([work(k)]) for _, k in kinds if k is not None)
+                if n_windows else None,
                 "kinds_ms_per_pass": 1e3 * total / result.passes,
                 "kinds_ms_per_token": 1e3 * total / float(result.lengths.sum()), "kinds_cover": total / seconds}
 
@@ -329,7 +335,8 @@ def _kind_lines(r: Row) -> list[str]:
         if r.window_passes:
             kinds.append(f"{r.window_passes} window x {r.window_ms:.2f} ms (bound {r.window_bound_ms:.2f}, "
                          f"{ratios['window_ratio_to_bound']:.2f}x)")
-        lines.append("    passes: " + " + ".join(kinds) + f" = {r.kinds_ms_per_pass:.2f} ms/pass, "
+        both = f" ({r.mixed_passes} passes ran both)" if r.mixed_passes else ""
+        lines.append("    passes: " + " + ".join(kinds) + f"{both} = {r.kinds_ms_per_pass:.2f} ms/pass, "
                      f"{r.kinds_ms_per_token:.2f} ms/token; counts x times = {100 * r.kinds_cover:.0f} % of the "
                      "call's time")
     return lines

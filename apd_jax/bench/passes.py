@@ -5,9 +5,10 @@ canvas through the model, its K/V written into the cache) and its later passes a
 passes (the block alone, dual; the answer from the block's start, prefix), so a whole call's mean
 per pass mixes two very different costs. Here:
 
-- `block_passes`: the passes each block took, derived from the result's per-pass commits and the
+- `pass_kinds`: which forwards each pass ran, derived from the result's per-pass commits and the
   rule's end of a block (all its positions committed; LLaDA's rule and Dream's schedule also end it
-  after their steps). At one row, or rows in step, each block has one refresh and the rest windows.
+  after their steps). At one row, or rows in step, each block has one refresh and the rest windows;
+  rows of a batch at different steps make passes that run both.
 - `kind_work`: each kind's least work (bounds.Work) at the row's shapes.
 - `time_kinds`: each kind timed alone at the call's own shapes: the loop's own refresh forward
   (cached_logits) or window forward (block_logits: every rule here reads positions within the block)
@@ -22,6 +23,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from apd_jax.bench.bounds import Work
@@ -54,25 +56,46 @@ def _fixed_steps(cfg: CanvasConfig) -> int | None:
     return None
 
 
-def block_passes(result: GenerationResult, cfg: CanvasConfig) -> list[int] | None:
-    """Passes each block took, the same in every row, from result.accepted; None where rows took
-    different passes in a block (out of step) or the counts do not account for the call's passes
-    (a row that stopped early, or a position that predicted the mask and stayed masked)."""
-    block = block_size(cfg.block_length, cfg.max_new_tokens)
-    fixed = _fixed_steps(cfg)
-    rows = []
-    for accepted in result.accepted[:, : result.passes]:
-        counts, filled, step = [], 0, 0
-        for k in accepted:
-            filled, step = filled + int(k), step + 1
-            if filled >= block or step == fixed:
-                counts.append(step)
-                filled = step = 0
-        rows.append(counts)
-    first = rows[0]
-    if any(r != first for r in rows) or sum(first) != result.passes or len(first) != cfg.max_new_tokens // block:
+def _row_blocks(accepted: np.ndarray, block: int, fixed: int | None, num_blocks: int) -> list[int] | None:
+    """Passes each block of one row took (its commits per pass `accepted`), None if it did not finish them."""
+    counts, filled, step = [], 0, 0
+    for k in accepted:
+        if len(counts) == num_blocks:
+            break
+        filled, step = filled + int(k), step + 1
+        if filled >= block or step == fixed:
+            counts.append(step)
+            filled = step = 0
+    return counts if len(counts) == num_blocks else None
+
+
+def pass_kinds(result: GenerationResult, cfg: CanvasConfig) -> list[tuple[bool, int | None]] | None:
+    """Per pass of the call, (whether a row refreshed, the lowest block among the rows that ran a window,
+    None if none did): the full forward runs in the first kind of pass, the window forward (as wide as
+    that block needs) in the second, both where rows are at different steps. Derived from each row's
+    commits per pass (result.accepted) and the rule's end of a block; None where a row's commits do not
+    finish every block within the call's passes (it stopped early, or a position predicted the mask and
+    stayed masked)."""
+    size = block_size(cfg.block_length, cfg.max_new_tokens)
+    num_blocks = cfg.max_new_tokens // size
+    rows = [_row_blocks(a, size, _fixed_steps(cfg), num_blocks) for a in result.accepted[:, : result.passes]]
+    if any(r is None for r in rows) or max(sum(r) for r in rows) != result.passes:
         return None
-    return first
+    # Each row's (block, step) in each of its passes.
+    steps = [[(k, s) for k, count in enumerate(r) for s in range(count)] for r in rows]
+    kinds = []
+    for i in range(result.passes):
+        now = [row[i] for row in steps if i < len(row)]
+        windows = [k for k, s in now if s > 0]
+        kinds.append((any(s == 0 for _, s in now), min(windows) if windows else None))
+    return kinds
+
+
+def forwards(kind: tuple[bool, int | None], work) -> list[Work]:
+    """The Work of the forwards a pass of `kind` (pass_kinds) runs: work(None) for the refresh, work(k)
+    for the window of block k."""
+    refresh, block = kind
+    return ([work(None)] if refresh else []) + ([] if block is None else [work(block)])
 
 
 def kind_work(cfg: CanvasConfig, batch: int, prompt_len: int, block: int | None, filtered: bool) -> Work:
