@@ -168,6 +168,14 @@ class LLaDARule(nnx.Module):
         return Commit(tokens.astype(jnp.int32), transfer, view.step + 1 == self.block_steps[...], view.limit)
 
 
+def check_llada_ids(model: Transformer, config: LLaDAConfig) -> None:
+    """The eos and eot ids the settings read (logits_eos_inf, confidence_eos_eot_inf) within the model's vocabulary."""
+    vocab = model.cfg.vocab_size
+    if (config.logits_eos_inf or config.confidence_eos_eot_inf) and max(config.eos_id, config.eot_id) >= vocab:
+        raise ValueError(f"eos_id={config.eos_id} or eot_id={config.eot_id} lies outside the model's vocabulary "
+                         f"[0, {vocab}): give the model's own ids (its tokenizer's eos and <|eot_id|>)")
+
+
 def llada_generate(
     model: Transformer,
     prompts: Sequence[Sequence[int]],
@@ -178,10 +186,7 @@ def llada_generate(
     compiled call: semi-autoregressive blocks, a fixed count of tokens per step. A row returns its
     tokens through its first eos (eos_token_ids) once all before it are committed."""
     config = check_config(config, LLaDAConfig)
-    vocab = model.cfg.vocab_size
-    if (config.logits_eos_inf or config.confidence_eos_eot_inf) and max(config.eos_id, config.eot_id) >= vocab:
-        raise ValueError(f"eos_id={config.eos_id} or eot_id={config.eot_id} lies outside the model's vocabulary "
-                         f"[0, {vocab}): give the model's own ids (its tokenizer's eos and <|eot_id|>)")
+    check_llada_ids(model, config)
     result, _ = decode_blocks(model, LLaDARule(config), prompts, config, key, block_length=config.block_size,
                               bound=config.step_count, cfg_scale=config.cfg_scale, cache=config.cache)
     return result

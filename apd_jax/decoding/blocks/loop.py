@@ -240,14 +240,74 @@ def canvas_outputs(state: CanvasState, eos: jax.Array):
     return state.gen, jnp.where(hit, first_eos + 1, n), state.accepted, hit, state.passes
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Passed:
+    """What one pass leaves of each row: its answer, tokens committed, block, step in it, limit and
+    cache (a row not running keeps its own)."""
+
+    gen: jax.Array  # [B, N]
+    committed: jax.Array  # [B] int: positions the pass committed
+    block: jax.Array  # [B]
+    step: jax.Array  # [B]
+    limit: jax.Array  # [B]
+    cache: KVCache | None
+
+
+def canvas_pass(model: Transformer, decide, prompts: jax.Array, prompt_lens: jax.Array, gen: jax.Array,
+                block: jax.Array, step: jax.Array, limit: jax.Array, cache: KVCache | None, running: jax.Array,
+                passes: jax.Array, eos: jax.Array, block_length: jax.Array, cfg_scale: jax.Array | None, *,
+                mask_id: int, pad_id: int, widths: tuple[int, ...] | None, windowed: bool) -> tuple[Passed, nnx.State]:
+    """One pass of the rows flagged in `running` [B]: the forward (whole canvas, or with a cache the
+    refresh of rows at their block's step 0 and the window of the others), `decide(logits, View) ->
+    (Commit, rule state)`, and the committed tokens. `passes`: the View's (scalar, or [B] per row).
+    `widths`: those of a cached pass's window (blocks.cached), None without a cache; `windowed`: a
+    pass in which no row refreshes shows the rule its rows' blocks alone. The fixed batch's loop
+    (`_decode`) and continuous batching's (blocks.slots) both run it."""
+    j = jnp.arange(gen.shape[1])
+    end = prompt_lens + limit
+    block_start = block * block_length
+    candidates = (gen == mask_id) & (j < block_start[:, None] + block_length) & running[:, None]
+    view = View(passes, gen, candidates, block_start, step, limit, eos)
+    if widths is None:
+        logits = canvas_logits(model, prompts, prompt_lens, gen, end, mask_id, cfg_scale)
+        commit, rule_state = decide(logits, view)
+    else:
+        refresh = running & (step == 0)
+        canvas = build_canvas(prompts, prompt_lens, gen)
+        candidates &= refresh[:, None] | (j >= block_start[:, None])
+
+        def whole(cache: KVCache):
+            logits, cache = cached_logits(model, canvas, cache, prompt_lens, end, block, block_start, refresh,
+                                          running & ~refresh, widths, gen.shape[1])
+            return decide(logits, dataclasses.replace(view, candidates=candidates)), cache
+
+        def blocks(cache: KVCache):
+            logits, cache = block_logits(model, canvas, cache, prompt_lens, end, block, block_start, running, widths,
+                                         widths[-1])
+            commit, rule_state = decide(logits, block_view(view, candidates, widths[-1]))
+            return (placed_commit(commit, gen, block_start), rule_state), cache
+
+        if windowed:
+            (commit, rule_state), cache = jax.lax.cond(jnp.any(refresh), whole, blocks, cache)
+        else:
+            (commit, rule_state), cache = whole(cache)
+    new = jnp.where(commit.transfer & candidates, commit.tokens, gen)
+    new = jnp.where(j < commit.limit[:, None], new, pad_id)
+    # A position predicting the mask stays masked (Dream's and LLaDA's published loops allow it).
+    committed = (gen == mask_id) & (new != mask_id) & (j < commit.limit[:, None])
+    done = commit.block_done & running
+    return Passed(new, jnp.sum(committed, axis=1), block + done, jnp.where(done, 0, step + running), commit.limit,
+                  cache), rule_state
+
+
 @functools.partial(jax.jit, static_argnames=("graphs", "max_new", "mask_id", "pad_id", "bound", "guided", "widths",
                                                    "windowed"))
 def _decode(graphs, params, prompts, prompt_lens, eos, key, block_length, cfg_scale, *, max_new: int, mask_id: int,
             pad_id: int, bound: int, guided: bool, widths: tuple[int, ...] | None, windowed: bool):
-    """The loop; `widths`: those of a cached pass's window (blocks.cached), None without a cache;
-    `windowed`: a pass in which no row refreshes shows the rule its rows' blocks alone."""
+    """The loop of a fixed batch, every row from the start, one key for the batch; `widths` and
+    `windowed` as canvas_pass takes them."""
     model = nnx.merge(graphs[0], params[0])
-    j = jnp.arange(max_new)
     num_blocks = max_new // block_length
 
     def active(state: CanvasState) -> jax.Array:
@@ -257,49 +317,19 @@ def _decode(graphs, params, prompts, prompt_lens, eos, key, block_length, cfg_sc
         return (state.passes < bound) & jnp.any(active(state))
 
     def body(state: CanvasState) -> CanvasState:
-        i, gen, running = state.passes, state.gen, active(state)
+        i = state.passes
         key, rule_key = jax.random.split(state.key)
-        end = prompt_lens + state.limit
-        block_start = state.block * block_length
-        candidates = (gen == mask_id) & (j < block_start[:, None] + block_length) & running[:, None]
-        view = View(i, gen, candidates, block_start, state.step, state.limit, eos)
 
         def decide(logits: jax.Array, view: View) -> tuple[Commit, nnx.State]:
             rule = nnx.merge(graphs[1], state.rule)
             return rule(logits, rule_key, view), nnx.state(rule)
 
-        if widths is None:
-            logits = canvas_logits(model, prompts, prompt_lens, gen, end, mask_id, cfg_scale if guided else None)
-            (commit, rule_state), cache = decide(logits, view), None
-        else:
-            refresh = running & (state.step == 0)
-            canvas = build_canvas(prompts, prompt_lens, gen)
-            candidates &= refresh[:, None] | (j >= block_start[:, None])
-
-            def whole(cache: KVCache):
-                logits, cache = cached_logits(model, canvas, cache, prompt_lens, end, state.block, block_start,
-                                              refresh, running & ~refresh, widths, max_new)
-                return decide(logits, dataclasses.replace(view, candidates=candidates)), cache
-
-            def blocks(cache: KVCache):
-                logits, cache = block_logits(model, canvas, cache, prompt_lens, end, state.block, block_start,
-                                             running, widths, widths[-1])
-                commit, rule_state = decide(logits, block_view(view, candidates, widths[-1]))
-                return (placed_commit(commit, gen, block_start), rule_state), cache
-
-            if windowed:
-                (commit, rule_state), cache = jax.lax.cond(jnp.any(refresh), whole, blocks, state.cache)
-            else:
-                (commit, rule_state), cache = whole(state.cache)
-        new = jnp.where(commit.transfer & candidates, commit.tokens, gen)
-        new = jnp.where(j < commit.limit[:, None], new, pad_id)
-        # A position predicting the mask stays masked (Dream's and LLaDA's published loops allow it).
-        committed = (gen == mask_id) & (new != mask_id) & (j < commit.limit[:, None])
-        done = commit.block_done & running
-        return CanvasState(
-            i + 1, new, state.accepted.at[:, i].set(jnp.sum(committed, axis=1)), key, state.block + done,
-            jnp.where(done, 0, state.step + running), commit.limit, rule_state, cache,
-        )
+        passed, rule_state = canvas_pass(
+            model, decide, prompts, prompt_lens, state.gen, state.block, state.step, state.limit, state.cache,
+            active(state), i, eos, block_length, cfg_scale if guided else None, mask_id=mask_id, pad_id=pad_id,
+            widths=widths, windowed=windowed)
+        return CanvasState(i + 1, passed.gen, state.accepted.at[:, i].set(passed.committed), key, passed.block,
+                           passed.step, passed.limit, rule_state, passed.cache)
 
     b = prompts.shape[0]
     cache = None if widths is None else KVCache.zeros(model.cfg, b, prompts.shape[1] + max_new)
