@@ -34,7 +34,6 @@ from apd_jax.models.config import (
 from apd_jax.models.llada import LLADA
 from apd_jax.models.model import Transformer, with_config
 from apd_jax.models.quantize import MODES, quantize
-from apd_jax.cli.options import pair_paths
 from apd_jax.text.tokenizer import load_tokenizer_file
 from apd_jax.utils.files import written_atomically
 
@@ -303,7 +302,9 @@ def _quantized(model: Transformer, name: str, args: argparse.Namespace, differen
 
 
 def _quality(args: argparse.Namespace, config: APDConfig) -> int:
-    """--quality: APD's output on held-out prompts with the pair's weights as they are and with 8-bit weights."""
+    """--quality: APD's greedy output on held-out prompts with the pair's weights as stored, in the other
+    float dtype (how far any change of numerics moves a greedy output) and with 8-bit weights."""
+    from apd_jax.cli.options import pair_paths  # with the decoder registry: not for --help
     from apd_jax.decoding.apd import apd_generate
     from apd_jax.evaluation.compare import agreement, verifier_logprob
 
@@ -315,16 +316,25 @@ def _quality(args: argparse.Namespace, config: APDConfig) -> int:
                            seq_len=drafter.cfg.max_position_embeddings, root=None)
     tokenizer = load_tokenizer_file(drafter_dir)
     prompts = [tokenizer.encode(text).ids for text in texts]
-    reference = apd_generate(drafter, verifier, prompts, config)
-    print(f"APD {config.R}, {config.W}, {config.M} on {len(prompts)} held-out prompts, {config.max_new_tokens} tokens "
-          f"each; weights stored as {drafter.cfg.param_dtype.__name__}", flush=True)
-    print("| weights | tokens per pass | verifier log-likelihood per token | agreement with unquantized |", flush=True)
-    print("| --- | --- | --- | --- |", flush=True)
-    for mode in [None, *([args.quantize] if args.quantize else MODES)]:
-        result = reference if mode is None else apd_generate(quantize(drafter, mode), quantize(verifier, mode),
-                                                              prompts, config)
+    stored = drafter.cfg.param_dtype.__name__
+    other = "bfloat16" if stored == "float32" else "float32"
+
+    def pairs():  # (label, drafter, verifier), the stored weights first: the reference
+        yield f"{stored} (as stored)", drafter, verifier
+        yield other, load_model(drafter_dir, param_dtype=other), load_model(verifier_dir, param_dtype=other)
+        for mode in [args.quantize] if args.quantize else MODES:
+            yield mode, quantize(drafter, mode), quantize(verifier, mode)
+
+    print(f"APD {config.R}, {config.W}, {config.M}, greedy, on {len(prompts)} held-out prompts, "
+          f"{config.max_new_tokens} tokens each; log-likelihood under the verifier as stored", flush=True)
+    print("| weights | tokens per pass | verifier log-likelihood per token | agreement with the stored weights' "
+          "output |\n| --- | --- | --- | --- |", flush=True)
+    reference = None
+    for label, d, v in pairs():
+        result = apd_generate(d, v, prompts, config)
+        reference = result if reference is None else reference
         tokens_per_pass = float(result.lengths.sum()) / float(result.row_passes().sum())
-        print(f"| {mode or 'unquantized'} | {tokens_per_pass:.3f} | {verifier_logprob(verifier, prompts, result):.4f} "
+        print(f"| {label} | {tokens_per_pass:.3f} | {verifier_logprob(verifier, prompts, result):.4f} "
               f"| {agreement(result, reference):.4f} |", flush=True)
     return 0
 
