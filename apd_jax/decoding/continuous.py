@@ -187,8 +187,9 @@ def generate(slots: Slots, requests: Sequence[Request], key: jax.Array) -> tuple
 def large_call(batch: Batch, slots_of: Callable[[list[list[int]], int], Slots]) -> GenerationResult | None:
     """A decoding call of more than MAX_ROWS prompts, decoded through MAX_ROWS slots built by
     `slots_of(prompts, size)`: its memory that of MAX_ROWS rows, its outputs those of one fixed batch
-    (each row keyed by its index, `row_keys`), `passes` the loop iterations of the whole run.
-    None when the call fits one fixed batch."""
+    (each row keyed by its index, `row_keys`) up to float rounding (XLA rounds some reductions by the
+    shape of the array, so a near-tie between two tokens may fall the other way), `passes` the loop
+    iterations of the whole run. None when the call fits one fixed batch."""
     if len(batch.lengths) <= MAX_ROWS:
         return None
     rows = [batch.ids[i, :n].tolist() for i, n in enumerate(batch.lengths)]
