@@ -14,6 +14,7 @@ make attention sharp enough to amplify any error several times; they test exactn
 
 from __future__ import annotations
 
+import functools
 import json
 
 import jax
@@ -61,24 +62,30 @@ def pair():
 
 
 @pytest.fixture(scope="module")
-def int8_pair(pair):
-    return tuple(quantize(model, "int8") for model in pair)
+def quantized(pair):
+    """quantized(i, mode): pair[i] quantized with mode, made once."""
+    return functools.cache(lambda index, mode: quantize(pair[index], mode))
+
+
+@pytest.fixture(scope="module")
+def int8_pair(quantized):
+    return quantized(0, "int8"), quantized(1, "int8")
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_logits_close_to_the_float_models(pair, mode):
-    for model in pair:
-        quantized = quantize(model, mode)
-        assert quantization(quantized) == mode and quantization(model) is None
-        error = relative(forward_logits(model, TOKENS), forward_logits(quantized, TOKENS))
+def test_logits_close_to_the_float_models(pair, quantized, mode):
+    for index, model in enumerate(pair):
+        quantized_model = quantized(index, mode)
+        assert quantization(quantized_model) == mode and quantization(model) is None
+        error = relative(forward_logits(model, TOKENS), forward_logits(quantized_model, TOKENS))
         assert 1e-4 < error < LIMIT[mode], (model.cfg.model_type, error)
 
 
 @pytest.mark.parametrize("mode", ["int8", "fp8-weights"])
-def test_weight_only_is_the_float_model_of_the_dequantized_weights(pair, mode):
-    for model in pair:
-        quantized = quantize(model, mode)
-        params = model_params(quantized)
+def test_weight_only_is_the_float_model_of_the_dequantized_weights(pair, quantized, mode):
+    for index, model in enumerate(pair):
+        quantized_model = quantized(index, mode)
+        params = model_params(quantized_model)
         kernel = "layers.0.mlp.down_proj.kernel.array."
         head = "embed_tokens.embedding." if model.cfg.tie_word_embeddings else "lm_head."
         assert params[kernel + "qvalue"].dtype == jnp.dtype(MODES[mode].weights) == params[head + "qvalue"].dtype
@@ -87,8 +94,8 @@ def test_weight_only_is_the_float_model_of_the_dequantized_weights(pair, mode):
             step = params[kernel + "scale"]
             original = model_params(model)["layers.0.mlp.down_proj.kernel"]
             assert np.all(np.abs(params[kernel + "qvalue"] * step - original) <= step * (0.5 + 1e-5))
-        float_self = dequantized(quantized)
-        np.testing.assert_allclose(forward_logits(quantized, TOKENS), forward_logits(float_self, TOKENS),
+        float_self = dequantized(quantized_model)
+        np.testing.assert_allclose(forward_logits(quantized_model, TOKENS), forward_logits(float_self, TOKENS),
                                    rtol=1e-5, atol=1e-5)
 
 

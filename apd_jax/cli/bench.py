@@ -7,6 +7,9 @@ same code path on tiny models (CPU, CI). `--torch` runs the PyTorch side instead
 (apd_jax/bench/pytorch.py: the published APD loop, Dream left-to-right, HF `generate` and
 LLaDA's published `generate` at the same shapes), in its own process so the two frameworks never share the GPU's
 memory; run it after `apd-jax bench --json J.json` with `--against J.json` for the ratios.
+`--quantize MODE` gives every model 8-bit weights (apd_jax.models.quantize) and prints each one's
+logits' relative difference from its unquantized self; `--quality N` instead decodes N held-out
+prompts with the embedded pair's weights as stored, in the other float dtype and in 8 bits.
 """
 
 from __future__ import annotations
