@@ -64,12 +64,13 @@ def assert_each_equals_alone(model, config, reqs, got):
             assert got.stopped_at_eos[i] == alone.stopped_at_eos[b], i
 
 
+DUAL = ThresholdConfig(max_new_tokens=N, threshold=0.3, block_length=BLOCK, cache="dual")
 CASES = [
     ("llada", LLaDAConfig(max_new_tokens=N, steps=8, block_length=BLOCK, cache="none")),
-    ("llada", LLaDAConfig(max_new_tokens=N, steps=8, block_length=BLOCK, cache="prefix")),
-    ("llada", ThresholdConfig(max_new_tokens=N, threshold=0.3, block_length=BLOCK, cache="dual")),
+    # One block: a row's steps (its budget) and so its rule's schedule differ by budget.
+    ("llada", LLaDAConfig(max_new_tokens=N, cache="prefix")),
+    ("llada", DUAL),
     ("dream", DreamBlockConfig(max_new_tokens=N, steps=8, block_length=BLOCK, cache="dual", eos_token_ids=())),
-    ("dream", DreamBlockConfig(max_new_tokens=N, block_length=BLOCK, threshold=0.3, cache="prefix")),
 ]
 
 
@@ -77,11 +78,11 @@ CASES = [
 def test_each_request_decodes_as_alone_through_refilled_slots(request, llada, family, config):
     model = llada if family == "llada" else request.getfixturevalue("dream")
     reqs = requests(min(model.cfg.vocab_size, model.cfg.mask_token_id))
-    # refresh_group=2: with a cache a row at its refresh waits while the other slot runs a window
-    slots = block_slots(model, [r.ids for r in reqs], config, size=2, group=1, refresh_group=2)
+    # refresh_group=2: with a cache a row at its refresh waits while fewer than 2 do and another runs a window
+    slots = block_slots(model, [r.ids for r in reqs], config, size=3, group=1, refresh_group=2)
     got, usage = continuous.generate(slots, reqs, jax.random.key(0))
     assert_each_equals_alone(model, config, reqs, got)
-    assert usage.passes < sum(got.row_passes())  # two slots decoded rows side by side
+    assert usage.passes < sum(got.row_passes())  # the slots decoded rows side by side
 
 
 def counted(slots):
@@ -99,11 +100,10 @@ def test_grouped_refreshes_run_fewer_full_passes_and_the_same_tokens(llada):
     """With the dual cache rows reach block boundaries at different passes (refilled at different
     passes, the threshold's blocks taking different passes): rows that wait for each other's refresh
     run fewer full-canvas passes, and the same tokens per pass."""
-    config = ThresholdConfig(max_new_tokens=N, threshold=0.3, block_length=BLOCK, cache="dual")
     reqs = requests(280) + [Request(r.ids[::-1], 5 + r.index, max_new_tokens=N) for r in requests(280)]
     seen = []
     for wait in (1, 3):
-        slots, keep = counted(block_slots(llada, [r.ids for r in reqs], config, size=3, group=1, refresh_group=wait))
+        slots, keep = counted(block_slots(llada, [r.ids for r in reqs], DUAL, size=3, group=1, refresh_group=wait))
         got, _ = continuous.generate(slots, reqs, jax.random.key(0))
         seen.append((pass_counts(keep.last), got.sequences(), [got.accepted_per_pass(i) for i in range(len(reqs))]))
     (one, *outputs_one), (three, *outputs_three) = seen
@@ -112,17 +112,16 @@ def test_grouped_refreshes_run_fewer_full_passes_and_the_same_tokens(llada):
 
 
 def test_sampled_request_is_the_same_at_any_slot_count(llada):
-    config = ThresholdConfig(max_new_tokens=N, threshold=0.3, block_length=BLOCK, cache="dual", temperature=1.0)
+    """Each row samples from its own key (the request's), so a sampled output does not depend on the
+    slot count; another run key gives other outputs."""
+    config = dataclasses.replace(DUAL, temperature=1.0)
     reqs = requests(280)
-    runs = []
-    for size in (1, 3):
+    runs = {}
+    for size, seed in ((1, 4), (3, 4), (3, 5)):
         slots = block_slots(llada, [r.ids for r in reqs], config, size=size, group=1)
-        runs.append(continuous.generate(slots, reqs, jax.random.key(4))[0].sequences())
-    assert runs[0] == runs[1]
-    config0 = ThresholdConfig(max_new_tokens=N, threshold=0.3, block_length=BLOCK, cache="dual")
-    greedy = continuous.generate(block_slots(llada, [r.ids for r in reqs], config0, size=3, group=1), reqs,
-                                 jax.random.key(4))[0].sequences()
-    assert runs[0] != greedy  # the temperature took effect
+        runs[size, seed] = continuous.generate(slots, reqs, jax.random.key(seed))[0].sequences()
+    assert runs[1, 4] == runs[3, 4]
+    assert runs[3, 4] != runs[3, 5]
 
 
 def test_row_settings_follow_the_runs_steps_per_token():

@@ -26,7 +26,9 @@ the pass taking the widest its rows need (k the lowest block of a row in a windo
 past a row's end is padding, its K/V written beyond the row's end or dropped, never attended to.
 Rows refresh at different passes: a pass runs the window forward when any running row is past its
 block's first pass and the full forward when any running row is at it, each row keeping its own
-(one forward in most passes; both only where rows of a ragged batch are at different steps).
+(one forward in most passes; both only where rows of a ragged batch are at different steps). In
+continuous batching (blocks.slots) rows at a refresh wait for each other (its refresh_group), so one
+full forward serves several.
 In a pass where no row refreshes, a rule that reads positions only relative to the block
 (`reads_positions_in_block`: LLaDA's, the threshold, Fast-dLLM's Dream; not Learn2PD's filter,
 whose features hold the position in the answer) sees each row's block alone (blocks.loop

@@ -139,8 +139,8 @@ def _fit(leaf: jax.Array, like: jax.Array) -> jax.Array:
 # The compiled pieces
 
 
-def _empty(model: Transformer, rule: nnx.State, spec: Spec, size: int, eos: jax.Array, wait: int,
-           cfg_scale: float) -> SlotState:
+def _empty(model: Transformer, rule: nnx.State, spec: Spec, size: int, eos: jax.Array, wait: jax.Array,
+           cfg_scale: jax.Array) -> SlotState:
     zeros = jnp.zeros((size,), jnp.int32)
     cache = None if spec.widths is None else KVCache.zeros(model.cfg, size, spec.prompt_len + spec.max_new)
     return SlotState(
@@ -148,7 +148,7 @@ def _empty(model: Transformer, rule: nnx.State, spec: Spec, size: int, eos: jax.
         gen=jnp.full((size, spec.max_new), spec.pad_id, jnp.int32), accepted=jnp.zeros((size, spec.bound), jnp.int32),
         keys=jax.random.split(jax.random.key(0), size), block=zeros, step=zeros, limit=zeros, budget=zeros,
         blocks=zeros, bound=zeros, passes=zeros, rule=jax.tree.map(lambda x: jnp.stack([x] * size), rule),
-        cache=cache, eos=eos, wait=jnp.int32(wait), cfg_scale=jnp.float32(cfg_scale), steps=jnp.int32(0),
+        cache=cache, eos=eos, wait=wait, cfg_scale=cfg_scale, steps=jnp.int32(0),
         committed=jnp.int32(0), refreshes=jnp.int32(0), windows=jnp.int32(0),
     )
 
@@ -238,8 +238,8 @@ def _models(graphs, params):
     return nnx.merge(graphs[0], params[0])
 
 
-@functools.partial(jax.jit, static_argnames=("graphs", "spec", "size", "wait"))
-def _slots_empty(graphs, params, rule, eos, cfg_scale, spec: Spec, size: int, wait: int) -> SlotState:
+@functools.partial(jax.jit, static_argnames=("graphs", "spec", "size"))
+def _slots_empty(graphs, params, rule, eos, cfg_scale, wait, spec: Spec, size: int) -> SlotState:
     return _empty(_models(graphs, params), rule, spec, size, eos, wait, cfg_scale)
 
 
@@ -328,7 +328,8 @@ def block_slots(model: Transformer, prompts: Sequence[Sequence[int]], config: De
     return Slots(
         size=size, group=group, prompt_len=spec.prompt_len, max_new=spec.max_new, defaults=config, knobs=knobs,
         pad_id=batch.pad_id,
-        empty=lambda: _slots_empty(graphs, params, rule_state, batch.eos, cfg_scale, spec, size, wait),
+        empty=lambda: _slots_empty(graphs, params, rule_state, batch.eos, jnp.float32(cfg_scale), jnp.int32(wait), spec,
+                                   size),
         refill=refill,
         run=lambda state, until: _slots_run(graphs, params, state, jnp.int32(until), spec),
         read=lambda state: jax.device_get(_slots_read(state, spec)),
