@@ -75,9 +75,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="attention implementation of every model (cudnn: CUDA GPUs; its logits are "
                         "compared with xla's first)")
     p.add_argument("--quantize", choices=tuple(MODES),
-                   help="8-bit weights for every model (drafter, verifier, the AR and LLaDA baselines; int8: weight-only; "
-                        "fp8: e4m3 weights and activations; fp8-weights: e4m3 weight-only), each model's logits "
-                        "compared with its unquantized self's first (default: none)")
+                   help="8-bit weights for every model (drafter, verifier, the AR and LLaDA baselines; int8: "
+                        "weight-only; fp8: e4m3 weights and activations; fp8-weights: e4m3 weight-only), each model's "
+                        "logits compared with its unquantized self's first (default: none)")
     p.add_argument("--quality", type=positive_int, metavar="N",
                    help="instead of timing: N held-out prompts of the stdlib corpus decoded greedily by APD (the first "
                         "--settings entry, --max-new-tokens) with the unquantized pair (--drafter and --verifier, "
