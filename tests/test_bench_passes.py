@@ -23,6 +23,7 @@ from apd_jax.models.config import tiny_config
 
 KINDS = ("refresh_passes", "window_passes", "mixed_passes", "refresh_ms", "window_ms", "refresh_bound_ms",
          "window_bound_ms", "kinds_ms_per_pass", "kinds_ms_per_token", "kinds_cover")
+MIXED = ("mixed_ms", "mixed_bound_ms", "mixed_ratio_to_bound")  # rows at different steps: none at batch 1
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +48,8 @@ def test_cached_rows_give_refresh_and_window_passes_apart(bench_runs):
     assert [r["name"] for r in cached] == ["LLaDA steps=64 block=32 cache=prefix", "LLaDA steps=64 block=32 cache=dual",
                                            "llada threshold=0.9 block=32 cache=dual"]
     for r in cached:
-        assert all(r[key] is not None for key in KINDS), r["name"]
-        assert r["refresh_passes"] == 2 and r["mixed_passes"] == 0  # batch 1: every pass of one kind
+        assert all(r[key] is not None for key in KINDS) and all(r[key] is None for key in MIXED), r["name"]
+        assert r["refresh_passes"] == 2 and r["mixed_passes"] == 0  # batch 1: every row at the same step
         assert r["refresh_passes"] + r["window_passes"] == r["passes"]
         low, high = sorted((r["refresh_ms"], r["window_ms"]))
         assert low <= r["kinds_ms_per_pass"] <= high
@@ -138,6 +139,7 @@ def test_pass_kinds_follow_each_rule_end_of_a_block():
     two_steps = [(True, None), (False, 0), (True, None), (False, 1)]
     assert passes.pass_kinds(_result([[2, 2, 2, 2]]), llada) == two_steps  # two steps a block
     assert passes.pass_kinds(_result([[2, 1, 2, 2]]), llada) == two_steps  # a masked prediction: its steps end it
+    assert [passes.kind_of(*kind) for kind in [(True, None), (True, 0), (False, 1)]] == ["refresh", "mixed", "window"]
     refresh, window = bounds.Work(10, 8), bounds.Work(4, 4, kv_read=6)
     work = lambda block: refresh if block is None else window  # noqa: E731
     assert passes.forwards((True, 0), work) == [refresh, window] and passes.forwards((False, 0), work) == [window]
@@ -157,3 +159,15 @@ def test_apd_replay_asks_what_the_rule_asks_and_pads_to_the_level():
     assert (compiled1[0].tokens, compiled1[0].heads, compiled1[1].tokens) == (2 * (5 + 4), 2 * 4, 2 * 4)
     # Pass 2: row 1 is done; row 0 asks ceil(1) + 1 = 2 from t = 13, the level of 4 for both rows.
     assert (asked2[0].heads, compiled2[0].heads, asked2[1].kv_read) == (2, 2 * 4, 13)
+
+
+def test_a_mixed_pass_runs_both_forwards_alone():
+    """Rows of a batch at different steps (rare on tiny random weights, which commit one token a pass):
+    the mixed kind is timed on its own program, one row refreshing while the other runs its window."""
+    from apd_jax.bench.decoders import random_model, random_prompts
+    from apd_jax.models.llada import LLADA
+
+    model = random_model(tiny_config(causal=False, family=LLADA, num_kv_heads=4), 4)
+    cfg = ThresholdConfig(threshold=0.9, max_new_tokens=16, block_length=8, cache="prefix", eos_token_ids=())
+    seconds = passes.time_kinds(model, cfg, random_prompts([model.cfg], 2, 8), {("mixed", 1): 2}, 1)
+    assert list(seconds) == [("mixed", 1)] and seconds["mixed", 1] > 0

@@ -107,16 +107,16 @@ class Row:
     rule asks for, bound_compiled_ms over the compiled widths they are padded to (with adaptive
     lookahead, the narrowest draft level holding the widest row, for every row of the batch).
 
-    Rows of the block decoder with a cache (prefix, dual) give its two kinds of pass apart
-    (bench.passes): refresh_passes and window_passes, mixed_passes of them counted in both (rows of
-    a batch at different steps: the pass runs both forwards, timed as both; at batch 1 none, the
-    counts adding up to passes), refresh_ms and
-    window_ms (one pass of each kind, its forward and rule timed in a compiled loop of that kind
-    alone at the call's shapes; window_ms the mean over the window passes, the prefix window
-    narrowing block by block), each kind's own bound (refresh_bound_ms, window_bound_ms),
-    kinds_ms_per_pass (the counts' weighted mean of the two times), kinds_ms_per_token (the same per
-    generated token) and kinds_cover (counts x times over the whole call's time: the rest is the
-    loop around the passes).
+    Rows of the block decoder with a cache (prefix, dual) give its kinds of pass apart
+    (bench.passes): refresh (every running row at its block's first pass: the whole canvas), window
+    (every one later: the block, dual, or the answer from the block's start, prefix) and mixed (rows
+    of a batch at different steps: both forwards; none at batch 1). For each kind: its count
+    (refresh_passes, window_passes, mixed_passes: they add up to passes), the ms of one pass
+    (refresh_ms ...: the decoder's own pass timed in a compiled loop of that kind alone at the call's
+    shapes; the mean over the call's passes of the kind, the prefix window narrowing block by block)
+    and its bound (refresh_bound_ms ...). kinds_ms_per_pass is the counts' weighted mean of the kinds'
+    times, kinds_ms_per_token the same per generated token, and kinds_cover counts x times over the
+    whole call's time (the rest: the loop around the passes).
     Left None where they do not apply, or where a row left a block unfinished.
     Each time's ratio to its bound is Row.ratios(), written beside the fields by to_json.
     """
@@ -140,8 +140,10 @@ class Row:
     mixed_passes: int | None = None
     refresh_ms: float | None = None
     window_ms: float | None = None
+    mixed_ms: float | None = None
     refresh_bound_ms: float | None = None
     window_bound_ms: float | None = None
+    mixed_bound_ms: float | None = None
     kinds_ms_per_pass: float | None = None
     kinds_ms_per_token: float | None = None
     kinds_cover: float | None = None
@@ -157,8 +159,8 @@ class Row:
 
         return {"ratio_to_bound": self.ratio_to_bound,
                 "ratio_to_compiled_bound": over(self.ms_per_pass, self.bound_compiled_ms),
-                "refresh_ratio_to_bound": over(self.refresh_ms, self.refresh_bound_ms),
-                "window_ratio_to_bound": over(self.window_ms, self.window_bound_ms)}
+                **{f"{kind}_ratio_to_bound": over(getattr(self, f"{kind}_ms"), getattr(self, f"{kind}_bound_ms"))
+                   for kind in passes.KINDS}}
 
 
 def _measure(name: str, batch: int, run: Callable[[], GenerationResult],
@@ -265,21 +267,22 @@ def _canvas_account(model: Transformer, cfg: passes.CanvasConfig, prompts: list[
             guess = [(True, None)] * count + [(False, k % count) for k in range(result.passes - count)]
             return {"bound_ms": statistics.fmean(bound(passes.forwards(kind, work)) for kind in guess),
                     "memory_floor_ms": floor}
-        # The dual window has one width (block 0's stands for all); the prefix window's follows its lowest block.
-        windows = collections.Counter(k if cfg.cache == "prefix" else 0 for _, k in kinds if k is not None)
-        refreshes, n_windows = sum(r for r, _ in kinds), sum(windows.values())
-        refresh_s, window_s = passes.time_kinds(model, cfg, prompts, refreshes, dict(windows), repeats)
-        window_total = sum(n * window_s[k] for k, n in windows.items())
-        total = refreshes * refresh_s + window_total
-        return {"bound_ms": statistics.fmean(bound(passes.forwards(kind, work)) for kind in kinds),
-                "memory_floor_ms": floor, "refresh_passes": refreshes, "window_passes": n_windows,
-                "mixed_passes": sum(r and k is not None for r, k in kinds), "refresh_ms": 1e3 * refresh_s,
-                "window_ms": 1e3 * window_total / n_windows if n_windows else None,
-                "refresh_bound_ms": bound([work(None)]),
-                "window_bound_ms": statistics.fmean(bound([work(k)]) for _, k in kinds if k is not None)
-                if n_windows else None,
-                "kinds_ms_per_pass": 1e3 * total / result.passes,
-                "kinds_ms_per_token": 1e3 * total / float(result.lengths.sum()), "kinds_cover": total / seconds}
+        # Each pass's kind and the block its window is timed at: the dual window has one width (block 0's
+        # stands for all), the prefix window's follows the lowest block among its rows.
+        keyed = [(passes.kind_of(r, k), 0 if k is None or cfg.cache == "dual" else k) for r, k in kinds]
+        counts = collections.Counter(keyed)
+        seconds_of = passes.time_kinds(model, cfg, prompts, dict(counts), repeats)
+        total = sum(n * seconds_of[key] for key, n in counts.items())
+        fields = {"bound_ms": statistics.fmean(bound(passes.forwards(kind, work)) for kind in kinds),
+                  "memory_floor_ms": floor, "kinds_ms_per_pass": 1e3 * total / result.passes,
+                  "kinds_ms_per_token": 1e3 * total / float(result.lengths.sum()), "kinds_cover": total / seconds}
+        for name in passes.KINDS:
+            mine = [i for i, (kind, _) in enumerate(keyed) if kind == name]
+            fields[f"{name}_passes"] = len(mine)
+            if mine:
+                fields[f"{name}_ms"] = 1e3 * statistics.fmean(seconds_of[keyed[i]] for i in mine)
+                fields[f"{name}_bound_ms"] = statistics.fmean(bound(passes.forwards(kinds[i], work)) for i in mine)
+        return fields
 
     return account
 
@@ -322,7 +325,7 @@ HEADER = (
 
 
 def _kind_lines(r: Row) -> list[str]:
-    """The extra lines under a row: the compiled width's bound, the two kinds of pass and their check."""
+    """The extra lines under a row: the compiled widths' bound, the kinds of pass and their check."""
     lines = []
     if r.bound_compiled_ms is not None:
         lines.append(f"    bound over the compiled widths {r.bound_compiled_ms:.2f} ms "
@@ -330,13 +333,10 @@ def _kind_lines(r: Row) -> list[str]:
                      f"({r.ratio_to_bound:.2f}x)")
     if r.refresh_passes is not None:
         ratios = r.ratios()
-        kinds = [f"{r.refresh_passes} refresh x {r.refresh_ms:.2f} ms (bound {r.refresh_bound_ms:.2f}, "
-                 f"{ratios['refresh_ratio_to_bound']:.2f}x)"]
-        if r.window_passes:
-            kinds.append(f"{r.window_passes} window x {r.window_ms:.2f} ms (bound {r.window_bound_ms:.2f}, "
-                         f"{ratios['window_ratio_to_bound']:.2f}x)")
-        both = f" ({r.mixed_passes} passes ran both)" if r.mixed_passes else ""
-        lines.append("    passes: " + " + ".join(kinds) + f"{both} = {r.kinds_ms_per_pass:.2f} ms/pass, "
+        kinds = [f"{getattr(r, f'{kind}_passes')} {kind} x {getattr(r, f'{kind}_ms'):.2f} ms (bound "
+                 f"{getattr(r, f'{kind}_bound_ms'):.2f}, {ratios[f'{kind}_ratio_to_bound']:.2f}x)"
+                 for kind in passes.KINDS if getattr(r, f"{kind}_passes")]
+        lines.append("    passes: " + " + ".join(kinds) + f" = {r.kinds_ms_per_pass:.2f} ms/pass, "
                      f"{r.kinds_ms_per_token:.2f} ms/token; counts x times = {100 * r.kinds_cover:.0f} % of the "
                      "call's time")
     return lines

@@ -10,11 +10,12 @@ per pass mixes two very different costs. Here:
   after their steps). At one row, or rows in step, each block has one refresh and the rest windows;
   rows of a batch at different steps make passes that run both.
 - `kind_work`: each kind's least work (bounds.Work) at the row's shapes.
-- `time_kinds`: each kind timed alone at the call's own shapes: the loop's own refresh forward
-  (cached_logits) or window forward (block_logits: every rule here reads positions within the block)
-  followed by the rule, as many passes as the call ran of that kind in one compiled loop carrying
-  the cache, as the decoder's loop does. What a whole call spends besides (choosing the kind, the
-  loop state's updates) is what counts x these times leave of its time.
+- `time_kinds`: each kind timed alone at the call's own shapes: the decoder's own pass
+  (blocks.loop.canvas_pass: the forward, the rule, the commit) with every row at its block's first
+  step (refresh), at a later one (window), or both (mixed: rows of a batch at different steps), as
+  many passes as the call ran of that kind in one compiled loop carrying the cache, as the
+  decoder's loop does. What a whole call spends besides (its loop state's updates) is what counts x
+  these times leave of its time.
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ from flax import nnx
 
 from apd_jax.bench.bounds import Work
 from apd_jax.bench.timing import call_times, median_time
-from apd_jax.decoding.blocks.cached import block_logits, cached_logits, window_widths
+from apd_jax.decoding.blocks.cached import window_widths
 from apd_jax.decoding.blocks.dream import DreamBlockConfig, DreamBlockRule
 from apd_jax.decoding.blocks.llada import LLaDAConfig, LLaDARule
-from apd_jax.decoding.blocks.loop import View, block_size, block_view, build_canvas, prepare_canvas
+from apd_jax.decoding.blocks.loop import block_size, canvas_pass, prepare_canvas
 from apd_jax.decoding.diffusion import ConfidenceRule, ParallelRule, ThresholdConfig
 from apd_jax.decoding.generation import GenerationResult
 from apd_jax.models.cache import KVCache
@@ -115,40 +116,47 @@ def kind_work(cfg: CanvasConfig, batch: int, prompt_len: int, block: int | None,
                 filtered=filtered)
 
 
-def _pass_program(model: Transformer, rule: nnx.Module, cfg: CanvasConfig, refresh: bool):
+KINDS = ("refresh", "window", "mixed")
+
+
+def kind_of(refresh: bool, block: int | None) -> str:
+    """A pass_kinds entry's kind: every running row refreshes, every one runs its window, or both happen."""
+    return "window" if not refresh else "refresh" if block is None else "mixed"
+
+
+def _pass_program(model: Transformer, rule: nnx.Module, cfg: CanvasConfig, kind: str, pad_id: int):
     """A jitted (params, ids, lengths, eos, key, block, reps, cache) -> (checksum, cache): `reps` passes
-    of the given kind in a loop, as the decoder runs them, each for every row in block `block` with
-    every answer position masked (mid-decoding shapes). Each pass's prompt differs (ids + i), so none
-    of its work is loop-invariant, and the rule's commits feed the checksum, so none is dead."""
+    (blocks.loop.canvas_pass, the decoder's own) of every row in block `block` with every answer
+    position masked, the rows at their block's first step (refresh), at a later one (window), or row 0
+    at the first and the rest later (mixed). Each pass's prompt differs (ids + i), so none of its work
+    is loop-invariant, and the pass's answer feeds the checksum, so none is dead."""
     n, size = cfg.max_new_tokens, block_size(cfg.block_length, cfg.max_new_tokens)
     widths = window_widths(cfg.cache, size, n)
-    if refresh:  # no row reuses its cache, so the window branches never run: one compiles in place of all
+    if kind == "refresh":  # no row reuses its cache, so the window branches never run: one compiles for all
         widths = widths[-1:]
     mask_id, vocab = model.cfg.mask_token_id, model.cfg.vocab_size
+    windowed = getattr(rule, "reads_positions_in_block", False)
     graphs, _ = zip(nnx.split(model), nnx.split(rule))
 
     def passes(params, ids, lengths, eos, key, block, reps, cache):
-        model, rule = nnx.merge(graphs[0], params[0]), nnx.merge(graphs[1], params[1])
+        model = nnx.merge(graphs[0], params[0])
         b = ids.shape[0]
         gen = jnp.full((b, n), mask_id, jnp.int32)
         blocks = jnp.full((b,), block, jnp.int32)
-        start = blocks * size
-        j = jnp.arange(n)
-        candidates = (j >= start[:, None]) & (j < start[:, None] + size)
-        yes, no = jnp.ones((b,), bool), jnp.zeros((b,), bool)
-        view = View(jnp.int32(0), gen, candidates, start, jnp.full((b,), 0 if refresh else 1, jnp.int32),
-                    jnp.full((b,), n, jnp.int32), eos)
+        step = jnp.full((b,), int(kind != "refresh"), jnp.int32).at[0].set(int(kind == "window"))
+        limit, running = jnp.full((b,), n, jnp.int32), jnp.ones((b,), bool)
 
         def one(i, carry):
             cache, checksum = carry
-            canvas, end, k = build_canvas((ids + i) % vocab, lengths, gen), lengths + n, jax.random.fold_in(key, i)
-            if refresh:
-                logits, cache = cached_logits(model, canvas, cache, lengths, end, blocks, start, yes, no, widths, n)
-                commit = rule(logits, k, view)
-            else:
-                logits, cache = block_logits(model, canvas, cache, lengths, end, blocks, start, yes, widths, size)
-                commit = rule(logits, k, block_view(view, candidates, size))
-            return cache, checksum + jnp.sum(jnp.where(commit.transfer, commit.tokens, 0))
+
+            def decide(logits, view):
+                rule = nnx.merge(graphs[1], params[1])
+                return rule(logits, jax.random.fold_in(key, i), view), nnx.state(rule)
+
+            passed, _ = canvas_pass(model, decide, (ids + i) % vocab, lengths, gen, blocks, step, limit, cache,
+                                    running, i, eos, jnp.int32(size), None, mask_id=mask_id, pad_id=pad_id,
+                                    widths=widths, windowed=windowed)
+            return passed.cache, checksum + jnp.sum(passed.gen) + jnp.sum(passed.committed)
 
         cache, checksum = jax.lax.fori_loop(0, reps, one, (cache, jnp.int32(0)))
         return checksum, cache
@@ -157,33 +165,30 @@ def _pass_program(model: Transformer, rule: nnx.Module, cfg: CanvasConfig, refre
     return jax.jit(passes, donate_argnums=donate)
 
 
-def time_kinds(model: Transformer, cfg: CanvasConfig, prompts: Sequence[Sequence[int]], refreshes: int,
-               windows: dict[int, int], repeats: int) -> tuple[float, dict[int, float]]:
-    """(seconds of a refresh pass, {block k: seconds of a window pass of block k}), at the shapes
-    decode_blocks gives `prompts`: `refreshes` passes of one kind (windows[k] of block k's) run in
-    one compiled loop, the median of `repeats` such calls after two (the first compiles), divided
-    by the passes."""
+def time_kinds(model: Transformer, cfg: CanvasConfig, prompts: Sequence[Sequence[int]],
+               counts: dict[tuple[str, int], int], repeats: int) -> dict[tuple[str, int], float]:
+    """Seconds of one pass of each (kind, block) in `counts` at the shapes decode_blocks gives `prompts`:
+    counts[kind, block] such passes run in one compiled loop, the median of `repeats` such calls after
+    two (the first compiles), divided by the passes."""
     rule = canvas_rule(model, cfg)
     batch = prepare_canvas(model, cfg, prompts, jax.random.key(0))
     _, params = zip(nnx.split(model), nnx.split(rule))
     ids, lengths = jnp.asarray(batch.ids), jnp.asarray(batch.lengths)
     cache = [KVCache.zeros(model.cfg, ids.shape[0], ids.shape[1] + cfg.max_new_tokens)]
+    programs = {kind: _pass_program(model, rule, cfg, kind, batch.pad_id) for kind in {k for k, _ in counts}}
 
-    def timed(program, block: int, reps: int) -> float:
+    def timed(kind: str, block: int, reps: int) -> float:
         def call():
-            checksum, cache[0] = program(params, ids, lengths, batch.eos, batch.key, jnp.int32(block),
-                                         jnp.int32(reps), cache[0])
+            checksum, cache[0] = programs[kind](params, ids, lengths, batch.eos, batch.key, jnp.int32(block),
+                                                jnp.int32(reps), cache[0])
             return checksum
 
         call_times(call, 2)
         return median_time(call, repeats)[0] / reps
 
-    refresh = timed(_pass_program(model, rule, cfg, True), 0, refreshes)
-    window = _pass_program(model, rule, cfg, False)
-    return refresh, {k: timed(window, k, reps) for k, reps in windows.items()}
+    return {(kind, block): timed(kind, block, reps) for (kind, block), reps in counts.items()}
 
 
 def filtered_rule(cfg: CanvasConfig) -> bool:
     """The rule filters the logits (top-p or top-k) before its softmax."""
     return cfg.top_p < 1 or cfg.top_k > 0
-
