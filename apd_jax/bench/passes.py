@@ -1,9 +1,10 @@
-"""The cached block decoder's two kinds of pass, counted, bounded and timed apart.
+"""The cached block decoder's kinds of pass, counted, bounded and timed apart.
 
 With Fast-dLLM's caches (decoding.blocks.cached) a block's first pass is a *refresh* (the whole
 canvas through the model, its K/V written into the cache) and its later passes are *window*
 passes (the block alone, dual; the answer from the block's start, prefix), so a whole call's mean
-per pass mixes two very different costs. Here:
+per pass mixes very different costs; a pass in which rows of a batch are at different steps runs
+both forwards (*mixed*). Here:
 
 - `pass_kinds`: which forwards each pass ran, derived from the result's per-pass commits and the
   rule's end of a block (all its positions committed; LLaDA's rule and Dream's schedule also end it
