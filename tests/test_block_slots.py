@@ -17,7 +17,7 @@ from flax import nnx
 from apd_jax.decoding import continuous
 from apd_jax.decoding.blocks.dream import DreamBlockConfig, dream_block_generate
 from apd_jax.decoding.blocks.llada import LLaDAConfig, llada_generate
-from apd_jax.decoding.blocks.slots import block_slots, pass_counts, row_config
+from apd_jax.decoding.blocks.slots import block_slots, pass_counts, row_config, row_problems
 from apd_jax.decoding.continuous import Request
 from apd_jax.decoding.diffusion import ThresholdConfig, threshold_generate
 from apd_jax.models.config import ModelConfig
@@ -126,7 +126,7 @@ def test_sampled_request_is_the_same_at_any_slot_count(llada):
 
 def test_row_settings_follow_the_runs_steps_per_token():
     config = LLaDAConfig(max_new_tokens=32, steps=16, block_length=8)
-    assert row_config(config, 16, 0.0, 1.0, 0).steps == 8
+    assert row_config(config, 16, 0.0, 1.0, 0).steps == 8 and row_problems(config, 16, 0.5, 1.0, 0) == []
     assert row_config(LLaDAConfig(max_new_tokens=32), 8, 0.0, 1.0, 0).steps is None
     with pytest.raises(ValueError, match="block_length=8 must divide max_new_tokens=12"):
         row_config(config, 12, 0.0, 1.0, 0)

@@ -90,22 +90,33 @@ class SlotState:
 # Settings of one row
 
 
+def _row_changes(config: BlockConfig, max_new_tokens: int, temperature: float, top_p: float,
+                 top_k: int) -> tuple[dict, list[str]]:
+    """The fields a request changes in the run's settings (`row_config`), and what keeps them from fitting."""
+    changes = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
+    if getattr(config, "steps", None) is None:
+        return changes, []
+    changes["steps"], rest = divmod(config.steps * max_new_tokens, config.max_new_tokens)
+    if rest:
+        return changes, [f"a row gets steps x max_new_tokens / {config.max_new_tokens} passes (the run's steps per "
+                         f"token), and {config.steps} x {max_new_tokens} / {config.max_new_tokens} is not whole: "
+                         "choose a budget it divides"]
+    return changes, []
+
+
+def row_problems(config: BlockConfig, max_new_tokens: int, temperature: float, top_p: float, top_k: int) -> list[str]:
+    """What keeps a request's own settings from running with the run's `config` (none: an empty list)."""
+    changes, problems = _row_changes(config, max_new_tokens, temperature, top_p, top_k)
+    return problems or dataclasses.replace(config, **changes).problems()
+
+
 def row_config(config: BlockConfig, max_new_tokens: int, temperature: float, top_p: float, top_k: int) -> BlockConfig:
     """The settings the fixed decoder runs a request alone with: its own budget and knobs, and with
     `steps` the run's steps per token (steps x max_new_tokens / the run's), which keeps the run's
-    steps per block. ValueError naming the request's settings when they do not fit."""
-    changes = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
-    what = f"a request's (max_new_tokens={max_new_tokens}, temperature={temperature}, top_p={top_p}, top_k={top_k})"
-    if getattr(config, "steps", None) is not None:
-        steps, rest = divmod(config.steps * max_new_tokens, config.max_new_tokens)
-        if rest:
-            raise ValueError(f"invalid {what} settings: a row gets steps x max_new_tokens / {config.max_new_tokens} passes (the run's "
-                             f"steps per token), and {config.steps} x {max_new_tokens} / {config.max_new_tokens} is "
-                             "not whole: choose a budget it divides")
-        changes["steps"] = steps
-    row = dataclasses.replace(config, **changes)
-    raise_problems(what, row.problems())
-    return row
+    steps per block. ValueError naming the request's settings when they do not fit (`row_problems`)."""
+    raise_problems(f"a request's (max_new_tokens={max_new_tokens}, temperature={temperature}, top_p={top_p}, "
+                   f"top_k={top_k})", row_problems(config, max_new_tokens, temperature, top_p, top_k))
+    return dataclasses.replace(config, **_row_changes(config, max_new_tokens, temperature, top_p, top_k)[0])
 
 
 def _rule(config: BlockConfig, mask_id: int) -> nnx.Module:
@@ -221,7 +232,7 @@ def _step(model: Transformer, rule_graph, state: SlotState, spec: Spec) -> SlotS
         passes=state.passes + running, cache=passed.cache, steps=state.steps + 1,
         committed=state.committed + jnp.sum(running & (passed.committed > 0)),
         refreshes=state.refreshes + jnp.any(running & (full_width | (state.step == 0))).astype(jnp.int32),
-        windows=state.windows + jnp.any(running & (state.step > 0)).astype(jnp.int32),
+        windows=state.windows + (jnp.any(running & (state.step > 0)) & ~full_width).astype(jnp.int32),
     )
 
 
@@ -234,13 +245,9 @@ def _outputs(state: SlotState, spec: Spec):
     return state.gen, jnp.where(hit, first_eos + 1, state.budget), state.accepted, hit, ~_active(state, spec)
 
 
-def _models(graphs, params):
-    return nnx.merge(graphs[0], params[0])
-
-
 @functools.partial(jax.jit, static_argnames=("graphs", "spec", "size"))
 def _slots_empty(graphs, params, rule, eos, cfg_scale, wait, spec: Spec, size: int) -> SlotState:
-    return _empty(_models(graphs, params), rule, spec, size, eos, wait, cfg_scale)
+    return _empty(nnx.merge(graphs[0], params[0]), rule, spec, size, eos, wait, cfg_scale)
 
 
 @functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("state",))
@@ -251,7 +258,7 @@ def _slots_refill(state, slots, ids, lengths, budgets, bounds, rules, keys, spec
 @functools.partial(jax.jit, static_argnames=("graphs", "spec"), donate_argnames=("state",))
 def _slots_run(graphs, params, state: SlotState, until, spec: Spec) -> SlotState:
     """Passes until at least `until` rows (free slots included) are done, or every row is."""
-    model = _models(graphs, params)
+    model = nnx.merge(graphs[0], params[0])
 
     def cond(s: SlotState) -> jax.Array:
         active = _active(s, spec)
