@@ -23,6 +23,7 @@ _PUBLIC = {
     "apd_jax.checkpoints": ("load_model", "load_tokenizer", "convert_hf_to_orbax", "convert_orbax_to_hf",
                             "CheckpointError"),
     "apd_jax.models.config": ("ModelConfig",),
+    "apd_jax.models.quantize": ("quantize",),
     "apd_jax.decoding.generation": ("DecoderConfig", "GenerationResult"),
     "apd_jax.decoding.apd": ("APDConfig", "apd_generate", "LeftRightConfig", "leftright_generate"),
     "apd_jax.decoding.autoregressive": ("ARConfig", "ar_generate"),

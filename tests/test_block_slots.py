@@ -143,3 +143,33 @@ def test_other_settings_are_refused(llada):
         block_slots(llada, [[1, 2]], DiffusionConfig(max_new_tokens=8))
     with pytest.raises(ValueError, match="refresh_group=0 must be >= 1"):
         block_slots(llada, [[1, 2]], ThresholdConfig(max_new_tokens=8, cache="dual"), refresh_group=0)
+
+
+def test_generate_decodes_a_llada_request_file_through_the_slots(tmp_path, capsys):
+    """`apd-jax generate --decoder llada` with a .jsonl of requests: each request's own budget, through one
+    slot (every request refilled), each record what the decoder gives that request alone; a budget that is
+    not whole blocks is refused before anything decodes."""
+    import json
+
+    from apd_jax import ASSETS_DIR
+    from apd_jax.checkpoints import load_model, load_tokenizer
+    from apd_jax.cli.app import main
+    from apd_jax.decoding.registry import DECODERS, Models
+
+    llada = ASSETS_DIR / "llada"
+    requests = tmp_path / "r.jsonl"
+    requests.write_text('{"prompt": "def add(a, b):", "max_new_tokens": 8}\n{"prompt": "import os"}\n')
+    out = tmp_path / "o.jsonl"
+    common = ["generate", "--drafter", str(llada), "--decoder", "llada", "--max-new-tokens", "16", "--block-length",
+              "8", "--no-chat", "--batch-size", "1", "--prompts-file", str(requests)]
+    assert main([*common, "--output", str(out)]) == 0
+    assert "slot occupancy" in capsys.readouterr().out
+    records = {r["index"]: r for r in map(json.loads, out.read_text().splitlines())}
+    model, tok = load_model(llada), load_tokenizer(llada)
+    for index, (prompt, budget) in enumerate([("def add(a, b):", 8), ("import os", 16)]):
+        cfg = DECODERS["llada"].with_stop_ids(LLaDAConfig(max_new_tokens=budget, block_length=8), Models(model), tok)
+        alone = llada_generate(model, [tok.encode(prompt)], cfg, jax.random.key(0)).sequences()[0]
+        assert records[index]["ids"] == alone
+    requests.write_text('{"prompt": "import os", "max_new_tokens": 12}\n')
+    assert main([*common, "--output", str(tmp_path / "bad.jsonl")]) == 2
+    assert "max_new_tokens=12" in capsys.readouterr().err

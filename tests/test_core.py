@@ -45,11 +45,11 @@ def test_the_core_checks_its_shapes_outside_jit(dream, qwen):
 
 
 def test_a_call_of_more_prompts_than_max_rows_runs_through_the_slots(dream, qwen, monkeypatch):
-    from apd_jax.decoding import apd
+    from apd_jax.decoding import continuous
 
     cfg = dataclasses.replace(CFG, temperature=0.8)  # each row keyed by its index: the same samples either way
     whole = apd_generate(dream, qwen, PROMPTS, cfg, jax.random.key(2))
-    monkeypatch.setattr(apd, "MAX_ROWS", 2)
+    monkeypatch.setattr(continuous, "MAX_ROWS", 2)
     slotted = apd_generate(dream, qwen, PROMPTS, cfg, jax.random.key(2))
     assert slotted.sequences() == whole.sequences()
     assert all(slotted.accepted_per_pass(i) == whole.accepted_per_pass(i) for i in range(len(PROMPTS)))

@@ -75,8 +75,8 @@ def llada():
      ["--cache", "dual", "--threshold", "0.5"]),
 ])
 def test_eval_runs_the_block_decoders_on_llada_alone(llada, tmp_path, capsys, name, config, options):
-    """No verifier: each item's output is the decoder's on that item (one batch: one compiled program, which
-    the command, on the same items and settings, runs too); a verifier given is refused."""
+    """No verifier: each item's output through the slots is the fixed decoder's on that item; the command
+    runs it too; a verifier given is refused."""
     tok = load_tokenizer(ASSETS_DIR / "llada")
     report = evaluate(llada, None, tok, ITEMS[:3], config, 3, decoder=name)
     assert report.total == 3 and report.generations == alone(name, Models(llada), config, tok, ITEMS[:3])

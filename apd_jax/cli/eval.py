@@ -9,24 +9,22 @@ items through --batch-size slots (continuous batching), the block decoders --bat
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from apd_jax import ASSETS_DIR
 from apd_jax.checkpoints import load_model, load_tokenizer
 from apd_jax.cli.common import DefaultsHelpFormatter, positive_int, user_path
 from apd_jax.cli.options import (
     add_pair_options,
     optional_float,
+    model_paths,
     optional_int,
-    pair_paths,
     settings_option,
     settings_values,
 )
 from apd_jax.decoding.batching import DEFAULT_BATCH_SIZE
 from apd_jax.decoding.blocks.cached import CACHE_MODES
 from apd_jax.decoding.blocks.llada import REMASKING
-from apd_jax.decoding.registry import Decoder, decoder
-from apd_jax.evaluation.evaluate import EVAL_DECODERS, SLOTS, evaluate, load_jsonl
+from apd_jax.decoding.registry import DECODERS, decoder
+from apd_jax.evaluation.evaluate import EVAL_DECODERS, evaluate, load_jsonl
 
 BLOCKS = ["threshold", "dream-block", "llada"]
 
@@ -39,7 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--decoder", choices=EVAL_DECODERS, default="apd", help="decoding strategy")
     p.add_argument("--limit", type=positive_int, default=None, help="evaluate the first N items (default: all)")
     p.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE,
-                   help=f"items decoded at once: with {', '.join(SLOTS)} the slots of continuous batching (a "
+                   help=f"items decoded at once: with {', '.join(d for d in EVAL_DECODERS if DECODERS[d].slots)} the slots of continuous batching (a "
                         "finished item's slot takes the next), with the other decoders the batch size (the last "
                         "batch filled up)")
     settings_option(p, "--max-new-tokens", "tokens to generate per item", EVAL_DECODERS, type=int)
@@ -57,17 +55,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "step)", ["dream-block", "llada"], type=optional_int)
     settings_option(p, "--remasking", "llada: which masked positions a step commits", ["llada"], choices=REMASKING)
     p.set_defaults(func=run)
-
-
-def model_paths(chosen: Decoder, drafter: Path | None, verifier: Path | None) -> tuple[Path, Path | None]:
-    """The checkpoints a decoder runs on: a decoder of the pair takes --drafter and --verifier, both or
-    neither (the embedded pair); a decoder of the diffusion model alone takes --drafter (default the
-    embedded drafter) and refuses --verifier."""
-    if "verifier" in chosen.uses:
-        return pair_paths(drafter, verifier)
-    if verifier is not None:
-        raise ValueError(f"--decoder {chosen.name} runs the diffusion model alone (--drafter DIR): drop --verifier")
-    return (ASSETS_DIR / "drafter" if drafter is None else drafter), None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -20,22 +20,20 @@ from typing import Any
 
 import jax
 
-from apd_jax.decoding.apd import APDConfig, apd_generate, apd_slots, leftright_slots, shared_vocab_size
+from apd_jax.decoding.apd import APDConfig, apd_generate, shared_vocab_size
 from apd_jax.decoding.apd_steps import live_view
-from apd_jax.decoding.autoregressive import ar_slots
 from apd_jax.decoding.batching import DEFAULT_BATCH_SIZE, RUN_SUFFIX, RunOutput, generate_continuously
 from apd_jax.decoding.batching import generate_in_batches, kept_records, open_output
-from apd_jax.decoding.continuous import Request, Slots, check_request
-from apd_jax.text.chat import chat_prompt_ids, has_chat_template, stop_token_ids
+from apd_jax.decoding.continuous import Request, check_request
+from apd_jax.text.chat import chat_prompt_ids, has_chat_template
 from apd_jax.text.chat import messages as chat_messages
-from apd_jax import ASSETS_DIR
 from apd_jax.checkpoints import load_model, load_tokenizer
 from apd_jax.cli.common import DefaultsHelpFormatter, embedded_filter, positive_int, seed, user_path
 from apd_jax.cli.options import (
     add_pair_options,
+    model_paths,
     optional_float,
     optional_int,
-    pair_paths,
     settings_option,
     settings_values,
 )
@@ -46,10 +44,13 @@ from apd_jax.decoding.blocks.llada import REMASKING
 from apd_jax.decoding.diffusion import ALGORITHMS
 from apd_jax.decoding.generation import CompileTimer, DecoderConfig, check_prompts
 from apd_jax.decoding.learn2pd import load_filter
-from apd_jax.models.model import Transformer, init_model
+from apd_jax.models.model import init_model
 from apd_jax.models.quantize import MODES, quantize
 from apd_jax.text.prompts import is_request_file, parse_ids, read_prompt_lines, read_requests
 from apd_jax.models.sharding import make_mesh, parse_mesh, shard_model
+
+
+SLOTTED = [name for name, d in DECODERS.items() if d.slots is not None]  # decoded through continuous batching
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -115,11 +116,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "expect (default: when the tokenizer has one and the prompt is text)")
     p.add_argument("--system", default=None, help="a system message before the prompt (with --chat; default: none)")
     p.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE,
-                   help="prompts decoded at once: with apd, leftright and ar the slots of continuous batching (a "
+                   help=f"prompts decoded at once: with {', '.join(SLOTTED)} the slots of continuous batching (a "
                         "finished row's slot takes the next prompt), with the other decoders the batch size")
     p.add_argument("--output", type=user_path,
                    help="write one JSON object per prompt (text, ids, passes, accepted per pass) to this JSONL "
-                        "file as each finishes, each carrying its prompt's index (apd, leftright, ar: in the order "
+                        f"file as each finishes, each carrying its prompt's index ({', '.join(SLOTTED)}: in the order "
                         "they finish; other decoders: in input order); the run's settings are recorded beside it in "
                         f"FILE{RUN_SUFFIX} (default: print the text)")
     p.add_argument("--resume", action="store_true",
@@ -199,21 +200,6 @@ def _encode(args: argparse.Namespace, texts: list[str], sources: list[str], toke
     return [tokenizer.encode(t) for t in texts]
 
 
-def prompt_limits(config: DecoderConfig, models: Models, chosen: Decoder) -> tuple[int, int]:
-    """(capacity, vocabulary) of the chosen decoder's prompts: its capacity rule (Decoder.capacity), and
-    the vocabulary it checks ids against (APD's: the ids both models score)."""
-    used = [getattr(models, name) for name in ("drafter", "verifier") if name in chosen.uses]
-    vocab = models.shared_vocab if len(used) == 2 else used[0].cfg.vocab_size
-    return chosen.capacity(models, config), vocab
-
-
-def _with_stop_ids(config: DecoderConfig, drafter: Transformer, tokenizer) -> DecoderConfig:
-    """Stop at every eos the checkpoint declares and at the tokenizer's (an instruct model's <|im_end|>)."""
-    if config.eos_token_ids is not None or tokenizer is None:
-        return config
-    return dataclasses.replace(config, eos_token_ids=stop_token_ids(drafter.cfg.eos_token_ids, tokenizer))
-
-
 def run(args: argparse.Namespace) -> int:
     chosen = decoder(args.decoder)
     config = settings(args)
@@ -230,10 +216,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--verbose prints each prompt's tokens accepted per pass beside its text; with --output each "
                          "record holds them (accepted_per_pass): drop --verbose")
     texts, sources, own = _prompts(args)  # before loading: a bad prompts file fails at once
-    if any(own) and (args.decoder not in CONTINUOUS or mesh is not None or args.live):
+    if any(own) and (chosen.slots is None or mesh is not None or args.live):
         first = next(i for i, o in enumerate(own) if o)
         raise ValueError(f"{sources[first]} sets {', '.join(own[first])}: a request's own settings need continuous "
-                         f"batching (--decoder {', '.join(CONTINUOUS)}, one device); give them on the command line")
+                         f"batching (--decoder {', '.join(SLOTTED)}, one device); give them on the command line")
     if args.live and len(texts) != 1:
         raise ValueError("--live shows one prompt (give one prompt, not a file of several)")
     if args.random_tiny and not args.ids:
@@ -241,15 +227,8 @@ def run(args: argparse.Namespace) -> int:
     if args.random_tiny and (args.drafter or args.verifier):
         raise ValueError("--random-tiny makes a tiny random pair instead of loading one: drop --drafter and "
                          "--verifier, or --random-tiny")
-    if args.random_tiny:
-        pass
-    elif "verifier" in chosen.uses:
-        args.drafter, args.verifier = pair_paths(args.drafter, args.verifier)
-    else:  # a decoder of the diffusion model alone (dream, dream-block, threshold, learn2pd, llada)
-        if args.verifier is not None:
-            raise ValueError(f"--decoder {args.decoder} runs the diffusion model alone (--drafter DIR): drop "
-                             "--verifier")
-        args.drafter = ASSETS_DIR / "drafter" if args.drafter is None else args.drafter
+    if not args.random_tiny:
+        args.drafter, args.verifier = model_paths(chosen, args.drafter, args.verifier)
     if args.filter is not None and "filter" not in chosen.uses:
         raise ValueError(f"--decoder {args.decoder} does not take --filter (a Learn2PD filter: --decoder learn2pd)")
     filter_path = _filter_path(args) if "filter" in chosen.uses else None
@@ -286,18 +265,19 @@ def _generate(args: argparse.Namespace, chosen: Decoder, config: DecoderConfig, 
     # The ids both models score, where a decoder runs both (checked against their tokenizers).
     vocab = None if verifier is None else shared_vocab_size(drafter.cfg, verifier.cfg, tok_d, tok_v)
     prompts = _encode(args, texts, sources, tok_d)
-    config = _with_stop_ids(config, drafter, None if args.ids else tok_d)
     models = Models(drafter, verifier, None if filter_path is None else load_filter(filter_path), vocab, mesh)
-    capacity, vocab = prompt_limits(config, models, chosen)
+    config = chosen.with_stop_ids(config, models, None if args.ids else tok_d)
     # Every prompt checked before any is decoded: a bad line is named at once, not when its batch runs.
-    check_prompts(prompts, vocab, fits=(config.max_new_tokens, capacity), sources=sources)
+    check_prompts(prompts, chosen.vocab(models), fits=(config.max_new_tokens, chosen.capacity(models, config)),
+                  sources=sources)
     load_s = time.perf_counter() - start
 
     def decode(ids: list[int]) -> str:  # a continuation of the prompt's text
         return "".join(f" {i}" for i in ids) if args.ids or tok_d is None else tok_d.decode(ids)
 
     key = jax.random.key(args.seed)
-    slots = None if args.live or mesh is not None else _slots(args.decoder, models, config, prompts, args.batch_size)
+    slotted = chosen.slots is not None and not args.live and mesh is None
+    slots = chosen.slots(models, prompts, config, args.batch_size) if slotted else None
     usage = None
     with CompileTimer() as compiled:
         start = time.perf_counter()
@@ -329,21 +309,6 @@ def _generate(args: argparse.Namespace, chosen: Decoder, config: DecoderConfig, 
           f"tokens/s{occupancy}; load {load_s:.1f} s, compile {compiled.seconds:.1f} s, generate {decoding:.1f} s"
           f"{where}")
     return 0
-
-
-CONTINUOUS = ("apd", "leftright", "ar")  # the decoders with steps over per-row state: continuous batching
-
-
-def _slots(name: str, models: Models, config: DecoderConfig, prompts: list[list[int]], size: int) -> Slots | None:
-    """The decoder's compiled steps over `size` slots (continuous batching), or None for a decoder
-    decoded in fixed batches (dream, threshold, learn2pd)."""
-    if name == "apd":
-        return apd_slots(models.drafter, models.verifier, prompts, config, size, shared_vocab=models.shared_vocab)
-    if name == "leftright":
-        return leftright_slots(models.drafter, prompts, config, size)
-    if name == "ar":
-        return ar_slots(models.verifier, prompts, config, size)
-    return None
 
 
 class _InOrder:

@@ -11,7 +11,7 @@ from typing import Any
 
 from apd_jax import ASSETS_DIR
 from apd_jax.cli.common import user_path
-from apd_jax.decoding.registry import DECODERS, defaults
+from apd_jax.decoding.registry import DECODERS, Decoder, defaults
 
 
 def _shown(value: Any) -> str:
@@ -69,6 +69,17 @@ def add_pair_options(parser: argparse.ArgumentParser) -> None:
                         help="Dream checkpoint: HF or apd_jax (orbax) directory (default: the embedded trained pair)")
     parser.add_argument("--verifier", type=user_path,
                         help="Qwen2 checkpoint: HF or apd_jax (orbax) directory (default: the embedded trained pair)")
+
+
+def model_paths(chosen: Decoder, drafter: Path | None, verifier: Path | None) -> tuple[Path, Path | None]:
+    """The checkpoints a decoder runs on: a decoder of the pair takes --drafter and --verifier, both or
+    neither (the embedded pair); a decoder of the diffusion model alone (dream, dream-block, threshold,
+    learn2pd, llada) takes --drafter (default the embedded drafter) and refuses --verifier."""
+    if "verifier" in chosen.uses:
+        return pair_paths(drafter, verifier)
+    if verifier is not None:
+        raise ValueError(f"--decoder {chosen.name} runs the diffusion model alone (--drafter DIR): drop --verifier")
+    return (ASSETS_DIR / "drafter" if drafter is None else drafter), None
 
 
 def pair_paths(drafter: Path | None, verifier: Path | None) -> tuple[Path, Path]:

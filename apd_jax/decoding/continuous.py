@@ -84,6 +84,9 @@ class Slots:
     run: Callable[[Any, int], Any]
     read: Callable[[Any], tuple[np.ndarray, ...]]
     counts: Callable[[Any], tuple[int, int]]
+    # A decoder's own limits on a request's settings (max_new_tokens, temperature, top_p, top_k) ->
+    # problems, checked before the run (the block decoders': a budget in whole blocks, LLaDA's knobs).
+    problems: Callable[[int, float, float, int], list[str]] | None = None
 
 
 @dataclasses.dataclass
@@ -118,6 +121,8 @@ def check_request(request: Request, slots: Slots, where: str) -> None:
     if s["max_new_tokens"] > slots.max_new:
         problems.append(f"max_new_tokens={s['max_new_tokens']} exceeds the run's capacity {slots.max_new} "
                         "(--max-new-tokens bounds every request's)")
+    if not problems and slots.problems is not None:
+        problems = slots.problems(*s.values())
     if problems:
         raise ValueError(f"{where}: " + "; ".join(problems))
 

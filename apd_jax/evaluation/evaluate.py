@@ -4,7 +4,7 @@
 Each line is {"question": ..., "answer": ...}; a GSM8K answer ends in "#### <number>",
 otherwise the answer's last number is the reference (an answer without one is an error).
 Predictions are the number after "####" when the model writes one, else the last number in the
-generation. The decoders with steps over per-row state (SLOTS: apd, leftright, ar) decode the items
+generation. The decoders with steps over per-row state (Decoder.slots: apd, leftright, ar) decode the items
 through continuous batching, the others (the block decoders) in fixed batches; either way each item
 decodes as it would alone.
 
@@ -20,21 +20,18 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import jax
 
 from apd_jax.checkpoints import load_model, load_tokenizer
-from apd_jax.decoding.apd import APDConfig, apd_generate, apd_slots, leftright_slots, shared_vocab_size
-from apd_jax.decoding.autoregressive import ar_slots
+from apd_jax.decoding.apd import APDConfig, apd_generate, shared_vocab_size
 from apd_jax.decoding.batching import DEFAULT_BATCH_SIZE, generate_batched, generate_continuously
 from apd_jax.decoding.batching import generate_in_batches
-from apd_jax.decoding.continuous import Request, Slots
+from apd_jax.decoding.continuous import Request
 from apd_jax.decoding.generation import DecoderConfig, check_prompts
 from apd_jax.decoding import registry
 from apd_jax.decoding.registry import Decoder, Models
 from apd_jax.models.model import Transformer
-from apd_jax.text.chat import stop_token_ids
 
 # The decoders `apd-jax eval` and the lm-eval adapter run: APD and AR on the pair, and the diffusion
 # model's own (left-to-right K, and the block decoders: threshold, Fast-dLLM's Dream, LLaDA's, each
@@ -42,36 +39,14 @@ from apd_jax.text.chat import stop_token_ids
 # trained filter) are `apd-jax generate`'s and `compare`'s.
 EVAL_DECODERS = ("apd", "leftright", "ar", "threshold", "dream-block", "llada")
 
-# The compiled steps over per-row state of the decoders that have them (continuous batching): the
-# models, every prompt, the settings and the slot count -> Slots.
-SLOTS: dict[str, Callable[[Models, Sequence[Sequence[int]], Any, int], Slots]] = {
-    "apd": lambda m, prompts, s, size: apd_slots(m.drafter, m.verifier, prompts, s, size, shared_vocab=m.shared_vocab),
-    "leftright": lambda m, prompts, s, size: leftright_slots(m.drafter, prompts, s, size),
-    "ar": lambda m, prompts, s, size: ar_slots(m.verifier, prompts, s, size),
-}
-
-
-def first_model(chosen: Decoder, models: Models) -> Transformer:
-    """The model whose config names a decoder's eos ids and vocabulary: its drafter when it runs one."""
-    return getattr(models, next(name for name in ("drafter", "verifier") if name in chosen.uses))
-
-
-def with_stop_ids(config: DecoderConfig, model: Transformer, tokenizer: Any) -> DecoderConfig:
-    """Settings that stop at every eos the checkpoint declares, the tokenizer's, and the turn end of its chat
-    template (LLaDA-8B-Instruct's <|eot_id|>: text.chat.stop_token_ids); eos ids already set are kept."""
-    if config.eos_token_ids is not None:
-        return config
-    return dataclasses.replace(config, eos_token_ids=stop_token_ids(model.cfg.eos_token_ids, tokenizer))
-
-
 def decode_all(chosen: Decoder, models: Models, config: DecoderConfig, texts: Sequence[str],
                ids: Sequence[Sequence[int]], size: int, key: jax.Array, decode: Callable[[list[int]], str], *,
                continuous: bool = True) -> list[dict]:
     """Every prompt's record (batching.finished_record: text, ids, passes), in input order. A decoder with
-    SLOTS decodes through `size` slots, each prompt's noise from fold_in(key, its index); the others (or
+    slots (Decoder.slots) decodes through `size` slots, each prompt's noise from fold_in(key, its index); the others (or
     continuous=False) `size` prompts at a time in one shape, each batch's from fold_in(key, its first)."""
-    if continuous and chosen.name in SLOTS:
-        slots = SLOTS[chosen.name](models, ids, config, size)
+    if continuous and chosen.slots is not None:
+        slots = chosen.slots(models, ids, config, size)
         records, _ = generate_continuously(texts, [Request(p, i) for i, p in enumerate(ids)], slots, key, decode)
     else:
         run = lambda rows, first: chosen.generate(models, rows, config, jax.random.fold_in(key, first))  # noqa: E731
@@ -156,9 +131,9 @@ def evaluate(
     batch_size: int = DEFAULT_BATCH_SIZE, prompt: str = PROMPT, *, decoder: str = "apd", continuous: bool = True,
 ) -> EvalReport:
     """Exact match of the extracted answers, decoded by the registry's `decoder` (one of EVAL_DECODERS, on
-    the models it uses; the other may be None) at greedy key 0: through batch_size slots when it has SLOTS
+    the models it uses; the other may be None) at greedy key 0: through batch_size slots when it has them (Decoder.slots)
     (continuous=False: in fixed batches), else batch_size items at a time in one shape. Generation stops
-    at the checkpoint's eos ids and the tokenizer's chat turn end (with_stop_ids)."""
+    at the checkpoint's eos ids and the tokenizer's chat turn end (Decoder.with_stop_ids)."""
     if decoder not in EVAL_DECODERS:
         raise ValueError(f"decoder {decoder!r} is not one eval runs; use one of {EVAL_DECODERS}")
     chosen = registry.decoder(decoder)
@@ -166,12 +141,11 @@ def evaluate(
     context = chosen.capacity(models, config)  # a model the decoder uses but not given is an error naming it
     if {"drafter", "verifier"} <= set(chosen.uses):
         models = Models(drafter, verifier, shared_vocab=shared_vocab_size(drafter.cfg, verifier.cfg))
-    model = first_model(chosen, models)
-    config = with_stop_ids(config, model, tokenizer)
+    config = chosen.with_stop_ids(config, models, tokenizer)
     questions = [prompt.format(question=item["question"]) for item in items]
     ids = [tokenizer.encode(q) for q in questions]
     # Every item checked before the first is decoded.
-    check_prompts(ids, models.shared_vocab or model.cfg.vocab_size, fits=(config.max_new_tokens, context),
+    check_prompts(ids, chosen.vocab(models), fits=(config.max_new_tokens, context),
                   sources=[f"evaluation item {n} ({str(item['question'])[:40]!r})" for n, item in enumerate(items, 1)])
     start = time.perf_counter()
     records = decode_all(chosen, models, config, questions, ids, batch_size, jax.random.key(0), tokenizer.decode,

@@ -43,7 +43,7 @@ from apd_jax.checkpoints import load_model, load_tokenizer
 from apd_jax.decoding.registry import DECODERS as REGISTRY
 from apd_jax.decoding.registry import Models
 from apd_jax.decoding.generation import DecoderConfig, pad_prompts, prompt_bucket
-from apd_jax.evaluation.evaluate import EVAL_DECODERS, decode_all, first_model, with_stop_ids
+from apd_jax.evaluation.evaluate import EVAL_DECODERS, decode_all
 from apd_jax.models.model import token_logprobs
 
 log = logging.getLogger(__name__)
@@ -164,7 +164,7 @@ class APDLM(TemplateLM):
         self.models = Models(self.drafter, self.verifier, shared_vocab=vocab)
         self.tokenizer = load_tokenizer(paths["verifier"] or paths["drafter"])
         # Generation stops at the checkpoint's eos, the tokenizer's and its chat template's turn end.
-        self.settings = with_stop_ids(self.settings, first_model(self.chosen, self.models), self.tokenizer)
+        self.settings = self.chosen.with_stop_ids(self.settings, self.models, self.tokenizer)
         context = self.chosen.capacity(self.models, self.settings)
         self.max_length = context if max_length is None else max_length
         if type(self.max_length) is not int or not 1 <= self.max_length <= context:

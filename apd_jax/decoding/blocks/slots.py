@@ -341,6 +341,7 @@ def block_slots(model: Transformer, prompts: Sequence[Sequence[int]], config: De
         run=lambda state, until: _slots_run(graphs, params, state, jnp.int32(until), spec),
         read=lambda state: jax.device_get(_slots_read(state, spec)),
         counts=lambda state: (int(state.steps), int(state.committed)),
+        problems=functools.partial(row_problems, config),
     )
 
 
