@@ -91,10 +91,11 @@ def _progress(finished: list[Finished], rows: list[Finished], total: int, start:
 
 
 def bench_workload(drafter: Transformer, verifier: Transformer, prompts: Sequence[Sequence[int]], budgets: Sequence[int],
-                   config: APDConfig, size: int, run: str) -> WorkloadRow:
+                   config: APDConfig, size: int, run: str, group: int | None = None) -> WorkloadRow:
     """One run ("fixed" or "continuous", `RUNS`) of the prompts and their budgets over `size` slots
-    (config.max_new_tokens: at least the largest budget)."""
-    group = size if run == "fixed" else default_group(size)
+    (config.max_new_tokens: at least the largest budget); the continuous run refills `group` slots at
+    once (None: continuous.default_group)."""
+    group = size if run == "fixed" else group or default_group(size)
     return _timed_run(drafter, verifier, prompts, budgets, config, size, group, run)
 
 

@@ -93,6 +93,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--runs", type=_runs, default="fixed,continuous",
                    help="with --workload: the runs to time, comma-separated (one per call keeps each call short; "
                         "the workload is the same in every call)")
+    p.add_argument("--group", type=positive_int, default=None,
+                   help="with --workload: slots the continuous run refills at once (default: a quarter of them)")
     p.add_argument("--json", type=user_path, help="write the results as JSON here (default: print only)")
     p.set_defaults(func=run)
 
@@ -205,6 +207,9 @@ def interrupted(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     _check_paths(args)
+    if args.group is not None and (args.workload is None or args.group > args.batch[0]):
+        raise ValueError("--group is the continuous run's refill group of a --workload: give --workload, and a "
+                         "group of at most the slots (the first --batch)")
     if args.against is not None and not args.torch:
         raise ValueError("--against gives the PyTorch/apd_jax ratios of a --torch run: add --torch, or drop --against")
     if args.quality is not None and (args.workload is not None or args.torch):
@@ -353,7 +358,8 @@ def _workload(args: argparse.Namespace, drafter, verifier, config: APDConfig) ->
     print(workload.HEADER, flush=True)
     rows = []
     for run in args.runs:
-        rows.append(workload.bench_workload(drafter, verifier, prompts, budgets, config, args.batch[0], run))
+        rows.append(workload.bench_workload(drafter, verifier, prompts, budgets, config, args.batch[0], run,
+                                            args.group))
         print(workload.format_row(rows[-1]), flush=True)
         if args.json:  # after every row, so a run cut short keeps what it measured
             _write_json(args, workload.to_json(rows, {"distribution": "uniform", "low": low, "high": high}), len(rows))
