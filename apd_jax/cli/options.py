@@ -66,7 +66,8 @@ def settings_values(args: argparse.Namespace) -> dict[str, Any]:
 
 def add_pair_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drafter", type=user_path,
-                        help="Dream checkpoint: HF or apd_jax (orbax) directory (default: the embedded trained pair)")
+                        help="diffusion checkpoint, Dream or LLaDA: HF or apd_jax (orbax) directory; given alone, the "
+                             "decoders of the diffusion model alone run on it (default: the embedded trained pair)")
     parser.add_argument("--verifier", type=user_path,
                         help="Qwen2 checkpoint: HF or apd_jax (orbax) directory (default: the embedded trained pair)")
 
