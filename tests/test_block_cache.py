@@ -197,6 +197,7 @@ def test_bench_times_the_cached_modes_beside_fastdllm(models, tmp_path):
     same cache and rule matched to them (--against)."""
     from apd_jax.bench import decoders as bench
     from apd_jax.bench import pytorch as bench_torch
+    from apd_jax.bench.bounds import matmul_params
 
     reference, model = models
     ceilings = {"bandwidth": 1e15, "matmul_flops": 1e9}  # compute-bound: the bound follows the tokens run
@@ -204,7 +205,7 @@ def test_bench_times_the_cached_modes_beside_fastdllm(models, tmp_path):
     jax_rows = [bench.bench_canvas(model, c, 1, 11, ceilings, 1) for c in (steps_n, config("threshold", "dual"))]
     assert [r.name for r in jax_rows] == [f"LLaDA steps={N} block={BLOCK} cache=dual",
                                           f"llada threshold=0.05 block={BLOCK} cache=dual"]
-    layers, head = bench.matmul_params(model.cfg)
+    layers, head = matmul_params(model.cfg)
     refresh, window = (2e3 * (layers * tokens + head * answer) / 1e9
                        for tokens, answer in ((11 + N, N), (BLOCK, BLOCK)))
     assert all(window < r.bound_ms < refresh for r in jax_rows)

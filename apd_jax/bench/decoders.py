@@ -27,7 +27,6 @@ import numpy as np
 from flax import nnx
 
 from apd_jax.bench import bounds, passes
-from apd_jax.bench.bounds import matmul_params  # noqa: F401 (part of this module's interface: tests read it)
 from apd_jax.bench.timing import best_time, median_time
 from apd_jax.decoding.apd import APDConfig, apd_generate, leftright_generate
 from apd_jax.decoding.autoregressive import ARConfig, ar_generate
