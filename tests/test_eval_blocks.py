@@ -8,8 +8,6 @@ import shutil
 
 import jax
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from apd_jax import ASSETS_DIR
 from apd_jax.checkpoints import load_model, load_tokenizer
@@ -22,7 +20,7 @@ from apd_jax.evaluation.evaluate import PROMPT, evaluate
 from apd_jax.evaluation.harness import APDLM
 from conftest import last_error_line, run_cli
 from lm_eval.api.instance import Instance
-from test_llada_text import LLADA_TEMPLATE
+from test_llada_text import instruct_tokenizer
 
 ITEMS = [{"question": q, "answer": f"#### {a}"} for q, a in [
     ("What is 2 + 3?", 5), ("Add 10 and 4, then subtract 6.", 8), ("7 * 1?", 7), ("How many legs have 3 cats?", 12),
@@ -113,17 +111,7 @@ def llada_instruct(src, dst, eot: int):
         shutil.copy(src / name, dst / name)
     specials = {EOS: "<|endoftext|>", MASK: "<|mdm_mask|>", BOS: "<|startoftext|>", START_HEADER: "<|start_header_id|>",
                 END_HEADER: "<|end_header_id|>", eot: "<|eot_id|>"}
-    chars = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {c: BYTES + i for i, c in enumerate(chars)}
-    vocab |= {f"<|unused_{i}|>": i for i in range(BYTES + len(chars), 4096) if i != eot}
-    vocab |= {token: i for i, token in specials.items()}
-    raw = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    raw.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token=specials[BOS], eos_token=specials[EOS],
-                                  pad_token=specials[EOS], chat_template=LLADA_TEMPLATE)
-    tok.add_tokens([specials[i] for i in (MASK, START_HEADER, END_HEADER, eot)], special_tokens=True)
-    tok.save_pretrained(dst)
+    instruct_tokenizer(specials, 4096, first_byte=BYTES).save_pretrained(dst)
     return dst
 
 

@@ -25,23 +25,31 @@ SPECIALS = {BOS: "<|startoftext|>", EOS: "<|endoftext|>", MASK: "<|mdm_mask|>", 
             END_HEADER: "<|end_header_id|>", EOT: "<|eot_id|>"}
 
 
+def instruct_tokenizer(specials: dict[int, str], size: int, first_byte: int = 0) -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer of LLaDA-8B-Instruct's shape: its special tokens (`specials`, id -> token, with
+    <|startoftext|>, <|endoftext|>, <|mdm_mask|>, the header tokens and <|eot_id|>) at the given ids, the byte
+    characters from `first_byte` on, every other id below `size` an unused placeholder, LLaDA's chat template."""
+    role = {token: i for i, token in specials.items()}
+    chars = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: first_byte + i for i, c in enumerate(chars)}
+    vocab |= {f"<|unused_{i}|>": i for i in range(first_byte + len(chars), size) if i not in specials}
+    vocab |= role
+    raw = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
+                                  pad_token="<|endoftext|>", chat_template=LLADA_TEMPLATE)
+    tok.add_tokens(["<|mdm_mask|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], special_tokens=True)
+    return tok
+
+
 @pytest.fixture(scope="module")
 def llada_dir(tmp_path_factory):
     """A checkpoint directory's text side as LLaDA-8B-Instruct ships it: config.json and
     generation_config.json (LLaDA-8B's, as the family writes them) and a byte-level tokenizer with
     LLaDA's special tokens at LLaDA's ids (the ids between are unused placeholders)."""
     path = tmp_path_factory.mktemp("llada_instruct")
-    byte_chars = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {c: i for i, c in enumerate(byte_chars)}
-    vocab |= {f"<|unused_{i}|>": i for i in range(len(byte_chars), EOT + 1) if i not in SPECIALS}
-    vocab |= {token: i for i, token in SPECIALS.items()}
-    raw = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    raw.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token=SPECIALS[BOS], eos_token=SPECIALS[EOS],
-                                  pad_token=SPECIALS[EOS], chat_template=LLADA_TEMPLATE)
-    tok.add_tokens([SPECIALS[i] for i in (MASK, START_HEADER, END_HEADER, EOT)], special_tokens=True)
-    tok.save_pretrained(path)
+    instruct_tokenizer(SPECIALS, EOT + 1).save_pretrained(path)
     config, generation = llada_8b_config().to_hf_dict("bfloat16")
     (path / "config.json").write_text(json.dumps(config))
     (path / "generation_config.json").write_text(json.dumps(generation))
