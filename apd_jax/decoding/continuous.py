@@ -122,7 +122,7 @@ def check_request(request: Request, slots: Slots, where: str) -> None:
         problems.append(f"max_new_tokens={s['max_new_tokens']} exceeds the run's capacity {slots.max_new} "
                         "(--max-new-tokens bounds every request's)")
     if not problems and slots.problems is not None:
-        problems = slots.problems(*s.values())
+        problems = slots.problems(**s)
     if problems:
         raise ValueError(f"{where}: " + "; ".join(problems))
 
