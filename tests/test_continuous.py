@@ -107,3 +107,8 @@ def test_a_request_outside_the_runs_limits_is_named(dream, qwen):
                              (Request(IDS[0], 0, top_p=0.0), r"line 1: top_p=0.0 must lie in \(0, 1\]")]:
         with pytest.raises(ValueError, match=message):
             continuous.check_request(request, slots, "line 1")
+
+
+def test_slots_take_the_largest_budgets_first_ties_in_file_order():
+    reqs = requests([9, 20, None, 20, 9, 12])  # None: the run's default budget
+    assert continuous.refill_order(reqs, 16) == [1, 3, 2, 5, 0, 4]
