@@ -12,6 +12,10 @@ memory), on the prompts, settings and weight distribution of `apd-jax bench`:
   modeling code (bench/llada_published/) at LLaDA-8B shapes, steps = answer length; beside it
   Fast-dLLM's cached samplers (bench/fastdllm_generate_published.py): the same rule with the prefix
   and the dual cache, and its threshold rule with the dual cache (its headline setting).
+- **Fast-dLLM Dream block decoding**: `DreamGenerationMixin._sample` with the dual cache
+  (bench/dream_published/generation_utils_block.py) on Fast-dLLM's Dream modeling code
+  (bench/dream_published/modeling_dream.py) at Dream-7B shapes: its timestep schedule at steps =
+  answer length and its threshold rule, beside `apd-jax bench --baselines dream-block`'s rows.
 
 Medians of timed calls after a warm-up, synchronised; `--against JAX.json` (an `apd-jax bench`
 run of the same session) prints PyTorch's ms per pass over apd_jax's for each matching row.
@@ -40,7 +44,9 @@ NO_CACHE_W = 1 << 30  # a window past any sequence: the drafter recomputes [0, r
 @dataclasses.dataclass(frozen=True)
 class TorchRow:
     name: str
-    decoder: str  # apd | leftright | ar | llada[ CACHE] | threshold CACHE: matched against `apd-jax bench` rows
+    # apd | leftright | ar | llada[ CACHE] | threshold CACHE | dream-block RULE CACHE: matched against
+    # `apd-jax bench` rows
+    decoder: str
     R: float | None
     W: int | None
     M: int | None
@@ -50,7 +56,7 @@ class TorchRow:
     tokens_per_pass: float
     passes: int
     tokens_per_s: float
-    # Fast-dLLM's cached samplers: refresh passes (the whole sequence) and window passes apart, each
+    # Fast-dLLM's cached samplers (LLaDA's, Dream's): refresh passes (the whole sequence) and window passes apart, each
     # pass timed from its forward's start to the next forward's (its forward and the rule after it),
     # on one more call; kinds_cover: those times' sum over the median call's time.
     refresh_passes: int | None = None
@@ -145,6 +151,24 @@ def torch_llada(c: ModelConfig) -> Any:
     return _build(lambda: LLaDAModelLM(config, init_params=False).to(_device()))
 
 
+def published_dream_config(c: ModelConfig) -> Any:
+    """Fast-dLLM's DreamConfig (bench/dream_published/) of `c`'s shapes and token ids."""
+    from apd_jax.bench.dream_published.configuration_dream import DreamConfig
+
+    return DreamConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
+        max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta,
+        tie_word_embeddings=c.tie_word_embeddings, mask_token_id=c.mask_token_id, pad_token_id=c.pad_token_id,
+    )
+
+
+def torch_dream_published(c: ModelConfig) -> Any:
+    from apd_jax.bench.dream_published.modeling_dream import DreamModel
+
+    return _build(lambda: DreamModel(published_dream_config(c)))
+
+
 def bench_llada_generate(model: Any, c: ModelConfig, prompt: list[int], gen_length: int, block_length: int,
                          repeats: int) -> TorchRow:
     import torch
@@ -229,6 +253,51 @@ def bench_fastdllm(model: Any, c: ModelConfig, prompt: list[int], gen_length: in
                     statistics.fmean(window) if window else None, (sum(refresh) + sum(window)) / (1e3 * t))
 
 
+FASTDLLM_DREAM_TOP_K = 50  # as in apd_jax's DreamBlockConfig (the model config's top_k in transformers 4)
+
+
+def fastdllm_dream_sample(model: Any, ids: Any, gen_length: int, block_length: int, threshold: float | None,
+                          mask_token_id: int) -> Any:
+    """Fast-dLLM's Dream block decoding with the dual cache, greedy: the published `_sample`'s canvas
+    ([1, P + gen_length]) at steps = gen_length, by its timestep schedule (threshold None: alg
+    "entropy", as Fast-dLLM's scripts run it) or its threshold rule (alg "confidence_threshold").
+
+    `diffusion_generate` (under no_grad) only builds this config and calls `_sample`; calling `_sample`
+    with the model as `self` lets a PassClock stand in for it, and names top_k: the published code takes
+    it from the model config, where transformers 5 no longer puts one."""
+    import torch
+
+    from apd_jax.bench.dream_published.generation_utils_block import DreamGenerationConfig, DreamGenerationMixin
+
+    settings = DreamGenerationConfig(
+        temperature=0.0, top_p=None, top_k=FASTDLLM_DREAM_TOP_K, max_length=ids.shape[1] + gen_length,
+        steps=gen_length, alg="entropy" if threshold is None else "confidence_threshold", mask_token_id=mask_token_id,
+    )
+    with torch.no_grad():
+        return DreamGenerationMixin._sample(model, ids, attention_mask=None, generation_config=settings,
+                                            threshold=threshold, block_length=block_length, dual_cache=True)
+
+
+def bench_fastdllm_dream(model: Any, c: ModelConfig, prompt: list[int], gen_length: int, block_length: int,
+                         threshold: float | None, repeats: int) -> TorchRow:
+    """Fast-dLLM's Dream block decoding (fastdllm_dream_sample) on its published model; its passes are
+    the model's forward calls, counted on the PassClock's run."""
+    import torch
+
+    ids = torch.tensor([prompt], device=_device())
+    t, _ = _time_calls(lambda: fastdllm_dream_sample(model, ids, gen_length, block_length, threshold,
+                                                     c.mask_token_id), repeats)
+    clock = PassClock(model, len(prompt) + gen_length)
+    fastdllm_dream_sample(clock, ids, gen_length, block_length, threshold, c.mask_token_id)
+    refresh, window = clock.kinds()
+    passes = len(refresh) + len(window)
+    rule = "schedule" if threshold is None else f"threshold={threshold:g}"
+    return TorchRow(f"PyTorch Fast-dLLM Dream {rule} steps={gen_length} block={block_length} dual cache (published)",
+                    f"dream-block {rule.partition('=')[0]} dual", None, None, None, None, 1, 1e3 * t / passes,
+                    gen_length / passes, passes, gen_length / t, len(refresh), len(window), statistics.fmean(refresh),
+                    statistics.fmean(window) if window else None, (sum(refresh) + sum(window)) / (1e3 * t))
+
+
 def bench_apd(drafter: Any, verifier: Any, d_cfg: ModelConfig, v_cfg: ModelConfig, prompt: list[int],
               R: float, W: int, M: int, max_new_tokens: int, repeats: int, drafter_cache: bool) -> TorchRow:
     import torch
@@ -303,6 +372,9 @@ def _jax_key(row: dict) -> tuple | None:
     if row["name"].startswith("AR decode"):
         return ("ar", None, None, None)
     cache = fields.get("cache")
+    if row["name"].startswith("Dream block"):  # before the threshold rows: its threshold is Dream's rule
+        rule = "schedule" if "schedule" in row["name"].split() else "threshold"
+        return (f"dream-block {rule} {cache or 'none'}", None, None, None)
     if row["name"].startswith("LLaDA steps="):
         return ("llada" if cache is None else f"llada {cache}", None, None, None)
     if "threshold" in fields and cache is not None:  # Fast-dLLM's threshold rule decodes with a cache only
@@ -332,7 +404,7 @@ def run(shapes: tuple[ModelConfig, ModelConfig, ModelConfig, ModelConfig], setti
         log: Callable[[str], None] = print,
         on_row: Callable[[list[TorchRow]], None] = lambda rows: None) -> list[TorchRow]:
     """Every PyTorch row: HF generate (if asked for), APD per setting (drafter cache on and off), left-to-right,
-    LLaDA's generate and Fast-dLLM's cached samplers (if asked for).
+    Fast-dLLM's Dream block decoding, LLaDA's generate and Fast-dLLM's cached samplers (if asked for).
 
     `on_row` receives the rows so far after each one (bench writes its JSON there)."""
     import torch
@@ -363,11 +435,18 @@ def run(shapes: tuple[ModelConfig, ModelConfig, ModelConfig, ModelConfig], setti
             report(bench_apd(drafter, verifier, d_cfg, v_cfg, prompt, R, W, M, max_new_tokens, repeats, cache))
     if "leftright" in baselines:
         report(bench_leftright(drafter, d_cfg, prompt, 1, *LEFTRIGHT_WM, max_new_tokens, repeats))
+    block = min(LLADA_BLOCK, max_new_tokens)  # as `apd-jax bench` decodes its block rows
+    if "dream-block" in baselines:  # the schedule and the threshold rule, dual cache, as `apd-jax bench` runs them
+        drafter = verifier = None  # make room for Fast-dLLM's Dream model
+        dream = torch_dream_published(d_cfg)
+        dream_prompt = random_prompts([d_cfg], 1, prompt_len)[0]
+        for threshold in (None, THRESHOLD):
+            report(bench_fastdllm_dream(dream, d_cfg, dream_prompt, max_new_tokens, block, threshold, repeats))
+        dream = None
     if "llada" in baselines:
-        del drafter, verifier  # make room for the 8B model
+        drafter = verifier = None  # make room for the 8B model
         llada = torch_llada(llada_cfg)
         llada_prompt = random_prompts([llada_cfg], 1, prompt_len)[0]
-        block = min(LLADA_BLOCK, max_new_tokens)
         report(bench_llada_generate(llada, llada_cfg, llada_prompt, max_new_tokens, block, repeats))
         for cache, threshold in (("prefix", None), ("dual", None), ("dual", THRESHOLD)):
             report(bench_fastdllm(llada, llada_cfg, llada_prompt, max_new_tokens, block, cache, threshold, repeats))

@@ -4,9 +4,10 @@ Default shapes: Dream-v0-Instruct-7B drafter, Qwen2.5-0.5B verifier, Qwen2.5-7B 
 the AR baseline, LLaDA-8B for the LLaDA baseline (its block decoder, steps = answer length,
 and threshold decoding), random bf16 weights made on the device. `--shapes tiny` runs the
 same code path on tiny models (CPU, CI). `--torch` runs the PyTorch side instead
-(apd_jax/bench/pytorch.py: the published APD loop, Dream left-to-right, HF `generate` and
-LLaDA's published `generate` at the same shapes), in its own process so the two frameworks never share the GPU's
-memory; run it after `apd-jax bench --json J.json` with `--against J.json` for the ratios.
+(apd_jax/bench/pytorch.py: the published APD loop, Dream left-to-right, HF `generate`, Fast-dLLM's
+published Dream block decoding, LLaDA's published `generate` and Fast-dLLM's LLaDA samplers at the same shapes),
+in its own process so the two frameworks never share the GPU's memory; run it after `apd-jax bench --json J.json`
+with `--against J.json` for the ratios.
 `--quantize MODE` gives every model 8-bit weights (apd_jax.models.quantize) and prints each one's
 logits' relative difference from its unquantized self; `--quality N` instead decodes N held-out
 prompts with the embedded pair's weights as stored, in the other float dtype and in 8 bits.
@@ -62,12 +63,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--baselines", type=_baselines, default="ar,leftright",
                    help="comma-separated: ar, leftright, llada (LLaDA-8B: its block decoder without and with "
                         "Fast-dLLM's prefix and dual caches, and threshold decoding), dream-block (Fast-dLLM's Dream "
-                        "block decoding, dual cache); batch 1, the dual-cache rows also at every --batch size; or none")
+                        "block decoding, dual cache: its schedule and threshold rule); batch 1, the dual-cache rows "
+                        "also at every --batch size; or none. With --torch: the published code of each, batch 1")
     p.add_argument("--profile", action="store_true",
                    help="profile one more call of every benchmark and print its top device ops per pass")
     p.add_argument("--torch", action="store_true",
                    help="the PyTorch side instead: the published APD loop (drafter cache on and off), Dream "
-                        "left-to-right and HF generate, same shapes and settings (CUDA GPU)")
+                        "left-to-right and HF generate, and the published code of the --baselines (Fast-dLLM's "
+                        "Dream block decoding, LLaDA's generate, Fast-dLLM's samplers), same shapes and settings "
+                        "(CUDA GPU)")
     p.add_argument("--against", type=user_path,
                    help="with --torch: the JSON of an `apd-jax bench` run, to print PyTorch/apd_jax ratios "
                         "(default: none)")
