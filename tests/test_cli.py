@@ -94,12 +94,16 @@ def test_bench_workload_compares_fixed_batches_with_continuous_batching(tmp_path
     # needs more passes than waiting for the whole batch.
     assert fixed["tokens"] == continuous["tokens"] and 7 * 2 <= fixed["tokens"] <= 7 * 12
     assert continuous["passes"] <= fixed["passes"] and 0 < fixed["occupancy"] <= continuous["occupancy"] <= 1
-    # One run per call (a long GPU run split in two) decodes the same workload.
+    # Runs in other calls (a long GPU run split in two) decode the same workload; fixed batches sorted by
+    # budget decode the same tokens too.
+    capsys.readouterr()
     assert main(["bench", "--shapes", "tiny", "--batch", "3", "--settings", "0.7,4,8", "--workload", "7",
-                 "--budgets", "2-12", "--prompt-len", "8", "--runs", "continuous", "--group", "2",
+                 "--budgets", "2-12", "--prompt-len", "8", "--runs", "continuous,sorted", "--group", "2",
                  "--json", str(tmp_path / "c.json")]) == 0
-    (alone,) = json.loads((tmp_path / "c.json").read_text())["rows"]
+    assert "sorted / continuous tokens/s: " in capsys.readouterr().out
+    alone, ordered = json.loads((tmp_path / "c.json").read_text())["rows"]
     assert (alone["group"], alone["tokens"]) == (2, continuous["tokens"])
+    assert ordered["name"].startswith("sorted ") and (ordered["group"], ordered["tokens"]) == (3, fixed["tokens"])
 
 
 def test_bench_samples_at_its_temperature_and_top_p(tmp_path, capsys):

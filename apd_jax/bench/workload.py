@@ -3,9 +3,13 @@
 A workload is N prompts whose budgets (max_new_tokens) are drawn from a stated distribution (uniform
 between two bounds, or a list of lengths). Both runs decode it through the same compiled APD steps
 (`decoding.continuous`) over S slots:
-- **fixed**: S prompts at a time, the next S only once all of them are done (each row stops at its own
-  budget or eos and then idles): a fixed batch;
-- **continuous**: a finished row's slot takes the next prompt, refilled a group at a time.
+- **fixed**: S prompts at a time in file order, the next S only once all of them are done (each row
+  stops at its own budget or eos and then idles): a fixed batch;
+- **sorted**: fixed batches of the prompts sorted by budget, largest first (what a user of fixed
+  batches can do when the budgets are known; with real checkpoints rows end at their eos, which
+  budgets do not predict);
+- **continuous**: a finished row's slot takes the next prompt (largest budget first), refilled a group
+  at a time.
 
 Tokens count only what each row generates within its budget or through its eos. Occupancy is rows that
 committed a token over passes x S. Each run is timed after a warm-up run of its first S prompts with
@@ -30,7 +34,7 @@ from apd_jax.models.model import Transformer
 
 @dataclasses.dataclass
 class WorkloadRow:
-    name: str  # "fixed ..." or "continuous ..."
+    name: str  # "fixed ...", "sorted ..." or "continuous ..."
     slots: int
     group: int  # slots refilled at once
     prompts: int
@@ -60,13 +64,14 @@ def draw_budgets(n: int, low: int, high: int, seed: int = 0) -> list[int]:
 
 
 WARMUP_TOKENS = 4  # the warm-up run's budget per row
-RUNS = ("fixed", "continuous")
+RUNS = ("fixed", "sorted", "continuous")
 
 
 def _timed_run(drafter: Transformer, verifier: Transformer, prompts: Sequence[Sequence[int]], budgets: Sequence[int],
                config: APDConfig, size: int, group: int, label: str) -> WorkloadRow:
     slots = apd_slots(drafter, verifier, prompts, config, size, group)
     requests = [Request(ids, i, max_new_tokens=b) for i, (ids, b) in enumerate(zip(prompts, budgets))]
+    order = range(len(requests)) if label == "fixed" else None  # None: largest budget first
     key = jax.random.key(0)
     finished: list[Finished] = []
     start = time.perf_counter()
@@ -74,7 +79,7 @@ def _timed_run(drafter: Transformer, verifier: Transformer, prompts: Sequence[Se
     decode(slots, warmup, key, lambda rows: None)  # compiles this run's programs
     compile_s = time.perf_counter() - start
     start = time.perf_counter()
-    usage = decode(slots, requests, key, lambda rows: _progress(finished, rows, len(requests), start, label))
+    usage = decode(slots, requests, key, lambda rows: _progress(finished, rows, len(requests), start, label), order)
     seconds = time.perf_counter() - start
     tokens = sum(len(f.ids) for f in finished)
     name = f"{label} APD R={config.R} W={config.W} M={config.M}, {slots.size} slots"
@@ -92,10 +97,10 @@ def _progress(finished: list[Finished], rows: list[Finished], total: int, start:
 
 def bench_workload(drafter: Transformer, verifier: Transformer, prompts: Sequence[Sequence[int]], budgets: Sequence[int],
                    config: APDConfig, size: int, run: str, group: int | None = None) -> WorkloadRow:
-    """One run ("fixed" or "continuous", `RUNS`) of the prompts and their budgets over `size` slots
-    (config.max_new_tokens: at least the largest budget); the continuous run refills `group` slots at
-    once (None: continuous.default_group)."""
-    group = size if run == "fixed" else group or default_group(size)
+    """One run (`RUNS`) of the prompts and their budgets over `size` slots (config.max_new_tokens: at
+    least the largest budget); the continuous run refills `group` slots at once (None:
+    continuous.default_group)."""
+    group = group or default_group(size) if run == "continuous" else size
     return _timed_run(drafter, verifier, prompts, budgets, config, size, group, run)
 
 

@@ -90,15 +90,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "unquantized output (default: off)")
     p.add_argument("--workload", type=positive_int, metavar="N",
                    help="instead of the rows above: N prompts with budgets drawn from --budgets, decoded by APD "
-                        "(the first --settings entry) in fixed batches and with continuous batching over the first "
-                        "--batch slots; prints tokens/s and slot occupancy (default: off)")
+                        "(the first --settings entry) in fixed batches (in file order, or sorted by budget) and with "
+                        "continuous batching over the first --batch slots; prints tokens/s and slot occupancy "
+                        "(default: off)")
     p.add_argument("--budgets", type=_budgets, default="32-512",
                    help="with --workload: each prompt's max_new_tokens, uniform in LOW-HIGH")
     p.add_argument("--runs", type=_runs, default="fixed,continuous",
                    help="with --workload: the runs to time, comma-separated (one per call keeps each call short; "
                         "the workload is the same in every call)")
     p.add_argument("--group", type=positive_int, default=None,
-                   help="with --workload: slots the continuous run refills at once (default: a quarter of them)")
+                   help="with --workload: slots the continuous run refills at once (default: continuous.default_group)")
     p.add_argument("--json", type=user_path, help="write the results as JSON here (default: print only)")
     p.set_defaults(func=run)
 
@@ -367,8 +368,8 @@ def _workload(args: argparse.Namespace, drafter, verifier, config: APDConfig) ->
         print(workload.format_row(rows[-1]), flush=True)
         if args.json:  # after every row, so a run cut short keeps what it measured
             _write_json(args, workload.to_json(rows, {"distribution": "uniform", "low": low, "high": high}), len(rows))
-    if len(rows) == 2:
-        print(f"continuous / fixed tokens/s: {rows[1].tokens_per_s / rows[0].tokens_per_s:.2f}x", flush=True)
+    for row, run in zip(rows[1:], args.runs[1:]):
+        print(f"{run} / {args.runs[0]} tokens/s: {row.tokens_per_s / rows[0].tokens_per_s:.2f}x", flush=True)
     return 0
 
 

@@ -137,10 +137,13 @@ def refill_order(requests: Sequence[Request], default_budget: int) -> list[int]:
 
 
 def decode(slots: Slots, requests: Sequence[Request], key: jax.Array,
-           on_finished: Callable[[list[Finished]], None]) -> Usage:
+           on_finished: Callable[[list[Finished]], None], order: Sequence[int] | None = None) -> Usage:
     """Decode every request through the slots, calling `on_finished` with the rows that ended at each
-    return of the compiled loop (in the order rows end, not the order of `requests`)."""
-    queue = collections.deque(refill_order(requests, slots.defaults.max_new_tokens))
+    return of the compiled loop (in the order rows end, not the order of `requests`). Requests take
+    free slots in `order` (indices into `requests`; None: `refill_order`)."""
+    if order is None:
+        order = refill_order(requests, slots.defaults.max_new_tokens)
+    queue = collections.deque(order)
     keys = request_keys(key, requests) if requests else None
     holder = [-1] * slots.size  # the request each slot decodes, -1 when free
     usage = Usage(slots.size)
