@@ -32,24 +32,26 @@ def published(dream, dream_dir):
     return model.eval()
 
 
-def published_answer(model, prompt: list[int], threshold: float | None) -> tuple[list[int], int, int]:
+def published_answer(model, prompt: list[int], threshold: float | None, cache: str) -> tuple[list[int], int, int]:
     """The published loop's answer to one prompt alone, its refresh passes and its window passes."""
     clock = bench_torch.PassClock(model, len(prompt) + N)
-    out = bench_torch.fastdllm_dream_sample(clock, torch.tensor([prompt]), N, BLOCK, threshold, 330)
+    out = bench_torch.fastdllm_dream_sample(clock, torch.tensor([prompt]), N, BLOCK, threshold, 330, cache)
     refresh, window = clock.kinds()
     return out[0, len(prompt):].tolist(), len(refresh), len(window)
 
 
 # 0.9 is bench's threshold (tiny random weights never reach it: one token a pass); 0.3 commits several.
-@pytest.mark.parametrize("threshold", [None, 0.9, 0.3])
-def test_ragged_rows_equal_the_published_loop_alone(dream, published, threshold):
+# bench times the dual cache; the prefix cache is the published loop's other mode.
+@pytest.mark.parametrize(("cache", "threshold"), [("dual", None), ("dual", 0.9), ("dual", 0.3), ("prefix", None),
+                                                  ("prefix", 0.3)])
+def test_ragged_rows_equal_the_published_loop_alone(dream, published, cache, threshold):
     prompts = [np.random.default_rng(3).integers(0, 300, n).tolist() for n in (7, 13, 20)]
-    settings = DreamBlockConfig(max_new_tokens=N, steps=N, block_length=BLOCK, threshold=threshold, cache="dual",
+    settings = DreamBlockConfig(max_new_tokens=N, steps=N, block_length=BLOCK, threshold=threshold, cache=cache,
                                 eos_token_ids=())
     assert settings.top_k == bench_torch.FASTDLLM_DREAM_TOP_K
     got = dream_block_generate(dream, prompts, settings)
     for b, prompt in enumerate(prompts):
-        tokens, refresh, window = published_answer(published, prompt, threshold)
+        tokens, refresh, window = published_answer(published, prompt, threshold, cache)
         assert got.tokens[b].tolist() == tokens
         # A refresh per block. row_passes counts the passes that committed a token: the schedule's
         # int(masks * (1 - s / t)) is 0 at some passes of every block, which the published loop runs too.

@@ -257,10 +257,10 @@ FASTDLLM_DREAM_TOP_K = 50  # as in apd_jax's DreamBlockConfig (the model config'
 
 
 def fastdllm_dream_sample(model: Any, ids: Any, gen_length: int, block_length: int, threshold: float | None,
-                          mask_token_id: int) -> Any:
-    """Fast-dLLM's Dream block decoding with the dual cache, greedy: the published `_sample`'s canvas
-    ([1, P + gen_length]) at steps = gen_length, by its timestep schedule (threshold None: alg
-    "entropy", as Fast-dLLM's scripts run it) or its threshold rule (alg "confidence_threshold").
+                          mask_token_id: int, cache: str = "dual") -> Any:
+    """Fast-dLLM's Dream block decoding with the dual or the prefix cache, greedy: the published
+    `_sample`'s canvas ([1, P + gen_length]) at steps = gen_length, by its timestep schedule (threshold
+    None: alg "entropy", as Fast-dLLM's scripts run it) or its threshold rule (alg "confidence_threshold").
 
     `diffusion_generate` (under no_grad) only builds this config and calls `_sample`; calling `_sample`
     with the model as `self` lets a PassClock stand in for it, and names top_k: the published code takes
@@ -275,7 +275,8 @@ def fastdllm_dream_sample(model: Any, ids: Any, gen_length: int, block_length: i
     )
     with torch.no_grad():
         return DreamGenerationMixin._sample(model, ids, attention_mask=None, generation_config=settings,
-                                            threshold=threshold, block_length=block_length, dual_cache=True)
+                                            threshold=threshold, block_length=block_length,
+                                            dual_cache={"dual": True, "prefix": False}[cache])
 
 
 def bench_fastdllm_dream(model: Any, c: ModelConfig, prompt: list[int], gen_length: int, block_length: int,
