@@ -76,9 +76,10 @@ def test_bench_llada_baseline_runs_in_jax_and_in_the_published_pytorch_code(tmp_
     assert main(["bench", "--torch", *common, "--json", str(tmp_path / "torch.json"),
                  "--against", str(tmp_path / "jax.json")]) == 0
     torch_rows = json.loads((tmp_path / "torch.json").read_text())["rows"]
-    assert [r["decoder"] for r in torch_rows] == ["apd", "apd", "llada", "llada prefix", "llada dual",
-                                                  "threshold dual"]
-    assert [r["passes"] for r in torch_rows[2:5]] == [16] * 3  # Fast-dLLM's cached samplers, steps = answer length
+    assert [r["decoder"] for r in torch_rows] == ["apd", "apd", "dream-block schedule dual",
+                                                  "dream-block threshold dual", "llada", "llada prefix",
+                                                  "llada dual", "threshold dual"]
+    assert [r["passes"] for r in torch_rows[4:7]] == [16] * 3  # Fast-dLLM's cached samplers, steps = answer length
     assert "PyTorch LLaDA generate steps=16 block=16 (published): " in capsys.readouterr().out  # its ratio line
 
 
