@@ -284,12 +284,18 @@ def parallel_decode(
     """Decode the answer in passes (in blocks of config.block_length, or all at once), each
     committing the masked positions of the current block that `rule(prediction, masked) -> bool
     [B, N]` keeps, and the most confident one whatever it says (so at most max_new_tokens passes).
-    The rule's variables are traced; the mask is never predicted."""
+    The rule's variables are traced; the mask is never predicted. More than continuous.MAX_ROWS
+    prompts decode through that many slots (blocks.slots, every row with this rule), in the memory
+    of MAX_ROWS rows: at temperature 0 the fixed batch's outputs up to float rounding (decode_blocks)."""
+    from apd_jax.decoding.blocks.slots import block_slots  # imported here: blocks.slots builds on this module
+
     config = check_config(config, ParallelConfig)
     parallel = ParallelRule(rule, config, model.cfg.mask_token_id)
     result, _ = decode_blocks(model, parallel, prompts, config, key,
                               block_length=block_size(config.block_length, config.max_new_tokens),
-                              bound=config.max_new_tokens, cache=config.cache)
+                              bound=config.max_new_tokens, cache=config.cache,
+                              # Every row of a large call has the call's settings, so this keep rule.
+                              slots_of=lambda rows, size: block_slots(model, rows, config, size, keep=lambda _: rule))
     return result
 
 
@@ -299,8 +305,9 @@ def threshold_generate(
     config: ThresholdConfig = ThresholdConfig(),
     key: jax.Array | None = None,
 ) -> GenerationResult:
-    """Confidence-threshold parallel decoding, over the whole canvas or in blocks (Fast-dLLM's rule
-    without its cache); threshold 1.0 is one token per pass, most confident first (Dream
-    maskgit_plus at one token a step)."""
+    """Confidence-threshold parallel decoding, over the whole canvas or in blocks, with or without
+    Fast-dLLM's KV cache; threshold 1.0 is one token per pass, most confident first (Dream
+    maskgit_plus at one token a step). A call of more than continuous.MAX_ROWS prompts runs
+    through the slots as `parallel_decode` says."""
     config = check_config(config, ThresholdConfig)
     return parallel_decode(model, ConfidenceRule(config.threshold), prompts, config, key)

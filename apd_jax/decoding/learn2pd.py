@@ -3,13 +3,15 @@
 Bao et al., "Learning to Parallel" (2025): a 2-layer MLP reads per-position features of a pass's
 prediction and estimates the chance it is already the final answer; each pass commits those
 above a keep threshold (at least the most confident) through diffusion.parallel_decode, with
-End-of-Text prediction. The filter is saved and restored with orbax here; its training data
-(apd_jax.training.learn2pd_oracle) and fit (apd_jax.training.learn2pd_train) live apart.
+End-of-Text prediction, or in continuous batching (`learn2pd_slots`). The filter is saved and
+restored with orbax here; its training data (apd_jax.training.learn2pd_oracle) and fit
+(apd_jax.training.learn2pd_train) live apart.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +23,8 @@ from flax import nnx
 
 from apd_jax.checkpoints import atomic_dir
 from apd_jax.decoding.blocks.loop import first_index
+from apd_jax.decoding.blocks.slots import block_slots
+from apd_jax.decoding.continuous import Slots
 from apd_jax.decoding.diffusion import ParallelConfig, Prediction, parallel_decode
 from apd_jax.decoding.generation import GenerationResult, check_config
 from apd_jax.models.model import Transformer
@@ -32,12 +36,12 @@ FEATURES = ("confidence", "margin", "entropy", "front_distance", "position")
 FILTER_FILE = "filter.json"
 
 
-def pass_features(pred: Prediction, masked: jax.Array, vocab: int) -> jax.Array:
+def pass_features(pred: Prediction, masked: jax.Array, vocab: int, width: jax.Array | None = None) -> jax.Array:
     """[B, N, len(FEATURES)]: probability of the prediction, top-1 minus top-2 margin,
     entropy / log(vocab), distance past the leftmost masked position (the decoding
-    front) / N, position / N."""
-    n = masked.shape[1]
-    j = jnp.arange(n, dtype=jnp.float32)
+    front) / width, position / width; width: the answer's positions (a row's budget; None: N)."""
+    n = masked.shape[1] if width is None else width
+    j = jnp.arange(masked.shape[1], dtype=jnp.float32)
     front = first_index(masked).astype(jnp.float32)
     return jnp.stack(
         [
@@ -109,16 +113,25 @@ class Learn2PDConfig(ParallelConfig):
 
 
 class FilterRule(nnx.Module):
-    """parallel_decode's keep rule: the filter's keep probability above a (traced) threshold."""
+    """parallel_decode's keep rule: the filter's keep probability above a (traced) threshold.
+    `width`: the answer's positions (max_new_tokens) its features divide by, a traced variable, so
+    a row in continuous batching, on a canvas of the run's capacity, reads the features of its own
+    budget (`learn2pd_slots`)."""
 
-    def __init__(self, learned: Filter, keep_threshold: float, vocab: int):
+    def __init__(self, learned: Filter, keep_threshold: float, vocab: int, width: int):
         self.learned = learned
         self.keep_threshold = nnx.Variable(jnp.float32(keep_threshold))
+        self.width = nnx.Variable(jnp.float32(width))
         self.vocab = vocab
 
     def __call__(self, pred: Prediction, masked: jax.Array) -> jax.Array:
-        logits = self.learned(pass_features(pred, masked, self.vocab))
+        logits = self.learned(pass_features(pred, masked, self.vocab, self.width[...]))
         return jax.nn.sigmoid(logits) > self.keep_threshold[...]
+
+
+def _keep(learned: Filter, vocab: int, config: Learn2PDConfig) -> FilterRule:
+    """The keep rule of a decoding with `config`."""
+    return FilterRule(learned, config.keep_threshold, vocab, config.max_new_tokens)
 
 
 def learn2pd_generate(
@@ -129,7 +142,19 @@ def learn2pd_generate(
     key: jax.Array | None = None,
 ) -> GenerationResult:
     """Parallel decoding where a trained filter picks the predictions to keep each pass
-    (at least the most confident), with End-of-Text prediction; one compiled call."""
+    (at least the most confident), with End-of-Text prediction; one compiled call (a call of more
+    than continuous.MAX_ROWS prompts through the slots, as `parallel_decode` says)."""
     config = check_config(config, Learn2PDConfig)
-    rule = FilterRule(learned, config.keep_threshold, model.cfg.vocab_size)
-    return parallel_decode(model, rule, prompts, config, key)
+    return parallel_decode(model, _keep(learned, model.cfg.vocab_size, config), prompts, config, key)
+
+
+def learn2pd_slots(model: Transformer, learned: Filter, prompts: Sequence[Sequence[int]], config: Learn2PDConfig,
+                   size: int = 32, group: int | None = None, *, refresh_group: int | None = None) -> Slots:
+    """Learn2PD decoding over `size` slots for continuous batching (blocks.slots.block_slots, which
+    says what `group` and `refresh_group` do): each request's keep rule is the filter at its own
+    budget's width, so at temperature 0 a request decodes as `learn2pd_generate` on it alone with
+    its own settings (blocks.slots.row_config)."""
+    config = check_config(config, Learn2PDConfig)
+    vocab = model.cfg.vocab_size
+    return block_slots(model, prompts, config, size, group, refresh_group=refresh_group,
+                       keep=functools.partial(_keep, learned, vocab))

@@ -21,7 +21,7 @@ from apd_jax.decoding.blocks.slots import block_slots
 from apd_jax.decoding.diffusion import DiffusionConfig, ThresholdConfig, diffusion_generate, threshold_generate
 from apd_jax.decoding.continuous import Slots
 from apd_jax.decoding.generation import DecoderConfig, GenerationResult, capacity, check_config
-from apd_jax.decoding.learn2pd import Filter, Learn2PDConfig, learn2pd_generate
+from apd_jax.decoding.learn2pd import Filter, Learn2PDConfig, learn2pd_generate, learn2pd_slots
 from apd_jax.models.model import Transformer
 from apd_jax.text.chat import stop_token_ids
 
@@ -135,7 +135,8 @@ DECODERS: dict[str, Decoder] = {d.name: d for d in (
             lambda m, p, s, key: threshold_generate(m.drafter, p, s, key), ("drafter",), slots=_block_slots),
     Decoder("learn2pd", "commit the predictions a trained filter judges right (Learn2PD)", Learn2PDConfig,
             lambda m, p, s, key: learn2pd_generate(m.drafter, m.filter, p, s, key), ("drafter", "filter"),
-            aliases={"threshold": "keep_threshold"}),
+            aliases={"threshold": "keep_threshold"},
+            slots=lambda m, p, s, size: learn2pd_slots(m.drafter, m.filter, p, s, size)),
     Decoder("llada", "LLaDA's generate: blocks left to right, each step a fixed count of the most confident "
             "(or random) masks; with Fast-dLLM's prefix or dual KV cache", LLaDAConfig,
             lambda m, p, s, key: llada_generate(m.drafter, p, s, key), ("drafter",), slots=_block_slots),

@@ -99,10 +99,14 @@ def dream_block_generate(
     key: jax.Array | None = None,
 ) -> GenerationResult:
     """Fast-dLLM's Dream block decoding of a batch of ragged prompts (each row as if alone), one
-    compiled call, with its prefix or dual KV cache."""
+    compiled call, with its prefix or dual KV cache. More than continuous.MAX_ROWS prompts decode
+    through that many slots (blocks.slots), in the memory of MAX_ROWS rows: at temperature 0 the
+    fixed batch's outputs up to float rounding (decode_blocks)."""
+    from apd_jax.decoding.blocks.slots import block_slots  # imported here: blocks.slots builds on this module
+
     config = check_config(config, DreamBlockConfig)
     result, _ = decode_blocks(model, DreamBlockRule(config), prompts, config, key,
                               block_length=config.block_size,
                               bound=config.max_new_tokens if config.threshold is not None else config.step_count,
-                              cache=config.cache)
+                              cache=config.cache, slots_of=lambda rows, size: block_slots(model, rows, config, size))
     return result

@@ -184,9 +184,14 @@ def llada_generate(
 ) -> GenerationResult:
     """The published LLaDA `generate` for a batch of ragged prompts (each row as if alone), one
     compiled call: semi-autoregressive blocks, a fixed count of tokens per step. A row returns its
-    tokens through its first eos (eos_token_ids) once all before it are committed."""
+    tokens through its first eos (eos_token_ids) once all before it are committed. More than
+    continuous.MAX_ROWS prompts decode through that many slots (blocks.slots), in the memory of
+    MAX_ROWS rows: at temperature 0 the fixed batch's outputs up to float rounding (decode_blocks)."""
+    from apd_jax.decoding.blocks.slots import block_slots  # imported here: blocks.slots builds on this module
+
     config = check_config(config, LLaDAConfig)
     check_llada_ids(model, config)
     result, _ = decode_blocks(model, LLaDARule(config), prompts, config, key, block_length=config.block_size,
-                              bound=config.step_count, cfg_scale=config.cfg_scale, cache=config.cache)
+                              bound=config.step_count, cfg_scale=config.cfg_scale, cache=config.cache,
+                              slots_of=lambda rows, size: block_slots(model, rows, config, size))
     return result

@@ -22,13 +22,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from apd_jax.decoding import continuous
 from apd_jax.decoding.blocks.cached import block_logits, cached_logits, check_cacheable, window_widths
+from apd_jax.decoding.continuous import Slots
 from apd_jax.decoding.generation import Batch, DecoderConfig, GenerationResult, prepare
 from apd_jax.models.cache import KVCache
 from apd_jax.models.model import Transformer
@@ -349,13 +351,23 @@ def decode_blocks(
     bound: int,
     cfg_scale: float = 0.0,
     cache: str = "none",
+    slots_of: Callable[[list[list[int]], int], Slots] | None = None,
 ) -> tuple[GenerationResult, nnx.Module]:
     """Decode `prompts` block by block with `rule(logits, key, View) -> Commit`, one compiled call of
     at most `bound` passes: the result (`accepted[b, i]` counts the tokens row b committed in pass
     i) and the rule as the loop left it. cfg_scale > 0 adds LLaDA's guidance (two rows per row).
-    cache: "none" (every pass over the whole canvas), "prefix" or "dual" (blocks.cached)."""
+    cache: "none" (every pass over the whole canvas), "prefix" or "dual" (blocks.cached).
+    slots_of(prompts, size): the decoder's slots (blocks.slots.block_slots for `config`); with them a
+    call of more than continuous.MAX_ROWS prompts decodes through that many slots
+    (continuous.large_call), in the memory of MAX_ROWS rows, and returns the rule as given. At
+    temperature 0 its outputs are the fixed batch's up to float rounding (a near-tie may fall the
+    other way); rows that draw noise (a sampled row, LLaDA's random remasking) draw it from their own
+    keys, fold_in(key, prompt index), not from the fixed batch's one key per pass."""
     check_cacheable(model, cache, cfg_scale > 0, getattr(rule, "commits_block_start_first", False))
     batch = prepare_canvas(model, config, prompts, key)
+    slotted = None if slots_of is None else continuous.large_call(batch, slots_of)
+    if slotted is not None:
+        return slotted, rule
     graphs, params = zip(nnx.split(model), nnx.split(rule))
     outputs, rule_state = _decode(
         graphs, params, jnp.asarray(batch.ids), jnp.asarray(batch.lengths), batch.eos, batch.key,

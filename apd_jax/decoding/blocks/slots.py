@@ -8,9 +8,11 @@ row alone with (`row_config`): the request's max_new_tokens, temperature, top_p 
 LLaDA's and Fast-dLLM's Dream steps the run's steps per token (steps x budget / max_new_tokens, so
 every block keeps the run's steps per block). The canvas holds max_new_tokens (the capacity)
 positions; a row's positions past its budget are padding, hidden from attention, so it decodes as
-the fixed decoder (`llada_generate`, `threshold_generate`, `dream_block_generate`) on that row alone
-with its row config. The rule runs per row (vmapped), each row on its own key, so a sampled row is
-the same in any slot and at any slot count.
+the fixed decoder (`llada_generate`, `threshold_generate`, `dream_block_generate`, and Learn2PD's
+`learn2pd_generate`, whose filter reads positions over the row's own budget, a rule variable) on
+that row alone with its row config. The rule runs per row (vmapped), each row on its own key, so a
+sampled row is the same in any slot and at any slot count. The fixed decoders run a call of more
+than continuous.MAX_ROWS prompts through these slots (blocks.loop.decode_blocks).
 
 Refreshes grouped: with a cache, a row's first pass in a block is a refresh, the whole canvas through
 the model for every slot, while its other passes run a window. A row at its refresh waits while
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,13 +37,14 @@ from apd_jax.decoding.blocks.dream import DreamBlockConfig, DreamBlockRule
 from apd_jax.decoding.blocks.llada import LLaDAConfig, LLaDARule, check_llada_ids
 from apd_jax.decoding.blocks.loop import Commit, View, canvas_pass, decoded, first_index, prepare_canvas
 from apd_jax.decoding.continuous import Slots, default_group
-from apd_jax.decoding.diffusion import ConfidenceRule, ParallelRule, ThresholdConfig
-from apd_jax.decoding.generation import DecoderConfig, check_config
+from apd_jax.decoding.diffusion import ConfidenceRule, ParallelConfig, ParallelRule, ThresholdConfig
+from apd_jax.decoding.generation import check_config
 from apd_jax.models.cache import KVCache
 from apd_jax.models.config import raise_problems
 from apd_jax.models.model import Transformer
 
-BlockConfig = LLaDAConfig | ThresholdConfig | DreamBlockConfig
+BlockConfig = LLaDAConfig | ParallelConfig | DreamBlockConfig
+Keep = Callable[[ParallelConfig], nnx.Module]  # parallel decoding's keep rule for a row's settings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,18 +122,22 @@ def row_config(config: BlockConfig, max_new_tokens: int, temperature: float, top
     return dataclasses.replace(config, **_row_changes(config, max_new_tokens, temperature, top_p, top_k)[0])
 
 
-def _rule(config: BlockConfig, mask_id: int) -> nnx.Module:
+def _rule(config: BlockConfig, mask_id: int, keep: Keep) -> nnx.Module:
     """The fixed decoder's rule for `config`."""
     if isinstance(config, LLaDAConfig):
         return LLaDARule(config)
     if isinstance(config, DreamBlockConfig):
         return DreamBlockRule(config)
-    return ParallelRule(ConfidenceRule(config.threshold), config, mask_id)
+    return ParallelRule(keep(config), config, mask_id)
+
+
+def _threshold(config: ThresholdConfig) -> nnx.Module:
+    return ConfidenceRule(config.threshold)
 
 
 def _bound(config: BlockConfig) -> int:
     """The fixed decoder's bound of passes for `config`."""
-    if isinstance(config, ThresholdConfig) or (isinstance(config, DreamBlockConfig) and config.threshold is not None):
+    if isinstance(config, ParallelConfig) or (isinstance(config, DreamBlockConfig) and config.threshold is not None):
         return config.max_new_tokens
     return config.step_count
 
@@ -275,21 +282,26 @@ def _slots_read(state: SlotState, spec: Spec):
 # The builder
 
 
-def block_slots(model: Transformer, prompts: Sequence[Sequence[int]], config: DecoderConfig, size: int = 32,
-                group: int | None = None, *, refresh_group: int | None = None) -> Slots:
+def block_slots(model: Transformer, prompts: Sequence[Sequence[int]], config: BlockConfig, size: int = 32,
+                group: int | None = None, *, refresh_group: int | None = None, keep: Keep | None = None) -> Slots:
     """The block decoder's compiled steps over `size` slots for continuous batching
     (`continuous.decode` / `continuous.generate`), for LLaDA's generate (LLaDAConfig), threshold
-    decoding (ThresholdConfig) and Fast-dLLM's Dream (DreamBlockConfig), with their cache: shaped for
-    `prompts` (every prompt checked; padded to their longest's bucket) and budgets up to
-    max_new_tokens. A request decodes as the fixed decoder on it alone with `row_config`'s settings.
+    decoding (ThresholdConfig), Fast-dLLM's Dream (DreamBlockConfig) and parallel decoding by another
+    keep rule (ParallelConfig with `keep`, as Learn2PD's), with their cache: shaped for `prompts`
+    (every prompt checked; padded to their longest's bucket) and budgets up to max_new_tokens. A
+    request decodes as the fixed decoder on it alone with `row_config`'s settings.
     refresh_group: with a cache, a row at a block's first pass waits while fewer than this many rows
     wait and another row can run a window pass (None: the slot count, so refreshes wait for every
     window pass; 1: each row refreshes at once). A refresh runs the whole canvas for every slot, a
     window pass only the block (dual) or the answer from it (prefix), so the extra window passes
-    of waiting rows cost far less than the refreshes they save."""
-    if not isinstance(config, (LLaDAConfig, ThresholdConfig, DreamBlockConfig)):
-        raise ValueError(f"block_slots runs LLaDAConfig, ThresholdConfig or DreamBlockConfig settings, not "
-                         f"{type(config).__name__}")
+    of waiting rows cost far less than the refreshes they save.
+    keep: parallel decoding's keep rule (diffusion.parallel_decode's) for a row's settings, built
+    once per distinct settings (its variables are the row's); None: the threshold's (ConfidenceRule)."""
+    parallel = isinstance(config, ThresholdConfig) or (keep is not None and isinstance(config, ParallelConfig))
+    if not (parallel or isinstance(config, (LLaDAConfig, DreamBlockConfig))):
+        raise ValueError(f"block_slots runs LLaDAConfig, ThresholdConfig or DreamBlockConfig settings (or "
+                         f"ParallelConfig settings with a keep rule), not {type(config).__name__}")
+    keep = _threshold if keep is None else keep
     config = check_config(config, type(config))
     if isinstance(config, LLaDAConfig):
         check_llada_ids(model, config)
@@ -298,7 +310,7 @@ def block_slots(model: Transformer, prompts: Sequence[Sequence[int]], config: De
     batch = prepare_canvas(model, config, prompts, None)
     mask_id = model.cfg.mask_token_id
     block_length = _block_length(config)
-    rule = _rule(config, mask_id)
+    rule = _rule(config, mask_id, keep)
     spec = Spec(prompt_len=batch.ids.shape[1], max_new=config.max_new_tokens, block_length=block_length,
                 bound=_bound(config), mask_id=mask_id, pad_id=batch.pad_id, guided=getattr(config, "cfg_scale", 0) > 0,
                 widths=None if config.cache == "none" else window_widths(config.cache, block_length,
@@ -317,7 +329,7 @@ def block_slots(model: Transformer, prompts: Sequence[Sequence[int]], config: De
     def row(settings: tuple) -> tuple[int, nnx.State]:
         if settings not in rows:
             own = row_config(config, *settings)
-            state = nnx.state(_rule(own, mask_id))
+            state = nnx.state(_rule(own, mask_id, keep))
             rows[settings] = _bound(own), jax.tree.map(_fit, state, rule_state)
         return rows[settings]
 

@@ -1,0 +1,50 @@
+"""A block decoder's call of more than continuous.MAX_ROWS prompts runs through that many slots
+(blocks.slots), with the outputs of one fixed batch at temperature 0: LLaDA's generate, threshold
+decoding (and so Learn2PD, whose decoding is threshold decoding's with another keep rule) and
+Fast-dLLM's Dream, with and without a KV cache."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from apd_jax.decoding.blocks.dream import DreamBlockConfig, dream_block_generate
+from apd_jax.decoding.blocks.llada import LLaDAConfig, llada_generate
+from apd_jax.decoding.diffusion import ThresholdConfig, threshold_generate
+from test_block_slots import llada  # noqa: F401 (a fixture: the tiny random LLaDA)
+from test_slots_more import slot_sizes
+
+# Nine ragged prompts (one past the 16-token bucket): more than MAX_ROWS = 4, refilled in three rounds.
+LENGTHS = (3, 9, 17, 5, 11, 2, 14, 7, 12)
+# Learn2PD decodes through threshold decoding's path (diffusion.parallel_decode), with its filter as the keep rule.
+CASES = [
+    ("llada", llada_generate, LLaDAConfig(max_new_tokens=16, steps=8, block_length=8)),
+    ("llada", threshold_generate, ThresholdConfig(max_new_tokens=16, threshold=0.3, block_length=8, cache="dual")),
+    ("dream", dream_block_generate, DreamBlockConfig(max_new_tokens=16, steps=8, block_length=8, cache="dual")),
+]
+
+
+@pytest.mark.parametrize("family, decode, config", CASES,
+                         ids=[f"{f}-{type(c).__name__}-{c.cache}" for f, _, c in CASES])
+def test_a_call_of_more_prompts_than_max_rows_runs_through_the_slots(request, monkeypatch, family, decode, config):
+    """The call through 4 slots gives the fixed batch's tokens, tokens per pass and eos flags, with
+    an eos (a token some rows commit) that ends some rows early, so slots free at different passes."""
+    model = request.getfixturevalue(family)
+    rng = np.random.default_rng(1)
+    ids = [rng.integers(0, min(model.cfg.vocab_size, model.cfg.mask_token_id), n).tolist() for n in LENGTHS]
+    ran = decode(model, ids, dataclasses.replace(config, eos_token_ids=())).sequences()
+    config = dataclasses.replace(config, eos_token_ids=(ran[0][5],))
+    sizes = slot_sizes(monkeypatch, len(ids))
+    fixed = decode(model, ids, config)
+    assert sizes == []  # as many prompts as MAX_ROWS: one fixed batch
+    assert fixed.stopped_at_eos.any() and not fixed.stopped_at_eos.all()
+    monkeypatch.setattr("apd_jax.decoding.continuous.MAX_ROWS", 4)
+    slotted = decode(model, ids, config)
+    assert sizes == [4]
+    assert slotted.sequences() == fixed.sequences()
+    assert [slotted.accepted_per_pass(i) for i in range(len(ids))] == [fixed.accepted_per_pass(i)
+                                                                        for i in range(len(ids))]
+    assert slotted.stopped_at_eos.tolist() == fixed.stopped_at_eos.tolist()
+    assert (slotted.tokens == fixed.tokens).all()  # the same padding after each row's end
