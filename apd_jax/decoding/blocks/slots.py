@@ -132,6 +132,7 @@ def _rule(config: BlockConfig, mask_id: int, keep: Keep) -> nnx.Module:
 
 
 def _threshold(config: ThresholdConfig) -> nnx.Module:
+    """Threshold decoding's keep rule for a row's settings."""
     return ConfidenceRule(config.threshold)
 
 
