@@ -10,7 +10,7 @@ decoded alone, and its noise comes from its own key (`request_keys`), so a sampl
 at any slot count, in any slot, and after a resume.
 
 Decoders give their compiled steps as `Slots` (`apd.apd_slots`, `apd.leftright_slots`,
-`autoregressive.ar_slots`).
+`autoregressive.ar_slots`, `blocks.slots.block_slots`, `learn2pd.learn2pd_slots`).
 """
 
 from __future__ import annotations
@@ -203,8 +203,9 @@ def generate(slots: Slots, requests: Sequence[Request], key: jax.Array) -> tuple
 
 def large_call(batch: Batch, slots_of: Callable[[list[list[int]], int], Slots]) -> GenerationResult | None:
     """A decoding call of more than MAX_ROWS prompts, decoded through MAX_ROWS slots built by
-    `slots_of(prompts, size)`: its memory that of MAX_ROWS rows, its outputs those of one fixed batch
-    (each row keyed by its index, `row_keys`) up to float rounding (XLA rounds some reductions by the
+    `slots_of(prompts, size)`: its memory that of MAX_ROWS rows, its greedy outputs those of one fixed
+    batch up to float rounding (a sampled row draws from its own key, `row_keys`: APD's and AR's fixed
+    batches do too, the block decoders' draw one key per pass for the batch) (XLA rounds some reductions by the
     shape of the array, so a near-tie between two tokens may fall the other way), `passes` the loop
     iterations of the whole run. None when the call fits one fixed batch."""
     if len(batch.lengths) <= MAX_ROWS:

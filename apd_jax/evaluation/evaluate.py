@@ -4,9 +4,9 @@
 Each line is {"question": ..., "answer": ...}; a GSM8K answer ends in "#### <number>",
 otherwise the answer's last number is the reference (an answer without one is an error).
 Predictions are the number after "####" when the model writes one, else the last number in the
-generation. The decoders with steps over per-row state (Decoder.slots: apd, leftright, ar) decode the items
-through continuous batching, the others (the block decoders) in fixed batches; either way each item
-decodes as it would alone.
+generation. The decoders with steps over per-row state (Decoder.slots: APD, left-to-right, AR and the
+block decoders) decode the items through continuous batching, the others (Dream's own sampler) in fixed
+batches; either way each item decodes as it would alone.
 
 `evaluate_apd`: greedy APD with a saved pair over text prompts (the APD check that
 `apd-jax train` runs on held-out prompts of the corpus, apd_jax.text.corpus.apd_eval_prompts).
