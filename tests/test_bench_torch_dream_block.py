@@ -1,8 +1,7 @@
 """Fast-dLLM's Dream block decoding as `apd-jax bench --torch --baselines dream-block` runs it: the
-published `_sample` (apd_jax.bench.dream_published.generation_utils_block) with the dual cache on the
-published Dream modeling code (dream_published.modeling_dream: K/V cached before RoPE, the block's
-replaced in place), held to apd_jax's dream_block_generate token for token at temperature 0 on a tiny
-random float32 checkpoint, pass for pass; and its bench rows matched to `apd-jax bench`'s."""
+published `_sample` (apd_jax.bench.pytorch.fastdllm_dream_sample) with the dual cache, its rows keyed
+and matched to the rows `apd-jax bench` writes for apd_jax's dream_block_generate. The token-for-token
+parity of the two loops is tests/test_block_cache.py's."""
 
 from __future__ import annotations
 
@@ -10,56 +9,12 @@ import contextlib
 import io
 import json
 
-import numpy as np
 import pytest
 
-from apd_jax.decoding.blocks.dream import DreamBlockConfig, dream_block_generate
+from apd_jax.decoding.blocks.dream import DreamBlockConfig
 
 torch = pytest.importorskip("torch")
 bench_torch = pytest.importorskip("apd_jax.bench.pytorch")
-
-N, BLOCK = 32, 8  # four blocks; steps = N, as bench runs it
-
-
-@pytest.fixture(scope="module")
-def published(dream, dream_dir):
-    """Fast-dLLM's DreamModel with the weights of the conftest's tiny Dream checkpoint, float32."""
-    from apd_jax.bench.dream_published.modeling_dream import DreamModel
-    from apd_jax.bench.torch_reference.checkpoints import load_safetensors_dir
-
-    model = DreamModel(bench_torch.published_dream_config(dream.cfg))
-    model.load_state_dict(load_safetensors_dir(dream_dir), strict=True)
-    return model.eval()
-
-
-def published_answer(model, prompt: list[int], threshold: float | None, cache: str) -> tuple[list[int], int, int]:
-    """The published loop's answer to one prompt alone, its refresh passes and its window passes."""
-    clock = bench_torch.PassClock(model, len(prompt) + N)
-    out = bench_torch.fastdllm_dream_sample(clock, torch.tensor([prompt]), N, BLOCK, threshold, 330, cache)
-    refresh, window = clock.kinds()
-    return out[0, len(prompt):].tolist(), len(refresh), len(window)
-
-
-# 0.9 is bench's threshold (tiny random weights never reach it: one token a pass); 0.3 commits several.
-# bench times the dual cache; the prefix cache is the published loop's other mode.
-@pytest.mark.parametrize(("cache", "threshold"), [("dual", None), ("dual", 0.9), ("dual", 0.3), ("prefix", None),
-                                                  ("prefix", 0.3)])
-def test_ragged_rows_equal_the_published_loop_alone(dream, published, cache, threshold):
-    prompts = [np.random.default_rng(3).integers(0, 300, n).tolist() for n in (7, 13, 20)]
-    settings = DreamBlockConfig(max_new_tokens=N, steps=N, block_length=BLOCK, threshold=threshold, cache=cache,
-                                eos_token_ids=())
-    assert settings.top_k == bench_torch.FASTDLLM_DREAM_TOP_K
-    got = dream_block_generate(dream, prompts, settings)
-    for b, prompt in enumerate(prompts):
-        tokens, refresh, window = published_answer(published, prompt, threshold, cache)
-        assert got.tokens[b].tolist() == tokens
-        # A refresh per block. row_passes counts the passes that committed a token: the schedule's
-        # int(masks * (1 - s / t)) is 0 at some passes of every block, which the published loop runs too.
-        assert refresh == N // BLOCK and got.row_passes()[b] <= refresh + window
-        if threshold is not None:  # the threshold rule commits at least one token every pass
-            assert got.row_passes()[b] == refresh + window
-    if threshold == 0.3:
-        assert got.row_passes().max() < N  # the threshold committed several tokens in some pass
 
 
 def test_jax_keys_tell_dreams_threshold_from_threshold_decoding():

@@ -1,12 +1,14 @@
 """The block decoder's KV caches (apd_jax.decoding.blocks.cached) against Fast-dLLM's published
-cached LLaDA samplers (apd_jax.bench.fastdllm_generate_published, verbatim): token for token at
-temperature 0, on a tiny random LLaDA checkpoint written by the published modeling code and run by
-it (its past_key_values and replace_position), in float32.
+code, token for token at temperature 0 on tiny random float32 checkpoints: its cached LLaDA samplers
+(apd_jax.bench.fastdllm_generate_published, verbatim) on a LLaDA checkpoint written by the published
+modeling code and run by it (its past_key_values and replace_position), and its Dream block decoding
+(apd_jax.bench.pytorch.fastdllm_dream_sample: the published `_sample` of bench/dream_published) on the
+published Dream modeling code with the weights of the conftest's tiny Dream.
 
 Each row of a ragged batch equals the published sampler on that row alone (rows reach block
 boundaries at different passes under the threshold rule, so refreshes and window passes share
-passes), and a batch of one equals it too. The published answers with a cache differ from those
-without, so the comparison tells the modes apart.
+passes), and a batch of one equals it too. The published answers with one cache differ from those
+without (LLaDA) or with the other (Dream), so the comparison tells the modes apart.
 """
 
 from __future__ import annotations
@@ -142,34 +144,82 @@ def test_bad_cache_settings_are_named(settings, message):
         settings.validate()
 
 
-def dream_answers(torch_dream, prompt, threshold, cache):
-    from apd_jax.bench.torch_reference.fastdllm_dream import fastdllm_dream_generate
+@pytest.fixture(scope="module")
+def published_dream(dream, dream_dir):
+    """Fast-dLLM's published DreamModel (apd_jax.bench.dream_published) with the weights of the
+    conftest's tiny Dream checkpoint, float32."""
+    from apd_jax.bench.dream_published.modeling_dream import DreamModel
+    from apd_jax.bench.pytorch import published_dream_config
+    from apd_jax.bench.torch_reference.checkpoints import load_safetensors_dir
 
-    return fastdllm_dream_generate(torch_dream, prompt, max_new_tokens=N, steps=STEPS, block_length=BLOCK,
-                                   threshold=threshold, dual_cache=cache == "dual", mask_token_id=330)
+    model = DreamModel(published_dream_config(dream.cfg))
+    model.load_state_dict(load_safetensors_dir(dream_dir), strict=True)
+    return model.eval()
 
 
-@pytest.mark.parametrize("cache", ["prefix", "dual"])
-@pytest.mark.parametrize("threshold", [None, 0.1])
-def test_dream_ragged_rows_equal_fastdllm_dream_rows_alone(dream, torch_dream, threshold, cache):
+def fastdllm_dream(model, prompt, steps: int, threshold: float | None, cache: str) -> tuple[list[int], int, int]:
+    """The published Dream loop's answer to one prompt alone, its refresh passes and its window passes."""
+    from apd_jax.bench.pytorch import PassClock, fastdllm_dream_sample
+
+    clock = PassClock(model, len(prompt) + N)
+    out = fastdllm_dream_sample(clock, torch.tensor([prompt]), N, BLOCK, threshold, 330, cache, steps)
+    refresh, window = clock.kinds()
+    return out[0, len(prompt):].tolist(), len(refresh), len(window)
+
+
+def dream_settings(steps: int, threshold: float | None, cache: str):
+    from apd_jax.bench.pytorch import FASTDLLM_DREAM_TOP_K
+    from apd_jax.decoding.blocks.dream import DreamBlockConfig
+
+    settings = DreamBlockConfig(max_new_tokens=N, steps=steps, block_length=BLOCK, threshold=threshold, cache=cache,
+                                eos_token_ids=())
+    assert settings.top_k == FASTDLLM_DREAM_TOP_K
+    return settings
+
+
+# steps=STEPS: the schedule commits tokens every pass, several in some; steps=N (as bench runs it): its
+# int(masks * (1 - s / t)) is 0 at some passes, which both loops run. Threshold 0.9 is bench's (tiny
+# random weights never reach it: one token a pass); 0.1 commits several.
+@pytest.mark.parametrize(("cache", "steps", "threshold"), [
+    ("prefix", STEPS, None), ("dual", STEPS, None), ("prefix", N, None), ("dual", N, None),
+    ("prefix", N, 0.1), ("dual", N, 0.1), ("dual", N, 0.9),
+])
+def test_dream_ragged_rows_equal_fastdllm_dream_rows_alone(dream, published_dream, cache, steps, threshold):
     """Fast-dLLM's Dream block decoding (the block's first pass commits its first position; then the
-    entropy schedule or the threshold; top_k 50), each row of a ragged batch as the reference alone."""
-    from apd_jax.decoding.blocks.dream import DreamBlockConfig, dream_block_generate
+    entropy schedule or the threshold; top_k 50), each row of a ragged batch as the published loop
+    (bench/dream_published's `_sample` on its modeling code) alone, pass for pass."""
+    from apd_jax.decoding.blocks.dream import dream_block_generate
 
     prompts = [np.random.default_rng(5).integers(0, 300, n).tolist() for n in (7, 13, 20)]
-    settings = DreamBlockConfig(max_new_tokens=N, steps=STEPS, block_length=BLOCK, threshold=threshold, cache=cache,
-                                eos_token_ids=())
-    got = dream_block_generate(dream, prompts, settings)
+    got = dream_block_generate(dream, prompts, dream_settings(steps, threshold, cache))
     other = "dual" if cache == "prefix" else "prefix"
+    differs = []
     for b, prompt in enumerate(prompts):
-        assert got.tokens[b].tolist() == dream_answers(torch_dream, prompt, threshold, cache)
+        tokens, refresh, window = fastdllm_dream(published_dream, prompt, steps, threshold, cache)
+        assert got.tokens[b].tolist() == tokens
+        # A refresh per block. row_passes counts the passes that committed a token: the schedule's
+        # int(masks * (1 - s / t)) is 0 at some passes at steps=N, which the published loop runs too.
+        assert refresh == N // BLOCK and got.row_passes()[b] <= refresh + window
+        if threshold is not None:  # the threshold rule commits at least one token every pass
+            assert got.row_passes()[b] == refresh + window
+        differs.append(tokens != fastdllm_dream(published_dream, prompt, steps, threshold, other)[0])
     # The two caches give different answers somewhere: the comparison tells them apart.
-    assert any(dream_answers(torch_dream, p, threshold, cache) != dream_answers(torch_dream, p, threshold, other)
-               for p in prompts)
-    if threshold is None:
-        assert got.row_passes().tolist() == [STEPS] * 3
-    else:
+    assert any(differs)
+    if steps == STEPS and threshold is None:
+        assert got.row_passes().tolist() == [STEPS] * 3  # every step committed
+    if threshold == 0.1:
         assert got.row_passes().max() < N // 2  # several tokens a pass
+    if threshold == 0.9:
+        assert got.row_passes().tolist() == [N] * 3  # one token a pass
+
+
+@pytest.mark.parametrize(("cache", "threshold"), [("dual", None), ("prefix", 0.1)])
+def test_dream_a_batch_of_one_equals_fastdllm_dream(dream, published_dream, cache, threshold):
+    from apd_jax.decoding.blocks.dream import dream_block_generate
+
+    prompt = np.random.default_rng(5).integers(0, 300, 11).tolist()
+    got = dream_block_generate(dream, [prompt], dream_settings(STEPS, threshold, cache))
+    assert got.tokens[0].tolist() == fastdllm_dream(published_dream, prompt, STEPS, threshold, cache)[0]
 
 
 def test_bench_times_dream_block_decoding(dream):

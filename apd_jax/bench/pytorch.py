@@ -257,10 +257,11 @@ FASTDLLM_DREAM_TOP_K = 50  # as in apd_jax's DreamBlockConfig (the model config'
 
 
 def fastdllm_dream_sample(model: Any, ids: Any, gen_length: int, block_length: int, threshold: float | None,
-                          mask_token_id: int, cache: str = "dual") -> Any:
+                          mask_token_id: int, cache: str = "dual", steps: int | None = None) -> Any:
     """Fast-dLLM's Dream block decoding with the dual or the prefix cache, greedy: the published
-    `_sample`'s canvas ([1, P + gen_length]) at steps = gen_length, by its timestep schedule (threshold
-    None: alg "entropy", as Fast-dLLM's scripts run it) or its threshold rule (alg "confidence_threshold").
+    `_sample`'s canvas ([1, P + gen_length]) at `steps` (gen_length unless given, as bench runs it), by
+    its timestep schedule (threshold None: alg "entropy", as Fast-dLLM's scripts run it) or its threshold
+    rule (alg "confidence_threshold").
 
     `diffusion_generate` (under no_grad) only builds this config and calls `_sample`; calling `_sample`
     with the model as `self` lets a PassClock stand in for it, and names top_k: the published code takes
@@ -271,7 +272,8 @@ def fastdllm_dream_sample(model: Any, ids: Any, gen_length: int, block_length: i
 
     settings = DreamGenerationConfig(
         temperature=0.0, top_p=None, top_k=FASTDLLM_DREAM_TOP_K, max_length=ids.shape[1] + gen_length,
-        steps=gen_length, alg="entropy" if threshold is None else "confidence_threshold", mask_token_id=mask_token_id,
+        steps=gen_length if steps is None else steps, alg="entropy" if threshold is None else "confidence_threshold",
+        mask_token_id=mask_token_id,
     )
     with torch.no_grad():
         return DreamGenerationMixin._sample(model, ids, attention_mask=None, generation_config=settings,
