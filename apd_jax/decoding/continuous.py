@@ -31,9 +31,11 @@ MAX_ROWS = 256  # a decoding call of more prompts runs them through this many sl
 
 
 def default_group(size: int) -> int:
-    """Slots refilled at once (`Slots.group`), a quarter of them: a group's prefill and first pass are
-    shared, and the loop returns to the host only once that many rows are done."""
-    return max(1, size // 4)
+    """Slots refilled at once (`Slots.group`), an eighth of them: a group's prefill and first pass (the
+    drafter over prompt + lookahead for the whole batch) are shared, and the loop returns to the host
+    only once that many rows are done, so a larger group leaves more finished slots idle and a smaller
+    one runs more first passes (BENCHMARKS.md weighs the two)."""
+    return max(1, size // 8)
 
 
 @dataclasses.dataclass(frozen=True)
