@@ -94,6 +94,7 @@ def test_bench_workload_compares_fixed_batches_with_continuous_batching(tmp_path
     # The same prompts and budgets, so the same tokens; refilling a slot as soon as its row ends never
     # needs more passes than waiting for the whole batch.
     assert fixed["tokens"] == continuous["tokens"] and 7 * 2 <= fixed["tokens"] <= 7 * 12
+    assert fixed["same_outputs"] is None and (continuous["same_outputs"], continuous["same_tokens"]) == (1.0, 1.0)
     assert continuous["passes"] <= fixed["passes"] and 0 < fixed["occupancy"] <= continuous["occupancy"] <= 1
     # Runs in other calls (a long GPU run split in two) decode the same workload; fixed batches sorted by
     # budget decode the same tokens too.
@@ -105,6 +106,13 @@ def test_bench_workload_compares_fixed_batches_with_continuous_batching(tmp_path
     alone, ordered = json.loads((tmp_path / "c.json").read_text())["rows"]
     assert (alone["group"], alone["tokens"]) == (2, continuous["tokens"])
     assert ordered["name"].startswith("sorted ") and (ordered["group"], ordered["tokens"]) == (3, fixed["tokens"])
+    # Sampled, each prompt in other slots beside other rows in each run: the same outputs (float32, CPU).
+    capsys.readouterr()
+    assert main(["bench", "--shapes", "tiny", "--batch", "3", "--settings", "0.7,4,8", "--workload", "7",
+                 "--budgets", "2-12", "--prompt-len", "8", "--runs", "fixed,continuous", "--temperature", "0.9",
+                 "--top-p", "0.95", "--json", str(tmp_path / "s.json")]) == 0
+    assert "against the first run: 100.0% of the outputs the same, 100.0% of the tokens" in capsys.readouterr().out
+    assert json.loads((tmp_path / "s.json").read_text())["rows"][1]["same_tokens"] == 1.0
 
 
 def test_bench_samples_at_its_temperature_and_top_p(tmp_path, capsys):
@@ -303,3 +311,12 @@ def test_runtime_defaults_keep_what_the_user_set(monkeypatch):
     monkeypatch.setenv("XLA_PYTHON_CLIENT_PREALLOCATE", "true")
     runtime_defaults()
     assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "true"
+
+
+def test_workload_agreement_counts_prompts_and_token_positions():
+    from apd_jax.bench import workload
+
+    row = workload.WorkloadRow("continuous", 2, 1, 2, 6, 1.0, 6.0, 3, 1.0, 1.0, 0.0)
+    compared = workload.agreement(row, {0: [1, 2, 3], 1: [4, 5]}, {0: [1, 2, 9], 1: [4]})
+    assert (compared.same_outputs, compared.same_tokens) == (0.0, 0.6)  # 2 + 1 of 3 + 2 positions
+    assert workload.agreement(row, {0: [7]}, {0: [7]}).same_outputs == 1.0

@@ -11,7 +11,9 @@ between two bounds, or a list of lengths). Both runs decode it through the same 
 - **continuous**: a finished row's slot takes the next prompt (largest budget first), refilled a group
   at a time.
 
-Tokens count only what each row generates within its budget or through its eos. Occupancy is rows that
+Each run after the first of a call gives the share of outputs (and of tokens) equal to the first run's:
+under sampling, how far batch invariance holds. Tokens count only what each row generates within its
+budget or through its eos. Occupancy is rows that
 committed a token over passes x S. Each run is timed after a warm-up run of its first S prompts with
 their budgets cut to a few tokens (budgets are traced: this compiles every program the run uses without
 decoding a whole batch).
@@ -45,6 +47,10 @@ class WorkloadRow:
     ms_per_pass: float
     occupancy: float  # rows that committed a token / (passes x slots)
     compile_s: float  # the warm-up run's time
+    # Against the first run of the same call (None for that one): the fraction of prompts whose output is
+    # the same, and of token positions (over the longer of the two outputs) that agree.
+    same_outputs: float | None = None
+    same_tokens: float | None = None
 
 
 def parse_budgets(text: str) -> tuple[int, int]:
@@ -68,7 +74,7 @@ RUNS = ("fixed", "sorted", "continuous")
 
 
 def _timed_run(drafter: Transformer, verifier: Transformer, prompts: Sequence[Sequence[int]], budgets: Sequence[int],
-               config: APDConfig, size: int, group: int, label: str) -> WorkloadRow:
+               config: APDConfig, size: int, group: int, label: str) -> tuple[WorkloadRow, dict[int, list[int]]]:
     slots = apd_slots(drafter, verifier, prompts, config, size, group)
     requests = [Request(ids, i, max_new_tokens=b) for i, (ids, b) in enumerate(zip(prompts, budgets))]
     order = range(len(requests)) if label == "fixed" else None  # None: largest budget first
@@ -83,8 +89,9 @@ def _timed_run(drafter: Transformer, verifier: Transformer, prompts: Sequence[Se
     seconds = time.perf_counter() - start
     tokens = sum(len(f.ids) for f in finished)
     name = f"{label} APD R={config.R} W={config.W} M={config.M}, {slots.size} slots"
-    return WorkloadRow(name, slots.size, slots.group, len(requests), tokens, seconds, tokens / seconds, usage.passes,
-                       1e3 * seconds / max(usage.passes, 1), usage.occupancy, compile_s)
+    row = WorkloadRow(name, slots.size, slots.group, len(requests), tokens, seconds, tokens / seconds, usage.passes,
+                      1e3 * seconds / max(usage.passes, 1), usage.occupancy, compile_s)
+    return row, {f.index: f.ids for f in finished}
 
 
 def _progress(finished: list[Finished], rows: list[Finished], total: int, start: float, label: str) -> None:
@@ -96,12 +103,23 @@ def _progress(finished: list[Finished], rows: list[Finished], total: int, start:
 
 
 def bench_workload(drafter: Transformer, verifier: Transformer, prompts: Sequence[Sequence[int]], budgets: Sequence[int],
-                   config: APDConfig, size: int, run: str, group: int | None = None) -> WorkloadRow:
+                   config: APDConfig, size: int, run: str, group: int | None = None,
+                   ) -> tuple[WorkloadRow, dict[int, list[int]]]:
     """One run (`RUNS`) of the prompts and their budgets over `size` slots (config.max_new_tokens: at
-    least the largest budget); the continuous run refills `group` slots at once (None:
-    continuous.default_group)."""
+    least the largest budget), and each prompt's output by index; the continuous run refills `group`
+    slots at once (None: continuous.default_group)."""
     group = group or default_group(size) if run == "continuous" else size
     return _timed_run(drafter, verifier, prompts, budgets, config, size, group, run)
+
+
+def agreement(row: WorkloadRow, outputs: dict[int, list[int]], first: dict[int, list[int]]) -> WorkloadRow:
+    """`row` with its outputs compared with the first run's (same_outputs, same_tokens): the runs put each
+    prompt in other slots beside other rows, so under sampling this is how far batch invariance holds
+    (exact in float32 on CPU; on a GPU in bf16, kernels may round differently by shape)."""
+    same = sum(outputs[i] == first[i] for i in first)
+    agree = sum(sum(a == b for a, b in zip(outputs[i], first[i])) for i in first)
+    positions = sum(max(len(outputs[i]), len(first[i])) for i in first)
+    return dataclasses.replace(row, same_outputs=same / len(first), same_tokens=agree / max(positions, 1))
 
 
 HEADER = (f"{'workload':<46} {'slots':>5} {'group':>5} {'prompts':>7} {'tokens':>7} {'tok/s':>8} {'passes':>6} "
@@ -109,8 +127,12 @@ HEADER = (f"{'workload':<46} {'slots':>5} {'group':>5} {'prompts':>7} {'tokens':
 
 
 def format_row(r: WorkloadRow) -> str:
-    return (f"{r.name:<46} {r.slots:>5} {r.group:>5} {r.prompts:>7} {r.tokens:>7} {r.tokens_per_s:>8.1f} "
+    line = (f"{r.name:<46} {r.slots:>5} {r.group:>5} {r.prompts:>7} {r.tokens:>7} {r.tokens_per_s:>8.1f} "
             f"{r.passes:>6} {r.ms_per_pass:>8.2f} {r.occupancy:>9.1%} {r.compile_s:>9.1f}")
+    if r.same_outputs is None:
+        return line
+    return (f"{line}\n    against the first run: {r.same_outputs:.1%} of the outputs the same, {r.same_tokens:.1%} of "
+            "the tokens")
 
 
 def to_json(rows: list[WorkloadRow], budgets: dict) -> str:

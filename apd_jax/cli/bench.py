@@ -361,10 +361,12 @@ def _workload(args: argparse.Namespace, drafter, verifier, config: APDConfig) ->
     print(f"device {bench.jax.devices()[0].device_kind}: {args.workload} prompts of {args.prompt_len} tokens, "
           f"budgets uniform in {low}-{high}", flush=True)
     print(workload.HEADER, flush=True)
-    rows = []
+    rows, first = [], None
     for run in args.runs:
-        rows.append(workload.bench_workload(drafter, verifier, prompts, budgets, config, args.batch[0], run,
-                                            args.group))
+        row, outputs = workload.bench_workload(drafter, verifier, prompts, budgets, config, args.batch[0], run,
+                                               args.group)
+        first = first or outputs
+        rows.append(row if outputs is first else workload.agreement(row, outputs, first))
         print(workload.format_row(rows[-1]), flush=True)
         if args.json:  # after every row, so a run cut short keeps what it measured
             _write_json(args, workload.to_json(rows, {"distribution": "uniform", "low": low, "high": high}), len(rows))
