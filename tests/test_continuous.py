@@ -109,6 +109,14 @@ def test_a_request_outside_the_runs_limits_is_named(dream, qwen):
             continuous.check_request(request, slots, "line 1")
 
 
-def test_slots_take_the_largest_budgets_first_ties_in_file_order():
+def test_slots_take_the_largest_budgets_first_ties_in_file_order(qwen):
     reqs = requests([9, 20, None, 20, 9, 12])  # None: the run's default budget
     assert continuous.refill_order(reqs, 16) == [1, 3, 2, 5, 0, 4]
+    # One slot: rows end in the order they entered, by default the largest budget first, else as given.
+    slots = ar_slots(qwen, IDS, ARConfig(max_new_tokens=16, eos_token_ids=()), 1, 1)
+    for order, expected in [(None, [1, 3, 2, 5, 0, 4]), (range(6), list(range(6)))]:
+        ended = []
+        continuous.decode(slots, reqs, jax.random.key(0), lambda rows: ended.extend(r.index for r in rows), order)
+        assert ended == expected
+    with pytest.raises(ValueError, match="each index of the 6 requests exactly once"):
+        continuous.decode(slots, reqs, jax.random.key(0), lambda rows: None, [0, 0, 1, 2, 3, 4])

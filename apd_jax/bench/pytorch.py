@@ -253,9 +253,6 @@ def bench_fastdllm(model: Any, c: ModelConfig, prompt: list[int], gen_length: in
                     statistics.fmean(window) if window else None, (sum(refresh) + sum(window)) / (1e3 * t))
 
 
-FASTDLLM_DREAM_TOP_K = 50  # as in apd_jax's DreamBlockConfig (the model config's top_k in transformers 4)
-
-
 def fastdllm_dream_sample(model: Any, ids: Any, gen_length: int, block_length: int, threshold: float | None,
                           mask_token_id: int, cache: str = "dual", steps: int | None = None) -> Any:
     """Fast-dLLM's Dream block decoding with the dual or the prefix cache, greedy: the published
@@ -269,16 +266,19 @@ def fastdllm_dream_sample(model: Any, ids: Any, gen_length: int, block_length: i
     import torch
 
     from apd_jax.bench.dream_published.generation_utils_block import DreamGenerationConfig, DreamGenerationMixin
+    from apd_jax.decoding.blocks.dream import DreamBlockConfig
 
-    settings = DreamGenerationConfig(
-        temperature=0.0, top_p=None, top_k=FASTDLLM_DREAM_TOP_K, max_length=ids.shape[1] + gen_length,
+    if cache not in ("dual", "prefix"):
+        raise ValueError(f"cache={cache!r}: Fast-dLLM's Dream block decoding runs 'dual' or 'prefix'")
+    settings = DreamGenerationConfig(  # top_k as apd_jax's DreamBlockConfig (the model config's in transformers 4)
+        temperature=0.0, top_p=None, top_k=DreamBlockConfig().top_k, max_length=ids.shape[1] + gen_length,
         steps=gen_length if steps is None else steps, alg="entropy" if threshold is None else "confidence_threshold",
         mask_token_id=mask_token_id,
     )
     with torch.no_grad():
         return DreamGenerationMixin._sample(model, ids, attention_mask=None, generation_config=settings,
                                             threshold=threshold, block_length=block_length,
-                                            dual_cache={"dual": True, "prefix": False}[cache])
+                                            dual_cache=cache == "dual")
 
 
 def bench_fastdllm_dream(model: Any, c: ModelConfig, prompt: list[int], gen_length: int, block_length: int,

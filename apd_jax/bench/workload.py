@@ -1,7 +1,7 @@
 """Many prompts, each with its own budget: fixed batches against continuous batching over the same slots.
 
-A workload is N prompts whose budgets (max_new_tokens) are drawn from a stated distribution (uniform
-between two bounds, or a list of lengths). Both runs decode it through the same compiled APD steps
+A workload is N prompts whose budgets (max_new_tokens) are drawn uniformly between two bounds. Every
+run decodes it through the same compiled APD steps
 (`decoding.continuous`) over S slots:
 - **fixed**: S prompts at a time in file order, the next S only once all of them are done (each row
   stops at its own budget or eos and then idles): a fixed batch;
@@ -65,7 +65,7 @@ def parse_budgets(text: str) -> tuple[int, int]:
 
 
 def draw_budgets(n: int, low: int, high: int, seed: int = 0) -> list[int]:
-    """n budgets drawn uniformly from [low, high] (a fixed seed: both runs decode the same workload)."""
+    """n budgets drawn uniformly from [low, high] (a fixed seed: every run decodes the same workload)."""
     return np.random.default_rng(seed).integers(low, high, size=n, endpoint=True).tolist()
 
 
@@ -74,10 +74,10 @@ RUNS = ("fixed", "sorted", "continuous")
 
 
 def _timed_run(drafter: Transformer, verifier: Transformer, prompts: Sequence[Sequence[int]], budgets: Sequence[int],
-               config: APDConfig, size: int, group: int, label: str) -> tuple[WorkloadRow, dict[int, list[int]]]:
+               config: APDConfig, size: int, group: int, order: Sequence[int] | None, label: str,
+               ) -> tuple[WorkloadRow, dict[int, list[int]]]:
     slots = apd_slots(drafter, verifier, prompts, config, size, group)
     requests = [Request(ids, i, max_new_tokens=b) for i, (ids, b) in enumerate(zip(prompts, budgets))]
-    order = range(len(requests)) if label == "fixed" else None  # None: largest budget first
     key = jax.random.key(0)
     finished: list[Finished] = []
     start = time.perf_counter()
@@ -109,7 +109,8 @@ def bench_workload(drafter: Transformer, verifier: Transformer, prompts: Sequenc
     least the largest budget), and each prompt's output by index; the continuous run refills `group`
     slots at once (None: continuous.default_group)."""
     group = group or default_group(size) if run == "continuous" else size
-    return _timed_run(drafter, verifier, prompts, budgets, config, size, group, run)
+    order = range(len(prompts)) if run == "fixed" else None  # None: continuous.refill_order, largest budget first
+    return _timed_run(drafter, verifier, prompts, budgets, config, size, group, order, run)
 
 
 def agreement(row: WorkloadRow, outputs: dict[int, list[int]], first: dict[int, list[int]]) -> WorkloadRow:

@@ -99,7 +99,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="with --workload: the runs to time, comma-separated (one per call keeps each call short; "
                         "the workload is the same in every call)")
     p.add_argument("--group", type=positive_int, default=None,
-                   help="with --workload: slots the continuous run refills at once (default: continuous.default_group)")
+                   help="with --workload: slots the continuous run refills at once (default: an eighth of them)")
     p.add_argument("--json", type=user_path, help="write the results as JSON here (default: print only)")
     p.set_defaults(func=run)
 

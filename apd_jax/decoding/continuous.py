@@ -31,10 +31,11 @@ MAX_ROWS = 256  # a decoding call of more prompts runs them through this many sl
 
 
 def default_group(size: int) -> int:
-    """Slots refilled at once (`Slots.group`), an eighth of them: a group's prefill and first pass (the
-    drafter over prompt + lookahead for the whole batch) are shared, and the loop returns to the host
-    only once that many rows are done, so a larger group leaves more finished slots idle and a smaller
-    one runs more first passes (BENCHMARKS.md weighs the two)."""
+    """Slots refilled at once (`Slots.group`), an eighth of them: a group's prefill and first pass (for
+    APD the drafter over prompt + lookahead for the whole batch; for a cached block decoder a refresh)
+    are shared, and the loop returns to the host only once that many rows are done, so a larger group
+    leaves more finished slots idle and a smaller one runs more first passes (BENCHMARKS.md weighs the
+    two for APD)."""
     return max(1, size // 8)
 
 
@@ -145,6 +146,9 @@ def decode(slots: Slots, requests: Sequence[Request], key: jax.Array,
     free slots in `order` (indices into `requests`; None: `refill_order`)."""
     if order is None:
         order = refill_order(requests, slots.defaults.max_new_tokens)
+    elif sorted(order) != list(range(len(requests))):
+        raise ValueError(f"order must list each index of the {len(requests)} requests exactly once, got "
+                         f"{len(order)} entries")
     queue = collections.deque(order)
     keys = request_keys(key, requests) if requests else None
     holder = [-1] * slots.size  # the request each slot decodes, -1 when free
@@ -205,11 +209,12 @@ def generate(slots: Slots, requests: Sequence[Request], key: jax.Array) -> tuple
 
 def large_call(batch: Batch, slots_of: Callable[[list[list[int]], int], Slots]) -> GenerationResult | None:
     """A decoding call of more than MAX_ROWS prompts, decoded through MAX_ROWS slots built by
-    `slots_of(prompts, size)`: its memory that of MAX_ROWS rows, its greedy outputs those of one fixed
-    batch up to float rounding (a sampled row draws from its own key, `row_keys`: APD's and AR's fixed
-    batches do too, the block decoders' draw one key per pass for the batch) (XLA rounds some reductions by the
-    shape of the array, so a near-tie between two tokens may fall the other way), `passes` the loop
-    iterations of the whole run. None when the call fits one fixed batch."""
+    `slots_of(prompts, size)`: its memory that of MAX_ROWS rows, `passes` the loop iterations of the
+    whole run; None when the call fits one fixed batch. Where no noise is drawn its outputs are those
+    of one fixed batch up to float rounding (XLA rounds some reductions by the shape of the array, so
+    a near-tie between two tokens may fall the other way). A row that draws noise draws it from its
+    own key (`row_keys`), as APD's and AR's fixed batches do; the block decoders' fixed batches draw
+    one key per pass for the whole batch, so their sampled large calls give other samples."""
     if len(batch.lengths) <= MAX_ROWS:
         return None
     rows = [batch.ids[i, :n].tolist() for i, n in enumerate(batch.lengths)]

@@ -4,8 +4,8 @@
 Each line is {"question": ..., "answer": ...}; a GSM8K answer ends in "#### <number>",
 otherwise the answer's last number is the reference (an answer without one is an error).
 Predictions are the number after "####" when the model writes one, else the last number in the
-generation. The decoders with steps over per-row state (Decoder.slots: APD, left-to-right, AR and the
-block decoders) decode the items through continuous batching, the others (Dream's own sampler) in fixed
+generation. The decoders with steps over per-row state (Decoder.slots: APD, left-to-right, AR, the
+block decoders and Learn2PD) decode the items through continuous batching, the others (Dream's own sampler) in fixed
 batches; either way each item decodes as it would alone.
 
 `evaluate_apd`: greedy APD with a saved pair over text prompts (the APD check that

@@ -1,5 +1,5 @@
-"""The published Dream code of Fast-dLLM (NVlabs/Fast-dLLM's dream/model/, Apache-2.0, changes listed
-at the top of each file): its modeling (modeling_dream, with the cache arguments past_key_values,
+"""The published Dream code of Fast-dLLM (NVlabs/Fast-dLLM's dream/model/, Apache-2.0: the license's
+text is bench/LICENSE-Apache-2.0.txt; changes listed at the top of each file): its modeling (modeling_dream, with the cache arguments past_key_values,
 use_cache, dual_cache and replace_position), its config and its block decoding (generation_utils_block:
 DreamGenerationMixin._sample with the prefix and dual caches). Import the modules themselves.
 Fast-dLLM's package __init__ imports the config and the model; this one imports nothing, so walking

@@ -21,7 +21,7 @@
 # timestep schedule (any alg but "confidence_threshold"; the entropy confidence either way) or the
 # threshold rule (alg "confidence_threshold"). Fast-dLLM's eval.py and demo bind its methods onto
 # the model with types.MethodType; modeling_dream here inherits them. `apd-jax bench --torch` times
-# `_sample` and tests/test_bench_torch_dream_block.py holds apd_jax's Dream block decoder to it.
+# `_sample` and tests/test_block_cache.py holds apd_jax's Dream block decoder to it.
 
 import warnings
 import copy

@@ -18,7 +18,7 @@
 # changed in a41dc544), the published Dream modeling with Fast-dLLM's cache arguments (its forward's
 # past_key_values, use_cache, dual_cache, replace_position; K/V cached before RoPE, the dual cache's
 # block replaced in place), kept as the model `apd-jax bench --torch` times Fast-dLLM's Dream block
-# decoding on and the PyTorch reference of tests/test_bench_torch_dream_block.py (never imported by
+# decoding on and the PyTorch reference of tests/test_block_cache.py (never imported by
 # the library). Changes, each marked "apd_jax:" where it is made:
 #   1. transformers 5 has no "default" entry in ROPE_INIT_FUNCTIONS: for rope_type "default" the
 #      rotary embedding takes _compute_default_rope_parameters below, the function transformers 4
