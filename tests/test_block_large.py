@@ -1,7 +1,7 @@
 """A block decoder's call of more than continuous.MAX_ROWS prompts runs through that many slots
 (blocks.slots), with the outputs of one fixed batch at temperature 0: LLaDA's generate, threshold
-decoding (and so Learn2PD, whose decoding is threshold decoding's with another keep rule) and
-Fast-dLLM's Dream, with and without a KV cache."""
+decoding, Learn2PD (threshold decoding's path with its filter as the keep rule, whose features read
+each row's own answer width) and Fast-dLLM's Dream, with and without a KV cache."""
 
 from __future__ import annotations
 
@@ -9,20 +9,27 @@ import dataclasses
 
 import numpy as np
 import pytest
+from flax import nnx
 
 from apd_jax.decoding.blocks.dream import DreamBlockConfig, dream_block_generate
 from apd_jax.decoding.blocks.llada import LLaDAConfig, llada_generate
 from apd_jax.decoding.diffusion import ThresholdConfig, threshold_generate
+from apd_jax.decoding.learn2pd import Filter, Learn2PDConfig, learn2pd_generate
 from test_block_slots import llada  # noqa: F401 (a fixture: the tiny random LLaDA)
 from test_slots_more import slot_sizes
 
 # Nine ragged prompts (one past the 16-token bucket): more than MAX_ROWS = 4, refilled in three rounds.
 LENGTHS = (3, 9, 17, 5, 11, 2, 14, 7, 12)
-# Learn2PD decodes through threshold decoding's path (diffusion.parallel_decode), with its filter as the keep rule.
+
+def learn2pd(model, prompts, config):
+    return learn2pd_generate(model, Filter(rngs=nnx.Rngs(0)), prompts, config)
+
+
 CASES = [
     ("llada", llada_generate, LLaDAConfig(max_new_tokens=16, steps=8, block_length=8)),
     ("llada", threshold_generate, ThresholdConfig(max_new_tokens=16, threshold=0.3, block_length=8, cache="dual")),
     ("dream", dream_block_generate, DreamBlockConfig(max_new_tokens=16, steps=8, block_length=8, cache="dual")),
+    ("llada", learn2pd, Learn2PDConfig(max_new_tokens=16, keep_threshold=0.52, block_length=8, cache="dual")),
 ]
 
 
