@@ -292,8 +292,9 @@ def bench_canvas(model: Transformer, cfg: passes.CanvasConfig, batch: int, promp
     block decoding (DreamBlockConfig) of a diffusion model.
     Without a cache every pass runs the whole sequence, prompt and answer, through the model; with
     one (cfg.cache) a block's first pass does (a refresh) and its later passes run a window: the
-    block (dual), or the answer from the block's start (prefix). The two kinds are counted, bounded
-    and timed apart (Row; bench.passes)."""
+    block (dual), or the answer from the block's start (prefix). Either way the output head and the
+    rule run on each row's block alone. The two kinds are counted, bounded and timed apart (Row;
+    bench.passes)."""
     prompts = random_prompts([model.cfg], batch, prompt_len)
     block = block_size(cfg.block_length, cfg.max_new_tokens)
     cache = "" if cfg.cache == "none" else f" cache={cfg.cache}"

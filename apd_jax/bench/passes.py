@@ -33,7 +33,7 @@ from apd_jax.bench.timing import call_times, median_time
 from apd_jax.decoding.blocks.cached import window_widths
 from apd_jax.decoding.blocks.dream import DreamBlockConfig, DreamBlockRule
 from apd_jax.decoding.blocks.llada import LLaDAConfig, LLaDARule
-from apd_jax.decoding.blocks.loop import block_size, canvas_pass, prepare_canvas
+from apd_jax.decoding.blocks.loop import block_size, canvas_pass, prepare_canvas, view_size
 from apd_jax.decoding.diffusion import ConfidenceRule, ParallelRule, ThresholdConfig
 from apd_jax.decoding.generation import GenerationResult
 from apd_jax.models.cache import KVCache
@@ -102,14 +102,15 @@ def forwards(kind: tuple[bool, int | None], work) -> list[Work]:
 
 def kind_work(cfg: CanvasConfig, batch: int, prompt_len: int, block: int | None, filtered: bool) -> Work:
     """The least work of a pass of `batch` rows: block None, the whole canvas (a refresh writes its
-    K/V into the cache); else the window pass of block `block`, its width per the cache mode, reading
-    the cached K/V outside its window; its head runs on the block alone (every rule here reads
-    positions within the block: blocks.loop block_view)."""
+    K/V into the cache; without a cache every pass is one); else the window pass of block `block`,
+    its width per the cache mode, reading the cached K/V outside its window. Either way the head
+    runs on each row's block alone (every rule here reads positions only relative to the block:
+    blocks.loop view_size)."""
     n, size = cfg.max_new_tokens, block_size(cfg.block_length, cfg.max_new_tokens)
     canvas = prompt_len + n
     if block is None:
         written = canvas if cfg.cache != "none" else 0
-        return Work(tokens=batch * canvas, heads=batch * n, kv_written=batch * written, filtered=filtered)
+        return Work(tokens=batch * canvas, heads=batch * size, kv_written=batch * written, filtered=filtered)
     start = block * size  # the window's first answer position
     width = size if cfg.cache == "dual" else n - start
     read = canvas - size if cfg.cache == "dual" else prompt_len + start
@@ -127,22 +128,26 @@ def kind_of(refresh: bool, block: int | None) -> str:
 
 def _pass_program(model: Transformer, rule: nnx.Module, cfg: CanvasConfig, kind: str, pad_id: int):
     """A jitted (params, ids, lengths, eos, key, block, reps, cache) -> (checksum, cache): `reps` passes
-    (blocks.loop.canvas_pass, the decoder's own) of every row in block `block` with every answer
-    position masked, the rows at their block's first step (refresh), at a later one (window), or row 0
-    at the first and the rest later (mixed). Each pass's prompt differs (ids + i), so none of its work
-    is loop-invariant, and the pass's answer feeds the checksum, so none is dead."""
+    (blocks.loop.canvas_pass, the decoder's own) of every row in block `block`, the answer before it
+    decoded and the rest masked, the rows at their block's first step (refresh), at a later one
+    (window), or row 0 at the first and the rest later (mixed): the head and the rule run on each
+    row's block alone, as in the decoder (blocks.loop view_size). Each pass's prompt differs (ids +
+    i), so none of its work is loop-invariant, and the pass's answer feeds the checksum, so none is
+    dead."""
     n, size = cfg.max_new_tokens, block_size(cfg.block_length, cfg.max_new_tokens)
     widths = window_widths(cfg.cache, size, n)
     if kind == "refresh":  # no row reuses its cache, so the window branches never run: one compiles for all
         widths = widths[-1:]
     mask_id, vocab = model.cfg.mask_token_id, model.cfg.vocab_size
-    windowed = getattr(rule, "reads_positions_in_block", False)
+    view = view_size(rule, size)
     graphs, _ = zip(nnx.split(model), nnx.split(rule))
 
     def passes(params, ids, lengths, eos, key, block, reps, cache):
         model = nnx.merge(graphs[0], params[0])
         b = ids.shape[0]
-        gen = jnp.full((b, n), mask_id, jnp.int32)
+        # The blocks before `block` decoded (a token other than the mask), the rest masked.
+        decoded = jnp.where(jnp.arange(n) < block * size, (mask_id + 1) % vocab, mask_id)
+        gen = jnp.broadcast_to(decoded, (b, n)).astype(jnp.int32)
         blocks = jnp.full((b,), block, jnp.int32)
         step = jnp.full((b,), int(kind != "refresh"), jnp.int32).at[0].set(int(kind == "window"))
         limit, running = jnp.full((b,), n, jnp.int32), jnp.ones((b,), bool)
@@ -156,7 +161,7 @@ def _pass_program(model: Transformer, rule: nnx.Module, cfg: CanvasConfig, kind:
 
             passed, _ = canvas_pass(model, decide, (ids + i) % vocab, lengths, gen, blocks, step, limit, cache,
                                     running, i, eos, jnp.int32(size), None, mask_id=mask_id, pad_id=pad_id,
-                                    widths=widths, windowed=windowed)
+                                    widths=widths, size=view)
             return passed.cache, checksum + jnp.sum(passed.gen) + jnp.sum(passed.committed)
 
         cache, checksum = jax.lax.fori_loop(0, reps, one, (cache, jnp.int32(0)))

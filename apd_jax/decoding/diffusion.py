@@ -259,8 +259,8 @@ class ParallelRule(nnx.Module):
         # > 1 disables End-of-Text prediction.
         self.eot_threshold = nnx.Variable(jnp.float32(2.0 if config.eot_threshold is None else config.eot_threshold))
         self.mask_id = mask_id
-        # The threshold reads no position, so a cached pass may show it the blocks alone (blocks.loop
-        # block_view); Learn2PD's filter reads positions over the whole answer.
+        # The threshold reads no position, so a pass may show it the blocks alone (blocks.loop
+        # view_size); Learn2PD's filter reads positions over the whole answer.
         self.reads_positions_in_block = isinstance(keep, ConfidenceRule)
 
     def __call__(self, logits: jax.Array, key: jax.Array, view: View) -> Commit:

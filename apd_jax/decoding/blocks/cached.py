@@ -29,11 +29,14 @@ block's first pass and the full forward when any running row is at it, each row 
 (one forward in most passes; both only where rows of a ragged batch are at different steps). In
 continuous batching (blocks.slots) rows at a refresh wait for each other (its refresh_group), so one
 full forward serves several.
-In a pass where no row refreshes, a rule that reads positions only relative to the block
-(`reads_positions_in_block`: LLaDA's, the threshold, Fast-dLLM's Dream; not Learn2PD's filter,
-whose features hold the position in the answer) sees each row's block alone (blocks.loop
-block_view): the head and the rule run on [B, block, V] logits, not [B, N, V]; in a pass with a
-refresh the rule sees the whole answer, the window rows' logits placed at their positions.
+A rule that reads positions only relative to the block (blocks.loop view_size: LLaDA's, the
+threshold, Fast-dLLM's Dream; not Learn2PD's filter, whose features hold the position in the
+answer) sees each row's block alone (blocks.loop block_view) in window and refresh passes alike
+(`block_logits`): a refreshing row's hidden states are gathered at its block from the whole
+canvas, a window row's are its window's first block_length, and the head and the rule run on
+[B, block, V] logits, not [B, N, V]. A pass where a refreshing row still has a mask before its
+block (it predicted the mask token), and every pass of a rule that reads positions in the answer,
+show the rule the whole answer (`cached_logits`), the window rows' logits placed at their positions.
 """
 
 from __future__ import annotations
@@ -105,23 +108,53 @@ def _window_branches(model: Transformer, canvas: jax.Array, prompt_lens: jax.Arr
     return branch, [window(w) for w in widths]
 
 
-def block_logits(model: Transformer, canvas: jax.Array, cache: KVCache, prompt_lens: jax.Array, end: jax.Array,
-                 block: jax.Array, block_start: jax.Array, running: jax.Array, widths: tuple[int, ...],
-                 block_length: int) -> tuple[jax.Array, KVCache]:
-    """A pass in which no row refreshes: logits [B, block_length, V] of each row's current block
-    only (the window passes' candidates), from its window on its cache."""
-    def read(hidden: jax.Array, c: KVCache):
-        return model.logits(hidden[:, :block_length]), c
-
-    branch, windows = _window_branches(model, canvas, prompt_lens, block, block_start, end, running, widths, read)
-    return jax.lax.switch(jnp.maximum(branch - 1, 0), windows, cache)
-
-
 def _keep_rows(rows: jax.Array, new: KVCache, old: KVCache) -> KVCache:
     """`new`'s K/V in the rows flagged by `rows` [B], `old`'s elsewhere."""
     pick = rows[None, :, None, None, None]
     return KVCache(jnp.where(pick, new.k, old.k), jnp.where(pick, new.v, old.v), jnp.where(rows, new.lengths,
                                                                                              old.lengths))
+
+
+def answer_hidden(hidden: jax.Array, first: jax.Array, width: int) -> jax.Array:
+    """[B, width, H]: the canvas positions [first, first + width) of each row of `hidden` [B, S, H]
+    ([B] first), clamped to the canvas (a finished row's block may lie past it)."""
+    idx = jnp.minimum(first[:, None] + jnp.arange(width), hidden.shape[1] - 1)
+    return jnp.take_along_axis(hidden, idx[:, :, None], axis=1)
+
+
+def _refreshed(model: Transformer, canvas: jax.Array, cache: KVCache, end: jax.Array,
+               refresh: jax.Array) -> tuple[jax.Array, KVCache]:
+    """The whole canvas through the model: its hidden states [B, P + N, H] read as the family
+    predicts (Dream's shifted by one over the whole canvas), and the cache with the rows flagged in
+    `refresh` [B] rewritten."""
+    hidden, fresh = model(canvas, valid=end, cache=cache)
+    return model.aligned(hidden), _keep_rows(refresh, fresh, cache)
+
+
+def block_logits(model: Transformer, canvas: jax.Array, cache: KVCache, prompt_lens: jax.Array, end: jax.Array,
+                 block: jax.Array, block_start: jax.Array, refresh: jax.Array, reuse: jax.Array,
+                 widths: tuple[int, ...], size: int) -> tuple[jax.Array, KVCache]:
+    """One pass's logits [B, size, V] of each row's current block (`size` positions from its
+    block_start) and the cache after it: rows flagged in `refresh` [B] from the whole canvas, their
+    cache rewritten; rows in `reuse` [B] from their window on their cache (window_widths). The
+    block's hidden states of both kinds of row go through the head together."""
+    b, hidden_size = canvas.shape[0], model.cfg.hidden_size
+
+    def skip(c: KVCache):
+        return jnp.zeros((b, size, hidden_size), model.cfg.dtype), c
+
+    def read(hidden: jax.Array, c: KVCache):
+        return hidden[:, :size], c
+
+    branch, windows = _window_branches(model, canvas, prompt_lens, block, block_start, end, reuse, widths, read)
+    hidden, cache = jax.lax.switch(branch, [skip, *windows], cache)
+
+    def full(c: KVCache):
+        whole, c = _refreshed(model, canvas, c, end, refresh)
+        return jnp.where(refresh[:, None, None], answer_hidden(whole, prompt_lens + block_start, size), hidden), c
+
+    hidden, cache = jax.lax.cond(jnp.any(refresh), full, lambda c: (hidden, c), cache)
+    return model.logits(hidden), cache
 
 
 def cached_logits(model: Transformer, canvas: jax.Array, cache: KVCache, prompt_lens: jax.Array, end: jax.Array,
@@ -145,9 +178,8 @@ def cached_logits(model: Transformer, canvas: jax.Array, cache: KVCache, prompt_
     logits, cache = jax.lax.switch(branch, [skip, *windows], cache)
 
     def full(c: KVCache):
-        hidden, fresh = model(canvas, valid=end, cache=c)
-        idx = prompt_lens[:, None] + jnp.arange(n)
-        refreshed = model.logits(jnp.take_along_axis(model.aligned(hidden), idx[:, :, None], axis=1))
-        return jnp.where(refresh[:, None, None], refreshed, logits), _keep_rows(refresh, fresh, c)
+        whole, c = _refreshed(model, canvas, c, end, refresh)
+        refreshed = model.logits(answer_hidden(whole, prompt_lens, n))
+        return jnp.where(refresh[:, None, None], refreshed, logits), c
 
     return jax.lax.cond(jnp.any(refresh), full, lambda c: (logits, c), cache)

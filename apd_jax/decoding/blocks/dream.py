@@ -66,7 +66,7 @@ class DreamBlockRule(nnx.Module):
     variable but the schedule's length."""
 
     commits_block_start_first = True  # what lets the loop run a shifted family on a cache window
-    reads_positions_in_block = True  # a cached pass may show it the blocks alone (blocks.loop block_view)
+    reads_positions_in_block = True  # a pass may show it the blocks alone (blocks.loop view_size)
 
     def __init__(self, config: DreamBlockConfig):
         block_steps = config.step_count // config.num_blocks

@@ -138,7 +138,7 @@ class LLaDARule(nnx.Module):
     token's probability, ties to the lower position) or random ones; a block is done after
     block_steps steps. Every setting is a traced variable but the number of steps."""
 
-    reads_positions_in_block = True  # a cached pass may show it the blocks alone (blocks.loop block_view)
+    reads_positions_in_block = True  # a pass may show it the blocks alone (blocks.loop view_size)
 
     def __init__(self, config: LLaDAConfig):
         # Sized by all the steps, not a block's, so settings of equal steps share one compiled program.

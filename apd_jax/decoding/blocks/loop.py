@@ -12,6 +12,15 @@ row's later passes in a block runs a window of the canvas on the cache its first
 cache is carried in the loop state beside the canvas, and those passes' candidates are the masked
 positions of the row's current block only (the window's).
 
+A rule that reads positions only relative to the block (`view_size`: LLaDA's, the threshold,
+Fast-dLLM's Dream) sees each row's block alone (`block_view`), in every pass, with a cache or
+without: the forward gathers each row's hidden states at its block, so the output head and the
+rule run on [B, block_length, V] logits, not [B, N, V]. The exception is a pass in which a row at
+its block's first pass (or any pass without a cache) still has a mask before its block (a position
+that predicted the mask token stays masked): its candidates reach back there, so that pass shows
+the rule the whole answer, as it always does for a rule that reads positions in the answer
+(Learn2PD's filter).
+
 Rows are right-padded with their own valid lengths, so each row of a ragged batch decodes as it
 would alone. A row stops once nothing before its first eos is masked (committed tokens never
 change, so its answer up to that eos is final), once its last block is done, or when the loop
@@ -29,7 +38,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from apd_jax.decoding import continuous
-from apd_jax.decoding.blocks.cached import block_logits, cached_logits, check_cacheable, window_widths
+from apd_jax.decoding.blocks.cached import answer_hidden, block_logits, cached_logits, check_cacheable, window_widths
 from apd_jax.decoding.continuous import Slots
 from apd_jax.decoding.generation import Batch, DecoderConfig, GenerationResult, prepare
 from apd_jax.models.cache import KVCache
@@ -47,29 +56,30 @@ def build_canvas(prompts: jax.Array, prompt_lens: jax.Array, gen: jax.Array) -> 
     return canvas.at[jnp.arange(b)[:, None], idx].set(gen)
 
 
-def generation_logits(model: Transformer, canvas: jax.Array, prompt_lens: jax.Array, end: jax.Array, n: int) -> jax.Array:
-    """Float32 logits [B, N, V] for each row's N generated positions, attending up to `end` [B],
-    read as the model's family predicts (Transformer.aligned: Dream's shifted by one, LLaDA's not)."""
+def generation_logits(model: Transformer, canvas: jax.Array, prompt_lens: jax.Array, end: jax.Array,
+                      start: jax.Array, width: int) -> jax.Array:
+    """Float32 logits [B, width, V] of each row's generated positions [start, start + width) ([B]
+    start), attending up to `end` [B], read as the model's family predicts (Transformer.aligned:
+    Dream's shifted by one over the whole canvas, LLaDA's not) before the head runs on them alone.
+    A position past the canvas (a finished row's block) reads its last one."""
     hidden, _ = model(canvas, valid=end)
-    hidden = model.aligned(hidden)
-    idx = prompt_lens[:, None] + jnp.arange(n)
-    return model.logits(jnp.take_along_axis(hidden, idx[:, :, None], axis=1))
+    return model.logits(answer_hidden(model.aligned(hidden), prompt_lens + start, width))
 
 
 def canvas_logits(
     model: Transformer, prompts: jax.Array, prompt_lens: jax.Array, gen: jax.Array, end: jax.Array, mask_id: int,
-    cfg_scale: jax.Array | None,
+    cfg_scale: jax.Array | None, start: jax.Array, width: int,
 ) -> jax.Array:
-    """The forward of a pass: generation_logits of prompt + answer `gen`. With cfg_scale (not None),
-    LLaDA's classifier-free guidance: un + (cfg_scale + 1) * (cond - un), `un` the logits with the
-    prompt replaced by masks (both halves in one call)."""
-    n = gen.shape[1]
+    """The forward of a pass without a cache: generation_logits of prompt + answer `gen` at the
+    answer positions [start, start + width). With cfg_scale (not None), LLaDA's classifier-free
+    guidance: un + (cfg_scale + 1) * (cond - un), `un` the logits with the prompt replaced by masks
+    (both halves in one call)."""
     canvas = build_canvas(prompts, prompt_lens, gen)
     if cfg_scale is None:
-        return generation_logits(model, canvas, prompt_lens, end, n)
+        return generation_logits(model, canvas, prompt_lens, end, start, width)
     unconditional = build_canvas(jnp.full_like(prompts, mask_id), prompt_lens, gen)
     both = generation_logits(model, jnp.concatenate([canvas, unconditional]), jnp.concatenate([prompt_lens] * 2),
-                             jnp.concatenate([end, end]), n)
+                             jnp.concatenate([end, end]), jnp.concatenate([start, start]), width)
     cond, un = jnp.split(both, 2)
     return un + (cfg_scale + 1) * (cond - un)
 
@@ -188,14 +198,22 @@ def block_emptied(view: View, transfer: jax.Array, limit: jax.Array) -> jax.Arra
     return ~jnp.any(view.candidates & ~transfer & (jnp.arange(transfer.shape[1]) < limit[:, None]), axis=1)
 
 
-def block_view(view: View, candidates: jax.Array, size: int) -> View:
+def block_view(view: View, size: int) -> View:
     """`view` over each row's current block alone ([B, size] from its block_start), positions
-    relative to the block: what a rule that reads positions only relative to the block sees in a
-    pass where every row runs a cached window (blocks.cached)."""
+    relative to the block: what a rule that reads positions only relative to the block sees
+    (canvas_pass, `view_size`)."""
     idx = view.block_start[:, None] + jnp.arange(size)
     take = lambda x: jnp.take_along_axis(x, idx, axis=1)  # noqa: E731
-    return View(view.passes, take(view.gen), take(candidates), jnp.zeros_like(view.block_start), view.step,
+    return View(view.passes, take(view.gen), take(view.candidates), jnp.zeros_like(view.block_start), view.step,
                 view.limit - view.block_start, view.eos)
+
+
+def view_size(rule: nnx.Module, block_length: int) -> int | None:
+    """The positions of the View canvas_pass shows `rule` and runs the head on: block_length when the
+    rule reads positions only relative to the block (its `reads_positions_in_block`: LLaDA's, the
+    threshold, Fast-dLLM's Dream; not Learn2PD's filter, whose features hold the position in the
+    answer), None (the whole answer) otherwise."""
+    return block_length if getattr(rule, "reads_positions_in_block", False) else None
 
 
 def placed_commit(commit: Commit, gen: jax.Array, block_start: jax.Array) -> Commit:
@@ -259,41 +277,54 @@ class Passed:
 def canvas_pass(model: Transformer, decide, prompts: jax.Array, prompt_lens: jax.Array, gen: jax.Array,
                 block: jax.Array, step: jax.Array, limit: jax.Array, cache: KVCache | None, running: jax.Array,
                 passes: jax.Array, eos: jax.Array, block_length: jax.Array, cfg_scale: jax.Array | None, *,
-                mask_id: int, pad_id: int, widths: tuple[int, ...] | None, windowed: bool) -> tuple[Passed, nnx.State]:
+                mask_id: int, pad_id: int, widths: tuple[int, ...] | None,
+                size: int | None) -> tuple[Passed, nnx.State]:
     """One pass of the rows flagged in `running` [B]: the forward (whole canvas, or with a cache the
     refresh of rows at their block's step 0 and the window of the others), `decide(logits, View) ->
     (Commit, rule state)`, and the committed tokens. `passes`: the View's (scalar, or [B] per row).
-    `widths`: those of a cached pass's window (blocks.cached), None without a cache; `windowed`: a
-    pass in which no row refreshes shows the rule its rows' blocks alone. The fixed batch's loop
-    (`_decode`) and continuous batching's (blocks.slots) both run it."""
-    j = jnp.arange(gen.shape[1])
+    `widths`: those of a cached pass's window (blocks.cached), None without a cache. `size`
+    (view_size): the block length when the rule reads positions only relative to the block; then
+    the head and the rule run on each row's block alone ([B, size, V] logits, block_view), unless a
+    refreshing row has a mask left before its block (a position that predicted the mask token),
+    which the rule counts among its candidates; None: on the whole answer ([B, N, V]). The fixed
+    batch's loop (`_decode`) and continuous batching's (blocks.slots) both run it."""
+    n = gen.shape[1]
+    j = jnp.arange(n)
     end = prompt_lens + limit
     block_start = block * block_length
-    candidates = (gen == mask_id) & (j < block_start[:, None] + block_length) & running[:, None]
+    # A pass without a cache runs the whole canvas for every row: each running row refreshes.
+    refresh = running if widths is None else running & (step == 0)
+    reuse = running & ~refresh
+    # A refreshing row's candidates are its masks up to its block's end; a window row's, its block's.
+    candidates = ((gen == mask_id) & (j < block_start[:, None] + block_length) & running[:, None]
+                  & (refresh[:, None] | (j >= block_start[:, None])))
     view = View(passes, gen, candidates, block_start, step, limit, eos)
-    if widths is None:
-        logits = canvas_logits(model, prompts, prompt_lens, gen, end, mask_id, cfg_scale)
-        commit, rule_state = decide(logits, view)
-    else:
-        refresh = running & (step == 0)
-        canvas = build_canvas(prompts, prompt_lens, gen)
-        candidates &= refresh[:, None] | (j >= block_start[:, None])
+    canvas = build_canvas(prompts, prompt_lens, gen)
 
-        def whole(cache: KVCache):
-            logits, cache = cached_logits(model, canvas, cache, prompt_lens, end, block, block_start, refresh,
-                                          running & ~refresh, widths, gen.shape[1])
-            return decide(logits, dataclasses.replace(view, candidates=candidates)), cache
-
-        def blocks(cache: KVCache):
-            logits, cache = block_logits(model, canvas, cache, prompt_lens, end, block, block_start, running, widths,
-                                         widths[-1])
-            commit, rule_state = decide(logits, block_view(view, candidates, widths[-1]))
-            return (placed_commit(commit, gen, block_start), rule_state), cache
-
-        if windowed:
-            (commit, rule_state), cache = jax.lax.cond(jnp.any(refresh), whole, blocks, cache)
+    def whole(cache: KVCache | None):
+        if widths is None:
+            logits = canvas_logits(model, prompts, prompt_lens, gen, end, mask_id, cfg_scale,
+                                   jnp.zeros_like(block_start), n)
         else:
-            (commit, rule_state), cache = whole(cache)
+            logits, cache = cached_logits(model, canvas, cache, prompt_lens, end, block, block_start, refresh, reuse,
+                                          widths, n)
+        return decide(logits, view), cache
+
+    def blocks(cache: KVCache | None):
+        if widths is None:
+            logits = canvas_logits(model, prompts, prompt_lens, gen, end, mask_id, cfg_scale, block_start, size)
+        else:
+            logits, cache = block_logits(model, canvas, cache, prompt_lens, end, block, block_start, refresh, reuse,
+                                         widths, size)
+        commit, rule_state = decide(logits, block_view(view, size))
+        return (placed_commit(commit, gen, block_start), rule_state), cache
+
+    if size is None:
+        (commit, rule_state), cache = whole(cache)
+    else:
+        # Only a refreshing row's candidates reach before its block: a mask it left there.
+        left = jnp.any(candidates & (j < block_start[:, None]))
+        (commit, rule_state), cache = jax.lax.cond(left, whole, blocks, cache)
     new = jnp.where(commit.transfer & candidates, commit.tokens, gen)
     new = jnp.where(j < commit.limit[:, None], new, pad_id)
     # A position predicting the mask stays masked (Dream's and LLaDA's published loops allow it).
@@ -304,11 +335,11 @@ def canvas_pass(model: Transformer, decide, prompts: jax.Array, prompt_lens: jax
 
 
 @functools.partial(jax.jit, static_argnames=("graphs", "max_new", "mask_id", "pad_id", "bound", "guided", "widths",
-                                                   "windowed"))
+                                                   "size"))
 def _decode(graphs, params, prompts, prompt_lens, eos, key, block_length, cfg_scale, *, max_new: int, mask_id: int,
-            pad_id: int, bound: int, guided: bool, widths: tuple[int, ...] | None, windowed: bool):
+            pad_id: int, bound: int, guided: bool, widths: tuple[int, ...] | None, size: int | None):
     """The loop of a fixed batch, every row from the start, one key for the batch; `widths` and
-    `windowed` as canvas_pass takes them."""
+    `size` as canvas_pass takes them."""
     model = nnx.merge(graphs[0], params[0])
     num_blocks = max_new // block_length
 
@@ -329,7 +360,7 @@ def _decode(graphs, params, prompts, prompt_lens, eos, key, block_length, cfg_sc
         passed, rule_state = canvas_pass(
             model, decide, prompts, prompt_lens, state.gen, state.block, state.step, state.limit, state.cache,
             active(state), i, eos, block_length, cfg_scale if guided else None, mask_id=mask_id, pad_id=pad_id,
-            widths=widths, windowed=windowed)
+            widths=widths, size=size)
         return CanvasState(i + 1, passed.gen, state.accepted.at[:, i].set(passed.committed), key, passed.block,
                            passed.step, passed.limit, rule_state, passed.cache)
 
@@ -374,6 +405,6 @@ def decode_blocks(
         jnp.int32(block_length), jnp.float32(cfg_scale), max_new=config.max_new_tokens,
         mask_id=model.cfg.mask_token_id, pad_id=batch.pad_id, bound=bound, guided=cfg_scale > 0,
         widths=None if cache == "none" else window_widths(cache, block_length, config.max_new_tokens),
-        windowed=getattr(rule, "reads_positions_in_block", False),
+        size=view_size(rule, block_length),
     )
     return batch.finish(*outputs), nnx.merge(graphs[1], rule_state)

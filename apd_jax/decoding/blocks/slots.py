@@ -35,7 +35,7 @@ from flax import nnx
 from apd_jax.decoding.blocks.cached import check_cacheable, window_widths
 from apd_jax.decoding.blocks.dream import DreamBlockConfig, DreamBlockRule
 from apd_jax.decoding.blocks.llada import LLaDAConfig, LLaDARule, check_llada_ids
-from apd_jax.decoding.blocks.loop import Commit, View, canvas_pass, decoded, first_index, prepare_canvas
+from apd_jax.decoding.blocks.loop import Commit, View, canvas_pass, decoded, first_index, prepare_canvas, view_size
 from apd_jax.decoding.continuous import Slots, default_group
 from apd_jax.decoding.diffusion import ConfidenceRule, ParallelConfig, ParallelRule, ThresholdConfig
 from apd_jax.decoding.generation import check_config
@@ -59,7 +59,7 @@ class Spec:
     pad_id: int
     guided: bool  # LLaDA's classifier-free guidance
     widths: tuple[int, ...] | None  # a cached pass's window widths (blocks.cached); None without a cache
-    windowed: bool  # a pass with no refresh shows the rule the rows' blocks alone
+    view_size: int | None  # the rule's view: the block (the head runs on it alone), None: the answer (view_size)
 
 
 @jax.tree_util.register_dataclass
@@ -231,7 +231,7 @@ def _step(model: Transformer, rule_graph, state: SlotState, spec: Spec) -> SlotS
     passed, _ = canvas_pass(
         model, decide, state.prompts, state.prompt_lens, state.gen, state.block, state.step, state.limit, state.cache,
         running, state.passes, state.eos, jnp.int32(spec.block_length), state.cfg_scale if spec.guided else None,
-        mask_id=spec.mask_id, pad_id=spec.pad_id, widths=spec.widths, windowed=spec.windowed)
+        mask_id=spec.mask_id, pad_id=spec.pad_id, widths=spec.widths, size=spec.view_size)
     rows = jnp.arange(state.gen.shape[0])
     return dataclasses.replace(
         state, gen=passed.gen, accepted=state.accepted.at[rows, jnp.where(running, state.passes, spec.bound)].set(
@@ -316,7 +316,7 @@ def block_slots(model: Transformer, prompts: Sequence[Sequence[int]], config: Bl
                 bound=_bound(config), mask_id=mask_id, pad_id=batch.pad_id, guided=getattr(config, "cfg_scale", 0) > 0,
                 widths=None if config.cache == "none" else window_widths(config.cache, block_length,
                                                                          config.max_new_tokens),
-                windowed=getattr(rule, "reads_positions_in_block", False))
+                view_size=view_size(rule, block_length))
     rule_graph, rule_state = nnx.split(rule)
     model_graph, model_state = nnx.split(model)
     graphs, params = (model_graph, rule_graph), (model_state,)
