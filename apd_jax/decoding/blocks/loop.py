@@ -2,7 +2,7 @@
 
 The answer (max_new_tokens positions after each row's prompt, all masked at first) is cut into
 blocks of `block_length`, decoded left to right; a whole-canvas decoder is one block spanning the
-answer. Each pass runs the *forward* (`canvas_logits`: the model over prompt + answer, every block
+answer. Each pass runs the *forward* (`canvas_hidden`: the model over prompt + answer, every block
 in the attention, later ones still masked; optionally with classifier-free guidance) and asks the
 *rule* which masked positions up to the end of the row's current block (`View.candidates`) to
 commit, with which tokens, and whether the row's block is done. A rule is an `nnx.Module` whose
@@ -56,30 +56,28 @@ def build_canvas(prompts: jax.Array, prompt_lens: jax.Array, gen: jax.Array) -> 
     return canvas.at[jnp.arange(b)[:, None], idx].set(gen)
 
 
-def generation_logits(model: Transformer, canvas: jax.Array, prompt_lens: jax.Array, end: jax.Array,
-                      start: jax.Array, width: int) -> jax.Array:
-    """Float32 logits [B, width, V] of each row's generated positions [start, start + width) ([B]
-    start), attending up to `end` [B], read as the model's family predicts (Transformer.aligned:
-    Dream's shifted by one over the whole canvas, LLaDA's not) before the head runs on them alone.
-    A position past the canvas (a finished row's block) reads its last one."""
-    hidden, _ = model(canvas, valid=end)
-    return model.logits(answer_hidden(model.aligned(hidden), prompt_lens + start, width))
-
-
-def canvas_logits(
-    model: Transformer, prompts: jax.Array, prompt_lens: jax.Array, gen: jax.Array, end: jax.Array, mask_id: int,
-    cfg_scale: jax.Array | None, start: jax.Array, width: int,
-) -> jax.Array:
-    """The forward of a pass without a cache: generation_logits of prompt + answer `gen` at the
-    answer positions [start, start + width). With cfg_scale (not None), LLaDA's classifier-free
-    guidance: un + (cfg_scale + 1) * (cond - un), `un` the logits with the prompt replaced by masks
-    (both halves in one call)."""
+def canvas_hidden(model: Transformer, prompts: jax.Array, prompt_lens: jax.Array, gen: jax.Array, end: jax.Array,
+                  mask_id: int, guided: bool) -> jax.Array:
+    """The forward of a pass without a cache: hidden states [B, P + N, H] of prompt + answer `gen`,
+    attending up to `end` [B], read as the model's family predicts (Transformer.aligned: Dream's
+    shifted by one over the whole canvas, LLaDA's not). guided: [2B, P + N, H], the rows again with
+    the prompt replaced by masks after them (LLaDA's classifier-free guidance, one call)."""
     canvas = build_canvas(prompts, prompt_lens, gen)
+    if guided:
+        canvas = jnp.concatenate([canvas, build_canvas(jnp.full_like(prompts, mask_id), prompt_lens, gen)])
+        end = jnp.concatenate([end, end])
+    hidden, _ = model(canvas, valid=end)
+    return model.aligned(hidden)
+
+
+def canvas_logits(model: Transformer, hidden: jax.Array, prompt_lens: jax.Array, start: jax.Array, width: int,
+                  cfg_scale: jax.Array | None) -> jax.Array:
+    """Float32 logits [B, width, V] of each row's answer positions [start, start + width) ([B] start)
+    from canvas_hidden's `hidden`, the head run on them alone. With cfg_scale (not None), LLaDA's
+    guidance: un + (cfg_scale + 1) * (cond - un), `un` the logits of the prompt-masked rows."""
     if cfg_scale is None:
-        return generation_logits(model, canvas, prompt_lens, end, start, width)
-    unconditional = build_canvas(jnp.full_like(prompts, mask_id), prompt_lens, gen)
-    both = generation_logits(model, jnp.concatenate([canvas, unconditional]), jnp.concatenate([prompt_lens] * 2),
-                             jnp.concatenate([end, end]), jnp.concatenate([start, start]), width)
+        return model.logits(answer_hidden(hidden, prompt_lens + start, width))
+    both = model.logits(answer_hidden(hidden, jnp.concatenate([prompt_lens + start] * 2), width))
     cond, un = jnp.split(both, 2)
     return un + (cfg_scale + 1) * (cond - un)
 
@@ -299,12 +297,14 @@ def canvas_pass(model: Transformer, decide, prompts: jax.Array, prompt_lens: jax
     candidates = ((gen == mask_id) & (j < block_start[:, None] + block_length) & running[:, None]
                   & (refresh[:, None] | (j >= block_start[:, None])))
     view = View(passes, gen, candidates, block_start, step, limit, eos)
-    canvas = build_canvas(prompts, prompt_lens, gen)
+    if widths is None:  # one forward, whichever positions the head then reads
+        hidden = canvas_hidden(model, prompts, prompt_lens, gen, end, mask_id, cfg_scale is not None)
+    else:
+        canvas = build_canvas(prompts, prompt_lens, gen)
 
     def whole(cache: KVCache | None):
         if widths is None:
-            logits = canvas_logits(model, prompts, prompt_lens, gen, end, mask_id, cfg_scale,
-                                   jnp.zeros_like(block_start), n)
+            logits = canvas_logits(model, hidden, prompt_lens, jnp.zeros_like(block_start), n, cfg_scale)
         else:
             logits, cache = cached_logits(model, canvas, cache, prompt_lens, end, block, block_start, refresh, reuse,
                                           widths, n)
@@ -312,7 +312,7 @@ def canvas_pass(model: Transformer, decide, prompts: jax.Array, prompt_lens: jax
 
     def blocks(cache: KVCache | None):
         if widths is None:
-            logits = canvas_logits(model, prompts, prompt_lens, gen, end, mask_id, cfg_scale, block_start, size)
+            logits = canvas_logits(model, hidden, prompt_lens, block_start, size, cfg_scale)
         else:
             logits, cache = block_logits(model, canvas, cache, prompt_lens, end, block, block_start, refresh, reuse,
                                          widths, size)
