@@ -186,7 +186,8 @@ def llada_generate(
     compiled call: semi-autoregressive blocks, a fixed count of tokens per step. A row returns its
     tokens through its first eos (eos_token_ids) once all before it are committed. More than
     continuous.MAX_ROWS prompts decode through that many slots (blocks.slots), in the memory of
-    MAX_ROWS rows: at temperature 0 the fixed batch's outputs up to float rounding (decode_blocks)."""
+    MAX_ROWS rows: where no noise is drawn (temperature 0, low-confidence remasking) the fixed batch's
+    outputs up to float rounding (decode_blocks)."""
     from apd_jax.decoding.blocks.slots import block_slots  # imported here: blocks.slots builds on this module
 
     config = check_config(config, LLaDAConfig)

@@ -390,10 +390,11 @@ def decode_blocks(
     cache: "none" (every pass over the whole canvas), "prefix" or "dual" (blocks.cached).
     slots_of(prompts, size): the decoder's slots (blocks.slots.block_slots for `config`); with them a
     call of more than continuous.MAX_ROWS prompts decodes through that many slots
-    (continuous.large_call), in the memory of MAX_ROWS rows, and returns the rule as given. At
-    temperature 0 its outputs are the fixed batch's up to float rounding (a near-tie may fall the
-    other way); rows that draw noise (a sampled row, LLaDA's random remasking) draw it from their own
-    keys, fold_in(key, prompt index), not from the fixed batch's one key per pass."""
+    (continuous.large_call), in the memory of MAX_ROWS rows, and returns the rule as given. Where no
+    noise is drawn (temperature 0, and for LLaDA low-confidence remasking) its outputs are the fixed
+    batch's up to float rounding (a near-tie may fall the other way); rows that draw noise (a
+    sampled row, LLaDA's random remasking) draw it from their own keys, fold_in(key, prompt index),
+    not from the fixed batch's one key per pass."""
     check_cacheable(model, cache, cfg_scale > 0, getattr(rule, "commits_block_start_first", False))
     batch = prepare_canvas(model, config, prompts, key)
     slotted = None if slots_of is None else continuous.large_call(batch, slots_of)

@@ -298,10 +298,14 @@ def block_slots(model: Transformer, prompts: Sequence[Sequence[int]], config: Bl
     of waiting rows cost far less than the refreshes they save.
     keep: parallel decoding's keep rule (diffusion.parallel_decode's) for a row's settings, built
     once per distinct settings (its variables are the row's); None: the threshold's (ConfidenceRule)."""
+    if keep is not None and not isinstance(config, ParallelConfig):
+        raise ValueError(f"block_slots: a keep rule is parallel decoding's; {type(config).__name__} settings have "
+                         "their own rule: drop keep")
     parallel = isinstance(config, ThresholdConfig) or (keep is not None and isinstance(config, ParallelConfig))
     if not (parallel or isinstance(config, (LLaDAConfig, DreamBlockConfig))):
         raise ValueError(f"block_slots runs LLaDAConfig, ThresholdConfig or DreamBlockConfig settings (or "
-                         f"ParallelConfig settings with a keep rule), not {type(config).__name__}")
+                         f"ParallelConfig settings with a keep rule: for Learn2PD use learn2pd.learn2pd_slots), "
+                         f"not {type(config).__name__}")
     keep = _threshold if keep is None else keep
     config = check_config(config, type(config))
     if isinstance(config, LLaDAConfig):
