@@ -55,3 +55,20 @@ def test_a_call_of_more_prompts_than_max_rows_runs_through_the_slots(request, mo
                                                                         for i in range(len(ids))]
     assert slotted.stopped_at_eos.tolist() == fixed.stopped_at_eos.tolist()
     assert (slotted.tokens == fixed.tokens).all()  # the same padding after each row's end
+
+
+def test_dreams_own_sampler_decodes_a_large_call_in_batches_of_max_rows(dream, monkeypatch):
+    """Dream's sampler has no slots: more than MAX_ROWS prompts decode in fixed batches of that many,
+    greedy outputs the one batch's; a bad prompt is named by its own index before anything decodes."""
+    from apd_jax.decoding.diffusion import DiffusionConfig, diffusion_generate
+
+    rng = np.random.default_rng(2)
+    ids = [rng.integers(0, dream.cfg.mask_token_id, n).tolist() for n in LENGTHS]
+    config = DiffusionConfig(max_new_tokens=16, steps=8, eos_token_ids=())
+    whole = diffusion_generate(dream, ids, config)
+    monkeypatch.setattr("apd_jax.decoding.continuous.MAX_ROWS", 4)
+    parts = diffusion_generate(dream, ids, config)
+    assert parts.sequences() == whole.sequences()
+    assert (parts.accepted == whole.accepted).all() and parts.passes == 3 * whole.passes  # batches of 4, 4, 1
+    with pytest.raises(ValueError, match="prompt 6 "):
+        diffusion_generate(dream, ids[:6] + [[dream.cfg.mask_token_id]] + ids[7:], config)
