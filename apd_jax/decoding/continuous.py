@@ -217,5 +217,5 @@ def large_call(batch: Batch, slots_of: Callable[[list[list[int]], int], Slots]) 
     one key per pass for the whole batch, so their sampled large calls give other samples."""
     if len(batch.lengths) <= MAX_ROWS:
         return None
-    rows = [batch.ids[i, :n].tolist() for i, n in enumerate(batch.lengths)]
+    rows = batch.rows()
     return generate(slots_of(rows, MAX_ROWS), [Request(r, i) for i, r in enumerate(rows)], batch.key)[0]

@@ -20,7 +20,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from apd_jax.decoding import continuous
 from apd_jax.decoding.blocks.cached import cache_problems
 from apd_jax.decoding.blocks.loop import (
     Commit,
@@ -32,7 +31,6 @@ from apd_jax.decoding.blocks.loop import (
     descending_rank,
     first_index,
     most_confident,
-    prepare_canvas,
 )
 from apd_jax.decoding.generation import DecoderConfig, GenerationResult, check_config
 from apd_jax.models.model import Transformer
@@ -228,20 +226,9 @@ def diffusion_generate(
 ) -> GenerationResult:
     """Dream's `diffusion_generate` (its `_sample`) for a batch of ragged prompts, one compiled call;
     `accepted[b, i]` counts the positions step i unmasked (one predicting the mask stays masked).
-
-    More than continuous.MAX_ROWS prompts decode in fixed batches of that many, batch k on
-    fold_in(key, k), in the memory of MAX_ROWS rows (the sampler has no slots: its steps run every
-    row in lockstep); greedy outputs are one batch's up to float rounding, `passes` the batches' sum."""
+    The sampler has no slots, so more than continuous.MAX_ROWS prompts decode in fixed batches of
+    that many (decode_blocks)."""
     config = check_config(config, DiffusionConfig)
-    batch = prepare_canvas(model, config, prompts, key)  # every prompt checked, errors naming its own index
-    if len(batch.lengths) > continuous.MAX_ROWS:
-        rows = [batch.ids[i, :n].tolist() for i, n in enumerate(batch.lengths)]
-        size = continuous.MAX_ROWS
-        parts = [diffusion_generate(model, rows[s: s + size], config, jax.random.fold_in(batch.key, s // size))
-                 for s in range(0, len(rows), size)]
-        return GenerationResult(*(np.concatenate([getattr(r, f) for r in parts])
-                                  for f in ("tokens", "lengths", "accepted", "stopped_at_eos")),
-                                sum(r.passes for r in parts))
     rule = DreamRule(config)
     result, _ = decode_blocks(model, rule, prompts, config, key, block_length=config.max_new_tokens,
                               bound=rule.ratios.shape[0])

@@ -346,6 +346,10 @@ class Batch:
         """Each row's key (`row_keys`: row b is prompt b of the call)."""
         return row_keys(self.key, np.arange(len(self.lengths)))
 
+    def rows(self) -> list[list[int]]:
+        """The prompts as checked, unpadded."""
+        return [self.ids[i, :n].tolist() for i, n in enumerate(self.lengths)]
+
     def finish(self, out, lengths, accepted, eos_hit, passes) -> GenerationResult:
         return finish(out, lengths, accepted, eos_hit, passes, self.pad_id)
 

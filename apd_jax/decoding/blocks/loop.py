@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from apd_jax.decoding import continuous
@@ -394,12 +395,22 @@ def decode_blocks(
     noise is drawn (temperature 0, and for LLaDA low-confidence remasking) its outputs are the fixed
     batch's up to float rounding (a near-tie may fall the other way); rows that draw noise (a
     sampled row, LLaDA's random remasking) draw it from their own keys, fold_in(key, prompt index),
-    not from the fixed batch's one key per pass."""
+    not from the fixed batch's one key per pass. Without slots (Dream's own sampler) such a call
+    decodes in fixed batches of MAX_ROWS, batch k on fold_in(key, k), `passes` their sum; the rule
+    comes back as given."""
     check_cacheable(model, cache, cfg_scale > 0, getattr(rule, "commits_block_start_first", False))
     batch = prepare_canvas(model, config, prompts, key)
     slotted = None if slots_of is None else continuous.large_call(batch, slots_of)
     if slotted is not None:
         return slotted, rule
+    if len(batch.lengths) > continuous.MAX_ROWS:
+        rows, size = batch.rows(), continuous.MAX_ROWS
+        parts = [decode_blocks(model, rule, rows[s: s + size], config, jax.random.fold_in(batch.key, s // size),
+                               block_length=block_length, bound=bound, cfg_scale=cfg_scale, cache=cache)[0]
+                 for s in range(0, len(rows), size)]
+        return GenerationResult(*(np.concatenate([getattr(r, f) for r in parts])
+                                  for f in ("tokens", "lengths", "accepted", "stopped_at_eos")),
+                                sum(r.passes for r in parts)), rule
     graphs, params = zip(nnx.split(model), nnx.split(rule))
     outputs, rule_state = _decode(
         graphs, params, jnp.asarray(batch.ids), jnp.asarray(batch.lengths), batch.eos, batch.key,
