@@ -106,6 +106,12 @@ class Usage:
         return self.committed / max(self.passes * self.slots, 1)
 
 
+def setting(request: Request, name: str, defaults: Any) -> Any:
+    """A request's own setting `name`, else the run's (`defaults`, a DecoderConfig)."""
+    own = getattr(request, name)
+    return getattr(defaults, name) if own is None else own
+
+
 def request_keys(key: jax.Array, requests: Sequence[Request]) -> jax.Array:
     """Each request's typed key: jax.random.key(seed) when it gives a seed, else fold_in(key, index)."""
     keys = np.array(jax.random.key_data(row_keys(key, [r.index for r in requests])))
@@ -118,8 +124,7 @@ def request_keys(key: jax.Array, requests: Sequence[Request]) -> jax.Array:
 def check_request(request: Request, slots: Slots, where: str) -> None:
     """A request's own settings in range, its budget within the run's capacity (`where` names it)."""
     d = slots.defaults
-    s = {f: getattr(d, f) if getattr(request, f) is None else getattr(request, f)
-         for f in ("max_new_tokens", "temperature", "top_p", "top_k")}
+    s = {f: setting(request, f, d) for f in ("max_new_tokens", "temperature", "top_p", "top_k")}
     problems = knob_problems(**s)
     if s["max_new_tokens"] > slots.max_new:
         problems.append(f"max_new_tokens={s['max_new_tokens']} exceeds the run's capacity {slots.max_new} "
@@ -183,12 +188,11 @@ def _group(slots: Slots, requests: Sequence[Request], group: list[int], chosen: 
     ids = np.zeros((slots.group, slots.prompt_len), np.int32)
     for i, r in enumerate(rows):
         ids[i, : len(requests[r].ids)] = requests[r].ids
-    setting = lambda name, dtype: np.asarray(  # noqa: E731
-        [getattr(slots.defaults, name) if getattr(requests[r], name) is None else getattr(requests[r], name)
-         for r in rows], dtype)
+    per_row = lambda name, dtype: np.asarray(  # noqa: E731
+        [setting(requests[r], name, slots.defaults) for r in rows], dtype)
     lengths = np.asarray([len(requests[r].ids) for r in rows], np.int32)
-    knobs = slots.knobs(setting("temperature", np.float32), setting("top_p", np.float32), setting("top_k", np.int32))
-    return target, ids, lengths, setting("max_new_tokens", np.int32), knobs, keys[np.asarray(rows)]
+    knobs = slots.knobs(per_row("temperature", np.float32), per_row("top_p", np.float32), per_row("top_k", np.int32))
+    return target, ids, lengths, per_row("max_new_tokens", np.int32), knobs, keys[np.asarray(rows)]
 
 
 def generate(slots: Slots, requests: Sequence[Request], key: jax.Array) -> tuple[GenerationResult, Usage]:
