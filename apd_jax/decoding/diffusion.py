@@ -22,16 +22,17 @@ from flax import nnx
 
 from apd_jax.decoding.blocks.cached import cache_problems
 from apd_jax.decoding.blocks.loop import (
+    Blocks,
     Commit,
     View,
     block_emptied,
     block_problems,
-    block_size,
     decode_blocks,
     descending_rank,
     first_index,
     most_confident,
 )
+from apd_jax.decoding.blocks.slots import block_slots
 from apd_jax.decoding.generation import DecoderConfig, GenerationResult, check_config
 from apd_jax.models.model import Transformer
 from apd_jax.decoding.sampling import Knobs, exclude_token, filter_logits, gumbel_argmax, gumbel_noise
@@ -80,7 +81,7 @@ class DiffusionConfig(DecoderConfig):
 
 
 @dataclasses.dataclass(frozen=True)
-class ParallelConfig(DecoderConfig):
+class ParallelConfig(Blocks, DecoderConfig):
     """Knobs of the parallel decoders (threshold, Learn2PD), all traced but max_new_tokens.
     eot_threshold: once a masked position predicts an eos above it, that eos is committed and
     every later position dropped (padding, hidden from attention); None disables it.
@@ -103,6 +104,15 @@ class ParallelConfig(DecoderConfig):
             problems.append(f"eot_threshold={self.eot_threshold} must lie in [0, 1) (None disables it)")
         return problems
 
+    @property
+    def pass_bound(self) -> int:
+        """The most passes `parallel_decode` runs a row: one per position (each commits at least one)."""
+        return self.max_new_tokens
+
+    def parallel_rule(self, model: Transformer, keep: nnx.Module) -> ParallelRule:
+        """Parallel decoding's rule with these settings on `model`, committing what `keep` keeps."""
+        return ParallelRule(keep, self, model.cfg.mask_token_id)
+
 
 @dataclasses.dataclass(frozen=True)
 class ThresholdConfig(ParallelConfig):
@@ -117,6 +127,10 @@ class ThresholdConfig(ParallelConfig):
         if not 0.0 < self.threshold <= 1.0:
             problems.append(f"threshold={self.threshold} must lie in (0, 1] (1 commits one token per pass)")
         return problems
+
+    def block_rule(self, model: Transformer) -> ParallelRule:
+        """The rule of these settings on `model`: parallel decoding keeping what exceeds the threshold."""
+        return self.parallel_rule(model, ConfidenceRule(self.threshold))
 
 
 # Dream's schedule, bit for bit
@@ -289,13 +303,9 @@ def parallel_decode(
     The rule's variables are traced; the mask is never predicted. More than continuous.MAX_ROWS
     prompts decode through that many slots (blocks.slots, every row with this rule), in the memory
     of MAX_ROWS rows: at temperature 0 the fixed batch's outputs up to float rounding (decode_blocks)."""
-    from apd_jax.decoding.blocks.slots import block_slots  # imported here: blocks.slots builds on this module
-
     config = check_config(config, ParallelConfig)
-    parallel = ParallelRule(rule, config, model.cfg.mask_token_id)
-    result, _ = decode_blocks(model, parallel, prompts, config, key,
-                              block_length=block_size(config.block_length, config.max_new_tokens),
-                              bound=config.max_new_tokens, cache=config.cache,
+    result, _ = decode_blocks(model, config.parallel_rule(model, rule), prompts, config, key,
+                              block_length=config.block_size, bound=config.pass_bound, cache=config.cache,
                               # Every row of a large call has the call's settings, so this keep rule.
                               slots_of=lambda rows, size: block_slots(model, rows, config, size, keep=lambda _: rule))
     return result

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from apd_jax.models.cache import KVCache
 from apd_jax.models.model import Transformer
@@ -55,17 +56,17 @@ def cache_problems(cache: str) -> list[str]:
     return [] if cache in CACHE_MODES else [f"cache={cache!r}: use one of {CACHE_MODES}"]
 
 
-def check_cacheable(model: Transformer, cache: str, guided: bool, block_start_first: bool) -> None:
+def check_cacheable(model: Transformer, cache: str, guided: bool, rule: nnx.Module) -> None:
     """Refuse what the cached forwards do not run: classifier-free guidance (Fast-dLLM's cached
     samplers have none), and a shifted family (Dream) under a rule that does not commit each block's
-    first position in the block's first pass (`block_start_first`): a window reads Dream's outputs
-    shifted within itself, as Fast-dLLM's Dream code does, so its first position's prediction there
-    is its own output, not the one before it."""
+    first position in the block's first pass (its `commits_block_start_first`: Fast-dLLM's Dream
+    rule's): a window reads Dream's outputs shifted within itself, as Fast-dLLM's Dream code does, so
+    its first position's prediction there is its own output, not the one before it."""
     if cache_problems(cache):
         raise ValueError(cache_problems(cache)[0])
     if cache == "none":
         return
-    if model.cfg.family.shift and not block_start_first:
+    if model.cfg.family.shift and not getattr(rule, "commits_block_start_first", False):
         raise ValueError(f"cache={cache!r} runs a {model.cfg.model_type} model only with Fast-dLLM's Dream rule "
                          "(--decoder dream-block, DreamBlockConfig); this rule decodes it with cache='none'")
     if guided:

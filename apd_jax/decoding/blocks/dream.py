@@ -27,6 +27,7 @@ from flax import nnx
 
 from apd_jax.decoding.blocks.cached import cache_problems
 from apd_jax.decoding.blocks.loop import BlockSteps, Commit, View, block_emptied, decode_blocks
+from apd_jax.decoding.blocks.slots import block_slots
 from apd_jax.decoding.diffusion import ALGORITHMS, dream_transfer, dream_transfer_ratios, most_confident, predict
 from apd_jax.decoding.generation import DecoderConfig, GenerationResult, check_config
 from apd_jax.decoding.sampling import Knobs
@@ -59,6 +60,16 @@ class DreamBlockConfig(BlockSteps, DecoderConfig):
         if not 0.0 < self.eps < 1.0:
             problems.append(f"eps={self.eps} must lie in (0, 1) (the last timestep of linspace(1, eps))")
         return problems
+
+    @property
+    def pass_bound(self) -> int:
+        """The most passes `dream_block_generate` runs a row: one per position with a threshold (each
+        pass commits at least one), else its steps."""
+        return self.max_new_tokens if self.threshold is not None else self.step_count
+
+    def block_rule(self, model: Transformer) -> DreamBlockRule:
+        """The rule of these settings (it reads nothing of `model`)."""
+        return DreamBlockRule(self)
 
 
 class DreamBlockRule(nnx.Module):
@@ -102,11 +113,8 @@ def dream_block_generate(
     compiled call, with its prefix or dual KV cache. More than continuous.MAX_ROWS prompts decode
     through that many slots (blocks.slots), in the memory of MAX_ROWS rows: at temperature 0 the
     fixed batch's outputs up to float rounding (decode_blocks)."""
-    from apd_jax.decoding.blocks.slots import block_slots  # imported here: blocks.slots builds on this module
-
     config = check_config(config, DreamBlockConfig)
-    result, _ = decode_blocks(model, DreamBlockRule(config), prompts, config, key,
-                              block_length=config.block_size,
-                              bound=config.max_new_tokens if config.threshold is not None else config.step_count,
-                              cache=config.cache, slots_of=lambda rows, size: block_slots(model, rows, config, size))
+    result, _ = decode_blocks(model, config.block_rule(model), prompts, config, key, block_length=config.block_size,
+                              bound=config.pass_bound, cache=config.cache,
+                              slots_of=lambda rows, size: block_slots(model, rows, config, size))
     return result

@@ -31,6 +31,7 @@ from flax import nnx
 
 from apd_jax.decoding.blocks.cached import cache_problems
 from apd_jax.decoding.blocks.loop import BlockSteps, Commit, View, decode_blocks, descending_rank
+from apd_jax.decoding.blocks.slots import block_slots
 from apd_jax.decoding.generation import DecoderConfig, GenerationResult, check_config
 from apd_jax.models.model import Transformer
 
@@ -84,6 +85,16 @@ class LLaDAConfig(BlockSteps, DecoderConfig):
         if self.eos_id < 0 or self.eot_id < 0:
             problems.append(f"eos_id={self.eos_id} and eot_id={self.eot_id} must be token ids (>= 0)")
         return problems
+
+    @property
+    def pass_bound(self) -> int:
+        """The most passes `llada_generate` runs a row: its steps."""
+        return self.step_count
+
+    def block_rule(self, model: Transformer) -> LLaDARule:
+        """The rule of these settings on `model`, whose vocabulary must hold the eos and eot ids they read."""
+        check_llada_ids(model, self)
+        return LLaDARule(self)
 
 
 def transfer_counts(block_length: int, steps: int) -> np.ndarray:
@@ -188,11 +199,8 @@ def llada_generate(
     continuous.MAX_ROWS prompts decode through that many slots (blocks.slots), in the memory of
     MAX_ROWS rows: where no noise is drawn (temperature 0, low-confidence remasking) the fixed batch's
     outputs up to float rounding (decode_blocks)."""
-    from apd_jax.decoding.blocks.slots import block_slots  # imported here: blocks.slots builds on this module
-
     config = check_config(config, LLaDAConfig)
-    check_llada_ids(model, config)
-    result, _ = decode_blocks(model, LLaDARule(config), prompts, config, key, block_length=config.block_size,
-                              bound=config.step_count, cfg_scale=config.cfg_scale, cache=config.cache,
+    result, _ = decode_blocks(model, config.block_rule(model), prompts, config, key, block_length=config.block_size,
+                              bound=config.pass_bound, cfg_scale=config.cfg_scale, cache=config.cache,
                               slots_of=lambda rows, size: block_slots(model, rows, config, size))
     return result

@@ -134,14 +134,9 @@ def block_problems(block_length: int | None, max_new_tokens: int) -> list[str]:
     return []
 
 
-class BlockSteps:
-    """The passes and blocks of a block decoder's settings, for a settings class with the fields
-    steps (None: max_new_tokens, one token per step) and block_length (None: one block): each block
-    gets steps / blocks passes."""
-
-    @property
-    def step_count(self) -> int:
-        return self.max_new_tokens if self.steps is None else self.steps
+class Blocks:
+    """The blocks of a block decoder's settings, for a settings class with the fields
+    max_new_tokens and block_length (None: one block)."""
 
     @property
     def block_size(self) -> int:
@@ -150,6 +145,16 @@ class BlockSteps:
     @property
     def num_blocks(self) -> int:
         return self.max_new_tokens // self.block_size
+
+
+class BlockSteps(Blocks):
+    """The passes and blocks of a block decoder's settings, for a settings class with the fields
+    steps (None: max_new_tokens, one token per step) and block_length (None: one block): each block
+    gets steps / blocks passes."""
+
+    @property
+    def step_count(self) -> int:
+        return self.max_new_tokens if self.steps is None else self.steps
 
     def step_problems(self) -> list[str]:
         """What is wrong with steps and block_length (none: an empty list)."""
@@ -398,7 +403,7 @@ def decode_blocks(
     not from the fixed batch's one key per pass. Without slots (Dream's own sampler) such a call
     decodes in fixed batches of MAX_ROWS, batch k on fold_in(key, k), `passes` their sum; the rule
     comes back as given."""
-    check_cacheable(model, cache, cfg_scale > 0, getattr(rule, "commits_block_start_first", False))
+    check_cacheable(model, cache, cfg_scale > 0, rule)
     batch = prepare_canvas(model, config, prompts, key)
     slotted = None if slots_of is None else continuous.large_call(batch, slots_of)
     if slotted is not None:

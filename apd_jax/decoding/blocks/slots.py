@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -33,18 +34,37 @@ import numpy as np
 from flax import nnx
 
 from apd_jax.decoding.blocks.cached import check_cacheable, window_widths
-from apd_jax.decoding.blocks.dream import DreamBlockConfig, DreamBlockRule
-from apd_jax.decoding.blocks.llada import LLaDAConfig, LLaDARule, check_llada_ids
 from apd_jax.decoding.blocks.loop import Commit, View, canvas_pass, decoded, first_index, prepare_canvas, view_size
 from apd_jax.decoding.continuous import Slots, default_group
-from apd_jax.decoding.diffusion import ConfidenceRule, ParallelConfig, ParallelRule, ThresholdConfig
 from apd_jax.decoding.generation import check_config
 from apd_jax.models.cache import KVCache
 from apd_jax.models.config import raise_problems
 from apd_jax.models.model import Transformer
 
-BlockConfig = LLaDAConfig | ParallelConfig | DreamBlockConfig
-Keep = Callable[[ParallelConfig], nnx.Module]  # parallel decoding's keep rule for a row's settings
+
+class BlockConfig(Protocol):
+    """What the slots read of a decoder's settings (a DecoderConfig), which each settings class they
+    run defines next to its rule, so this module names none of them: LLaDAConfig (blocks.llada),
+    DreamBlockConfig (blocks.dream), ThresholdConfig and, with a keep rule, any ParallelConfig
+    (decoding.diffusion). Its fixed decoder runs the same rule and bound. The rule comes from
+    `block_rule(model) -> nnx.Module`, the fixed decoder's rule for the settings on `model` (checking
+    what they need of it), in settings with a rule of their own (LLaDA's, Fast-dLLM's Dream, the
+    threshold); with block_slots' `keep`, from `parallel_rule(model, keep) -> nnx.Module`, parallel
+    decoding's rule around that keep rule (ParallelConfig's)."""
+
+    max_new_tokens: int
+    cache: str  # "none", "prefix" or "dual" (blocks.cached)
+
+    @property
+    def block_size(self) -> int:
+        """The positions of a block (max_new_tokens: one block)."""
+
+    @property
+    def pass_bound(self) -> int:
+        """The most passes the fixed decoder runs a row."""
+
+
+Keep = Callable[[BlockConfig], nnx.Module]  # parallel decoding's keep rule for a row's settings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,31 +140,6 @@ def row_config(config: BlockConfig, max_new_tokens: int, temperature: float, top
     raise_problems(f"a request's (max_new_tokens={max_new_tokens}, temperature={temperature}, top_p={top_p}, "
                    f"top_k={top_k})", row_problems(config, max_new_tokens, temperature, top_p, top_k))
     return dataclasses.replace(config, **_row_changes(config, max_new_tokens, temperature, top_p, top_k)[0])
-
-
-def _rule(config: BlockConfig, mask_id: int, keep: Keep) -> nnx.Module:
-    """The fixed decoder's rule for `config`."""
-    if isinstance(config, LLaDAConfig):
-        return LLaDARule(config)
-    if isinstance(config, DreamBlockConfig):
-        return DreamBlockRule(config)
-    return ParallelRule(keep(config), config, mask_id)
-
-
-def _threshold(config: ThresholdConfig) -> nnx.Module:
-    """Threshold decoding's keep rule for a row's settings."""
-    return ConfidenceRule(config.threshold)
-
-
-def _bound(config: BlockConfig) -> int:
-    """The fixed decoder's bound of passes for `config`."""
-    if isinstance(config, ParallelConfig) or (isinstance(config, DreamBlockConfig) and config.threshold is not None):
-        return config.max_new_tokens
-    return config.step_count
-
-
-def _block_length(config: BlockConfig) -> int:
-    return config.max_new_tokens if config.block_length is None else config.block_length
 
 
 def _fit(leaf: jax.Array, like: jax.Array) -> jax.Array:
@@ -297,27 +292,29 @@ def block_slots(model: Transformer, prompts: Sequence[Sequence[int]], config: Bl
     window pass only the block (dual) or the answer from it (prefix), so the extra window passes
     of waiting rows cost far less than the refreshes they save.
     keep: parallel decoding's keep rule (diffusion.parallel_decode's) for a row's settings, built
-    once per distinct settings (its variables are the row's); None: the threshold's (ConfidenceRule)."""
-    if keep is not None and not isinstance(config, ParallelConfig):
+    once per distinct settings (its variables are the row's); None: the settings' own rule
+    (BlockConfig's block_rule; for ThresholdConfig the threshold's)."""
+    if keep is not None and not hasattr(config, "parallel_rule"):
         raise ValueError(f"block_slots: a keep rule is parallel decoding's; {type(config).__name__} settings have "
                          "their own rule: drop keep")
-    parallel = isinstance(config, ThresholdConfig) or (keep is not None and isinstance(config, ParallelConfig))
-    if not (parallel or isinstance(config, (LLaDAConfig, DreamBlockConfig))):
+    if keep is None and not hasattr(config, "block_rule"):
         raise ValueError(f"block_slots runs LLaDAConfig, ThresholdConfig or DreamBlockConfig settings (or "
                          f"ParallelConfig settings with a keep rule: for Learn2PD use learn2pd.learn2pd_slots), "
                          f"not {type(config).__name__}")
-    keep = _threshold if keep is None else keep
     config = check_config(config, type(config))
-    if isinstance(config, LLaDAConfig):
-        check_llada_ids(model, config)
-    check_cacheable(model, config.cache, getattr(config, "cfg_scale", 0.0) > 0,
-                    isinstance(config, DreamBlockConfig))
+
+    def rule_of(settings: BlockConfig) -> nnx.Module:
+        """The fixed decoder's rule for a row's settings."""
+        return settings.block_rule(model) if keep is None else settings.parallel_rule(model, keep(settings))
+
+    rule = rule_of(config)
+    check_cacheable(model, config.cache, getattr(config, "cfg_scale", 0.0) > 0, rule)
     batch = prepare_canvas(model, config, prompts, None)
     mask_id = model.cfg.mask_token_id
-    block_length = _block_length(config)
-    rule = _rule(config, mask_id, keep)
+    block_length = config.block_size
     spec = Spec(prompt_len=batch.ids.shape[1], max_new=config.max_new_tokens, block_length=block_length,
-                bound=_bound(config), mask_id=mask_id, pad_id=batch.pad_id, guided=getattr(config, "cfg_scale", 0) > 0,
+                bound=config.pass_bound, mask_id=mask_id, pad_id=batch.pad_id,
+                guided=getattr(config, "cfg_scale", 0) > 0,
                 widths=None if config.cache == "none" else window_widths(config.cache, block_length,
                                                                          config.max_new_tokens),
                 view_size=view_size(rule, block_length))
@@ -334,8 +331,8 @@ def block_slots(model: Transformer, prompts: Sequence[Sequence[int]], config: Bl
     def row(settings: tuple) -> tuple[int, nnx.State]:
         if settings not in rows:
             own = row_config(config, *settings)
-            state = nnx.state(_rule(own, mask_id, keep))
-            rows[settings] = _bound(own), jax.tree.map(_fit, state, rule_state)
+            state = nnx.state(rule_of(own))
+            rows[settings] = own.pass_bound, jax.tree.map(_fit, state, rule_state)
         return rows[settings]
 
     def knobs(temperature: np.ndarray, top_p: np.ndarray, top_k: np.ndarray):
