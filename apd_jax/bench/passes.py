@@ -31,10 +31,10 @@ from flax import nnx
 from apd_jax.bench.bounds import Work
 from apd_jax.bench.timing import call_times, median_time
 from apd_jax.decoding.blocks.cached import window_widths
-from apd_jax.decoding.blocks.dream import DreamBlockConfig, DreamBlockRule
-from apd_jax.decoding.blocks.llada import LLaDAConfig, LLaDARule
+from apd_jax.decoding.blocks.dream import DreamBlockConfig
+from apd_jax.decoding.blocks.llada import LLaDAConfig
 from apd_jax.decoding.blocks.loop import block_size, canvas_pass, prepare_canvas, view_size
-from apd_jax.decoding.diffusion import ConfidenceRule, ParallelRule, ThresholdConfig
+from apd_jax.decoding.diffusion import ThresholdConfig
 from apd_jax.decoding.generation import GenerationResult
 from apd_jax.models.cache import KVCache
 from apd_jax.models.model import Transformer
@@ -44,11 +44,7 @@ CanvasConfig = LLaDAConfig | ThresholdConfig | DreamBlockConfig
 
 def canvas_rule(model: Transformer, cfg: CanvasConfig) -> nnx.Module:
     """The rule the config's generate function runs (llada_generate, dream_block_generate, threshold_generate)."""
-    if isinstance(cfg, LLaDAConfig):
-        return LLaDARule(cfg)
-    if isinstance(cfg, DreamBlockConfig):
-        return DreamBlockRule(cfg)
-    return ParallelRule(ConfidenceRule(cfg.threshold), cfg, model.cfg.mask_token_id)
+    return cfg.block_rule(model)
 
 
 def _fixed_steps(cfg: CanvasConfig) -> int | None:
