@@ -27,7 +27,7 @@ import dataclasses
 import json
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -405,9 +405,11 @@ def ratios(rows: list[TorchRow], jax_json: Path) -> list[str]:
 def run(shapes: tuple[ModelConfig, ModelConfig, ModelConfig, ModelConfig], settings: list[tuple[float, int, int]],
         prompt_len: int, max_new_tokens: int, repeats: int, baselines: list[str],
         log: Callable[[str], None] = print,
-        on_row: Callable[[list[TorchRow]], None] = lambda rows: None) -> list[TorchRow]:
+        on_row: Callable[[list[TorchRow]], None] = lambda rows: None,
+        caches: Sequence[str] = ("none", "prefix", "dual")) -> list[TorchRow]:
     """Every PyTorch row: HF generate (if asked for), APD per setting (drafter cache on and off), left-to-right,
-    Fast-dLLM's Dream block decoding, LLaDA's generate and Fast-dLLM's cached samplers (if asked for).
+    Fast-dLLM's Dream block decoding (dual cache) and LLaDA's generate (no cache) and Fast-dLLM's cached
+    samplers (if asked for), those of the block decoders with a cache mode in `caches`.
 
     `on_row` receives the rows so far after each one (bench writes its JSON there)."""
     import torch
@@ -439,7 +441,7 @@ def run(shapes: tuple[ModelConfig, ModelConfig, ModelConfig, ModelConfig], setti
     if "leftright" in baselines:
         report(bench_leftright(drafter, d_cfg, prompt, 1, *LEFTRIGHT_WM, max_new_tokens, repeats))
     block = min(LLADA_BLOCK, max_new_tokens)  # as `apd-jax bench` decodes its block rows
-    if "dream-block" in baselines:  # the schedule and the threshold rule, dual cache, as `apd-jax bench` runs them
+    if "dream-block" in baselines and "dual" in caches:  # the schedule and the threshold rule, dual cache, as `apd-jax bench` runs them
         drafter = verifier = None  # make room for Fast-dLLM's Dream model
         dream = torch_dream_published(d_cfg)
         dream_prompt = random_prompts([d_cfg], 1, prompt_len)[0]
@@ -450,8 +452,10 @@ def run(shapes: tuple[ModelConfig, ModelConfig, ModelConfig, ModelConfig], setti
         drafter = verifier = None  # make room for the 8B model
         llada = torch_llada(llada_cfg)
         llada_prompt = random_prompts([llada_cfg], 1, prompt_len)[0]
-        report(bench_llada_generate(llada, llada_cfg, llada_prompt, max_new_tokens, block, repeats))
-        for cache, threshold in (("prefix", None), ("dual", None), ("dual", THRESHOLD)):
+        if "none" in caches:
+            report(bench_llada_generate(llada, llada_cfg, llada_prompt, max_new_tokens, block, repeats))
+        for cache, threshold in [(c, t) for c, t in (("prefix", None), ("dual", None), ("dual", THRESHOLD))
+                                 if c in caches]:
             report(bench_fastdllm(llada, llada_cfg, llada_prompt, max_new_tokens, block, cache, threshold, repeats))
     return rows
 

@@ -65,6 +65,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "Fast-dLLM's prefix and dual caches, and threshold decoding), dream-block (Fast-dLLM's Dream "
                         "block decoding, dual cache: its schedule and threshold rule); batch 1, the dual-cache rows "
                         "also at every --batch size; or none. With --torch: the published code of each, batch 1")
+    p.add_argument("--caches", type=_caches, default="none,prefix,dual",
+                   help="the KV cache modes of the llada and dream-block rows, comma-separated none, prefix, dual "
+                        "(the prefix rows compile a window per block: one call each keeps calls short); "
+                        "dream-block runs dual only, as the published code")
     p.add_argument("--profile", action="store_true",
                    help="profile one more call of every benchmark and print its top device ops per pass")
     p.add_argument("--torch", action="store_true",
@@ -116,6 +120,16 @@ def _baselines(text: str) -> list[str]:
     if unknown:
         raise argparse.ArgumentTypeError(f"invalid value {text!r}: unknown baseline {unknown[0]!r}; expected "
                                          f"comma-separated {', '.join(BASELINES)}, or none")
+    return names
+
+
+CACHES = ("none", "prefix", "dual")
+
+
+def _caches(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",")]
+    if not names or any(name not in CACHES for name in names):
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected comma-separated {', '.join(CACHES)}")
     return names
 
 
@@ -273,7 +287,7 @@ def run(args: argparse.Namespace) -> int:
     def canvas(model, cfg, batch: int) -> None:
         report(bench.bench_canvas(model, cfg, batch, args.prompt_len, ceilings, args.repeats, profile=args.profile))
 
-    if "dream-block" in baselines:  # Fast-dLLM's Dream block decoding: the schedule and the threshold, dual cache
+    if "dream-block" in baselines and "dual" in args.caches:  # Fast-dLLM's Dream block decoding, dual cache
         for threshold in (None, bench.THRESHOLD):
             cfg = DreamBlockConfig(max_new_tokens=n, block_length=block, threshold=threshold, eos_token_ids=(),
                                    **sampling)
@@ -290,15 +304,15 @@ def run(args: argparse.Namespace) -> int:
         drafter = verifier = None  # make room for the 8B model
         llada = _quantized(bench.random_model(llada_cfg.replace(attention=args.attention), 4), "llada", args,
                            differences)
-        configs = [LLaDAConfig(max_new_tokens=n, block_length=block, cache=cache, eos_token_ids=(), **sampling)
-                   for cache in ("none", "prefix", "dual")]
-        configs += [ThresholdConfig(threshold=bench.THRESHOLD, max_new_tokens=n, eos_token_ids=(), **sampling),
-                    ThresholdConfig(threshold=bench.THRESHOLD, max_new_tokens=n, block_length=block, cache="dual",
-                                    eos_token_ids=(), **sampling)]
-        for cfg in configs:
+        rule = {cache: LLaDAConfig(max_new_tokens=n, block_length=block, cache=cache, eos_token_ids=(), **sampling)
+                for cache in args.caches}
+        threshold = {cache: ThresholdConfig(threshold=bench.THRESHOLD, max_new_tokens=n, eos_token_ids=(), **sampling,
+                                            **({} if cache == "none" else dict(block_length=block, cache=cache)))
+                     for cache in args.caches if cache != "prefix"}  # the whole answer at once without a cache
+        for cfg in [*rule.values(), *threshold.values()]:
             canvas(llada, cfg, 1)
-        for b in wide:
-            canvas(llada, configs[2], b)  # the dual cache, LLaDA's rule
+        for b in wide if "dual" in rule else ():
+            canvas(llada, rule["dual"], b)  # the dual cache, LLaDA's rule
     return 0
 
 
@@ -386,7 +400,8 @@ def _torch(args: argparse.Namespace, settings: list[APDConfig]) -> int:
     if len(fixed) < len(settings):
         print("(adaptive-lookahead settings skipped: the published loop has a fixed M)", flush=True)
     rows = bench_torch.run(_configs(args.shapes), fixed, args.prompt_len, args.max_new_tokens, args.repeats,
-                           args.baselines, log=lambda line: print(line, flush=True), on_row=report)
+                           args.baselines, log=lambda line: print(line, flush=True), on_row=report,
+                           caches=args.caches)
     if args.against is not None:
         for line in bench_torch.ratios(rows, args.against):
             print(line, flush=True)
