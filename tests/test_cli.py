@@ -59,6 +59,19 @@ def test_bench_runs_on_tiny_shapes(tmp_path, capsys):
     assert [r["batch"] for r in rows] == [1, 1, 1] and all(r["profile"] is not None for r in rows)
 
 
+def test_profile_sums_every_op_by_kind():
+    from apd_jax.bench import decoders as bench
+
+    assert [bench.op_kind(n) for n in ("nvjet_sm90_tst_320x128", "gemm_fusion_dot_1708", "memcpy32_post",
+                                       "input_scatter_fusion_213", "input_reduce_fusion", "loop_add_fusion_144")] == [
+        "gemm", "gemm", "copy", "scatter", "reduce", "other"]
+    row = bench.Row(name="APD", batch=1, ms_per_pass=9.0, tokens_per_s=1.0, tokens_per_pass=2.0, passes=10,
+                    compile_s=1.0, bound_ms=6.0, memory_floor_ms=6.0, peak_memory_gb=None,
+                    profile=[("nvjet_a", 6.5, 27.0)], profile_kinds={"gemm": (6.94, 315.5), "other": (1.31, 420.5)})
+    assert "every op: 8.25 ms/pass in 736 kernels; by kind (kernels): gemm 6.94 ms (316), other 1.31 ms (420)" in (
+        bench.format_row(row))
+
+
 def test_bench_llada_baseline_runs_in_jax_and_in_the_published_pytorch_code(tmp_path, capsys):
     common = ["--shapes", "tiny", "--settings", "0.7,4,8", "--prompt-len", "8", "--max-new-tokens", "16",
               "--repeats", "1", "--baselines", "llada,dream-block"]

@@ -130,8 +130,10 @@ class Row:
     bound_ms: float  # roofline bound of one pass, the mean over the call's passes
     memory_floor_ms: float  # reading every weight once
     peak_memory_gb: float | None
-    # with profile=True: the top device ops of one more call, as (name, ms per pass, calls per pass)
+    # with profile=True: the top device ops of one more call, as (name, ms per pass, calls per pass),
+    # and every op of it summed by kind (op_kind) as {kind: (ms per pass, kernels per pass)}
     profile: list[tuple[str, float, float]] | None = None
+    profile_kinds: dict[str, tuple[float, float]] | None = None
     bound_leaves_out: str = bounds.LEFT_OUT
     bound_compiled_ms: float | None = None
     refresh_passes: int | None = None
@@ -175,7 +177,7 @@ def _measure(name: str, batch: int, run: Callable[[], GenerationResult],
         name=name, batch=batch, ms_per_pass=1e3 * t / result.passes,
         tokens_per_s=float(result.lengths.sum()) / t, tokens_per_pass=result.tokens_per_pass(),
         passes=result.passes, compile_s=first - t, peak_memory_gb=None if peak is None else peak / 1e9,
-        profile=per_pass_profile(run) if profile else None, **account(result, t),
+        **(per_pass_profile(run) if profile else {}), **account(result, t),
     )
 
 
@@ -356,7 +358,11 @@ def format_row(r: Row) -> str:
         return "\n".join([*lines, "    device profile: the trace holds no device ops (the CPU backend records none)"])
     ops = [f"    {ms:8.3f} ms/pass  x{calls:<6.1f} {name[:90]}" for name, ms, calls in r.profile]
     total = sum(ms for _, ms, _ in r.profile)
-    return "\n".join([*lines, "    device profile, top ops:", *ops, f"    {total:8.3f} ms/pass in these ops"])
+    kinds = sorted(r.profile_kinds.items(), key=lambda kind: -kind[1][0])
+    busy, kernels = (sum(v[i] for _, v in kinds) for i in (0, 1))
+    by_kind = ", ".join(f"{kind} {ms:.2f} ms ({n:.0f})" for kind, (ms, n) in kinds)
+    return "\n".join([*lines, "    device profile, top ops:", *ops, f"    {total:8.3f} ms/pass in these ops",
+                      f"    every op: {busy:.2f} ms/pass in {kernels:.0f} kernels; by kind (kernels): {by_kind}"])
 
 
 def to_json(rows: list[Row], ceilings: dict[str, float], extra: dict | None = None) -> str:
@@ -373,7 +379,7 @@ def to_json(rows: list[Row], ceilings: dict[str, float], extra: dict | None = No
     )
 
 
-def device_profile(fn: Callable[[], Any], top: int = 25) -> tuple[list[tuple[str, float, int]], Any]:
+def device_profile(fn: Callable[[], Any]) -> tuple[list[tuple[str, float, int]], Any]:
     """Device time per op name over one call of `fn`, from a jax.profiler trace.
 
     Returns ([(op name, total ms, count)] sorted by time, fn's result). Device ops are
@@ -399,11 +405,26 @@ def device_profile(fn: Callable[[], Any], top: int = 25) -> tuple[list[tuple[str
                 totals[event.name][0] += event.duration_ns / 1e6
                 totals[event.name][1] += 1
     ranked = sorted(((name, ms, n) for name, (ms, n) in totals.items()), key=lambda r: -r[1])
-    return ranked[:top], result
+    return ranked, result
 
 
-def per_pass_profile(run: Callable[[], GenerationResult]) -> list[tuple[str, float, float]]:
-    """The top device ops of one call of `run`, as (name, ms per pass, calls per pass),
-    divided by that call's own pass count."""
+def op_kind(name: str) -> str:
+    """A device op's kind from its kernel or fusion name: gemm (cuBLAS's nvjet and XLA's Triton
+    gemm fusions), copy, scatter (the KV caches' writes), reduce, or other (elementwise fusions)."""
+    if name.startswith(("nvjet", "gemm_fusion", "cutlass")) or "gemm" in name or "cublas" in name:
+        return "gemm"
+    if "memcpy" in name.lower() or name.startswith("copy"):
+        return "copy"
+    return next((kind for kind in ("scatter", "reduce") if kind in name), "other")
+
+
+def per_pass_profile(run: Callable[[], GenerationResult], top: int = 25) -> dict[str, Any]:
+    """One more call of `run` profiled, per pass of that call: its `top` device ops as (name, ms, calls)
+    and every op summed by kind (op_kind) as {kind: (ms, kernels)}: Row's profile fields."""
     ops, result = device_profile(run)
-    return [(name, ms / result.passes, n / result.passes) for name, ms, n in ops]
+    kinds: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
+    for name, ms, n in ops:
+        kinds[op_kind(name)][0] += ms / result.passes
+        kinds[op_kind(name)][1] += n / result.passes
+    return {"profile": [(name, ms / result.passes, n / result.passes) for name, ms, n in ops[:top]],
+            "profile_kinds": {kind: (ms, n) for kind, (ms, n) in kinds.items()}}
