@@ -191,13 +191,15 @@ def test_every_canvas_rule_runs_its_head_on_the_block():
         assert view_size(passes.canvas_rule(model, cfg), 16) == 16
 
 
-def test_caches_choose_the_block_rows(tmp_path):
+def test_caches_choose_the_block_rows(tmp_path, capsys):
     """--caches keeps the block rows of those cache modes (a prefix call alone compiles a window per block)."""
     out = tmp_path / "none.json"
     assert main(["bench", "--shapes", "tiny", "--batch", "1", "--settings", "0.7,4,8", "--prompt-len", "8",
-                 "--max-new-tokens", "16", "--repeats", "1", "--baselines", "llada,dream-block", "--caches", "none",
+                 "--max-new-tokens", "16", "--repeats", "1", "--baselines", "llada", "--caches", "none",
                  "--json", str(out)]) == 0
     names = [r["name"] for r in json.loads(out.read_text())["rows"]]
-    assert names == ["APD R=0.7 W=4 M=8", "LLaDA steps=16 block=16", "llada threshold=0.9"]  # dream-block: dual only
+    assert names == ["APD R=0.7 W=4 M=8", "LLaDA steps=16 block=16", "llada threshold=0.9"]
     with pytest.raises(SystemExit):
         main(["bench", "--shapes", "tiny", "--caches", "dual,full"])
+    assert main(["bench", "--shapes", "tiny", "--baselines", "dream-block", "--caches", "prefix"]) == 2
+    assert "dream-block runs the dual cache only" in capsys.readouterr().err

@@ -229,6 +229,9 @@ def run(args: argparse.Namespace) -> int:
     if args.group is not None and (args.workload is None or args.group > args.batch[0]):
         raise ValueError("--group is the continuous run's refill group of a --workload: give --workload, and a "
                          "group of at most the slots (the first --batch)")
+    if "dream-block" in args.baselines and "dual" not in args.caches:
+        raise ValueError("--baselines dream-block runs the dual cache only, as the published code: add dual to "
+                         f"--caches (now {','.join(args.caches)}), or drop dream-block")
     if args.against is not None and not args.torch:
         raise ValueError("--against gives the PyTorch/apd_jax ratios of a --torch run: add --torch, or drop --against")
     if args.quality is not None and (args.workload is not None or args.torch):
