@@ -124,12 +124,14 @@ def caches_sharded_as_declared():
     # A prefill on a cache made inside jit comes out as declared: batch over data, KV heads over model.
     prefill = nnx.jit(lambda m, t, n: m(t, valid=n, cache=constrain_cache(KVCache.zeros(m.cfg, 8, 32), mesh))[1])
     cache = prefill(v, *shard_rows(mesh, np.ones((8, 16), np.int32), np.arange(9, 17, dtype=np.int32)))
-    _assert_placed(cache.k, CACHE_SPEC, mesh, "k")
-    _assert_placed(cache.v, CACHE_SPEC, mesh, "v")
+    assert len(cache.k) == len(cache.v) == v.cfg.num_layers
+    for layer, (k, v_) in enumerate(zip(cache.k, cache.v)):
+        _assert_placed(k, CACHE_SPEC, mesh, f"k[{layer}]")
+        _assert_placed(v_, CACHE_SPEC, mesh, f"v[{layer}]")
     _assert_placed(cache.lengths, P("data"), mesh, "lengths")
-    assert cache.k.addressable_shards[0].data.shape == (2, 4, 2, 32, 4)
-    # Inside the compiled APD loop, every device only ever holds its [layers, 8/2, 8/4, 48, head_dim]
-    # block of each cache: the full [layers, 8, 8, 48, head_dim] never appears.
+    assert cache.k[0].addressable_shards[0].data.shape == (4, 2, 32, 4)
+    # Inside the compiled APD loop, every device only ever holds its [8/2, 8/4, 48, head_dim] block of
+    # each layer's cache: the full [8, 8, 48, head_dim] never appears.
     calls = []
     jitted = apd._generate
     apd._generate = lambda *args: calls.append(args) or jitted(*args)
@@ -139,7 +141,7 @@ def caches_sharded_as_declared():
         apd._generate = jitted
     hlo = jitted.lower(*calls[0]).compile().as_text()
     for head_dim in (DRAFTER.head_dim, VERIFIER.head_dim):
-        assert f"f32[2,4,2,48,{head_dim}]" in hlo and f"f32[2,8,8,48,{head_dim}]" not in hlo, head_dim
+        assert f"f32[4,2,48,{head_dim}]" in hlo and f"f32[8,8,48,{head_dim}]" not in hlo, head_dim
 
 
 def _drafter_hf_config() -> dict:

@@ -23,11 +23,11 @@ def test_bidirectional_mask_sees_everything_before_the_end_only():
 
 
 def test_write_window_drops_out_of_range_positions_instead_of_clamping():
-    buf = jnp.zeros((1, 2, 2, 4, 1))  # [layers, batch, kv_heads, positions, head_dim]
+    buf = jnp.zeros((2, 2, 4, 1))  # one layer's [batch, kv_heads, positions, head_dim]
     new = jnp.arange(1, 13, dtype=jnp.float32).reshape(2, 3, 2, 1)  # [batch, window, kv_heads, head_dim]
-    got = write_window(buf, 0, new, jnp.array([[2, 3, 4], [0, 1, 2]]))
-    np.testing.assert_array_equal(got[0, 0, :, :, 0], [[0, 0, 1, 3], [0, 0, 2, 4]])  # position 4 dropped
-    np.testing.assert_array_equal(got[0, 1, :, :, 0], [[7, 9, 11, 0], [8, 10, 12, 0]])
+    got = write_window(buf, new, jnp.array([[2, 3, 4], [0, 1, 2]]))
+    np.testing.assert_array_equal(got[0, :, :, 0], [[0, 0, 1, 3], [0, 0, 2, 4]])  # position 4 dropped
+    np.testing.assert_array_equal(got[1, :, :, 0], [[7, 9, 11, 0], [8, 10, 12, 0]])
 
 
 def test_crop_only_shrinks_lengths():

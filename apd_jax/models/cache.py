@@ -1,5 +1,9 @@
 """A fixed-shape KV cache with one valid length per row (entries past it are invisible, so a crop
-changes only `lengths` and no shape ever changes), and the attention masks over it."""
+changes only `lengths` and no shape ever changes), and the attention masks over it.
+
+K and V are one array per layer, not one stacked [layers, ...] array: a layer's attention then reads
+its own buffer, where a slice of a stacked cache is a copy XLA makes before the scores' matmul, two
+per layer and pass (BENCHMARKS.md, the batch-1 profile by kind)."""
 
 from __future__ import annotations
 
@@ -14,23 +18,31 @@ from apd_jax.models.config import ModelConfig
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    k: jax.Array  # [layers, batch, kv_heads, max_len, head_dim]: attention reads it without a transpose
-    v: jax.Array
+    k: tuple[jax.Array, ...]  # per layer [batch, kv_heads, max_len, head_dim]: attention reads it without a transpose
+    v: tuple[jax.Array, ...]
     lengths: jax.Array  # [batch] int32: positions [0, length) hold valid K/V
 
     @classmethod
     def zeros(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
-        shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+        shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
         dtype = dtype or cfg.dtype
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+        layers = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))  # noqa: E731
+        return cls(layers(), layers(), jnp.zeros((batch,), jnp.int32))
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2]
 
     @property
     def batch(self) -> int:
-        return self.k.shape[1]
+        return self.k[0].shape[0]
+
+    def write(self, layer: int, k: jax.Array, v: jax.Array, positions: jax.Array) -> "KVCache":
+        """Layer `layer`'s K and V of a window [B, S, H, D] written at per-row `positions` [B, S] (write_window)."""
+        def put(bufs: tuple[jax.Array, ...], new: jax.Array) -> tuple[jax.Array, ...]:
+            return (*bufs[:layer], write_window(bufs[layer], new, positions), *bufs[layer + 1:])
+
+        return KVCache(put(self.k, k), put(self.v, v), self.lengths)
 
     def crop(self, lengths: jax.Array) -> "KVCache":
         """Keep only the first `lengths[b]` positions of each row (never grows a row)."""
@@ -41,15 +53,16 @@ class KVCache:
         lengths (a slot taking a new sequence; later positions stay, invisible past the length). A row
         index >= batch is dropped: the padding of a fixed-size group of rows."""
         n = part.max_len
-        put = lambda buf, new: buf.at[:, rows, :, :n].set(new.astype(buf.dtype), mode="drop")  # noqa: E731
-        return KVCache(put(self.k, part.k), put(self.v, part.v), self.lengths.at[rows].set(part.lengths, mode="drop"))
+        put = lambda buf, new: buf.at[rows, :, :n].set(new.astype(buf.dtype), mode="drop")  # noqa: E731
+        return KVCache(tuple(map(put, self.k, part.k)), tuple(map(put, self.v, part.v)),
+                       self.lengths.at[rows].set(part.lengths, mode="drop"))
 
 
-def write_window(buf: jax.Array, layer: int, new: jax.Array, positions: jax.Array) -> jax.Array:
-    """Scatter `new` [B, S, H, D] into `buf[layer]` [B, H, T, D] at per-row `positions` [B, S].
+def write_window(buf: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
+    """Scatter `new` [B, S, H, D] into one layer's `buf` [B, H, T, D] at per-row `positions` [B, S].
     Positions past the buffer (only ever padding) are dropped, not clamped onto another."""
     rows = jnp.arange(new.shape[0])[:, None]  # advanced indices around a slice: a [B, S, H, D] view
-    return buf.at[layer, rows, :, positions].set(new.astype(buf.dtype), mode="drop")
+    return buf.at[rows, :, positions].set(new.astype(buf.dtype), mode="drop")
 
 
 def attention_mask(q_pos: jax.Array, k_pos: jax.Array, kv_end: jax.Array, causal: bool) -> jax.Array:

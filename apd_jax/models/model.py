@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from apd_jax.models.cache import KVCache, attention_mask, write_window
+from apd_jax.models.cache import KVCache, attention_mask
 from apd_jax.models.config import ModelConfig
 
 _init = nnx.initializers.normal(0.02)  # Hugging Face's initializer_range
@@ -93,9 +93,7 @@ class Attention(nnx.Module):
         if cache is None:
             keys, values, k_pos = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions
         else:
-            cache = KVCache(
-                write_window(cache.k, layer, k, positions), write_window(cache.v, layer, v, positions), cache.lengths
-            )
+            cache = cache.write(layer, k, v, positions)
             keys, values = cache.k[layer], cache.v[layer]  # [B, KVH, T, D]
             k_pos = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=positions.dtype), (b, cache.max_len))
         mask = attention_mask(positions, k_pos, kv_end, cfg.causal)

@@ -29,7 +29,7 @@ from apd_jax.models.family import MODEL, Family
 
 DATA = "data"  # the mesh axis of batch rows; MODEL, of tensor parallelism, is family.py's
 
-CACHE_SPEC = P(None, DATA, MODEL, None, None)  # KVCache.k/v: [layers, batch, kv_heads, max_len, head_dim]
+CACHE_SPEC = P(DATA, MODEL, None, None)  # each layer's KVCache.k/v: [batch, kv_heads, max_len, head_dim]
 BATCH_SPEC = P(DATA)  # prompts, prompt lengths, cache lengths: rows over `data`
 
 
@@ -98,7 +98,8 @@ def shard_model(model: Transformer, mesh: Mesh) -> Transformer:
 
 
 def cache_sharding(mesh: Mesh) -> KVCache:
-    """The KVCache's shardings, as a KVCache of NamedShardings (a pytree with_sharding_constraint takes)."""
+    """The KVCache's shardings, as a KVCache of NamedShardings (a pytree prefix with_sharding_constraint
+    takes: one sharding for every layer's K, one for every layer's V)."""
     kv = NamedSharding(mesh, CACHE_SPEC)
     return KVCache(kv, kv, NamedSharding(mesh, BATCH_SPEC))
 

@@ -111,9 +111,9 @@ def _window_branches(model: Transformer, canvas: jax.Array, prompt_lens: jax.Arr
 
 def _keep_rows(rows: jax.Array, new: KVCache, old: KVCache) -> KVCache:
     """`new`'s K/V in the rows flagged by `rows` [B], `old`'s elsewhere."""
-    pick = rows[None, :, None, None, None]
-    return KVCache(jnp.where(pick, new.k, old.k), jnp.where(pick, new.v, old.v), jnp.where(rows, new.lengths,
-                                                                                             old.lengths))
+    pick = lambda a, b: jnp.where(rows[:, None, None, None], a, b)  # noqa: E731
+    return KVCache(tuple(map(pick, new.k, old.k)), tuple(map(pick, new.v, old.v)),
+                   jnp.where(rows, new.lengths, old.lengths))
 
 
 def answer_hidden(hidden: jax.Array, first: jax.Array, width: int) -> jax.Array:
