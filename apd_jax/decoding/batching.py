@@ -30,7 +30,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-import numpy as np
 
 from apd_jax.decoding import continuous
 from apd_jax.decoding.continuous import Finished, Request, Slots, Usage
@@ -339,9 +338,5 @@ def generate_batched(
     """One GenerationResult for every prompt, decoded batch_size at a time in one shape (the last
     batch filled up with copies of its first prompt, whose rows are dropped); `passes` is the sum
     over the batches, the loop iterations run in all."""
-    parts = [(generate(rows), len(idx)) for idx, rows in padded_batches(prompt_ids, batch_size)]
-    width = max(r.accepted.shape[1] for r, _ in parts)  # passes the longest batch ran
-    cat = lambda field: np.concatenate([getattr(r, field)[:n] for r, n in parts])  # noqa: E731
-    accepted = np.concatenate([np.pad(r.accepted[:n], ((0, 0), (0, width - r.accepted.shape[1]))) for r, n in parts])
-    return GenerationResult(cat("tokens"), cat("lengths"), accepted, cat("stopped_at_eos"),
-                            sum(r.passes for r, _ in parts))
+    return GenerationResult.concatenate([generate(rows).first(len(idx))
+                                         for idx, rows in padded_batches(prompt_ids, batch_size)])

@@ -215,6 +215,21 @@ class GenerationResult:
     def sequences(self) -> list[list[int]]:
         return [self.tokens[b, : self.lengths[b]].tolist() for b in range(len(self.lengths))]
 
+    def first(self, n: int) -> GenerationResult:
+        """Rows [0, n) alone (the padding rows of a fixed batch dropped)."""
+        return dataclasses.replace(self, tokens=self.tokens[:n], lengths=self.lengths[:n],
+                                   accepted=self.accepted[:n], stopped_at_eos=self.stopped_at_eos[:n])
+
+    @classmethod
+    def concatenate(cls, parts: Sequence[GenerationResult]) -> GenerationResult:
+        """The rows of `parts` (batches decoded one after another) in order as one result: `accepted`
+        zero-padded to the passes of the part that ran the most, `passes` the sum over the parts (the
+        loop iterations run in all)."""
+        width = max(r.accepted.shape[1] for r in parts)
+        cat = lambda field: np.concatenate([getattr(r, field) for r in parts])  # noqa: E731
+        accepted = np.concatenate([np.pad(r.accepted, ((0, 0), (0, width - r.accepted.shape[1]))) for r in parts])
+        return cls(cat("tokens"), cat("lengths"), accepted, cat("stopped_at_eos"), sum(r.passes for r in parts))
+
 
 _PROMPTS_SHAPE = "give a list of prompts, each a list of token ids: [[...]]"
 

@@ -35,7 +35,6 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from apd_jax.decoding import continuous
@@ -413,9 +412,7 @@ def decode_blocks(
         parts = [decode_blocks(model, rule, rows[s: s + size], config, jax.random.fold_in(batch.key, s // size),
                                block_length=block_length, bound=bound, cfg_scale=cfg_scale, cache=cache)[0]
                  for s in range(0, len(rows), size)]
-        return GenerationResult(*(np.concatenate([getattr(r, f) for r in parts])
-                                  for f in ("tokens", "lengths", "accepted", "stopped_at_eos")),
-                                sum(r.passes for r in parts)), rule
+        return GenerationResult.concatenate(parts), rule
     graphs, params = zip(nnx.split(model), nnx.split(rule))
     outputs, rule_state = _decode(
         graphs, params, jnp.asarray(batch.ids), jnp.asarray(batch.lengths), batch.eos, batch.key,
