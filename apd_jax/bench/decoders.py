@@ -32,7 +32,6 @@ from apd_jax.decoding.apd import APDConfig, apd_generate, leftright_generate
 from apd_jax.decoding.autoregressive import ARConfig, ar_generate
 from apd_jax.decoding.blocks.dream import DreamBlockConfig, dream_block_generate
 from apd_jax.decoding.blocks.llada import LLaDAConfig, llada_generate
-from apd_jax.decoding.blocks.loop import block_size
 from apd_jax.decoding.diffusion import threshold_generate
 from apd_jax.models.config import ModelConfig
 from apd_jax.decoding.generation import DecoderConfig, GenerationResult
@@ -264,7 +263,7 @@ def _canvas_account(model: Transformer, cfg: passes.CanvasConfig, prompts: list[
             return {"bound_ms": bound([work(None)]), "memory_floor_ms": floor}
         kinds = passes.pass_kinds(result, cfg)
         if kinds is None:  # a row left a block unfinished: one refresh per block, the rest windows (an estimate)
-            count = cfg.max_new_tokens // block_size(cfg.block_length, cfg.max_new_tokens)
+            count = cfg.num_blocks
             guess = [(True, None)] * count + [(False, k % count) for k in range(result.passes - count)]
             return {"bound_ms": statistics.fmean(bound(passes.forwards(kind, work)) for kind in guess),
                     "memory_floor_ms": floor}
@@ -298,7 +297,7 @@ def bench_canvas(model: Transformer, cfg: passes.CanvasConfig, batch: int, promp
     rule run on each row's block alone. The two kinds are counted, bounded and timed apart (Row;
     bench.passes)."""
     prompts = random_prompts([model.cfg], batch, prompt_len)
-    block = block_size(cfg.block_length, cfg.max_new_tokens)
+    block = cfg.block_size
     cache = "" if cfg.cache == "none" else f" cache={cfg.cache}"
     if isinstance(cfg, LLaDAConfig):
         name = f"LLaDA steps={cfg.step_count} block={cfg.block_size}{cache}"

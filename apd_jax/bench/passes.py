@@ -33,7 +33,7 @@ from apd_jax.bench.timing import call_times, median_time
 from apd_jax.decoding.blocks.cached import window_widths
 from apd_jax.decoding.blocks.dream import DreamBlockConfig
 from apd_jax.decoding.blocks.llada import LLaDAConfig
-from apd_jax.decoding.blocks.loop import block_size, canvas_pass, prepare_canvas, view_size
+from apd_jax.decoding.blocks.loop import canvas_pass, prepare_canvas, view_size
 from apd_jax.decoding.diffusion import ThresholdConfig
 from apd_jax.decoding.generation import GenerationResult
 from apd_jax.models.cache import KVCache
@@ -74,9 +74,8 @@ def pass_kinds(result: GenerationResult, cfg: CanvasConfig) -> list[tuple[bool, 
     commits per pass (result.accepted) and the rule's end of a block; None where a row's commits do not
     finish every block within the call's passes (it stopped early, or a position predicted the mask and
     stayed masked)."""
-    size = block_size(cfg.block_length, cfg.max_new_tokens)
-    num_blocks = cfg.max_new_tokens // size
-    rows = [_row_blocks(a, size, _fixed_steps(cfg), num_blocks) for a in result.accepted[:, : result.passes]]
+    rows = [_row_blocks(a, cfg.block_size, _fixed_steps(cfg), cfg.num_blocks)
+            for a in result.accepted[:, : result.passes]]
     if any(r is None for r in rows) or max(sum(r) for r in rows) != result.passes:
         return None
     # Each row's (block, step) in each of its passes.
@@ -102,7 +101,7 @@ def kind_work(cfg: CanvasConfig, batch: int, prompt_len: int, block: int | None,
     its width per the cache mode, reading the cached K/V outside its window. Either way the head
     runs on each row's block alone (every rule here reads positions only relative to the block:
     blocks.loop view_size)."""
-    n, size = cfg.max_new_tokens, block_size(cfg.block_length, cfg.max_new_tokens)
+    n, size = cfg.max_new_tokens, cfg.block_size
     canvas = prompt_len + n
     if block is None:
         written = canvas if cfg.cache != "none" else 0
@@ -130,7 +129,7 @@ def _pass_program(model: Transformer, rule: nnx.Module, cfg: CanvasConfig, kind:
     row's block alone, as in the decoder (blocks.loop view_size). Each pass's prompt differs (ids +
     i), so none of its work is loop-invariant, and the pass's answer feeds the checksum, so none is
     dead."""
-    n, size = cfg.max_new_tokens, block_size(cfg.block_length, cfg.max_new_tokens)
+    n, size = cfg.max_new_tokens, cfg.block_size
     widths = window_widths(cfg.cache, size, n)
     if kind == "refresh":  # no row reuses its cache, so the window branches never run: one compiles for all
         widths = widths[-1:]
