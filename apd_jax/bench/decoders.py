@@ -423,7 +423,8 @@ def per_pass_profile(run: Callable[[], GenerationResult], top: int = 25) -> dict
     ops, result = device_profile(run)
     kinds: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
     for name, ms, n in ops:
-        kinds[op_kind(name)][0] += ms / result.passes
-        kinds[op_kind(name)][1] += n / result.passes
+        kind = kinds[op_kind(name)]
+        kind[0] += ms / result.passes
+        kind[1] += n / result.passes
     return {"profile": [(name, ms / result.passes, n / result.passes) for name, ms, n in ops[:top]],
             "profile_kinds": {kind: (ms, n) for kind, (ms, n) in kinds.items()}}

@@ -441,7 +441,8 @@ def run(shapes: tuple[ModelConfig, ModelConfig, ModelConfig, ModelConfig], setti
     if "leftright" in baselines:
         report(bench_leftright(drafter, d_cfg, prompt, 1, *LEFTRIGHT_WM, max_new_tokens, repeats))
     block = min(LLADA_BLOCK, max_new_tokens)  # as `apd-jax bench` decodes its block rows
-    if "dream-block" in baselines and "dual" in caches:  # the schedule and the threshold rule, dual cache, as `apd-jax bench` runs them
+    # Fast-dLLM's Dream: the schedule and the threshold rule, dual cache, as `apd-jax bench` runs them.
+    if "dream-block" in baselines and "dual" in caches:
         drafter = verifier = None  # make room for Fast-dLLM's Dream model
         dream = torch_dream_published(d_cfg)
         dream_prompt = random_prompts([d_cfg], 1, prompt_len)[0]

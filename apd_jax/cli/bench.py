@@ -290,7 +290,7 @@ def run(args: argparse.Namespace) -> int:
     def canvas(model, cfg, batch: int) -> None:
         report(bench.bench_canvas(model, cfg, batch, args.prompt_len, ceilings, args.repeats, profile=args.profile))
 
-    if "dream-block" in baselines and "dual" in args.caches:  # Fast-dLLM's Dream block decoding, dual cache
+    if "dream-block" in baselines:  # Fast-dLLM's Dream block decoding, dual cache (run checks --caches has it)
         for threshold in (None, bench.THRESHOLD):
             cfg = DreamBlockConfig(max_new_tokens=n, block_length=block, threshold=threshold, eos_token_ids=(),
                                    **sampling)

@@ -308,13 +308,13 @@ def block_slots(model: Transformer, prompts: Sequence[Sequence[int]], config: Bl
         return settings.block_rule(model) if keep is None else settings.parallel_rule(model, keep(settings))
 
     rule = rule_of(config)
-    check_cacheable(model, config.cache, getattr(config, "cfg_scale", 0.0) > 0, rule)
+    guided = getattr(config, "cfg_scale", 0.0) > 0  # LLaDA's classifier-free guidance
+    check_cacheable(model, config.cache, guided, rule)
     batch = prepare_canvas(model, config, prompts, None)
     mask_id = model.cfg.mask_token_id
     block_length = config.block_size
     spec = Spec(prompt_len=batch.ids.shape[1], max_new=config.max_new_tokens, block_length=block_length,
-                bound=config.pass_bound, mask_id=mask_id, pad_id=batch.pad_id,
-                guided=getattr(config, "cfg_scale", 0) > 0,
+                bound=config.pass_bound, mask_id=mask_id, pad_id=batch.pad_id, guided=guided,
                 widths=None if config.cache == "none" else window_widths(config.cache, block_length,
                                                                          config.max_new_tokens),
                 view_size=view_size(rule, block_length))
