@@ -32,11 +32,13 @@ full forward serves several.
 A rule that reads positions only relative to the block (blocks.loop view_size: LLaDA's, the
 threshold, Fast-dLLM's Dream; not Learn2PD's filter, whose features hold the position in the
 answer) sees each row's block alone (blocks.loop block_view) in window and refresh passes alike
-(`block_logits`): a refreshing row's hidden states are gathered at its block from the whole
+(`window_block`): a refreshing row's hidden states are gathered at its block from the whole
 canvas, a window row's are its window's first block_length, and the head and the rule run on
 [B, block, V] logits, not [B, N, V]. A pass where a refreshing row still has a mask before its
 block (it predicted the mask token), and every pass of a rule that reads positions in the answer,
-show the rule the whole answer (`cached_logits`), the window rows' logits placed at their positions.
+show the rule the whole answer (`window_answer`), the window rows' hidden states placed at their
+positions. Either way the pass runs its forward once (`cached_hidden`), so each window width and
+the refresh are compiled once, not once per view (the prefix cache compiles a window per block).
 """
 
 from __future__ import annotations
@@ -132,55 +134,47 @@ def _refreshed(model: Transformer, canvas: jax.Array, cache: KVCache, end: jax.A
     return model.aligned(hidden), _keep_rows(refresh, fresh, cache)
 
 
-def block_logits(model: Transformer, canvas: jax.Array, cache: KVCache, prompt_lens: jax.Array, end: jax.Array,
-                 block: jax.Array, block_start: jax.Array, refresh: jax.Array, reuse: jax.Array,
-                 widths: tuple[int, ...], size: int) -> tuple[jax.Array, KVCache]:
-    """One pass's logits [B, size, V] of each row's current block (`size` positions from its
-    block_start) and the cache after it: rows flagged in `refresh` [B] from the whole canvas, their
-    cache rewritten; rows in `reuse` [B] from their window on their cache (window_widths). The
-    block's hidden states of both kinds of row go through the head together."""
-    b, hidden_size = canvas.shape[0], model.cfg.hidden_size
+def cached_hidden(model: Transformer, canvas: jax.Array, cache: KVCache, prompt_lens: jax.Array, end: jax.Array,
+                  block: jax.Array, block_start: jax.Array, refresh: jax.Array, reuse: jax.Array,
+                  widths: tuple[int, ...], n: int) -> tuple[jax.Array, jax.Array, KVCache]:
+    """One cached pass's forward, run once whichever logits the pass then reads (window_block or
+    window_answer): (window, refreshed, cache). window [B, widths[0], H]: the window of the rows in
+    `reuse` [B] on their cache, as wide as the lowest `block` [B] among them needs (window_widths),
+    zeros past that width; refreshed [B, N, H]: the answer positions of the whole canvas, their
+    cache rewritten, for the rows in `refresh` [B] (zeros when none refreshes). Each forward is
+    compiled once (the prefix cache's windows one per block), not once per logits' shape."""
+    b, hidden_size, dtype = canvas.shape[0], model.cfg.hidden_size, model.cfg.dtype
 
     def skip(c: KVCache):
-        return jnp.zeros((b, size, hidden_size), model.cfg.dtype), c
+        return jnp.zeros((b, widths[0], hidden_size), dtype), c
 
     def read(hidden: jax.Array, c: KVCache):
-        return hidden[:, :size], c
+        return jnp.pad(hidden, ((0, 0), (0, widths[0] - hidden.shape[1]), (0, 0))), c
 
     branch, windows = _window_branches(model, canvas, prompt_lens, block, block_start, end, reuse, widths, read)
-    hidden, cache = jax.lax.switch(branch, [skip, *windows], cache)
+    window, cache = jax.lax.switch(branch, [skip, *windows], cache)
 
     def full(c: KVCache):
         whole, c = _refreshed(model, canvas, c, end, refresh)
-        return jnp.where(refresh[:, None, None], answer_hidden(whole, prompt_lens + block_start, size), hidden), c
+        return answer_hidden(whole, prompt_lens, n), c
 
-    hidden, cache = jax.lax.cond(jnp.any(refresh), full, lambda c: (hidden, c), cache)
-    return model.logits(hidden), cache
+    refreshed, cache = jax.lax.cond(jnp.any(refresh), full, lambda c: (jnp.zeros((b, n, hidden_size), dtype), c),
+                                    cache)
+    return window, refreshed, cache
 
 
-def cached_logits(model: Transformer, canvas: jax.Array, cache: KVCache, prompt_lens: jax.Array, end: jax.Array,
-                  block: jax.Array, block_start: jax.Array, refresh: jax.Array, reuse: jax.Array,
-                  widths: tuple[int, ...], n: int) -> tuple[jax.Array, KVCache]:
-    """One pass's logits [B, N, V] of the generated positions and the cache after it: rows flagged in
-    `refresh` [B] from the whole canvas, their cache rewritten; rows in `reuse` [B] from their
-    window on their cache, as wide as the lowest `block` [B] among them needs (window_widths)."""
-    b, vocab = canvas.shape[0], model.cfg.vocab_size
-    rows = jnp.arange(b)[:, None]
+def window_block(window: jax.Array, refreshed: jax.Array, block_start: jax.Array, refresh: jax.Array,
+                 size: int) -> jax.Array:
+    """[B, size, H]: each row's current block (`size` positions from its block_start [B]) from
+    cached_hidden's outputs, a refreshing row's from `refreshed`, a window row's from its window."""
+    return jnp.where(refresh[:, None, None], answer_hidden(refreshed, block_start, size), window[:, :size])
 
-    def skip(c: KVCache):
-        return jnp.zeros((b, n, vocab), jnp.float32), c
 
-    def placed(hidden: jax.Array, c: KVCache):
-        logits = model.logits(hidden)
-        idx = block_start[:, None] + jnp.arange(hidden.shape[1])
-        return jnp.zeros((b, n, vocab), logits.dtype).at[rows, idx].set(logits, mode="drop"), c
-
-    branch, windows = _window_branches(model, canvas, prompt_lens, block, block_start, end, reuse, widths, placed)
-    logits, cache = jax.lax.switch(branch, [skip, *windows], cache)
-
-    def full(c: KVCache):
-        whole, c = _refreshed(model, canvas, c, end, refresh)
-        refreshed = model.logits(answer_hidden(whole, prompt_lens, n))
-        return jnp.where(refresh[:, None, None], refreshed, logits), c
-
-    return jax.lax.cond(jnp.any(refresh), full, lambda c: (logits, c), cache)
+def window_answer(window: jax.Array, refreshed: jax.Array, block_start: jax.Array, refresh: jax.Array) -> jax.Array:
+    """[B, N, H]: the whole answer from cached_hidden's outputs, a refreshing row's from `refreshed`, a
+    window row's window placed at its block_start [B] and zeros elsewhere (the head gives them zero
+    logits; they lie outside the row's candidates)."""
+    rows = jnp.arange(window.shape[0])[:, None]
+    idx = block_start[:, None] + jnp.arange(window.shape[1])
+    placed = jnp.zeros_like(refreshed).at[rows, idx].set(window, mode="drop")
+    return jnp.where(refresh[:, None, None], refreshed, placed)

@@ -38,7 +38,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from apd_jax.decoding import continuous
-from apd_jax.decoding.blocks.cached import answer_hidden, block_logits, cached_logits, check_cacheable, window_widths
+from apd_jax.decoding.blocks.cached import (
+    answer_hidden, cached_hidden, check_cacheable, window_answer, window_block, window_widths,
+)
 from apd_jax.decoding.continuous import Slots
 from apd_jax.decoding.generation import Batch, DecoderConfig, GenerationResult, prepare
 from apd_jax.models.cache import KVCache
@@ -302,34 +304,34 @@ def canvas_pass(model: Transformer, decide, prompts: jax.Array, prompt_lens: jax
     candidates = ((gen == mask_id) & (j < block_start[:, None] + block_length) & running[:, None]
                   & (refresh[:, None] | (j >= block_start[:, None])))
     view = View(passes, gen, candidates, block_start, step, limit, eos)
-    if widths is None:  # one forward, whichever positions the head then reads
+    # One forward, whichever positions the head then reads.
+    if widths is None:
         hidden = canvas_hidden(model, prompts, prompt_lens, gen, end, mask_id, cfg_scale is not None)
     else:
-        canvas = build_canvas(prompts, prompt_lens, gen)
+        window, refreshed, cache = cached_hidden(model, build_canvas(prompts, prompt_lens, gen), cache, prompt_lens,
+                                                 end, block, block_start, refresh, reuse, widths, n)
 
-    def whole(cache: KVCache | None):
+    def whole():
         if widths is None:
             logits = canvas_logits(model, hidden, prompt_lens, jnp.zeros_like(block_start), n, cfg_scale)
         else:
-            logits, cache = cached_logits(model, canvas, cache, prompt_lens, end, block, block_start, refresh, reuse,
-                                          widths, n)
-        return decide(logits, view), cache
+            logits = model.logits(window_answer(window, refreshed, block_start, refresh))
+        return decide(logits, view)
 
-    def blocks(cache: KVCache | None):
+    def blocks():
         if widths is None:
             logits = canvas_logits(model, hidden, prompt_lens, block_start, size, cfg_scale)
         else:
-            logits, cache = block_logits(model, canvas, cache, prompt_lens, end, block, block_start, refresh, reuse,
-                                         widths, size)
+            logits = model.logits(window_block(window, refreshed, block_start, refresh, size))
         commit, rule_state = decide(logits, block_view(view, size))
-        return (placed_commit(commit, gen, block_start), rule_state), cache
+        return placed_commit(commit, gen, block_start), rule_state
 
     if size is None:
-        (commit, rule_state), cache = whole(cache)
+        commit, rule_state = whole()
     else:
         # Only a refreshing row's candidates reach before its block: a mask it left there.
         left = jnp.any(candidates & (j < block_start[:, None]))
-        (commit, rule_state), cache = jax.lax.cond(left, whole, blocks, cache)
+        commit, rule_state = jax.lax.cond(left, whole, blocks)
     new = jnp.where(commit.transfer & candidates, commit.tokens, gen)
     new = jnp.where(j < commit.limit[:, None], new, pad_id)
     # A position predicting the mask stays masked (Dream's and LLaDA's published loops allow it).
