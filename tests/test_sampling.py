@@ -3,8 +3,10 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from apd_jax.decoding.sampling import filter_logits, sample
+from apd_jax.decoding import sampling
+from apd_jax.decoding.sampling import filter_logits, largest_kept, sample
 
 LOGITS = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
 
@@ -40,7 +42,9 @@ def _reference_filter(x: np.ndarray, top_p: float, top_k: int) -> np.ndarray:
     return out
 
 
-def test_filters_match_the_sorted_rule():
+@pytest.mark.parametrize("ways", [2, 16])  # the CPU's bisection, the accelerators' 16-way search
+def test_filters_match_the_sorted_rule(monkeypatch, ways):
+    monkeypatch.setattr(sampling, "search_ways", lambda: ways)
     widths = []
     filtered = jax.jit(filter_logits)  # one program for every knob value: they are traced
     for scale in (8.0, 0.5):  # peaked rows (cuts after a few tokens), flat ones (after hundreds)
@@ -58,6 +62,18 @@ def test_filters_match_the_sorted_rule():
                 np.testing.assert_array_equal(got[np.isfinite(got)], x[np.isfinite(want)])
                 widths += np.isfinite(want).sum(1).tolist()
     assert min(widths) < 10 and max(widths) > 200  # narrow and wide cuts both tried
+
+
+@pytest.mark.parametrize("ways", [2, 3, 16])
+def test_largest_kept_finds_where_a_monotone_test_turns_false(ways):
+    rng = np.random.default_rng(ways)
+    lo = jnp.asarray(rng.integers(0, 1000, (200, 1)), jnp.int32)
+    hi = lo + jnp.asarray(rng.integers(1, 2**30 - 1000, (200, 1)), jnp.int32)
+    hi = hi.at[:20].set(lo[:20] + jnp.arange(1, 21)[:, None])  # short ranges: repeated candidates
+    last = lo + (jnp.asarray(rng.random((200, 1)), jnp.float32) * (hi - lo).astype(jnp.float32)).astype(jnp.int32)
+    last = jnp.clip(last, lo, hi - 1)  # the answer: kept(v) is v <= last
+    got = jax.jit(lambda lo, hi: largest_kept(lambda v: v <= last, lo, hi, ways))(lo, hi)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(last))
 
 
 def test_temperature_zero_is_argmax_and_sampling_follows_the_distribution():

@@ -52,35 +52,63 @@ def filter_logits(logits: jax.Array, top_p: jax.Array, top_k: jax.Array) -> jax.
     in the reference), then outside the top-k, to -inf; top_p >= 1 and top_k <= 0 disable them.
 
     No sort: the cut is the largest probability whose tokens at or above it hold more than top_p
-    (or number top_k), bisected over its float32 bits. Such sums round unlike a sorted cumsum: a
-    token within rounding of the cut may fall on the other side (BENCHMARKS.md, "the top-p filter").
+    (or number top_k), searched over its float32 bits (`search_ways` candidates a read of the
+    probabilities). Such sums round unlike a sorted cumsum: a token within rounding of the cut may
+    fall on the other side (BENCHMARKS.md, "the top-p filter").
     """
+    ways = search_ways()
 
     def apply(x: jax.Array) -> jax.Array:
         probs = jax.nn.softmax(x.astype(jnp.float32), axis=-1)
         keys = jax.lax.bitcast_convert_type(probs, jnp.int32)  # >= 0: integer order is float order
 
+        def at_or_above(v: jax.Array, values: jax.Array | None) -> jax.Array:
+            """[..., m]: for each candidate v [..., m], the count (values None) or sum of `values`
+            over the tokens whose key is >= it, one read of the vocabulary for all m."""
+            hit = keys[..., :, None] >= v[..., None, :]
+            return jnp.sum(hit if values is None else jnp.where(hit, values[..., :, None], 0.0), axis=-2)
+
         def by_p(v: jax.Array) -> jax.Array:
-            return jnp.sum(jnp.where(keys >= v, probs, 0.0), -1, keepdims=True) > top_p
+            return at_or_above(v, probs) > top_p
 
         def by_p_or_k(v: jax.Array) -> jax.Array:  # min(nucleus, top_k): the higher of the two cuts
-            by_k = jnp.sum(keys >= v, -1, keepdims=True) >= top_k
-            return ((top_p < 1.0) & by_p(v)) | ((top_k > 0) & by_k)
+            return ((top_p < 1.0) & by_p(v)) | ((top_k > 0) & (at_or_above(v, None) >= top_k))
 
         def cut(kept: Callable[[jax.Array], jax.Array]) -> jax.Array:
-            def step(_, bounds):  # kept(lo) (or lo is the smallest key), not kept(hi)
-                lo, hi = bounds
-                mid = lo + (hi - lo) // 2
-                ok = kept(mid)
-                return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
-
-            bounds = (jnp.min(keys, -1, keepdims=True), jnp.max(keys, -1, keepdims=True) + 1)
-            return jax.lax.fori_loop(0, 30, step, bounds)[0]  # 30 halvings: 1.0's bits are below 2^30
+            return largest_kept(kept, jnp.min(keys, -1, keepdims=True), jnp.max(keys, -1, keepdims=True) + 1, ways)
 
         lo = jax.lax.cond(top_k > 0, lambda: cut(by_p_or_k), lambda: cut(by_p))
         return jnp.where(keys < lo, NEG_INF, x)
 
     return jax.lax.cond((top_p < 1.0) | (top_k > 0), apply, lambda x: x, logits)
+
+
+def search_ways() -> int:
+    """Candidates filter_logits tries per read of the probabilities: 16 on an accelerator, where
+    the filter is memory-bound (8 reads of the vocabulary, not 30), 2 (bisection) on CPU, where
+    each candidate costs a compare per token."""
+    return 2 if jax.default_backend() == "cpu" else 16
+
+
+def largest_kept(kept: Callable[[jax.Array], jax.Array], lo: jax.Array, hi: jax.Array, ways: int) -> jax.Array:
+    """The largest v in [lo, hi) with kept(v), for a `kept` true up to some v and false after it,
+    given kept(lo) (or lo the smallest key) and [..., 1] bounds below 2^30 apart: each step asks
+    kept of ways - 1 evenly spaced candidates at once ([..., ways - 1] -> [..., ways - 1] bool) and
+    keeps the sub-range where it turns false, so ceil(30 / log2(ways)) steps end with hi = lo + 1."""
+    steps = next(s for s in range(1, 31) if ways**s >= 2**30)
+    j = jnp.arange(1, ways, dtype=lo.dtype)
+
+    def step(_, bounds):
+        lo, hi = bounds
+        span = hi - lo  # floor(j * span / ways), without overflowing int32
+        v = lo + j * (span // ways) + (j * (span % ways)) // ways
+        ok = kept(v)
+        n = jnp.sum(ok, axis=-1, keepdims=True)  # candidates kept: the first n (kept is monotone)
+        below = jnp.take_along_axis(v, jnp.maximum(n - 1, 0), axis=-1)
+        above = jnp.take_along_axis(v, jnp.minimum(n, ways - 2), axis=-1)
+        return jnp.where(n > 0, below, lo), jnp.where(n < ways - 1, above, hi)
+
+    return jax.lax.fori_loop(0, steps, step, (lo, hi))[0]
 
 
 def gumbel_noise(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
