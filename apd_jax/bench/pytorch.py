@@ -434,7 +434,9 @@ def run(shapes: tuple[ModelConfig, ModelConfig, ModelConfig, ModelConfig], setti
         ar = torch_qwen2(ar_cfg)
         report(bench_hf_generate(ar, prompt, max_new_tokens, repeats))
         del ar
-    drafter, verifier = torch_dream(d_cfg), torch_qwen2(v_cfg)
+    drafter = verifier = None
+    if settings or "leftright" in baselines:
+        drafter, verifier = torch_dream(d_cfg), torch_qwen2(v_cfg)
     for R, W, M in settings:
         for cache in (True, False):
             report(bench_apd(drafter, verifier, d_cfg, v_cfg, prompt, R, W, M, max_new_tokens, repeats, cache))

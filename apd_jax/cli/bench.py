@@ -52,7 +52,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=positive_int_list, default="1,4,16,32", help="comma-separated batch sizes")
     p.add_argument("--settings", default="0.7,16,100;0.6,32,200",
                    help="APD settings, ';'-separated: 'R,W,M', or 'R,W,M,M_min,M_scale,M_margin' for adaptive "
-                        "lookahead")
+                        "lookahead; none: no APD rows (only the --baselines; the Dream/Qwen pair is then not built "
+                        "unless a baseline runs on it)")
     p.add_argument("--prompt-len", type=positive_int, default=128, help="prompt tokens per row")
     p.add_argument("--max-new-tokens", type=positive_int, default=256, help="tokens generated per row")
     p.add_argument("--repeats", type=positive_int, default=3,
@@ -149,8 +150,10 @@ def _budgets(text: str) -> tuple[int, int]:
 
 
 def _parse_settings(text: str, max_new_tokens: int, **sampling: float) -> list[APDConfig]:
-    """'R,W,M' (the paper's fixed M) or 'R,W,M,M_min,M_scale,M_margin' (adaptive lookahead), ';'-separated;
-    `sampling`: temperature and top_p of every setting."""
+    """'R,W,M' (the paper's fixed M) or 'R,W,M,M_min,M_scale,M_margin' (adaptive lookahead), ';'-separated,
+    or 'none' (no setting: an empty list); `sampling`: temperature and top_p of every setting."""
+    if text.strip() == "none":
+        return []
     settings = []
     for entry in filter(None, text.split(";")):
         parts = entry.split(",")
@@ -166,8 +169,8 @@ def _parse_settings(text: str, max_new_tokens: int, **sampling: float) -> list[A
         config.validate()
         settings.append(config)
     if not settings:
-        raise ValueError(f"--settings {text!r} names no setting: expected ';'-separated 'R,W,M' entries, "
-                         "e.g. '0.7,16,100'")
+        raise ValueError(f"--settings {text!r} names no setting: expected ';'-separated 'R,W,M' entries, e.g. "
+                         "'0.7,16,100', or none")
     return settings
 
 
@@ -238,6 +241,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--quality decodes held-out prompts instead of timing: drop --workload and --torch")
     sampling = dict(temperature=args.temperature, top_p=args.top_p)
     settings = _parse_settings(args.settings, args.max_new_tokens, **sampling)
+    if not settings and (args.quality is not None or args.workload is not None):
+        raise ValueError("--quality and --workload decode with APD: give an APD --settings entry, e.g. 0.7,16,100")
+    if not settings and not args.baselines:
+        raise ValueError("--settings none and --baselines none leave nothing to time: give either")
     if args.torch:
         if args.temperature > 0 or args.top_p < 1:
             raise ValueError("--torch times greedy decoding only: drop --temperature and --top-p")
@@ -248,17 +255,10 @@ def run(args: argparse.Namespace) -> int:
         return _quality(args, settings[0])
     batches = args.batch
     d_cfg, v_cfg, ar_cfg, llada_cfg = _configs(args.shapes)
-    drafter = load_model(args.drafter) if args.drafter else bench.random_model(d_cfg, 1)
-    verifier = load_model(args.verifier) if args.verifier else bench.random_model(v_cfg, 2)
-    if args.attention != "xla":
-        switched = [with_config(m, m.cfg.replace(attention=args.attention)) for m in (drafter, verifier)]
-        for model, other in zip((drafter, verifier), switched):
-            print(f"{model.cfg.model_type} logits, {args.attention} vs xla attention: relative difference "
-                  f"{bench.logits_difference(model, other, args.prompt_len):.2e}", flush=True)
-        drafter, verifier = switched
     differences: dict[str, float] = {}  # each quantized model's logits against its unquantized self's
-    drafter = _quantized(drafter, "drafter", args, differences)
-    verifier = _quantized(verifier, "verifier", args, differences)
+    drafter = verifier = None
+    if settings or {"leftright", "dream-block"} & set(args.baselines):  # the rows that run the Dream/Qwen pair
+        drafter, verifier = _pair(args, d_cfg, v_cfg, differences)
     if args.workload is not None:
         return _workload(args, drafter, verifier, settings[0])
     ceilings = bench.device_ceilings(64 if args.shapes == "tiny" else 2048)
@@ -317,6 +317,22 @@ def run(args: argparse.Namespace) -> int:
         for b in wide if "dual" in rule else ():
             canvas(llada, rule["dual"], b)  # the dual cache, LLaDA's rule
     return 0
+
+
+def _pair(args: argparse.Namespace, d_cfg: ModelConfig, v_cfg: ModelConfig,
+          differences: dict[str, float]) -> tuple[Transformer, Transformer]:
+    """The drafter and verifier: --drafter and --verifier, else random weights of the shapes; with
+    --attention's implementation (each one's logits compared with xla attention's first) and
+    --quantize's weights."""
+    drafter = load_model(args.drafter) if args.drafter else bench.random_model(d_cfg, 1)
+    verifier = load_model(args.verifier) if args.verifier else bench.random_model(v_cfg, 2)
+    if args.attention != "xla":
+        switched = [with_config(m, m.cfg.replace(attention=args.attention)) for m in (drafter, verifier)]
+        for model, other in zip((drafter, verifier), switched):
+            print(f"{model.cfg.model_type} logits, {args.attention} vs xla attention: relative difference "
+                  f"{bench.logits_difference(model, other, args.prompt_len):.2e}", flush=True)
+        drafter, verifier = switched
+    return _quantized(drafter, "drafter", args, differences), _quantized(verifier, "verifier", args, differences)
 
 
 def _quantized(model: Transformer, name: str, args: argparse.Namespace, differences: dict[str, float]) -> Transformer:
