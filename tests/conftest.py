@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
 import gc
 import os
+import shutil
+import tempfile
 
 # Tests must not depend on an accelerator nor on its matmul precision defaults.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# The CLI keeps compiled programs under $XDG_CACHE_HOME; tests must not write the user's cache.
-os.environ["XDG_CACHE_HOME"] = __import__("tempfile").mkdtemp(prefix="apd_jax-test-cache-")
+# The CLI keeps compiled programs under $XDG_CACHE_HOME; tests must not write the user's cache. The
+# directory (tens of MB of programs by the end of a run) goes when the run ends.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="apd_jax-test-cache-")
+atexit.register(functools.partial(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
