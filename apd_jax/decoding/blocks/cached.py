@@ -111,13 +111,6 @@ def _window_branches(model: Transformer, canvas: jax.Array, prompt_lens: jax.Arr
     return branch, [window(w) for w in widths]
 
 
-def _keep_rows(rows: jax.Array, new: KVCache, old: KVCache) -> KVCache:
-    """`new`'s K/V in the rows flagged by `rows` [B], `old`'s elsewhere."""
-    pick = lambda a, b: jnp.where(rows[:, None, None, None], a, b)  # noqa: E731
-    return KVCache(tuple(map(pick, new.k, old.k)), tuple(map(pick, new.v, old.v)),
-                   jnp.where(rows, new.lengths, old.lengths))
-
-
 def answer_hidden(hidden: jax.Array, first: jax.Array, width: int) -> jax.Array:
     """[B, width, H]: the canvas positions [first, first + width) of each row of `hidden` [B, S, H]
     ([B] first), clamped to the canvas (a finished row's block may lie past it)."""
@@ -129,9 +122,12 @@ def _refreshed(model: Transformer, canvas: jax.Array, cache: KVCache, end: jax.A
                refresh: jax.Array) -> tuple[jax.Array, KVCache]:
     """The whole canvas through the model: its hidden states [B, P + N, H] read as the family
     predicts (Dream's shifted by one over the whole canvas), and the cache with the rows flagged in
-    `refresh` [B] rewritten."""
-    hidden, fresh = model(canvas, valid=end, cache=cache)
-    return model.aligned(hidden), _keep_rows(refresh, fresh, cache)
+    `refresh` [B] rewritten. The other rows run at positions past the cache, so their writes are
+    dropped and their K/V stay as they were, with no select over the whole cache after the forward
+    (their hidden states are never read)."""
+    start = jnp.where(refresh, 0, cache.max_len)
+    hidden, fresh = model(canvas, start=start, valid=end, cache=cache)
+    return model.aligned(hidden), KVCache(fresh.k, fresh.v, jnp.where(refresh, fresh.lengths, cache.lengths))
 
 
 def cached_hidden(model: Transformer, canvas: jax.Array, cache: KVCache, prompt_lens: jax.Array, end: jax.Array,
