@@ -52,9 +52,9 @@ def filter_logits(logits: jax.Array, top_p: jax.Array, top_k: jax.Array) -> jax.
     in the reference), then outside the top-k, to -inf; top_p >= 1 and top_k <= 0 disable them.
 
     No sort: the cut is the largest probability whose tokens at or above it hold more than top_p
-    (or number top_k), searched over its float32 bits (`search_ways` candidates a read of the
-    probabilities). Such sums round unlike a sorted cumsum: a token within rounding of the cut may
-    fall on the other side (BENCHMARKS.md, "the top-p filter").
+    (or number top_k: the higher of the two cuts), searched over its float32 bits (`search_ways`
+    candidates a read of the probabilities). Such sums round unlike a sorted cumsum: a token within
+    rounding of the cut may fall on the other side (BENCHMARKS.md, "the top-p filter").
     """
     ways = search_ways()
 
@@ -62,22 +62,16 @@ def filter_logits(logits: jax.Array, top_p: jax.Array, top_k: jax.Array) -> jax.
         probs = jax.nn.softmax(x.astype(jnp.float32), axis=-1)
         keys = jax.lax.bitcast_convert_type(probs, jnp.int32)  # >= 0: integer order is float order
 
-        def at_or_above(v: jax.Array, values: jax.Array | None) -> jax.Array:
-            """[..., m]: for each candidate v [..., m], the count (values None) or sum of `values`
-            over the tokens whose key is >= it, one read of the vocabulary for all m."""
-            hit = keys[..., :, None] >= v[..., None, :]
-            return jnp.sum(hit if values is None else jnp.where(hit, values[..., :, None], 0.0), axis=-2)
+        def kept(v: jax.Array) -> jax.Array:
+            """[..., m] bool for candidates v [..., m]: the tokens whose key is >= v hold more than top_p
+            (nucleus) or number at least top_k. Both sums always, with no cond on the knobs: a vmap
+            over per-row knobs (sample_rows) turns a cond into both branches, two searches."""
+            hit = keys[..., :, None] >= v[..., None, :]  # [..., V, m]
+            mass = jnp.sum(jnp.where(hit, probs[..., :, None], 0.0), axis=-2)
+            count = jnp.sum(hit, axis=-2)
+            return ((top_p < 1.0) & (mass > top_p)) | ((top_k > 0) & (count >= top_k))
 
-        def by_p(v: jax.Array) -> jax.Array:
-            return at_or_above(v, probs) > top_p
-
-        def by_p_or_k(v: jax.Array) -> jax.Array:  # min(nucleus, top_k): the higher of the two cuts
-            return ((top_p < 1.0) & by_p(v)) | ((top_k > 0) & (at_or_above(v, None) >= top_k))
-
-        def cut(kept: Callable[[jax.Array], jax.Array]) -> jax.Array:
-            return largest_kept(kept, jnp.min(keys, -1, keepdims=True), jnp.max(keys, -1, keepdims=True) + 1, ways)
-
-        lo = jax.lax.cond(top_k > 0, lambda: cut(by_p_or_k), lambda: cut(by_p))
+        lo = largest_kept(kept, jnp.min(keys, -1, keepdims=True), jnp.max(keys, -1, keepdims=True) + 1, ways)
         return jnp.where(keys < lo, NEG_INF, x)
 
     return jax.lax.cond((top_p < 1.0) | (top_k > 0), apply, lambda x: x, logits)
