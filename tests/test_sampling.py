@@ -3,10 +3,8 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
-from apd_jax.decoding import sampling
-from apd_jax.decoding.sampling import filter_logits, largest_kept, sample
+from apd_jax.decoding.sampling import filter_logits, sample
 
 LOGITS = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
 
@@ -42,9 +40,7 @@ def _reference_filter(x: np.ndarray, top_p: float, top_k: int) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize("ways", [2, 16])  # the CPU's bisection, the accelerators' 16-way search
-def test_filters_match_the_sorted_rule(monkeypatch, ways):
-    monkeypatch.setattr(sampling, "search_ways", lambda: ways)
+def test_filters_match_the_sorted_rule():
     widths = []
     filtered = jax.jit(filter_logits)  # one program for every knob value: they are traced
     for scale in (8.0, 0.5):  # peaked rows (cuts after a few tokens), flat ones (after hundreds)
@@ -62,18 +58,6 @@ def test_filters_match_the_sorted_rule(monkeypatch, ways):
                 np.testing.assert_array_equal(got[np.isfinite(got)], x[np.isfinite(want)])
                 widths += np.isfinite(want).sum(1).tolist()
     assert min(widths) < 10 and max(widths) > 200  # narrow and wide cuts both tried
-
-
-@pytest.mark.parametrize("ways", [2, 3, 16])
-def test_largest_kept_finds_where_a_monotone_test_turns_false(ways):
-    rng = np.random.default_rng(ways)
-    lo = jnp.asarray(rng.integers(0, 1000, (200, 1)), jnp.int32)
-    hi = lo + jnp.asarray(rng.integers(1, 2**30 - 1000, (200, 1)), jnp.int32)
-    hi = hi.at[:20].set(lo[:20] + jnp.arange(1, 21)[:, None])  # short ranges: repeated candidates
-    last = lo + (jnp.asarray(rng.random((200, 1)), jnp.float32) * (hi - lo).astype(jnp.float32)).astype(jnp.int32)
-    last = jnp.clip(last, lo, hi - 1)  # the answer: kept(v) is v <= last
-    got = jax.jit(lambda lo, hi: largest_kept(lambda v: v <= last, lo, hi, ways))(lo, hi)
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(last))
 
 
 def test_temperature_zero_is_argmax_and_sampling_follows_the_distribution():
@@ -96,3 +80,22 @@ def test_an_excluded_id_is_never_sampled():
     np.testing.assert_allclose(np.bincount(ids, minlength=4) / len(ids), expected, atol=0.015)
     # An id past the vocabulary excludes nothing.
     assert int(sample(LOGITS, key, jnp.float32(0), jnp.float32(1.0), jnp.int32(0), exclude=9)[0]) == 0
+
+
+def test_a_row_samples_the_same_whichever_rows_share_its_batch():
+    """sample_rows picks, for the whole batch, the least filter work any sampling row needs (none, the
+    nucleus, the nucleus and top-k); each row's sample is still its own, as it is alone."""
+    from apd_jax.decoding.sampling import sample_rows
+
+    logits = jnp.asarray(np.random.default_rng(3).normal(size=(4, 6, 50)).astype(np.float32) * 2)
+    keys = jax.random.split(jax.random.key(4), 4)
+    knobs = [jnp.asarray(v) for v in ([0.7, 0.7, 0.0, 1.0], [0.9, 1.0, 0.5, 1.0], [0, 5, 3, 0])]
+    knobs[2] = knobs[2].astype(jnp.int32)
+    together = np.asarray(sample_rows(logits, keys, *knobs))
+    alone = [np.asarray(sample_rows(logits[b:b + 1], keys[b:b + 1], *(k[b:b + 1] for k in knobs)))[0]
+             for b in range(4)]
+    np.testing.assert_array_equal(together, np.stack(alone))
+    np.testing.assert_array_equal(together[2], np.argmax(np.asarray(logits[2]), -1))  # temperature 0: argmax
+    # The filters bite: row 1 (top-k 5) samples only among its row's 5 largest logits.
+    top5 = np.argsort(-np.asarray(logits[1]), -1)[:, :5]
+    assert all(t in top for t, top in zip(together[1], top5))

@@ -47,62 +47,42 @@ class Knobs:
         return sample_rows(logits, key, self.temperature, self.top_p, self.top_k, exclude)
 
 
-def filter_logits(logits: jax.Array, top_p: jax.Array, top_k: jax.Array) -> jax.Array:
+def filter_logits(logits: jax.Array, top_p: jax.Array, top_k: jax.Array, count: bool | None = None) -> jax.Array:
     """Set logits outside the top-p nucleus (up to and including the first token past top_p, as
     in the reference), then outside the top-k, to -inf; top_p >= 1 and top_k <= 0 disable them.
 
     No sort: the cut is the largest probability whose tokens at or above it hold more than top_p
-    (or number top_k: the higher of the two cuts), searched over its float32 bits (`search_ways`
-    candidates a read of the probabilities). Such sums round unlike a sorted cumsum: a token within
-    rounding of the cut may fall on the other side (BENCHMARKS.md, "the top-p filter").
+    (or number top_k: the higher of the two cuts), bisected over its float32 bits. Such sums round
+    unlike a sorted cumsum: a token within rounding of the cut may fall on the other side
+    (BENCHMARKS.md, "the top-p filter"). Each halving reads the probabilities once for the mass
+    alone, about twice with the count too. count: whether to count for top-k (False: top_k is off),
+    or None to pick by a cond on top_k; under a vmap over per-row knobs that cond would run both
+    bisections, so sample_rows picks outside the vmap.
     """
-    ways = search_ways()
 
     def apply(x: jax.Array) -> jax.Array:
         probs = jax.nn.softmax(x.astype(jnp.float32), axis=-1)
         keys = jax.lax.bitcast_convert_type(probs, jnp.int32)  # >= 0: integer order is float order
 
-        def kept(v: jax.Array) -> jax.Array:
-            """[..., m] bool for candidates v [..., m]: the tokens whose key is >= v hold more than top_p
-            (nucleus) or number at least top_k. Both sums always, with no cond on the knobs: a vmap
-            over per-row knobs (sample_rows) turns a cond into both branches, two searches."""
-            hit = keys[..., :, None] >= v[..., None, :]  # [..., V, m]
-            mass = jnp.sum(jnp.where(hit, probs[..., :, None], 0.0), axis=-2)
-            count = jnp.sum(hit, axis=-2)
-            return ((top_p < 1.0) & (mass > top_p)) | ((top_k > 0) & (count >= top_k))
+        def cut(counted: bool) -> jax.Array:
+            def kept(v: jax.Array) -> jax.Array:
+                hit = keys >= v
+                nucleus = (top_p < 1.0) & (jnp.sum(jnp.where(hit, probs, 0.0), -1, keepdims=True) > top_p)
+                return nucleus | ((top_k > 0) & (jnp.sum(hit, -1, keepdims=True) >= top_k)) if counted else nucleus
 
-        lo = largest_kept(kept, jnp.min(keys, -1, keepdims=True), jnp.max(keys, -1, keepdims=True) + 1, ways)
+            def step(_, bounds):  # kept(lo) (or lo is the smallest key), not kept(hi)
+                lo, hi = bounds
+                mid = lo + (hi - lo) // 2
+                ok = kept(mid)
+                return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+            bounds = (jnp.min(keys, -1, keepdims=True), jnp.max(keys, -1, keepdims=True) + 1)
+            return jax.lax.fori_loop(0, 30, step, bounds)[0]  # 30 halvings: 1.0's bits are below 2^30
+
+        lo = cut(count) if count is not None else jax.lax.cond(top_k > 0, lambda: cut(True), lambda: cut(False))
         return jnp.where(keys < lo, NEG_INF, x)
 
     return jax.lax.cond((top_p < 1.0) | (top_k > 0), apply, lambda x: x, logits)
-
-
-def search_ways() -> int:
-    """Candidates filter_logits tries per read of the probabilities: 16 on an accelerator, where
-    the filter is memory-bound (8 reads of the vocabulary, not 30), 2 (bisection) on CPU, where
-    each candidate costs a compare per token."""
-    return 2 if jax.default_backend() == "cpu" else 16
-
-
-def largest_kept(kept: Callable[[jax.Array], jax.Array], lo: jax.Array, hi: jax.Array, ways: int) -> jax.Array:
-    """The largest v in [lo, hi) with kept(v), for a `kept` true up to some v and false after it,
-    given kept(lo) (or lo the smallest key) and [..., 1] bounds below 2^30 apart: each step asks
-    kept of ways - 1 evenly spaced candidates at once ([..., ways - 1] -> [..., ways - 1] bool) and
-    keeps the sub-range where it turns false, so ceil(30 / log2(ways)) steps end with hi = lo + 1."""
-    steps = next(s for s in range(1, 31) if ways**s >= 2**30)
-    j = jnp.arange(1, ways, dtype=lo.dtype)
-
-    def step(_, bounds):
-        lo, hi = bounds
-        span = hi - lo  # floor(j * span / ways), without overflowing int32
-        v = lo + j * (span // ways) + (j * (span % ways)) // ways
-        ok = kept(v)
-        n = jnp.sum(ok, axis=-1, keepdims=True)  # candidates kept: the first n (kept is monotone)
-        below = jnp.take_along_axis(v, jnp.maximum(n - 1, 0), axis=-1)
-        above = jnp.take_along_axis(v, jnp.minimum(n, ways - 2), axis=-1)
-        return jnp.where(n > 0, below, lo), jnp.where(n < ways - 1, above, hi)
-
-    return jax.lax.fori_loop(0, steps, step, (lo, hi))[0]
 
 
 def gumbel_noise(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
@@ -158,7 +138,8 @@ def sample_rows(
     """One sample per position of `logits` [B, ..., V], row b with its own key keys[b] and knobs
     temperature[b], top_p[b], top_k[b] ([B] each): its noise is drawn over its own positions only, so a
     row samples the same in any batch, in any slot. When no row samples the batch takes plain argmax,
-    with no noise or filter work (one batch-level branch around the per-row rule)."""
+    with no noise or filter work, and the filter runs only the searches some sampling row needs
+    (batch-level branches around the per-row rule)."""
 
     def allowed(x: jax.Array) -> jax.Array:
         return x if exclude is None else exclude_token(x, exclude)
@@ -166,11 +147,19 @@ def sample_rows(
     def greedy(x: jax.Array) -> jax.Array:
         return jnp.argmax(allowed(x), axis=-1).astype(jnp.int32)
 
-    def row(x: jax.Array, key: jax.Array, t: jax.Array, p: jax.Array, k: jax.Array) -> jax.Array:
-        noisy = gumbel_argmax(filter_logits(allowed(x) / jnp.where(t > 0, t, 1.0), p, k), key)
-        return jnp.where(t > 0, noisy, greedy(x))
+    def rows(count: bool | None) -> Callable[[jax.Array], jax.Array]:
+        """Every row's sample, its logits filtered (filter_logits' `count`) unless count is None."""
 
-    def mixed(x: jax.Array) -> jax.Array:
-        return jax.vmap(row)(x, keys, temperature, top_p, top_k).astype(jnp.int32)
+        def row(x: jax.Array, key: jax.Array, t: jax.Array, p: jax.Array, k: jax.Array) -> jax.Array:
+            scaled = allowed(x) / jnp.where(t > 0, t, 1.0)
+            noisy = gumbel_argmax(scaled if count is None else filter_logits(scaled, p, k, count), key)
+            return jnp.where(t > 0, noisy, greedy(x))
 
-    return jax.lax.cond(jnp.any(temperature > 0), mixed, greedy, logits.astype(jnp.float32))
+        return lambda x: jax.vmap(row)(x, keys, temperature, top_p, top_k).astype(jnp.int32)
+
+    # Batch-level branches, so a vmapped cond never runs work no row needs: argmax alone, no filter,
+    # the nucleus alone, the nucleus and top-k.
+    sampled = temperature > 0
+    which = jnp.where(jnp.any(sampled & (top_k > 0)), 3, jnp.where(jnp.any(sampled & (top_p < 1.0)), 2, 1))
+    which = jnp.where(jnp.any(sampled), which, 0)
+    return jax.lax.switch(which, [greedy, rows(None), rows(False), rows(True)], logits.astype(jnp.float32))
