@@ -219,3 +219,5 @@ def test_settings_none_times_the_baselines_alone(tmp_path, capsys):
     assert "leave nothing to time" in capsys.readouterr().err
     assert main(["bench", "--shapes", "tiny", "--settings", "none", "--workload", "4"]) == 2
     assert "give an APD --settings entry" in capsys.readouterr().err
+    assert main(["bench", "--shapes", "tiny", "--torch", "--settings", "0.7,4,8,2,1.0,1", "--baselines", "none"]) == 2
+    assert "gives only adaptive-lookahead entries" in capsys.readouterr().err

@@ -416,6 +416,9 @@ def _torch(args: argparse.Namespace, settings: list[APDConfig]) -> int:
             _write_json(args, bench_torch.to_json(rows), len(rows))
 
     fixed = [(c.R, c.W, c.M) for c in settings if c.M_min is None]
+    if not fixed and not args.baselines:
+        raise ValueError("--torch times the published loop at a fixed M, and --settings gives only adaptive-lookahead "
+                         "entries: add an 'R,W,M' entry or a --baselines entry")
     if len(fixed) < len(settings):
         print("(adaptive-lookahead settings skipped: the published loop has a fixed M)", flush=True)
     rows = bench_torch.run(_configs(args.shapes), fixed, args.prompt_len, args.max_new_tokens, args.repeats,
