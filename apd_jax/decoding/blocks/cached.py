@@ -36,7 +36,7 @@ answer) sees each row's block alone (blocks.loop block_view) in window and refre
 canvas, a window row's are its window's first block_length, and the head and the rule run on
 [B, block, V] logits, not [B, N, V]. A pass where a refreshing row still has a mask before its
 block (it predicted the mask token), and every pass of a rule that reads positions in the answer,
-show the rule the whole answer (`window_answer`), the window rows' hidden states placed at their
+show the rule the whole answer (`window_answer`), the window rows' logits placed at their
 positions. Either way the pass runs its forward once (`cached_hidden`), so each window width and
 the refresh are compiled once, not once per view (the prefix cache compiles a window per block).
 """
@@ -166,11 +166,15 @@ def window_block(window: jax.Array, refreshed: jax.Array, block_start: jax.Array
     return jnp.where(refresh[:, None, None], answer_hidden(refreshed, block_start, size), window[:, :size])
 
 
-def window_answer(window: jax.Array, refreshed: jax.Array, block_start: jax.Array, refresh: jax.Array) -> jax.Array:
-    """[B, N, H]: the whole answer from cached_hidden's outputs, a refreshing row's from `refreshed`, a
-    window row's window placed at its block_start [B] and zeros elsewhere (the head gives them zero
-    logits; they lie outside the row's candidates)."""
-    rows = jnp.arange(window.shape[0])[:, None]
+def window_answer(model: Transformer, window: jax.Array, refreshed: jax.Array, block_start: jax.Array,
+                  refresh: jax.Array) -> jax.Array:
+    """Float32 logits [B, N, V] of the whole answer from cached_hidden's outputs: a window row's
+    window through the head, placed at its block_start [B], zeros elsewhere (outside the row's
+    candidates); a refreshing row's from `refreshed`, the head run on the whole answer only in a
+    pass where some row refreshes (a window pass's head reads the window alone)."""
+    b, n = refreshed.shape[:2]
+    logits = model.logits(window)
     idx = block_start[:, None] + jnp.arange(window.shape[1])
-    placed = jnp.zeros_like(refreshed).at[rows, idx].set(window, mode="drop")
-    return jnp.where(refresh[:, None, None], refreshed, placed)
+    placed = jnp.zeros((b, n, logits.shape[-1]), logits.dtype).at[jnp.arange(b)[:, None], idx].set(logits, mode="drop")
+    return jax.lax.cond(jnp.any(refresh), lambda: jnp.where(refresh[:, None, None], model.logits(refreshed), placed),
+                        lambda: placed)

@@ -315,7 +315,7 @@ def canvas_pass(model: Transformer, decide, prompts: jax.Array, prompt_lens: jax
         if widths is None:
             logits = canvas_logits(model, hidden, prompt_lens, jnp.zeros_like(block_start), n, cfg_scale)
         else:
-            logits = model.logits(window_answer(window, refreshed, block_start, refresh))
+            logits = window_answer(model, window, refreshed, block_start, refresh)
         return decide(logits, view)
 
     def blocks():
